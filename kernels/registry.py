@@ -1,0 +1,274 @@
+"""One switch for every op: which backend computes it.
+
+Each op (``group_norm_silu``, ``attention``, ``scheduler_step``) is a plain function whose
+implementations are registered per backend with :func:`register`. A call goes through
+:func:`dispatch`, which picks the backend in this order:
+
+1. the innermost ``kernels.use(op=backend)`` scope (a context manager; restores on exit),
+2. :func:`set_backend` (process-wide),
+3. the ``SDLAB_KERNELS`` env var: ``"triton"`` for every op, or
+   ``"attention=triton,group_norm_silu=reference"`` per op,
+4. the default: ``triton`` when the input is on a CUDA device and Triton imports, else
+   ``reference``.
+
+A backend may refuse an input (dtype, head dim, device) through its ``check`` function. When
+the backend was chosen explicitly (1-3) that raises :class:`BackendUnsupported` naming the limit;
+under the default it falls back to ``reference`` and warns once per (op, reason).
+
+``compile`` is available for every op without registration: ``torch.compile`` of the reference.
+Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import os
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Iterator
+
+import torch
+
+ENV_VAR = "SDLAB_KERNELS"
+
+
+class Backend(str, Enum):
+    REFERENCE = "reference"  # plain torch, the ground truth
+    TRITON = "triton"  # the fused hand-written kernel
+    SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention (attention only)
+    COMPILE = "compile"  # torch.compile of the reference
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BackendUnsupported(RuntimeError):
+    """An explicitly chosen backend cannot take this input."""
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    check: Callable[..., str | None] | None  # None if the input is fine, else the reason
+
+
+_OPS: dict[str, dict[Backend, _Impl]] = {}
+_COUNTS: collections.Counter = collections.Counter()
+_WARNED: set[tuple[str, str]] = set()
+_GLOBAL: dict[str, Backend] = {}
+_SCOPE: contextvars.ContextVar[dict[str, Backend]] = contextvars.ContextVar("sdlab_kernels", default={})
+_COMPILED: dict[str, Callable] = {}
+
+
+def register(op: str, backend: Backend | str, *, check: Callable[..., str | None] | None = None):
+    """Decorator: make ``fn`` the ``backend`` implementation of ``op``.
+
+    ``check(*args, **kwargs)`` returns ``None`` when the backend can take the input, or a short
+    reason ("head dim 12 is not a multiple of 8") when it cannot.
+    """
+    backend = Backend(backend)
+
+    def deco(fn: Callable) -> Callable:
+        _OPS.setdefault(op, {})[backend] = _Impl(fn, check)
+        return fn
+
+    return deco
+
+
+def ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def backends(op: str) -> list[str]:
+    """Backends ``op`` can be switched to (``compile`` is derived from ``reference``)."""
+    impls = _impls(op)
+    names = [b.value for b in impls]
+    if Backend.REFERENCE in impls and Backend.COMPILE not in impls:
+        names.append(Backend.COMPILE.value)
+    return names
+
+
+def _impls(op: str) -> dict[Backend, _Impl]:
+    if op not in _OPS:
+        raise ValueError(f"unknown kernel op {op!r}; known ops: {', '.join(ops())}")
+    return _OPS[op]
+
+
+def _validate(op: str, backend: Backend | str) -> Backend:
+    try:
+        b = Backend(backend)
+    except ValueError:
+        raise ValueError(
+            f"unknown backend {backend!r} for op {op!r}; valid: {', '.join(backends(op))}"
+        ) from None
+    if b.value not in backends(op):
+        raise ValueError(f"op {op!r} has no {b.value!r} backend; valid: {', '.join(backends(op))}")
+    return b
+
+
+def _parse_env(value: str) -> dict[str, Backend]:
+    """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op."""
+    value = value.strip()
+    if not value:
+        return {}
+    if "=" not in value:
+        b = Backend(value) if value in Backend._value2member_map_ else None
+        if b is None:
+            raise ValueError(
+                f"{ENV_VAR}={value!r}: unknown backend; valid: {', '.join(x.value for x in Backend)}"
+            )
+        return {op: b for op in ops() if b.value in backends(op)}
+    out = {}
+    for item in value.split(","):
+        op, sep, backend = item.strip().partition("=")
+        if not sep or not op.strip():
+            raise ValueError(f"{ENV_VAR}={value!r}: expected 'op=backend' items, got {item!r}")
+        try:
+            out[op.strip()] = _validate(op.strip(), backend.strip())
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}={value!r}: {e}") from None
+    return out
+
+
+def _choice(op: str) -> tuple[Backend | None, str]:
+    """The explicit backend for ``op`` and where it came from, or (None, '')."""
+    scope = _SCOPE.get()
+    if op in scope:
+        return scope[op], "kernels.use() scope"
+    if op in _GLOBAL:
+        return _GLOBAL[op], "kernels.set_backend()"
+    env = _parse_env(os.environ.get(ENV_VAR, ""))
+    if op in env:
+        return env[op], f"{ENV_VAR}={os.environ[ENV_VAR]!r}"
+    return None, ""
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def triton_available() -> str | None:
+    """None when Triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _default(op: str, x: torch.Tensor | None) -> tuple[Backend, str]:
+    impls = _impls(op)
+    if Backend.TRITON not in impls:
+        return Backend.REFERENCE, "default (no triton backend)"
+    if x is None or x.device.type != "cuda":
+        return Backend.REFERENCE, f"default (input on {'no device' if x is None else x.device.type})"
+    why = triton_available()
+    if why:
+        return Backend.REFERENCE, f"default ({why})"
+    return Backend.TRITON, "default (CUDA input, triton imports)"
+
+
+def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
+    """The backend that would run ``op(*args, **kwargs)`` now, and why."""
+    impls = _impls(op)
+    chosen, source = _choice(op)
+    if chosen is not None:
+        impl = impls.get(chosen)
+        reason = impl.check(*args, **kwargs) if impl is not None and impl.check else None
+        if reason:
+            raise BackendUnsupported(f"{op}: backend {chosen.value!r} (from {source}) cannot run this input: {reason}")
+        return chosen, source
+    backend, source = _default(op, _first_tensor(args, kwargs))
+    impl = impls[backend]
+    reason = impl.check(*args, **kwargs) if impl.check else None
+    if reason:
+        if (op, reason) not in _WARNED:
+            _WARNED.add((op, reason))
+            warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
+                          f"falling back to 'reference'", RuntimeWarning, stacklevel=3)
+        return Backend.REFERENCE, f"{source}, fell back: {reason}"
+    return backend, source
+
+
+def implementation(op: str, backend: Backend | str) -> Callable:
+    """The function registered for (op, backend); ``compile`` is built lazily from the reference."""
+    backend = _validate(op, backend)
+    impls = _impls(op)
+    if backend in impls:
+        return impls[backend].fn
+    if backend is Backend.COMPILE:
+        if op not in _COMPILED:
+            _COMPILED[op] = torch.compile(impls[Backend.REFERENCE].fn, dynamic=False)
+        return _COMPILED[op]
+    raise ValueError(f"op {op!r} has no {backend.value!r} backend")
+
+
+def dispatch(op: str, *args, **kwargs):
+    backend, _ = resolve(op, *args, **kwargs)
+    _COUNTS[(op, backend.value)] += 1
+    return implementation(op, backend)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def use(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
+    """Scope a backend choice: ``use("triton")`` for all ops, ``use(attention="sdpa")`` per op."""
+    choice = {}
+    if backend is not None:
+        b = Backend(backend)
+        choice.update({op: b for op in ops() if b.value in backends(op)})
+        if not choice:
+            raise ValueError(f"no op has a {b.value!r} backend")
+    for op, b in per_op.items():
+        _impls(op)
+        choice[op] = _validate(op, b)
+    token = _SCOPE.set({**_SCOPE.get(), **choice})
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def set_backend(backend: Backend | str | None = None, /, **per_op: Backend | str | None) -> None:
+    """Process-wide choice; ``None`` clears (back to env var / default)."""
+    if backend is not None:
+        b = Backend(backend)
+        _GLOBAL.update({op: b for op in ops() if b.value in backends(op)})
+    for op, b in per_op.items():
+        _impls(op)
+        if b is None:
+            _GLOBAL.pop(op, None)
+        else:
+            _GLOBAL[op] = _validate(op, b)
+    if backend is None and not per_op:
+        _GLOBAL.clear()
+
+
+def describe(device: str | torch.device | None = None) -> str:
+    """What each op resolves to for an input on ``device`` (default: cuda if present) and why."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    probe = torch.empty(0, device=device)
+    lines = []
+    for op in ops():
+        chosen, source = _choice(op)
+        if chosen is None:
+            chosen, source = _default(op, probe)
+        lines.append(f"{op:16s} -> {chosen.value:9s} ({source}); backends: {', '.join(backends(op))}")
+    return "\n".join(lines)
+
+
+def counts() -> dict[tuple[str, str], int]:
+    """Dispatches so far per (op, backend)."""
+    return dict(_COUNTS)
+
+
+def reset_counts() -> None:
+    _COUNTS.clear()

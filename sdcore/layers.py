@@ -1,0 +1,42 @@
+"""Layers shared by the VAE, UNet and text encoder, routed through ``kernels``.
+
+Every GroupNorm(+SiLU) and every softmax attention in sdcore goes through these, so switching a
+backend in :mod:`kernels` changes the code that runs in every model without touching them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same state-dict keys) with an optional fused SiLU.
+
+    ``GroupNorm(32, C, act="silu")`` computes silu(groupnorm(x)) in one kernel. Where the LDM
+    module had ``nn.Sequential(GroupNorm, SiLU, ...)``, keep an ``nn.Identity()`` in the SiLU slot
+    so the indices, and thus the checkpoint keys, stay the same.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: str | None = None):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act}" if self.act else "")
+
+
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Lq, H·D), (B, Lkv, H·D) x2 -> (B, Lq, H·D): softmax(q kᵀ / √D) v per head.
+
+    The (B, L, H, D) -> (B, H, L, D) split is a view (no copy); the kernel takes any strides.
+    """
+    b, lq, c = q.shape
+    d = c // heads
+    split = lambda t: t.unflatten(-1, (heads, d)).transpose(1, 2)  # noqa: E731
+    out = kernels.attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, lq, c)
