@@ -1,0 +1,246 @@
+"""sdcore.vae.AutoencoderKL against diffusers' AutoencoderKL on random weights (no downloads), and
+the diffusers <-> LDM state-dict conversion both ways and against diffusers' single-file converter.
+
+The oracle is diffusers' model built from ``config_to_diffusers(cfg)``; its weights reach ours only
+through ``diffusers_to_ldm`` and a ``strict=True`` load, so a wrong rule fails loudly.
+"""
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+import kernels
+from numerics import assert_close
+from sdcore.config import SDConfig, VAEConfig
+from sdcore.convert.vae import config_from_diffusers, config_to_diffusers, diffusers_to_ldm, ldm_to_diffusers
+from sdcore.vae import AutoencoderKL
+
+TINY = SDConfig.preset("tiny").vae
+SD15 = SDConfig.preset("sd15").vae
+TINY_ATTN = TINY.replace(attn_resolutions=(64,))  # attention blocks on level 2 (256 / 2^2), as LDM places them
+
+# fp32 against diffusers' fp32: random-weight decoders amplify rounding; both models sit ~2e-6
+# from an fp64 run of diffusers at tiny size.
+FP32_REL = 1e-5
+
+
+def _pair(cfg: VAEConfig, seed: int = 0):
+    """(ours, diffusers') with the same random weights, carried by diffusers_to_ldm, strict load."""
+    torch.manual_seed(seed)
+    theirs = DiffusersAutoencoderKL.from_config(config_to_diffusers(cfg)).eval()
+    ours = AutoencoderKL(cfg).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), cfg), strict=True)
+    return ours, theirs
+
+
+def _images(shape, seed=1):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _compare(ours, theirs, images):
+    with torch.no_grad():
+        post, ref = ours.encode(images), theirs.encode(images).latent_dist
+        assert_close(post.mean, ref.mean, rel=FP32_REL, name="encode mean")
+        assert_close(post.logvar, ref.logvar, rel=FP32_REL, name="encode logvar")
+        assert_close(post.std, ref.std, rel=FP32_REL, name="encode std")
+        z = ref.mean  # same latents into both decoders
+        assert_close(ours.decode(z), theirs.decode(z).sample, rel=FP32_REL, name="decode")
+
+
+@pytest.mark.parametrize("cfg, shape", [
+    (TINY, (2, 3, 32, 32)),  # smallest tiny input: 4x4 latent, batch 2
+    (TINY, (1, 3, 64, 40)),  # non-square, W/8 = 5 odd
+    (TINY_ATTN, (1, 3, 32, 32)),  # attn_resolutions: diffusers' Attn{Down,Up}*Block2D
+], ids=["tiny-32", "tiny-64x40", "tiny-attn"])
+def test_matches_diffusers(cfg, shape):
+    ours, theirs = _pair(cfg)
+    _compare(ours, theirs, _images(shape))
+
+
+@pytest.mark.slow
+def test_matches_diffusers_sd15():
+    ours, theirs = _pair(SD15)
+    _compare(ours, theirs, _images((1, 3, 64, 64)))  # full SD VAE, small image: 8x8 latent
+
+
+def test_sample_matches_diffusers_and_reparameterisation():
+    ours, theirs = _pair(TINY)
+    images = _images((2, 3, 32, 32))
+    with torch.no_grad():
+        post, ref = ours.encode(images), theirs.encode(images).latent_dist
+    got = post.sample(torch.Generator().manual_seed(7))
+    assert_close(got, ref.sample(torch.Generator().manual_seed(7)), rel=FP32_REL, name="sample vs diffusers")
+    eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, post.mean + post.std * eps), "sample() is not mean + std * randn(generator)"
+    assert torch.equal(post.mode(), post.mean)
+    assert not torch.equal(got, post.sample(torch.Generator().manual_seed(8))), "generator ignored"
+
+
+def test_logvar_clamped_like_diffusers():
+    ours, theirs = _pair(TINY)
+    with torch.no_grad():  # huge moments, both signs: logvar far outside (-30, 20) before clamping
+        for m in (ours, theirs):
+            m.quant_conv.weight.mul_(1e4)
+        post, ref = ours.encode(_images((1, 3, 32, 32))), theirs.encode(_images((1, 3, 32, 32))).latent_dist
+    assert post.logvar.min().item() == -30.0 and post.logvar.max().item() == 20.0, (
+        f"logvar range [{post.logvar.min().item()}, {post.logvar.max().item()}] not clamped to [-30, 20]")
+    assert_close(post.logvar, ref.logvar, rel=FP32_REL, name="clamped logvar")
+    assert torch.isfinite(post.std).all() and torch.isfinite(post.sample(torch.Generator().manual_seed(0))).all()
+
+
+def test_logvar_clamp_follows_config():
+    cfg = TINY.replace(logvar_clamp=(-0.1, 0.2))  # inside the raw range of this random model
+    torch.manual_seed(0)
+    model = AutoencoderKL(cfg).eval()
+    images = _images((1, 3, 32, 32))
+    with torch.no_grad():
+        raw = model.quant_conv(model.encoder(images)).chunk(2, dim=1)[1]
+        post = model.encode(images)
+    assert raw.min() < -0.1 and raw.max() > 0.2, "test input does not reach the clamp"
+    assert torch.equal(post.logvar, raw.clamp(-0.1, 0.2))
+
+
+def _state(model_cls, cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """A fresh random state dict with ``model_cls(cfg)``'s keys and shapes; meta tensors (shapes
+    only) at SD size, where 84M random numbers would buy nothing."""
+    with torch.device("meta"):
+        model = model_cls.from_config(config_to_diffusers(cfg)) if model_cls is DiffusersAutoencoderKL else model_cls(cfg)
+    g = torch.Generator().manual_seed(0)
+    real = cfg is not SD15
+    return {k: torch.randn(v.shape, generator=g) if real else torch.empty(v.shape, device="meta")
+            for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(got, want, what):
+    assert set(got) == set(want), (f"{what}: only got: {sorted(set(got) - set(want))[:10]}, "
+                                   f"only want: {sorted(set(want) - set(got))[:10]}")
+    for k in want:
+        assert got[k].shape == want[k].shape, f"{what} {k}: {tuple(got[k].shape)} != {tuple(want[k].shape)}"
+        if want[k].device.type != "meta":
+            assert torch.equal(got[k], want[k]), f"{what} {k}: values differ"
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_ATTN, SD15], ids=["tiny", "tiny-attn", "sd15"])
+def test_conversion_round_trip_exact(cfg):
+    theirs = _state(DiffusersAutoencoderKL, cfg)
+    _assert_same_state(ldm_to_diffusers(diffusers_to_ldm(theirs, cfg), cfg), theirs, "diffusers -> ldm -> diffusers")
+    ours = _state(AutoencoderKL, cfg)
+    _assert_same_state(diffusers_to_ldm(ldm_to_diffusers(ours, cfg), cfg), ours, "ldm -> diffusers -> ldm")
+
+
+@pytest.mark.parametrize("cfg", [TINY, SD15], ids=["tiny", "sd15"])
+def test_matches_diffusers_single_file_converter(cfg):
+    """Our ldm_to_diffusers agrees, key for key and bit for bit, with diffusers' own
+    ``convert_ldm_vae_checkpoint(checkpoint, config)`` on a prefixed single-file state dict."""
+    ours = _state(AutoencoderKL, cfg)
+    single_file = {f"first_stage_model.{k}": v for k, v in ours.items()}
+    single_file["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # the UNet's keys: ignored
+    _assert_same_state(ldm_to_diffusers(ours, cfg), convert_ldm_vae_checkpoint(single_file, config_to_diffusers(cfg)),
+                       "ours vs convert_ldm_vae_checkpoint")
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_ATTN, SD15], ids=["tiny", "tiny-attn", "sd15"])
+def test_config_round_trip(cfg):
+    assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
+    with torch.device("meta"):  # diffusers' own (FrozenDict) config, with its added defaults
+        theirs = DiffusersAutoencoderKL.from_config(config_to_diffusers(cfg))
+    assert config_from_diffusers(theirs.config) == cfg
+
+
+def test_config_from_diffusers_json_file(tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config_to_diffusers(SD15), "sample_size": 512, "force_upcast": True}))
+    assert config_from_diffusers(path) == SD15
+    assert config_from_diffusers(str(path)).scaling_factor == 0.18215
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"shift_factor": 0.1159}, "shift_factor"),  # SD3/Flux VAE
+    ({"use_quant_conv": False}, "quant_conv"),
+    ({"down_block_types": ["DownBlock2D"] * 4}, "unsupported VAE block type"),
+    ({"block_out_channels": [128, 256, 512]}, "mirror"),
+])
+def test_config_from_diffusers_rejects(change, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_diffusers({**config_to_diffusers(SD15), **change})
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"norm_eps": 1e-5}, "norm_eps"),
+    ({"embed_dim": 8}, "embed_dim"),
+    ({"double_z": False}, "double_z"),
+])
+def test_config_to_diffusers_rejects(change, match):
+    with pytest.raises(ValueError, match=match):
+        config_to_diffusers(TINY.replace(**change))
+
+
+def _tiny_diffusers_state():
+    with torch.device("meta"):
+        return DiffusersAutoencoderKL.from_config(config_to_diffusers(TINY)).state_dict()
+
+
+def test_conversion_key_errors():
+    sd = dict(_tiny_diffusers_state())
+    removed = sorted(sd)[:12]
+    for k in removed:
+        del sd[k]
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"12 missing \(first 10: .*; 1 unexpected .*encoder\.extra\.weight"):
+        diffusers_to_ldm(sd, TINY)
+    with pytest.raises(KeyError, match="missing"):
+        diffusers_to_ldm(_tiny_diffusers_state(), SD15)  # weights of another config
+    ldm = diffusers_to_ldm(_tiny_diffusers_state(), TINY)
+    ldm["decoder.up.9.upsample.conv.weight"] = ldm.pop("decoder.up.3.upsample.conv.weight")
+    with pytest.raises(KeyError, match="1 missing .*1 unexpected"):
+        ldm_to_diffusers(ldm, TINY)
+
+
+def test_conversion_shape_error():
+    sd = dict(_tiny_diffusers_state())
+    sd["encoder.conv_in.weight"] = torch.empty(32, 4, 3, 3, device="meta")
+    with pytest.raises(ValueError, match=r"encoder\.conv_in\.weight.*\(32, 4, 3, 3\).*\(32, 3, 3, 3\)"):
+        diffusers_to_ldm(sd, TINY)
+
+
+@pytest.mark.parametrize("method, x, error, match", [
+    ("encode", torch.zeros(1, 4, 32, 32), ValueError, r"\(B, 3, H, W\)"),  # RGBA
+    ("encode", torch.zeros(3, 32, 32), ValueError, r"\(B, 3, H, W\)"),  # no batch dim
+    ("encode", torch.zeros(1, 3, 36, 32), ValueError, "multiples of 8"),  # 36 % 8
+    ("encode", torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "dtype"),  # raw pixels
+    ("encode", torch.zeros(1, 3, 32, 32, dtype=torch.float64), TypeError, "dtype"),
+    ("decode", torch.zeros(1, 3, 4, 4), ValueError, r"\(B, 4, H, W\)"),
+    ("decode", torch.zeros(1, 4, 4, 4, dtype=torch.float16), TypeError, "dtype"),
+])
+def test_input_errors(method, x, error, match):
+    model = AutoencoderKL(TINY)
+    with pytest.raises(error, match=match):
+        getattr(model, method)(x)
+
+
+def _expected_dispatches(cfg: VAEConfig) -> tuple[int, int]:
+    """(group norms, attentions) in one encode + one decode: 2 per ResnetBlock, 1 per AttnBlock,
+    1 norm_out per half; mid = 2 ResnetBlocks + 1 AttnBlock per half."""
+    levels, n = len(cfg.ch_mult), cfg.num_res_blocks
+    attn_levels = sum(256 // 2**i in cfg.attn_resolutions for i in range(levels))
+    resnets = levels * n + levels * (n + 1) + 4
+    attns = 2 + attn_levels * (n + (n + 1))
+    return 2 * resnets + attns + 2, attns
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_ATTN], ids=["tiny", "tiny-attn"])
+def test_routes_through_kernels(cfg):
+    torch.manual_seed(0)
+    model = AutoencoderKL(cfg).eval()
+    images = _images((1, 3, 32, 32))
+    gn, attn = _expected_dispatches(cfg)
+    with torch.no_grad(), kernels.use(group_norm_silu="reference", attention="reference"):
+        ref = model.decode(model.encode(images).mean)
+    assert kernels.counts() == {("group_norm_silu", "reference"): gn, ("attention", "reference"): attn}
+    kernels.reset_counts()
+    with torch.no_grad(), kernels.use(attention="sdpa", group_norm_silu="reference"):
+        out = model.decode(model.encode(images).mean)
+    assert kernels.counts() == {("group_norm_silu", "reference"): gn, ("attention", "sdpa"): attn}
+    assert_close(out, ref, rel=FP32_REL, name="sdpa vs reference attention")
