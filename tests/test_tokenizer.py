@@ -1,0 +1,158 @@
+"""sdcore.tokenizer against transformers' CLIPTokenizer on the real CLIP vocabulary."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from sdcore import tokenizer as tk
+from sdcore.tokenizer import CLIPTokenizer
+
+PADS = ["<|endoftext|>", "!"]  # SD 1.x pads with EOS, SD 2.x with "!" (id 0)
+
+
+@pytest.fixture(scope="module")
+def bpe_path():
+    try:
+        return tk.default_bpe_path()
+    except FileNotFoundError as e:  # a missing vocabulary is a broken environment, not a skip
+        pytest.fail(f"{e}\nThese tests need it: pip install --no-deps clip-anytorch")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(bpe_path, tmp_path_factory):
+    """vocab.json + merges.txt written from the .gz the way OpenAI's SimpleTokenizer builds them,
+    independently of sdcore.tokenizer, for transformers to read."""
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    byte_chars = [chr(c) for _, c in zip(bs, cs)]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tmp_path_factory.mktemp("hf_clip_tokenizer")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def _hf_ids(folder, prompts, pad):
+    hf = transformers.CLIPTokenizer.from_pretrained(folder, pad_token=pad)
+    return hf(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+HAND_WRITTEN = [
+    "",  # empty prompt: BOS, EOS, padding
+    " ", "\t\n  ", "a photo of a cat",
+    "A PHOTO OF A CAT", "a Photo Of A cAt",
+    "   leading and trailing   whitespace   ", "tabs\tand\nnewlines\r\nhere",
+    "masterpiece, best quality, (ultra-detailed:1.2), [blurry], {castle}",
+    "hello!!! what?? yes... no;; 'quoted' \"double\" `tick`",
+    "it's, they're, we've, I'm, you'll, he'd, don't, IT'S, WE'LL",
+    "numbers 0 1 12 123 3.14159 1,000,000 2023-11-05 4k 8K 16:9 1girl",
+    "café, naïve, résumé, Ångström, São Paulo, Zürich, façade",
+    "e\u0301te\u0301 (decomposed accents, NFC composes them)",
+    "東京の夜景, 北京, 서울의 밤, ภาษาไทย, Москва, Ελλάδα, עברית, العربية",
+    "emoji 🐱🐶🚀✨ and flags 🇫🇷🇯🇵 and family 👨‍👩‍👧 and skin 👍🏽",
+    "math ∑∫√∞ ≤ ≥ ≠ ± × ÷ and symbols © ® ™ § ¶ € £ ¥",
+    "url https://example.com/path?q=1&r=2#frag and mail a.b@c.org",
+    "under_score snake_case CamelCase kebab-case dot.case slash/case",
+    "a" * 200,  # one very long word
+    "cat " * 100,  # far over 75 tokens: truncated
+    ", ".join(f"detail {i}" for i in range(60)),  # long, mixed digits and punctuation
+    "zero\u200bwidth\u200bspace and non\u00a0breaking\u00a0space",
+    "<|startoftext|> literal markers <|endoftext|> in the prompt",
+    "ALL CAPS SHOUTING WITH ÉCLAIR ÜBER",
+    "ß straße STRASSE ﬁ ligature",
+    "x" * 76, " ".join(["word"] * 74), " ".join(["word"] * 75), " ".join(["word"] * 76),  # around the limit
+    "🙂" * 40,  # multi-byte characters that BPE splits into bytes
+    "(((best quality))), <lora:foo:0.8>, [[worst quality]]",
+    "a painting of a fox in the style of Hokusai, trending on artstation, 8k uhd, octane render",
+]
+
+_WORDS = ("photo portrait landscape castle dragon astronaut horse cyberpunk city night neon rain "
+          "oil painting watercolor sketch detailed cinematic lighting golden hour volumetric fog "
+          "forest mountain river ocean sunset sunrise cat dog robot warrior princess wizard "
+          "highly intricate sharp focus bokeh hdr studio anime realistic surreal baroque").split()
+_EXTRA = ["!", "?", ",", ".", ";", ":", "-", "'s", "(", ")", "[", "]", "...", "&", "#", "%", "42", "3.5",
+          "1024x768", "café", "über", "東京", "猫", "🐱", "🎨", "ñ", "Ω", "  ", "\t", "UPPER", "MiXeD"]
+
+
+def corpus(n_generated: int = 200) -> list[str]:
+    rng = random.Random(20240611)
+    prompts = []
+    for _ in range(n_generated):
+        parts = [rng.choice(_WORDS) if rng.random() < 0.75 else rng.choice(_EXTRA)
+                 for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 40, 90]))]
+        sep = rng.choice([" ", ", ", " ", "  ", ","])
+        text = sep.join(parts)
+        prompts.append(text.upper() if rng.random() < 0.1 else text)
+    return HAND_WRITTEN + prompts
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_ids_match_transformers(bpe_path, hf_folder, pad):
+    prompts = corpus()
+    assert len(prompts) >= 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # long prompts warn; tested below
+        ours = CLIPTokenizer.from_bpe_file(bpe_path, pad_token=pad)(prompts)
+    theirs = _hf_ids(hf_folder, prompts, pad)
+    assert ours.dtype == torch.long and ours.shape == (len(prompts), 77)
+    bad = [i for i in range(len(prompts)) if not torch.equal(ours[i], theirs[i])]
+    assert not bad, (f"{len(bad)} of {len(prompts)} prompts differ (pad {pad!r}); first: "
+                     f"#{bad[0]} {prompts[bad[0]]!r}\n ours   {ours[bad[0]].tolist()}\n theirs {theirs[bad[0]].tolist()}")
+
+
+def test_vocabulary_layout(bpe_path):
+    tok = CLIPTokenizer.from_bpe_file(bpe_path, pad_token="!")
+    assert len(tok.vocab) == 49408 and len(tok.merges) == 48894
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, 0)
+    assert CLIPTokenizer.default().pad_id == 49407
+    ids = tok("a photo of a cat")[0]
+    assert ids[0] == 49406 and ids.tolist().index(49407) == 6 and (ids[7:] == 0).all(), ids.tolist()
+
+
+def test_truncation_warns_with_prompt_and_count(bpe_path):
+    tok = CLIPTokenizer.from_bpe_file(bpe_path)
+    with pytest.warns(UserWarning, match=r"prompt 1 is 100 tokens long.*last 25 tokens were dropped"):
+        ids = tok(["short", "cat " * 100])
+    assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and (ids[1, 1:-1] == ids[1, 1]).all(), ids[1].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly 75 tokens fit: no warning
+        tok(" ".join(["word"] * 75))
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_save_from_folder_round_trip(bpe_path, tmp_path, pad):
+    tok = CLIPTokenizer.from_bpe_file(bpe_path, pad_token=pad)
+    tok.save(tmp_path)
+    again = CLIPTokenizer.from_folder(tmp_path)
+    assert again.pad_token == pad and again.vocab == tok.vocab and again.merges == tok.merges
+    prompts = corpus(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(again(prompts), tok(prompts))
+        # transformers reads the saved folder, pad token included
+        hf = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+        assert hf.pad_token == pad
+        theirs = hf(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(theirs, tok(prompts))
+
+
+def test_bad_inputs(tmp_path, monkeypatch, bpe_path):
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        CLIPTokenizer.from_folder(tmp_path)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        CLIPTokenizer.from_bpe_file(bpe_path, pad_token="<pad>")
+    with pytest.raises(TypeError, match="list of str"):
+        CLIPTokenizer.from_bpe_file(bpe_path)(["ok", 3])
+    monkeypatch.setattr(tk.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps clip-anytorch"):
+        CLIPTokenizer.default()
