@@ -1,0 +1,230 @@
+"""``StableDiffusion``: the UNet, VAE and text encoder under their original checkpoint names.
+
+The module tree mirrors LDM's ``LatentDiffusion`` (``model.diffusion_model`` = UNet,
+``first_stage_model`` = VAE, ``cond_stage_model`` = text encoder), so ``state_dict()`` *is* a
+single-file checkpoint and loading one needs no key table::
+
+    sd = sdcore.load("v1-5-pruned-emaonly.safetensors", dtype=torch.float16, device="cuda")
+    sd = sdcore.load("path/to/diffusers-folder")
+    sd = sdcore.StableDiffusion.from_preset("tiny", seed=0)
+    sd.save("out.safetensors")                     # layout inferred: file -> ldm, else diffusers
+    sd.save("out-folder", layout="diffusers")
+
+Loading never holds two copies of the weights: the modules are built with their parameters on
+the ``meta`` device, each tensor is cast to dtype/device as it is read, and
+``load_state_dict(strict=True, assign=True)`` adopts those tensors. Buffers are not put on meta, so
+non-persistent ones (computed in ``__init__``) keep their real values; they are then moved and cast
+as ``Module.to(device, dtype)`` would.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .checkpoint import FLOAT_DTYPES, CheckpointError
+from .config import SDConfig
+
+
+class _DiffusionWrapper(nn.Module):
+    """LDM's ``DiffusionWrapper``: only there for the ``model.diffusion_model.`` key prefix."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside this scope is swapped for a meta tensor at once, so no
+    weights are allocated (or initialised) for real; buffers stay real."""
+    def hook(module, name, param):
+        if param is not None and param.device.type != "meta":
+            return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        return None
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a float dtype ({', '.join(str(d) for d in FLOAT_DTYPES)}), got {dtype}")
+
+
+def _random_parameters(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random values for every parameter, drawn in ``named_parameters`` order on the CPU in
+    fp32 (so the same for every device and dtype). Nothing is zero, unlike LDM's zero-initialised
+    output layers, so every block contributes to the outputs: weights ~ U(±1/sqrt(fan_in))
+    (PyTorch's default), norm scales ~ 1 + U(±0.1), biases and other vectors ~ U(±0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = {f"{m_name}.{p_name}".lstrip(".") for m_name, m in model.named_modules()
+             if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p_name, _ in m.named_parameters(recurse=False)}
+    out = {}
+    for name, p in model.named_parameters():
+        u = torch.rand(p.shape, generator=g) * 2 - 1
+        if name in norms and name.endswith("weight"):
+            out[name] = 1 + 0.1 * u
+        elif p.dim() >= 2:
+            out[name] = u / math.sqrt(p[0].numel())
+        else:
+            out[name] = 0.1 * u
+    return out
+
+
+class StableDiffusion(nn.Module):
+    """The three models of an SD 1.x/2.x checkpoint plus its tokenizer and :class:`SDConfig`."""
+
+    def __init__(self, config: SDConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.model = _DiffusionWrapper(unet)
+        self.first_stage_model = vae
+        self.cond_stage_model = text_encoder
+        self.tokenizer = tokenizer
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.cond_stage_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def scheduler(self, name: str | None = None, **overrides):
+        """A scheduler for this model's noise schedule (default sampler from the config)."""
+        from .schedulers import make_scheduler
+
+        return make_scheduler(name, self.config.scheduler, **overrides)
+
+    @classmethod
+    def skeleton(cls, config: SDConfig, tokenizer=None) -> "StableDiffusion":
+        """The model with all parameters on ``meta`` (buffers real), ready for ``_adopt``."""
+        from .clip import TextEncoder
+        from .unet import UNetModel
+        from .vae import AutoencoderKL
+
+        with _parameters_on_meta():
+            return cls(config, UNetModel(config.unet), AutoencoderKL(config.vae),
+                       TextEncoder(config.text_encoder), tokenizer)
+
+    def _adopt(self, state: dict[str, torch.Tensor], dtype, device) -> "StableDiffusion":
+        """Take ``state`` (already in dtype on device) as the parameters; buffers the state lacks
+        keep their constructed values, moved/cast like ``Module.to`` does."""
+        buffers = {k: v for k, v in self.state_dict().items() if k not in state and v.device.type != "meta"}
+        self.load_state_dict({**buffers, **state}, strict=True, assign=True)
+        self.to(device=device, dtype=dtype)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.device.type == "meta"]
+        if left:
+            raise RuntimeError(f"internal error: tensors left on meta after loading: {left[:10]}")
+        return self.eval().requires_grad_(False)
+
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device="cpu") -> "StableDiffusion":
+        """A preset's architecture with seeded random weights (deterministic for a given seed)."""
+        from .tokenizer import CLIPTokenizer
+
+        _check_dtype(dtype)
+        config = SDConfig.preset(name)
+        device = torch.device(device)
+        model = cls.skeleton(config, CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
+        state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
+        return model._adopt(state, dtype, device)
+
+    @classmethod
+    def load(cls, path, **kwargs) -> "StableDiffusion":
+        """Same as :func:`sdcore.load`."""
+        return load(path, **kwargs)
+
+    def ldm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-file checkpoint's contents: persistent parameters and buffers, LDM keys."""
+        return dict(self.state_dict())
+
+    def save(self, path, layout: str | None = None) -> None:
+        """Write an original single file (``layout="ldm"``: .safetensors/.ckpt/.pt) or a diffusers
+        folder (``layout="diffusers"``). Without ``layout``: ldm for those suffixes, else diffusers."""
+        path = Path(path)
+        if layout is None:
+            layout = "ldm" if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth") else "diffusers"
+        if layout == "ldm":
+            checkpoint.save_single_file(path, self.ldm_state_dict(), self.config)
+        elif layout == "diffusers":
+            checkpoint.save_diffusers(path, self.config, self.ldm_state_dict(), self.tokenizer)
+        else:
+            raise ValueError(f"unknown layout {layout!r}; use 'ldm' or 'diffusers'")
+
+
+def _tokenizer_from_folder(folder: Path):
+    """CLIPTokenizer.from_folder, also for folders that transformers >= 5 writes with
+    ``save_pretrained``: only tokenizer.json (vocab and merges inside) + tokenizer_config.json."""
+    import json
+
+    from .tokenizer import CLIPTokenizer, _read_pad_token
+
+    fast = folder / "tokenizer.json"
+    if (folder / "vocab.json").is_file() or not fast.is_file():
+        return CLIPTokenizer.from_folder(folder)
+    bpe = json.loads(fast.read_text(encoding="utf-8")).get("model", {})
+    if bpe.get("type") != "BPE":
+        raise CheckpointError(f"{fast}: not a BPE (CLIP) tokenizer")
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
+    return CLIPTokenizer(bpe["vocab"], merges, _read_pad_token(folder) or "<|endoftext|>")
+
+
+def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_type: str | None = None,
+         tokenizer=None) -> StableDiffusion:
+    """Load an SD 1.x/2.x model from a single-file LDM checkpoint (.safetensors, .ckpt, .pt) or a
+    diffusers folder, detecting the architecture (see :mod:`sdcore.checkpoint`).
+
+    ``prediction_type`` ("epsilon" | "v_prediction" | "sample") overrides the folder's scheduler
+    config; ``tokenizer`` (a CLIPTokenizer or a tokenizer folder) overrides the folder's tokenizer,
+    or the default CLIP tokenizer for single files. Raises FileNotFoundError, or CheckpointError
+    naming the file and the problem, before any model is built.
+    """
+    from .tokenizer import CLIPTokenizer
+
+    _check_dtype(dtype)
+    if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'")
+    device = torch.device(device)
+    source = checkpoint.open_checkpoint(path)
+    config = source.config(prediction_type)
+    if tokenizer is None:
+        tokenizer = (_tokenizer_from_folder(source.tokenizer_folder) if source.tokenizer_folder
+                     else CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
+    elif isinstance(tokenizer, (str, Path)):
+        tokenizer = _tokenizer_from_folder(Path(tokenizer))
+    if getattr(tokenizer, "pad_token", config.text_encoder.pad_token) != config.text_encoder.pad_token:
+        # The tokenizer is what pads; keep the config consistent with it.
+        config = config.replace(text_encoder=config.text_encoder.replace(pad_token=tokenizer.pad_token))
+    model = StableDiffusion.skeleton(config, tokenizer)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = checkpoint.drop_extras(source.shapes(), expected)
+    # Persistent buffers some exporters leave out (e.g. position_ids) keep their built values.
+    buffers = {k for k, v in model.state_dict().items() if v.device.type != "meta"}
+    optional = {k for k in buffers if k.endswith(checkpoint.OPTIONAL_KEYS) and k not in shapes}
+    checkpoint.check_state_dict({k: v for k, v in expected.items() if k not in optional}, shapes, source.path)
+    return model._adopt(source.read(shapes.keys(), dtype, device), dtype, device)
+
+
+__all__ = ["CheckpointError", "StableDiffusion", "load"]

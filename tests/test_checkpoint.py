@@ -1,0 +1,451 @@
+"""sdcore.load / StableDiffusion.save: both layouts, detection from shapes, exact round trips,
+diffusers as the oracle, and every kind of bad input failing with a message that says why.
+
+Everything runs on the tiny presets (CPU, seconds); the real-size presets are only built on the
+meta device, to check the detection rules on their shapes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import sdcore
+from sdcore import SDConfig, StableDiffusion
+from sdcore.checkpoint import CheckpointError, detect_config
+from numerics import assert_close
+
+REL = 1e-5  # fp32 outputs of the same weights through diffusers/transformers vs sdcore
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    if str(path).endswith(".safetensors"):
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys(), f"keys differ: only in first {sorted(a.keys() - b.keys())[:5]}, " \
+                                 f"only in second {sorted(b.keys() - a.keys())[:5]}"
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors not bitwise equal, e.g. {differ[:5]}"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return StableDiffusion.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    """The tiny model in every layout: .safetensors, .ckpt, diffusers folder."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {"safetensors": root / "tiny.safetensors", "ckpt": root / "tiny.ckpt", "diffusers": root / "tiny-diffusers"}
+    tiny.save(paths["safetensors"])
+    tiny.save(paths["ckpt"], layout="ldm")
+    tiny.save(paths["diffusers"], layout="diffusers")
+    return paths
+
+
+def sdcore_schedulers():
+    import sdcore.schedulers
+
+    return sdcore.schedulers
+
+
+def _foreign(tmp_path, state: dict, name="foreign.safetensors"):
+    """A single file as other tools write it: LDM keys, no sdcore metadata."""
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 1234}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------- presets, basics
+def test_from_preset_is_deterministic_eval_and_frozen(tiny):
+    again = StableDiffusion.from_preset("tiny", seed=0)
+    other = StableDiffusion.from_preset("tiny", seed=1)
+    assert_same_weights(tiny.state_dict(), again.state_dict())
+    w = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(tiny.state_dict()[w], other.state_dict()[w]), "seed has no effect"
+    assert not tiny.training and all(not m.training for m in tiny.modules())
+    assert not any(p.requires_grad for p in tiny.parameters())
+    assert tiny.config == SDConfig.preset("tiny")
+    assert tiny.tokenizer.pad_token == "<|endoftext|>"
+    assert StableDiffusion.from_preset("tiny-sd2").tokenizer.pad_token == "!"
+    zero = [n for n, p in tiny.named_parameters() if p.numel() > 1 and not p.abs().gt(0).all()]
+    assert not zero, f"random weights should have no zeros (they would hide blocks): {zero[:5]}"
+
+
+def test_from_preset_dtype_device_and_unknown_name():
+    half = StableDiffusion.from_preset("tiny", dtype=torch.bfloat16)
+    ref = StableDiffusion.from_preset("tiny")
+    assert half.dtype == torch.bfloat16 and half.device == torch.device("cpu")
+    w = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(half.state_dict()[w], ref.state_dict()[w].bfloat16())
+    with pytest.raises(KeyError, match=r"unknown preset 'sd99'.*known presets: .*sd15.*tiny"):
+        StableDiffusion.from_preset("sd99")
+    with pytest.raises(TypeError, match="float dtype"):
+        StableDiffusion.from_preset("tiny", dtype=torch.int8)
+
+
+def test_skeleton_holds_no_weights():
+    """Loading builds on meta: a full-size SD 1.5 skeleton costs no parameter memory."""
+    sk = StableDiffusion.skeleton(SDConfig.preset("sd15"))
+    assert all(p.is_meta for p in sk.parameters())
+    assert sum(p.numel() for p in sk.unet.parameters()) > 800e6  # the real architecture
+
+
+def test_buffers_rematerialised(saved, tiny):
+    """Buffers (persistent or not) of a loaded model equal those of a normally built one."""
+    from sdcore.clip import TextEncoder
+    from sdcore.unet import UNetModel
+    from sdcore.vae import AutoencoderKL
+
+    cfg = tiny.config
+    built = StableDiffusion(cfg, UNetModel(cfg.unet), AutoencoderKL(cfg.vae), TextEncoder(cfg.text_encoder), None)
+    loaded = sdcore.load(saved["safetensors"])
+    want, got = dict(built.named_buffers()), dict(loaded.named_buffers())
+    assert want.keys() == got.keys()
+    for k in want:
+        assert not got[k].is_meta and torch.equal(got[k], want[k]), k
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+
+
+# ---------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "diffusers"])
+def test_load_is_exact(saved, tiny, fmt):
+    loaded = sdcore.load(saved[fmt])
+    assert_same_weights(tiny.state_dict(), loaded.state_dict())
+    assert loaded.config == tiny.config.replace(name=loaded.config.name)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_round_trip_ldm_diffusers_ldm(saved, tmp_path):
+    """ldm file -> diffusers folder -> ldm file -> diffusers folder: every file bitwise equal."""
+    sdcore.load(saved["safetensors"]).save(tmp_path / "d")
+    sdcore.load(tmp_path / "d").save(tmp_path / "back.safetensors")
+    assert_same_weights(_tensors(saved["safetensors"]), _tensors(tmp_path / "back.safetensors"))
+    sdcore.load(tmp_path / "back.safetensors").save(tmp_path / "d2", layout="diffusers")
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        assert_same_weights(load_file(str(saved["diffusers"] / f"{part}.safetensors")),
+                            load_file(str(tmp_path / "d2" / f"{part}.safetensors")))
+    for part in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "scheduler/scheduler_config.json", "model_index.json", "tokenizer/vocab.json"):
+        assert (saved["diffusers"] / part).read_text() == (tmp_path / "d2" / part).read_text(), part
+
+
+def test_round_trip_sd2_keeps_config(tmp_path):
+    """tiny-sd2 through .ckpt keeps heads, clip_skip and v-prediction (sdcore's config metadata);
+    through diffusers, the layers after the output layer go (see sdcore.convert.clip) and the
+    rest round-trips exactly."""
+    model = StableDiffusion.from_preset("tiny-sd2", seed=3)
+    model.save(tmp_path / "m.ckpt")
+    loaded = sdcore.load(tmp_path / "m.ckpt")
+    assert loaded.config == model.config
+    assert_same_weights(model.state_dict(), loaded.state_dict())
+    model.save(tmp_path / "d")
+    once = sdcore.load(tmp_path / "d")
+    assert once.config.text_encoder.layers == 2 and once.config.text_encoder.clip_skip == 1
+    assert once.config.scheduler.prediction_type == "v_prediction"
+    once.save(tmp_path / "once.safetensors")
+    twice = sdcore.load(tmp_path / "once.safetensors")
+    assert twice.config == once.config
+    assert_same_weights(once.state_dict(), twice.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "diffusers"])
+def test_load_in_half_precision(saved, tiny, fmt, dtype):
+    loaded = sdcore.load(saved[fmt], dtype=dtype)
+    ref = tiny.state_dict()
+    for k, v in loaded.state_dict().items():
+        want = ref[k].to(dtype) if ref[k].is_floating_point() else ref[k]
+        assert v.dtype == want.dtype and torch.equal(v, want), k
+    loaded.save(tmp := saved["safetensors"].parent / f"half-{fmt}-{dtype}.safetensors")
+    assert_same_weights(loaded.state_dict(), sdcore.load(tmp, dtype=dtype).state_dict())
+
+
+# -------------------------------------------------------------------------------------- detection
+@pytest.mark.parametrize("name", ["sd15", "sd15-inpaint", "sd21-base", "tiny", "tiny-inpaint"])
+def test_detect_from_shapes(name):
+    """The shape rules give back the preset, at real size too (shapes from a meta skeleton)."""
+    sk = StableDiffusion.skeleton(SDConfig.preset(name))
+    shapes = {k: tuple(v.shape) for k, v in sk.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SD 2.x epsilon warning, tested below
+        assert detect_config(shapes) == SDConfig.preset(name)
+
+
+def test_detect_sd21_768_v():
+    sk = StableDiffusion.skeleton(SDConfig.preset("sd21"))
+    shapes = {k: tuple(v.shape) for k, v in sk.state_dict().items()}
+    assert detect_config(shapes, prediction_type="v_prediction") == SDConfig.preset("sd21")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_foreign_file_detection(tmp_path, fmt):
+    """Files without sdcore metadata: 9-channel UNet, OpenCLIP + linear projections + 64-wide
+    heads rule (tiny: from the preset), the SD 2 prediction-type warning, leftovers ignored."""
+    inpaint = StableDiffusion.from_preset("tiny-inpaint", seed=1)
+    state = dict(inpaint.state_dict())
+    state.update({"betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000),
+                  "model_ema.decay": torch.tensor(0.9999),
+                  "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]})
+    loaded = sdcore.load(_foreign(tmp_path, state, f"inpaint.{fmt}"))
+    assert loaded.config.unet.in_channels == 9 and loaded.config == SDConfig.preset("tiny-inpaint")
+    assert_same_weights(inpaint.state_dict(), loaded.state_dict())
+
+    sd2 = StableDiffusion.from_preset("tiny-sd2", seed=2)
+    path = _foreign(tmp_path, dict(sd2.state_dict()), f"sd2.{fmt}")
+    with pytest.warns(UserWarning, match="768-v models .* need prediction_type='v_prediction'"):
+        eps = sdcore.load(path)
+    assert eps.config.scheduler.prediction_type == "epsilon"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = sdcore.load(path, prediction_type="v_prediction")
+    assert v.config == SDConfig.preset("tiny-sd2")
+    c = v.config
+    assert (c.text_encoder.kind, c.unet.use_linear_in_transformer, c.unet.num_head_channels) == ("openclip", True, 8)
+    assert v.tokenizer.pad_token == "!"
+    assert_same_weights(sd2.state_dict(), v.state_dict())
+
+
+def test_tokenizer_argument(saved, tmp_path):
+    from sdcore.tokenizer import CLIPTokenizer
+
+    bang = CLIPTokenizer.default(pad_token="!")
+    assert sdcore.load(saved["safetensors"], tokenizer=bang).tokenizer is bang
+    bang.save(tmp_path / "tok")
+    loaded = sdcore.load(saved["diffusers"], tokenizer=tmp_path / "tok")
+    assert loaded.tokenizer.pad_token == "!" and loaded.config.text_encoder.pad_token == "!"
+
+
+def test_prediction_type_argument_wins(saved):
+    assert sdcore.load(saved["diffusers"], prediction_type="v_prediction").config.scheduler.prediction_type \
+        == "v_prediction"
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        sdcore.load(saved["diffusers"], prediction_type="x0")
+
+
+def test_scheduler_config_from_diffusers(saved, tmp_path):
+    folder = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], folder)
+    cfg = {"_class_name": "EulerAncestralDiscreteScheduler", "beta_schedule": "squaredcos_cap_v2",
+           "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "v_prediction", "steps_offset": 0,
+           "timestep_spacing": "trailing"}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    loaded = sdcore.load(folder)
+    s = loaded.config.scheduler
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.prediction_type, s.steps_offset, s.timestep_spacing,
+            s.sampler) == ("cosine", 0.0001, 0.02, "v_prediction", 0, "trailing", "euler_a")
+    assert type(loaded.scheduler()).__name__ == type(sdcore_schedulers().make_scheduler("euler_a")).__name__
+    # SD 1.5's PNDMScheduler: no such sampler here, so the default one on the folder's schedule
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "_class_name": "PNDMScheduler"}))
+    assert sdcore.load(folder).config.scheduler == s.replace(sampler=SDConfig.preset("tiny").scheduler.sampler)
+    loaded.save(tmp_path / "again")
+    assert sdcore.load(tmp_path / "again").config.scheduler == s
+
+
+# ------------------------------------------------------------------------- diffusers as the oracle
+def _compare_outputs(ours: StableDiffusion, unet, vae, text_encoder):
+    g = torch.Generator().manual_seed(0)
+    cfg = ours.config
+    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, cfg.unet.context_dim, generator=g)
+    t = torch.tensor([10, 700])
+    img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    ids = ours.tokenizer(["a photograph of an astronaut riding a horse", ""])
+    with torch.no_grad():
+        assert_close(ours.unet(x, t, ctx), unet(x, t, encoder_hidden_states=ctx).sample, rel=REL, name="unet")
+        assert_close(ours.vae.decode(z), vae.decode(z).sample, rel=REL, name="vae.decode")
+        assert_close(ours.vae.encode(img).mean, vae.encode(img).latent_dist.mean, rel=REL, name="vae.encode")
+        assert_close(ours.text_encoder(ids), text_encoder(ids).last_hidden_state, rel=REL, name="text_encoder")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])
+def test_diffusers_reads_our_folder(preset, tmp_path):
+    """StableDiffusionPipeline.from_pretrained on our folder: same outputs, same token ids."""
+    diffusers = pytest.importorskip("diffusers")
+    ours = StableDiffusion.from_preset(preset, seed=4)
+    ours.save(tmp_path / "d", layout="diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "d", local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == ours.config.scheduler.prediction_type
+    prompts = ["a photograph of an astronaut riding a horse", ""]
+    want = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ours.tokenizer(prompts), want.input_ids)
+    _compare_outputs(ours, pipe.unet, pipe.vae, pipe.text_encoder)  # diffusers' 2 layers = our 3, skip 2
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    """A pipeline folder written by diffusers' own save_pretrained, from seeded random components."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from sdcore.convert import clip, unet, vae
+
+    root = tmp_path_factory.mktemp("from-diffusers")
+    cfg = SDConfig.preset("tiny")
+    StableDiffusion.from_preset("tiny").tokenizer.save(root / "tok")
+    components = {
+        "unet": diffusers.UNet2DConditionModel(**{k: v for k, v in unet.config_to_diffusers(cfg.unet, 8).items()
+                                                  if not k.startswith("_")}),
+        "vae": diffusers.AutoencoderKL(**{k: v for k, v in vae.config_to_diffusers(cfg.vae).items()
+                                          if not k.startswith("_")}),
+        "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip.config_to_diffusers(cfg.text_encoder))),
+    }
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in components.values():
+            for p in m.parameters():
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1
+                        else 1 + 0.1 * (torch.rand(p.shape, generator=g) * 2 - 1))
+    pipe = diffusers.StableDiffusionPipeline(
+        **components, tokenizer=transformers.CLIPTokenizer.from_pretrained(root / "tok"),
+        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+def test_load_diffusers_save_pretrained(diffusers_folder, tmp_path):
+    """diffusers' folder -> sdcore (same outputs) -> ldm file -> sdcore (bitwise the same)."""
+    folder, pipe = diffusers_folder
+    ours = sdcore.load(folder)
+    assert ours.config.unet == SDConfig.preset("tiny").unet
+    assert ours.config.scheduler == SDConfig.preset("tiny").scheduler
+    prompts = ["a photograph of an astronaut riding a horse", ""]  # tokenizer.json-only folder
+    want = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ours.tokenizer(prompts), want.input_ids)
+    _compare_outputs(ours, pipe.unet, pipe.vae, pipe.text_encoder)
+    ours.save(tmp_path / "from-diffusers.ckpt")
+    again = sdcore.load(tmp_path / "from-diffusers.ckpt")
+    assert_same_weights(ours.state_dict(), again.state_dict())
+    _compare_outputs(again, pipe.unet, pipe.vae, pipe.text_encoder)
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing-here.safetensors"):
+        sdcore.load(tmp_path / "nothing-here.safetensors")
+
+
+@pytest.mark.parametrize("fmt, damage, message", [
+    ("safetensors", "truncate", r"bad\.safetensors: not a readable safetensors file.*incomplete metadata"),
+    ("safetensors", "garbage", r"bad\.safetensors: not a readable safetensors file.*header"),
+    ("ckpt", "truncate", r"bad\.ckpt: not a readable torch checkpoint.*zip archive"),
+    ("ckpt", "garbage", r"bad\.ckpt: not a readable torch checkpoint"),
+])
+def test_corrupt_file(saved, tmp_path, fmt, damage, message):
+    data = saved[fmt].read_bytes()
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x20" + bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=message):
+        sdcore.load(bad)
+
+
+def test_ckpt_with_python_objects_is_refused(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callbacks": Exception("x")}, path)
+    with pytest.raises(CheckpointError, match=r"pickled\.ckpt: holds Python objects besides tensors"):
+        sdcore.load(path)
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+      "model.diffusion_model.input_blocks.0.0.weight"], "looks like an SDXL checkpoint"),
+    (["model.diffusion_model.label_emb.0.0.weight", "first_stage_model.encoder.conv_in.weight"],
+     "looks like an SDXL checkpoint"),
+    (["encoder.conv_in.weight", "decoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight"],
+     "looks like a standalone VAE"),
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "looks like a LoRA"),
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "looks like a LoRA"),
+    (["model.diffusion_model.input_blocks.1.1.proj_in.lora_up.weight"], "looks like a LoRA"),
+    (["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"], "looks like one diffusers/transformers component"),
+    (["foo.weight"], r"not a Stable Diffusion checkpoint: no keys start with model\.diffusion_model\."),
+    (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"],
+     r"has no weights for: text_encoder \(cond_stage_model\.\*\)"),
+])
+def test_other_families(tmp_path, keys, message):
+    path = _foreign(tmp_path, {k: torch.zeros(2, 2) for k in keys})
+    with pytest.raises(CheckpointError, match=message):
+        sdcore.load(path)
+
+
+def test_missing_unexpected_and_misshapen_keys(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    gone = sorted(k for k in state if ".attn1.to_" in k and k.startswith("model.diffusion_model.output_blocks"))
+    assert len(gone) > 10
+    for k in gone:
+        del state[k]
+    state["first_stage_model.decoder.extra.weight"] = torch.zeros(3)
+    state["model.diffusion_model.middle_block.0.in_layers.2.bias"] = torch.zeros(7)
+    with pytest.raises(CheckpointError) as err:
+        sdcore.load(_foreign(tmp_path, state))
+    msg = str(err.value)
+    assert "foreign.safetensors does not match the model" in msg
+    assert f"unet: missing keys: {gone[0][len('model.diffusion_model.'):]}" in msg
+    assert f"... ({len(gone)} in all)" in msg
+    assert "vae: unexpected keys: decoder.extra.weight (1)" in msg
+    assert "model.diffusion_model.middle_block.0.in_layers.2.bias: expected (64,), got (7,)" in msg
+
+
+def test_broken_diffusers_folder(saved, tmp_path):
+    folder = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], folder)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"vae: no weights file \(looked for diffusion_pytorch_model"):
+        sdcore.load(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a diffusers pipeline"):
+        sdcore.load(tmp_path / "empty")
+
+
+def test_bad_arguments(tiny, saved, tmp_path):
+    with pytest.raises(ValueError, match="unknown layout 'onnx'"):
+        tiny.save(tmp_path / "x", layout="onnx")
+    with pytest.raises(ValueError, match=r"\.safetensors, \.ckpt or \.pt"):
+        tiny.save(tmp_path / "x.bin", layout="ldm")
+    with pytest.raises(TypeError, match=r"dtype must be a float dtype .* got torch.int32"):
+        sdcore.load(saved["safetensors"], dtype=torch.int32)
+
+
+def test_metadata_contains_config(saved, tiny):
+    with safe_open(str(saved["safetensors"]), "pt") as f:
+        meta = json.loads(f.metadata()["sdcore_config"])
+    assert meta["name"] == "tiny" and meta["unet"]["num_heads"] == tiny.config.unet.num_heads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "diffusers"])
+def test_load_onto_cuda(saved, tiny, fmt, dtype):
+    """Straight onto the GPU in half precision, tensor by tensor: the peak GPU memory of loading is
+    the model itself (no second copy), and the weights are the CPU ones cast."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loaded = sdcore.load(saved[fmt], dtype=dtype, device="cuda")
+    size = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= 1.1 * size + 2**20, f"loading peaked at {peak / size:.2f}x the model's {size} bytes"
+    ref = tiny.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert v.device.type == "cuda", k
+        assert torch.equal(v.cpu(), ref[k].to(dtype) if ref[k].is_floating_point() else ref[k]), k
+    x, ctx = torch.randn(1, 4, 8, 8, device="cuda", dtype=dtype), torch.randn(1, 77, 32, device="cuda", dtype=dtype)
+    import kernels
+
+    with torch.no_grad(), kernels.use("reference"):  # this test is about loading, not the kernels
+        out = loaded.unet(x, torch.tensor([500], device="cuda"), ctx)
+        want = tiny.unet(x.float().cpu(), torch.tensor([500]), ctx.float().cpu())
+    assert_close(out.float().cpu(), want, rel=5e-2, name="unet on cuda")
