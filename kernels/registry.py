@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ def register(op: str, backend: Backend | str, *, check: Callable[..., str | None
 
     def deco(fn: Callable) -> Callable:
         _OPS.setdefault(op, {})[backend] = _Impl(fn, check)
+        _parse_env.cache_clear()  # "triton" means "every op that has it": recompute
         return fn
 
     return deco
@@ -108,8 +110,11 @@ def _validate(op: str, backend: Backend | str) -> Backend:
     return b
 
 
+@functools.lru_cache(maxsize=16)
 def _parse_env(value: str) -> dict[str, Backend]:
-    """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op."""
+    """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op (cached: dispatch is hot).
+
+    The result is shared between calls; treat it as read-only."""
     value = value.strip()
     if not value:
         return {}

@@ -1,0 +1,212 @@
+"""kernels.scheduler_step: the Triton kernel against the torch reference (interpreter on CPU, the
+real thing under `-m gpu`), its input checks, and its use by sdcore.schedulers."""
+import pytest
+import torch
+
+import kernels
+from kernels import BackendUnsupported, StepCoefficients
+from sdcore.config import SchedulerConfig
+from sdcore.schedulers import PREDICTION_TYPES, make_scheduler, x0_eps_coefficients
+from tests.numerics import assert_close, assert_within_torch_error
+
+SHAPES = [
+    (1, 4, 7, 9),  # HW not a power of two, one partial block
+    (3, 4, 5, 5),  # batch 3, 300 elements
+    (1, 4, 23, 29),  # 2668 elements: several blocks plus a masked tail
+]
+ALL_TERMS = StepCoefficients(a_x=0.9, a_o=-0.4, a_d=0.7, clip=None, b_x=0.3, b_o=0.8, b_0=-0.2, b_d=0.6,
+                             c0=0.5, c1=0.4, c2=0.3, c3=0.2, sigma=0.1)
+
+
+def inputs(shape, device="cpu", dtype=torch.float32, seed=0, mask="broadcast"):
+    g = torch.Generator().manual_seed(seed)
+    r = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(6)]
+    d = dict(x=r[0], model_output=r[1], model_output_uncond=r[2], noise=r[3], prev_x0=r[4], known=r[5])
+    if mask == "broadcast":  # (B, 1, h, w): the RePaint / inpainting mask
+        d["mask"] = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.5).to(device, dtype)
+    elif mask == "full":  # soft mask of x's shape
+        d["mask"] = torch.rand(shape, generator=g).to(device, dtype)
+    return d
+
+
+def call(d, coeffs, *, cfg=True, mask=True, **kw):
+    return kernels.scheduler_step(
+        d["x"], d["model_output"], coeffs, model_output_uncond=d["model_output_uncond"] if cfg else None,
+        guidance_scale=7.5, noise=d["noise"], prev_x0=d["prev_x0"],
+        mask=d.get("mask") if mask else None, known=d["known"] if mask and "mask" in d else None, **kw)
+
+
+def both(d, coeffs, **kw):
+    ref = call(d, coeffs, **kw)
+    with kernels.use(scheduler_step="triton"):
+        tri = call(d, coeffs, **kw)
+    return ref, tri
+
+
+def prediction_coeffs(prediction, clip):
+    """A DDIM-like step for each prediction type (x = 0.6 x0 + 0.8 eps), every term switched on."""
+    return StepCoefficients(**x0_eps_coefficients(prediction, 0.6, 0.8), clip=clip,
+                            c0=0.7, c1=0.05, c2=0.5, c3=0.1, sigma=0.3)
+
+
+@pytest.mark.parametrize("mask", ["none", "broadcast", "full"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference(shape, cfg, prediction, clip, mask, device):
+    d = inputs(shape, device, mask=mask)
+    coeffs = prediction_coeffs(prediction, clip)
+    (p_ref, x0_ref), (p_tri, x0_tri) = both(d, coeffs, cfg=cfg, mask=mask != "none", return_x0=True)
+    assert_close(p_tri, p_ref, rel=1e-6, name="prev")
+    assert_close(x0_tri, x0_ref, rel=1e-6, name="x0")
+
+
+def test_every_term_and_the_formula(device):
+    """The reference is the documented formula (checked in fp64 by hand), the kernel matches it."""
+    d = inputs((2, 4, 6, 10), device)
+    k = ALL_TERMS
+    (p_ref, x0_ref), (p_tri, x0_tri) = both(d, k, return_x0=True)
+    x, u = d["x"].double(), d["model_output_uncond"].double()
+    o = u + 7.5 * (d["model_output"].double() - u)
+    x0 = (k.a_x * x + k.a_o * o) / k.a_d
+    eps = (k.b_x * x + k.b_o * o + k.b_0 * x0) / k.b_d
+    prev = k.c0 * x0 + k.c1 * x + k.c2 * eps + k.c3 * (x0 - d["prev_x0"].double()) + k.sigma * d["noise"].double()
+    m = d["mask"].double()
+    prev = m * d["known"].double() + (1 - m) * prev
+    assert_close(p_ref, prev, rel=1e-6, name="reference vs fp64 formula")
+    assert_close(x0_ref, x0, rel=1e-6, name="reference x0 vs fp64 formula")
+    assert_close(p_tri, p_ref, rel=1e-6, name="prev")
+    assert_close(x0_tri, x0_ref, rel=1e-6, name="x0")
+    assert torch.equal(p_tri * d["mask"], d["known"] * d["mask"]), "known region must be copied exactly"
+
+
+def test_optional_terms_may_be_absent(device):
+    """sigma = 0 needs no noise, c3 = 0 no prev_x0, c2 = 0 skips eps; x0 is not written unless asked."""
+    d = inputs((1, 4, 7, 9), device)
+    k = StepCoefficients(a_x=1.0, a_o=-0.5, a_d=0.8, c0=0.9, c1=0.1)
+    ref = kernels.scheduler_step(d["x"], d["model_output"], k)
+    with kernels.use(scheduler_step="triton"):
+        tri = kernels.scheduler_step(d["x"], d["model_output"], k)
+    assert ref[1] is None and tri[1] is None
+    assert_close(tri[0], ref[0], rel=1e-6, name="prev")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_poisoned_outputs_are_fully_written(shape, device):
+    d = inputs(shape, device)
+    out = torch.full(shape, float("nan"), device=device)
+    out_x0 = torch.full(shape, float("nan"), device=device)
+    ref = call(d, ALL_TERMS, return_x0=True)
+    with kernels.use(scheduler_step="triton"):
+        prev, x0 = call(d, ALL_TERMS, return_x0=True, out=out, out_x0=out_x0)
+    assert prev is out and x0 is out_x0
+    assert_close(prev, ref[0], rel=1e-6, name="prev (NaN-poisoned)")
+    assert_close(x0, ref[1], rel=1e-6, name="x0 (NaN-poisoned)")
+
+
+def test_triton_check_reasons(monkeypatch, device):
+    d = inputs((1, 4, 8, 8), device)
+    k = ALL_TERMS
+    with kernels.use(scheduler_step="triton"):
+        with pytest.raises(BackendUnsupported, match="not contiguous"):
+            kernels.scheduler_step(d["x"].transpose(2, 3), d["model_output"].transpose(2, 3), k, noise=d["noise"],
+                                   prev_x0=d["prev_x0"])
+        with pytest.raises(BackendUnsupported, match="float64"):
+            kernels.scheduler_step(d["x"].double(), d["model_output"].double(), k, noise=d["noise"].double(),
+                                   prev_x0=d["prev_x0"].double())
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        d = inputs((1, 4, 8, 8), "cpu")
+        with pytest.raises(BackendUnsupported, match="needs CUDA"):
+            kernels.scheduler_step(d["x"], d["model_output"], k, noise=d["noise"], prev_x0=d["prev_x0"])
+
+
+def test_contract_errors():
+    d = inputs((1, 4, 8, 8))
+    x, o = d["x"], d["model_output"]
+    with pytest.raises(ValueError, match="needs noise"):
+        kernels.scheduler_step(x, o, StepCoefficients(c1=1.0, sigma=0.5))
+    with pytest.raises(ValueError, match="needs prev_x0"):
+        kernels.scheduler_step(x, o, StepCoefficients(c1=1.0, c3=0.5))
+    with pytest.raises(ValueError, match="go together"):
+        kernels.scheduler_step(x, o, StepCoefficients(c1=1.0), mask=d["mask"])
+    with pytest.raises(ValueError, match="shape"):
+        kernels.scheduler_step(x, o[:, :2], StepCoefficients(c1=1.0))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.scheduler_step(x, o, StepCoefficients(c1=1.0), mask=d["mask"][:, :, :3], known=d["known"])
+    with pytest.raises(TypeError, match="StepCoefficients"):
+        kernels.scheduler_step(x, o, {"c1": 1.0})
+
+
+# --- the schedulers use the op ---------------------------------------------------------------
+SAMPLERS = [("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_a", {}), ("dpmpp_2m", {})]
+
+
+def trajectory(name, opts, device, steps=8, shape=(1, 4, 7, 9)):
+    """A short CFG + RePaint-blend trajectory through ``name``; noise from a seeded CPU generator."""
+    s = make_scheduler(name, SchedulerConfig(), **opts)
+    s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * s.init_noise_sigma).to(device)
+    mask = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.5).float().to(device)
+    known = torch.randn(shape, generator=g).to(device)
+    w = (torch.randn(shape[1], shape[1], generator=g) * 0.3).to(device)
+    for t in s.timesteps:
+        inp = s.scale_model_input(x, t)
+        cond = torch.einsum("oc,bchw->bohw", w, inp)
+        x = s.step(cond, t, x, model_output_uncond=0.5 * inp, guidance_scale=3.0, generator=g,
+                   mask=mask, known=known).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name,opts", SAMPLERS, ids=[n for n, _ in SAMPLERS])
+def test_scheduler_dispatches_through_the_op(name, opts, device):
+    kernels.reset_counts()
+    with kernels.use(scheduler_step="reference"):
+        ref = trajectory(name, opts, device)
+    assert kernels.counts() == {("scheduler_step", "reference"): 8}, kernels.counts()
+    kernels.reset_counts()
+    with kernels.use(scheduler_step="triton"):
+        tri = trajectory(name, opts, device)
+    assert kernels.counts() == {("scheduler_step", "triton"): 8}, kernels.counts()
+    assert_close(tri, ref, rel=1e-5, name=f"{name} trajectory, triton vs reference")
+
+
+# --- GPU: SD latent shapes, half precision ----------------------------------------------------
+GPU_CASES = [  # (shape, dtype): the tolerance rule is flash-attention's, see assert_within_torch_error
+    ((2, 4, 64, 64), torch.float32),  # SD 1.5 at 512 px, CFG batch of 1
+    ((2, 4, 64, 64), torch.float16),
+    ((2, 4, 64, 64), torch.bfloat16),
+    ((1, 4, 96, 96), torch.float32),  # SD 2.1 at 768 px
+    ((1, 4, 96, 96), torch.float16),
+    ((1, 4, 96, 96), torch.bfloat16),
+]
+
+
+def eager_in_dtype(d, k):
+    """The same formula in plain torch without upcasting: what an eager fp16/bf16 sampler computes."""
+    x, u = d["x"], d["model_output_uncond"]
+    o = u + 7.5 * (d["model_output"] - u)
+    x0 = (k.a_x * x + k.a_o * o) / k.a_d
+    eps = (k.b_x * x + k.b_o * o + k.b_0 * x0) / k.b_d
+    prev = k.c0 * x0 + k.c1 * x + k.c2 * eps + k.c3 * (x0 - d["prev_x0"]) + k.sigma * d["noise"]
+    return d["mask"] * d["known"] + (1 - d["mask"]) * prev, x0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", GPU_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_gpu_sd_shapes(shape, dtype):
+    d = inputs(shape, device="cuda", dtype=dtype, seed=1)
+    k = ALL_TERMS
+    ref = call({n: t.float() for n, t in d.items()}, k, return_x0=True)  # fp32 math on the same values
+    out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+    with kernels.use(scheduler_step="triton"):
+        prev, x0 = call(d, k, return_x0=True, out=out)
+    assert prev.dtype == dtype and x0.dtype == dtype
+    if dtype == torch.float32:
+        assert_close(prev, ref[0], rel=1e-6, name="prev")
+        assert_close(x0, ref[1], rel=1e-6, name="x0")
+    else:
+        eager_prev, eager_x0 = eager_in_dtype(d, k)
+        assert_within_torch_error(prev, eager_prev, ref[0], name="prev")
+        assert_within_torch_error(x0, eager_x0, ref[1], name="x0")

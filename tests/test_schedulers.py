@@ -1,0 +1,244 @@
+"""sdcore.schedulers against diffusers (the oracle): timesteps, every step, 50-step trajectories,
+add_noise, RePaint's timestep sequence, and the error messages. All fp32 on the CPU, reference
+backend of kernels.scheduler_step (the conftest default without CUDA)."""
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from sdcore.config import SchedulerConfig  # noqa: E402
+from sdcore.schedulers import make_scheduler, repaint_timesteps  # noqa: E402
+from tests.numerics import assert_close, max_rel_err  # noqa: E402
+
+SHAPE = (2, 4, 8, 8)  # small SD-like latent: 4 channels, batch 2
+REL = 1e-6  # fp32: the same formulas with the same float32 coefficients
+STEPS = 50
+
+
+def diffusers_scheduler(name: str, cfg: SchedulerConfig):
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                  beta_schedule="squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule,
+                  prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
+                  steps_offset=cfg.steps_offset)
+    clip = dict(clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range)
+    if name == "ddpm":
+        return diffusers.DDPMScheduler(**common, **clip)
+    if name == "ddim":
+        return diffusers.DDIMScheduler(**common, **clip, set_alpha_to_one=cfg.set_alpha_to_one)
+    if name == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**common)
+    return diffusers.DPMSolverMultistepScheduler(**common)  # SD defaults: dpmsolver++, solver_order 2
+
+
+def fake_model(seed=0):
+    """A fixed random 1x1 channel mix near the identity plus a t-dependent offset: deterministic,
+    cheap, and output magnitudes like a UNet's on unit-variance input."""
+    g = torch.Generator().manual_seed(seed)
+    w = 0.8 * torch.eye(SHAPE[1]) + 0.1 * torch.randn(SHAPE[1], SHAPE[1], generator=g)
+
+    def model(x, t):
+        return torch.einsum("oc,bchw->bohw", w, x) + 0.05 * float(t) / 1000.0
+
+    return model
+
+
+def euler_a_fp64(ref, i, x, out, noise):
+    """diffusers' Euler-ancestral step evaluated in float64 from its float32 sigmas."""
+    s, s_to = ref.sigmas[i].double(), ref.sigmas[i + 1].double()
+    x, out = x.double(), out.double()
+    x0 = x - s * out if ref.config.prediction_type == "epsilon" else out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
+    up = (s_to**2 * (s**2 - s_to**2) / s**2) ** 0.5
+    down = (s_to**2 - up**2) ** 0.5
+    return x + (x - x0) / s * (down - s) + noise.double() * up
+
+
+def run_against_diffusers(name, cfg, steps=STEPS, **opts):
+    """Lockstep: our step on diffusers' sample must equal diffusers' step. Free: our own
+    trajectory must end where diffusers' does."""
+    ref, lock, free = diffusers_scheduler(name, cfg), make_scheduler(name, cfg, **opts), make_scheduler(name, cfg, **opts)
+    for s in (ref, lock, free):
+        s.set_timesteps(steps)
+    assert torch.equal(lock.timesteps, ref.timesteps.to(lock.timesteps.dtype)), (lock.timesteps, ref.timesteps)
+    assert lock.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-7)
+    model = fake_model()
+    x_ref = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * float(ref.init_noise_sigma)
+    x_free = x_ref.clone()
+    g_ref, g_lock, g_free = (torch.Generator().manual_seed(2) for _ in range(3))
+    step_kw = {"eta": opts["eta"]} if "eta" in opts else {}
+    for i, t in enumerate(ref.timesteps):
+        inp = ref.scale_model_input(x_ref, t)
+        assert_close(lock.scale_model_input(x_ref, t), inp, rel=REL, name=f"scale_model_input step {i}")
+        noise = torch.randn(SHAPE, generator=torch.Generator().set_state(g_ref.get_state()))
+        out_ref = ref.step(model(inp, t), t, x_ref, generator=g_ref, **step_kw)
+        out = lock.step(model(lock.scale_model_input(x_ref, t), t), t, x_ref, generator=g_lock)
+        what = f"{name} prev_sample step {i} t={float(t)}"
+        if name == "euler_a":  # diffusers' x + d·dt cancels at large σ: allow its own fp32 error
+            truth = euler_a_fp64(ref, i, x_ref, model(inp, t), noise)
+            assert_close(out.prev_sample, truth, rel=REL, name=f"{what} vs fp64")
+            assert_close(out.prev_sample, out_ref.prev_sample, rel=REL + max_rel_err(out_ref.prev_sample, truth), name=what)
+        else:
+            assert_close(out.prev_sample, out_ref.prev_sample, rel=REL, name=what)
+        x0_ref = getattr(out_ref, "pred_original_sample", None)
+        if x0_ref is not None:
+            assert_close(out.pred_original_sample, x0_ref, rel=REL, name=f"{name} x0 step {i} t={t}")
+        x_free = free.step(model(free.scale_model_input(x_free, t), t), t, x_free, generator=g_free).prev_sample
+        x_ref = out_ref.prev_sample
+    assert_close(x_free, x_ref, rel=REL, name=f"{name} {steps}-step trajectory")
+
+
+BETAS = ("linear", "scaled_linear", "cosine")
+PREDICTIONS = ("epsilon", "v_prediction")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 0.0}), ("ddim", {"eta": 0.7}),
+                                       ("euler_a", {}), ("dpmpp_2m", {})],
+                         ids=["ddpm", "ddim-eta0", "ddim-eta0.7", "euler_a", "dpmpp_2m"])
+def test_matches_diffusers(name, opts, beta, prediction, spacing):
+    cfg = SchedulerConfig(beta_schedule=beta, prediction_type=prediction, timestep_spacing=spacing)
+    run_against_diffusers(name, cfg, **opts)
+
+
+@pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}), ("dpmpp_2m", {})],
+                         ids=["ddpm", "ddim-eta0", "ddim-eta1", "dpmpp_2m"])
+def test_sample_prediction_and_clipping(name, opts):
+    cfg = SchedulerConfig(prediction_type="sample", clip_sample=name != "dpmpp_2m", clip_sample_range=1.5)
+    run_against_diffusers(name, cfg, steps=20, **opts)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 1000])  # 1 step; T % n != 0; every training step (plain DDPM)
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a", "dpmpp_2m"])
+def test_timesteps_match_diffusers(name, steps):
+    for spacing in SPACINGS:
+        cfg = SchedulerConfig(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+        ref, ours = diffusers_scheduler(name, cfg), make_scheduler(name, cfg)
+        ref.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        assert ours.timesteps.device.type == "cpu"
+        assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype)), (spacing, ours.timesteps, ref.timesteps)
+
+
+def test_ddpm_full_chain_matches_diffusers():
+    """Plain ancestral DDPM over all 1000 training steps, short check on the last 30 (t -> t-1)."""
+    cfg = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, steps_offset=0)
+    ref, ours = diffusers_scheduler("ddpm", cfg), make_scheduler("ddpm", cfg)
+    ref.set_timesteps(1000)
+    ours.set_timesteps(1000)
+    model, x = fake_model(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for t in ref.timesteps[-30:]:
+        want = ref.step(model(x, t), t, x, generator=g1).prev_sample
+        got = ours.step(model(x, t), t, x, generator=g2).prev_sample
+        assert_close(got, want, rel=REL, name=f"ddpm t={int(t)}")
+        x = want
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a", "dpmpp_2m"])
+def test_add_noise_matches_diffusers(name, beta):
+    cfg = SchedulerConfig(beta_schedule=beta)
+    ref, ours = diffusers_scheduler(name, cfg), make_scheduler(name, cfg)
+    ref.set_timesteps(25)
+    ours.set_timesteps(25)
+    g = torch.Generator().manual_seed(5)
+    z0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for t in ref.timesteps[[0, 11, -1]]:
+        want = ref.add_noise(z0, eps, t.reshape(1))
+        assert_close(ours.add_noise(z0, eps, t), want, rel=REL, name=f"add_noise t={t}")
+    if name in ("ddpm", "ddim"):  # one timestep per sample
+        ts = torch.tensor([999, 3])
+        assert_close(ours.add_noise(z0, eps, ts), ref.add_noise(z0, eps, ts), rel=REL, name="per-sample add_noise")
+
+
+@pytest.mark.parametrize("n,jump_length,jump_n_sample", [
+    (250, 10, 10),  # the RePaint paper's setting
+    (50, 5, 3),
+    (100, 10, 1),  # no resampling: a plain descending walk
+    (27, 4, 2),  # 1000 % 27 != 0
+])
+def test_repaint_timesteps_match_diffusers(n, jump_length, jump_n_sample):
+    ref = diffusers.RePaintScheduler()
+    ref.set_timesteps(n, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    assert repaint_timesteps(n, jump_length, jump_n_sample) == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_repaint_loop_with_explicit_prev_t(name):
+    """DDPM/DDIM step on RePaint's (t, t') pairs; undo_step re-noises x_s to x_t in closed form."""
+    cfg = SchedulerConfig()
+    s = make_scheduler(name, cfg)
+    s.set_timesteps(20)
+    ts = repaint_timesteps(20, 5, 2)
+    model, g = fake_model(), torch.Generator().manual_seed(6)
+    x = torch.randn(SHAPE, generator=g)
+    z_known = torch.randn(SHAPE, generator=g)
+    mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=g) > 0.5).float()
+    for t_last, t in zip(ts[:-1], ts[1:]):
+        if t < t_last:
+            known = s.add_noise(z_known, torch.randn(SHAPE, generator=g), t)
+            x = s.step(model(x, t_last), t_last, x, prev_t=t, mask=mask, known=known, generator=g).prev_sample
+            assert_close(x * mask, known * mask, rel=0, name="known region")
+        else:
+            noise = torch.randn(SHAPE, generator=g)
+            ratio = s.alphas_cumprod[t] / s.alphas_cumprod[t_last]
+            want = ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+            x = s.undo_step(x, t_last, t, noise)
+            assert_close(x, want, rel=REL, name=f"undo_step {t_last}->{t}")
+    assert torch.isfinite(x).all()
+
+
+def test_respaced_ddpm_explicit_prev_t_matches_default():
+    s = make_scheduler("ddpm", SchedulerConfig())
+    s.set_timesteps(10)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    noise = torch.randn(SHAPE)
+    t, t_prev = s.timesteps[:2].tolist()
+    a = s.step(out, t, x, noise=noise).prev_sample
+    b = s.step(out, t, x, prev_t=t_prev, noise=noise).prev_sample
+    assert torch.equal(a, b)
+
+
+def test_cfg_inside_step_equals_combined_output():
+    s = make_scheduler("ddim", SchedulerConfig())
+    s.set_timesteps(10)
+    x, cond, uncond = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    t = int(s.timesteps[3])
+    got = s.step(cond, t, x, model_output_uncond=uncond, guidance_scale=7.5).prev_sample
+    want = s.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
+    assert_close(got, want, rel=1e-6, name="CFG in step")
+
+
+def test_errors_name_the_valid_values():
+    cfg = SchedulerConfig()
+    with pytest.raises(ValueError, match="ddpm, ddim, euler_a, dpmpp_2m"):
+        make_scheduler("heun", cfg)
+    with pytest.raises(ValueError, match="linear, scaled_linear, cosine"):
+        make_scheduler("ddim", cfg, beta_schedule="sigmoid")
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
+        make_scheduler("ddim", cfg, prediction_type="flow")
+    with pytest.raises(ValueError, match="leading, trailing, linspace"):
+        make_scheduler("ddim", cfg, timestep_spacing="karras")
+    with pytest.raises(ValueError, match="eta"):
+        make_scheduler("ddim", cfg, etta=0.5)
+    for name in ("ddpm", "ddim", "euler_a", "dpmpp_2m"):
+        s = make_scheduler(name, cfg)
+        with pytest.raises(RuntimeError, match="set_timesteps"):
+            s.step(torch.zeros(SHAPE), 1, torch.zeros(SHAPE))
+        for bad in (0, -3):
+            with pytest.raises(ValueError, match=">= 1"):
+                s.set_timesteps(bad)
+    with pytest.raises(ValueError, match="prev_t"):
+        s = make_scheduler("euler_a", cfg)
+        s.set_timesteps(5)
+        s.step(torch.zeros(SHAPE), s.timesteps[0], torch.zeros(SHAPE), prev_t=3)
+
+
+def test_cosine_alias_and_config_sampler():
+    a = make_scheduler(None, SchedulerConfig(sampler="dpmpp_2m", beta_schedule="squaredcos_cap_v2"))
+    b = make_scheduler("dpmpp_2m", SchedulerConfig(), beta_schedule="cosine")
+    assert type(a) is type(b) and torch.equal(a.alphas_cumprod, b.alphas_cumprod)
+    assert np.all(np.diff(a.alphas_cumprod.numpy()) < 0)
