@@ -26,9 +26,11 @@ from .registry import (
 )
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .attention import attention, attention_reference
+from .scheduler_step import StepCoefficients, scheduler_step, scheduler_step_reference
 
 __all__ = [
     "ENV_VAR", "Backend", "BackendUnsupported", "attention", "attention_reference", "backends",
     "counts", "describe", "dispatch", "group_norm_silu", "group_norm_silu_reference",
     "implementation", "ops", "register", "reset_counts", "resolve", "set_backend", "use",
+    "StepCoefficients", "scheduler_step", "scheduler_step_reference",
 ]
