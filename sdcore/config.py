@@ -31,7 +31,7 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: nn.Linear proj_in/proj_out instead of 1x1 conv
     norm_groups: int = 32
-    norm_eps: float = 1e-5  # GroupNorm eps in ResBlocks and transformers (LDM's normalization())
+    norm_eps: float = 1e-5  # GroupNorm eps of the ResBlocks and the final out.0 (transformers use 1e-6, as LDM)
     time_embed_dim: int | None = None  # default 4 * model_channels
 
     def heads_at(self, channels: int) -> tuple[int, int]:
@@ -79,7 +79,7 @@ class TextEncoderConfig:
     intermediate: int = 3072
     act: str = "quick_gelu"  # "gelu" for OpenCLIP ViT-H
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 768  # text_projection (pooled output)
+    projection_dim: int = 768  # text_projection (pooled output); 0 = no projection head (diffusers SD 2 folders)
     clip_skip: int = 1  # 1 = last layer; 2 = penultimate (SD 2.x's choice)
     pad_token: str = "<|endoftext|>"  # SD 2.x tokenizers pad with "!"
 
