@@ -1,0 +1,215 @@
+"""The triton group_norm_silu backend against an fp64 torch reference, forward and backward.
+
+Default run: tiny shapes under the Triton interpreter on CPU. `pytest -m gpu`: SD 1.5 shapes.
+fp32 must match fp64 to 1e-5 max relative error; fp16/bf16 may err at most 2x as much as torch's
+own op in that dtype, plus a small atol (flash-attention's rule).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.group_norm_silu import (H100_SMS, MAX_TILE, MAX_WARPS, group_norm_silu_triton,
+                                     launch_config)
+from numerics import assert_close, assert_within_torch_error
+
+# dtype -> tolerance: fp32 by max relative error vs fp64; half precision by the 2x-torch rule
+TOL = {
+    torch.float32: dict(rel=1e-5),
+    torch.float16: dict(factor=2.0, atol=1e-3),
+    torch.bfloat16: dict(factor=2.0, atol=1e-2),
+}
+
+CPU_CASES = [  # (shape, groups, channels_last, affine, activation)
+    ((1, 96, 7, 9), 32, False, True, "silu"),  # 3 channels per group, HW = 63 not a power of two
+    ((3, 64, 1, 1), 8, False, True, "silu"),  # HW = 1, batch 3
+    ((2, 32, 5, 3), 8, True, True, "silu"),  # channels_last
+    ((1, 40, 6, 5), 4, False, False, "silu"),  # weight and bias None, batch 1
+    ((2, 20, 4, 6), 5, False, True, None),  # plain GroupNorm (SD's norms without SiLU)
+    ((2, 12, 10), 3, False, True, "silu"),  # 3-D (N, C, L), as in 1-D convs / attention blocks
+]
+
+GPU_SHAPES = [  # (shape, groups)
+    ((2, 320, 64, 64), 32),  # SD1.5 UNet, first ResBlocks at 512x512 (batch 2 = CFG)
+    ((2, 640, 32, 32), 32),  # SD1.5 UNet, second level
+    ((2, 1280, 16, 16), 32),  # SD1.5 UNet, third level
+    ((2, 1280, 8, 8), 32),  # SD1.5 UNet, mid block: 64 (n, group) pairs, small groups
+    ((1, 512, 64, 64), 32),  # VAE decoder mid/first up block
+    ((1, 128, 256, 256), 32),  # VAE decoder last up block: 4 channels per group, 262k per group
+]
+
+
+def _inputs(shape, dtype, device, affine=True, channels_last=False, seed=0):
+    """Fresh random x with non-zero mean and scale (so the statistics matter), weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3.0 + 1.5
+    w = torch.randn(shape[1], generator=g) * 0.5 + 1.0 if affine else None
+    b = torch.randn(shape[1], generator=g) * 0.5 if affine else None
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, *(None if t is None else t.to(device=device, dtype=dtype) for t in (w, b))
+
+
+def _torch(x, w, b, groups, activation, dtype=None):
+    """Plain torch in ``dtype`` (None: x's), upcast inputs for the fp64 reference."""
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    y = F.group_norm(cast(x), groups, cast(w), cast(b), 1e-5)
+    return F.silu(y) if activation == "silu" else y
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check(got, torch_same_dtype, want_fp64, dtype, name):
+    if dtype == torch.float32:
+        assert_close(got, want_fp64, name=name, **TOL[dtype])
+    else:
+        assert_within_torch_error(got, torch_same_dtype, want_fp64, name=name, **TOL[dtype])
+
+
+def _check_forward(x, w, b, groups, activation, config=None):
+    out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element fails
+    y = group_norm_silu_triton(x, w, b, groups, 1e-5, activation, out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, _torch(x, w, b, groups, activation), _torch(x, w, b, groups, activation, torch.float64),
+           x.dtype, f"y {x.dtype}")
+
+
+def _check_backward(x, w, b, groups, activation, config=None):
+    """dx, dweight, dbias each against fp64 autograd under one shared random upstream gradient."""
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
+    ins = _leaves(x, w, b)
+    y = group_norm_silu_triton(*ins, groups, 1e-5, activation, config=config)
+    got = torch.autograd.grad(y, [t for t in ins if t is not None], dy)
+    same = _leaves(x, w, b)
+    torch_grads = torch.autograd.grad(_torch(*same, groups, activation),
+                                      [t for t in same if t is not None], dy)
+    ref = _leaves(*(None if t is None else t.double() for t in (x, w, b)))
+    ref_grads = torch.autograd.grad(_torch(*ref, groups, activation), [t for t in ref if t is not None],
+                                    dy.double())
+    for name, g, t, r in zip(("dx", "dweight", "dbias"), got, torch_grads, ref_grads):
+        assert g.dtype == x.dtype and g.shape == r.shape, f"{name}: {g.dtype}{tuple(g.shape)}"
+        _check(g, t, r, x.dtype, f"{name} {x.dtype}")
+
+
+# ---- default run: tiny shapes under the interpreter (or on the GPU when there is one) ----
+
+@pytest.mark.parametrize("shape, groups, channels_last, affine, activation", CPU_CASES)
+def test_forward_fp32(device, shape, groups, channels_last, affine, activation):
+    x, w, b = _inputs(shape, torch.float32, device, affine, channels_last)
+    _check_forward(x, w, b, groups, activation)
+
+
+def test_output_keeps_memory_format(device):
+    x, w, b = _inputs((2, 32, 5, 3), torch.float32, device, channels_last=True)
+    y = group_norm_silu_triton(x, w, b, 8)
+    assert y.stride() == x.stride() and y.is_contiguous(memory_format=torch.channels_last), y.stride()
+
+
+def test_forward_non_contiguous(device):
+    """A spatial slice: H and W cannot be merged into one stride, so the kernel splits them."""
+    x, w, b = _inputs((2, 24, 7, 9), torch.float32, device)
+    x = x[:, 4:20, 1:6, ::2]  # (2, 16, 5, 5), strides (1512, 63, 9, 2)
+    _check_forward(x, w[4:20], b[4:20], 4, "silu")
+    _check_backward(x, w[4:20], b[4:20], 4, "silu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_backward_half(device, dtype):
+    x, w, b = _inputs((2, 32, 5, 3), dtype, device)
+    _check_forward(x, w, b, 8, "silu")
+    _check_backward(x, w, b, 8, "silu")
+
+
+@pytest.mark.parametrize("shape, groups, channels_last, affine, activation",
+                         [CPU_CASES[i] for i in (0, 2, 3, 4)])
+def test_backward_fp32(device, shape, groups, channels_last, affine, activation):
+    x, w, b = _inputs(shape, torch.float32, device, affine, channels_last)
+    _check_backward(x, w, b, groups, activation)
+
+
+def test_forced_small_tiles(device):
+    """Several channel blocks per group, several tiles per chunk and several chunks per group:
+    the Chan combine across tiles and across chunks, and the per-channel dweight partials."""
+    shape, groups = (1, 24, 5, 7), 2  # 12 channels per group -> 3 blocks of 4
+    cfg = launch_config(shape, groups, torch.float32, sms=2, max_tile=8, max_block_c=4)
+    assert cfg.c_blocks == 3 and cfg.s_chunks > 1 and cfg.s_chunk > cfg.block_s, cfg
+    x, w, b = _inputs(shape, torch.float32, device)
+    _check_forward(x, w, b, groups, "silu", config=cfg)
+    _check_backward(x, w, b, groups, "silu", config=cfg)
+
+
+def test_stable_statistics_with_large_mean(device):
+    """|mean| >> std: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance."""
+    x, w, b = _inputs((1, 16, 8, 8), torch.float32, device)
+    x = x + 1000.0
+    _check_forward(x, w, b, 4, "silu")
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 320, 64, 64), 32), ((2, 1280, 8, 8), 32)] + GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_grid_fills_h100(shape, groups, dtype):
+    """Batch 1-2 at SD shapes must launch >= 2 programs per SM of a 132-SM H100 in every pass."""
+    cfg = launch_config(shape, groups, dtype, sms=H100_SMS)
+    assert cfg.grid[0] >= 2 * H100_SMS, f"{shape}: {cfg.grid[0]} programs < {2 * H100_SMS}; {cfg}"
+    assert cfg.block_c * cfg.block_s <= MAX_TILE and 1 <= cfg.num_warps <= MAX_WARPS, cfg
+    spatial = shape[2] * shape[3]
+    assert cfg.s_chunks * cfg.s_chunk >= spatial > (cfg.s_chunks - 1) * cfg.s_chunk, cfg
+    assert cfg.c_blocks * cfg.block_c >= shape[1] // groups, cfg
+
+
+def test_dispatch_runs_triton(device):
+    x, w, b = _inputs((1, 32, 3, 5), torch.float32, device)
+    with kernels.use(group_norm_silu="triton"):
+        y = kernels.group_norm_silu(x, w, b, 8)
+    assert kernels.counts().get(("group_norm_silu", "triton")) == 1, kernels.counts()
+    assert_close(y, _torch(x, w, b, 8, "silu", torch.float64), rel=1e-5, name="y")
+
+
+def test_invalid_inputs_raise():
+    x = torch.randn(1, 30, 4, 4)
+    with pytest.raises(ValueError, match=r"30.*groups=32"):
+        kernels.group_norm_silu(x, None, None, 32)
+    with pytest.raises(ValueError, match="'gelu'"):
+        kernels.group_norm_silu(x, None, None, 6, activation="gelu")
+
+
+def test_explicit_backend_refuses_unsupported_input():
+    x = torch.randint(0, 10, (1, 32, 4, 4))
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="int64"):
+        kernels.group_norm_silu(x, None, None, 8)
+    xf, w = torch.randn(1, 32, 4, 4), torch.randn(32, dtype=torch.float64)
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="weight"):
+        kernels.group_norm_silu(xf, w, None, 8)
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match=r"\(16,\)"):
+        kernels.group_norm_silu(xf, torch.randn(16), None, 8)
+
+
+# ---- GPU: SD 1.5 shapes ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, groups", GPU_SHAPES)
+def test_sd_shapes_forward_gpu(shape, groups, dtype):
+    x, w, b = _inputs(shape, dtype, "cuda")
+    _check_forward(x, w, b, groups, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, groups", GPU_SHAPES)
+def test_sd_shapes_backward_gpu(shape, groups, dtype):
+    x, w, b = _inputs(shape, dtype, "cuda")
+    _check_backward(x, w, b, groups, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, groups", [GPU_SHAPES[0], GPU_SHAPES[3], GPU_SHAPES[5]])
+def test_sd_shapes_channels_last_gpu(shape, groups, dtype):
+    x, w, b = _inputs(shape, dtype, "cuda", channels_last=True)
+    _check_forward(x, w, b, groups, "silu")
+    _check_forward(x, w, b, groups, None)
+    _check_backward(x, w, b, groups, "silu")

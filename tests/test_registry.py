@@ -1,0 +1,141 @@
+"""The backend switch: precedence (scope > set_backend > SDLAB_KERNELS > default), parsing,
+fallback under the default, errors for explicit choices, and counters that show what ran."""
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels import registry
+
+
+@pytest.fixture
+def toy_op():
+    """A throwaway op with a reference and a picky 'triton' backend (refuses fp64), so the switch
+    is tested without depending on any real kernel."""
+    calls = []
+
+    @registry.register("toy_op", "reference")
+    def ref(x):
+        calls.append("reference")
+        return x + 1
+
+    @registry.register("toy_op", "triton", check=lambda x: "fp64 is not supported" if x.dtype == torch.float64 else None)
+    def tri(x):
+        calls.append("triton")
+        return x + 1
+
+    yield calls
+    registry._OPS.pop("toy_op")
+    registry._parse_env.cache_clear()
+    registry._WARNED.clear()
+
+
+def test_default_is_reference_for_cpu_inputs(toy_op):
+    registry.dispatch("toy_op", torch.ones(2))
+    assert toy_op == ["reference"]
+    backend, why = registry.resolve("toy_op", torch.ones(2))
+    assert backend == "reference" and "cpu" in why
+
+
+def test_precedence_scope_over_set_backend_over_env(toy_op, monkeypatch):
+    x = torch.ones(2)
+    monkeypatch.setenv(kernels.ENV_VAR, "toy_op=triton")
+    assert registry.resolve("toy_op", x)[0] == "triton"
+    kernels.set_backend(toy_op="reference")
+    assert registry.resolve("toy_op", x)[0] == "reference"
+    with kernels.use(toy_op="triton"):
+        assert registry.resolve("toy_op", x) == ("triton", "kernels.use() scope")
+        with kernels.use(toy_op="reference"):
+            assert registry.resolve("toy_op", x)[0] == "reference"
+        assert registry.resolve("toy_op", x)[0] == "triton"  # inner scope restored
+    assert registry.resolve("toy_op", x)[0] == "reference"  # scope gone, set_backend again
+    kernels.set_backend(toy_op=None)
+    assert registry.resolve("toy_op", x)[0] == "triton"  # back to the env var
+
+
+def test_scope_restores_after_exception(toy_op):
+    with pytest.raises(RuntimeError):
+        with kernels.use(toy_op="triton"):
+            raise RuntimeError("boom")
+    assert registry.resolve("toy_op", torch.ones(1))[0] == "reference"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("triton", "triton"),
+    ("toy_op=triton", "triton"),
+    (" toy_op = triton , attention=reference ", "triton"),
+    ("attention=sdpa", "reference"),  # other ops only: toy_op keeps its default
+])
+def test_env_var_forms(toy_op, monkeypatch, value, expected):
+    monkeypatch.setenv(kernels.ENV_VAR, value)
+    assert registry.resolve("toy_op", torch.ones(1))[0] == expected
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("cuda", "unknown backend"),
+    ("toy_op=fast", "valid: reference, triton, compile"),
+    ("nosuchop=triton", "known ops"),
+    ("toy_op", "unknown backend"),
+    ("=triton", "expected 'op=backend'"),
+    ("toy_op=sdpa", "has no 'sdpa' backend"),
+])
+def test_env_var_errors_name_the_problem(toy_op, monkeypatch, value, needle):
+    monkeypatch.setenv(kernels.ENV_VAR, value)
+    with pytest.raises(ValueError, match=needle):
+        registry.resolve("toy_op", torch.ones(1))
+
+
+def test_explicit_backend_that_cannot_take_input_raises(toy_op):
+    with kernels.use(toy_op="triton"):
+        with pytest.raises(kernels.BackendUnsupported, match="fp64 is not supported"):
+            registry.dispatch("toy_op", torch.ones(1, dtype=torch.float64))
+    assert toy_op == []
+
+
+def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
+    # Pretend the input is on CUDA so the default picks triton, which then refuses fp64.
+    monkeypatch.setattr(registry, "_default", lambda op, x: (kernels.Backend.TRITON, "default (test)"))
+    x = torch.ones(1, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            registry.dispatch("toy_op", x)
+    assert toy_op == ["reference"] * 3
+    msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(msgs) == 1 and "fp64 is not supported" in msgs[0], msgs
+
+
+def test_unknown_names_list_valid_ones(toy_op):
+    with pytest.raises(ValueError, match="known ops"):
+        with kernels.use(nosuch="triton"):
+            pass
+    with pytest.raises(ValueError, match="valid: reference, triton, compile"):
+        kernels.set_backend(toy_op="fast")
+    with pytest.raises(ValueError, match="has no 'sdpa' backend"):
+        kernels.set_backend(toy_op="sdpa")
+
+
+def test_counts_record_what_ran(toy_op):
+    kernels.reset_counts()
+    registry.dispatch("toy_op", torch.ones(1))
+    with kernels.use("triton"):
+        registry.dispatch("toy_op", torch.ones(1))
+        registry.dispatch("toy_op", torch.ones(1))
+    assert kernels.counts()[("toy_op", "reference")] == 1
+    assert kernels.counts()[("toy_op", "triton")] == 2
+
+
+def test_compile_backend_is_derived_from_reference(toy_op):
+    assert "compile" in kernels.backends("toy_op")
+    assert kernels.backends("attention")[:1] == ["reference"]
+    assert "sdpa" in kernels.backends("attention") and "sdpa" not in kernels.backends("group_norm_silu")
+
+
+def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "toy_op=triton")
+    text = kernels.describe("cpu")
+    line = next(l for l in text.splitlines() if l.startswith("toy_op"))
+    assert "triton" in line and kernels.ENV_VAR in line
+    for op in ("attention", "group_norm_silu", "scheduler_step"):
+        assert op in text
