@@ -1,0 +1,457 @@
+"""What every pipeline shares: option checks, seeds, prompt encoding with CFG batching, image and
+mask conversion, the VAE round trip with the scaling factor, and THE denoising loop.
+
+Conventions (the public API documents them once, here):
+
+- **Images in**: a PIL image (any mode, converted to RGB), a list of them, or a float tensor in
+  [0, 1] of shape (3, H, W) or (N, 3, H, W) -- the range PIL images and torchvision use.
+  Tensors in [-1, 1] are refused (pass ``(x + 1) / 2``) rather than guessed.
+- **Masks**: a PIL image of mode "L" or "1", or a tensor (H, W), (1, H, W) or (N|1, 1, H, W) in
+  [0, 1]; **1 (white) = the region to repaint**, as diffusers. Masks are binarised at 0.5 and
+  downsampled to the latent size by nearest interpolation, exactly as diffusers'
+  ``StableDiffusionInpaintPipeline`` does.
+- **Latents**: the UNet's (scaled) latents, ``z = vae.encode(x).sample() * scaling_factor``;
+  ``latents=`` is unit-variance initial noise, multiplied by the sampler's ``init_noise_sigma``
+  (as diffusers does with ``latents=``).
+- **Randomness**: one ``torch.Generator`` per call (from ``seed``, on the model's device, or the
+  caller's ``generator``), drawn in a fixed order: VAE posterior samples, initial noise, then the
+  sampler's noise. No global RNG, so the same seed on the same device and backend gives
+  bitwise-identical results.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
+PREV_T_SAMPLERS = ("ddpm", "ddim")  # samplers that step between arbitrary timesteps (RePaint)
+
+
+# ------------------------------------------------------------------------------------- results
+@dataclass
+class PipelineResult:
+    """``images``: PIL RGB images; ``latents``: final latents as the UNet sees them (scaled, before
+    the VAE decode), (B, 4, H/8, W/8); ``unet_calls``: UNet forward passes (a CFG pair is one call,
+    batched); ``params``: every parameter of the run, the seed included, JSON-serialisable."""
+
+    images: list
+    latents: torch.Tensor
+    unet_calls: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- validation
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1] (0 = keep the image, 1 = pure noise), got {strength!r}")
+    return float(strength)
+
+
+def check_choice(name: str, value, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(valid)}")
+    return value
+
+
+def size_multiple(config) -> int:
+    """Pixel sizes must be multiples of this: the VAE's 8x times the UNet's own downsamplings
+    (the latent must divide by 2^(levels - 1)): 64 for SD 1.x/2.x, 32 for the tiny presets."""
+    return 2 ** (len(config.vae.ch_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
+
+
+def fit_size(height: int, width: int, multiple: int, resize: bool) -> tuple[int, int]:
+    """(height, width) if both are multiples of ``multiple``; else rounded down when ``resize``."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < multiple:
+            raise ValueError(f"{name} must be an integer >= {multiple}, got {v!r}")
+    if height % multiple or width % multiple:
+        if not resize:
+            raise ValueError(f"height and width must be multiples of {multiple} for this model (the VAE "
+                             f"downsamples 8x and the UNet further), got {height}x{width}; pass resize=True "
+                             f"to round down to {height - height % multiple}x{width - width % multiple}")
+        height, width = height - height % multiple, width - width % multiple
+    return height, width
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(model.vae.parameters())
+    return p.device, p.dtype
+
+
+# ------------------------------------------------------------------------------------ randomness
+def make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device):
+    """(generator, seed or None). A fresh seed is drawn (and reported) when neither is given; a
+    caller's generator is reported by its seed only while it is still in its freshly seeded state."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        fresh = torch.Generator(generator.device).manual_seed(generator.initial_seed())
+        same = torch.equal(fresh.get_state(), generator.get_state())
+        return generator, (generator.initial_seed() if same else None)
+    if seed is None:
+        seed = secrets.randbits(31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return torch.Generator(device).manual_seed(seed), seed
+
+
+def randn(shape, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, I) drawn on the generator's device and moved (as diffusers' ``randn_tensor``)."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def initial_noise(latents, shape, generator, device, dtype) -> torch.Tensor:
+    """The caller's ``latents`` (checked) or fresh N(0, I) noise of ``shape``."""
+    if latents is None:
+        return randn(shape, generator, device, dtype)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a tensor of shape {tuple(shape)} (batch, latent channels, H/8, W/8), got {got}")
+    return latents.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------- text
+def as_prompts(prompt, name: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {prompt!r}")
+
+
+def encode_prompt(model, prompts: list[str], negative_prompt, batch_size: int, guided: bool,
+                  clip_skip: int | None) -> torch.Tensor:
+    """Context for the UNet, (B, 77, D) or with CFG (2B, 77, D) = [negatives; prompts], each prompt
+    repeated ``batch_size`` times in place (diffusers' ``num_images_per_prompt`` order). One text
+    encoder call for both halves. ``clip_skip``: 1 = last layer (None: the model's default)."""
+    negatives = None
+    if guided:
+        negatives = [""] * len(prompts) if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    elif negative_prompt is not None:
+        as_prompts(negative_prompt, "negative_prompt")  # type-check even when CFG is off
+    device, _ = model_device_dtype(model)
+    ids = model.tokenizer((negatives or []) + prompts).to(device)
+    context = model.text_encoder(ids, clip_skip=clip_skip)
+    return context.repeat_interleave(batch_size, dim=0)
+
+
+# ------------------------------------------------------------------------------- images & masks
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def image_size(image) -> tuple[int, int]:
+    """(H, W) of a PIL image, list of them, or tensor, without converting."""
+    Image = _pil()
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(first, Image.Image):
+        return first.height, first.width
+    if isinstance(first, torch.Tensor) and first.dim() >= 2:
+        return tuple(first.shape[-2:])
+    raise TypeError(f"images are PIL images or float tensors in [0, 1] of shape (N, 3, H, W), got {type(first).__name__}")
+
+
+def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
+    """PIL / list of PIL / float tensor in [0, 1] -> float32 (N, 3, H, W) in [0, 1] on the CPU,
+    resized to ``size`` (H, W) only when ``resize`` (PIL: Lanczos as diffusers; tensors: bilinear
+    with antialiasing); otherwise a size mismatch is an error."""
+    import numpy as np
+
+    Image = _pil()
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("image is an empty list")
+    if all(isinstance(im, Image.Image) for im in items):
+        arrays = []
+        for im in items:
+            im = im.convert("RGB")
+            if (im.height, im.width) != size:
+                if not resize:
+                    raise ValueError(f"image is {im.height}x{im.width} (HxW) but the output is {size[0]}x{size[1]}; "
+                                     "pass matching height/width or resize=True")
+                im = im.resize((size[1], size[0]), resample=Image.LANCZOS)
+            arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if len(items) == 1 and isinstance(items[0], torch.Tensor):
+        x = items[0]
+        if x.dim() == 3:
+            x = x[None]
+        if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"image tensors are float (N, 3, H, W) or (3, H, W) in [0, 1], got {x.dtype} "
+                             f"{tuple(items[0].shape)}")
+        x = x.detach().float().cpu()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"image tensors must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
+                             + ("; for a [-1, 1] tensor pass (x + 1) / 2" if lo >= -1.0 else ""))
+        if tuple(x.shape[-2:]) != size:
+            if not resize:
+                raise ValueError(f"image is {x.shape[2]}x{x.shape[3]} (HxW) but the output is {size[0]}x{size[1]}; "
+                                 "pass matching height/width or resize=True")
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        return x
+    raise TypeError("image must be a PIL image, a list of PIL images, or a float tensor in [0, 1] of shape "
+                    f"(N, 3, H, W); got {[type(im).__name__ for im in items]}")
+
+
+def load_image(model, image, height: int | None, width: int | None, resize: bool):
+    """The input image as float32 (N, 3, H, W) in [0, 1] on the CPU, and the output (H, W): the
+    image's size unless height/width are given, checked against the model's size multiple."""
+    ih, iw = image_size(image)
+    size = fit_size(ih if height is None else height, iw if width is None else width,
+                    size_multiple(model.config), resize)
+    return image_to_tensor(image, size, resize), size
+
+
+def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> torch.Tensor:
+    """PIL "L"/"1" or tensor in [0, 1] (1 = repaint) -> binarised float32 (N|1, 1, H, W) on the CPU."""
+    import numpy as np
+
+    Image = _pil()
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("L", "1"):
+            raise ValueError(f"mask must be single-channel (PIL mode 'L' or '1'), got mode {mask.mode!r}; "
+                             "convert it with mask.convert('L')")
+        m = mask.convert("L")
+        if (m.height, m.width) != size:
+            if not resize:
+                raise ValueError(f"mask is {m.height}x{m.width} (HxW) but the image is {size[0]}x{size[1]}")
+            m = m.resize((size[1], size[0]), resample=Image.NEAREST)
+        t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
+    elif isinstance(mask, torch.Tensor):
+        t = mask.detach()
+        shape = tuple(t.shape)
+        t = t[None, None] if t.dim() == 2 else t[None] if t.dim() == 3 else t
+        if t.dim() != 4 or t.shape[1] != 1:
+            raise ValueError(f"mask must be single-channel: (H, W), (1, H, W) or (N, 1, H, W), got shape {shape}")
+        t = t.float().cpu()
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got [{lo:.3g}, {hi:.3g}]")
+        if tuple(t.shape[-2:]) != size:
+            if not resize:
+                raise ValueError(f"mask is {t.shape[2]}x{t.shape[3]} (HxW) but the image is {size[0]}x{size[1]}")
+            t = F.interpolate(t, size=size, mode="nearest")
+    else:
+        raise TypeError(f"mask must be a PIL image (mode 'L') or a tensor in [0, 1], got {type(mask).__name__}")
+    if t.shape[0] not in (1, n_images):
+        raise ValueError(f"{t.shape[0]} masks for {n_images} images; pass one mask or one per image")
+    return (t >= 0.5).float()  # diffusers' binarisation
+
+
+def expand_batch(x: torch.Tensor, n_prompts: int, batch_size: int) -> torch.Tensor:
+    """(1 or n_prompts, ...) -> (n_prompts * batch_size, ...), in the prompt order of encode_prompt."""
+    if x.shape[0] not in (1, n_prompts):
+        raise ValueError(f"{x.shape[0]} images for {n_prompts} prompts; pass one image or one per prompt")
+    if x.shape[0] == 1:
+        return x.expand(n_prompts * batch_size, *x.shape[1:]).contiguous()
+    return x.repeat_interleave(batch_size, dim=0)
+
+
+def to_pil(images01: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] -> PIL RGB images (x * 255, rounded, as diffusers)."""
+    Image = _pil()
+    arr = (images01.detach().float().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+# ---------------------------------------------------------------------------------------- VAE
+def encode_image(model, pixels01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[0, 1] pixels (N, 3, H, W) -> scaled latents: ``vae.encode(2x - 1).sample(g) * scaling_factor``."""
+    device, dtype = model_device_dtype(model)
+    x = (pixels01.to(device=device, dtype=dtype) * 2 - 1)
+    return model.vae.encode(x).sample(generator) * model.config.vae.scaling_factor
+
+
+def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [0, 1]: ``(vae.decode(z / scaling_factor) / 2 + 0.5).clamp(0, 1)``."""
+    images = model.vae.decode(latents / model.config.vae.scaling_factor)
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------ sampling
+def make_sampler(model, sampler: str | None, eta: float | None):
+    """The model's scheduler by name (default: ``model.config.scheduler.sampler``); ``eta`` for ddim."""
+    from sdcore.schedulers import make_scheduler
+
+    name = model.config.scheduler.sampler if sampler is None else sampler
+    check_choice("sampler", name, SAMPLERS)
+    if eta is not None and name != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only (sampler is {name!r})")
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0):
+        raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+    overrides = {"eta": float(eta)} if eta is not None else {}
+    sched = make_scheduler(name, model.config.scheduler, **overrides)
+    return sched, name, (sched.options.get("eta") if name == "ddim" else None)
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """Index of the first timestep used at ``strength``, as diffusers' img2img ``get_timesteps``:
+    the last ``int(steps * strength)`` timesteps run (0 of them at strength 0)."""
+    return steps - min(int(steps * strength), steps)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One UNet call and sampler step at timestep ``t``. ``prev_t``: explicit target level (ddpm /
+    ddim, RePaint's schedule); None = the sampler's own next level. ``known_t``: the level the
+    known region is noised to for the inpainting blend; None = the clean latent."""
+
+    t: float
+    prev_t: int | None = None
+    known_t: float | None = None
+
+
+@dataclass(frozen=True)
+class Renoise:
+    """RePaint's jump back: re-noise the sample from level ``t_from`` up to ``t_to`` (no UNet call)."""
+
+    t_from: int
+    t_to: int
+
+
+def plain_plan(timesteps: Sequence) -> list[Step]:
+    """One step per timestep; the known region (if any) is noised to the next timestep, and is
+    clean after the last, as diffusers' 4-channel inpainting does."""
+    ts = list(timesteps)
+    return [Step(t, None, ts[i + 1] if i + 1 < len(ts) else None) for i, t in enumerate(ts)]
+
+
+@dataclass
+class KnownRegion:
+    """The inpainting blend: after each step, ``prev = mask * known + (1 - mask) * prev``, fused
+    into the sampler step. ``mask``: (B, 1, h, w), 1 = KNOWN; ``z0``: the image's clean latents;
+    ``noise``: fixed noise for every step (diffusers' blend) or None for fresh noise each step
+    (RePaint, Lugmayr et al. 2022 eq. 8)."""
+
+    mask: torch.Tensor
+    z0: torch.Tensor
+    noise: torch.Tensor | None = None
+
+    def at(self, sched, t, generator) -> torch.Tensor:
+        if t is None or t < 0:
+            return self.z0
+        noise = self.noise if self.noise is not None else randn(self.z0.shape, generator, self.z0.device, self.z0.dtype)
+        return sched.add_noise(self.z0, noise, t)
+
+
+def denoise(model, sched, x: torch.Tensor, context: torch.Tensor, plan: Sequence[Step | Renoise], *,
+            cfg_scale: float, generator: torch.Generator, extra: torch.Tensor | None = None,
+            known: KnownRegion | None = None, progress: bool = False, desc: str = "denoise"):
+    """The denoising loop every pipeline runs -> (final latents, UNet calls).
+
+    Per :class:`Step`: the UNet sees ``scale_model_input(x)`` (with CFG, [x; x] against
+    [uncond; cond] context in ONE call), concatenated with ``extra`` channels (the 9-channel
+    inpainting UNet's mask and masked-image latents); the sampler step applies CFG, the update,
+    noise and the ``known`` blend in one fused kernel. Per :class:`Renoise`: ``undo_step``.
+    """
+    from tqdm.auto import tqdm
+
+    guided = cfg_scale > 1.0
+    if extra is not None and guided:
+        extra = torch.cat([extra, extra])
+    calls = 0
+    for op in tqdm(plan, desc=desc, disable=not progress, leave=False):
+        if isinstance(op, Renoise):
+            x = sched.undo_step(x, op.t_from, op.t_to, generator=generator)
+            continue
+        inp = sched.scale_model_input(x, op.t)
+        if guided:
+            inp = torch.cat([inp, inp])
+        if extra is not None:
+            inp = torch.cat([inp, extra], dim=1)
+        out = model.unet(inp, op.t, context)
+        calls += 1
+        uncond, cond = out.chunk(2) if guided else (None, out)
+        mask = target = None
+        if known is not None:
+            mask, target = known.mask, known.at(sched, op.known_t, generator)
+        x = sched.step(cond, op.t, x, prev_t=op.prev_t, model_output_uncond=uncond,
+                       guidance_scale=cfg_scale if guided else 1.0, generator=generator,
+                       mask=mask, known=target, return_x0=False).prev_sample
+    return x, calls
+
+
+# ------------------------------------------------------------------------------ shared set-up
+@dataclass
+class Setup:
+    """What every pipeline resolves first: checked common options, generator, sampler, context."""
+
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+    prompts: list[str]
+    batch_size: int
+    cfg_scale: float
+    steps: int
+    generator: torch.Generator
+    sched: Any
+    context: torch.Tensor
+    params: dict[str, Any]
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.batch_size
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        f = 2 ** (len(self.model.config.vae.ch_mult) - 1)
+        return (self.batch, self.model.config.vae.embed_dim, height // f, width // f)
+
+    def result(self, latents: torch.Tensor, unet_calls: int, *, paste: tuple[torch.Tensor, torch.Tensor] | None = None,
+               **params) -> PipelineResult:
+        """Decode, optionally paste ``paste = (original [0, 1] pixels, repaint mask)`` back outside
+        the mask, and package the result with every parameter."""
+        images = decode_latents(self.model, latents)
+        if paste is not None:
+            original, mask = (t.to(images.device) for t in paste)
+            images = original * (1 - mask) + images * mask
+        return PipelineResult(to_pil(images), latents, unet_calls, {**self.params, **params})
+
+
+def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: float = 7.5, steps: int = 50,
+          sampler: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+          batch_size: int = 1, clip_skip: int | None = None, eta: float | None = None,
+          latents: torch.Tensor | None = None, unet_channels: int | None = 4) -> Setup:
+    """Check the options every pipeline takes, make the generator and sampler, encode the prompt."""
+    prompts = as_prompts(prompt)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
+        raise ValueError(f"cfg_scale must be a number (guidance is on when > 1), got {cfg_scale!r}")
+    if clip_skip is not None:
+        check_int("clip_skip", clip_skip, 1)
+    in_ch = model.config.unet.in_channels
+    if unet_channels is not None and in_ch != unet_channels:
+        hint = ("; use pipelines.inpaint(..., variant='unet9') with it" if in_ch == 9 else "")
+        raise ValueError(f"{pipeline} needs a {unet_channels}-channel UNet, but this model's UNet takes "
+                         f"{in_ch} channels ({model.config.name}){hint}")
+    device, dtype = model_device_dtype(model)
+    sched, sampler, eta = make_sampler(model, sampler, eta)
+    if steps > sched.config.num_train_timesteps:
+        raise ValueError(f"steps={steps} exceeds the {sched.config.num_train_timesteps} training timesteps")
+    generator, seed = make_generator(seed, generator, device)
+    context = encode_prompt(model, prompts, negative_prompt, batch_size, cfg_scale > 1.0, clip_skip)
+    params = dict(pipeline=pipeline, model=model.config.name, prompt=prompt if isinstance(prompt, str) else prompts,
+                  negative_prompt=negative_prompt, cfg_scale=float(cfg_scale), steps=steps, sampler=sampler,
+                  eta=eta, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+                  latents="given" if latents is not None else None, dtype=str(dtype).removeprefix("torch."),
+                  device=str(device))
+    return Setup(model, device, dtype, prompts, batch_size, float(cfg_scale), steps, generator, sched, context, params)

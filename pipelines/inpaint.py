@@ -1,0 +1,138 @@
+"""Inpainting: repaint the masked region of an image, three ways on one API.
+
+- ``repaint`` (Lugmayr et al. 2022, "RePaint"): an ordinary 4-channel UNet. After every step the
+  known region is replaced by the image latent forward-noised to the step's target level with
+  fresh noise (eq. 8), fused into the sampler step; and the schedule resamples: it walks down,
+  every ``jump_length`` steps jumps back up ``jump_length`` levels (re-noising with q(x_t | x_s),
+  ``undo_step``) and denoises again, ``jump_n_sample - 1`` times (Alg. 1, §4.2), following
+  :func:`sdcore.schedulers.repaint_timesteps` (diffusers' ``RePaintScheduler`` sequence). The
+  denoising steps use the chosen sampler between arbitrary levels, so it must be ddpm or ddim.
+- ``unet9``: the SD inpainting UNet, whose input is concat(noisy latent (4), mask at latent size
+  (1), latent of the masked image (4)), as diffusers' ``StableDiffusionInpaintPipeline``
+  (masked image = image · (mask < 0.5)).
+- ``blend``: latent blending after every step with one fixed noise, no resampling (the baseline;
+  what diffusers' inpainting pipeline does with a 4-channel UNet).
+
+Mask convention: 1 (white) = repaint, binarised at 0.5, downsampled by nearest interpolation.
+``strength`` < 1 starts from the image noised to that level instead of pure noise (all variants).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_choice, check_int,
+                     check_strength, denoise, encode_image, expand_batch, initial_noise, load_image, mask_to_tensor,
+                     plain_plan, setup, strength_start)
+
+VARIANTS = ("repaint", "unet9", "blend")
+
+
+def repaint_plan(steps: int, jump_length: int, jump_n_sample: int, num_train_timesteps: int = 1000,
+                 strength: float = 1.0) -> list[Step | Renoise]:
+    """RePaint's schedule as loop operations. The sample's level after an entry t is t - T//steps:
+    a descent t -> a :class:`Step` at t to t - T//steps; a rise p -> t a :class:`Renoise` from
+    p - T//steps to t - T//steps (level -1 = clean). ``strength`` < 1 starts at the first visit of
+    the level the strength picks (the walk reaches each level first on its monotone descent)."""
+    from sdcore.schedulers import repaint_timesteps
+
+    seq = repaint_timesteps(steps, jump_length, jump_n_sample, num_train_timesteps)
+    ratio = num_train_timesteps // min(num_train_timesteps, steps)
+    start = strength_start(steps, strength)
+    if start == steps:
+        return []
+    seq = seq[seq.index((steps - 1 - start) * ratio):]
+    plan: list[Step | Renoise] = []
+    for i, t in enumerate(seq):
+        level = max(t - ratio, -1)
+        if i == 0 or t < seq[i - 1]:
+            plan.append(Step(t, prev_t=level, known_t=level))
+        else:
+            plan.append(Renoise(max(seq[i - 1] - ratio, -1), level))
+    return plan
+
+
+def _check_variant(model, variant: str, sampler) -> None:
+    check_choice("inpaint variant", variant, VARIANTS)
+    in_ch = model.config.unet.in_channels
+    if variant == "unet9" and in_ch != 9:
+        raise ValueError(f"variant='unet9' needs the 9-channel SD inpainting UNet (e.g. preset 'sd15-inpaint'); "
+                         f"this model's UNet ({model.config.name}) takes {in_ch} channels: use 'repaint' or 'blend'")
+    if variant != "unet9" and in_ch != 4:
+        raise ValueError(f"variant={variant!r} runs an ordinary 4-channel UNet; this model's UNet "
+                         f"({model.config.name}) takes {in_ch} channels: use variant='unet9'")
+    name = model.config.scheduler.sampler if sampler is None else sampler
+    if variant == "repaint" and name not in PREV_T_SAMPLERS:
+        raise ValueError(f"variant='repaint' steps between arbitrary timesteps, which needs sampler "
+                         f"{' or '.join(PREV_T_SAMPLERS)}; got sampler {name!r}")
+
+
+@torch.inference_mode()
+def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: float = 1.0,
+            jump_length: int = 10, jump_n_sample: int = 10, paste_back: bool = False, negative_prompt=None,
+            cfg_scale: float = 7.5, steps: int = 50, sampler: str | None = None, seed: int | None = None,
+            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+            height: int | None = None, width: int | None = None, resize: bool = False, batch_size: int = 1,
+            clip_skip: int | None = None, eta: float | None = None, progress: bool = False) -> PipelineResult:
+    """Repaint the region where ``mask`` is 1 (white) following ``prompt``.
+
+    image: as :func:`pipelines.img2img`. mask: PIL "L"/"1" or tensor (H, W) / (N|1, 1, H, W) in
+    [0, 1], the image's size. variant: "repaint" | "unet9" | "blend" (module docstring).
+    strength: 1 = start from pure noise. jump_length, jump_n_sample: RePaint's resampling (repaint
+    only; jump_n_sample=1 turns resampling off; ``steps`` counts the levels of the walk, the UNet
+    runs ``.unet_calls`` times). paste_back: paste the original pixels outside the mask after
+    decoding (exact preservation). latents: (B, 4, H/8, W/8) unit-variance initial noise.
+    Other options as :func:`pipelines.txt2img`. Randomness order: image posterior sample (repaint,
+    blend, or strength < 1), noise, masked-image posterior sample (unet9), then the sampler's.
+    """
+    _check_variant(model, variant, sampler)
+    strength = check_strength(strength)
+    if variant == "repaint":
+        check_int("jump_length", jump_length, 1)
+        check_int("jump_n_sample", jump_n_sample, 1)
+    if not isinstance(paste_back, bool):
+        raise TypeError(f"paste_back must be a bool, got {paste_back!r}")
+    s = setup(model, prompt, pipeline="inpaint", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
+              sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
+              latents=latents, unet_channels=None)
+    pixels, (height, width) = load_image(model, image, height, width, resize)
+    mask_px = mask_to_tensor(mask, (height, width), pixels.shape[0], resize)
+    n = max(pixels.shape[0], mask_px.shape[0])
+    pixels, mask_px = pixels.expand(n, -1, -1, -1), mask_px.expand(n, -1, -1, -1)
+
+    def batched(t: torch.Tensor) -> torch.Tensor:
+        return expand_batch(t.to(device=s.device, dtype=s.dtype), len(s.prompts), s.batch_size)
+
+    s.sched.set_timesteps(steps)
+    T = s.sched.config.num_train_timesteps
+    if variant == "repaint":
+        plan = repaint_plan(steps, jump_length, jump_n_sample, T, strength)
+        first_t = plan[0].t if plan else None
+    else:
+        timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
+        plan, first_t = plain_plan(timesteps), (timesteps[0] if timesteps else None)
+
+    z0 = batched(encode_image(model, pixels, s.generator)) if variant != "unet9" or strength < 1 else None
+    shape = s.latent_shape(height, width)
+    noise = initial_noise(latents, shape, s.generator, s.device, s.dtype) if plan else None
+    mask_lat = batched(F.interpolate(mask_px, size=shape[-2:]))  # nearest, as diffusers
+    extra = known = None
+    if variant == "unet9":
+        masked = torch.where(mask_px < 0.5, pixels, 0.5)  # image * (mask < 0.5) in [-1, 1] terms
+        extra = torch.cat([mask_lat, batched(encode_image(model, masked, s.generator))], dim=1)
+    else:
+        known = KnownRegion(1 - mask_lat, z0, noise if variant == "blend" else None)
+
+    if not plan:  # strength 0: the VAE round trip
+        x = z0 if z0 is not None else batched(encode_image(model, pixels, s.generator))
+    elif strength == 1.0:
+        x = noise * s.sched.init_noise_sigma
+    else:
+        x = s.sched.add_noise(z0, noise, first_t)
+    x, calls = denoise(model, s.sched, x, s.context, plan, cfg_scale=s.cfg_scale, generator=s.generator,
+                       extra=extra, known=known, progress=progress, desc=f"inpaint ({variant})")
+    extra_params = dict(jump_length=jump_length, jump_n_sample=jump_n_sample) if variant == "repaint" else {}
+    return s.result(x, calls, paste=(expand_batch(pixels, len(s.prompts), s.batch_size),
+                                         expand_batch(mask_px, len(s.prompts), s.batch_size)) if paste_back else None, variant=variant,
+                    strength=strength, paste_back=paste_back, height=height, width=width, resize=resize,
+                    **extra_params)

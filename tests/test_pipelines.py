@@ -1,0 +1,374 @@
+"""pipelines.* against diffusers' pipelines on the SAME random-weight components (no downloads).
+
+The oracle is diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline loaded from our model written
+with ``model.save(dir, layout="diffusers")`` (so weights reach diffusers only through sdcore's
+converters), with the same prompts, the same initial noise or the same CPU generator seed, and the
+same DDIM scheduler config; compared on the output latents (``output_type="latent"``).
+Everything runs the tiny presets in fp32 at 64x64 (8x8 latents) with a few steps.
+"""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipelines
+import sdcore
+from numerics import describe_diff
+from pipelines.common import encode_image, image_to_tensor
+from pipelines.inpaint import Renoise, Step, repaint_plan
+from sdcore.schedulers import repaint_timesteps
+
+# fp32 against diffusers' fp32 over a few steps of a random-weight UNet: both sit ~1e-5 apart.
+LATENT_ATOL = 1e-4
+SIZE = 64  # pixels; 8x8 latents, the tiny UNet's minimum multiple is 32
+
+
+def _assert_latents(ours: torch.Tensor, theirs: torch.Tensor, what: str, atol: float = LATENT_ATOL) -> None:
+    err = (ours.double() - theirs.double()).abs().max().item()
+    assert err <= atol, f"{what}: max |Δ| {err:.3e} > {atol:.0e}. " + describe_diff(ours, theirs)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sdcore.StableDiffusion.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny9():
+    return sdcore.StableDiffusion.from_preset("tiny-inpaint", seed=1)
+
+
+def _oracle(name: str):
+    """A diffusers class (a test-only dependency: skip, with the reason, where it is missing)."""
+    return getattr(pytest.importorskip("diffusers", reason="diffusers (the oracle) is not installed"), name)
+
+
+def _diffusers(model, tmp_path_factory, cls):
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+    folder = tmp_path_factory.mktemp(model.config.name)
+    model.save(folder, layout="diffusers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tiny, tmp_path_factory):
+    StableDiffusionPipeline = _oracle("StableDiffusionPipeline")
+
+    return _diffusers(tiny, tmp_path_factory, StableDiffusionPipeline)
+
+
+@pytest.fixture(scope="module")
+def inpaint9_pipe(tiny9, tmp_path_factory):
+    StableDiffusionInpaintPipeline = _oracle("StableDiffusionInpaintPipeline")
+
+    return _diffusers(tiny9, tmp_path_factory, StableDiffusionInpaintPipeline)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A smooth RGB test image (no flat regions, so the VAE sees structure)."""
+    yy, xx = np.meshgrid(np.linspace(0, 1, SIZE), np.linspace(0, 1, SIZE), indexing="ij")
+    rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6.28 * (xx + yy))], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def mask():
+    """White (repaint) rectangle not aligned to the 8-px latent grid on one side."""
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[16:48, 8:36] = 255
+    return Image.fromarray(m, "L")
+
+
+# ------------------------------------------------------------------------------ vs diffusers
+@pytest.mark.parametrize("cfg_scale, batch_size, eta", [
+    (5.0, 2, 0.0),  # CFG with a negative prompt, 2 images per prompt, deterministic DDIM
+    (1.0, 1, 1.0),  # no guidance; DDIM eta=1 draws step noise from the shared generator
+])
+def test_txt2img_matches_diffusers(tiny, sd_pipe, cfg_scale, batch_size, eta):
+    noise = torch.randn(batch_size, 4, 8, 8, generator=_gen(5))
+    ours = pipelines.txt2img(tiny, "a red bicycle", negative_prompt="blurry", cfg_scale=cfg_scale, steps=3,
+                             latents=noise, batch_size=batch_size, eta=eta, seed=3, height=SIZE, width=SIZE)
+    theirs = sd_pipe("a red bicycle", negative_prompt="blurry", guidance_scale=cfg_scale, num_inference_steps=3,
+                     latents=noise, num_images_per_prompt=batch_size, eta=eta, generator=_gen(3), height=SIZE,
+                     width=SIZE, output_type="latent").images
+    _assert_latents(ours.latents, theirs, "txt2img")
+    assert ours.unet_calls == 3
+    assert len(ours.images) == batch_size and ours.images[0].size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("strength, runs", [(0.5, 2), (1.0, 4)])  # int(4 * strength) steps run
+def test_img2img_matches_diffusers(tiny, sd_pipe, image, strength, runs):
+    StableDiffusionImg2ImgPipeline = _oracle("StableDiffusionImg2ImgPipeline")
+
+    pipe = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipelines.img2img(tiny, image, "a watercolour", strength=strength, cfg_scale=3.0, steps=4, seed=7)
+    theirs = pipe("a watercolour", image=image, strength=strength, guidance_scale=3.0, num_inference_steps=4,
+                  generator=_gen(7), output_type="latent").images
+    _assert_latents(ours.latents, theirs, f"img2img strength {strength}")
+    assert ours.unet_calls == runs
+
+
+def test_img2img_tensor_input_equals_pil(tiny, image):
+    """The documented tensor convention ([0, 1], (N, 3, H, W)) gives the PIL result exactly."""
+    a = pipelines.img2img(tiny, image, "x", strength=0.5, steps=2, seed=1, cfg_scale=1.0)
+    b = pipelines.img2img(tiny, image_to_tensor(image, (SIZE, SIZE), False), "x", strength=0.5, steps=2, seed=1,
+                          cfg_scale=1.0)
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_img2img_strength_zero_is_vae_round_trip(tiny, image):
+    r = pipelines.img2img(tiny, image, "x", strength=0.0, steps=4, seed=2)
+    z0 = encode_image(tiny, image_to_tensor(image, (SIZE, SIZE), False), torch.Generator().manual_seed(2))
+    assert r.unet_calls == 0
+    assert torch.equal(r.latents, z0), describe_diff(r.latents, z0)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_unet9_inpaint_matches_diffusers(tiny9, inpaint9_pipe, image, mask, strength):
+    ours = pipelines.inpaint(tiny9, image, mask, "a cat", variant="unet9", strength=strength, cfg_scale=4.0,
+                             steps=4, seed=11)
+    theirs = inpaint9_pipe("a cat", image=image, mask_image=mask, strength=strength, guidance_scale=4.0,
+                           num_inference_steps=4, generator=_gen(11), output_type="latent").images
+    _assert_latents(ours.latents, theirs, f"unet9 strength {strength}")
+
+
+def test_blend_inpaint_matches_diffusers_4ch(tiny, sd_pipe, image, mask):
+    """diffusers' inpainting pipeline with a 4-channel UNet is exactly our 'blend' baseline."""
+    StableDiffusionInpaintPipeline = _oracle("StableDiffusionInpaintPipeline")
+
+    pipe = StableDiffusionInpaintPipeline(**sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 4, 8, 8, generator=_gen(9))
+    ours = pipelines.inpaint(tiny, image, mask, "a cat", variant="blend", cfg_scale=4.0, steps=4, seed=11,
+                             latents=noise)
+    theirs = pipe("a cat", image=image, mask_image=mask, guidance_scale=4.0, num_inference_steps=4,
+                  generator=_gen(11), latents=noise, output_type="latent").images
+    _assert_latents(ours.latents, theirs, "blend")
+
+
+# ---------------------------------------------------------------------------------- RePaint
+def _repaint_calls_formula(n: int, jump_length: int, jump_n_sample: int) -> int:
+    """n descents, plus jump_length more per jump back: one jump point every jump_length levels
+    below n - jump_length, each revisited jump_n_sample - 1 times."""
+    return n + len(range(0, n - jump_length, jump_length)) * (jump_n_sample - 1) * jump_length
+
+
+def test_repaint_schedule_equals_diffusers():
+    RePaintScheduler = _oracle("RePaintScheduler")
+
+    theirs = RePaintScheduler()
+    theirs.set_timesteps(250, jump_length=10, jump_n_sample=10)
+    ours = repaint_timesteps(250, 10, 10)
+    assert ours == theirs.timesteps.tolist()
+    plan = repaint_plan(250, 10, 10)
+    assert [op.t for op in plan if isinstance(op, Step)] == [
+        t for i, t in enumerate(ours) if i == 0 or t < ours[i - 1]]
+    assert sum(isinstance(op, Step) for op in plan) == _repaint_calls_formula(250, 10, 10) == 2410
+    assert sum(isinstance(op, Renoise) for op in plan) == len(ours) - 2410
+    # the sample's level is continuous along the walk: every op starts where the previous ended
+    level = plan[0].t
+    for op in plan:
+        start, end = (op.t, op.prev_t) if isinstance(op, Step) else (op.t_from, op.t_to)
+        assert start == level, f"{op} starts at level {start}, the sample is at {level}"
+        level = end
+    assert level == -1  # clean at the end
+
+
+def test_repaint_plan_with_strength_starts_at_its_level():
+    full = repaint_plan(10, 2, 2, strength=1.0)
+    half = repaint_plan(10, 2, 2, strength=0.5)  # 5 of 10 levels: start at t = 4 * 100
+    assert half[0] == Step(400, prev_t=300, known_t=300)
+    assert half == full[len(full) - len(half):]
+    assert repaint_plan(10, 2, 2, strength=0.0) == []
+
+
+class _CountingUNet(torch.nn.Module):
+    """Stands in for the UNet: records the timesteps it is called at, predicts zero noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def forward(self, x, t, context):
+        self.timesteps.append(t)
+        return torch.zeros_like(x[:, :4])
+
+
+def test_repaint_250_step_schedule_unet_calls(image, mask):
+    """The full paper schedule (250 levels, jump 10 x 10) without running the real UNet."""
+    RePaintScheduler = _oracle("RePaintScheduler")
+
+    model = sdcore.StableDiffusion.from_preset("tiny", seed=0)
+    fake = model.model.diffusion_model = _CountingUNet()
+    r = pipelines.inpaint(model, image, mask, "x", variant="repaint", steps=250, jump_length=10, jump_n_sample=10,
+                          cfg_scale=1.0, seed=0)
+    ref = RePaintScheduler()
+    ref.set_timesteps(250, jump_length=10, jump_n_sample=10)
+    ts = ref.timesteps.tolist()
+    expected = [t for i, t in enumerate(ts) if t < (ts[i - 1] if i else ts[0] + 1)]  # RePaintPipeline's rule
+    assert r.unet_calls == len(fake.timesteps) == _repaint_calls_formula(250, 10, 10)
+    assert fake.timesteps == expected
+
+
+def test_repaint_cheap_run_counts_calls(tiny, image, mask):
+    r = pipelines.inpaint(tiny, image, mask, "a cat", variant="repaint", steps=6, jump_length=2, jump_n_sample=3,
+                          cfg_scale=3.0, seed=4)
+    assert r.unet_calls == _repaint_calls_formula(6, 2, 3) == 14
+    assert r.params["jump_length"] == 2 and r.params["jump_n_sample"] == 3
+
+
+# --------------------------------------------------------------------- preservation, determinism
+@pytest.mark.parametrize("variant", ["repaint", "blend", "unet9"])
+def test_unmasked_region_preserved(tiny, tiny9, image, mask, variant):
+    """paste_back: unmasked pixels exactly the input's. Latents: the known region equals the
+    image's latent exactly for the blending variants (the last blend is with the clean latent);
+    the 9-channel UNet is not constrained there (random weights: nothing to check)."""
+    model = tiny9 if variant == "unet9" else tiny
+    r = pipelines.inpaint(model, image, mask, "a cat", variant=variant, steps=4, jump_length=2, jump_n_sample=2,
+                          cfg_scale=3.0, seed=5, paste_back=True)
+    keep = np.asarray(mask) < 128
+    out, orig = np.asarray(r.images[0]), np.asarray(image)
+    assert np.array_equal(out[keep], orig[keep]), f"{variant}: {int((out[keep] != orig[keep]).any(-1).sum())} pixels changed"
+    assert not np.array_equal(out[~keep], orig[~keep]), f"{variant}: the masked region was not repainted"
+    if variant != "unet9":
+        z0 = encode_image(model, image_to_tensor(image, (SIZE, SIZE), False), torch.Generator().manual_seed(5))
+        m = torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
+        known = torch.nn.functional.interpolate(m, size=(8, 8)) < 0.5  # latent pixels blended as known
+        known = known.expand_as(z0)
+        assert torch.equal(r.latents[known], z0[known]), describe_diff(r.latents[known], z0[known])
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, m9, im, mk, seed: pipelines.txt2img(m, "a", steps=2, eta=1.0, seed=seed, height=SIZE, width=SIZE),
+    lambda m, m9, im, mk, seed: pipelines.inpaint(m, im, mk, "a", steps=3, jump_length=1, jump_n_sample=2, seed=seed),
+], ids=["txt2img-eta1", "repaint"])
+def test_same_seed_bitwise_identical(tiny, tiny9, image, mask, call):
+    a, b, c = (call(tiny, tiny9, image, mask, s) for s in (21, 21, 22))
+    assert torch.equal(a.latents, b.latents)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+    assert not torch.equal(a.latents, c.latents)
+    assert a.params == b.params and a.params["seed"] == 21
+
+
+def test_generator_and_seed_recorded(tiny):
+    g = torch.Generator().manual_seed(123)
+    a = pipelines.txt2img(tiny, "a", steps=1, generator=g, height=32, width=32, cfg_scale=1.0)
+    b = pipelines.txt2img(tiny, "a", steps=1, seed=123, height=32, width=32, cfg_scale=1.0)
+    assert a.params["seed"] == 123 and torch.equal(a.latents, b.latents)
+    c = pipelines.txt2img(tiny, "a", steps=1, generator=g, height=32, width=32, cfg_scale=1.0)  # g advanced
+    assert c.params["seed"] is None
+    d = pipelines.txt2img(tiny, "a", steps=1, height=32, width=32, cfg_scale=1.0)  # drawn and reported
+    e = pipelines.txt2img(tiny, "a", steps=1, seed=d.params["seed"], height=32, width=32, cfg_scale=1.0)
+    assert torch.equal(d.latents, e.latents)
+
+
+def test_resize_rounds_down(tiny, image):
+    r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=70, width=40, resize=True, cfg_scale=1.0)
+    assert r.images[0].size == (32, 64) and tuple(r.latents.shape) == (1, 4, 8, 4)
+    r = pipelines.img2img(tiny, image.resize((70, 70)), "a", steps=1, seed=0, resize=True, cfg_scale=1.0)
+    assert r.images[0].size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------- errors
+def _errors(tiny, tiny9, image, mask):
+    t = lambda **kw: pipelines.txt2img(tiny, "a", **{"steps": 1, **kw})  # noqa: E731
+    i = lambda model=tiny, **kw: pipelines.inpaint(model, image, kw.pop("mask", mask), "a", steps=1, **kw)  # noqa: E731
+    return {
+        "unknown sampler": (lambda: t(sampler="plms"), "unknown sampler 'plms'; known: ddpm, ddim, euler_a, dpmpp_2m"),
+        "steps 0": (lambda: t(steps=0), "steps must be an integer >= 1"),
+        "height not a multiple": (lambda: t(height=60, width=64), "multiples of 32"),
+        "seed and generator": (lambda: t(seed=1, generator=torch.Generator()), "either seed or generator"),
+        "eta without ddim": (lambda: t(eta=0.5, sampler="euler_a"), "eta applies to the ddim sampler only"),
+        "latents shape": (lambda: t(latents=torch.zeros(1, 4, 4, 4), height=64, width=64), "(1, 4, 8, 8)"),
+        "txt2img with 9ch": (lambda: pipelines.txt2img(tiny9, "a", steps=1), "takes 9 channels"),
+        "strength < 0": (lambda: pipelines.img2img(tiny, image, "a", strength=-0.1, steps=1), "strength must be"),
+        "strength > 1": (lambda: i(strength=1.5), "strength must be"),
+        "image tensor in [-1, 1]": (lambda: pipelines.img2img(tiny, torch.rand(1, 3, 64, 64) * 2 - 1, "a", steps=1),
+                                    "pass (x + 1) / 2"),
+        "unet9 on 4ch": (lambda: i(variant="unet9"), "needs the 9-channel"),
+        "repaint on 9ch": (lambda: i(tiny9, variant="repaint"), "takes 9 channels: use variant='unet9'"),
+        "blend on 9ch": (lambda: i(tiny9, variant="blend"), "takes 9 channels: use variant='unet9'"),
+        "unknown variant": (lambda: i(variant="sdxl"), "known: repaint, unet9, blend"),
+        "repaint with euler_a": (lambda: i(sampler="euler_a"), "needs sampler ddpm or ddim"),
+        "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")), "single-channel (PIL mode 'L' or '1'), got mode 'RGB'"),
+        "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
+        "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
+        "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
+        "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
+    }
+
+
+ERROR_CASES = list(_errors(None, None, None, None))
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors(tiny, tiny9, image, mask, case):
+    fn, message = _errors(tiny, tiny9, image, mask)[case]
+    with pytest.raises(ValueError) as e:
+        fn()
+    assert message in str(e.value), f"{case}: message {str(e.value)!r} lacks {message!r}"
+
+
+# -------------------------------------------------------------------------------------- CLI
+def test_cli_help_explains_every_option(capsys):
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["inpaint", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--ckpt", "--preset", "--prompt", "--negative-prompt", "--image", "--mask", "--variant", "--steps",
+                "--cfg-scale", "--sampler", "--seed", "--height", "--width", "--strength", "--jump-length",
+                "--jump-n-sample", "--paste-back", "--dtype", "--device", "--kernels", "--out"):
+        assert opt in text, f"{opt} missing from --help"
+
+
+@pytest.mark.parametrize("command", ["txt2img", "inpaint"])
+def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, capsys):
+    from pipelines.__main__ import main
+
+    args = [command, "--preset", "tiny", "--prompt", "a cat", "--steps", "2", "--seed", "3", "--cfg-scale", "2",
+            "--kernels", "reference", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]
+    if command == "txt2img":
+        args += ["--height", "64", "--width", "64"]
+    else:
+        image.save(tmp_path / "in.png")
+        mask.save(tmp_path / "mask.png")
+        args += ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--variant", "blend",
+                 "--paste-back"]
+    assert main(args) == 0
+    pngs = sorted((tmp_path / "a").glob("*.png"))
+    assert len(pngs) == 1
+    side = json.loads(pngs[0].with_suffix(".json").read_text())
+    assert side["params"]["seed"] == 3 and side["command"] == command and side["kernels"] == "reference"
+    assert "scheduler_step" in side["kernel_backends"] and side["versions"]["sdlab"]
+    assert side["kernel_dispatches"].get("scheduler_step/reference") == 2
+    assert main(["replay", str(pngs[0].with_suffix(".json")), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    again = sorted((tmp_path / "b").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again[0])))
+
+
+def test_cli_errors_are_clean(tmp_path, capsys):
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "tiny", "--height", "60", "--steps", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "multiples of 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "tiny", "--kernels", "attention=nope", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
