@@ -1,13 +1,69 @@
-"""Attention softmax(q kᵀ · scale) v, non-causal, (B, H, L, D).
+"""Attention softmax(q kᵀ · scale) v, non-causal, (B, H, L, D): a torch reference, SDPA, and a
+FlashAttention-2 Triton kernel whose head dim can be split so Stable Diffusion's 80/160 do not pay
+for a power-of-two pad.
 
-Reference and SDPA only for now; the Triton kernel lands in this file.
+Why it exists. Every UNet transformer block runs self-attention over the latent tokens (4096 at
+512x512) and cross-attention over 77 text keys. SD 1.5 has 8 heads of width 40/80/160; generic
+fused kernels round D up to 64/128/256 and so spend 37-60% of their tensor-core work and of their
+q/k/v loads on zeros. Here D = D_HEAD + D_TAIL, a power of two plus a power-of-two tail (>= 16,
+the tensor-core minimum for 16-bit operands): 80 = 64 + 16, 160 = 128 + 32. Scores are the sum of
+two dot products, the output has two accumulators. 40 = 32 + 16 (8 masked) works too, but lost
+on H100 to the 64 pad (see SPLIT_MASKED_TAIL), so by default 40 pads like everyone else.
+
+Math. Vaswani et al. 2017, eq. 1: Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(d_k)) V.
+FlashAttention-2 (Dao 2023, Alg. 1) never forms the Lq x Lkv matrix: per block of queries it keeps
+an fp32 running max m and sum l over blocks j of keys, with log2(e) folded into the scale so the
+exponentials are exp2:
+    s_j = q k_jᵀ · scale · log2(e);  m' = max(m, rowmax s_j);  p_j = exp2(s_j - m')
+    l <- l · exp2(m - m') + rowsum p_j;  acc <- acc · exp2(m - m') + p_j v_j;  m <- m'
+    o = acc / l;  lse2 = m + log2 l   (the log2-domain logsumexp, saved for the backward)
+Backward (Dao 2023, Alg. 2) in Triton, recomputing p = exp2(s · scale · log2(e) - lse2):
+    delta = rowsum(dO ∘ O) (torch, fp32);  dV = pᵀ dO;  dP = dO Vᵀ;  dS = p ∘ (dP - delta)
+    dK = scale · dSᵀ Q  (one program per key block, looping over query blocks)
+    dQ = scale · dS K   (one program per query block, looping over key blocks)
+
+Cost. Forward 4·B·H·Lq·Lkv·D FLOPs (two matmuls); backward 10·B·H·Lq·Lkv·D useful (14 done, the
+scores and dP are recomputed in both backward kernels). Bytes: q, o once, k, v once per query
+block (from L2 after the first): ideally 2·B·H·(Lq + Lkv)·D elements plus an fp32 lse per query.
+At D = 40 the kernel is compute-bound from a few hundred keys on; at 77 keys it is memory-bound.
+
+Regime where it should win against SDPA: SD head dims 80/160 (no pad waste) and 77-key
+cross-attention (one 64-key block plus a masked 13-key block, no padding of the key length).
+For D = 64 / 128 it is a plain FA2 and should roughly match torch's flash backend. First H100
+numbers (fp16, Triton 3.6, B=2, H=8 unless noted, before tuning), TFLOP/s kernel vs SDPA:
+D=64 4096² (H=5) 360 vs 369; D=80 1024² 215 vs 235; D=160 256² 21 vs 47 (grid too small);
+D=40 4096² 103 vs 270 and 4096x77 27 vs 48: the column-masked 40-in-64 loads are the first thing
+to tune (2.5x behind SDPA); it does not yet win anywhere.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from .registry import Backend, dispatch, register
+from .registry import Backend, dispatch, interpreting, register, triton_available
+
+LOG2E = math.log2(math.e)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Launch configurations for H100 (sm_90: 228 KB shared memory and 132 SMs), the one place to tune.
+# Key: the padded head width D_HEAD + D_TAIL (64 for D=40, 80 for 80, 160 for 160) is <= key.
+# Value: (BLOCK_M, BLOCK_N, num_warps, num_stages). "fwd" and "dq" stream key blocks of BLOCK_N,
+# "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
+# Picked from a short fp16 sweep on one H100 (Triton 3.6) at SD 1.5 shapes; num_stages=1 gave wrong
+# results there with a split head dim, so keep stages >= 2.
+CONFIGS = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 4, 2), 256: (32, 64, 4, 2)},
+    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 4, 2)},
+}
+# Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
+# with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
+# of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
+SPLIT_MASKED_TAIL = False
 
 
 @register("attention", Backend.REFERENCE)
@@ -22,6 +78,410 @@ def attention_reference(q, k, v, scale=None):
 def attention_sdpa(q, k, v, scale=None):
     """torch's fused ``scaled_dot_product_attention`` (it picks flash / mem-efficient / cuDNN / math)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@triton.jit
+def _load_tile(
+    ptr,  # base of one (rows, D) matrix
+    rows,  # (R,) row indices
+    cols,  # (C,) column indices
+    stride_r,
+    stride_c,
+    n_rows,  # rows >= n_rows read as 0
+    HEAD_DIM: tl.constexpr,  # cols >= HEAD_DIM read as 0 when MASK_COLS
+    MASK_COLS: tl.constexpr,
+):
+    mask = rows[:, None] < n_rows
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(
+    ptr,  # base of one (rows, D) matrix
+    rows,  # (R,) row indices
+    cols,  # (C,) column indices
+    stride_r,
+    stride_c,
+    n_rows,
+    value,  # (R, C) fp32, cast to ptr's dtype here
+    HEAD_DIM: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    mask = rows[:, None] < n_rows
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (B, H, Lq, D), any strides
+    k_ptr,  # (B, H, Lkv, D), any strides
+    v_ptr,  # (B, H, Lkv, D), any strides
+    o_ptr,  # (B, H, Lq, D), any strides; written
+    lse_ptr,  # (B, H, Lq) fp32 contiguous; log2-domain logsumexp of the scaled scores, written
+    stride_qb, stride_qh, stride_qm, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_ob, stride_oh, stride_om, stride_od,  # o strides
+    H,  # heads
+    LQ,  # queries
+    LKV,  # keys
+    qk_scale,  # scale · log2(e)
+    HEAD_DIM: tl.constexpr,  # D
+    D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
+    D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    o_ptr += b * stride_ob + h * stride_oh
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols_h = tl.arange(0, D_HEAD)
+    MASK_H: tl.constexpr = D_HEAD > HEAD_DIM  # padded columns in the head part (D < 16)
+    MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM  # padded columns in the tail (40 = 32 + 16)
+
+    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
+    acc_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
+    if D_TAIL > 0:
+        cols_t = D_HEAD + tl.arange(0, D_TAIL)
+        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
+        acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    for start_n in range(0, LKV, BLOCK_N):
+        rows_n = start_n + offs_n
+        k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
+        s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        if MASK_N:
+            s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
+        acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None], input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
+            acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
+
+    l_inv = 1.0 / l_i
+    _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H)
+    if D_TAIL > 0:
+        _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T)
+    tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr,  # (B, H, Lq, D), any strides
+    k_ptr,  # (B, H, Lkv, D), any strides
+    v_ptr,  # (B, H, Lkv, D), any strides
+    do_ptr,  # (B, H, Lq, D), any strides: upstream gradient dL/do
+    dk_ptr,  # (B, H, Lkv, D), any strides; written
+    dv_ptr,  # (B, H, Lkv, D), any strides; written
+    lse_ptr,  # (B, H, Lq) fp32 contiguous, from the forward
+    delta_ptr,  # (B, H, Lq) fp32 contiguous, rowsum(dO ∘ O)
+    stride_qb, stride_qh, stride_qm, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_dob, stride_doh, stride_dom, stride_dod,  # do strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk strides
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # dv strides
+    H,  # heads
+    LQ,  # queries
+    LKV,  # keys
+    qk_scale,  # scale · log2(e)
+    scale,  # softmax scale
+    HEAD_DIM: tl.constexpr,  # D
+    D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
+    D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    BLOCK_N: tl.constexpr,  # keys per program
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    do_ptr += b * stride_dob + h * stride_doh
+    dk_ptr += b * stride_dkb + h * stride_dkh
+    dv_ptr += b * stride_dvb + h * stride_dvh
+    lse_ptr += pid_bh * LQ
+    delta_ptr += pid_bh * LQ
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols_h = tl.arange(0, D_HEAD)
+    MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
+    MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
+
+    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
+    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
+    dk_h = tl.zeros((BLOCK_N, D_HEAD), dtype=tl.float32)
+    dv_h = tl.zeros((BLOCK_N, D_HEAD), dtype=tl.float32)
+    if D_TAIL > 0:
+        cols_t = D_HEAD + tl.arange(0, D_TAIL)
+        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
+        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
+        dk_t = tl.zeros((BLOCK_N, D_TAIL), dtype=tl.float32)
+        dv_t = tl.zeros((BLOCK_N, D_TAIL), dtype=tl.float32)
+
+    for start_m in range(0, LQ, BLOCK_M):
+        rows_m = start_m + offs_m
+        q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
+        do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H)
+        s_t = tl.dot(k_h, tl.trans(q_h), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = sᵀ
+        dp_t = tl.dot(v_h, tl.trans(do_h), input_precision=DOT_PRECISION)  # dPᵀ
+        if D_TAIL > 0:
+            q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
+            do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T)
+            s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
+        # padded queries: lse = +inf makes their p exactly 0 (and do = 0 makes their dP 0)
+        lse = tl.load(lse_ptr + rows_m, mask=rows_m < LQ, other=float("inf"))
+        delta = tl.load(delta_ptr + rows_m, mask=rows_m < LQ, other=0.0)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])
+        dv_h = tl.dot(p_t.to(do_h.dtype), do_h, dv_h, input_precision=DOT_PRECISION)
+        dk_h = tl.dot(ds_t.to(q_h.dtype), q_h, dk_h, input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t, input_precision=DOT_PRECISION)
+            dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
+
+    _store_tile(dk_ptr, rows_n, cols_h, stride_dkn, stride_dkd, LKV, dk_h * scale, HEAD_DIM, MASK_H)
+    _store_tile(dv_ptr, rows_n, cols_h, stride_dvn, stride_dvd, LKV, dv_h, HEAD_DIM, MASK_H)
+    if D_TAIL > 0:
+        _store_tile(dk_ptr, rows_n, cols_t, stride_dkn, stride_dkd, LKV, dk_t * scale, HEAD_DIM, MASK_T)
+        _store_tile(dv_ptr, rows_n, cols_t, stride_dvn, stride_dvd, LKV, dv_t, HEAD_DIM, MASK_T)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr,  # (B, H, Lq, D), any strides
+    k_ptr,  # (B, H, Lkv, D), any strides
+    v_ptr,  # (B, H, Lkv, D), any strides
+    do_ptr,  # (B, H, Lq, D), any strides: upstream gradient dL/do
+    dq_ptr,  # (B, H, Lq, D), any strides; written
+    lse_ptr,  # (B, H, Lq) fp32 contiguous, from the forward
+    delta_ptr,  # (B, H, Lq) fp32 contiguous, rowsum(dO ∘ O)
+    stride_qb, stride_qh, stride_qm, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_dob, stride_doh, stride_dom, stride_dod,  # do strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # dq strides
+    H,  # heads
+    LQ,  # queries
+    LKV,  # keys
+    qk_scale,  # scale · log2(e)
+    scale,  # softmax scale
+    HEAD_DIM: tl.constexpr,  # D
+    D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
+    D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    do_ptr += b * stride_dob + h * stride_doh
+    dq_ptr += b * stride_dqb + h * stride_dqh
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols_h = tl.arange(0, D_HEAD)
+    MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
+    MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
+
+    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
+    do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H)
+    dq_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
+    if D_TAIL > 0:
+        cols_t = D_HEAD + tl.arange(0, D_TAIL)
+        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
+        do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T)
+        dq_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
+    lse = tl.load(lse_ptr + pid_bh * LQ + rows_m, mask=rows_m < LQ, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh * LQ + rows_m, mask=rows_m < LQ, other=0.0)
+
+    for start_n in range(0, LKV, BLOCK_N):
+        rows_n = start_n + offs_n
+        k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
+        v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
+        s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
+        dp = tl.dot(do_h, tl.trans(v_h), input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
+            v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if MASK_N:
+            p = tl.where(rows_n[None, :] < LKV, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq_h = tl.dot(ds.to(k_h.dtype), k_h, dq_h, input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
+
+    _store_tile(dq_ptr, rows_m, cols_h, stride_dqm, stride_dqd, LQ, dq_h * scale, HEAD_DIM, MASK_H)
+    if D_TAIL > 0:
+        _store_tile(dq_ptr, rows_m, cols_t, stride_dqm, stride_dqd, LQ, dq_t * scale, HEAD_DIM, MASK_T)
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """D -> (D_HEAD, D_TAIL): a power of two plus a power-of-two tail, each >= 16 (0 = no tail).
+
+    80 -> (64, 16), 160 -> (128, 32), 64 -> (64, 0), 8 -> (16, 0); 40 -> (64, 0), or (32, 16) with
+    :data:`SPLIT_MASKED_TAIL`.
+    """
+    head = max(16, 1 << (d.bit_length() - 1))
+    rest = d - head
+    if rest <= 0:
+        return head, 0
+    tail = max(16, triton.next_power_of_2(rest))
+    return (head, tail) if tail == rest or SPLIT_MASKED_TAIL else (2 * head, 0)
+
+
+def _config(kind: str, width: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for a padded head width."""
+    block_m, block_n, warps, stages = next(c for w, c in sorted(CONFIGS[kind].items()) if width <= w)
+    if element_size == 4:  # fp32 tiles take twice the shared memory
+        stages = min(stages, 2)
+        if kind == "dkdv":
+            block_m = max(16, block_m // 2)
+        else:
+            block_n = max(16, block_n // 2)
+    return block_m, block_n, warps, stages
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, scale) -> dict:
+    """Scale and constexprs shared by the three kernels."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    d_head, d_tail = split_head_dim(d)
+    return dict(scale=scale, d_head=d_head, d_tail=d_tail, width=d_head + d_tail,
+                precision="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _forward(q, k, v, scale=None, out=None):
+    """Launch the forward kernel; returns (o, lse2) with lse2 (B, H, Lq) fp32."""
+    b, h, lq, d = q.shape
+    lkv = k.shape[2]
+    c = _common(q, k, scale)
+    o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    block_m, block_n, warps, stages = _config("fwd", c["width"], q.element_size())
+    _attn_fwd_kernel[(triton.cdiv(lq, block_m), b * h)](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        h, lq, lkv, c["scale"] * LOG2E,
+        HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], BLOCK_M=block_m, BLOCK_N=block_n,
+        MASK_N=lkv % block_n != 0, DOT_PRECISION=c["precision"], num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None):
+    """Launch the two backward kernels; returns (dq, dk, dv), written into the given tensors if any."""
+    b, h, lq, d = q.shape
+    lkv = k.shape[2]
+    c = _common(q, k, scale)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # Dao 2023 Alg. 2: D_i = rowsum(dO_i ∘ O_i)
+    shared = dict(HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], DOT_PRECISION=c["precision"])
+    block_m, block_n, warps, stages = _config("dkdv", c["width"], q.element_size())
+    _attn_bwd_dkdv_kernel[(triton.cdiv(lkv, block_n), b * h)](
+        q, k, v, do, dk, dv, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        h, lq, lkv, c["scale"] * LOG2E, c["scale"],
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **shared)
+    block_m, block_n, warps, stages = _config("dq", c["width"], q.element_size())
+    _attn_bwd_dq_kernel[(triton.cdiv(lq, block_m), b * h)](
+        q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, lq, lkv, c["scale"] * LOG2E, c["scale"],
+        BLOCK_M=block_m, BLOCK_N=block_n, MASK_N=lkv % block_n != 0, num_warps=warps, num_stages=stages,
+        **shared)
+    return dq, dk, dv
+
+
+class _AttentionFn(torch.autograd.Function):
+    """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+
+def _triton_check(q, k, v, scale=None, out=None):
+    """None if the Triton kernel can take these inputs, else the reason."""
+    if not (q.device == k.device == v.device):
+        return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
+    if q.device.type != "cuda" and not (interpreting() and q.device.type == "cpu"):
+        return f"input on {q.device.type}; the Triton kernel needs CUDA (or CPU with TRITON_INTERPRET=1)"
+    why = triton_available()
+    if why:
+        return why
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} is not float32/float16/bfloat16"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    d = q.shape[-1]
+    if d == 0 or d % 8 or d > 256:
+        return f"head dim {d} is not a multiple of 8 in [8, 256]"
+    if k.shape[-2] == 0:
+        return "no keys (Lkv = 0)"
+    return None
+
+
+@register("attention", Backend.TRITON, check=_triton_check)
+def attention_triton(q, k, v, scale=None, out=None):
+    """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
+    in place and is forward-only (no autograd)."""
+    if out is None:
+        return _AttentionFn.apply(q, k, v, scale)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
+                         f"q{tuple(q.shape)} {q.dtype} on {q.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
+    return _forward(q, k, v, scale, out)[0]
 
 
 def attention(q, k, v, scale=None):

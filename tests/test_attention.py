@@ -1,0 +1,196 @@
+"""Triton attention vs an fp64 reference: SD head dims (40/80/160, split into a power-of-two head
+plus tail), 77 text keys, ragged query/key lengths, the UNet's transposed (B, L, H, D) views,
+forward and backward. The default run uses tiny shapes under the Triton interpreter; `-m gpu`
+runs the SD 1.5 / SD 2 shapes."""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import _backward, _forward, attention_reference, attention_triton, split_head_dim
+from numerics import assert_close, assert_within_torch_error
+
+attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
+
+# dtype -> how the kernel is judged against fp64: fp32 by max-normalised relative error (TF32 off),
+# half precision by flash-attention's rule: at most 2x torch's own error in that dtype + atol
+# (atol ~ 2 ulp at |x| = 0.3).
+TOL = {
+    torch.float32: dict(rel=2e-5),
+    torch.float16: dict(factor=2.0, atol=5e-4),
+    torch.bfloat16: dict(factor=2.0, atol=4e-3),
+}
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16")  # interpreter's tl.dot: bf16 bits as uint16
+SHAPES = [  # (B, H, Lq, Lkv, D)
+    (1, 2, 37, 77, 40),  # SD1.5 cross-attn: D 40 (padded to 64), 77 text keys, ragged Lq
+    (3, 2, 64, 64, 64),  # batch 3, D a power of two (no tail), Lq = Lkv = one block
+    (1, 2, 150, 20, 80),  # two query blocks, fewer keys than one block, D 80 = 64 + 16
+    (1, 1, 16, 40, 8),  # D 8 below the 16-wide tensor-core minimum (padded head)
+    (1, 1, 20, 70, 72),  # D 72 (padded to 128), Lkv not a block multiple
+    (1, 1, 24, 33, 160),  # SD1.5 deepest level, D 160 = 128 + 32, small L
+]
+SD_SHAPES = [  # (B, H, Lq, Lkv, D) at 512x512, batch 2 (CFG)
+    (2, 8, 4096, 4096, 40),  # SD1.5 level 1 self-attn over the 64x64 latent
+    (2, 8, 4096, 77, 40),  # SD1.5 level 1 cross-attn to 77 text tokens
+    (2, 8, 1024, 1024, 80),  # SD1.5 level 2 self-attn
+    (2, 8, 256, 256, 160),  # SD1.5 level 3 self-attn
+    (2, 5, 4096, 4096, 64),  # SD2 level 1 self-attn (head dim 64)
+]
+
+
+def make_qkv(shape, dtype, device, layout="unet", seed=0):
+    """Fresh random q, k, v (B, H, L, D) in the given memory layout, as leaves that can take grads.
+
+    unet: (B, L, H, D) tensors transposed, as sdcore.layers makes them; contiguous: (B, H, L, D);
+    kv_slice: q as unet, k and v halves of one fused (B, Lkv, 2, H, D) projection.
+    """
+    b, h, lq, lkv, d = shape
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    if layout == "contiguous":
+        q, k, v = rand(b, h, lq, d), rand(b, h, lkv, d), rand(b, h, lkv, d)
+    elif layout == "unet":
+        q, k, v = (rand(b, n, h, d).transpose(1, 2) for n in (lq, lkv, lkv))
+    elif layout == "kv_slice":
+        q, kv = rand(b, lq, h, d).transpose(1, 2), rand(b, lkv, 2, h, d)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    else:
+        raise ValueError(layout)
+    return tuple(t.detach().requires_grad_() for t in (q, k, v))
+
+
+def attention_fp64(q, k, v, scale=None):
+    """softmax(q kᵀ · scale) v entirely in fp64 (attention_reference keeps softmax in fp32)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+def check(out, want64, torch_out, dtype, name):
+    """Judge ``out`` against fp64 with the dtype's rule from TOL."""
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
+    if dtype == torch.float32:
+        assert_close(out, want64, rel=TOL[dtype]["rel"], name=name)
+    else:
+        assert_within_torch_error(out, torch_out, want64, name=name, **TOL[dtype])
+
+
+def run_forward(shape, dtype, device, layout="unet"):
+    q, k, v = make_qkv(shape, dtype, device, layout)
+    out = torch.full_like(q, float("nan"))  # poison: an element the kernel misses stays NaN
+    with torch.no_grad():
+        got = attention_triton(q, k, v, out=out)
+        torch_out = attention_reference(q, k, v)
+    assert got is out
+    check(got, attention_fp64(q, k, v), torch_out, dtype, f"o {shape} {layout}")
+
+
+def run_backward(shape, dtype, device, poison=False):
+    q, k, v = make_qkv(shape, dtype, device, "unet")
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)  # shared dL/do
+    o = attention_triton(q, k, v)
+    got = torch.autograd.grad(o, (q, k, v), do)
+    want = torch.autograd.grad(attention_fp64(q, k, v), (q, k, v), do.double())
+    torch_grads = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), do)
+    for name, g, w, t in zip(("dq", "dk", "dv"), got, want, torch_grads):
+        check(g, w, t, dtype, f"{name} {shape}")
+    if poison:  # the launcher writes every element of caller-given, NaN-filled gradient buffers
+        o, lse = _forward(q.detach(), k.detach(), v.detach())
+        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        _backward(do, q.detach(), k.detach(), v.detach(), o, lse, None, *bufs)
+        for name, g, w in zip(("dq", "dk", "dv"), bufs, want):
+            assert_close(g, w, rel=TOL[torch.float32]["rel"] if dtype == torch.float32 else 1e-2, name=name)
+
+
+@pytest.mark.parametrize("d, want, masked", [
+    (80, (64, 16), (64, 16)),  # SD1.5 level 2: exact tail, 37.5% less than the 128 pad
+    (160, (128, 32), (128, 32)),  # SD1.5 level 3: exact tail, 37.5% less than the 256 pad
+    (40, (64, 0), (32, 16)),  # SD1.5 level 1: masked tail only with SPLIT_MASKED_TAIL
+    (72, (128, 0), (64, 16)),
+    (64, (64, 0), (64, 0)),
+    (8, (16, 0), (16, 0)),  # below the 16-wide tensor-core minimum
+    (256, (256, 0), (256, 0)),
+])
+def test_split_head_dim(d, want, masked, monkeypatch):
+    assert split_head_dim(d) == want
+    monkeypatch.setattr(attention_module, "SPLIT_MASKED_TAIL", True)
+    assert split_head_dim(d) == masked
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=str)
+def test_masked_tail_split(shape, device, monkeypatch):
+    """The masked-tail path (40 = 32 + 16, 72 = 64 + 16), off by default, stays correct."""
+    monkeypatch.setattr(attention_module, "SPLIT_MASKED_TAIL", True)
+    run_forward(shape, torch.float32, device)
+    run_backward(shape, torch.float32, device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_fp32(shape, device):
+    run_forward(shape, torch.float32, device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "kv_slice"])
+def test_forward_layouts(layout, device):
+    run_forward((2, 3, 37, 77, 40), torch.float32, device, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[5]], ids=str)
+def test_forward_half(shape, dtype, device):
+    run_forward(shape, dtype, device)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], (3, 1, 150, 20, 80), SHAPES[5]], ids=str)
+def test_backward_fp32(shape, device):
+    run_backward(shape, torch.float32, device, poison=shape == SHAPES[0])
+
+
+def test_backward_fp16(device):
+    run_backward(SHAPES[0], torch.float16, device)
+
+
+def test_dispatch_and_scale(device):
+    """kernels.use(attention="triton") routes the public API here, and scale reaches the kernel."""
+    q, k, v = make_qkv((1, 2, 37, 77, 40), torch.float32, device)
+    with torch.no_grad(), kernels.use(attention="triton"):
+        got = kernels.attention(q, k, v, scale=0.3)
+    assert kernels.counts().get(("attention", "triton")) == 1, kernels.counts()
+    assert_close(got, attention_fp64(q, k, v, scale=0.3), rel=TOL[torch.float32]["rel"], name="o scale=0.3")
+
+
+@pytest.mark.parametrize("q_shape, q_dtype, k_dtype, match", [
+    ((1, 2, 8, 12), torch.float32, torch.float32, "head dim 12 is not a multiple of 8"),
+    ((1, 2, 8, 264), torch.float32, torch.float32, "head dim 264"),
+    ((1, 2, 8, 16), torch.float64, torch.float64, "dtype torch.float64"),
+    ((1, 2, 8, 16), torch.float16, torch.float32, "dtypes differ"),
+])
+def test_explicit_backend_refuses(q_shape, q_dtype, k_dtype, match, device):
+    q = torch.randn(q_shape, device=device, dtype=q_dtype)
+    k = torch.randn(q_shape, device=device, dtype=k_dtype)
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match=match):
+        kernels.attention(q, k, k)
+
+
+def test_bad_arguments(device):
+    q, k, v = make_qkv((1, 2, 8, 8, 16), torch.float32, device)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kernels.attention(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="does not match"):
+        attention_triton(q, k, v, out=torch.empty(1, 2, 8, 8, device=device))
+    with pytest.raises(ValueError, match="autograd"):
+        attention_triton(q, k, v, out=torch.empty_like(q))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=str)
+def test_forward_sd_shapes(shape, dtype, device):
+    run_forward(shape, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_backward_sd_shape(dtype, device):
+    run_backward((2, 8, 1024, 1024, 80), dtype, device, poison=dtype == torch.float16)
