@@ -1,4 +1,4 @@
-"""Attention softmax(q kᵀ · scale) v, non-causal, (B, H, L, D): a torch reference, SDPA, and a
+"""Attention softmax(q kᵀ · scale) v, optionally causal, (B, H, L, D): a torch reference, SDPA, and a
 FlashAttention-2 Triton kernel whose head dim can be split so Stable Diffusion's 80/160 do not pay
 for a power-of-two pad.
 
@@ -67,17 +67,23 @@ SPLIT_MASKED_TAIL = False
 
 
 @register("attention", Backend.REFERENCE)
-def attention_reference(q, k, v, scale=None):
-    """Plain torch, materialising the (Lq, Lkv) score matrix; softmax in fp32."""
+def attention_reference(q, k, v, scale=None, causal=False):
+    """Plain torch, materialising the (Lq, Lkv) score matrix; softmax in fp32 (fp64 stays fp64).
+
+    ``causal``: query i sees keys j <= i (top-left aligned, as SDPA's ``is_causal``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale
+    if causal:
+        future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(future, float("-inf"))
     return torch.matmul(s.softmax(dim=-1).to(v.dtype), v)
 
 
 @register("attention", Backend.SDPA)
-def attention_sdpa(q, k, v, scale=None):
+def attention_sdpa(q, k, v, scale=None, causal=False):
     """torch's fused ``scaled_dot_product_attention`` (it picks flash / mem-efficient / cuDNN / math)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
 
 @triton.jit
@@ -138,6 +144,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop step
     MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+    CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -162,7 +169,10 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
-    for start_n in range(0, LKV, BLOCK_N):
+    hi = LKV
+    if CAUSAL:  # key blocks wholly after this query block contribute nothing
+        hi = tl.minimum(LKV, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
         rows_n = start_n + offs_n
         k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
         s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
@@ -172,6 +182,8 @@ def _attn_fwd_kernel(
         s = s * qk_scale
         if MASK_N:
             s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
+        if CAUSAL:  # key 0 is always visible, so no row is all -inf
+            s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
@@ -217,6 +229,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # queries per loop step
     BLOCK_N: tl.constexpr,  # keys per program
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+    CAUSAL: tl.constexpr,  # query i sees keys j <= i
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -262,6 +275,8 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + rows_m, mask=rows_m < LQ, other=float("inf"))
         delta = tl.load(delta_ptr + rows_m, mask=rows_m < LQ, other=0.0)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        if CAUSAL:
+            p_t = tl.where(rows_n[:, None] <= rows_m[None, :], p_t, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dv_h = tl.dot(p_t.to(do_h.dtype), do_h, dv_h, input_precision=DOT_PRECISION)
         dk_h = tl.dot(ds_t.to(q_h.dtype), q_h, dk_h, input_precision=DOT_PRECISION)
@@ -302,6 +317,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop step
     MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+    CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -343,6 +359,8 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK_N:
             p = tl.where(rows_n[None, :] < LKV, p, 0.0)
+        if CAUSAL:
+            p = tl.where(rows_n[None, :] <= rows_m[:, None], p, 0.0)
         ds = p * (dp - delta[:, None])
         dq_h = tl.dot(ds.to(k_h.dtype), k_h, dq_h, input_precision=DOT_PRECISION)
         if D_TAIL > 0:
@@ -388,7 +406,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale) -> dict:
                 precision="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _forward(q, k, v, scale=None, out=None):
+def _forward(q, k, v, scale=None, out=None, causal=False):
     """Launch the forward kernel; returns (o, lse2) with lse2 (B, H, Lq) fp32."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -402,11 +420,12 @@ def _forward(q, k, v, scale=None, out=None):
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h, lq, lkv, c["scale"] * LOG2E,
         HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_N=lkv % block_n != 0, DOT_PRECISION=c["precision"], num_warps=warps, num_stages=stages)
+        MASK_N=lkv % block_n != 0, DOT_PRECISION=c["precision"], CAUSAL=causal, num_warps=warps,
+        num_stages=stages)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None):
+def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal=False):
     """Launch the two backward kernels; returns (dq, dk, dv), written into the given tensors if any."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -417,7 +436,8 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None):
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = (do.float() * o.float()).sum(-1).contiguous()  # Dao 2023 Alg. 2: D_i = rowsum(dO_i ∘ O_i)
-    shared = dict(HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], DOT_PRECISION=c["precision"])
+    shared = dict(HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], DOT_PRECISION=c["precision"],
+                  CAUSAL=causal)
     block_m, block_n, warps, stages = _config("dkdv", c["width"], q.element_size())
     _attn_bwd_dkdv_kernel[(triton.cdiv(lkv, block_n), b * h)](
         q, k, v, do, dk, dv, lse, delta,
@@ -437,19 +457,19 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = _forward(q, k, v, scale)
+    def forward(ctx, q, k, v, scale, causal):
+        o, lse = _forward(q, k, v, scale, causal=causal)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.causal = scale, causal
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, ctx.scale), None)
+        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal), None, None)
 
 
-def _triton_check(q, k, v, scale=None, out=None):
+def _triton_check(q, k, v, scale=None, causal=False, out=None):
     """None if the Triton kernel can take these inputs, else the reason."""
     if not (q.device == k.device == v.device):
         return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
@@ -471,23 +491,25 @@ def _triton_check(q, k, v, scale=None, out=None):
 
 
 @register("attention", Backend.TRITON, check=_triton_check)
-def attention_triton(q, k, v, scale=None, out=None):
+def attention_triton(q, k, v, scale=None, causal=False, out=None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
     in place and is forward-only (no autograd)."""
     if out is None:
-        return _AttentionFn.apply(q, k, v, scale)
+        return _AttentionFn.apply(q, k, v, scale, causal)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
-    return _forward(q, k, v, scale, out)[0]
+    return _forward(q, k, v, scale, out, causal)[0]
 
 
-def attention(q, k, v, scale=None):
-    """softmax(q kᵀ · scale) v over the last two dims; q: (B, H, Lq, D), k, v: (B, H, Lkv, D)."""
+def attention(q, k, v, scale=None, causal=False):
+    """softmax(q kᵀ · scale) v over the last two dims; q: (B, H, Lq, D), k, v: (B, H, Lkv, D).
+
+    ``causal=True`` lets query i see keys j <= i only (top-left aligned; the CLIP text encoder)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, H, L, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-    return dispatch("attention", q, k, v, scale)
+    return dispatch("attention", q, k, v, scale, causal)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextEncoderConfig
+from .layers import multi_head_attention
 
 __all__ = ["TextEncoder", "TextEncoderOutput", "causal_self_attention", "activation"]
 
@@ -44,20 +45,9 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H·D) x3 -> (B, L, H·D): softmax(q kᵀ / √D + M) v per head, M_ij = -inf for j > i.
-
-    The one attention in sdcore that does not go through :func:`kernels.attention`, because that op
-    has no causal mask. Kept in this one place so that it becomes a call to
-    ``layers.multi_head_attention(..., causal=True)`` once the kernel takes a causal flag.
-    Plain torch, softmax in fp32 as in ``kernels.attention_reference``.
-    """
-    b, n, c = q.shape
-    d = c // heads
-    split = lambda t: t.unflatten(-1, (heads, d)).transpose(1, 2)  # noqa: E731  (B, H, L, D), a view
-    s = torch.matmul(split(q), split(k).transpose(-1, -2)).float() * d ** -0.5
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    p = s.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
-    return torch.matmul(p, split(v)).transpose(1, 2).reshape(b, n, c)
+    """(B, L, H·D) x3 -> (B, L, H·D): softmax(q kᵀ / √D + M) v per head, M_ij = -inf for j > i
+    (CLIP's causal mask, Radford et al. 2021), through :func:`kernels.attention`."""
+    return multi_head_attention(q, k, v, heads, causal=True)
 
 
 # --- one block, two namings -------------------------------------------------------------------

@@ -30,13 +30,15 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Lq, H·D), (B, Lkv, H·D) x2 -> (B, Lq, H·D): softmax(q kᵀ / √D) v per head.
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                         causal: bool = False) -> torch.Tensor:
+    """(B, Lq, H·D), (B, Lkv, H·D) x2 -> (B, Lq, H·D): softmax(q kᵀ / √D) v per head
+    (``causal``: query i sees keys j <= i, as in the CLIP text encoder).
 
     The (B, L, H, D) -> (B, H, L, D) split is a view (no copy); the kernel takes any strides.
     """
     b, lq, c = q.shape
     d = c // heads
     split = lambda t: t.unflatten(-1, (heads, d)).transpose(1, 2)  # noqa: E731
-    out = kernels.attention(split(q), split(k), split(v))
+    out = kernels.attention(split(q), split(k), split(v), causal=causal)
     return out.transpose(1, 2).reshape(b, lq, c)

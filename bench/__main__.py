@@ -1,0 +1,236 @@
+"""``python -m bench [ops|pipelines] [options]``; with no subcommand both suites run.
+
+    python -m bench --quick                      # CPU smoke run of both suites (about a minute)
+    python -m bench ops --ops attention --dtypes fp16 --shapes unet15.attn
+    python -m bench pipelines --unet-only        # headline: all-triton vs all-reference UNet step
+    python -m bench ops --list-shapes            # the SD shape table, with a reason per case
+
+Every option of both suites: ``python -m bench all --help``; of one: ``python -m bench ops --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import common
+
+EPILOG = """\
+Results go to --out (default bench/results/<date>-<device-slug>/): results.json (rows with device,
+versions, git commit, date, dtype, shape, backend, median and 20/80 % quantiles in ms, derived
+GB/s or TFLOP/s and their fraction of the device ceilings measured in the same run, error against
+an fp64 oracle, speed-up vs `reference`), results.md (the markdown table also printed on stdout)
+and speedup-*.png plots. Running one suite into a directory that holds the other's results keeps
+them. A backend that cannot run here becomes a "skipped" row with the reason.
+"""
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--quick", action="store_true",
+                   help="CPU smoke run: tiny shapes, tiny preset, few steps, short timing; "
+                        "torch.compile rows are skipped")
+    g.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: bench/results/<date>-<device-slug>/)")
+    g.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
+    g.add_argument("--device", default=None,
+                   help="torch device to benchmark on (default: cuda if available, else cpu)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU only: torch.set_num_threads (default: torch's choice; 1 with --quick, "
+                        "which keeps CPU timings stable on a shared machine)")
+
+
+def _add_ops(p: argparse.ArgumentParser) -> None:
+    from . import ops
+
+    g = p.add_argument_group("ops suite")
+    g.add_argument("--ops", nargs="+", metavar="OP",
+                   help=f"ops to benchmark, space or comma separated (default: all: {', '.join(ops.known_ops())})")
+    g.add_argument("--backends", nargs="+", metavar="BACKEND",
+                   help="backends to run (default: all; `reference` always runs for the speed-ups). "
+                        "reference = plain torch; triton = the fused kernel; compile = torch.compile "
+                        "of the reference; sdpa = torch's SDPA choice; sdpa-flash / sdpa-efficient / "
+                        "sdpa-cudnn / sdpa-math = SDPA pinned with torch.nn.attention.sdpa_kernel")
+    g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
+                   help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--shapes", nargs="+", metavar="CASE",
+                   help="shape cases by name or name prefix, e.g. unet15.attn (default: the SD shapes, "
+                        "or the tiny ones with --quick); `python -m bench ops --list-shapes` lists them")
+    g.add_argument("--list-shapes", action="store_true", help="print the shape table and exit")
+
+
+def _add_pipelines(p: argparse.ArgumentParser) -> None:
+    from . import pipelines
+
+    g = p.add_argument_group("pipelines suite")
+    g.add_argument("--preset", default=None,
+                   help=f"random-weight model preset (default: sd15 on CUDA, tiny on CPU); one of "
+                        f"{', '.join(pipelines.preset_names())}")
+    g.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to load with sdcore.load instead")
+    g.add_argument("--pipelines", nargs="+", metavar="NAME",
+                   help=f"pipelines to run (default: all: {', '.join(pipelines.PIPELINES)}); "
+                        "repaint / unet9 / blend are the inpaint variants; unet9 uses the preset's "
+                        "-inpaint model")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; 2 with --quick)")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per pipeline after one warm-up (default 3; 1 with --quick)")
+    g.add_argument("--dtype", default=None,
+                   help="model dtype (fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--unet-only", action="store_true",
+                   help="only the UNet step benchmark (fp16, 512x512 latent 64x64, batch 2 on CUDA): "
+                        "all-triton vs all-reference, each op alone, torch.compile and diffusers+SDPA")
+    g.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="kernel settings to run (default: reference, triton and triton:<op> for each "
+                        "op; --quick: reference and triton)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, epilog=EPILOG,
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="suite", metavar="{ops,pipelines,all}")
+    p_ops = sub.add_parser("ops", help="each op x backend x SD shape x dtype", description=
+                           "Op benchmarks: each op x backend x the shapes SD calls x dtype.",
+                           epilog=EPILOG, formatter_class=fmt)
+    _add_ops(p_ops)
+    _add_common(p_ops)
+    p_pipe = sub.add_parser("pipelines", help="each pipeline x kernel setting; UNet step",
+                            description="Pipeline and UNet-step benchmarks, each kernel setting against "
+                                        "all-reference.", epilog=EPILOG, formatter_class=fmt)
+    _add_pipelines(p_pipe)
+    _add_common(p_pipe)
+    p_all = sub.add_parser("all", help="both suites (the default with no subcommand)", epilog=EPILOG,
+                           formatter_class=fmt)
+    _add_ops(p_all)
+    _add_pipelines(p_all)
+    _add_common(p_all)
+    return parser
+
+
+def _validate(parser: argparse.ArgumentParser, args) -> None:
+    from . import ops, pipelines
+
+    def bad(kind: str, values, valid):
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            parser.error(f"unknown {kind} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+
+    if getattr(args, "ops", None) is not None:
+        args.ops = _split(args.ops)
+        bad("op", args.ops, ops.known_ops())
+    if getattr(args, "backends", None) is not None:
+        args.backends = _split(args.backends)
+        bad("backend", args.backends, ops.all_backends())
+        chosen = args.ops or ops.known_ops()
+        if not any(b in ops.op_backends(o) for b in args.backends for o in chosen):
+            parser.error(f"none of the backends {args.backends} applies to ops {chosen}")
+    if getattr(args, "dtypes", None) is not None:
+        args.dtypes = _split(args.dtypes)
+        bad("dtype", args.dtypes, list(common.DTYPES) + list(common._DTYPE_ALIASES))
+    if getattr(args, "dtype", None) is not None:
+        bad("dtype", [args.dtype], list(common.DTYPES) + list(common._DTYPE_ALIASES))
+    if getattr(args, "shapes", None) is not None:
+        args.shapes = _split(args.shapes)
+        names = [c.name for op in (args.ops or ops.known_ops()) for c in ops.CASES[op]]
+        unknown = [s for s in args.shapes if not any(n == s or n.startswith(s.rstrip("*")) for n in names)]
+        if unknown:
+            parser.error(f"unknown shape case {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+    if getattr(args, "pipelines", None) is not None:
+        args.pipelines = _split(args.pipelines)
+        bad("pipeline", args.pipelines, list(pipelines.PIPELINES))
+    if getattr(args, "preset", None) is not None:
+        bad("preset", [args.preset], pipelines.preset_names())
+    if getattr(args, "variants", None) is not None:
+        args.variants = _split(args.variants)
+        bad("variant", args.variants, pipelines.variant_names())
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if getattr(args, "steps", None) is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if getattr(args, "ckpt", None) is not None and not args.ckpt.exists():
+        parser.error(f"--ckpt {args.ckpt}: no such file or directory")
+    try:
+        args.device = common.pick_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["all", *argv]
+    common.prepare_environment()  # before anything imports kernels
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.suite is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "list_shapes", False):
+        from . import ops
+
+        for op in _split(args.ops) or ops.known_ops():
+            for c in ops.CASES[op]:
+                print(f"{op:16s} {c.name:24s} {c.shape:28s} {'[quick] ' if c.quick else ''}{c.reason}")
+        return 0
+    _validate(parser, args)
+    return run(args)
+
+
+def run(args) -> int:
+    import torch
+
+    device = args.device
+    progress = not args.no_progress
+    threads = args.threads or (1 if args.quick else None)
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    env = common.environment(device)
+    suites = ["ops", "pipelines"] if args.suite == "all" else [args.suite]
+    rows: list[dict] = []
+
+    op_dtypes = None
+    if "ops" in suites:
+        op_dtypes = [common.parse_dtype(d) for d in args.dtypes] if args.dtypes else (
+            [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])
+    pipe_dtype = None
+    if "pipelines" in suites:
+        pipe_dtype = common.parse_dtype(args.dtype) if args.dtype else (
+            torch.float16 if device.type == "cuda" else torch.float32)
+    ceil_dtypes = list(dict.fromkeys([*(op_dtypes or []), *([pipe_dtype] if pipe_dtype else [])]))
+    print(f"[bench] {env['device_name']} · torch {env['torch']} · triton {env['triton']}"
+          f"{' · TRITON_INTERPRET=1' if env['triton_interpret'] else ''}", file=sys.stderr)
+    ceilings = common.measure_ceilings(device, ceil_dtypes, quick=args.quick)
+
+    if "ops" in suites:
+        from . import ops
+
+        rows += ops.run(args.ops or ops.known_ops(), args.backends, op_dtypes, args.shapes, device, env,
+                        ceilings, quick=args.quick, progress=progress)
+    if "pipelines" in suites:
+        from . import pipelines
+
+        rows += pipelines.run(pipelines.Options.from_args(args, pipe_dtype), device, env, progress=progress)
+
+    out_dir = args.out or common.default_out_dir(env)
+    written_suites = ["ops"] if "ops" in suites else []
+    if "pipelines" in suites:
+        written_suites += ["pipelines", "unet_step"]
+    paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)
+    print(common.render_markdown(env, ceilings, rows))
+    print("\n" + "\n".join(f"[bench] wrote {p}" for p in paths.values()), file=sys.stderr)
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        print(f"[bench] {len(errors)} row(s) errored; see the status column", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

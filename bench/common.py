@@ -1,0 +1,439 @@
+"""What both suites share: timing, device ceilings, environment, result rows and their rendering.
+
+Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events; median and the 20th/80th percentiles);
+on CPU, ``time.perf_counter`` around each call, median and the same percentiles over repeats.
+
+Ceilings, measured in the same run so a row can be read as a fraction of what the device does:
+copy bandwidth (one large device-to-device copy; bytes = read + written) and matmul rate (one
+large square matmul on random data, per dtype of the run).
+
+Rows are plain dicts with the same keys (:data:`ROW_KEYS`); :func:`write_results` turns them into
+``results.json``, ``results.md`` and PNG plots.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+class Skip(Exception):
+    """A row that cannot run here; the message is the reason shown in the table."""
+
+
+def prepare_environment() -> None:
+    """Run Triton under its interpreter when there is no GPU (as tests/conftest.py does).
+
+    Must be called before ``kernels`` is imported: TRITON_INTERPRET is read when ``@triton.jit``
+    functions are defined. Timings of interpreted kernels are flagged in their rows."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    key = _DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int | None  # None: do_bench chose
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            warmup_ms: float | None = None, rep_ms: float | None = None, min_reps: int = 3,
+            called: bool = False) -> Timing:
+    """Median and 20/80 % quantiles of ``fn()`` in milliseconds.
+
+    CPU: ``called`` = the caller has run ``fn`` once already (no extra first call); at least
+    ``min_reps`` timed calls, more until ``rep_ms`` is spent."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        warmup = warmup_ms if warmup_ms is not None else (10 if quick else 25)
+        rep = rep_ms if rep_ms is not None else (30 if quick else 100)
+        med, lo, hi = do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES))
+        return Timing(float(med), float(lo), float(hi), None)
+    budget = (rep_ms if rep_ms is not None else (150 if quick else 1000)) / 1e3
+    warm = (warmup_ms if warmup_ms is not None else (0 if quick else 100)) / 1e3
+    if not called:
+        fn()  # first call: allocation, lazy init
+    t_end = time.perf_counter() + warm
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return Timing(statistics.median(times), q[1], q[7], len(times))
+
+
+# ------------------------------------------------------------------------------------ ceilings
+def measure_ceilings(device: torch.device, dtypes: Iterable[torch.dtype], *, quick: bool = False) -> dict:
+    """Copy bandwidth (GB/s, read + written) and matmul rate (TFLOP/s per dtype) of ``device``."""
+    cuda = device.type == "cuda"
+    out: dict = {"copy_gbps": None, "copy_bytes": None, "matmul_tflops": {}, "matmul_n": None,
+                 "how": ("copy: y.copy_(x), bytes = 2 * x.nbytes; matmul: a @ b square, "
+                         "random normal inputs, flops = 2 n^3")}
+    numel = (2**26 if quick else 2**28) if cuda else (2**21 if quick else 2**23)
+    try:
+        x = torch.randn(numel, device=device)
+        y = torch.empty_like(x)
+        t = time_fn(lambda: y.copy_(x), device, quick=quick)
+        out["copy_gbps"] = 2 * x.nbytes / (t.median_ms * 1e-3) / 1e9
+        out["copy_bytes"] = 2 * x.nbytes
+        del x, y
+    except Exception as e:  # pragma: no cover - out of memory on a small device
+        out["copy_error"] = f"{type(e).__name__}: {e}"
+    n = (4096 if quick else 8192) if cuda else (256 if quick else 1024)
+    out["matmul_n"] = n
+    for dtype in dict.fromkeys(dtypes):
+        try:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            t = time_fn(lambda: a @ b, device, quick=quick)
+            out["matmul_tflops"][dtype_name(dtype)] = 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+        except Exception as e:  # pragma: no cover
+            out["matmul_tflops"][dtype_name(dtype)] = None
+            out.setdefault("matmul_error", {})[dtype_name(dtype)] = f"{type(e).__name__}: {e}"
+    if cuda and torch.float32 in dtypes:
+        out["fp32_matmul_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------- environment
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except Exception:
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str, maxlen: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:maxlen].rstrip("-") or "device"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:  # pragma: no cover
+        triton_version = f"unavailable ({type(e).__name__})"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if dirty is None else bool(dirty),
+        "triton_interpret": interpreting(),
+        "torch_threads": torch.get_num_threads(),
+        "argv": " ".join(sys.argv),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env["capability"] = f"{p.major}.{p.minor}"
+        env["device_memory_gib"] = round(p.total_memory / 2**30, 1)
+    return env
+
+
+# ------------------------------------------------------------------------------------------ rows
+ROW_KEYS = (
+    "suite", "op", "case", "shape", "reason", "dtype", "backend", "status", "note",
+    "median_ms", "p20_ms", "p80_ms", "reps",
+    "bytes", "flops", "gbps", "tflops", "frac_of_peak", "speedup_vs_reference",
+    "max_abs_err", "max_rel_err", "error_vs",
+    # pipelines
+    "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",
+    "peak_mem_mib", "peak_mem_kind", "latent_max_abs_diff", "psnr_db", "diff_vs",
+    # environment, copied into every row so rows can be concatenated across runs
+    "device_name", "torch", "triton", "cuda", "git_commit", "date",
+)
+_ENV_IN_ROW = ("device_name", "torch", "triton", "cuda", "git_commit", "date")
+
+
+def make_row(env: dict, **fields) -> dict:
+    unknown = set(fields) - set(ROW_KEYS)
+    if unknown:
+        raise KeyError(f"unknown row fields {sorted(unknown)}")
+    row = dict.fromkeys(ROW_KEYS)
+    row.update({k: env.get(k) for k in _ENV_IN_ROW})
+    row.update(fields)
+    return row
+
+
+def describe_exception(e: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message (at file:line)``, the innermost frame in this repository."""
+    import traceback
+
+    msg = str(e).splitlines()[0][:limit] if str(e) else ""
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if frame.filename.startswith(str(REPO)) and "/.venv/" not in frame.filename:
+            where = f" (at {Path(frame.filename).relative_to(REPO)}:{frame.lineno})"
+            break
+    return f"{type(e).__name__}: {msg}{where}"
+
+
+def skipped_row(env: dict, skip_reason: str, /, **fields) -> dict:
+    return make_row(env, status="skipped", note=skip_reason, **fields)
+
+
+def add_speedups(rows: list[dict], group: tuple[str, ...], base: str = "reference",
+                 metric: str = "median_ms") -> None:
+    """speedup_vs_reference = base row's metric / this row's, within each ``group`` of keys."""
+    bases = {tuple(r[k] for k in group): r[metric] for r in rows
+             if r["backend"] == base and r["status"] == "ok" and _finite(r[metric])}
+    for r in rows:
+        b = bases.get(tuple(r[k] for k in group))
+        if r["status"] == "ok" and b and _finite(r[metric]) and r[metric] > 0:
+            r["speedup_vs_reference"] = b / r[metric]
+
+
+def max_errors(out: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
+    """(max |out - oracle|, max |out - oracle| / max |oracle|): the normwise relative error of
+    tests/numerics.py, which stays meaningful where the oracle crosses zero."""
+    a = out.detach().to(oracle.device, torch.float64)
+    diff = (a - oracle).abs().max().item()
+    return diff, diff / max(oracle.abs().max().item(), 1e-30)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------------------------ markdown
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5):
+            return f"{x:.2e}"
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return str(x)
+
+
+OPS_COLUMNS = [
+    ("op", "op"), ("case", "case"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
+    ("median ms", "median_ms"), ("p20–p80 ms", None), ("GB/s", "gbps"), ("TFLOP/s", "tflops"),
+    ("% of peak", "frac_of_peak"), ("speed-up", "speedup_vs_reference"),
+    ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("status / note", None),
+]
+PIPELINE_COLUMNS = [
+    ("pipeline", "op"), ("preset", "preset"), ("dtype", "dtype"), ("kernels", "backend"),
+    ("steps", "steps"), ("s/image", "seconds_per_image"), ("images/s", "images_per_s"),
+    ("UNet ms/step", "unet_ms_per_step"), ("UNet calls", "unet_calls"), ("peak MiB", "peak_mem_mib"),
+    ("speed-up", "speedup_vs_reference"), ("max |Δ| latents", "latent_max_abs_diff"),
+    ("PSNR dB", "psnr_db"), ("status / note", None),
+]
+
+
+def _cell(row: dict, key: str | None, title: str) -> str:
+    if title.startswith("p20"):
+        return "" if row["p20_ms"] is None else f"{_fmt(row['p20_ms'])}–{_fmt(row['p80_ms'])}"
+    if title == "status / note":
+        text = row["status"] if not row["note"] else f"{row['status']}: {row['note']}"
+        return text.replace("|", "\\|").replace("\n", " ")
+    if key == "frac_of_peak":
+        return "" if row[key] is None else f"{100 * row[key]:.1f}"
+    if key == "speedup_vs_reference":
+        return "" if row[key] is None else f"{row[key]:.2f}x"
+    return _fmt(row[key]).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict], columns) -> str:
+    lines = ["| " + " | ".join(t for t, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, k, t) for t, k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
+    out = [f"# SD Kernel Lab benchmark — {env['device_name']}", "",
+           f"{env['date']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+           f"commit {(env['git_commit'] or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}"
+           + (" · TRITON_INTERPRET=1 (triton timings are interpreter timings)" if env.get("triton_interpret") else ""),
+           ""]
+    if ceilings:
+        mm = ", ".join(f"{k} {_fmt(v)}" for k, v in ceilings.get("matmul_tflops", {}).items())
+        out += [f"Device ceilings measured in this run: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
+                f"(read + written); matmul n={ceilings.get('matmul_n')} TFLOP/s: {mm or 'n/a'}.", ""]
+    op_rows = [r for r in rows if r["suite"] == "ops"]
+    if op_rows:
+        out += ["## Ops", "",
+                "GB/s counts inputs read once + outputs written once; attention TFLOP/s counts "
+                "4·B·H·Lq·Lkv·D (forward). % of peak: of the copy bandwidth (GB/s rows) or of the "
+                "matmul rate in the row's dtype (TFLOP/s rows). Errors against an fp64 oracle "
+                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in this run.", "",
+                markdown_table(op_rows, OPS_COLUMNS), ""]
+    for suite, title in (("unet_step", "UNet step"), ("pipelines", "Pipelines")):
+        sel = [r for r in rows if r["suite"] == suite]
+        if sel:
+            out += [f"## {title}", "",
+                    "Speed-up vs the all-`reference` row; max |Δ| latents and PSNR of the decoded "
+                    "images against it (UNet step: max |Δ| of the UNet output).", "",
+                    markdown_table(sel, PIPELINE_COLUMNS), ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------- output
+def default_out_dir(env: dict) -> Path:
+    return RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug(env['device_name'])}"
+
+
+def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[dict], *,
+                  suites: Iterable[str], plot: bool = True) -> dict[str, Path]:
+    """Write results.json / results.md / plots. Rows of suites not run now, left by an earlier run
+    into the same directory, are kept, so ``bench ops`` then ``bench pipelines`` add up."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    suites = set(suites)
+    kept: list[dict] = []
+    if json_path.exists():
+        try:
+            old = json.loads(json_path.read_text())
+            kept = [r for r in old.get("rows", []) if r.get("suite") not in suites]
+            if ceilings is None:
+                ceilings = old.get("ceilings")
+        except (ValueError, OSError):
+            kept = []
+    all_rows = kept + rows
+    json_path.write_text(json.dumps(_jsonable({"env": env, "ceilings": ceilings, "rows": all_rows}),
+                                    indent=1, allow_nan=False) + "\n")
+    md_path = out_dir / "results.md"
+    md_path.write_text(render_markdown(env, ceilings, all_rows) + "\n")
+    paths = {"json": json_path, "markdown": md_path}
+    if plot:
+        paths.update(plot_speedups(out_dir, all_rows))
+    return paths
+
+
+def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
+    """One PNG per op (speed-up of each backend per case) and one per pipeline suite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["speedup_vs_reference"] is not None:
+            name = r["op"] if r["suite"] == "ops" else r["suite"]
+            groups.setdefault((r["suite"], name), []).append(r)
+    def label(r: dict) -> str:
+        if r["suite"] == "ops":
+            return f"{r['case']}\n{r['dtype']}"
+        if r["suite"] == "unet_step":
+            return f"{r['preset']}\n{r['dtype']}"
+        return f"{r['op']} ({r['preset']})\n{r['dtype']}"
+
+    for (suite, name), sel in sorted(groups.items()):
+        xs = list(dict.fromkeys(label(r) for r in sel))
+        backends = list(dict.fromkeys(r["backend"] for r in sel))
+        width = 0.8 / max(len(backends), 1)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(xs) * max(1, len(backends)) * 0.35 + 3), 4.5))
+        for i, b in enumerate(backends):
+            vals = {label(r): r["speedup_vs_reference"] for r in sel if r["backend"] == b}
+            pos = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(xs))]
+            ax.bar(pos, [vals.get(x, math.nan) for x in xs], width, label=b)  # missing: no bar
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ups = [r["speedup_vs_reference"] for r in sel if r["speedup_vs_reference"] > 0]
+        if ups and max(ups) / min(ups) > 20:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(xs)))
+        ax.set_xticklabels(xs, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up vs reference (higher is better)")
+        ax.set_title(f"{name}: speed-up per backend ({sel[0]['device_name']})", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"speedup-{slug(name)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written[f"plot:{name}"] = path
+    return written

@@ -1,0 +1,641 @@
+"""Pipeline benchmarks: each pipeline x kernel setting, and the UNet step on its own.
+
+Kernel settings ("variants"): ``reference`` (every op on its torch reference), ``triton`` (every op
+that has a Triton backend on it), ``triton:<op>`` (that op alone on Triton). The UNet step section
+adds two baselines carrying the same weights: ``compile`` (torch.compile of the reference UNet)
+and ``diffusers-sdpa`` (diffusers' UNet2DConditionModel with SDPA attention, converted with
+``sdcore.convert.unet``).
+
+Per pipeline row: seconds per image and images/s (median over repeats after a warm-up), UNet ms per
+step (UNet forward time measured with hooks / number of UNet calls; one call = one step with
+classifier-free guidance batched), UNet calls, peak device memory, and the difference from the
+all-reference run with the same seed: max |Δ| of the final latents, PSNR of the decoded images.
+Everything that does not exist yet (sdcore.StableDiffusion, pipelines.*, converters) or cannot run
+becomes a "skipped" row with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .common import Skip, describe_exception, add_speedups, dtype_name, interpreting, make_row, skipped_row, synchronize, time_fn
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+NEGATIVE = ""
+GUIDANCE = 7.5
+STRENGTH = 0.75  # img2img
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    function: str  # in the pipelines package
+    reason: str
+    variant: str | None = None  # inpaint(variant=...)
+    needs_image: bool = False
+    needs_mask: bool = False
+    inpaint_model: bool = False  # the 9-channel UNet
+
+
+PIPELINES = {
+    "txt2img": PipelineSpec("txt2img", "text to image: the UNet loop plus VAE decode"),
+    "img2img": PipelineSpec("img2img", f"VAE encode, noise to strength {STRENGTH}, fewer UNet steps",
+                            needs_image=True),
+    "repaint": PipelineSpec("inpaint", "inpaint by RePaint-style blending of the known region each step",
+                            variant="repaint", needs_image=True, needs_mask=True),
+    "unet9": PipelineSpec("inpaint", "inpaint with the 9-channel inpainting UNet", variant="unet9",
+                          needs_image=True, needs_mask=True, inpaint_model=True),
+    "blend": PipelineSpec("inpaint", "inpaint by latent blending with the mask", variant="blend",
+                          needs_image=True, needs_mask=True),
+}
+
+KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
+UNET_BASELINES = ("compile", "diffusers-sdpa")
+
+
+def preset_names() -> list[str]:
+    from sdcore.config import PRESETS
+
+    return sorted(PRESETS)
+
+
+def variant_names() -> list[str]:
+    return ["reference", "triton", *(f"triton:{op}" for op in KERNEL_OPS), *UNET_BASELINES]
+
+
+@dataclass
+class Options:
+    preset: str
+    ckpt: Path | None
+    pipelines: list[str]
+    steps: int
+    batch: int
+    repeats: int
+    warmup: int
+    dtype: torch.dtype
+    unet_only: bool
+    variants: list[str]
+    quick: bool
+    explicit_variants: bool = False
+
+    @classmethod
+    def from_args(cls, args, dtype: torch.dtype) -> "Options":
+        cuda = args.device.type == "cuda"
+        quick = args.quick
+        preset = args.preset or ("tiny" if quick or not cuda else "sd15")
+        variants = args.variants or (["reference", "triton", *UNET_BASELINES] if quick else variant_names())
+        if "reference" not in variants:
+            variants = ["reference", *variants]  # the baseline every row is compared with
+        return cls(preset=preset, ckpt=args.ckpt, pipelines=args.pipelines or list(PIPELINES),
+                   steps=args.steps or (2 if quick else 50), batch=args.batch,
+                   repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
+                   unet_only=args.unet_only, variants=variants, quick=quick,
+                   explicit_variants=args.variants is not None)
+
+    def interpreted_skip(self, variant: str) -> str | None:
+        """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
+        UNet call takes tens of seconds. Naming the variant with --variants runs it anyway."""
+        if self.quick and not self.explicit_variants and interpreting() and variant.startswith("triton"):
+            return ("not run under --quick: Triton is interpreted here (TRITON_INTERPRET=1, tens of "
+                    "seconds per tiny UNet call); name it with --variants to run it")
+        return None
+
+
+# ---------------------------------------------------------------------------------- kernel scopes
+@contextlib.contextmanager
+def _registry_default(ops: list[str]):
+    """Let ``ops`` resolve by the registry's default: SDLAB_KERNELS is set aside meanwhile (the
+    bench process itself never calls ``kernels.set_backend``)."""
+    import kernels
+
+    saved_env = os.environ.pop(kernels.ENV_VAR, None)
+    try:
+        yield
+    finally:
+        if saved_env is not None:
+            os.environ[kernels.ENV_VAR] = saved_env
+
+
+def kernel_scope(variant: str, device: torch.device):
+    """(context manager, note, ops meant to run Triton) of a variant; Skip when it cannot be set up.
+
+    Ops not meant to run Triton are pinned to ``reference``. On CUDA the Triton ops are left to the
+    registry's default, which is Triton with a fall-back to the reference (warned once) for an
+    input the kernel refuses (e.g. the VAE's 512-wide attention head), so a whole pipeline can run;
+    :func:`fallback_note` reports how many calls fell back. Elsewhere (Triton interpreted on CPU)
+    they are pinned to ``triton`` explicitly, and a refused input skips the row."""
+    import kernels
+
+    ops = kernels.ops()
+    if variant == "reference":
+        return kernels.use(**{op: "reference" for op in ops}), "", []
+    if variant == "triton":
+        want = [op for op in ops if "triton" in kernels.backends(op)]
+        if not want:
+            raise Skip("no op has a triton backend registered yet")
+        rest = [op for op in ops if op not in want]
+        note = f"without a triton backend, on reference: {', '.join(rest)}" if rest else ""
+    elif variant.startswith("triton:"):
+        op = variant.split(":", 1)[1]
+        if op not in ops:
+            raise Skip(f"op {op!r} is not registered in kernels yet")
+        if "triton" not in kernels.backends(op):
+            raise Skip(f"op {op!r} has no triton backend registered yet")
+        want, note = [op], ""
+    else:
+        raise ValueError(f"unknown kernel variant {variant!r}; valid: {', '.join(variant_names())}")
+    pinned = {op: "reference" for op in ops if op not in want}
+    if device.type == "cuda":
+        stack = contextlib.ExitStack()
+        stack.enter_context(_registry_default(want))
+        stack.enter_context(kernels.use(**pinned))
+        return stack, note, want
+    return kernels.use(**pinned, **{op: "triton" for op in want}), note, want
+
+
+def fallback_note(before: dict, after: dict, ops: list[str]) -> str:
+    """'attention: 2 of 34 calls fell back to reference' for each op of ``ops`` that did."""
+    parts = []
+    for op in ops:
+        ref = after.get((op, "reference"), 0) - before.get((op, "reference"), 0)
+        tri = after.get((op, "triton"), 0) - before.get((op, "triton"), 0)
+        if ref:
+            parts.append(f"{op}: {ref} of {ref + tri} calls fell back to reference (input the kernel refuses)")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------- models
+_MODELS: dict = {}
+
+
+def load_model(opts: Options, device: torch.device, *, inpaint: bool = False):
+    """The model of ``opts`` (the preset's -inpaint sibling when ``inpaint``), cached."""
+    try:
+        import sdcore
+    except ImportError as e:
+        raise Skip(f"sdcore does not import: {e}") from None
+    if opts.ckpt is not None:
+        key = ("ckpt", str(opts.ckpt), opts.dtype, str(device))
+        if key not in _MODELS:
+            if not hasattr(sdcore, "load"):
+                raise Skip("sdcore.load does not exist yet")
+            _MODELS[key] = sdcore.load(opts.ckpt, dtype=opts.dtype, device=device)
+        model = _MODELS[key]
+        if inpaint and _in_channels(model) != 9:
+            raise Skip(f"{opts.ckpt.name} has a {_in_channels(model)}-channel UNet; unet9 needs an inpainting checkpoint")
+        return model
+    preset = opts.preset
+    if inpaint and not preset.endswith("-inpaint"):
+        from sdcore.config import PRESETS
+
+        preset = f"{preset}-inpaint"
+        if preset not in PRESETS:
+            raise Skip(f"no inpainting preset for {opts.preset!r} (valid: "
+                       f"{', '.join(p for p in PRESETS if p.endswith('-inpaint'))})")
+    key = (preset, opts.dtype, str(device))
+    if key not in _MODELS:
+        if not hasattr(sdcore, "StableDiffusion"):
+            raise Skip("sdcore.StableDiffusion does not exist yet")
+        _MODELS.clear()  # one model resident at a time
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _MODELS[key] = sdcore.StableDiffusion.from_preset(preset, seed=0, dtype=opts.dtype, device=device)
+    return _MODELS[key]
+
+
+def _unet(model):
+    unet = getattr(model, "unet", None)
+    if not isinstance(unet, torch.nn.Module):
+        raise Skip(f"{type(model).__name__} has no .unet module")
+    return unet
+
+
+def _unet_config(model):
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "unet", None) or getattr(_unet(model), "config", None)
+    if cfg is None:
+        raise Skip("cannot find the UNet config (model.config.unet or model.unet.config)")
+    return cfg
+
+
+def _image_size(model, opts: Options) -> int:
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    if size is None:
+        from sdcore.config import PRESETS
+
+        size = PRESETS[opts.preset].image_size if opts.preset in PRESETS else 512
+    return int(size)
+
+
+def _in_channels(model) -> int:
+    return int(getattr(_unet_config(model), "in_channels", 4))
+
+
+# ------------------------------------------------------------------------------------ meters
+class UNetMeter:
+    """Counts UNet forward calls and their device time (CUDA events, no sync inside the loop)."""
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self._open = None
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _pre(self, *_):
+        self._open = self._now()
+
+    def _post(self, *_):
+        self.spans.append((self._open, self._now()))
+
+    def reset(self):
+        self.spans = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.spans)
+
+    def total_ms(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.spans)
+        return sum((b - a) * 1e3 for a, b in self.spans)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    try:
+        import resource
+
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "ru_maxrss: process high-water mark so far (CPU)")
+    except Exception:  # pragma: no cover - not on Linux
+        return None, "n/a"
+
+
+# ------------------------------------------------------------------------------- pipeline calls
+_ALIASES = {
+    "prompt": ("prompt", "prompts"),
+    "steps": ("steps", "num_inference_steps", "num_steps"),
+    "seed": ("seed",),
+    "guidance_scale": ("guidance_scale", "cfg_scale", "guidance"),
+    "height": ("height",),
+    "width": ("width",),
+    "batch": ("batch_size", "num_images", "num_images_per_prompt", "n"),
+    "image": ("image", "init_image"),
+    "mask": ("mask", "mask_image"),
+    "strength": ("strength",),
+    "variant": ("variant",),
+    "progress": ("progress", "progress_bar"),
+}
+
+
+def _fit_kwargs(fn, wanted: dict) -> tuple[dict, list[str]]:
+    """Map canonical option names onto ``fn``'s parameter names; report what it does not take."""
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out, dropped = {}, []
+    for key, value in wanted.items():
+        name = next((a for a in _ALIASES.get(key, (key,)) if a in params), None)
+        if name is None and key == "seed" and "generator" in params:
+            out["generator"] = torch.Generator().manual_seed(value)
+            continue
+        if name is None and var_kw:
+            name = _ALIASES.get(key, (key,))[0]
+        if name is None:
+            dropped.append(key)
+        else:
+            out[name] = value
+    return out, dropped
+
+
+def _test_image(size: int, kind: str):
+    """A smooth RGB test image and a centre-square mask (white = repaint), as PIL or tensor."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(6.28 * (xx + yy))]).clamp(0, 1)
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    if kind == "tensor":
+        return img[None], mask[None]
+    from PIL import Image
+
+    to_pil = lambda t, mode: Image.fromarray((t.permute(1, 2, 0).squeeze(-1) * 255).round().byte().numpy(), mode)  # noqa: E731
+    return to_pil(img, "RGB"), to_pil(mask, "L")
+
+
+def _pipeline_fn(spec: PipelineSpec):
+    try:
+        mod = importlib.import_module("pipelines")
+    except ImportError as e:
+        raise Skip(f"the pipelines package does not import: {e}") from None
+    fn = getattr(mod, spec.function, None)
+    if fn is None:
+        raise Skip(f"pipelines.{spec.function} does not exist yet")
+    return fn
+
+
+def _call(spec: PipelineSpec, fn, model, opts: Options, size: int):
+    """Run one pipeline; image inputs as PIL first, then as tensors in [0, 1] if PIL is refused."""
+    wanted = dict(prompt=PROMPT, steps=opts.steps, seed=0, guidance_scale=GUIDANCE, height=size, width=size)
+    if opts.batch != 1:
+        wanted["batch"] = opts.batch
+    if spec.function == "img2img":
+        wanted["strength"] = STRENGTH
+    if spec.variant:
+        wanted["variant"] = spec.variant
+    if "progress" in inspect.signature(fn).parameters:
+        wanted["progress"] = False
+    errors = []
+    for kind in (("pil", "tensor") if spec.needs_image else ("none",)):
+        w = dict(wanted)
+        if spec.needs_image:
+            w["image"], mask = _test_image(size, kind)
+            if spec.needs_mask:
+                w["mask"] = mask
+        kwargs, dropped = _fit_kwargs(fn, w)
+        try:
+            return fn(model, **kwargs), dropped
+        except (TypeError, AttributeError, ValueError) as e:
+            import kernels
+
+            if isinstance(e, kernels.BackendUnsupported):
+                raise
+            errors.append(f"{kind} inputs: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _images_float(images) -> torch.Tensor:
+    """Images (PIL list, numpy, tensor) as float in [0, 1], (N, C, H, W)."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu()
+        if images.dtype == torch.uint8:
+            return x / 255
+        return (x + 1) / 2 if x.min() < 0 else x
+    if isinstance(images, (list, tuple)):
+        import numpy as np
+
+        arrs = [np.asarray(im) for im in images]
+        x = torch.from_numpy(np.stack(arrs)).float()
+        x = x / 255 if arrs[0].dtype == np.uint8 else x
+        return x.permute(0, 3, 1, 2) if x.dim() == 4 and x.shape[-1] in (1, 3, 4) else x
+    import numpy as np
+
+    return _images_float(torch.from_numpy(np.asarray(images)))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _result_parts(res):
+    latents = getattr(res, "latents", None)
+    images = getattr(res, "images", None)
+    if latents is None or images is None:
+        raise RuntimeError(f"pipeline result {type(res).__name__} lacks .latents / .images")
+    return latents.detach().float().cpu(), _images_float(images)
+
+
+def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    variants = [v for v in opts.variants if v not in UNET_BASELINES]
+    rows: list[dict] = []
+    bar = tqdm(total=len(opts.pipelines) * len(variants), desc="pipelines", disable=not progress, leave=False)
+    # pipelines on the inpainting model last, so each model is built once
+    for name in sorted(opts.pipelines, key=lambda n: PIPELINES[n].inpaint_model):
+        spec = PIPELINES[name]
+        base = dict(suite="pipelines", op=name, reason=spec.reason, dtype=dtype_name(opts.dtype),
+                    steps=opts.steps, batch=opts.batch)
+        try:
+            fn = _pipeline_fn(spec)
+            model = load_model(opts, device, inpaint=spec.inpaint_model)
+        except Skip as e:
+            rows += [skipped_row(env, str(e), backend=v, preset=opts.preset, **base) for v in variants]
+            bar.update(len(variants))
+            continue
+        except Exception as e:
+            rows += [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v,
+                              preset=opts.preset, **base) for v in variants]
+            bar.update(len(variants))
+            continue
+        preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
+                                                                        and not opts.preset.endswith("-inpaint") else ""))
+        base["preset"] = preset
+        size = _image_size(model, opts)
+        baseline = None
+        for v in variants:
+            bar.set_postfix_str(f"{name} {v}")
+            rows.append(_run_pipeline_variant(spec, fn, model, opts, size, v, device, env, base, baseline))
+            if v == "reference" and rows[-1]["status"] == "ok":
+                baseline = rows[-1].pop("_outputs")
+            rows[-1].pop("_outputs", None)
+            bar.update(1)
+    bar.close()
+    add_speedups(rows, ("suite", "op", "preset", "dtype"), metric="seconds_per_image")
+    return rows
+
+
+def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base, baseline) -> dict:
+    if opts.interpreted_skip(variant):
+        return skipped_row(env, opts.interpreted_skip(variant), backend=variant, **base)
+    try:
+        scope, note, triton_ops = kernel_scope(variant, device)
+    except Skip as e:
+        return skipped_row(env, str(e), backend=variant, **base)
+    if variant != "reference" and interpreting():
+        note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
+    import kernels
+
+    meter = UNetMeter(_unet(model), device)
+    counts_before = kernels.counts()
+    try:
+        with scope:
+            outputs, dropped = None, []
+            for _ in range(opts.warmup):
+                res, dropped = _call(spec, fn, model, opts, size)
+                outputs = _result_parts(res)
+            synchronize(device)
+            _peak_reset(device)
+            times, unet_ms, calls = [], [], []
+            for _ in range(opts.repeats):
+                meter.reset()
+                synchronize(device)
+                t0 = time.perf_counter()
+                res, dropped = _call(spec, fn, model, opts, size)
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+                unet_ms.append(meter.total_ms())
+                calls.append(meter.calls)
+            if outputs is None:
+                outputs = _result_parts(res)
+    except kernels.BackendUnsupported as e:
+        return skipped_row(env, str(e), backend=variant, **base)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=variant, **base)
+    except Exception as e:
+        return make_row(env, status="error", note=describe_exception(e), backend=variant, **base)
+    finally:
+        meter.close()
+    if dropped:
+        note = "; ".join(filter(None, [note, f"pipeline takes no {', '.join(dropped)}"]))
+    note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
+    sec = sorted(times)[len(times) // 2]
+    peak, peak_kind = _peak(device)
+    row = make_row(env, status="ok", note=note, backend=variant, median_ms=sec * 1e3,
+                   p20_ms=min(times) * 1e3, p80_ms=max(times) * 1e3, reps=len(times),
+                   seconds_per_image=sec / opts.batch, images_per_s=opts.batch / sec,
+                   unet_calls=calls[-1], unet_ms_per_step=(sorted(unet_ms)[len(unet_ms) // 2] / calls[-1])
+                   if calls[-1] else None, peak_mem_mib=peak, peak_mem_kind=peak_kind, **base)
+    if baseline is not None:
+        (lat, img), (lat0, img0) = outputs, baseline
+        if lat.shape == lat0.shape:
+            row["latent_max_abs_diff"] = (lat - lat0).abs().max().item()
+        if img.shape == img0.shape:
+            row["psnr_db"] = psnr(img, img0)
+        row["diff_vs"] = "all-reference run, same seed"
+    row["_outputs"] = outputs
+    return row
+
+
+# -------------------------------------------------------------------------------- UNet step
+def _diffusers_unet(unet, cfg, device, dtype):
+    try:
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import AttnProcessor2_0
+    except ImportError as e:
+        raise Skip(f"diffusers is not installed ({e})") from None
+    try:
+        conv = importlib.import_module("sdcore.convert.unet")
+    except ImportError as e:
+        raise Skip(f"sdcore.convert.unet does not exist yet ({e})") from None
+    for name in ("ldm_to_diffusers", "config_to_diffusers"):
+        if not hasattr(conv, name):
+            raise Skip(f"sdcore.convert.unet.{name} does not exist yet")
+    d = UNet2DConditionModel.from_config(conv.config_to_diffusers(cfg))
+    d.load_state_dict(conv.ldm_to_diffusers(unet.state_dict(), cfg), strict=True)
+    d = d.to(device=device, dtype=dtype).eval()
+    d.set_attn_processor(AttnProcessor2_0())
+    return d
+
+
+def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
+    """UNet forward at the preset's resolution, batch 2 (CFG), for each variant and baseline."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    base = dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
+                reason="one denoising step: the UNet on cond + uncond in one batch")
+    try:
+        model = load_model(opts, device)
+        unet, cfg = _unet(model), _unet_config(model)
+        size = _image_size(model, opts) // 8
+    except Skip as e:
+        return [skipped_row(env, str(e), backend=v, preset=opts.preset, **base) for v in opts.variants]
+    except Exception as e:
+        return [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v,
+                         preset=opts.preset, **base) for v in opts.variants]
+    base.update(preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,
+                shape=f"x(2,{cfg.in_channels},{size},{size}) ctx(2,77,{cfg.context_dim})")
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, size, size, generator=g, device=device).to(opts.dtype)
+    t = torch.full((2,), 500, device=device, dtype=torch.long)
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g, device=device).to(opts.dtype)
+    ref_out = None
+    rep_ms = None if opts.quick else 1000
+    import kernels
+
+    for v in tqdm(opts.variants, desc="unet step", disable=not progress, leave=False):
+        note, triton_ops = "", []
+        counts_before = kernels.counts()
+        try:
+            if v == "compile":
+                if opts.quick:
+                    raise Skip("not run under --quick: compiling the UNet takes minutes")
+                import kernels
+
+                scope = kernels.use(**{op: "reference" for op in kernels.ops()})
+                compiled = torch.compile(unet)
+                fn = lambda: compiled(x, t, ctx)  # noqa: E731
+                note = "torch.compile(reference UNet), default mode"
+            elif v == "diffusers-sdpa":
+                scope = contextlib.nullcontext()
+                dunet = _diffusers_unet(unet, cfg, device, opts.dtype)
+                fn = lambda: dunet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
+                note = "diffusers UNet2DConditionModel, AttnProcessor2_0 (SDPA), same weights"
+            else:
+                if opts.interpreted_skip(v):
+                    raise Skip(opts.interpreted_skip(v))
+                scope, note, triton_ops = kernel_scope(v, device)
+                if v != "reference" and interpreting():
+                    note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
+            with torch.inference_mode(), scope:
+                out = fn() if v in UNET_BASELINES else unet(x, t, ctx)
+                if v not in UNET_BASELINES:
+                    fn = lambda: unet(x, t, ctx)  # noqa: E731
+                _peak_reset(device)
+                slow = interpreting() and device.type != "cuda" and v.startswith("triton")
+                timing = time_fn(fn, device, quick=opts.quick, rep_ms=0 if slow else rep_ms, called=True,
+                                 min_reps=1 if slow else 3, warmup_ms=0 if slow else None)
+            out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()
+        except Skip as e:
+            rows.append(skipped_row(env, str(e), backend=v, **base))
+            continue
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            rows.append(skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=v, **base))
+            continue
+        except Exception as e:
+            import kernels
+
+            if isinstance(e, kernels.BackendUnsupported):
+                rows.append(skipped_row(env, str(e), backend=v, **base))
+            else:
+                rows.append(make_row(env, status="error", note=describe_exception(e), backend=v, **base))
+            continue
+        peak, peak_kind = _peak(device)
+        note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
+        row = make_row(env, status="ok", note=note, backend=v, median_ms=timing.median_ms,
+                       p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                       unet_ms_per_step=timing.median_ms, unet_calls=1, peak_mem_mib=peak,
+                       peak_mem_kind=peak_kind, **base)
+        if v == "reference":
+            ref_out = out
+        elif ref_out is not None:
+            row["latent_max_abs_diff"] = (out - ref_out).abs().max().item()
+            row["diff_vs"] = "all-reference UNet output, same dtype"
+        rows.append(row)
+    add_speedups(rows, ("suite", "preset", "dtype"))
+    return rows
+
+
+def run(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
+    rows = run_unet_step(opts, device, env, progress=progress)
+    if not opts.unet_only:
+        rows += run_pipelines(opts, device, env, progress=progress)
+    _MODELS.clear()
+    return rows

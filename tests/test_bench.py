@@ -1,0 +1,130 @@
+"""Smoke tests of ``python -m bench`` on CPU: output format, CLI errors, skipped rows.
+
+The CLI runs in-process (``bench.__main__.main(argv)``) to keep this file fast.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import common
+from bench.__main__ import main
+
+
+def _run(argv, tmp_path):
+    rc = main([*argv, "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    return rc, data
+
+
+def _rows(data, **where):
+    return [r for r in data["rows"] if all(r[k] == v for k, v in where.items())]
+
+
+@pytest.fixture(scope="module")
+def ops_quick(tmp_path_factory):
+    """One `bench ops --quick` run shared by the tests that read its output."""
+    out = tmp_path_factory.mktemp("ops_quick")
+    rc = main(["ops", "--quick", "--out", str(out), "--no-progress"])
+    return rc, json.loads((out / "results.json").read_text()), out
+
+
+def test_ops_quick_writes_json_markdown_and_plots(ops_quick):
+    rc, data, out = ops_quick
+    assert set(data) == {"env", "ceilings", "rows"}
+    for key in ("device_name", "torch", "triton", "cuda", "git_commit", "date"):
+        assert key in data["env"], f"env lacks {key}: {sorted(data['env'])}"
+    assert data["ceilings"]["copy_gbps"] and data["ceilings"]["copy_gbps"] > 0, data["ceilings"]
+    assert data["rows"], "no rows"
+    for r in data["rows"]:
+        assert set(r) == set(common.ROW_KEYS), f"row keys differ: {set(r) ^ set(common.ROW_KEYS)}"
+        assert r["status"] in ("ok", "skipped", "error"), r
+        if r["status"] != "ok":
+            assert r["note"], f"{r['status']} row without a reason: {r}"
+    assert (out / "results.md").read_text().count("| group_norm_silu |") >= 2
+    assert list(out.glob("speedup-*.png")), "no plots written"
+
+
+def test_ops_quick_reference_rows_are_timed_and_checked(ops_quick):
+    _, data, _ = ops_quick
+    ops_run = {r["op"] for r in data["rows"]}
+    assert {"group_norm_silu", "attention"} <= ops_run, ops_run
+    for op in ops_run:
+        refs = _rows(data, op=op, backend="reference")
+        assert refs, f"no reference rows for {op}"
+        for r in refs:
+            assert r["status"] == "ok", f"{op} {r['case']}: reference row {r['status']}: {r['note']}"
+            assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0, r
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+            assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-4, r
+            assert r["speedup_vs_reference"] == pytest.approx(1.0), r
+            assert r["gbps"] and r["gbps"] > 0, r
+    attn = _rows(data, op="attention", backend="reference")
+    assert all(r["tflops"] and r["flops"] for r in attn), attn
+
+
+def test_ops_quick_compile_and_cuda_only_backends_are_skipped_with_a_reason(ops_quick):
+    _, data, _ = ops_quick
+    compiled = _rows(data, backend="compile")
+    assert compiled and all(r["status"] == "skipped" and "--quick" in r["note"] for r in compiled), compiled
+    if common.pick_device(None).type == "cpu":
+        cudnn = _rows(data, backend="sdpa-cudnn")
+        assert cudnn and all(r["status"] == "skipped" and "CUDA" in r["note"] for r in cudnn), cudnn
+
+
+def test_backend_refusing_the_input_is_a_skipped_row(tmp_path, monkeypatch):
+    """A backend whose check() refuses the input (BackendUnsupported) -> skipped, with its reason."""
+    from kernels import registry
+
+    impl = registry._OPS["attention"][registry.Backend.SDPA]
+    monkeypatch.setitem(registry._OPS["attention"], registry.Backend.SDPA,
+                        registry._Impl(impl.fn, lambda *a, **k: "pretend head-dim limit"))
+    rc, data = _run(["ops", "--quick", "--ops", "attention", "--backends", "sdpa", "--no-plot"], tmp_path)
+    rows = _rows(data, backend="sdpa")
+    assert rows and all(r["status"] == "skipped" and "pretend head-dim limit" in r["note"] for r in rows), rows
+    assert all(r["status"] == "ok" for r in _rows(data, backend="reference")), "reference must still run"
+    assert rc == 0
+
+
+@pytest.mark.parametrize("argv,needle,valid", [
+    (["ops", "--ops", "softmax"], "unknown op 'softmax'", "group_norm_silu"),
+    (["ops", "--backends", "cutlass"], "unknown backend 'cutlass'", "sdpa-flash"),
+    (["ops", "--dtypes", "fp8"], "unknown dtype 'fp8'", "bf16"),
+    (["ops", "--shapes", "unet99.res"], "unknown shape case 'unet99.res'", "unet15.down0.res"),
+    (["pipelines", "--preset", "sdxl"], "unknown preset 'sdxl'", "sd15-inpaint"),
+    (["pipelines", "--pipelines", "outpaint"], "unknown pipeline 'outpaint'", "repaint"),
+])
+def test_unknown_names_error_with_the_valid_ones(argv, needle, valid, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and valid in err, err
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["all", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--ops", "--backends", "--dtypes", "--shapes", "--quick", "--out", "--no-plot", "--preset",
+                "--ckpt", "--pipelines", "--steps", "--unet-only"):
+        assert opt in out, f"--help does not mention {opt}"
+
+
+def test_pipelines_quick(tmp_path):
+    import pipelines
+
+    missing = [f for f in ("txt2img", "img2img", "inpaint") if not hasattr(pipelines, f)]
+    if missing:
+        pytest.skip(f"pipelines.{', pipelines.'.join(missing)} not written yet")
+    rc, data = _run(["pipelines", "--quick", "--no-plot"], tmp_path)
+    step = _rows(data, suite="unet_step", backend="reference")
+    assert step and step[0]["status"] == "ok" and step[0]["median_ms"] > 0, step
+    pipes = _rows(data, suite="pipelines", backend="reference")
+    assert {r["op"] for r in pipes} == {"txt2img", "img2img", "repaint", "unet9", "blend"}, pipes
+    for r in pipes:
+        assert r["status"] == "ok", f"{r['op']}: {r['status']}: {r['note']}"
+        assert r["unet_calls"] and r["unet_calls"] > 0 and r["seconds_per_image"] > 0, r
