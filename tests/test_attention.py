@@ -60,11 +60,14 @@ def make_qkv(shape, dtype, device, layout="unet", seed=0):
     return tuple(t.detach().requires_grad_() for t in (q, k, v))
 
 
-def attention_fp64(q, k, v, scale=None):
-    """softmax(q kᵀ · scale) v entirely in fp64 (attention_reference keeps softmax in fp32)."""
+def attention_fp64(q, k, v, scale=None, causal=False):
+    """softmax(q kᵀ · scale) v entirely in fp64; ``causal`` masks keys j > i (top-left aligned)."""
     q, k, v = (t.double() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
 def check(out, want64, torch_out, dtype, name):
@@ -194,3 +197,51 @@ def test_forward_sd_shapes(shape, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_backward_sd_shape(dtype, device):
     run_backward((2, 8, 1024, 1024, 80), dtype, device, poison=dtype == torch.float16)
+
+
+CAUSAL_SHAPES = [  # (B, H, Lq, Lkv, D)
+    (2, 2, 77, 77, 64),  # the CLIP text encoder: 77 tokens, causal, D 64 (ViT-L/14 and ViT-H/14)
+    (1, 3, 77, 77, 40),  # several query blocks, padded head dim
+    (1, 1, 20, 70, 16),  # Lq < Lkv: top-left aligned like SDPA's is_causal (query i sees keys <= i)
+]
+
+
+@pytest.mark.parametrize("shape", CAUSAL_SHAPES, ids=str)
+def test_causal_forward_backward_fp32(shape, device):
+    q, k, v = make_qkv(shape, torch.float32, device, "unet")
+    want = attention_fp64(q, k, v, causal=True)
+    out = torch.full_like(q, float("nan"))
+    with torch.no_grad():
+        assert_close(attention_triton(q, k, v, causal=True, out=out), want, rel=2e-5, name=f"causal o {shape}")
+        assert_close(attention_module.attention_reference(q, k, v, causal=True), want, rel=2e-5,
+                     name=f"causal reference {shape}")
+        assert_close(attention_module.attention_sdpa(q, k, v, causal=True), want, rel=2e-5,
+                     name=f"causal sdpa {shape}")
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    got = torch.autograd.grad(attention_triton(q, k, v, causal=True), (q, k, v), do)
+    ref = torch.autograd.grad(attention_fp64(q, k, v, causal=True), (q, k, v), do.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, ref):
+        assert_close(g, w, rel=2e-5, name=f"causal {name} {shape}")
+
+
+def test_causal_really_masks(device):
+    """Changing a future key must not change an earlier query's output (and must change a later one)."""
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 10, 10, 16), torch.float32, device, "contiguous"))
+    with kernels.use(attention="triton"):
+        before = kernels.attention(q, k, v, causal=True)
+        k2, v2 = k.clone(), v.clone()
+        k2[..., 7, :] += 3.0
+        v2[..., 7, :] -= 3.0
+        after = kernels.attention(q, k2, v2, causal=True)
+    assert torch.equal(before[..., :7, :], after[..., :7, :]), "a query saw a future key"
+    assert not torch.allclose(before[..., 7:, :], after[..., 7:, :]), "queries >= 7 ignored key 7"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_causal_clip_shape_gpu(dtype, device):
+    q, k, v = make_qkv((2, 12, 77, 77, 64), dtype, device, "unet")
+    with torch.no_grad():
+        out = attention_triton(q, k, v, causal=True)
+        torch_out = attention_module.attention_reference(q, k, v, causal=True)
+    check(out, attention_fp64(q, k, v, causal=True), torch_out, dtype, "causal clip")
