@@ -142,10 +142,16 @@ class StableDiffusion(nn.Module):
     def from_preset(cls, name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     device="cpu") -> "StableDiffusion":
         """A preset's architecture with seeded random weights (deterministic for a given seed)."""
+        return cls.from_config(SDConfig.preset(name), seed=seed, dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: SDConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device="cpu") -> "StableDiffusion":
+        """Any SD 1.x/2.x-family architecture (``SDConfig.preset(...).replace(...)``) with seeded
+        random weights, e.g. to benchmark a UNet variant before any checkpoint exists."""
         from .tokenizer import CLIPTokenizer
 
         _check_dtype(dtype)
-        config = SDConfig.preset(name)
         device = torch.device(device)
         model = cls.skeleton(config, CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
         state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
