@@ -11,6 +11,10 @@ implementations are registered per backend with :func:`register`. A call goes th
 4. the default: ``triton`` when the input is on a CUDA device and Triton imports, else
    ``reference``.
 
+The choice is traceable by ``torch.compile``: a compiled model bakes in the backends chosen when
+it was traced (dynamo guards on the scope and ``set_backend`` state, so changing them retraces).
+Scopes are process-wide (a plain stack, not per thread) so that dynamo can read them.
+
 A backend may refuse an input (dtype, head dim, device) through its ``check`` function. When
 the backend was chosen explicitly (1-3) that raises :class:`BackendUnsupported` naming the limit;
 under the default it falls back to ``reference`` and warns once per (op, reason).
@@ -22,8 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -59,7 +61,9 @@ _OPS: dict[str, dict[Backend, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
 _WARNED: set[tuple[str, str]] = set()
 _GLOBAL: dict[str, Backend] = {}
-_SCOPE: contextvars.ContextVar[dict[str, Backend]] = contextvars.ContextVar("sdlab_kernels", default={})
+_SCOPES: list[dict[str, Backend]] = [{}]  # innermost kernels.use() choice last
+_ENV_CACHE: dict[str, dict[str, Backend]] = {}
+_TRITON_STATUS: list[str | None] = []  # [why triton does not import, or None], filled once
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -73,7 +77,7 @@ def register(op: str, backend: Backend | str, *, check: Callable[..., str | None
 
     def deco(fn: Callable) -> Callable:
         _OPS.setdefault(op, {})[backend] = _Impl(fn, check)
-        _parse_env.cache_clear()  # "triton" means "every op that has it": recompute
+        _ENV_CACHE.clear()  # "triton" means "every op that has it": recompute
         return fn
 
     return deco
@@ -110,11 +114,15 @@ def _validate(op: str, backend: Backend | str) -> Backend:
     return b
 
 
-@functools.lru_cache(maxsize=16)
 def _parse_env(value: str) -> dict[str, Backend]:
-    """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op (cached: dispatch is hot).
+    """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op. Cached per value (dispatch is
+    hot); the result is shared between calls, treat it as read-only."""
+    if value not in _ENV_CACHE:
+        _ENV_CACHE[value] = _parse_env_uncached(value)
+    return _ENV_CACHE[value]
 
-    The result is shared between calls; treat it as read-only."""
+
+def _parse_env_uncached(value: str) -> dict[str, Backend]:
     value = value.strip()
     if not value:
         return {}
@@ -139,7 +147,7 @@ def _parse_env(value: str) -> dict[str, Backend]:
 
 def _choice(op: str) -> tuple[Backend | None, str]:
     """The explicit backend for ``op`` and where it came from, or (None, '')."""
-    scope = _SCOPE.get()
+    scope = _SCOPES[-1]
     if op in scope:
         return scope[op], "kernels.use() scope"
     if op in _GLOBAL:
@@ -158,12 +166,15 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 
 
 def triton_available() -> str | None:
-    """None when Triton imports, else why not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton does not import ({type(e).__name__}: {e})"
-    return None
+    """None when Triton imports, else why not (checked once per process)."""
+    if not _TRITON_STATUS:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_STATUS.append(None)
+        except Exception as e:  # pragma: no cover - depends on the machine
+            _TRITON_STATUS.append(f"triton does not import ({type(e).__name__}: {e})")
+    return _TRITON_STATUS[0]
 
 
 def interpreting() -> bool:
@@ -219,7 +230,8 @@ def implementation(op: str, backend: Backend | str) -> Callable:
 
 def dispatch(op: str, *args, **kwargs):
     backend, _ = resolve(op, *args, **kwargs)
-    _COUNTS[(op, backend.value)] += 1
+    if not torch.compiler.is_compiling():  # counts are of eager dispatches
+        _COUNTS[(op, backend.value)] += 1
     return implementation(op, backend)(*args, **kwargs)
 
 
@@ -235,11 +247,11 @@ def use(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Ite
     for op, b in per_op.items():
         _impls(op)
         choice[op] = _validate(op, b)
-    token = _SCOPE.set({**_SCOPE.get(), **choice})
+    _SCOPES.append({**_SCOPES[-1], **choice})
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        _SCOPES.pop()
 
 
 def set_backend(backend: Backend | str | None = None, /, **per_op: Backend | str | None) -> None:

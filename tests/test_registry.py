@@ -27,7 +27,7 @@ def toy_op():
 
     yield calls
     registry._OPS.pop("toy_op")
-    registry._parse_env.cache_clear()
+    registry._ENV_CACHE.clear()
     registry._WARNED.clear()
 
 
@@ -139,3 +139,20 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     assert "triton" in line and kernels.ENV_VAR in line
     for op in ("attention", "group_norm_silu", "scheduler_step"):
         assert op in text
+
+
+@pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}])
+def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
+    """Dispatch is traceable: the switch costs no graph break (a break per op made the compiled
+    SD 1.5 UNet 2x slower than eager on an H100)."""
+    import torch._dynamo as dynamo
+
+    from sdcore import StableDiffusion
+
+    unet = StableDiffusion.from_preset("tiny").unet
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    dynamo.reset()
+    with kernels.use(**scope):
+        explained = dynamo.explain(unet)(x, torch.tensor([10, 10]), ctx)
+    reasons = [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
