@@ -180,23 +180,6 @@ class StableDiffusion(nn.Module):
             raise ValueError(f"unknown layout {layout!r}; use 'ldm' or 'diffusers'")
 
 
-def _tokenizer_from_folder(folder: Path):
-    """CLIPTokenizer.from_folder, also for folders that transformers >= 5 writes with
-    ``save_pretrained``: only tokenizer.json (vocab and merges inside) + tokenizer_config.json."""
-    import json
-
-    from .tokenizer import CLIPTokenizer, _read_pad_token
-
-    fast = folder / "tokenizer.json"
-    if (folder / "vocab.json").is_file() or not fast.is_file():
-        return CLIPTokenizer.from_folder(folder)
-    bpe = json.loads(fast.read_text(encoding="utf-8")).get("model", {})
-    if bpe.get("type") != "BPE":
-        raise CheckpointError(f"{fast}: not a BPE (CLIP) tokenizer")
-    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
-    return CLIPTokenizer(bpe["vocab"], merges, _read_pad_token(folder) or "<|endoftext|>")
-
-
 def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_type: str | None = None,
          tokenizer=None) -> StableDiffusion:
     """Load an SD 1.x/2.x model from a single-file LDM checkpoint (.safetensors, .ckpt, .pt) or a
@@ -216,10 +199,10 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     source = checkpoint.open_checkpoint(path)
     config = source.config(prediction_type)
     if tokenizer is None:
-        tokenizer = (_tokenizer_from_folder(source.tokenizer_folder) if source.tokenizer_folder
+        tokenizer = (CLIPTokenizer.from_folder(source.tokenizer_folder) if source.tokenizer_folder
                      else CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
     elif isinstance(tokenizer, (str, Path)):
-        tokenizer = _tokenizer_from_folder(Path(tokenizer))
+        tokenizer = CLIPTokenizer.from_folder(Path(tokenizer))
     if getattr(tokenizer, "pad_token", config.text_encoder.pad_token) != config.text_encoder.pad_token:
         # The tokenizer is what pads; keep the config consistent with it.
         config = config.replace(text_encoder=config.text_encoder.replace(pad_token=tokenizer.pad_token))

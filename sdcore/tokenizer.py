@@ -134,16 +134,27 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, pad_token: str | None = None) -> "CLIPTokenizer":
-        """From a diffusers ``tokenizer/`` folder: vocab.json + merges.txt; the pad token comes from
-        ``pad_token``, else special_tokens_map.json / tokenizer_config.json, else ``<|endoftext|>``."""
+        """From a diffusers ``tokenizer/`` folder: vocab.json + merges.txt, or only tokenizer.json
+        (what transformers >= 5 ``save_pretrained`` writes; vocab and merges are inside). The pad
+        token comes from ``pad_token``, else special_tokens_map.json / tokenizer_config.json, else
+        ``<|endoftext|>``."""
         folder = Path(path)
+        pad = pad_token or _read_pad_token(folder) or EOS
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+            if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+                raise ValueError(f"{folder / 'tokenizer.json'}: not a BPE (CLIP) tokenizer "
+                                 f"(model type {model.get('type')!r})")
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+            return cls(model["vocab"], merges, pad)
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: missing {', '.join(missing)}")
+            raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: missing {', '.join(missing)} "
+                                    "(and no tokenizer.json)")
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(vocab, merges, pad_token or _read_pad_token(folder) or EOS)
+        return cls(vocab, merges, pad)
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json, the files

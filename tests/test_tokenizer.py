@@ -156,3 +156,23 @@ def test_bad_inputs(tmp_path, monkeypatch, bpe_path):
     monkeypatch.setattr(tk.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps clip-anytorch"):
         CLIPTokenizer.default()
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_from_folder_with_only_tokenizer_json(hf_folder, tmp_path, pad):
+    """transformers >= 5 `save_pretrained` writes tokenizer.json (vocab and merges inside) and no
+    vocab.json/merges.txt, so that is what a diffusers folder saved today holds."""
+    hf = transformers.CLIPTokenizer.from_pretrained(hf_folder, pad_token=pad)
+    hf.save_pretrained(tmp_path)
+    for legacy in ("vocab.json", "merges.txt"):
+        (tmp_path / legacy).unlink(missing_ok=True)
+    ours = tk.CLIPTokenizer.from_folder(tmp_path)
+    assert ours.pad_token == pad
+    prompts = corpus(40)
+    assert torch.equal(ours(prompts), _hf_ids(hf_folder, prompts, pad))
+
+
+def test_from_folder_rejects_a_non_bpe_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(ValueError, match="not a BPE .* 'WordPiece'"):
+        tk.CLIPTokenizer.from_folder(tmp_path)
