@@ -220,6 +220,7 @@ ROW_KEYS = (
     # pipelines
     "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",
     "peak_mem_mib", "peak_mem_kind", "latent_max_abs_diff", "psnr_db", "diff_vs",
+    "scheduler_calls", "scheduler_ms_est", "scheduler_share",
     # environment, copied into every row so rows can be concatenated across runs
     "device_name", "torch", "triton", "cuda", "git_commit", "date",
 )
@@ -308,7 +309,9 @@ OPS_COLUMNS = [
 PIPELINE_COLUMNS = [
     ("pipeline", "op"), ("preset", "preset"), ("dtype", "dtype"), ("kernels", "backend"),
     ("steps", "steps"), ("s/image", "seconds_per_image"), ("images/s", "images_per_s"),
-    ("UNet ms/step", "unet_ms_per_step"), ("UNet calls", "unet_calls"), ("peak MiB", "peak_mem_mib"),
+    ("UNet ms/step", "unet_ms_per_step"), ("UNet calls", "unet_calls"),
+    ("scheduler ms (est.)", "scheduler_ms_est"), ("scheduler share", "scheduler_share"),
+    ("peak MiB", "peak_mem_mib"),
     ("speed-up", "speedup_vs_reference"), ("max |Δ| latents", "latent_max_abs_diff"),
     ("PSNR dB", "psnr_db"), ("status / note", None),
 ]
@@ -320,8 +323,8 @@ def _cell(row: dict, key: str | None, title: str) -> str:
     if title == "status / note":
         text = row["status"] if not row["note"] else f"{row['status']}: {row['note']}"
         return text.replace("|", "\\|").replace("\n", " ")
-    if key == "frac_of_peak":
-        return "" if row[key] is None else f"{100 * row[key]:.1f}"
+    if key in ("frac_of_peak", "scheduler_share"):
+        return "" if row[key] is None else f"{100 * row[key]:.1f}" + (" %" if key == "scheduler_share" else "")
     if key == "speedup_vs_reference":
         return "" if row[key] is None else f"{row[key]:.2f}x"
     return _fmt(row[key]).replace("|", "\\|")

@@ -505,12 +505,19 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
         note = "; ".join(filter(None, [note, f"pipeline takes no {', '.join(dropped)}"]))
     note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
     sec = sorted(times)[len(times) // 2]
+    try:
+        sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + opts.repeats, sec * 1e3,
+                                (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
+                                opts.dtype, device, opts.quick)
+    except Skip as e:
+        sched = {}
+        note = "; ".join(filter(None, [note, f"scheduler share not estimated: {e}"]))
     peak, peak_kind = _peak(device)
     row = make_row(env, status="ok", note=note, backend=variant, median_ms=sec * 1e3,
                    p20_ms=min(times) * 1e3, p80_ms=max(times) * 1e3, reps=len(times),
                    seconds_per_image=sec / opts.batch, images_per_s=opts.batch / sec,
                    unet_calls=calls[-1], unet_ms_per_step=(sorted(unet_ms)[len(unet_ms) // 2] / calls[-1])
-                   if calls[-1] else None, peak_mem_mib=peak, peak_mem_kind=peak_kind, **base)
+                   if calls[-1] else None, peak_mem_mib=peak, peak_mem_kind=peak_kind, **sched, **base)
     if baseline is not None:
         (lat, img), (lat0, img0) = outputs, baseline
         if lat.shape == lat0.shape:
@@ -520,6 +527,36 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
         row["diff_vs"] = "all-reference run, same seed"
     row["_outputs"] = outputs
     return row
+
+
+_STEP_MS: dict[tuple, float] = {}
+
+
+def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
+                    masked: bool, dtype: torch.dtype, device: torch.device, quick: bool) -> dict:
+    """How much of one pipeline run the scheduler update takes, estimated without syncing inside
+    the loop: (scheduler_step dispatches per run, per backend) x (that backend's time for one step
+    at the run's latent shape, with CFG and, for RePaint/blend, the mask blend), the op timed in
+    isolation in this same run. Before fusion (`reference`) vs after (`triton`) is the comparison
+    the RePaint benchmark asks for."""
+    from .ops import _step, backend_callable, make_inputs
+
+    per_backend = {b: (counts_after.get(("scheduler_step", b), 0) - counts_before.get(("scheduler_step", b), 0))
+                   / runs for (op, b) in counts_after if op == "scheduler_step"}
+    per_backend = {b: n for b, n in per_backend.items() if n > 0}
+    est = 0.0
+    for backend, calls in per_backend.items():
+        key = (backend, latent_shape, masked, dtype, device.type)
+        if key not in _STEP_MS:
+            case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked)
+            args, kwargs = make_inputs(case, device, dtype)
+            fn, ctx, _ = backend_callable("scheduler_step", backend, args, kwargs, device)
+            with ctx():
+                _STEP_MS[key] = time_fn(fn, device, quick=quick).median_ms
+        est += calls * _STEP_MS[key]
+    calls = sum(per_backend.values())
+    return dict(scheduler_calls=calls, scheduler_ms_est=est if calls else None,
+                scheduler_share=est / run_ms if calls and run_ms > 0 else None)
 
 
 # -------------------------------------------------------------------------------- UNet step
