@@ -64,9 +64,9 @@ def check_choice(name: str, value, valid: Sequence[str]) -> str:
 
 
 def size_multiple(config) -> int:
-    """Pixel sizes must be multiples of this: the VAE's 8x times the UNet's own downsamplings
-    (the latent must divide by 2^(levels - 1)): 64 for SD 1.x/2.x, 32 for the tiny presets."""
-    return 2 ** (len(config.vae.ch_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
+    """Pixel sizes must be multiples of the VAE's downsampling, 8 for SD (the UNet takes any latent
+    size: its upsamplers match the skip connections, as diffusers' do)."""
+    return 2 ** (len(config.vae.ch_mult) - 1)
 
 
 def fit_size(height: int, width: int, multiple: int, resize: bool) -> tuple[int, int]:
@@ -77,7 +77,7 @@ def fit_size(height: int, width: int, multiple: int, resize: bool) -> tuple[int,
     if height % multiple or width % multiple:
         if not resize:
             raise ValueError(f"height and width must be multiples of {multiple} for this model (the VAE "
-                             f"downsamples 8x and the UNet further), got {height}x{width}; pass resize=True "
+                             f"downsamples {multiple}x), got {height}x{width}; pass resize=True "
                              f"to round down to {height - height % multiple}x{width - width % multiple}")
         height, width = height - height % multiple, width - width % multiple
     return height, width

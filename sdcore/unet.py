@@ -170,19 +170,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Nearest 2x, or to ``size`` (the skip connection's), so latents whose sides do not
+        divide by 2^(levels - 1) work: the stride-2 convs round up, this matches them back."""
+        up = F.interpolate(x, scale_factor=2, mode="nearest") if size is None else F.interpolate(x, size=size, mode="nearest")
+        return self.conv(up)
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the timestep embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -244,7 +250,8 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = block(h, emb, context, size=hs[-1].shape[-2:] if hs else None)  # upsample to the next skip
         return self.out(h)
 
     def _check_inputs(self, x, t, context) -> torch.Tensor:
@@ -254,10 +261,6 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNet expects x of shape (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}"
                              + (" (the inpainting UNet takes 9 channels: latent 4 + mask 1 + masked latent 4)"
                                 if x.dim() == 4 and 9 in (x.shape[1], cfg.in_channels) else ""))
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"UNet latent size {tuple(x.shape[2:])} must be divisible by {factor} "
-                             f"(2^{len(cfg.channel_mult) - 1} downsamplings)")
         b = x.shape[0]
         if context.dim() != 3 or context.shape[-1] != cfg.context_dim:
             raise ValueError(f"UNet expects context of shape (B, L, {cfg.context_dim}), got {tuple(context.shape)}")

@@ -278,10 +278,18 @@ def test_generator_and_seed_recorded(tiny):
 
 
 def test_resize_rounds_down(tiny, image):
-    r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=70, width=40, resize=True, cfg_scale=1.0)
-    assert r.images[0].size == (32, 64) and tuple(r.latents.shape) == (1, 4, 8, 4)
+    r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=70, width=44, resize=True, cfg_scale=1.0)
+    assert r.images[0].size == (40, 64) and tuple(r.latents.shape) == (1, 4, 8, 5)  # to multiples of 8
     r = pipelines.img2img(tiny, image.resize((70, 70)), "a", steps=1, seed=0, resize=True, cfg_scale=1.0)
     assert r.images[0].size == (64, 64)
+
+
+def test_sizes_that_are_multiples_of_8_only(tiny):
+    """72x40 px -> a 9x5 latent, which the UNet's 2 downsamplings do not divide: diffusers handles
+    it by upsampling to the skip connections' sizes, and so does sdcore's UNet."""
+    r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=72, width=40, cfg_scale=1.0)
+    assert r.images[0].size == (40, 72) and tuple(r.latents.shape) == (1, 4, 9, 5)
+    assert torch.isfinite(r.latents).all()
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -291,7 +299,7 @@ def _errors(tiny, tiny9, image, mask):
     return {
         "unknown sampler": (lambda: t(sampler="plms"), "unknown sampler 'plms'; known: ddpm, ddim, euler_a, dpmpp_2m"),
         "steps 0": (lambda: t(steps=0), "steps must be an integer >= 1"),
-        "height not a multiple": (lambda: t(height=60, width=64), "multiples of 32"),
+        "height not a multiple": (lambda: t(height=60, width=64), "multiples of 8"),
         "seed and generator": (lambda: t(seed=1, generator=torch.Generator()), "either seed or generator"),
         "eta without ddim": (lambda: t(eta=0.5, sampler="euler_a"), "eta applies to the ddim sampler only"),
         "latents shape": (lambda: t(latents=torch.zeros(1, 4, 4, 4), height=64, width=64), "(1, 4, 8, 8)"),
@@ -368,7 +376,7 @@ def test_cli_errors_are_clean(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["txt2img", "--preset", "tiny", "--height", "60", "--steps", "1", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "multiples of 32" in capsys.readouterr().err
+    assert e.value.code == 2 and "multiples of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["txt2img", "--preset", "tiny", "--kernels", "attention=nope", "--out", str(tmp_path)])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
