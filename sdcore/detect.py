@@ -1,0 +1,239 @@
+"""Architecture detection: an SDConfig read from a checkpoint's tensor shapes.
+
+Architecture detection (single files) reads shapes, never a table of known checkpoints:
+
+* UNet: ``input_blocks.0.0.weight`` gives in_channels (4, or 9 for inpainting) and
+  model_channels; the ResBlocks/Downsamples of ``input_blocks`` give channel_mult and
+  num_res_blocks; a ``proj_in`` after a ResBlock marks a level with attention (ds = 2**level);
+  a 2-d ``proj_in`` means linear projections; ``attn2.to_k`` gives context_dim.
+* VAE: ``encoder.conv_in`` gives ch, the ``encoder.down.{i}`` blocks ch_mult and num_res_blocks,
+  ``decoder.conv_in`` z_channels, ``post_quant_conv`` embed_dim.
+* Text encoder: ``cond_stage_model.transformer.*`` is OpenAI CLIP in HF layout (SD 1.x),
+  ``cond_stage_model.model.*`` OpenCLIP (SD 2.x); widths, layer count and MLP width from shapes.
+* Heads cannot be read from shapes. The rule: context_dim 768 (SD 1.x) -> 8 heads; 1024 (SD 2.x)
+  -> 64 channels per head; text encoders use 64-wide heads. When a width does not fit that rule
+  (the tiny test presets), the head settings come from the preset whose other fields match.
+* Prediction type cannot be read from weights either: epsilon, unless ``prediction_type`` is
+  given; an SD 2.x single file without it triggers a warning (768-v models need "v_prediction").
+* Files written by sdcore also carry the full SDConfig as JSON (safetensors metadata / a
+  ``"sdcore_config"`` entry in a .ckpt), which supplies what shapes cannot tell (heads, clip_skip,
+  scaling factor, schedule), so round trips keep the config; it is used only when its
+  architecture agrees with the detected one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Mapping
+
+from .config import PRESETS, SchedulerConfig, SDConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+COMPONENTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+              "text_encoder": "cond_stage_model."}
+CONFIG_KEY = "sdcore_config"  # safetensors metadata / .ckpt entry holding SDConfig as JSON
+# Config fields that shapes cannot tell, per component (text: projection_dim too for kind "clip",
+# whose single file has no projection).
+_FREE = {"unet": ("num_heads", "num_head_channels", "norm_groups", "norm_eps"),
+         "vae": ("norm_groups", "norm_eps", "scaling_factor", "logvar_clamp"),
+         "text_encoder": ("heads", "act", "layer_norm_eps", "clip_skip", "pad_token")}
+
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a loadable SD 1.x/2.x checkpoint; the message says why."""
+
+
+def _summary(keys, n: int = 10) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
+
+
+# ------------------------------------------------------------------------------- family / detection
+def identify(keys, where) -> None:
+    """Raise a CheckpointError saying what the checkpoint looks like unless it is an SD 1.x/2.x
+    single file with all three components."""
+    keys = list(keys)
+    sdxl = [k for k in keys if k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb."))]
+    if sdxl:
+        raise CheckpointError(f"{where} looks like an SDXL checkpoint ({sdxl[0]}); sdcore loads "
+                              "SD 1.x/2.x only")
+    lora = [k for k in keys if k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k
+            or ".lora_up." in k or "lora_A" in k or "lora_B" in k]
+    if lora:
+        raise CheckpointError(f"{where} looks like a LoRA ({lora[0]}), not a full model; merge it "
+                              "into a base checkpoint first")
+    present = {c for c, p in COMPONENTS.items() if any(k.startswith(p) for k in keys)}
+    if not present:
+        if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+                        for k in keys):
+            raise CheckpointError(f"{where} looks like a standalone VAE (only encoder.*/decoder.*/"
+                                  "quant_conv keys), not a full Stable Diffusion checkpoint")
+        if any(k.startswith(("down_blocks.", "time_embedding.", "text_model.")) for k in keys):
+            raise CheckpointError(f"{where} looks like one diffusers/transformers component; load "
+                                  "the whole pipeline folder instead")
+        raise CheckpointError(f"{where} is not a Stable Diffusion checkpoint: no keys start with "
+                              f"{', '.join(COMPONENTS.values())} (keys: {_summary(keys, 5)})")
+    if present != set(COMPONENTS):
+        gone = [f"{c} ({COMPONENTS[c]}*)" for c in COMPONENTS if c not in present]
+        raise CheckpointError(f"{where} has no weights for: {', '.join(gone)}")
+
+
+_UNKNOWN = -2  # head settings that neither a rule nor a preset gives
+
+
+def _indices(s: Mapping[str, tuple], prefix: str) -> list[int]:
+    """The numbers n of the keys ``prefix + "n." ...``, sorted."""
+    return sorted({int(k[len(prefix):].split(".")[0]) for k in s if k.startswith(prefix)})
+
+
+def _match(detected, free: tuple[str, ...], pick):
+    """Head settings from the first preset equal to ``detected`` up to the ``free`` fields."""
+    for preset in PRESETS.values():
+        cand = pick(preset)
+        if detected.replace(**{f: getattr(cand, f) for f in free}) == cand:
+            return cand
+    return None
+
+
+def _detect_unet(s: Mapping[str, tuple], te_kind: str, where) -> UNetConfig:
+    p = COMPONENTS["unet"]
+    model_channels, in_channels = s[p + "input_blocks.0.0.weight"][:2]
+    ids = _indices(s, p + "input_blocks.")
+    mult, attn, res_counts, count, level, first_attn = [], set(), [], 0, 0, None
+    for i in ids[1:]:
+        if p + f"input_blocks.{i}.0.op.weight" in s:  # Downsample closes a level
+            res_counts.append(count)
+            count, level = 0, level + 1
+            continue
+        count += 1
+        if count == 1:
+            mult.append(s[p + f"input_blocks.{i}.0.out_layers.3.weight"][0] // model_channels)
+        if p + f"input_blocks.{i}.1.proj_in.weight" in s:
+            attn.add(2 ** level)
+            first_attn = i if first_attn is None else first_attn
+    res_counts.append(count)
+    if len(set(res_counts)) != 1:
+        raise CheckpointError(f"{where}: unsupported UNet, ResBlocks per level {res_counts}")
+    cfg = UNetConfig(in_channels=in_channels, out_channels=s[p + "out.2.weight"][0],
+                     model_channels=model_channels, channel_mult=tuple(mult),
+                     num_res_blocks=res_counts[0], attention_resolutions=tuple(sorted(attn, reverse=True)))
+    if first_attn is not None:
+        tp = p + f"input_blocks.{first_attn}.1."
+        depth = len(_indices(s, tp + "transformer_blocks."))
+        cfg = cfg.replace(transformer_depth=depth, context_dim=s[tp + "transformer_blocks.0.attn2.to_k.weight"][1],
+                          use_linear_in_transformer=len(s[tp + "proj_in.weight"]) == 2)
+    temb = s[p + "time_embed.0.weight"][0]
+    cfg = cfg.replace(time_embed_dim=None if temb == 4 * model_channels else temb)
+    if cfg.context_dim == 768:  # SD 1.x: 8 heads
+        return cfg.replace(num_heads=8, num_head_channels=-1)
+    if cfg.context_dim == 1024:  # SD 2.x: 64 channels per head
+        return cfg.replace(num_head_channels=64)
+    known = _match(cfg, ("num_heads", "num_head_channels"), lambda c: c.unet)
+    if known is not None:
+        return known
+    guess = cfg.replace(num_heads=8, num_head_channels=-1) if te_kind == "clip" else cfg.replace(num_head_channels=64)
+    fits = all(math.prod(guess.heads_at(m * model_channels)) == m * model_channels for m in cfg.channel_mult)
+    return guess if fits else cfg.replace(num_heads=_UNKNOWN, num_head_channels=_UNKNOWN)
+
+
+def _detect_vae(s: Mapping[str, tuple], where) -> VAEConfig:
+    from .vae import LDM_RESOLUTION
+
+    p = COMPONENTS["vae"]
+    ch, in_channels = s[p + "encoder.conv_in.weight"][:2]
+    levels = _indices(s, p + "encoder.down.")
+    z = s[p + "decoder.conv_in.weight"][1]
+    return VAEConfig(in_channels=in_channels, out_ch=s[p + "decoder.conv_out.weight"][0], ch=ch,
+                     ch_mult=tuple(s[p + f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in levels),
+                     num_res_blocks=len(_indices(s, p + "encoder.down.0.block.")),
+                     z_channels=z, embed_dim=s[p + "post_quant_conv.weight"][1],
+                     attn_resolutions=tuple(LDM_RESOLUTION // 2**i for i in levels
+                                            if p + f"encoder.down.{i}.attn.0.q.weight" in s),
+                     double_z=s[p + "encoder.conv_out.weight"][0] == 2 * z)
+
+
+def _detect_text(s: Mapping[str, tuple], where) -> TextEncoderConfig:
+    p = COMPONENTS["text_encoder"]
+    if any(k.startswith(p + "transformer.") for k in s):  # OpenAI CLIP, HF names (SD 1.x)
+        t = p + "transformer.text_model."
+        vocab, width = s[t + "embeddings.token_embedding.weight"]
+        proj = s.get(p + "transformer.text_projection.weight", (width,))[0]
+        cfg = TextEncoderConfig(kind="clip", vocab_size=vocab, width=width, projection_dim=proj,
+                                max_length=s[t + "embeddings.position_embedding.weight"][0],
+                                layers=len(_indices(s, t + "encoder.layers.")),
+                                intermediate=s[t + "encoder.layers.0.mlp.fc1.weight"][0])
+    elif any(k.startswith(p + "model.") for k in s):  # OpenCLIP (SD 2.x)
+        t = p + "model."
+        vocab, width = s[t + "token_embedding.weight"]
+        cfg = TextEncoderConfig(kind="openclip", vocab_size=vocab, width=width, act="gelu", clip_skip=2,
+                                pad_token="!", max_length=s[t + "positional_embedding"][0],
+                                projection_dim=s.get(t + "text_projection", (width, 0))[1],
+                                layers=len(_indices(s, t + "transformer.resblocks.")),
+                                intermediate=s[t + "transformer.resblocks.0.mlp.c_fc.weight"][0])
+    else:
+        raise CheckpointError(f"{where}: text encoder of unknown kind: cond_stage_model.* keys are "
+                              f"neither transformer.* (CLIP) nor model.* (OpenCLIP): {_summary(s, 3)}")
+    if width % 64 == 0:  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 both use 64-wide heads
+        return cfg.replace(heads=width // 64)
+    known = _match(cfg, ("heads",), lambda c: c.text_encoder)
+    return cfg.replace(heads=_UNKNOWN) if known is None else known
+
+
+def config_to_json(config: SDConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_json(text: str) -> SDConfig:
+    raw = json.loads(text)
+    fix = lambda cls, d: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # noqa: E731
+    return SDConfig(raw["name"], unet=fix(UNetConfig, raw["unet"]), vae=fix(VAEConfig, raw["vae"]),
+                    text_encoder=fix(TextEncoderConfig, raw["text_encoder"]),
+                    scheduler=fix(SchedulerConfig, raw["scheduler"]), image_size=raw["image_size"])
+
+
+def _agrees(hint: SDConfig, unet: UNetConfig, vae: VAEConfig, text: TextEncoderConfig) -> bool:
+    """Does ``hint`` have the detected architecture, up to the fields shapes cannot tell?"""
+    free = dict(_FREE, text_encoder=_FREE["text_encoder"] + (("projection_dim",) if text.kind == "clip" else ()))
+    for comp, got in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        want = getattr(hint, comp)
+        if got.replace(**{f: getattr(want, f) for f in free[comp]}) != want:
+            return False
+    return True
+
+
+def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = None,
+                  name: str = "custom", where="checkpoint", hint: str | None = None) -> SDConfig:
+    """SDConfig of an LDM state dict from its keys and shapes (see the module docstring); ``hint``
+    is the JSON config sdcore wrote into the file, if any."""
+    try:
+        text = _detect_text(shapes, where)
+        unet = _detect_unet(shapes, text.kind, where)
+        vae = _detect_vae(shapes, where)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: cannot detect the architecture, key {e} is missing") from e
+    if hint is not None:
+        try:
+            config = config_from_json(hint)
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"{where}: ignoring unreadable {CONFIG_KEY} metadata ({e!r})", stacklevel=4)
+        else:
+            if _agrees(config, unet, vae, text):
+                return config if prediction_type is None else config.replace(
+                    scheduler=config.scheduler.replace(prediction_type=prediction_type))
+            warnings.warn(f"{where}: its {CONFIG_KEY} metadata does not match the weights; using the "
+                          "architecture detected from the shapes", stacklevel=4)
+    if unet.num_heads == _UNKNOWN or text.heads == _UNKNOWN:
+        raise CheckpointError(f"{where}: cannot infer the attention heads (UNet channels "
+                              f"{[m * unet.model_channels for m in unet.channel_mult]}, context_dim "
+                              f"{unet.context_dim}, text width {text.width}): neither the 8-heads / 64-wide-heads "
+                              "rules nor a preset fit; save the model with sdcore to record them")
+    if prediction_type is None and text.kind == "openclip":
+        warnings.warn(f"{where}: SD 2.x checkpoint loaded as epsilon-prediction; 768-v models (e.g. "
+                      "SD 2.1 768) need prediction_type='v_prediction'", stacklevel=4)
+    sched = SchedulerConfig(prediction_type=prediction_type or "epsilon")
+    same = [c for c in PRESETS.values() if (c.unet, c.vae, c.text_encoder) == (unet, vae, text)]
+    same.sort(key=lambda c: c.scheduler.prediction_type != sched.prediction_type)
+    image_size = same[0].image_size if same else (768 if sched.prediction_type == "v_prediction" else 512)
+    return SDConfig(same[0].name if same else name, unet=unet, vae=vae, text_encoder=text,
+                    scheduler=sched, image_size=image_size)
