@@ -495,7 +495,9 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
     in place and is forward-only (no autograd)."""
     if out is None:
-        return _AttentionFn.apply(q, k, v, scale, causal)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _AttentionFn.apply(q, k, v, scale, causal)
+        return _forward(q, k, v, scale, causal=causal)[0]  # inference: no autograd bookkeeping
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
