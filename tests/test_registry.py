@@ -156,3 +156,18 @@ def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
         explained = dynamo.explain(unet)(x, torch.tensor([10, 10]), ctx)
     reasons = [str(b.reason)[:200] for b in explained.break_reasons]
     assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
+
+
+def test_compile_backend_runs_and_matches_reference():
+    """`compile` = torch.compile of the reference (inductor, CPU here): same function, fp32."""
+    from numerics import assert_close
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 64, 5, 7, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
+    q, k, v = torch.randn(3, 1, 2, 9, 16, generator=g).unbind(0)
+    with kernels.use(group_norm_silu="compile", attention="compile"):
+        y = kernels.group_norm_silu(x, w, b, 32)
+        o = kernels.attention(q, k, v, causal=True)
+    assert kernels.counts() == {("group_norm_silu", "compile"): 1, ("attention", "compile"): 1}
+    assert_close(y, kernels.group_norm_silu_reference(x, w, b, 32), rel=1e-5, name="group_norm_silu compile")
+    assert_close(o, kernels.attention_reference(q, k, v, causal=True), rel=1e-5, name="attention compile")
