@@ -16,7 +16,8 @@ from pathlib import Path
 from . import common
 
 EPILOG = """\
-Results go to --out (default bench/results/<date>-<device-slug>/): results.json (rows with device,
+Results go to --out (default bench/results/<date>-<device-slug>/, where GPU runs are committed;
+with --quick, out/bench-quick/<date>-<device-slug>/, which git ignores): results.json (rows with device,
 versions, git commit, date, dtype, shape, backend, median and 20/80 % quantiles in ms, derived
 GB/s or TFLOP/s and their fraction of the device ceilings measured in the same run, error against
 an fp64 oracle, speed-up vs `reference`), results.md (the markdown table also printed on stdout)
@@ -37,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CPU smoke run: tiny shapes, tiny preset, few steps, short timing; "
                         "torch.compile rows are skipped")
     g.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results/<date>-<device-slug>/)")
+                   help="output directory (default: bench/results/<date>-<device-slug>/; with --quick "
+                        "out/bench-quick/<date>-<device-slug>/, ignored by git)")
     g.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     g.add_argument("--device", default=None,
                    help="torch device to benchmark on (default: cuda if available, else cpu)")
@@ -219,7 +221,7 @@ def run(args) -> int:
 
         rows += pipelines.run(pipelines.Options.from_args(args, pipe_dtype), device, env, progress=progress)
 
-    out_dir = args.out or common.default_out_dir(env)
+    out_dir = args.out or common.default_out_dir(env, quick=args.quick)
     written_suites = ["ops"] if "ops" in suites else []
     if "pipelines" in suites:
         written_suites += ["pipelines", "unet_step"]

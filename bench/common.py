@@ -365,8 +365,11 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------- output
-def default_out_dir(env: dict) -> Path:
-    return RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug(env['device_name'])}"
+def default_out_dir(env: dict, quick: bool = False) -> Path:
+    """bench/results/<date>-<device>/ (GPU runs are committed there); smoke runs go to the
+    git-ignored out/bench-quick/ so a README walk-through leaves the checkout clean."""
+    root = REPO / "out" / "bench-quick" if quick else RESULTS_DIR
+    return root / f"{datetime.date.today().isoformat()}-{slug(env['device_name'])}"
 
 
 def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[dict], *,
