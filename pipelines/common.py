@@ -412,7 +412,7 @@ class Setup:
         return len(self.prompts) * self.batch_size
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
-        f = 2 ** (len(self.model.config.vae.ch_mult) - 1)
+        f = size_multiple(self.model.config)  # the VAE's downsampling
         return (self.batch, self.model.config.vae.embed_dim, height // f, width // f)
 
     def result(self, latents: torch.Tensor, unet_calls: int, *, paste: tuple[torch.Tensor, torch.Tensor] | None = None,
