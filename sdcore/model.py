@@ -153,7 +153,7 @@ class StableDiffusion(nn.Module):
 
         _check_dtype(dtype)
         device = torch.device(device)
-        model = cls.skeleton(config, CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
+        model = cls.skeleton(config, CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token))
         state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
         return model._adopt(state, dtype, device)
 
@@ -200,7 +200,7 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     config = source.config(prediction_type)
     if tokenizer is None:
         tokenizer = (CLIPTokenizer.from_folder(source.tokenizer_folder) if source.tokenizer_folder
-                     else CLIPTokenizer.default(pad_token=config.text_encoder.pad_token))
+                     else CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token))
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = CLIPTokenizer.from_folder(Path(tokenizer))
     if getattr(tokenizer, "pad_token", config.text_encoder.pad_token) != config.text_encoder.pad_token:

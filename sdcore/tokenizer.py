@@ -133,6 +133,17 @@ class CLIPTokenizer:
         return cls.from_bpe_file(default_bpe_path(), pad_token)
 
     @classmethod
+    def default_or_missing(cls, pad_token: str = EOS) -> "CLIPTokenizer | MissingTokenizer":
+        """:meth:`default`, or, where no vocabulary is installed (e.g. a bare GPU box), a
+        :class:`MissingTokenizer` and a warning: the model still builds and runs on ids or
+        embeddings, and tokenizing raises the reason."""
+        try:
+            return cls.default(pad_token)
+        except FileNotFoundError as e:
+            warnings.warn(f"{e} The model is built without a tokenizer; tokenizing will raise.", stacklevel=3)
+            return MissingTokenizer(str(e), pad_token)
+
+    @classmethod
     def from_folder(cls, path: str | os.PathLike, pad_token: str | None = None) -> "CLIPTokenizer":
         """From a diffusers ``tokenizer/`` folder: vocab.json + merges.txt, or only tokenizer.json
         (what transformers >= 5 ``save_pretrained`` writes; vocab and merges are inside). The pad
@@ -195,3 +206,15 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(vocab={len(self.vocab)}, pad_token={self.pad_token!r}, max_length={self.max_length})"
+
+
+class MissingTokenizer:
+    """Stands in for a tokenizer whose vocabulary is not installed; every use raises why."""
+
+    def __init__(self, reason: str, pad_token: str = EOS):
+        self.reason, self.pad_token = reason, pad_token
+
+    def _raise(self, *args, **kwargs):
+        raise FileNotFoundError(self.reason)
+
+    __call__ = tokenize = save = _raise

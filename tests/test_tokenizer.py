@@ -178,3 +178,21 @@ def test_from_folder_rejects_a_non_bpe_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(ValueError, match="not a BPE .* 'WordPiece'"):
         tk.CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_model_builds_without_a_vocabulary(monkeypatch):
+    """A bare GPU box without clip-anytorch can still build and benchmark a preset; tokenizing
+    then raises the install hint instead of the model failing to build."""
+    import sdcore
+
+    def missing():
+        raise FileNotFoundError("CLIP's vocabulary was not found: pip install --no-deps clip-anytorch.")
+
+    monkeypatch.setattr(tk, "default_bpe_path", missing)
+    with pytest.warns(UserWarning, match="built without a tokenizer"):
+        sd = sdcore.StableDiffusion.from_preset("tiny")
+    assert isinstance(sd.tokenizer, tk.MissingTokenizer) and sd.tokenizer.pad_token == "<|endoftext|>"
+    ctx = sd.text_encoder(torch.full((1, 77), 49407))  # the model itself runs on ids
+    assert ctx.shape == (1, 77, 32)
+    with pytest.raises(FileNotFoundError, match="clip-anytorch"):
+        sd.tokenizer(["a cat"])

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks a session with a GPU owes, in one command: the `gpu` tests (every kernel compiled
+# for real, SD shapes, fp16/bf16/fp32), then the benchmarks whose results get committed under
+# bench/results/. Each stage writes under OUTDIR and a failing stage does not stop the next.
+#
+#   bash bench/gpu_checks.sh OUTDIR                    # all stages
+#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops unet pipelines repaint250
+#
+# The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|unet|pipelines|repaint250 ...]}
+shift
+stages=${*:-tests ops unet pipelines repaint250}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee "$out/device.txt" || exit 1
+status=0
+for stage in $stages; do
+  echo "== $stage"
+  case $stage in
+    tests) python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
+    ops) python -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
+    unet) python -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
+    pipelines) python -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
+                 > "$out/pipelines.log" 2>&1 ;;
+    repaint250) python -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
+                  --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
+    *) echo "unknown stage '$stage'; stages: tests ops unet pipelines repaint250" >&2; exit 2 ;;
+  esac
+  rc=$?
+  echo "== $stage: exit $rc"
+  [ "$rc" = 0 ] || status=1
+done
+exit $status
