@@ -64,7 +64,7 @@ _GLOBAL: dict[str, Backend] = {}
 _SCOPES: list[dict[str, Backend]] = [{}]  # innermost kernels.use() choice last
 _ENV_CACHE: dict[str, dict[str, Backend]] = {}
 _TRITON_STATUS: list[str | None] = []  # [why triton does not import, or None], filled once
-_COMPILED: dict[str, Callable] = {}
+_FNS: dict[tuple[str, Backend], Callable] = {}  # implementation() memo: dispatch is hot
 
 
 def register(op: str, backend: Backend | str, *, check: Callable[..., str | None] | None = None):
@@ -78,6 +78,7 @@ def register(op: str, backend: Backend | str, *, check: Callable[..., str | None
     def deco(fn: Callable) -> Callable:
         _OPS.setdefault(op, {})[backend] = _Impl(fn, check)
         _ENV_CACHE.clear()  # "triton" means "every op that has it": recompute
+        _FNS.clear()
         return fn
 
     return deco
@@ -217,21 +218,26 @@ def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
 
 def implementation(op: str, backend: Backend | str) -> Callable:
     """The function registered for (op, backend); ``compile`` is built lazily from the reference."""
+    fn = _FNS.get((op, backend))
+    if fn is not None:
+        return fn
     backend = _validate(op, backend)
     impls = _impls(op)
     if backend in impls:
-        return impls[backend].fn
-    if backend is Backend.COMPILE:
-        if op not in _COMPILED:
-            _COMPILED[op] = torch.compile(impls[Backend.REFERENCE].fn, dynamic=False)
-        return _COMPILED[op]
-    raise ValueError(f"op {op!r} has no {backend.value!r} backend")
+        fn = impls[backend].fn
+    elif backend is Backend.COMPILE:
+        fn = torch.compile(impls[Backend.REFERENCE].fn, dynamic=False)
+    else:
+        raise ValueError(f"op {op!r} has no {backend.value!r} backend")
+    _FNS[(op, backend)] = fn
+    return fn
 
 
 def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on the backend :func:`resolve` picks (a few microseconds of host time)."""
     backend, _ = resolve(op, *args, **kwargs)
     if not torch.compiler.is_compiling():  # counts are of eager dispatches
-        _COUNTS[(op, backend.value)] += 1
+        _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
     return implementation(op, backend)(*args, **kwargs)
 
 
@@ -284,7 +290,7 @@ def describe(device: str | torch.device | None = None) -> str:
 
 def counts() -> dict[tuple[str, str], int]:
     """Dispatches so far per (op, backend)."""
-    return dict(_COUNTS)
+    return {(op, str(b)): n for (op, b), n in _COUNTS.items()}
 
 
 def reset_counts() -> None:
