@@ -88,10 +88,12 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
                    help="model dtype (fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--unet-only", action="store_true",
                    help="only the UNet step benchmark (fp16, 512x512 latent 64x64, batch 2 on CUDA): "
-                        "all-triton vs all-reference, each op alone, torch.compile and diffusers+SDPA")
+                        "all-triton vs all-reference, each op alone, torch.compile, diffusers+SDPA, and "
+                        "reference@graph / triton@graph (replayed from a CUDA graph: GPU time without "
+                        "host overhead)")
     g.add_argument("--variants", nargs="+", metavar="VARIANT",
-                   help="kernel settings to run (default: reference, triton and triton:<op> for each "
-                        "op; --quick: reference and triton)")
+                   help="kernel settings to run (default: all of reference, triton, triton:<op> for each "
+                        "op, and the UNet-step-only compile, diffusers-sdpa, reference@graph, triton@graph)")
 
 
 def build_parser() -> argparse.ArgumentParser:

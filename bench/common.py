@@ -118,6 +118,23 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return Timing(statistics.median(times), q[1], q[7], len(times))
 
 
+def host_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 10, samples: int = 5) -> float:
+    """Host (CPU) milliseconds per call of ``fn``: the median over ``samples`` of the wall time of
+    ``calls`` back-to-back calls, divided by ``calls``, synchronising before each sample and not
+    inside it. On CUDA that is the cost of enqueueing the work (Python, argument binding, launches);
+    when it exceeds the GPU time (``median_ms``) the op is host-bound and the GPU idles between
+    launches. On CPU it is simply the time per call."""
+    per_call = []
+    for _ in range(samples):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+    synchronize(device)
+    return statistics.median(per_call)
+
+
 # ------------------------------------------------------------------------------------ ceilings
 def measure_ceilings(device: torch.device, dtypes: Iterable[torch.dtype], *, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, read + written) and matmul rate (TFLOP/s per dtype) of ``device``."""
@@ -214,7 +231,7 @@ def environment(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------ rows
 ROW_KEYS = (
     "suite", "op", "case", "shape", "reason", "dtype", "backend", "status", "note",
-    "median_ms", "p20_ms", "p80_ms", "reps",
+    "median_ms", "p20_ms", "p80_ms", "reps", "host_ms",
     "bytes", "flops", "gbps", "tflops", "frac_of_peak", "speedup_vs_reference",
     "max_abs_err", "max_rel_err", "error_vs",
     # pipelines
@@ -302,14 +319,15 @@ def _fmt(x, digits: int = 3) -> str:
 
 OPS_COLUMNS = [
     ("op", "op"), ("case", "case"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
-    ("median ms", "median_ms"), ("p20–p80 ms", None), ("GB/s", "gbps"), ("TFLOP/s", "tflops"),
+    ("median ms", "median_ms"), ("p20–p80 ms", None), ("host µs", "host_ms"), ("GB/s", "gbps"),
+    ("TFLOP/s", "tflops"),
     ("% of peak", "frac_of_peak"), ("speed-up", "speedup_vs_reference"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("status / note", None),
 ]
 PIPELINE_COLUMNS = [
     ("pipeline", "op"), ("preset", "preset"), ("dtype", "dtype"), ("kernels", "backend"),
     ("steps", "steps"), ("s/image", "seconds_per_image"), ("images/s", "images_per_s"),
-    ("UNet ms/step", "unet_ms_per_step"), ("UNet calls", "unet_calls"),
+    ("UNet ms/step", "unet_ms_per_step"), ("host ms/step", "host_ms"), ("UNet calls", "unet_calls"),
     ("scheduler ms (est.)", "scheduler_ms_est"), ("scheduler share", "scheduler_share"),
     ("peak MiB", "peak_mem_mib"),
     ("speed-up", "speedup_vs_reference"), ("max |Δ| latents", "latent_max_abs_diff"),
@@ -325,6 +343,8 @@ def _cell(row: dict, key: str | None, title: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
     if key in ("frac_of_peak", "scheduler_share"):
         return "" if row[key] is None else f"{100 * row[key]:.1f}" + (" %" if key == "scheduler_share" else "")
+    if title == "host µs":
+        return "" if row[key] is None else _fmt(1e3 * row[key])
     if key == "speedup_vs_reference":
         return "" if row[key] is None else f"{row[key]:.2f}x"
     return _fmt(row[key]).replace("|", "\\|")
@@ -352,14 +372,17 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 "GB/s counts inputs read once + outputs written once; attention TFLOP/s counts "
                 "4·B·H·Lq·Lkv·D (forward). % of peak: of the copy bandwidth (GB/s rows) or of the "
                 "matmul rate in the row's dtype (TFLOP/s rows). Errors against an fp64 oracle "
-                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in this run.", "",
+                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in this run. Host µs: CPU "
+                "time to issue one call (Python + launches); above the median, the op is host-bound "
+                "and in eager mode costs its host time, not its GPU time.", "",
                 markdown_table(op_rows, OPS_COLUMNS), ""]
     for suite, title in (("unet_step", "UNet step"), ("pipelines", "Pipelines")):
         sel = [r for r in rows if r["suite"] == suite]
         if sel:
             out += [f"## {title}", "",
                     "Speed-up vs the all-`reference` row; max |Δ| latents and PSNR of the decoded "
-                    "images against it (UNet step: max |Δ| of the UNet output).", "",
+                    "images against it (UNet step: max |Δ| of the UNet output). Host ms/step: CPU "
+                    "time to issue one UNet call; near or above UNet ms/step, the step is host-bound.", "",
                     markdown_table(sel, PIPELINE_COLUMNS), ""]
     return "\n".join(out)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import Skip, describe_exception, dtype_name, max_errors, make_row, skipped_row, time_fn, add_speedups, interpreting
+from .common import (Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row, max_errors,
+                     skipped_row, time_fn)
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
             slow = bool(note) and device.type != "cuda"  # interpreted Triton: seconds per call
             timing = time_fn(fn, device, quick=quick, called=True, min_reps=1 if slow else 3,
                              warmup_ms=0 if slow else None, rep_ms=0 if slow else None)
+            host = None if slow else host_ms(fn, device, calls=3 if quick else 10, samples=3 if quick else 5)
     except Skip as e:
         return skipped_row(env, str(e), **base)
     except torch.cuda.OutOfMemoryError as e:
@@ -339,7 +341,7 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
     nbytes, flops = work(case, args, kwargs, out)
     sec = timing.median_ms * 1e-3
     row = make_row(env, status="ok", note=note, median_ms=timing.median_ms, p20_ms=timing.p20_ms,
-                   p80_ms=timing.p80_ms, reps=timing.reps, bytes=nbytes, flops=flops,
+                   p80_ms=timing.p80_ms, reps=timing.reps, host_ms=host, bytes=nbytes, flops=flops,
                    gbps=nbytes / sec / 1e9 if sec > 0 else None,
                    tflops=flops / sec / 1e12 if flops and sec > 0 else None, **base)
     if ceilings:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .common import Skip, describe_exception, add_speedups, dtype_name, interpreting, make_row, skipped_row, synchronize, time_fn
+from .common import (Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row, skipped_row,
+                     synchronize, time_fn)
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = ""
@@ -57,7 +58,10 @@ PIPELINES = {
 }
 
 KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
-UNET_BASELINES = ("compile", "diffusers-sdpa")
+# UNet-step only: torch.compile and diffusers baselines, and reference / triton replayed from a
+# CUDA graph (no host overhead: the GPU time of the kernels alone, for comparison with eager).
+GRAPH_SUFFIX = "@graph"
+UNET_BASELINES = ("compile", "diffusers-sdpa", "reference" + GRAPH_SUFFIX, "triton" + GRAPH_SUFFIX)
 
 
 def preset_names() -> list[str]:
@@ -619,6 +623,14 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
                 compiled = torch.compile(unet)
                 fn = lambda: compiled(x, t, ctx)  # noqa: E731
                 note = "torch.compile(reference UNet), default mode"
+            elif v.endswith(GRAPH_SUFFIX):
+                if device.type != "cuda":
+                    raise Skip("CUDA graphs need a CUDA device")
+                scope, note, triton_ops = kernel_scope(v.removesuffix(GRAPH_SUFFIX), device)
+                with torch.inference_mode(), scope:
+                    fn = cuda_graph(lambda: unet(x, t, ctx), device)
+                scope = contextlib.nullcontext()  # the graph replays the kernels captured under scope
+                note = "; ".join(filter(None, [note, "replayed from a CUDA graph (no host overhead)"]))
             elif v == "diffusers-sdpa":
                 scope = contextlib.nullcontext()
                 dunet = _diffusers_unet(unet, cfg, device, opts.dtype)
@@ -638,6 +650,7 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
                 slow = interpreting() and device.type != "cuda" and v.startswith("triton")
                 timing = time_fn(fn, device, quick=opts.quick, rep_ms=0 if slow else rep_ms, called=True,
                                  min_reps=1 if slow else 3, warmup_ms=0 if slow else None)
+                host = None if slow else host_ms(fn, device, calls=1, samples=3 if opts.quick else 5)
             out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()
         except Skip as e:
             rows.append(skipped_row(env, str(e), backend=v, **base))
@@ -657,7 +670,7 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
         peak, peak_kind = _peak(device)
         note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
         row = make_row(env, status="ok", note=note, backend=v, median_ms=timing.median_ms,
-                       p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                       p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps, host_ms=host,
                        unet_ms_per_step=timing.median_ms, unet_calls=1, peak_mem_mib=peak,
                        peak_mem_kind=peak_kind, **base)
         if v == "reference":
@@ -668,6 +681,27 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
         rows.append(row)
     add_speedups(rows, ("suite", "preset", "dtype"))
     return rows
+
+
+def cuda_graph(fn, device: torch.device, warmup: int = 3):
+    """Capture ``fn()`` (fixed input tensors) into a CUDA graph; returns a function that replays it
+    and returns the captured output tensor. Warm-up runs on a side stream first, as torch's docs
+    ask, so lazy initialisation (Triton compiles, cuBLAS handles) stays out of the graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def run(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:

@@ -61,6 +61,7 @@ def test_ops_quick_reference_rows_are_timed_and_checked(ops_quick):
             assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-4, r
             assert r["speedup_vs_reference"] == pytest.approx(1.0), r
             assert r["gbps"] and r["gbps"] > 0, r
+            assert r["host_ms"] and r["host_ms"] > 0, r
     attn = _rows(data, op="attention", backend="reference")
     assert all(r["tflops"] and r["flops"] for r in attn), attn
 
@@ -114,6 +115,18 @@ def test_help_explains_the_options(capsys):
         assert opt in out, f"--help does not mention {opt}"
 
 
+def test_host_ms_counts_issue_time_per_call():
+    """host_ms times back-to-back calls: a call that sleeps 2 ms costs about 2 ms of host time."""
+    import time
+
+    import torch
+
+    calls = []
+    ms = common.host_ms(lambda: (calls.append(1), time.sleep(2e-3)), torch.device("cpu"), calls=4, samples=3)
+    assert len(calls) == 12, len(calls)
+    assert 2.0 <= ms < 20.0, f"host_ms {ms:.3f} for a 2 ms sleep"
+
+
 def test_pipelines_quick(tmp_path):
     import pipelines
 
@@ -121,6 +134,10 @@ def test_pipelines_quick(tmp_path):
     rc, data = _run(["pipelines", "--quick", "--no-plot"], tmp_path)
     step = _rows(data, suite="unet_step", backend="reference")
     assert step and step[0]["status"] == "ok" and step[0]["median_ms"] > 0, step
+    assert step[0]["host_ms"] and step[0]["host_ms"] > 0, step  # CPU: host time is the step time
+    if common.pick_device(None).type == "cpu":
+        graphed = _rows(data, suite="unet_step", backend="triton@graph")
+        assert graphed and graphed[0]["status"] == "skipped" and "CUDA" in graphed[0]["note"], graphed
     pipes = _rows(data, suite="pipelines", backend="reference")
     assert {r["op"] for r in pipes} == {"txt2img", "img2img", "repaint", "unet9", "blend"}, pipes
     for r in pipes:
