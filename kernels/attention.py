@@ -13,10 +13,13 @@ on H100 to the 64 pad (see SPLIT_MASKED_TAIL), so by default 40 pads like everyo
 Math. Vaswani et al. 2017, eq. 1: Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(d_k)) V.
 FlashAttention-2 (Dao 2023, Alg. 1) never forms the Lq x Lkv matrix: per block of queries it keeps
 an fp32 running max m and sum l over blocks j of keys, with log2(e) folded into the scale so the
-exponentials are exp2:
-    s_j = q k_jᵀ · scale · log2(e);  m' = max(m, rowmax s_j);  p_j = exp2(s_j - m')
+exponentials are exp2. With c = scale · log2(e) > 0, rowmax(s) · c = rowmax(s · c), so the scale
+rides in one FMA per score (as in Triton's fused-attention tutorial):
+    s_j = q k_jᵀ;  m' = max(m, c · rowmax s_j);  p_j = exp2(c · s_j - m')
     l <- l · exp2(m - m') + rowsum p_j;  acc <- acc · exp2(m - m') + p_j v_j;  m <- m'
-    o = acc / l;  lse2 = m + log2 l   (the log2-domain logsumexp, saved for the backward)
+    o = acc / l;  lse2 = m + log2 l   (the log2-domain logsumexp, written only for the backward)
+The key loop runs over full BLOCK_N blocks with no key masks; the Lkv % BLOCK_N remainder is one
+peeled, masked step (causal attention, only the 77-token CLIP encoder, masks every block).
 Backward (Dao 2023, Alg. 2) in Triton, recomputing p = exp2(s · scale · log2(e) - lse2):
     delta = rowsum(dO ∘ O) (torch, fp32);  dV = pᵀ dO;  dP = dO Vᵀ;  dS = p ∘ (dP - delta)
     dK = scale · dSᵀ Q  (one program per key block, looping over query blocks)
@@ -32,12 +35,20 @@ cross-attention (one 64-key block plus a masked 13-key block, no padding of the 
 For D = 64 / 128 it is a plain FA2 and should roughly match torch's flash backend. First H100
 numbers (fp16, Triton 3.6, B=2, H=8 unless noted, before tuning), TFLOP/s kernel vs SDPA:
 D=64 4096² (H=5) 360 vs 369; D=80 1024² 215 vs 235; D=160 256² 21 vs 47 (grid too small);
-D=40 4096² 103 vs 270 and 4096x77 27 vs 48: the column-masked 40-in-64 loads are the first thing
-to tune (2.5x behind SDPA); it does not yet win anywhere.
+D=40 4096² 103 vs 270 and 4096x77 27 vs 48; it does not yet win anywhere. These predate the FMA
+fold, the peeled last key block, the lse-free inference path and the cached launch plan (host
+time of a call, launch excluded, 11 -> 3 us on CPU); their GPU effect is not yet measured. At
+D = 40 an offline sm_90 compile (Triton 3.9's ptxas, no GPU) found the likely cause of the gap:
+the head stride of the UNet's (B, L, H, D) layout is 40 elements, not a multiple of 16, so Triton
+could not prove 16-byte aligned rows and emitted 2-byte loads with no cp.async pipeline (233
+registers), where D = 64 gets 16-byte cp.async. The host-checked alignment hint (_head_ptr) makes
+D = 40 compile like D = 64 (108 registers, 3-stage pipeline, same loop body); also unmeasured on a
+GPU. A contiguous (B, H, L, 40) layout would also need a row-stride hint, which is not given.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +64,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Key: the padded head width D_HEAD + D_TAIL (64 for D=40, 80 for 80, 160 for 160) is <= key.
 # Value: (BLOCK_M, BLOCK_N, num_warps, num_stages). "fwd" and "dq" stream key blocks of BLOCK_N,
 # "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
-# Picked from a short fp16 sweep on one H100 (Triton 3.6) at SD 1.5 shapes; num_stages=1 gave wrong
-# results there with a split head dim, so keep stages >= 2.
+# Picked from a short fp16 sweep on one H100 (Triton 3.6) at SD 1.5 shapes, before the forward's
+# FMA fold and peeled last key block (not re-swept since); num_stages=1 gave wrong results there
+# with a split head dim, so keep stages >= 2. The default for every call: sweeps pass an
+# AttentionConfig to attention_triton instead of editing this (read once per kernel, head dim and
+# dtype: see _plan).
 CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 4, 2), 256: (32, 64, 4, 2)},
@@ -93,14 +107,22 @@ def _load_tile(
     cols,  # (C,) column indices
     stride_r,
     stride_c,
-    n_rows,  # rows >= n_rows read as 0
+    n_rows,  # rows >= n_rows read as 0 when MASK_ROWS
     HEAD_DIM: tl.constexpr,  # cols >= HEAD_DIM read as 0 when MASK_COLS
     MASK_COLS: tl.constexpr,
+    MASK_ROWS: tl.constexpr = True,  # False: every row is known to be < n_rows
 ):
-    mask = rows[:, None] < n_rows
-    if MASK_COLS:
-        mask = mask & (cols[None, :] < HEAD_DIM)
-    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if MASK_ROWS:
+        mask = rows[:, None] < n_rows
+        if MASK_COLS:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
@@ -123,12 +145,77 @@ def _store_tile(
 
 
 @triton.jit
+def _head_ptr(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+    """ptr + b·stride_b + h·stride_h, with the offset declared a multiple of ALIGN elements.
+
+    Triton proves 16-byte alignment only from strides divisible by 16. At D = 40 the UNet's
+    (B, L, H, D) layout has head stride 40, so without the hint every tile load compiles to 2-byte
+    scalar loads with no cp.async pipeline (sm_90 SASS); with it, to 16-byte cp.async as at D = 64.
+    The host passes ALIGN = 16 bytes' worth of elements only after checking the strides (_align);
+    ALIGN = 1 adds no hint (a hint of 1 would hide what Triton proved from the strides itself)."""
+    offset = b * stride_b + h * stride_h
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return ptr + offset
+
+
+@triton.jit
+def _attn_fwd_step(
+    acc_h,  # (BLOCK_M, D_HEAD) fp32 running output, columns [0, D_HEAD)
+    acc_t,  # (BLOCK_M, D_TAIL) fp32 running output of the tail; a placeholder passed through if no tail
+    m_i,  # (BLOCK_M,) fp32 running max of the scores · qk_scale
+    l_i,  # (BLOCK_M,) fp32 running sum of exp2(scores · qk_scale - m_i)
+    q_h,  # (BLOCK_M, D_HEAD) queries
+    q_t,  # (BLOCK_M, D_TAIL) queries' tail (placeholder if no tail)
+    k_ptr,  # this (b, h)'s (Lkv, D) keys
+    v_ptr,  # this (b, h)'s (Lkv, D) values
+    start_n,  # first key of the block
+    rows_m,  # (BLOCK_M,) query indices, for the causal mask
+    offs_n,  # (BLOCK_N,) 0 .. BLOCK_N - 1
+    cols_h,  # (D_HEAD,) head column indices
+    cols_t,  # (D_TAIL,) tail column indices (placeholder if no tail)
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    LKV,  # keys
+    qk_scale,  # scale · log2(e), > 0
+    HEAD_DIM: tl.constexpr,
+    D_TAIL: tl.constexpr,
+    MASK_H: tl.constexpr,  # padded columns in the head part
+    MASK_T: tl.constexpr,  # padded columns in the tail
+    DOT_PRECISION: tl.constexpr,
+    MASK_KEYS: tl.constexpr,  # the block may run past LKV: mask K/V rows and their scores
+    CAUSAL: tl.constexpr,
+):
+    """One FA2 step (Dao 2023, Alg. 1, lines 8-10) over keys [start_n, start_n + BLOCK_N)."""
+    rows_n = start_n + offs_n
+    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H, MASK_KEYS)
+    s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
+    if D_TAIL > 0:
+        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T, MASK_KEYS)
+        s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+    if MASK_KEYS:
+        s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
+    if CAUSAL:  # key 0 is always visible, so no row is all -inf after the first block
+        s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
+    # qk_scale > 0, so rowmax(s) · c = rowmax(s · c): the scale rides in one FMA per score
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, MASK_KEYS)
+    acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None], input_precision=DOT_PRECISION)
+    if D_TAIL > 0:
+        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T, MASK_KEYS)
+        acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc_h, acc_t, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr,  # (B, H, Lq, D), any strides
     k_ptr,  # (B, H, Lkv, D), any strides
     v_ptr,  # (B, H, Lkv, D), any strides
     o_ptr,  # (B, H, Lq, D), any strides; written
-    lse_ptr,  # (B, H, Lq) fp32 contiguous; log2-domain logsumexp of the scaled scores, written
+    lse_ptr,  # (B, H, Lq) fp32 contiguous: log2-domain logsumexp of the scaled scores; None unless STORE_LSE
     stride_qb, stride_qh, stride_qm, stride_qd,  # q strides
     stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
     stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
@@ -136,7 +223,7 @@ def _attn_fwd_kernel(
     H,  # heads
     LQ,  # queries
     LKV,  # keys
-    qk_scale,  # scale · log2(e)
+    qk_scale,  # scale · log2(e), > 0
     HEAD_DIM: tl.constexpr,  # D
     D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
     D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
@@ -145,15 +232,17 @@ def _attn_fwd_kernel(
     MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
+    STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
+    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    o_ptr += b * stride_ob + h * stride_oh
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
+    o_ptr = _head_ptr(o_ptr, b, h, stride_ob, stride_oh, ALIGN_BH)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_h = tl.arange(0, D_HEAD)
@@ -166,40 +255,38 @@ def _attn_fwd_kernel(
         cols_t = D_HEAD + tl.arange(0, D_TAIL)
         q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
         acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
+    else:  # placeholders the step passes through untouched (dead code once compiled)
+        cols_t = cols_h
+        q_t = q_h
+        acc_t = acc_h
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
-    hi = LKV
-    if CAUSAL:  # key blocks wholly after this query block contribute nothing
-        hi = tl.minimum(LKV, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        rows_n = start_n + offs_n
-        k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
-        s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
-        if D_TAIL > 0:
-            k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
+    if CAUSAL:  # masks on every block; key blocks wholly after this query block are skipped
+        for start_n in range(0, tl.minimum(LKV, (pid_m + 1) * BLOCK_M), BLOCK_N):
+            acc_h, acc_t, m_i, l_i = _attn_fwd_step(
+                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
+                stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, True)
+    else:  # full key blocks without masks, then the LKV % BLOCK_N remainder peeled off
+        n_full = LKV // BLOCK_N * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            acc_h, acc_t, m_i, l_i = _attn_fwd_step(
+                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
+                stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, False, False)
         if MASK_N:
-            s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
-        if CAUSAL:  # key 0 is always visible, so no row is all -inf
-            s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
-        acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None], input_precision=DOT_PRECISION)
-        if D_TAIL > 0:
-            v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
-            acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
+            acc_h, acc_t, m_i, l_i = _attn_fwd_step(
+                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, n_full, rows_m, offs_n, cols_h, cols_t,
+                stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, True, False)
 
     l_inv = 1.0 / l_i
     _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H)
     if D_TAIL > 0:
         _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T)
-    tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
+    if STORE_LSE:
+        tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
 
 
 @triton.jit
@@ -230,17 +317,18 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i
+    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    do_ptr += b * stride_dob + h * stride_doh
-    dk_ptr += b * stride_dkb + h * stride_dkh
-    dv_ptr += b * stride_dvb + h * stride_dvh
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
+    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN_BH)
+    dk_ptr = _head_ptr(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGN_BH)
+    dv_ptr = _head_ptr(dv_ptr, b, h, stride_dvb, stride_dvh, ALIGN_BH)
     lse_ptr += pid_bh * LQ
     delta_ptr += pid_bh * LQ
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -318,16 +406,17 @@ def _attn_bwd_dq_kernel(
     MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
+    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    do_ptr += b * stride_dob + h * stride_doh
-    dq_ptr += b * stride_dqb + h * stride_dqh
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
+    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN_BH)
+    dq_ptr = _head_ptr(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGN_BH)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_h = tl.arange(0, D_HEAD)
@@ -397,31 +486,72 @@ def _config(kind: str, width: int, element_size: int) -> tuple[int, int, int, in
     return block_m, block_n, warps, stages
 
 
-def _common(q: torch.Tensor, k: torch.Tensor, scale) -> dict:
-    """Scale and constexprs shared by the three kernels."""
-    d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else float(scale)
-    d_head, d_tail = split_head_dim(d)
-    return dict(scale=scale, d_head=d_head, d_tail=d_tail, width=d_head + d_tail,
-                precision="ieee" if q.dtype == torch.float32 else "tf32")
+_PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS at run time
 
 
-def _forward(q, k, v, scale=None, out=None, causal=False):
-    """Launch the forward kernel; returns (o, lse2) with lse2 (B, H, Lq) fp32."""
+def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
+    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel,
+    memoised so a launch pays a dict lookup, not the table sort (a plain dict: dynamo warns on
+    functools.lru_cache). Keyed on :data:`SPLIT_MASKED_TAIL` too, so flipping it takes effect."""
+    key = (kind, d, dtype, SPLIT_MASKED_TAIL)
+    plan = _PLANS.get(key)
+    if plan is None:
+        d_head, d_tail = split_head_dim(d)
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        plan = _PLANS[key] = (d_head, d_tail, precision, *_config(kind, d_head + d_tail, dtype.itemsize))
+    return plan
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Forward launch parameters for one call in place of :data:`CONFIGS` (which stays the
+    default), used as given: no fp32 halving. The backward kernels keep the table. num_stages=1
+    is accepted but gave wrong results on H100 (Triton 3.6) with a split head dim (80, 160)."""
+
+    block_m: int  # queries per program (BLOCK_M)
+    block_n: int  # keys per loop step (BLOCK_N)
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the key loop
+
+    def __post_init__(self):
+        def pow2(x):  # a bool is an int, but not a tile size
+            return type(x) is int and x > 0 and x & (x - 1) == 0
+
+        tile = "a power of two >= 16 (tl.dot's smallest tile)"
+        for name, ok, rule in (
+            ("block_m", pow2(self.block_m) and self.block_m >= 16, tile),
+            ("block_n", pow2(self.block_n) and self.block_n >= 16, tile),
+            ("num_warps", pow2(self.num_warps) and self.num_warps <= 16, "a power of two in 1..16"),
+            ("num_stages", type(self.num_stages) is int and self.num_stages >= 1, "an int >= 1"),
+        ):
+            if not ok:
+                raise ValueError(f"AttentionConfig.{name} = {getattr(self, name)!r}: must be {rule}")
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """ALIGN_BH: 16 bytes' worth of elements when every tensor's batch and head strides are
+    multiples of it (the per-head base offsets then keep 16-byte alignment), else 1."""
+    vec = 16 // tensors[0].element_size()
+    return vec if all(t.stride(0) % vec == 0 and t.stride(1) % vec == 0 for t in tensors) else 1
+
+
+def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse=True):
+    """Launch the forward kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
-    c = _common(q, k, scale)
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("fwd", d, q.dtype)
+    if config is not None:
+        block_m, block_n, warps, stages = config.block_m, config.block_n, config.num_warps, config.num_stages
     o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
-    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None
     if o.numel() == 0:
         return o, lse
-    block_m, block_n, warps, stages = _config("fwd", c["width"], q.element_size())
-    _attn_fwd_kernel[(triton.cdiv(lq, block_m), b * h)](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, lq, lkv, c["scale"] * LOG2E,
-        HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_N=lkv % block_n != 0, DOT_PRECISION=c["precision"], CAUSAL=causal, num_warps=warps,
-        num_stages=stages)
+    qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
+    _attn_fwd_kernel[(-(-lq // block_m), b * h)](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, lq, lkv, qk_scale,
+        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN_BH
+        d, d_head, d_tail, block_m, block_n, lkv % block_n != 0, precision, causal, store_lse,
+        _align(q, k, v, o), num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -429,27 +559,28 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
     """Launch the two backward kernels; returns (dq, dk, dv), written into the given tensors if any."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
-    c = _common(q, k, scale)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
+    scale = d ** -0.5 if scale is None else float(scale)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # Dao 2023 Alg. 2: D_i = rowsum(dO_i ∘ O_i)
-    shared = dict(HEAD_DIM=d, D_HEAD=c["d_head"], D_TAIL=c["d_tail"], DOT_PRECISION=c["precision"],
-                  CAUSAL=causal)
-    block_m, block_n, warps, stages = _config("dkdv", c["width"], q.element_size())
-    _attn_bwd_dkdv_kernel[(triton.cdiv(lkv, block_n), b * h)](
+    align = _align(q, k, v, do, dq, dk, dv)
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("dkdv", d, q.dtype)
+    _attn_bwd_dkdv_kernel[(-(-lkv // block_n), b * h)](
         q, k, v, do, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        h, lq, lkv, c["scale"] * LOG2E, c["scale"],
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **shared)
-    block_m, block_n, warps, stages = _config("dq", c["width"], q.element_size())
-    _attn_bwd_dq_kernel[(triton.cdiv(lq, block_m), b * h)](
+        h, lq, lkv, scale * LOG2E, scale,
+        HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=precision, CAUSAL=causal, ALIGN_BH=align, num_warps=warps, num_stages=stages)
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("dq", d, q.dtype)
+    _attn_bwd_dq_kernel[(-(-lq // block_m), b * h)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        h, lq, lkv, c["scale"] * LOG2E, c["scale"],
-        BLOCK_M=block_m, BLOCK_N=block_n, MASK_N=lkv % block_n != 0, num_warps=warps, num_stages=stages,
-        **shared)
+        h, lq, lkv, scale * LOG2E, scale,
+        HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
+        MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN_BH=align,
+        num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -457,8 +588,8 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal):
-        o, lse = _forward(q, k, v, scale, causal=causal)
+    def forward(ctx, q, k, v, scale, causal, config):
+        o, lse = _forward(q, k, v, scale, None, causal, config)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.causal = scale, causal
         return o
@@ -466,10 +597,10 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal), None, None)
+        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal), None, None, None)
 
 
-def _triton_check(q, k, v, scale=None, causal=False, out=None):
+def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     """None if the Triton kernel can take these inputs, else the reason."""
     if not (q.device == k.device == v.device):
         return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
@@ -487,23 +618,31 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None):
         return f"head dim {d} is not a multiple of 8 in [8, 256]"
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
+    if scale is not None and scale < 0:
+        return f"scale {scale} < 0 (the kernel takes the row max before scaling)"
     return None
 
 
 @register("attention", Backend.TRITON, check=_triton_check)
-def attention_triton(q, k, v, scale=None, causal=False, out=None):
+def attention_triton(q, k, v, scale=None, causal=False, out=None, config: AttentionConfig | None = None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
-    in place and is forward-only (no autograd)."""
+    in place and is forward-only (no autograd); ``config`` overrides :data:`CONFIGS` for the forward.
+    Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated."""
+    if config is not None and not isinstance(config, AttentionConfig):
+        raise TypeError(f"config must be an AttentionConfig or None, not {type(config).__name__}")
+    if scale is not None and scale < 0:
+        raise ValueError(f"scale {scale} < 0: the kernel takes the row max before scaling")
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _AttentionFn.apply(q, k, v, scale, causal)
-        return _forward(q, k, v, scale, causal=causal)[0]  # inference: no autograd bookkeeping
+        if grad:
+            return _AttentionFn.apply(q, k, v, scale, causal, config)
+        return _forward(q, k, v, scale, None, causal, config, False)[0]  # inference: no autograd, no lse
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if grad:
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
-    return _forward(q, k, v, scale, out, causal)[0]
+    return _forward(q, k, v, scale, out, causal, config, False)[0]
 
 
 def attention(q, k, v, scale=None, causal=False):

@@ -1,14 +1,18 @@
 """Triton attention vs an fp64 reference: SD head dims (40/80/160, split into a power-of-two head
 plus tail), 77 text keys, ragged query/key lengths, the UNet's transposed (B, L, H, D) views,
-forward and backward. The default run uses tiny shapes under the Triton interpreter; `-m gpu`
+forward and backward, key lengths around the peeled last key block, explicit launch configs, the
+lse-free inference path. The default run uses tiny shapes under the Triton interpreter; `-m gpu`
 runs the SD 1.5 / SD 2 shapes."""
 import importlib
+import math
+import re
 
 import pytest
 import torch
 
 import kernels
-from kernels.attention import _backward, _forward, attention_reference, attention_triton, split_head_dim
+from kernels.attention import (AttentionConfig, _backward, _forward, attention_reference, attention_triton,
+                               split_head_dim)
 from numerics import assert_close, assert_within_torch_error
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
@@ -79,20 +83,20 @@ def check(out, want64, torch_out, dtype, name):
         assert_within_torch_error(out, torch_out, want64, name=name, **TOL[dtype])
 
 
-def run_forward(shape, dtype, device, layout="unet"):
+def run_forward(shape, dtype, device, layout="unet", config=None, causal=False):
     q, k, v = make_qkv(shape, dtype, device, layout)
     out = torch.full_like(q, float("nan"))  # poison: an element the kernel misses stays NaN
     with torch.no_grad():
-        got = attention_triton(q, k, v, out=out)
-        torch_out = attention_reference(q, k, v)
+        got = attention_triton(q, k, v, causal=causal, out=out, config=config)
+        torch_out = attention_reference(q, k, v, causal=causal)
     assert got is out
-    check(got, attention_fp64(q, k, v), torch_out, dtype, f"o {shape} {layout}")
+    check(got, attention_fp64(q, k, v, causal=causal), torch_out, dtype, f"o {shape} {layout} {config} causal={causal}")
 
 
-def run_backward(shape, dtype, device, poison=False):
+def run_backward(shape, dtype, device, poison=False, config=None):
     q, k, v = make_qkv(shape, dtype, device, "unet")
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)  # shared dL/do
-    o = attention_triton(q, k, v)
+    o = attention_triton(q, k, v, config=config)
     got = torch.autograd.grad(o, (q, k, v), do)
     want = torch.autograd.grad(attention_fp64(q, k, v), (q, k, v), do.double())
     torch_grads = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), do)
@@ -245,3 +249,125 @@ def test_causal_clip_shape_gpu(dtype, device):
         out = attention_triton(q, k, v, causal=True)
         torch_out = attention_module.attention_reference(q, k, v, causal=True)
     check(out, attention_fp64(q, k, v, causal=True), torch_out, dtype, "causal clip")
+
+
+# The forward runs full key blocks without masks and peels the LKV % BLOCK_N remainder into one
+# masked step; these lengths put that boundary everywhere, at BLOCK_N = 32 (given explicitly).
+KEY_LENGTHS = [
+    64,  # a multiple of BLOCK_N: two unmasked blocks, no peeled step
+    50,  # one full block, then an 18-key masked remainder
+    20,  # fewer keys than one block: only the masked step runs
+    1,  # a single key: the softmax is exactly 1, o = v
+    77,  # SD text context: two full blocks, then 13 keys
+]
+BLOCK_N_32 = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("lkv", KEY_LENGTHS)
+def test_key_lengths(lkv, device):
+    run_forward((1, 2, 19, lkv, 40), torch.float32, device, config=BLOCK_N_32)
+    run_forward((1, 1, 19, lkv, 80), torch.float32, device, config=BLOCK_N_32)  # head + tail
+
+
+@pytest.mark.parametrize("lkv", [1, 77])
+def test_key_lengths_default_config(lkv, device):
+    run_forward((1, 2, 19, lkv, 40), torch.float32, device)
+    run_forward((1, 2, 19, lkv, 40), torch.float16, device)
+
+
+SWEEP = [  # AttentionConfig(BLOCK_M, BLOCK_N, num_warps, num_stages), as a benchmark sweep passes them
+    AttentionConfig(16, 16, 1, 2),  # smallest tiles: 77 keys = 4 full blocks + 13 (stages 1: see CONFIGS)
+    AttentionConfig(32, 32, 2, 2),
+    AttentionConfig(64, 64, 4, 3),  # the table's 16-bit choice, used as given in fp32 (no halving)
+    AttentionConfig(16, 64, 4, 2),  # BLOCK_N > BLOCK_M
+    AttentionConfig(64, 16, 8, 2),  # BLOCK_M > BLOCK_N
+]
+
+
+@pytest.mark.parametrize("config", SWEEP, ids=str)
+def test_explicit_config(config, device, monkeypatch):
+    launches = []
+    real = attention_module._attn_fwd_kernel
+
+    class Spy:  # records each launch's grid, BLOCK_M, BLOCK_N, num_warps, num_stages
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = {**dict(zip(real.arg_names, args)), **kwargs}
+                launches.append((grid[0], *(named[n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", Spy())
+    run_forward((1, 2, 37, 77, 40), torch.float32, device, config=config)  # padded head dim, ragged Lq
+    run_forward((1, 1, 20, 48, 80), torch.float32, device, config=config)  # split head dim 64 + 16
+    c = config
+    assert launches == [(-(-lq // c.block_m), c.block_m, c.block_n, c.num_warps, c.num_stages) for lq in (37, 20)]
+
+
+@pytest.mark.parametrize("config", [SWEEP[0], SWEEP[3], SWEEP[4]], ids=str)
+@pytest.mark.parametrize("shape", [
+    (1, 2, 37, 37, 40),  # CLIP-like self-attention, several query and key blocks
+    (1, 1, 40, 21, 16),  # Lq > Lkv: queries i >= 21 see every key
+], ids=str)
+def test_explicit_config_causal(config, shape, device):
+    run_forward(shape, torch.float32, device, config=config, causal=True)
+
+
+def test_explicit_config_backward(device):
+    """The autograd forward takes the config too (the backward keeps the table)."""
+    run_backward((1, 2, 37, 77, 40), torch.float32, device, config=SWEEP[3])
+
+
+def test_inference_writes_no_lse(device, monkeypatch):
+    """Grad disabled, no input requiring grad, or out=: no lse; the autograd forward still writes
+    it, equal to log2 sum_j exp(scale q_i . k_j), and the same o."""
+    shape = (1, 2, 37, 77, 40)
+    q, k, v = make_qkv(shape, torch.float32, device)
+    lses = []
+    real = attention_module._forward
+
+    def spy(*args, **kwargs):
+        o, lse = real(*args, **kwargs)
+        lses.append(lse)
+        return o, lse
+
+    monkeypatch.setattr(attention_module, "_forward", spy)
+    with torch.no_grad():
+        o_no_grad = attention_triton(q, k, v)
+    o_no_leaf = attention_triton(q.detach(), k.detach(), v.detach())
+    o_out = attention_triton(q.detach(), k.detach(), v.detach(), out=torch.full_like(q, float("nan")))
+    o_grad = attention_triton(q, k, v)
+    assert [lse is None for lse in lses] == [True, True, True, False], lses
+    assert o_grad.requires_grad and not o_no_grad.requires_grad
+    want = attention_fp64(q, k, v)
+    for name, o in (("no_grad", o_no_grad), ("no leaf", o_no_leaf), ("out=", o_out), ("autograd", o_grad)):
+        assert_close(o, want, rel=TOL[torch.float32]["rel"], name=f"o {name}")
+    assert_close(o_no_grad, o_grad, rel=1e-6, name="o inference vs autograd")
+    s = q.double() @ k.double().transpose(-1, -2) * shape[-1] ** -0.5
+    assert_close(lses[-1], torch.logsumexp(s, -1) / math.log(2), rel=1e-6, name="lse2 of the autograd forward")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("block_m", 8),  # below the 16-wide tl.dot minimum
+    ("block_n", 48),  # not a power of two
+    ("block_n", 0),
+    ("block_m", 32.0),  # not an int
+    ("num_warps", 32),
+    ("num_warps", 3),
+    ("num_warps", 0),
+    ("num_stages", 0),
+    ("num_stages", True),  # a bool is not a stage count
+])
+def test_bad_config_names_the_field(field, value):
+    good = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match=re.escape(f"AttentionConfig.{field} = {value!r}: must be")):
+        AttentionConfig(**{**good, field: value})
+
+
+def test_config_and_scale_arguments(device):
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 8, 8, 16), torch.float32, device))
+    with pytest.raises(TypeError, match="AttentionConfig"):
+        attention_triton(q, k, v, config=(64, 64, 4, 2))
+    with pytest.raises(ValueError, match="scale -0.5 < 0"):
+        attention_triton(q, k, v, scale=-0.5)
+    assert "scale -0.5 < 0" in attention_module._triton_check(q, k, v, -0.5)
