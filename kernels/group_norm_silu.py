@@ -13,13 +13,24 @@ M2) is computed two-pass in registers and tiles/chunks are merged with Chan et a
 combine (1979), never E[x^2] - E[x]^2.
 
 Parallelism: the (N*G) x (C/G, HW) problem is cut into tiles of BLOCK_C channels x BLOCK_S spatial
-positions and chunks of tiles, so each pass launches >= PROGRAMS_PER_SM x SMs programs.
-  forward  pass 1 `_stats_kernel`: per (n, g, chunk) partial (count, mean, M2) -> fp32 workspace;
-           pass 2 `_apply_kernel`: combine the group's partials (a few hundred floats, from L2),
-           then normalise + affine + SiLU its chunk.
-  backward pass 1 `_bwd_reduce_kernel`: per (n, g, chunk) sum(dxhat), sum(dxhat * xhat) and per
+positions. The forward has two paths, picked by `launch_config` (`LaunchConfig.single_pass`); both
+run the same tile loops (`_block_stats`: tiles merged with Chan's formula; `_normalize_block`).
+  single pass `_fused_kernel`: one program per (n, g) computes the group's statistics, writes
+           (mean, rstd) when autograd will need them, then normalises + affine + SiLU the group
+           (the second read of x should hit L1/L2). One launch instead of two, for groups of at most
+           SINGLE_PASS_MAX_GROUP elements (e.g. the SD UNet's 8x8 and 16x16 levels at batch 2, where
+           a call costs host time, not bandwidth) or when the N*G programs alone fill
+           PROGRAMS_PER_SM x SMs. Not yet timed on a GPU: the threshold is a guess to tune there.
+  two passes, otherwise: tiles are grouped into chunks so each pass launches >= PROGRAMS_PER_SM x
+           SMs programs. Pass 1 `_stats_kernel`: per (n, g, chunk) partial (count, mean, M2) -> fp32
+           workspace; pass 2 `_apply_kernel`: combine the group's partials (a few hundred floats,
+           from L2), then normalise + affine + SiLU its chunk.
+  backward, always two passes (after a heuristic single-pass forward, with the two-pass split):
+           pass 1 `_bwd_reduce_kernel`: per (n, g, chunk) sum(dxhat), sum(dxhat * xhat) and per
            channel sum(dz * xhat), sum(dz) (dweight, dbias partials; torch sums those);
            pass 2 `_bwd_dx_kernel`: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+Host time: what depends only on shapes, strides, dtype and flags (grid, strides, constexprs) is a
+cached `_Plan`; a no-grad call allocates y (and the two-pass workspace) and launches.
 Bytes: the ideal forward reads x twice (stats, normalise) and writes y once: 3 x numel x itemsize
 (the second read hits L2 when x fits in 50 MB); backward reads x, dy twice and writes dx: 5x.
 Where it should win: fp16/bf16 at batch 1-8 on SD shapes, against torch's group_norm + silu
@@ -31,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +60,7 @@ MAX_BLOCK_C = 64  # channels per tile; groups with more channels are cut into ch
 BYTES_PER_ACCESS = 16  # one vector load per thread
 LOADS_PER_THREAD = 2  # vector loads in flight per thread per tile
 MAX_WARPS = 8
+SINGLE_PASS_MAX_GROUP = 16384  # elements per (n, group) taking the one-launch forward; to tune on a GPU
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,20 +76,21 @@ def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, activation="sil
 class LaunchConfig:
     rows: int  # N * groups
     c_blocks: int  # channel blocks per group
-    s_chunks: int  # spatial chunks per channel block
+    s_chunks: int  # spatial chunks per channel block (two-pass kernels)
     s_chunk: int  # spatial positions per chunk (a multiple of block_s)
     block_c: int
     block_s: int
     num_warps: int
     even_s: bool  # every tile is full along H * W
+    single_pass: bool = False  # forward: one launch, one program per row (ignores the chunking)
 
     @property
-    def chunks(self) -> int:  # programs per (n, group)
+    def chunks(self) -> int:  # programs per (n, group) in the two-pass kernels
         return self.c_blocks * self.s_chunks
 
     @property
-    def grid(self) -> tuple[int]:
-        return (self.rows * self.chunks,)
+    def grid(self) -> tuple[int]:  # the forward's programs
+        return (self.rows,) if self.single_pass else (self.rows * self.chunks,)
 
 
 def _pow2_floor(v: int) -> int:
@@ -84,21 +98,34 @@ def _pow2_floor(v: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=MAX_TILE, max_block_c=MAX_BLOCK_C):
-    """Tile and chunk sizes for x of ``shape`` (N, C, *spatial): at least PROGRAMS_PER_SM x sms
-    programs per pass (unless the tensor has fewer tiles), tiles of at most ``max_tile`` elements."""
+def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=MAX_TILE, max_block_c=MAX_BLOCK_C,
+                  single_pass=None):
+    """Tiling for x of ``shape`` (N, C, *spatial), tiles of at most ``max_tile`` elements.
+
+    ``single_pass`` None picks the path: one launch when a group has at most
+    SINGLE_PASS_MAX_GROUP elements or the N * groups rows alone give PROGRAMS_PER_SM x sms programs;
+    else two passes of at least PROGRAMS_PER_SM x sms programs each (unless there are fewer tiles).
+    A single-pass config is also a valid two-pass one (one chunk per channel block), for backward.
+    """
     n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
     rows, cg = n * groups, c // groups
+    if single_pass is None:
+        single_pass = cg * spatial <= SINGLE_PASS_MAX_GROUP or rows >= PROGRAMS_PER_SM * sms
     block_c = min(triton.next_power_of_2(cg), _pow2_floor(max_block_c))
     c_blocks = triton.cdiv(cg, block_c)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, rows * c_blocks)  # spatial chunks wanted
-    per_chunk = max(1, spatial // wanted)
-    block_s = max(1, min(_pow2_floor(per_chunk), _pow2_floor(max_tile // block_c)))
-    s_chunk = block_s * max(1, per_chunk // block_s)
+    tile_s = _pow2_floor(max_tile // block_c)  # the widest tile allowed
+    if single_pass:  # one program walks the whole group: tiles as large as allowed
+        block_s = min(triton.next_power_of_2(spatial), tile_s)
+        s_chunk = block_s * triton.cdiv(spatial, block_s)
+    else:
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, rows * c_blocks)  # spatial chunks wanted
+        per_chunk = max(1, spatial // wanted)
+        block_s = max(1, min(_pow2_floor(per_chunk), tile_s))
+        s_chunk = block_s * max(1, per_chunk // block_s)
     itemsize = torch.empty((), dtype=dtype).element_size()
     warps = block_c * block_s * itemsize // (BYTES_PER_ACCESS * LOADS_PER_THREAD * 32)
     return LaunchConfig(rows, c_blocks, triton.cdiv(spatial, s_chunk), s_chunk, block_c, block_s,
-                        max(1, min(MAX_WARPS, _pow2_floor(warps))), spatial % block_s == 0)
+                        max(1, min(MAX_WARPS, _pow2_floor(warps))), spatial % block_s == 0, single_pass)
 
 
 @triton.jit
@@ -134,6 +161,110 @@ def _offsets(c, s, W, stride_c, stride_h, stride_w, SPLIT_HW: tl.constexpr):
 
 
 @triton.jit
+def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
+    """Chan et al. (1979): (count, mean, M2) of the union of two disjoint sets."""
+    total = count + b_count
+    delta = b_mean - mean
+    return total, mean + delta * (b_count / total), m2 + b_m2 + delta * delta * (count * b_count / total)
+
+
+@triton.jit
+def _block_stats(x_base, c, c_mask, n_c, s_start, s_end, W, stride_c, stride_h, stride_w,
+                 BLOCK_S: tl.constexpr, EVEN_S: tl.constexpr, SPLIT_HW: tl.constexpr):
+    """(count, mean, M2) of channels c (n_c of them valid) over positions [s_start, s_end): each
+    tile two-pass in registers, tiles merged with Chan's formula."""
+    count = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = _mask(c_mask, s, s_end, BLOCK_S, EVEN_S)
+        v = tl.load(x_base + _offsets(c, s, W, stride_c, stride_h, stride_w, SPLIT_HW),
+                    mask=mask, other=0.0).to(tl.float32)
+        t_cnt = n_c * tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        t_mean = tl.sum(tl.sum(v, axis=1), axis=0) / t_cnt
+        d = tl.where(mask, v - t_mean, 0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, t_cnt, t_mean, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    return count, mean, m2
+
+
+@triton.jit
+def _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per channel (scale, shift) with weight * xhat + bias = x * scale + shift."""
+    scale = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _normalize_block(x_base, y_base, c, c_mask, scale, shift, s_start, s_end, W,
+                     stride_xc, stride_xh, stride_xw, stride_yc, stride_yh, stride_yw,
+                     BLOCK_S: tl.constexpr, EVEN_S: tl.constexpr, SPLIT_HW: tl.constexpr,
+                     SILU: tl.constexpr):
+    """y = silu(x * scale + shift) (or without the SiLU) for channels c over [s_start, s_end)."""
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = _mask(c_mask, s, s_end, BLOCK_S, EVEN_S)
+        v = tl.load(x_base + _offsets(c, s, W, stride_xc, stride_xh, stride_xw, SPLIT_HW),
+                    mask=mask, other=0.0).to(tl.float32)
+        z = v * scale[:, None] + shift[:, None]
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(y_base + _offsets(c, s, W, stride_yc, stride_yh, stride_yw, SPLIT_HW),
+                 z.to(y_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr,  # (N, C, H, W), any strides
+    y_ptr,  # (N, C, H, W) out, any strides, x's dtype
+    w_ptr,  # (C,) or unused when not HAS_WEIGHT
+    b_ptr,  # (C,) or unused when not HAS_BIAS
+    stats_ptr,  # (N * G, 2) fp32 out: (mean, rstd) for backward; unused when not STORE_STATS
+    G, C_PER_G, S, W, eps,  # groups, channels per group, H * W, W
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr,  # H * W % BLOCK_S == 0: no spatial mask, so loads vectorise
+    SPLIT_HW: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    STORE_STATS: tl.constexpr,
+):
+    """Single pass: program (n, g) reduces its group, then normalises it (x read twice)."""
+    row = tl.program_id(0)  # n * G + g
+    c_first = (row % G) * C_PER_G
+    x_base = x_ptr + (row // G).to(tl.int64) * stride_xn
+    y_base = y_ptr + (row // G).to(tl.int64) * stride_yn
+    count = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for c0 in range(0, C_PER_G, BLOCK_C):
+        c_local = c0 + tl.arange(0, BLOCK_C)
+        n_c = tl.minimum(C_PER_G - c0, BLOCK_C).to(tl.float32)
+        b_count, b_mean, b_m2 = _block_stats(x_base, c_first + c_local, c_local < C_PER_G, n_c, 0, S, W,
+                                             stride_xc, stride_xh, stride_xw, BLOCK_S, EVEN_S, SPLIT_HW)
+        count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    if STORE_STATS:
+        tl.store(stats_ptr + row * 2, mean)
+        tl.store(stats_ptr + row * 2 + 1, rstd)
+    for c0 in range(0, C_PER_G, BLOCK_C):
+        c_local = c0 + tl.arange(0, BLOCK_C)
+        c, c_mask = c_first + c_local, c_local < C_PER_G
+        scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+        _normalize_block(x_base, y_base, c, c_mask, scale, shift, 0, S, W, stride_xc, stride_xh,
+                         stride_xw, stride_yc, stride_yh, stride_yw, BLOCK_S, EVEN_S, SPLIT_HW, SILU)
+
+
+@triton.jit
 def _group_stats(part_ptr, row, CHUNKS, eps, CHUNKS_P2: tl.constexpr):
     """Chan's parallel combine of a group's per-chunk (count, mean, M2) -> (mean, rstd)."""
     k = tl.arange(0, CHUNKS_P2)
@@ -164,24 +295,8 @@ def _stats_kernel(
     n, row, c, c_mask, s_start, s_end = _tile(pid, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
     c0 = ((pid % CHUNKS) // S_CHUNKS) * BLOCK_C
     n_c = tl.minimum(C_PER_G - c0, BLOCK_C).to(tl.float32)  # valid channels in the tile
-    x_base = x_ptr + n * stride_xn
-    count = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = _mask(c_mask, s, s_end, BLOCK_S, EVEN_S)
-        off = _offsets(c, s, W, stride_xc, stride_xh, stride_xw, SPLIT_HW)
-        v = tl.load(x_base + off, mask=mask, other=0.0).to(tl.float32)
-        t_cnt = n_c * tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
-        t_mean = tl.sum(tl.sum(v, axis=1), axis=0) / t_cnt
-        d = tl.where(mask, v - t_mean, 0.0)
-        t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        tot = count + t_cnt  # Chan et al.: merge (count, mean, m2) with the tile's
-        delta = t_mean - mean
-        mean += delta * (t_cnt / tot)
-        m2 += t_m2 + delta * delta * (count * t_cnt / tot)
-        count = tot
+    count, mean, m2 = _block_stats(x_ptr + n * stride_xn, c, c_mask, n_c, s_start, s_end, W,
+                                   stride_xc, stride_xh, stride_xw, BLOCK_S, EVEN_S, SPLIT_HW)
     p = part_ptr + pid * 3
     tl.store(p, count)
     tl.store(p + 1, mean)
@@ -195,7 +310,7 @@ def _apply_kernel(
     w_ptr,  # (C,) or unused when not HAS_WEIGHT
     b_ptr,  # (C,) or unused when not HAS_BIAS
     part_ptr,  # (N * G, CHUNKS, 3) fp32 from _stats_kernel
-    stats_ptr,  # (N * G, 2) fp32 out: (mean, rstd), saved for backward
+    stats_ptr,  # (N * G, 2) fp32 out: (mean, rstd) for backward; unused when not STORE_STATS
     G, C_PER_G, S, W, eps,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw,
@@ -208,31 +323,19 @@ def _apply_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n, row, c, c_mask, s_start, s_end = _tile(pid, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
     mean, rstd = _group_stats(part_ptr, row, CHUNKS, eps, CHUNKS_P2)
-    if pid % CHUNKS == 0:
-        tl.store(stats_ptr + row * 2, mean)
-        tl.store(stats_ptr + row * 2 + 1, rstd)
-    scale = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd  # y = x * scale + shift
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    x_base = x_ptr + n * stride_xn
-    y_base = y_ptr + n * stride_yn
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = _mask(c_mask, s, s_end, BLOCK_S, EVEN_S)
-        v = tl.load(x_base + _offsets(c, s, W, stride_xc, stride_xh, stride_xw, SPLIT_HW),
-                    mask=mask, other=0.0).to(tl.float32)
-        z = v * scale[:, None] + shift[:, None]
-        if SILU:
-            z = z * tl.sigmoid(z)
-        tl.store(y_base + _offsets(c, s, W, stride_yc, stride_yh, stride_yw, SPLIT_HW),
-                 z.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_STATS:
+        if pid % CHUNKS == 0:
+            tl.store(stats_ptr + row * 2, mean)
+            tl.store(stats_ptr + row * 2 + 1, rstd)
+    scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    _normalize_block(x_ptr + n * stride_xn, y_ptr + n * stride_yn, c, c_mask, scale, shift, s_start,
+                     s_end, W, stride_xc, stride_xh, stride_xw, stride_yc, stride_yh, stride_yw,
+                     BLOCK_S, EVEN_S, SPLIT_HW, SILU)
 
 
 @triton.jit
@@ -365,41 +468,97 @@ def _spatial_hw(x):
     return (x.shape[2] if x.dim() > 2 else 1), (x.shape[3] if x.dim() > 3 else 1)
 
 
-def _forward(x, weight, bias, groups, eps, silu, out, cfg):
-    """Launch the two forward passes; returns y and the (N * G, 2) fp32 (mean, rstd)."""
+class _Plan(NamedTuple):
+    """A forward call's launches, fixed by shapes, strides, dtype and flags (see `_plan`)."""
+    single_pass: bool
+    grid: tuple[int]
+    stats_shape: tuple | None  # (N * G, 2) when (mean, rstd) are written for backward, else None
+    bwd_cfg: LaunchConfig  # the backward's tiling: always two passes
+    groups: int
+    silu: bool
+    args: tuple  # scalar arguments of _fused_kernel / _apply_kernel after the pointers
+    consts: dict  # their constexprs and num_warps
+    stats_args: tuple  # two passes: _stats_kernel's scalar arguments
+    stats_consts: dict
+    part_shape: tuple  # two passes: the (N * G, CHUNKS, 3) workspace
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024  # distinct input signatures kept; the cache is emptied when it is full
+
+
+def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_stats):
+    cfg = config or launch_config(x.shape, groups, x.dtype, _sms(x))
+    bwd_cfg = cfg
+    if config is None and cfg.single_pass:
+        bwd_cfg = launch_config(x.shape, groups, x.dtype, _sms(x), single_pass=False)
+    y = torch.empty_like(x, device="meta") if out is None else out  # y's strides, as _forward makes it
     h, w = _spatial_hw(x)
-    y = torch.empty_like(x) if out is None else out
-    part = torch.empty(cfg.rows, cfg.chunks, 3, device=x.device, dtype=torch.float32)
-    stats = torch.empty(cfg.rows, 2, device=x.device, dtype=torch.float32)
     (sx, sy), split = _strides((x, y), h, w)
-    c_per_g, s = x.shape[1] // groups, h * w
-    common = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, EVEN_S=cfg.even_s, SPLIT_HW=split,
-                  num_warps=cfg.num_warps)
-    _stats_kernel[cfg.grid](x, part, groups, c_per_g, s, w, *sx, cfg.chunks, cfg.s_chunks,
-                            cfg.s_chunk, **common)
-    _apply_kernel[cfg.grid](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, part, stats,
-        groups, c_per_g, s, w, eps, *sx, *sy, cfg.chunks, cfg.s_chunks, cfg.s_chunk,
-        CHUNKS_P2=triton.next_power_of_2(cfg.chunks), HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, SILU=silu, **common)
+    sizes = (groups, x.shape[1] // groups, h * w, w)
+    tiles = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, EVEN_S=cfg.even_s, SPLIT_HW=split,
+                 num_warps=cfg.num_warps)
+    consts = dict(tiles, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, SILU=silu, STORE_STATS=store_stats)
+    head = (cfg.single_pass, cfg.grid, (cfg.rows, 2) if store_stats else None, bwd_cfg, groups, silu)
+    if cfg.single_pass:
+        return _Plan(*head, (*sizes, eps, *sx, *sy), consts, (), {}, ())
+    chunking = (cfg.chunks, cfg.s_chunks, cfg.s_chunk)
+    return _Plan(*head, (*sizes, eps, *sx, *sy, *chunking),
+                 dict(consts, CHUNKS_P2=triton.next_power_of_2(cfg.chunks)), (*sizes, *sx, *chunking),
+                 tiles, (cfg.rows, cfg.chunks, 3))
+
+
+def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
+    """The cached `_Plan` of this call (built afresh while torch.compile traces)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = (x.shape, x.stride(), x.dtype, x.get_device(), None if out is None else out.stride(),
+               weight is None, bias is None, groups, eps, activation, config, store_stats)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan
+    plan = _make_plan(x, weight is not None, bias is not None, groups, float(eps), activation == "silu",
+                      out, config, store_stats)
+    if not compiling:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _forward(x, weight, bias, out, plan):
+    """Launch the forward; returns y and the (N * G, 2) fp32 (mean, rstd) (None if not stored)."""
+    y = torch.empty_like(x) if out is None else out
+    stats = None
+    if plan.stats_shape is not None:
+        stats = torch.empty(plan.stats_shape, device=x.device, dtype=torch.float32)
+    w_ptr, b_ptr = (x if weight is None else weight), (x if bias is None else bias)
+    if plan.single_pass:
+        _fused_kernel[plan.grid](x, y, w_ptr, b_ptr, x if stats is None else stats, *plan.args,
+                                 **plan.consts)
+    else:
+        part = torch.empty(plan.part_shape, device=x.device, dtype=torch.float32)
+        _stats_kernel[plan.grid](x, part, *plan.stats_args, **plan.stats_consts)
+        _apply_kernel[plan.grid](x, y, w_ptr, b_ptr, part, part if stats is None else stats,
+                                 *plan.args, **plan.consts)
     return y, stats
 
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, silu, out, cfg):
+    def forward(ctx, x, weight, bias, out, plan):
         if out is not None:
             ctx.mark_dirty(out)
-        y, stats = _forward(x, weight, bias, groups, eps, silu, out, cfg)
+        y, stats = _forward(x, weight, bias, out, plan)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.cfg, ctx.groups, ctx.silu = cfg, groups, silu
+        ctx.plan = plan
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
-        cfg, groups = ctx.cfg, ctx.groups
+        cfg, groups = ctx.plan.bwd_cfg, ctx.plan.groups
         n, c = x.shape[:2]
         h, w = _spatial_hw(x)
         dx = torch.empty_like(x)
@@ -408,18 +567,18 @@ class _GroupNormSiLU(torch.autograd.Function):
         (sx, sdy, sdx), split = _strides((x, dy, dx), h, w)
         w_ptr, b_ptr = (weight if weight is not None else x), (bias if bias is not None else x)
         flags = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, EVEN_S=cfg.even_s, SPLIT_HW=split,
-                     HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=ctx.silu,
+                     HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=ctx.plan.silu,
                      num_warps=cfg.num_warps)
         chunking = (cfg.chunks, cfg.s_chunks, cfg.s_chunk)
-        c_per_g, s = c // groups, h * w
-        _bwd_reduce_kernel[cfg.grid](x, dy, w_ptr, b_ptr, stats, part, dwb, n, c, groups, c_per_g, s, w,
-                                     *sx, *sdy, *chunking, **flags)
-        _bwd_dx_kernel[cfg.grid](x, dy, dx, w_ptr, b_ptr, stats, part, groups, c_per_g, s, w,
-                                 *sx, *sdy, *sdx, *chunking,
-                                 CHUNKS_P2=triton.next_power_of_2(cfg.chunks), **flags)
+        c_per_g, s, grid = c // groups, h * w, (cfg.rows * cfg.chunks,)
+        _bwd_reduce_kernel[grid](x, dy, w_ptr, b_ptr, stats, part, dwb, n, c, groups, c_per_g, s, w,
+                                 *sx, *sdy, *chunking, **flags)
+        _bwd_dx_kernel[grid](x, dy, dx, w_ptr, b_ptr, stats, part, groups, c_per_g, s, w,
+                             *sx, *sdy, *sdx, *chunking, CHUNKS_P2=triton.next_power_of_2(cfg.chunks),
+                             **flags)
         dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None
 
 
 def _sms(x):
@@ -454,16 +613,21 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
 @register("group_norm_silu", Backend.TRITON, check=_check_triton)
 def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu", *, out=None,
                            config: LaunchConfig | None = None):
-    """The fused kernels; ``out`` (x's shape and dtype) receives y; ``config`` overrides tiling."""
+    """The fused kernels; ``out`` (x's shape and dtype) receives y; ``config`` overrides tiling and
+    path (``launch_config(..., single_pass=True/False)`` forces one)."""
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"out is {out.dtype}{tuple(out.shape)}, x is {x.dtype}{tuple(x.shape)}")
     if x.numel() == 0:
         return torch.empty_like(x) if out is None else out
-    cfg = config or launch_config(x.shape, groups, x.dtype, _sms(x))
-    silu = activation == "silu"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _GroupNormSiLU.apply(x, weight, bias, groups, float(eps), silu, out, cfg)
-    return _forward(x, weight, bias, groups, float(eps), silu, out, cfg)[0]  # no autograd overhead
+    # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
+    weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
+    bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+    plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
+    if grad:
+        return _GroupNormSiLU.apply(x, weight, bias, out, plan)
+    return _forward(x, weight, bias, out, plan)[0]  # no autograd overhead, no stats
 
 
 def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):

@@ -1,16 +1,22 @@
 """The triton group_norm_silu backend against an fp64 torch reference, forward and backward.
 
-Default run: tiny shapes under the Triton interpreter on CPU. `pytest -m gpu`: SD 1.5 shapes.
+Default run: tiny shapes under the Triton interpreter on CPU, each forward path (one launch per
+(n, group), or the two-pass split) forced through `config=`. `pytest -m gpu`: SD 1.5 shapes.
 fp32 must match fp64 to 1e-5 max relative error; fp16/bf16 may err at most 2x as much as torch's
 own op in that dtype, plus a small atol (flash-attention's rule).
 """
+import contextlib
+import dataclasses
+import importlib
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.group_norm_silu import (H100_SMS, MAX_TILE, MAX_WARPS, group_norm_silu_triton,
-                                     launch_config)
+from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_TILE, MAX_WARPS, PROGRAMS_PER_SM,
+                                     SINGLE_PASS_MAX_GROUP, group_norm_silu_triton, launch_config)
 from numerics import assert_close, assert_within_torch_error
 
 # dtype -> tolerance: fp32 by max relative error vs fp64; half precision by the 2x-torch rule
@@ -28,6 +34,10 @@ CPU_CASES = [  # (shape, groups, channels_last, affine, activation)
     ((2, 20, 4, 6), 5, False, True, None),  # plain GroupNorm (SD's norms without SiLU)
     ((2, 12, 10), 3, False, True, "silu"),  # 3-D (N, C, L), as in 1-D convs / attention blocks
 ]
+
+PATHS = {"single-pass": True, "two-pass": False}  # LaunchConfig.single_pass, forced via config=
+gn = importlib.import_module("kernels.group_norm_silu")  # the module (kernels.group_norm_silu is the op)
+_PATH_KERNELS = {True: ("_fused_kernel",), False: ("_stats_kernel", "_apply_kernel")}
 
 GPU_SHAPES = [  # (shape, groups)
     ((2, 320, 64, 64), 32),  # SD1.5 UNet, first ResBlocks at 512x512 (batch 2 = CFG)
@@ -58,6 +68,31 @@ def _torch(x, w, b, groups, activation, dtype=None):
     return F.silu(y) if activation == "silu" else y
 
 
+def _config(x, groups, single_pass=None):
+    """The heuristic's tiling for x, with the forward path forced unless ``single_pass`` is None."""
+    return launch_config(x.shape, groups, x.dtype, H100_SMS if x.is_cuda else INTERPRETER_SMS,
+                         single_pass=single_pass)
+
+
+class _Forbidden:
+    """Stands in for a kernel of the forward path the config did not ask for."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched, but the config asked for the other forward path")
+
+
+@contextlib.contextmanager
+def _only_path(config):
+    """The forward kernels of the path ``config`` does not take fail when launched."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _PATH_KERNELS[not config.single_pass] if config is not None else ():
+            mp.setattr(gn, name, _Forbidden(name))
+        yield
+
+
 def _leaves(*ts):
     return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
@@ -71,7 +106,8 @@ def _check(got, torch_same_dtype, want_fp64, dtype, name):
 
 def _check_forward(x, w, b, groups, activation, config=None):
     out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element fails
-    y = group_norm_silu_triton(x, w, b, groups, 1e-5, activation, out=out, config=config)
+    with _only_path(config):
+        y = group_norm_silu_triton(x, w, b, groups, 1e-5, activation, out=out, config=config)
     assert y.data_ptr() == out.data_ptr()
     _check(y, _torch(x, w, b, groups, activation), _torch(x, w, b, groups, activation, torch.float64),
            x.dtype, f"y {x.dtype}")
@@ -81,7 +117,8 @@ def _check_backward(x, w, b, groups, activation, config=None):
     """dx, dweight, dbias each against fp64 autograd under one shared random upstream gradient."""
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
     ins = _leaves(x, w, b)
-    y = group_norm_silu_triton(*ins, groups, 1e-5, activation, config=config)
+    with _only_path(config):
+        y = group_norm_silu_triton(*ins, groups, 1e-5, activation, config=config)
     got = torch.autograd.grad(y, [t for t in ins if t is not None], dy)
     same = _leaves(x, w, b)
     torch_grads = torch.autograd.grad(_torch(*same, groups, activation),
@@ -96,10 +133,22 @@ def _check_backward(x, w, b, groups, activation, config=None):
 
 # ---- default run: tiny shapes under the interpreter (or on the GPU when there is one) ----
 
+@pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("shape, groups, channels_last, affine, activation", CPU_CASES)
-def test_forward_fp32(device, shape, groups, channels_last, affine, activation):
+def test_forward_fp32(device, shape, groups, channels_last, affine, activation, single_pass):
     x, w, b = _inputs(shape, torch.float32, device, affine, channels_last)
-    _check_forward(x, w, b, groups, activation)
+    _check_forward(x, w, b, groups, activation, _config(x, groups, single_pass))
+
+
+def test_heuristic_single_pass_forward_backward(device):
+    """Small groups take the one-launch forward by default; its backward then runs the two-pass
+    split of the same shape (a different tiling from the forward's), from the stats it wrote."""
+    x, w, b = _inputs((1, 96, 7, 9), torch.float32, device)
+    cfg, split = _config(x, 32), _config(x, 32, single_pass=False)
+    assert cfg.single_pass and cfg.grid == (32,) and split.s_chunks > 1, (cfg, split)
+    with _only_path(cfg):  # config=None below: the heuristic must pick the same path
+        _check_forward(x, w, b, 32, "silu")
+        _check_backward(x, w, b, 32, "silu")
 
 
 def test_output_keeps_memory_format(device):
@@ -112,30 +161,51 @@ def test_forward_non_contiguous(device):
     """A spatial slice: H and W cannot be merged into one stride, so the kernel splits them."""
     x, w, b = _inputs((2, 24, 7, 9), torch.float32, device)
     x = x[:, 4:20, 1:6, ::2]  # (2, 16, 5, 5), strides (1512, 63, 9, 2)
-    _check_forward(x, w[4:20], b[4:20], 4, "silu")
-    _check_backward(x, w[4:20], b[4:20], 4, "silu")
+    for single_pass in PATHS.values():
+        cfg = _config(x, 4, single_pass)
+        _check_forward(x, w[4:20], b[4:20], 4, "silu", cfg)
+        _check_backward(x, w[4:20], b[4:20], 4, "silu", cfg)
 
 
+def test_strided_weight_and_bias(device):
+    """weight and bias as every other element of a longer tensor (stride 2), forward and backward:
+    the kernels index them densely, so the wrapper must not pass the view through as it is."""
+    x, w, b = _inputs((1, 96, 7, 9), torch.float32, device)
+    w2, b2 = (torch.stack([t, torch.full_like(t, 1e3)], 1).flatten() for t in (w, b))
+    ws, bs = w2[::2], b2[::2]
+    assert ws.stride() == (2,) and torch.equal(ws, w), ws.stride()
+    for single_pass in PATHS.values():
+        _check_forward(x, ws, bs, 32, "silu", _config(x, 32, single_pass))
+        _check_backward(x, ws, bs, 32, "silu", _config(x, 32, single_pass))
+
+
+@pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_forward_backward_half(device, dtype):
+def test_forward_backward_half(device, dtype, single_pass):
     x, w, b = _inputs((2, 32, 5, 3), dtype, device)
-    _check_forward(x, w, b, 8, "silu")
-    _check_backward(x, w, b, 8, "silu")
+    cfg = _config(x, 8, single_pass)
+    _check_forward(x, w, b, 8, "silu", cfg)
+    _check_backward(x, w, b, 8, "silu", cfg)
 
 
+@pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("shape, groups, channels_last, affine, activation",
                          [CPU_CASES[i] for i in (0, 2, 3, 4)])
-def test_backward_fp32(device, shape, groups, channels_last, affine, activation):
+def test_backward_fp32(device, shape, groups, channels_last, affine, activation, single_pass):
+    """After either forward path (a forced config's tiles are the backward's too)."""
     x, w, b = _inputs(shape, torch.float32, device, affine, channels_last)
-    _check_backward(x, w, b, groups, activation)
+    _check_backward(x, w, b, groups, activation, _config(x, groups, single_pass))
 
 
-def test_forced_small_tiles(device):
+@pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
+def test_forced_small_tiles(device, single_pass):
     """Several channel blocks per group, several tiles per chunk and several chunks per group:
-    the Chan combine across tiles and across chunks, and the per-channel dweight partials."""
-    shape, groups = (1, 24, 5, 7), 2  # 12 channels per group -> 3 blocks of 4
-    cfg = launch_config(shape, groups, torch.float32, sms=2, max_tile=8, max_block_c=4)
-    assert cfg.c_blocks == 3 and cfg.s_chunks > 1 and cfg.s_chunk > cfg.block_s, cfg
+    the Chan combine across tiles, chunks and (single pass) channel blocks, and the per-channel
+    dweight partials. The single pass walks the same tiles, ignoring the chunking."""
+    shape, groups = (1, 24, 5, 7), 2  # 12 channels per group -> 3 blocks of 4, H * W = 35 uneven
+    cfg = launch_config(shape, groups, torch.float32, sms=2, max_tile=8, max_block_c=4, single_pass=False)
+    assert cfg.c_blocks == 3 and cfg.s_chunks > 1 and cfg.s_chunk > cfg.block_s and not cfg.even_s, cfg
+    cfg = dataclasses.replace(cfg, single_pass=single_pass)
     x, w, b = _inputs(shape, torch.float32, device)
     _check_forward(x, w, b, groups, "silu", config=cfg)
     _check_backward(x, w, b, groups, "silu", config=cfg)
@@ -151,13 +221,36 @@ def test_stable_statistics_with_large_mean(device):
 @pytest.mark.parametrize("shape, groups", [((1, 320, 64, 64), 32), ((2, 1280, 8, 8), 32)] + GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_grid_fills_h100(shape, groups, dtype):
-    """Batch 1-2 at SD shapes must launch >= 2 programs per SM of a 132-SM H100 in every pass."""
+    """Batch 1-2 at SD shapes: the two-pass split (and so the backward) launches >= 2 programs per
+    SM of a 132-SM H100 in every pass; the one-launch forward is taken only for small groups."""
+    spatial, group = math.prod(shape[2:]), shape[1] // groups * math.prod(shape[2:])
+    split = launch_config(shape, groups, dtype, sms=H100_SMS, single_pass=False)
+    assert split.grid[0] >= 2 * H100_SMS, f"{shape}: {split.grid[0]} programs < {2 * H100_SMS}; {split}"
     cfg = launch_config(shape, groups, dtype, sms=H100_SMS)
-    assert cfg.grid[0] >= 2 * H100_SMS, f"{shape}: {cfg.grid[0]} programs < {2 * H100_SMS}; {cfg}"
-    assert cfg.block_c * cfg.block_s <= MAX_TILE and 1 <= cfg.num_warps <= MAX_WARPS, cfg
-    spatial = shape[2] * shape[3]
-    assert cfg.s_chunks * cfg.s_chunk >= spatial > (cfg.s_chunks - 1) * cfg.s_chunk, cfg
-    assert cfg.c_blocks * cfg.block_c >= shape[1] // groups, cfg
+    assert cfg.single_pass == (group <= SINGLE_PASS_MAX_GROUP), f"{shape}: group of {group}; {cfg}"
+    for c in (split, cfg):
+        assert c.block_c * c.block_s <= MAX_TILE and 1 <= c.num_warps <= MAX_WARPS, c
+        assert c.s_chunks * c.s_chunk >= spatial > (c.s_chunks - 1) * c.s_chunk, c
+        assert c.c_blocks * c.block_c >= shape[1] // groups, c
+
+
+_FULL_BATCH = -(-PROGRAMS_PER_SM * H100_SMS // 32)  # samples whose 32 groups fill an H100 alone
+
+
+@pytest.mark.parametrize("shape, single_pass", [
+    ((1, 1280, 8, 8), True),  # SD1.5 mid block at batch 1: 2560 per group, 32 programs
+    ((1, 320, 64, 64), False),  # SD1.5 first level at batch 1: 40960 per group
+    ((1, 32, SINGLE_PASS_MAX_GROUP), True),  # the largest group that takes one launch
+    ((1, 32, SINGLE_PASS_MAX_GROUP + 1), False),
+    ((_FULL_BATCH, 320, 64, 64), True),  # large groups, but N * G rows >= 4 programs x 132 SMs
+    ((_FULL_BATCH - 1, 320, 64, 64), False),
+])
+def test_launch_config_picks_path(shape, single_pass):
+    cfg = launch_config(shape, 32, torch.float16, sms=H100_SMS)
+    assert cfg.single_pass is single_pass, f"{shape}: {cfg}"
+    if single_pass:  # one program per row walks all of H * W
+        assert cfg.grid == (cfg.rows,) and cfg.s_chunks == 1 and cfg.s_chunk >= math.prod(shape[2:]), cfg
+        assert cfg.block_c * cfg.block_s <= MAX_TILE, cfg
 
 
 def test_dispatch_runs_triton(device):
@@ -213,3 +306,15 @@ def test_sd_shapes_channels_last_gpu(shape, groups, dtype):
     _check_forward(x, w, b, groups, "silu")
     _check_forward(x, w, b, groups, None)
     _check_backward(x, w, b, groups, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("shape, groups", GPU_SHAPES)
+def test_sd_shapes_forced_path_gpu(shape, groups, single_pass):
+    """Each forward path at every SD shape, not only where the heuristic sends it (e.g. the single
+    pass walking a VAE group of 262k elements, the two-pass split on the 8x8 mid block)."""
+    x, w, b = _inputs(shape, torch.float16, "cuda")
+    cfg = _config(x, groups, single_pass)
+    _check_forward(x, w, b, groups, "silu", cfg)
+    _check_backward(x, w, b, groups, "silu", cfg)
