@@ -1,9 +1,10 @@
-"""``python -m bench [ops|pipelines] [options]``; with no subcommand both suites run.
+"""``python -m bench [ops|pipelines|tune] [options]``; with no subcommand ops and pipelines run.
 
     python -m bench --quick                      # CPU smoke run of both suites (about a minute)
     python -m bench ops --ops attention --dtypes fp16 --shapes unet15.attn
     python -m bench pipelines --unet-only        # headline: all-triton vs all-reference UNet step
     python -m bench ops --list-shapes            # the SD shape table, with a reason per case
+    python -m bench tune --ops attention         # sweep launch configurations (GPU), best per shape
 
 Every option of both suites: ``python -m bench all --help``; of one: ``python -m bench ops --help``.
 """
@@ -68,6 +69,19 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
     g.add_argument("--list-shapes", action="store_true", help="print the shape table and exit")
 
 
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    from . import tune
+
+    g = p.add_argument_group("tune suite")
+    g.add_argument("--ops", nargs="+", metavar="OP",
+                   help=f"kernels to sweep (default: all: {', '.join(tune.TUNABLE)})")
+    g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
+                   help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--shapes", nargs="+", metavar="CASE",
+                   help="shape cases by name or name prefix, as for `bench ops` (default: the SD shapes, "
+                        "or the tiny ones with --quick)")
+
+
 def _add_pipelines(p: argparse.ArgumentParser) -> None:
     from . import pipelines
 
@@ -100,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, epilog=EPILOG,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="suite", metavar="{ops,pipelines,all}")
+    sub = parser.add_subparsers(dest="suite", metavar="{ops,pipelines,tune,all}")
     p_ops = sub.add_parser("ops", help="each op x backend x SD shape x dtype", description=
                            "Op benchmarks: each op x backend x the shapes SD calls x dtype.",
                            epilog=EPILOG, formatter_class=fmt)
@@ -111,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "all-reference.", epilog=EPILOG, formatter_class=fmt)
     _add_pipelines(p_pipe)
     _add_common(p_pipe)
+    p_tune = sub.add_parser("tune", help="sweep each Triton kernel's launch configurations",
+                            description=__import__("bench.tune", fromlist=["tune"]).__doc__,
+                            epilog=EPILOG, formatter_class=fmt)
+    _add_tune(p_tune)
+    _add_common(p_tune)
     p_all = sub.add_parser("all", help="both suites (the default with no subcommand)", epilog=EPILOG,
                            formatter_class=fmt)
     _add_ops(p_all)
@@ -128,8 +147,10 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"unknown {kind} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
 
     if getattr(args, "ops", None) is not None:
+        from . import tune
+
         args.ops = _split(args.ops)
-        bad("op", args.ops, ops.known_ops())
+        bad("op", args.ops, list(tune.TUNABLE) if args.suite == "tune" else ops.known_ops())
     if getattr(args, "backends", None) is not None:
         args.backends = _split(args.backends)
         bad("backend", args.backends, ops.all_backends())
@@ -143,7 +164,10 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         bad("dtype", [args.dtype], list(common.DTYPES) + list(common._DTYPE_ALIASES))
     if getattr(args, "shapes", None) is not None:
         args.shapes = _split(args.shapes)
-        names = [c.name for op in (args.ops or ops.known_ops()) for c in ops.CASES[op]]
+        from . import tune
+
+        default_ops = list(tune.TUNABLE) if args.suite == "tune" else ops.known_ops()
+        names = [c.name for op in (args.ops or default_ops) for c in ops.CASES[op]]
         unknown = [s for s in args.shapes if not any(n == s or n.startswith(s.rstrip("*")) for n in names)]
         if unknown:
             parser.error(f"unknown shape case {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
@@ -201,9 +225,10 @@ def run(args) -> int:
     rows: list[dict] = []
 
     op_dtypes = None
-    if "ops" in suites:
+    if "ops" in suites or "tune" in suites:
+        cuda_default = [torch.float16, torch.bfloat16] if "ops" in suites else [torch.float16]
         op_dtypes = [common.parse_dtype(d) for d in args.dtypes] if args.dtypes else (
-            [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])
+            cuda_default if device.type == "cuda" else [torch.float32])
     pipe_dtype = None
     if "pipelines" in suites:
         pipe_dtype = common.parse_dtype(args.dtype) if args.dtype else (
@@ -211,20 +236,25 @@ def run(args) -> int:
     ceil_dtypes = list(dict.fromkeys([*(op_dtypes or []), *([pipe_dtype] if pipe_dtype else [])]))
     print(f"[bench] {env['device_name']} · torch {env['torch']} · triton {env['triton']}"
           f"{' · TRITON_INTERPRET=1' if env['triton_interpret'] else ''}", file=sys.stderr)
-    ceilings = common.measure_ceilings(device, ceil_dtypes, quick=args.quick)
+    ceilings = None if suites == ["tune"] else common.measure_ceilings(device, ceil_dtypes, quick=args.quick)
 
     if "ops" in suites:
         from . import ops
 
         rows += ops.run(args.ops or ops.known_ops(), args.backends, op_dtypes, args.shapes, device, env,
                         ceilings, quick=args.quick, progress=progress)
+    if "tune" in suites:
+        from . import tune
+
+        rows += tune.run(args.ops or list(tune.TUNABLE), op_dtypes, args.shapes, device, env, quick=args.quick,
+                         progress=progress)
     if "pipelines" in suites:
         from . import pipelines
 
         rows += pipelines.run(pipelines.Options.from_args(args, pipe_dtype), device, env, progress=progress)
 
     out_dir = args.out or common.default_out_dir(env, quick=args.quick)
-    written_suites = ["ops"] if "ops" in suites else []
+    written_suites = [x for x in ("ops", "tune") if x in suites]
     if "pipelines" in suites:
         written_suites += ["pipelines", "unet_step"]
     paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)

@@ -350,6 +350,20 @@ def _cell(row: dict, key: str | None, title: str) -> str:
     return _fmt(row[key]).replace("|", "\\|")
 
 
+DEFAULT_CONFIG = "default"  # tune rows: the backend label of the configuration a kernel picks itself
+
+
+def best_configs(rows: list[dict]) -> list[dict]:
+    """Tune rows: per (op, case, dtype) the fastest row that ran and was accurate (status ok)."""
+    winners: dict[tuple, dict] = {}
+    for r in rows:
+        if r["suite"] == "tune" and r["status"] == "ok":
+            key = (r["op"], r["case"], r["dtype"])
+            if key not in winners or r["median_ms"] < winners[key]["median_ms"]:
+                winners[key] = r
+    return list(winners.values())
+
+
 def markdown_table(rows: list[dict], columns) -> str:
     lines = ["| " + " | ".join(t for t, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k, t) for t, k in columns) + " |" for r in rows]
@@ -376,6 +390,18 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 "time to issue one call (Python + launches); above the median, the op is host-bound "
                 "and in eager mode costs its host time, not its GPU time.", "",
                 markdown_table(op_rows, OPS_COLUMNS), ""]
+    tune_rows = [r for r in rows if r["suite"] == "tune"]
+    if tune_rows:
+        best = best_configs(tune_rows)
+        out += ["## Launch-configuration sweep", "",
+                f"Each Triton kernel with candidate launch configurations (backend column) against the one it "
+                f"picks itself (`{DEFAULT_CONFIG}`), same inputs, same run; speed-up vs `{DEFAULT_CONFIG}`. A "
+                "candidate whose error exceeds 2x the default's is an error row and cannot win.", "",
+                "Best per case:", "",
+                markdown_table(best, [("op", "op"), ("case", "case"), ("dtype", "dtype"),
+                                      ("best configuration", "backend"), ("median ms", "median_ms"),
+                                      ("host µs", "host_ms"), ("speed-up", "speedup_vs_reference")]), "",
+                "All candidates:", "", markdown_table(tune_rows, OPS_COLUMNS), ""]
     for suite, title in (("unet_step", "UNet step"), ("pipelines", "Pipelines")):
         sel = [r for r in rows if r["suite"] == suite]
         if sel:

@@ -4,13 +4,15 @@
 # bench/results/. Each stage writes under OUTDIR and a failing stage does not stop the next.
 #
 #   bash bench/gpu_checks.sh OUTDIR                    # all stages
-#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops unet pipelines repaint250
+#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops tune unet pipelines repaint250
 #
+# tune is the longest stage (~35 configurations per SD 1.5 512-px shape, each compiled once, not
+# yet timed on a GPU); give each stage its own call where device time is metered per call.
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|unet|pipelines|repaint250 ...]}
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250 ...]}
 shift
-stages=${*:-tests ops unet pipelines repaint250}
+stages=${*:-tests ops tune unet pipelines repaint250}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
@@ -22,12 +24,13 @@ for stage in $stages; do
   case $stage in
     tests) python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
     ops) python -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
+    tune) python -m bench tune --shapes unet15. --no-progress --out "$out/tune" > "$out/tune.log" 2>&1 ;;
     unet) python -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
     pipelines) python -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
                  > "$out/pipelines.log" 2>&1 ;;
     repaint250) python -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
-    *) echo "unknown stage '$stage'; stages: tests ops unet pipelines repaint250" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250" >&2; exit 2 ;;
   esac
   rc=$?
   echo "== $stage: exit $rc"

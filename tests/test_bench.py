@@ -146,3 +146,42 @@ def test_pipelines_quick(tmp_path):
         # one scheduler update per denoising step, its estimated share of the run in (0, 1)
         assert r["scheduler_calls"] == r["unet_calls"], r
         assert 0 < r["scheduler_share"] < 1 and r["scheduler_ms_est"] > 0, r
+
+
+def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch):
+    """`bench tune`: one row per candidate with the default first; a candidate whose output is
+    wrong is an error row and cannot be named best."""
+    from bench import tune
+
+    real_call = tune._kernel_call
+    bad = object()
+
+    def call(op, config, args, device):
+        if config is bad:
+            fn = real_call(op, None, args, device)
+            return lambda: fn() * 1.01  # 1% off: far outside the default's error
+        return real_call(op, config, args, device)
+
+    monkeypatch.setattr(tune, "_kernel_call", call)
+    real_cands = dict(tune.CANDIDATES)
+    monkeypatch.setitem(tune.CANDIDATES, "attention",
+                        lambda case, quick: [*real_cands["attention"](case, quick), tune.Candidate("bad", bad)])
+    rc, data = _run(["tune", "--quick", "--no-plot", "--shapes", "tiny.cross", "odd.hw"], tmp_path)
+    assert rc == 1, "a wrong candidate is an error row, so the run exits 1"
+    rows = _rows(data, suite="tune")
+    for case, op in (("tiny.cross", "attention"), ("odd.hw", "group_norm_silu")):
+        sel = [r for r in rows if r["case"] == case]
+        assert sel[0]["backend"] == "default" and sel[0]["status"] == "ok", sel[0]
+        assert len(sel) >= 3, [r["backend"] for r in sel]
+        assert all(r["op"] == op and r["max_abs_err"] is not None for r in sel), sel
+    (wrong,) = _rows(data, suite="tune", backend="bad")
+    assert wrong["status"] == "error" and "wrong result" in wrong["note"], wrong
+    best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
+    assert set(best) == {"tiny.cross", "odd.hw"} and best["tiny.cross"] != "bad", best
+    assert "Best per case" in (tmp_path / "results.md").read_text()
+
+
+def test_tune_rejects_ops_without_configs(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--ops", "scheduler_step"])
+    assert "valid: attention, group_norm_silu" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""Compile a kernel call for Hopper (sm_90) without a GPU, and read what the compiler made of it.
+
+Triton's pip wheel ships NVIDIA's ``ptxas`` and ``cuobjdump``, so the exact specialisation a call
+would launch on an H100 can be compiled on any machine: registers per thread, spilled bytes,
+shared memory, and the SASS instruction mix (e.g. whether tile loads became 16-byte ``LDGSTS``
+cp.async copies or 2-byte ``LDG`` loads). It catches what the interpreter cannot: a kernel that
+does not compile for sm_90, register spills, or lost vectorisation. Speed still needs a GPU.
+
+    python -m bench.sm90                     # the SD 1.5 shapes of every kernel, one line each
+
+Uses Triton internals (the JIT binder, ``ASTSource``); written against Triton 3.9, it raises
+:class:`Unavailable` where they differ.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+TARGET = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp size): the H100 / H200
+
+
+class Unavailable(RuntimeError):
+    """This Triton cannot compile for sm_90 offline (internals moved, or no ptxas)."""
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    num_warps: int
+    num_stages: int
+    sass: collections.Counter = field(repr=False)  # opcode (without modifiers) -> count
+    global_loads: collections.Counter = field(repr=False)  # LDG / LDGSTS with modifiers, e.g. LDG.E.128
+
+    @property
+    def narrow_loads(self) -> int:
+        """Global loads narrower than 16 bytes (no .128 modifier): unvectorised tile loads."""
+        return sum(n for op, n in self.global_loads.items() if not op.endswith(".128"))
+
+    def summary(self) -> str:
+        ops = " ".join(f"{k}={self.sass.get(k, 0)}" for k in ("HGMMA", "LDGSTS", "LDG", "STG", "MUFU", "FFMA"))
+        loads = " ".join(f"{k}={v}" for k, v in sorted(self.global_loads.items()))
+        return (f"{self.kernel}: {self.registers} regs, {self.spill_bytes} B spilled, {self.shared_bytes} B shared, "
+                f"{self.num_warps} warps, {self.num_stages} stages; {ops}; loads: {loads}")
+
+
+def _toolchain():
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile, make_backend
+        from triton.runtime.jit import create_function_from_signature
+        from triton.tools.disasm import get_sass
+    except ImportError as e:
+        raise Unavailable(f"Triton internals for offline compiles not found: {e}") from None
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
+        raise Unavailable(f"no cuobjdump in {bin_dir}")
+    return GPUTarget, ASTSource, compile, make_backend, create_function_from_signature, get_sass, bin_dir
+
+
+@contextlib.contextmanager
+def capture(module_name: str, *kernel_names: str):
+    """Within the block, launches of ``module.<kernel>[grid](...)`` compile for sm_90 instead of
+    running; the results are appended to the yielded list. The module's launch checks see a
+    CUDA-capable setup (``interpreting`` patched) so CPU tensors reach the launchers."""
+    GPUTarget, ASTSource, compile_, make_backend, create_binder, get_sass, bin_dir = _toolchain()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise Unavailable("TRITON_INTERPRET is set: @triton.jit made interpreter functions, which do not "
+                          "compile; run in a process without it")
+    module = importlib.import_module(module_name)
+    target = GPUTarget(*TARGET)
+    backend = make_backend(target)
+    found: list[Compiled] = []
+    saved = {name: getattr(module, name) for name in kernel_names}
+
+    class _Launch:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                fn = self.fn
+                kwargs.setdefault("debug", False)
+                try:
+                    binder = create_binder(fn.signature, fn.params, backend)
+                    bound, spec, options = binder(*args, **kwargs)
+                    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+                except (AttributeError, TypeError) as e:
+                    raise Unavailable(f"Triton's JIT internals differ from 3.9's: {e}") from None
+                k = compile_(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+                found.append(_inspect(fn.__name__, k, get_sass, bin_dir))
+            return launch
+
+    for name, fn in saved.items():
+        setattr(module, name, _Launch(fn))
+    registry = importlib.import_module("kernels.registry")
+    saved_interp = registry.interpreting
+    patched = [m for m in (module, registry) if getattr(m, "interpreting", None) is saved_interp]
+    for m in patched:
+        m.interpreting = lambda: True
+    try:
+        yield found
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+        for m in patched:
+            m.interpreting = saved_interp
+
+
+def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    sass = get_sass(kernel.asm["cubin"])
+    full = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
+    if not full:  # other disassembler layouts: "        LDGSTS.E.128 ..." after a tab
+        full = re.findall(r"^[-0-9a-f:]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
+    md = kernel.metadata
+    return Compiled(name, regs, stack, md.shared, md.num_warps, md.num_stages,
+                    collections.Counter(op.split(".")[0] for op in full),
+                    collections.Counter(op for op in full if op.split(".")[0] in ("LDG", "LDGSTS")))
+
+
+def sd15_calls():
+    """(label, module, kernel names, thunk) for SD 1.5 shapes at 512 px, batch 2, fp16."""
+    import torch
+
+    def attn(b, h, lq, lkv, d):
+        def call():
+            at = importlib.import_module("kernels.attention")
+            q = torch.empty(b, lq, h, d, dtype=torch.float16).transpose(1, 2)  # the UNet's layout
+            k = torch.empty(b, lkv, h, d, dtype=torch.float16).transpose(1, 2)
+            with torch.no_grad():
+                at.attention_triton(q, k, k)
+        return call
+
+    def gn(shape, single):
+        def call():
+            gn = importlib.import_module("kernels.group_norm_silu")
+            x = torch.empty(shape, dtype=torch.float16)
+            w = torch.empty(shape[1], dtype=torch.float16)
+            cfg = gn.launch_config(tuple(shape), 32, torch.float16, gn.H100_SMS, single_pass=single)
+            with torch.no_grad():
+                gn.group_norm_silu_triton(x, w, w, 32, config=cfg)
+        return call
+
+    gn_kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel")
+    return [
+        ("attention D40 self 4096", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 4096, 40)),
+        ("attention D40 cross 77", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 77, 40)),
+        ("attention D80 self 1024", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 1024, 1024, 80)),
+        ("attention D160 self 256", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 256, 256, 160)),
+        ("group_norm_silu single (2,1280,16,16)", "kernels.group_norm_silu", gn_kernels, gn((2, 1280, 16, 16), True)),
+        ("group_norm_silu two-pass (2,320,64,64)", "kernels.group_norm_silu", gn_kernels, gn((2, 320, 64, 64), False)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One line per compiled kernel; ``--json``: a list of records instead. Exit 3 if unavailable."""
+    import json
+    import sys
+
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    records = []
+    for label, module, names, call in sd15_calls():
+        try:
+            with capture(module, *names) as found:
+                call()
+        except Unavailable as e:
+            print(json.dumps({"unavailable": str(e)}) if as_json else f"unavailable: {e}")
+            return 3
+        for c in found:
+            records.append(dict(case=label, kernel=c.kernel, registers=c.registers, spill_bytes=c.spill_bytes,
+                                shared_bytes=c.shared_bytes, narrow_loads=c.narrow_loads,
+                                global_loads=dict(c.global_loads), hgmma=c.sass.get("HGMMA", 0)))
+            if not as_json:
+                print(f"{label}: {c.summary()}")
+    if as_json:
+        print(json.dumps(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
