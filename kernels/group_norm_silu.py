@@ -13,15 +13,23 @@ M2) is computed two-pass in registers and tiles/chunks are merged with Chan et a
 combine (1979), never E[x^2] - E[x]^2.
 
 Parallelism: the (N*G) x (C/G, HW) problem is cut into tiles of BLOCK_C channels x BLOCK_S spatial
-positions. The forward has two paths, picked by `launch_config` (`LaunchConfig.single_pass`); both
-run the same tile loops (`_block_stats`: tiles merged with Chan's formula; `_normalize_block`).
-  single pass `_fused_kernel`: one program per (n, g) computes the group's statistics, writes
-           (mean, rstd) when autograd will need them, then normalises + affine + SiLU the group
-           (the second read of x should hit L1/L2). One launch instead of two, for groups of at most
-           SINGLE_PASS_MAX_GROUP elements (e.g. the SD UNet's 8x8 and 16x16 levels at batch 2, where
-           a call costs host time, not bandwidth) or when the N*G programs alone fill
-           PROGRAMS_PER_SM x SMs. Not yet timed on a GPU: the threshold is a guess to tune there.
-  two passes, otherwise: tiles are grouped into chunks so each pass launches >= PROGRAMS_PER_SM x
+positions, and each (n, g) row into chunks of tiles, one program per (row, chunk), so batch 1-2 at
+SD shapes gives >= PROGRAMS_PER_SM x SMs programs rather than N*G. The forward has two paths, picked
+by `launch_config` (`LaunchConfig.single_pass`); both run the same tile loops (`_block_stats`: tiles
+merged with Chan's formula; `_normalize_block`).
+  one launch `_fused_kernel`, for groups of at most SINGLE_PASS_MAX_GROUP elements (e.g. the SD
+           UNet's 8x8 and 16x16 levels, where a call costs host time, not bandwidth) or when the N*G
+           rows alone fill PROGRAMS_PER_SM x SMs: every program computes its whole group's
+           statistics itself, redundantly, in its own wider tiles (STATS_BLOCK_C x STATS_BLOCK_S;
+           after a group's first program these reads should hit L2); chunk 0 writes (mean, rstd)
+           when autograd needs them; each program then normalises + affine + SiLU its chunk.
+           Chunks (`_single_pass_chunk`): at most SINGLE_PASS_STATS_READS / group per row, each of
+           >= MIN_CHUNK elements; the fewest reaching PROGRAMS_PER_SM x SMs programs, then the
+           widest channel block. E.g. fp16 (2,1280,8,8): 640 programs of 8x32 (64 before);
+           (1,1280,8,8): 320 (MIN_CHUNK bound). Not timed on a GPU: whether redundant statistics
+           (each group read ~10-20 times from L2, by programs of 1-2 warps) beat a second launch,
+           and every constant of this rule, are to measure there.
+  two passes, otherwise: whole channel blocks, H*W cut so each pass launches >= PROGRAMS_PER_SM x
            SMs programs. Pass 1 `_stats_kernel`: per (n, g, chunk) partial (count, mean, M2) -> fp32
            workspace; pass 2 `_apply_kernel`: combine the group's partials (a few hundred floats,
            from L2), then normalise + affine + SiLU its chunk.
@@ -32,7 +40,8 @@ run the same tile loops (`_block_stats`: tiles merged with Chan's formula; `_nor
 Host time: what depends only on shapes, strides, dtype and flags (grid, strides, constexprs) is a
 cached `_Plan`; a no-grad call allocates y (and the two-pass workspace) and launches.
 Bytes: the ideal forward reads x twice (stats, normalise) and writes y once: 3 x numel x itemsize
-(the second read hits L2 when x fits in 50 MB); backward reads x, dy twice and writes dx: 5x.
+(the second read hits L2 when x fits in 50 MB; the one launch reads x chunks + 1 times, all but once
+from L2); backward reads x, dy twice and writes dx: 5x.
 Where it should win: fp16/bf16 at batch 1-8 on SD shapes, against torch's group_norm + silu
 (one more full read and write for the SiLU, and a grid that does not fill the GPU).
 Layouts: any strides (NCHW, channels_last, slices); the output keeps x's memory format.
@@ -61,6 +70,11 @@ BYTES_PER_ACCESS = 16  # one vector load per thread
 LOADS_PER_THREAD = 2  # vector loads in flight per thread per tile
 MAX_WARPS = 8
 SINGLE_PASS_MAX_GROUP = 16384  # elements per (n, group) taking the one-launch forward; to tune on a GPU
+# one launch: every chunk re-reads its whole group for the statistics, so a group's chunks x its
+# elements (what x it reads for statistics, mostly from L2) stays within this; to tune on a GPU
+SINGLE_PASS_STATS_READS = 1 << 18
+MIN_CHUNK = 256  # one launch: elements a program normalises, at least (unless whole channel blocks)
+STATS_LOADS_PER_THREAD = 8  # one launch: vector loads per thread per statistics tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,25 +90,52 @@ def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, activation="sil
 class LaunchConfig:
     rows: int  # N * groups
     c_blocks: int  # channel blocks per group
-    s_chunks: int  # spatial chunks per channel block (two-pass kernels)
+    s_chunks: int  # spatial chunks per channel block
     s_chunk: int  # spatial positions per chunk (a multiple of block_s)
     block_c: int
-    block_s: int
+    block_s: int  # tile width when normalising a chunk (and in the two-pass statistics)
     num_warps: int
     even_s: bool  # every tile is full along H * W
-    single_pass: bool = False  # forward: one launch, one program per row (ignores the chunking)
+    stats_block_c: int  # one launch: its statistics' tiles over the whole group (the widest allowed)
+    stats_block_s: int
+    stats_even_s: bool  # H * W % stats_block_s == 0
+    single_pass: bool = False  # forward: one launch with redundant statistics, else two launches
 
     @property
-    def chunks(self) -> int:  # programs per (n, group) in the two-pass kernels
+    def chunks(self) -> int:  # programs per (n, group), in every kernel
         return self.c_blocks * self.s_chunks
 
     @property
-    def grid(self) -> tuple[int]:  # the forward's programs
-        return (self.rows,) if self.single_pass else (self.rows * self.chunks,)
+    def grid(self) -> tuple[int]:  # the programs of each forward (and backward) launch
+        return (self.rows * self.chunks,)
 
 
 def _pow2_floor(v: int) -> int:
     return 1 << (max(v, 1).bit_length() - 1)
+
+
+def _single_pass_chunk(rows, cg, spatial, block_c, sms):
+    """(block_c, s_chunk) of the one-launch forward. Chunks of b channels x s positions (powers of
+    two, b <= block_c) with at most SINGLE_PASS_STATS_READS / group of them per (n, group), each
+    of at least MIN_CHUNK elements; of these, the fewest chunks giving PROGRAMS_PER_SM x sms
+    programs (else the most), then the widest channel block. Whole channel blocks of block_c
+    over all of H * W always qualify."""
+    group = cg * spatial
+    most = min(SINGLE_PASS_STATS_READS // group, group // MIN_CHUNK)
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, rows)
+    s_top = triton.next_power_of_2(spatial)
+    best, choice = None, (block_c, s_top)
+    b = block_c
+    while b >= 1:
+        s = s_top
+        while s >= 1 and min(b, cg) * min(s, spatial) >= MIN_CHUNK:
+            chunks = triton.cdiv(cg, b) * triton.cdiv(spatial, s)
+            key = (min(chunks, want), -chunks, b)
+            if chunks <= most and (best is None or key > best):
+                best, choice = key, (b, s)
+            s //= 2
+        b //= 2
+    return choice
 
 
 @functools.lru_cache(maxsize=1024)
@@ -104,28 +145,33 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=MAX_TILE, max_blo
 
     ``single_pass`` None picks the path: one launch when a group has at most
     SINGLE_PASS_MAX_GROUP elements or the N * groups rows alone give PROGRAMS_PER_SM x sms programs;
-    else two passes of at least PROGRAMS_PER_SM x sms programs each (unless there are fewer tiles).
-    A single-pass config is also a valid two-pass one (one chunk per channel block), for backward.
+    else two passes. Two passes: whole channel blocks, H * W cut into chunks so each pass has at
+    least PROGRAMS_PER_SM x sms programs (unless there are fewer tiles). One launch: chunks as
+    `_single_pass_chunk` picks them. Every config is also a valid two-pass one, for backward.
     """
     n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
     rows, cg = n * groups, c // groups
     if single_pass is None:
         single_pass = cg * spatial <= SINGLE_PASS_MAX_GROUP or rows >= PROGRAMS_PER_SM * sms
-    block_c = min(triton.next_power_of_2(cg), _pow2_floor(max_block_c))
-    c_blocks = triton.cdiv(cg, block_c)
-    tile_s = _pow2_floor(max_tile // block_c)  # the widest tile allowed
-    if single_pass:  # one program walks the whole group: tiles as large as allowed
-        block_s = min(triton.next_power_of_2(spatial), tile_s)
-        s_chunk = block_s * triton.cdiv(spatial, block_s)
+    block_c = stats_c = min(triton.next_power_of_2(cg), _pow2_floor(max_block_c))
+    if single_pass:
+        block_c, s_chunk = _single_pass_chunk(rows, cg, spatial, block_c, sms)
+        block_s = min(s_chunk, _pow2_floor(max_tile // block_c))
+        s_chunk = block_s * triton.cdiv(min(s_chunk, spatial), block_s)
     else:
-        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, rows * c_blocks)  # spatial chunks wanted
+        tile_s = _pow2_floor(max_tile // block_c)  # the widest tile allowed
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, rows * triton.cdiv(cg, block_c))  # spatial chunks
         per_chunk = max(1, spatial // wanted)
         block_s = max(1, min(_pow2_floor(per_chunk), tile_s))
         s_chunk = block_s * max(1, per_chunk // block_s)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    warps = block_c * block_s * itemsize // (BYTES_PER_ACCESS * LOADS_PER_THREAD * 32)
-    return LaunchConfig(rows, c_blocks, triton.cdiv(spatial, s_chunk), s_chunk, block_c, block_s,
-                        max(1, min(MAX_WARPS, _pow2_floor(warps))), spatial % block_s == 0, single_pass)
+    warps = max(1, min(MAX_WARPS, _pow2_floor(
+        block_c * block_s * itemsize // (BYTES_PER_ACCESS * LOADS_PER_THREAD * 32))))
+    stats_tile = min(max_tile, warps * 32 * STATS_LOADS_PER_THREAD * BYTES_PER_ACCESS // itemsize)
+    stats_s = min(triton.next_power_of_2(spatial), _pow2_floor(stats_tile // stats_c))
+    return LaunchConfig(rows, triton.cdiv(cg, block_c), triton.cdiv(spatial, s_chunk), s_chunk, block_c,
+                        block_s, warps, spatial % block_s == 0, stats_c, stats_s, spatial % stats_s == 0,
+                        single_pass)
 
 
 @triton.jit
@@ -229,39 +275,44 @@ def _fused_kernel(
     G, C_PER_G, S, W, eps,  # groups, channels per group, H * W, W
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw,
+    S_CHUNK,  # spatial positions per chunk
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    EVEN_S: tl.constexpr,  # H * W % BLOCK_S == 0: no spatial mask, so loads vectorise
+    STATS_BLOCK_C: tl.constexpr,  # the statistics' tiles, over the whole group
+    STATS_BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr,  # H * W % BLOCK_S == H * W % STATS_BLOCK_S == 0: no spatial masks
     SPLIT_HW: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     STORE_STATS: tl.constexpr,
 ):
-    """Single pass: program (n, g) reduces its group, then normalises it (x read twice)."""
-    row = tl.program_id(0)  # n * G + g
+    """One launch: program (n, g, chunk) reduces the whole group (as its other chunks do: the same
+    tiles in the same order, so the same bits), then normalises its chunk only."""
+    pid = tl.program_id(0)
+    s_chunks = tl.cdiv(S, S_CHUNK)  # derived here rather than passed: fewer arguments to bind
+    chunks = tl.cdiv(C_PER_G, BLOCK_C) * s_chunks
+    n, row, c, c_mask, s_start, s_end = _tile(pid, chunks, s_chunks, S_CHUNK, G, C_PER_G, S, BLOCK_C)
+    x_base = x_ptr + n * stride_xn
     c_first = (row % G) * C_PER_G
-    x_base = x_ptr + (row // G).to(tl.int64) * stride_xn
-    y_base = y_ptr + (row // G).to(tl.int64) * stride_yn
     count = tl.zeros((), tl.float32)
     mean = tl.zeros((), tl.float32)
     m2 = tl.zeros((), tl.float32)
-    for c0 in range(0, C_PER_G, BLOCK_C):
-        c_local = c0 + tl.arange(0, BLOCK_C)
-        n_c = tl.minimum(C_PER_G - c0, BLOCK_C).to(tl.float32)
+    for c0 in range(0, C_PER_G, STATS_BLOCK_C):
+        c_local = c0 + tl.arange(0, STATS_BLOCK_C)
+        n_c = tl.minimum(C_PER_G - c0, STATS_BLOCK_C).to(tl.float32)
         b_count, b_mean, b_m2 = _block_stats(x_base, c_first + c_local, c_local < C_PER_G, n_c, 0, S, W,
-                                             stride_xc, stride_xh, stride_xw, BLOCK_S, EVEN_S, SPLIT_HW)
+                                             stride_xc, stride_xh, stride_xw, STATS_BLOCK_S, EVEN_S, SPLIT_HW)
         count, mean, m2 = _chan_merge(count, mean, m2, b_count, b_mean, b_m2)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     if STORE_STATS:
-        tl.store(stats_ptr + row * 2, mean)
-        tl.store(stats_ptr + row * 2 + 1, rstd)
-    for c0 in range(0, C_PER_G, BLOCK_C):
-        c_local = c0 + tl.arange(0, BLOCK_C)
-        c, c_mask = c_first + c_local, c_local < C_PER_G
-        scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
-        _normalize_block(x_base, y_base, c, c_mask, scale, shift, 0, S, W, stride_xc, stride_xh,
-                         stride_xw, stride_yc, stride_yh, stride_yw, BLOCK_S, EVEN_S, SPLIT_HW, SILU)
+        if pid % chunks == 0:
+            tl.store(stats_ptr + row * 2, mean)
+            tl.store(stats_ptr + row * 2 + 1, rstd)
+    scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    _normalize_block(x_base, y_ptr + n * stride_yn, c, c_mask, scale, shift, s_start, s_end, W,
+                     stride_xc, stride_xh, stride_xw, stride_yc, stride_yh, stride_yw,
+                     BLOCK_S, EVEN_S, SPLIT_HW, SILU)
 
 
 @triton.jit
@@ -496,13 +547,15 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
     h, w = _spatial_hw(x)
     (sx, sy), split = _strides((x, y), h, w)
     sizes = (groups, x.shape[1] // groups, h * w, w)
+    chunking = (cfg.chunks, cfg.s_chunks, cfg.s_chunk)
     tiles = dict(BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, EVEN_S=cfg.even_s, SPLIT_HW=split,
                  num_warps=cfg.num_warps)
     consts = dict(tiles, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, SILU=silu, STORE_STATS=store_stats)
     head = (cfg.single_pass, cfg.grid, (cfg.rows, 2) if store_stats else None, bwd_cfg, groups, silu)
     if cfg.single_pass:
-        return _Plan(*head, (*sizes, eps, *sx, *sy), consts, (), {}, ())
-    chunking = (cfg.chunks, cfg.s_chunks, cfg.s_chunk)
+        return _Plan(*head, (*sizes, eps, *sx, *sy, cfg.s_chunk),
+                     dict(consts, EVEN_S=cfg.even_s and cfg.stats_even_s, STATS_BLOCK_C=cfg.stats_block_c,
+                          STATS_BLOCK_S=cfg.stats_block_s), (), {}, ())
     return _Plan(*head, (*sizes, eps, *sx, *sy, *chunking),
                  dict(consts, CHUNKS_P2=triton.next_power_of_2(cfg.chunks)), (*sizes, *sx, *chunking),
                  tiles, (cfg.rows, cfg.chunks, 3))

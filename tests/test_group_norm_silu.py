@@ -1,7 +1,8 @@
 """The triton group_norm_silu backend against an fp64 torch reference, forward and backward.
 
-Default run: tiny shapes under the Triton interpreter on CPU, each forward path (one launch per
-(n, group), or the two-pass split) forced through `config=`. `pytest -m gpu`: SD 1.5 shapes.
+Default run: tiny shapes under the Triton interpreter on CPU, each forward path (one launch whose
+chunks each recompute their group's statistics, or the two-pass split) forced through `config=`.
+`pytest -m gpu`: SD 1.5 shapes.
 fp32 must match fp64 to 1e-5 max relative error; fp16/bf16 may err at most 2x as much as torch's
 own op in that dtype, plus a small atol (flash-attention's rule).
 """
@@ -13,10 +14,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernels
-from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_TILE, MAX_WARPS, PROGRAMS_PER_SM,
-                                     SINGLE_PASS_MAX_GROUP, group_norm_silu_triton, launch_config)
+from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_BLOCK_C, MAX_TILE, MAX_WARPS, MIN_CHUNK,
+                                     PROGRAMS_PER_SM, SINGLE_PASS_MAX_GROUP, SINGLE_PASS_STATS_READS,
+                                     group_norm_silu_triton, launch_config)
 from numerics import assert_close, assert_within_torch_error
 
 # dtype -> tolerance: fp32 by max relative error vs fp64; half precision by the 2x-torch rule
@@ -141,14 +144,16 @@ def test_forward_fp32(device, shape, groups, channels_last, affine, activation, 
 
 
 def test_heuristic_single_pass_forward_backward(device):
-    """Small groups take the one-launch forward by default; its backward then runs the two-pass
-    split of the same shape (a different tiling from the forward's), from the stats it wrote."""
-    x, w, b = _inputs((1, 96, 7, 9), torch.float32, device)
-    cfg, split = _config(x, 32), _config(x, 32, single_pass=False)
-    assert cfg.single_pass and cfg.grid == (32,) and split.s_chunks > 1, (cfg, split)
+    """Small groups take the one-launch forward by default, here in several chunks per group; its
+    backward then runs the two-pass split of the same shape (a different tiling from the
+    forward's), from the stats the forward's first chunks wrote."""
+    x, w, b = _inputs((1, 24, 11, 13), torch.float32, device)  # 2 rows: chunked to fill the grid
+    cfg, split = _config(x, 2), _config(x, 2, single_pass=False)
+    assert cfg.single_pass and cfg.chunks > 1 and split.s_chunks > 1, (cfg, split)
+    assert (cfg.block_c, cfg.s_chunk) != (split.block_c, split.s_chunk), (cfg, split)
     with _only_path(cfg):  # config=None below: the heuristic must pick the same path
-        _check_forward(x, w, b, 32, "silu")
-        _check_backward(x, w, b, 32, "silu")
+        _check_forward(x, w, b, 2, "silu")
+        _check_backward(x, w, b, 2, "silu")
 
 
 def test_output_keeps_memory_format(device):
@@ -197,15 +202,42 @@ def test_backward_fp32(device, shape, groups, channels_last, affine, activation,
     _check_backward(x, w, b, groups, activation, _config(x, groups, single_pass))
 
 
+CHUNKED = [  # (dtype, channels_last, affine, activation): the one launch, several chunks per group
+    (torch.float32, False, True, "silu"),
+    (torch.float32, True, True, "silu"),  # channels_last
+    (torch.float32, False, False, "silu"),  # weight and bias None
+    (torch.float32, False, True, None),  # plain GroupNorm
+    (torch.float16, False, True, "silu"),
+    (torch.bfloat16, True, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("dtype, channels_last, affine, activation", CHUNKED)
+def test_single_pass_chunks(device, dtype, channels_last, affine, activation):
+    """The one-launch forward chunked by its own rule (H100 grid, small tiles): each group in 6
+    channel blocks of 4 x 2 spatial chunks (128 + 15 positions of 143, the last a partial tile),
+    and in every chunk a statistics loop over the whole group in other tiles (16 + 8 channels x
+    5 tiles of 32 positions, the last partial). Forward, and the backward that reuses its tiling
+    and the (mean, rstd) each group's chunk 0 wrote."""
+    shape, groups = (1, 48, 11, 13), 2  # 24 channels per group, H * W = 143 not a power of two
+    cfg = launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=512, max_block_c=16, single_pass=True)
+    assert (cfg.c_blocks, cfg.block_c, cfg.s_chunks, cfg.s_chunk, cfg.block_s) == (6, 4, 2, 128, 128), cfg
+    assert (cfg.stats_block_c, cfg.stats_block_s) == (16, 32) and not cfg.even_s and not cfg.stats_even_s, cfg
+    x, w, b = _inputs(shape, dtype, device, affine, channels_last)
+    _check_forward(x, w, b, groups, activation, config=cfg)
+    _check_backward(x, w, b, groups, activation, config=cfg)
+
+
 @pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
 def test_forced_small_tiles(device, single_pass):
     """Several channel blocks per group, several tiles per chunk and several chunks per group:
     the Chan combine across tiles, chunks and (single pass) channel blocks, and the per-channel
-    dweight partials. The single pass walks the same tiles, ignoring the chunking."""
+    dweight partials. The single pass takes the two-pass split's chunking as it is, its statistics
+    in 4x8 tiles (5 per channel block, the last partial) rather than 4x2 (interpreter time)."""
     shape, groups = (1, 24, 5, 7), 2  # 12 channels per group -> 3 blocks of 4, H * W = 35 uneven
     cfg = launch_config(shape, groups, torch.float32, sms=2, max_tile=8, max_block_c=4, single_pass=False)
     assert cfg.c_blocks == 3 and cfg.s_chunks > 1 and cfg.s_chunk > cfg.block_s and not cfg.even_s, cfg
-    cfg = dataclasses.replace(cfg, single_pass=single_pass)
+    cfg = dataclasses.replace(cfg, single_pass=single_pass, stats_block_s=8, stats_even_s=False)
     x, w, b = _inputs(shape, torch.float32, device)
     _check_forward(x, w, b, groups, "silu", config=cfg)
     _check_backward(x, w, b, groups, "silu", config=cfg)
@@ -218,29 +250,66 @@ def test_stable_statistics_with_large_mean(device):
     _check_forward(x, w, b, 4, "silu")
 
 
+FULL_H100 = PROGRAMS_PER_SM * H100_SMS  # programs a launch should have at batch 1-2
+
+
+def _check_single_pass_bounds(cfg, shape, groups):
+    """The one launch's chunks: each at least MIN_CHUNK elements and a group's chunks re-reading at
+    most SINGLE_PASS_STATS_READS elements, unless they are its whole channel blocks over all of H * W."""
+    cg, spatial = shape[1] // groups, math.prod(shape[2:])
+    assert cfg.single_pass and cfg.grid == (cfg.rows * cfg.chunks,), cfg
+    if cfg.s_chunks > 1 or cfg.block_c < min(triton.next_power_of_2(cg), MAX_BLOCK_C):
+        chunk = min(cfg.block_c, cg) * min(cfg.s_chunk, spatial)
+        assert chunk >= MIN_CHUNK, f"{shape}: chunks of {chunk} elements; {cfg}"
+        assert cfg.chunks * cg * spatial <= SINGLE_PASS_STATS_READS, f"{shape}: {cfg}"
+    assert cfg.stats_block_c * cfg.stats_block_s <= MAX_TILE, cfg
+
+
 @pytest.mark.parametrize("shape, groups", [((1, 320, 64, 64), 32), ((2, 1280, 8, 8), 32)] + GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_grid_fills_h100(shape, groups, dtype):
-    """Batch 1-2 at SD shapes: the two-pass split (and so the backward) launches >= 2 programs per
-    SM of a 132-SM H100 in every pass; the one-launch forward is taken only for small groups."""
+    """Batch 1-2 at SD shapes: every launch of either forward path (and of the backward, which runs
+    the two-pass split) has >= 4 programs per SM of a 132-SM H100; one launch for small groups."""
     spatial, group = math.prod(shape[2:]), shape[1] // groups * math.prod(shape[2:])
     split = launch_config(shape, groups, dtype, sms=H100_SMS, single_pass=False)
-    assert split.grid[0] >= 2 * H100_SMS, f"{shape}: {split.grid[0]} programs < {2 * H100_SMS}; {split}"
     cfg = launch_config(shape, groups, dtype, sms=H100_SMS)
     assert cfg.single_pass == (group <= SINGLE_PASS_MAX_GROUP), f"{shape}: group of {group}; {cfg}"
     for c in (split, cfg):
+        assert c.grid[0] >= FULL_H100, f"{shape}: {c.grid[0]} programs < {FULL_H100}; {c}"
         assert c.block_c * c.block_s <= MAX_TILE and 1 <= c.num_warps <= MAX_WARPS, c
         assert c.s_chunks * c.s_chunk >= spatial > (c.s_chunks - 1) * c.s_chunk, c
         assert c.c_blocks * c.block_c >= shape[1] // groups, c
+
+
+@pytest.mark.parametrize("shape, least", [  # (shape with 32 groups, programs at least)
+    ((2, 1280, 8, 8), FULL_H100),  # SD1.5 UNet mid block, batch 2: 64 groups of 2560
+    ((2, 2560, 8, 8), FULL_H100),  # SD1.5 UNet lowest up block (skip concat), batch 2
+    ((2, 1280, 16, 16), FULL_H100),  # SD1.5 UNet third level, batch 2: groups of 10240
+    ((2, 1920, 16, 16), FULL_H100),  # SD1.5 UNet up block, batch 2: groups of 15360
+    ((2, 640, 16, 16), FULL_H100),  # SD1.5 UNet third level, first ResBlock's input
+    ((2, 320, 32, 32), FULL_H100),  # SD1.5 UNet second level, first ResBlock's input
+    ((1, 1280, 16, 16), FULL_H100),  # batch 1 (no CFG): 32 groups of 10240
+    ((1, 2560, 8, 8), FULL_H100),
+    ((1, 320, 32, 32), FULL_H100),
+    ((1, 1280, 8, 8), 81920 // MIN_CHUNK),  # batch 1 mid block: only 320 chunks of MIN_CHUNK
+    ((1, 1920, 16, 16), 512),  # 17 chunks of 15360 would fit the read budget; no power-of-two cut makes 17
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_single_pass_fills_h100(shape, least, dtype):
+    """The one-launch forward at the SD 1.5 UNet's small-group shapes at batch 1-2 launches
+    PROGRAMS_PER_SM x 132 programs (not one per (sample, group): 32 or 64), within its bounds."""
+    cfg = launch_config(shape, 32, dtype, sms=H100_SMS)
+    assert cfg.grid[0] >= least, f"{shape}: {cfg.grid[0]} programs < {least}; {cfg}"
+    _check_single_pass_bounds(cfg, shape, 32)
 
 
 _FULL_BATCH = -(-PROGRAMS_PER_SM * H100_SMS // 32)  # samples whose 32 groups fill an H100 alone
 
 
 @pytest.mark.parametrize("shape, single_pass", [
-    ((1, 1280, 8, 8), True),  # SD1.5 mid block at batch 1: 2560 per group, 32 programs
+    ((1, 1280, 8, 8), True),  # SD1.5 mid block at batch 1: 2560 per group, 10 chunks each
     ((1, 320, 64, 64), False),  # SD1.5 first level at batch 1: 40960 per group
-    ((1, 32, SINGLE_PASS_MAX_GROUP), True),  # the largest group that takes one launch
+    ((1, 32, SINGLE_PASS_MAX_GROUP), True),  # the largest group that takes one launch: 16 chunks
     ((1, 32, SINGLE_PASS_MAX_GROUP + 1), False),
     ((_FULL_BATCH, 320, 64, 64), True),  # large groups, but N * G rows >= 4 programs x 132 SMs
     ((_FULL_BATCH - 1, 320, 64, 64), False),
@@ -248,9 +317,12 @@ _FULL_BATCH = -(-PROGRAMS_PER_SM * H100_SMS // 32)  # samples whose 32 groups fi
 def test_launch_config_picks_path(shape, single_pass):
     cfg = launch_config(shape, 32, torch.float16, sms=H100_SMS)
     assert cfg.single_pass is single_pass, f"{shape}: {cfg}"
-    if single_pass:  # one program per row walks all of H * W
-        assert cfg.grid == (cfg.rows,) and cfg.s_chunks == 1 and cfg.s_chunk >= math.prod(shape[2:]), cfg
-        assert cfg.block_c * cfg.block_s <= MAX_TILE, cfg
+    if single_pass:
+        _check_single_pass_bounds(cfg, shape, 32)
+        if cfg.rows >= FULL_H100:  # rows alone fill the GPU: one program per row, all of H * W
+            assert cfg.grid == (cfg.rows,) and cfg.s_chunk >= math.prod(shape[2:]), cfg
+        else:
+            assert cfg.grid[0] >= FULL_H100 // 2, f"{shape}: {cfg}"
 
 
 def test_dispatch_runs_triton(device):
