@@ -185,3 +185,19 @@ def test_tune_rejects_ops_without_configs(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--ops", "scheduler_step"])
     assert "valid: attention, group_norm_silu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_unet_step_cuda_graph_matches_eager(tmp_path):
+    """On a GPU: the UNet step replayed from a CUDA graph gives the eager output (same kernels),
+    and reports host time per step next to the GPU median."""
+    rc, data = _run(["pipelines", "--unet-only", "--preset", "tiny", "--no-plot", "--variants", "reference",
+                     "triton", "reference@graph", "triton@graph"], tmp_path)
+    rows = {r["backend"]: r for r in _rows(data, suite="unet_step")}
+    for name in ("reference", "triton", "reference@graph", "triton@graph"):
+        r = rows[name]
+        assert r["status"] == "ok", f"{name}: {r['status']}: {r['note']}"
+        assert r["median_ms"] > 0 and r["host_ms"] > 0, r
+    # same kernels, replayed: equal up to cuBLAS picking other algorithms under capture (fp16 ulps)
+    assert rows["reference@graph"]["latent_max_abs_diff"] <= 1e-2, rows["reference@graph"]
+    assert rows["triton@graph"]["latent_max_abs_diff"] <= rows["triton"]["latent_max_abs_diff"] + 1e-2, rows
