@@ -80,6 +80,9 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shapes", nargs="+", metavar="CASE",
                    help="shape cases by name or name prefix, as for `bench ops` (default: the SD shapes, "
                         "or the tiny ones with --quick)")
+    g.add_argument("--masked-tail", action="store_true",
+                   help="attention: sweep the 40 = 32 + 16 head-dim split (AttentionConfig.split_masked_tail) "
+                        "instead of the 64 pad; it crashed on an H100 with Triton 3.6 before, so run it apart")
 
 
 def _add_pipelines(p: argparse.ArgumentParser) -> None:
@@ -247,7 +250,7 @@ def run(args) -> int:
         from . import tune
 
         rows += tune.run(args.ops or list(tune.TUNABLE), op_dtypes, args.shapes, device, env, quick=args.quick,
-                         progress=progress)
+                         progress=progress, masked_tail=args.masked_tail)
     if "pipelines" in suites:
         from . import pipelines
 

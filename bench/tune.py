@@ -32,14 +32,18 @@ class Candidate:
     config: object | None  # what the kernel's ``config=`` takes; None = its own choice
 
 
-def attention_candidates(case: Case, quick: bool) -> list[Candidate]:
-    """Forward tiles: queries per program x keys per step x warps x pipeline stages."""
-    from kernels.attention import AttentionConfig
+def attention_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
+    """Forward tiles: queries per program x keys per step x warps x pipeline stages. With
+    ``masked_tail``, where the head dim has one (40 = 32 + 16), only the split candidates: the
+    split crashed on an H100 before (Triton 3.6), so it is swept in a run of its own."""
+    from kernels.attention import AttentionConfig, split_head_dim
 
     grid = ([16, 32], [16], [2], [2]) if quick else ([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
+    split = masked_tail and split_head_dim(case.params["d"], True) != split_head_dim(case.params["d"], False)
     out = [Candidate(DEFAULT, None)]
     for bm, bn, warps, stages in itertools.product(*grid):
-        out.append(Candidate(f"bm{bm} bn{bn} w{warps} s{stages}", AttentionConfig(bm, bn, warps, stages)))
+        label = f"bm{bm} bn{bn} w{warps} s{stages}" + (" split" if split else "")
+        out.append(Candidate(label, AttentionConfig(bm, bn, warps, stages, True if split else None)))
     return out
 
 
@@ -48,7 +52,7 @@ def _gn_module():
     return importlib.import_module("kernels.group_norm_silu")
 
 
-def group_norm_candidates(case: Case, quick: bool) -> list[Candidate]:
+def group_norm_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
     """The single-launch and the two-pass paths, each with a few tile sizes."""
     gn = _gn_module()
     shape, groups = case.params["shape"], case.params["groups"]
@@ -61,7 +65,7 @@ def group_norm_candidates(case: Case, quick: bool) -> list[Candidate]:
     return out
 
 
-CANDIDATES: dict[str, Callable[[Case, bool], list[Candidate]]] = {
+CANDIDATES: dict[str, Callable[..., list[Candidate]]] = {  # (case, quick, masked_tail) -> candidates
     "attention": attention_candidates,
     "group_norm_silu": group_norm_candidates,
 }
@@ -81,13 +85,13 @@ def _kernel_call(op: str, config, args: tuple, device: torch.device) -> Callable
 
 
 def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, device: torch.device, env: dict,
-        *, quick: bool = False, progress: bool = True) -> list[dict]:
+        *, quick: bool = False, progress: bool = True, masked_tail: bool = False) -> list[dict]:
     """Rows of suite ``tune``: one per (case, dtype, candidate); speed-up against ``default``."""
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
     cases = select_cases(ops, shapes, quick)
-    jobs = [(case, dtype, CANDIDATES[case.op](case, quick)) for case in cases for dtype in dtypes]
+    jobs = [(case, dtype, CANDIDATES[case.op](case, quick, masked_tail)) for case in cases for dtype in dtypes]
     with tqdm(total=sum(len(c) for *_, c in jobs), desc="tune", disable=not progress, leave=False) as bar:
         for case, dtype, cands in jobs:
             base = dict(suite="tune", op=case.op, case=case.name, shape=case.shape, reason=case.reason,

@@ -77,6 +77,9 @@ CONFIGS = {
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
+# That was before the alignment hint (_head_ptr), when D = 40 loads were 2-byte scalars; offline sm_90
+# compiles of the split now give 16-byte cp.async loads and no spills. To retry it on a GPU, apart from
+# other work: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`, gpu_checks.sh split.
 SPLIT_MASKED_TAIL = False
 
 
@@ -460,18 +463,19 @@ def _attn_bwd_dq_kernel(
         _store_tile(dq_ptr, rows_m, cols_t, stride_dqm, stride_dqd, LQ, dq_t * scale, HEAD_DIM, MASK_T)
 
 
-def split_head_dim(d: int) -> tuple[int, int]:
+def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     """D -> (D_HEAD, D_TAIL): a power of two plus a power-of-two tail, each >= 16 (0 = no tail).
 
-    80 -> (64, 16), 160 -> (128, 32), 64 -> (64, 0), 8 -> (16, 0); 40 -> (64, 0), or (32, 16) with
-    :data:`SPLIT_MASKED_TAIL`.
+    80 -> (64, 16), 160 -> (128, 32), 64 -> (64, 0), 8 -> (16, 0); 40 -> (64, 0), or (32, 16) when
+    ``masked_tail`` (None: :data:`SPLIT_MASKED_TAIL`).
     """
+    masked_tail = SPLIT_MASKED_TAIL if masked_tail is None else masked_tail
     head = max(16, 1 << (d.bit_length() - 1))
     rest = d - head
     if rest <= 0:
         return head, 0
     tail = max(16, triton.next_power_of_2(rest))
-    return (head, tail) if tail == rest or SPLIT_MASKED_TAIL else (2 * head, 0)
+    return (head, tail) if tail == rest or masked_tail else (2 * head, 0)
 
 
 def _config(kind: str, width: int, element_size: int) -> tuple[int, int, int, int]:
@@ -506,12 +510,15 @@ def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
 class AttentionConfig:
     """Forward launch parameters for one call in place of :data:`CONFIGS` (which stays the
     default), used as given: no fp32 halving. The backward kernels keep the table. num_stages=1
-    is accepted but gave wrong results on H100 (Triton 3.6) with a split head dim (80, 160)."""
+    is accepted but gave wrong results on H100 (Triton 3.6) with a split head dim (80, 160).
+    ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for this call (40 = 32 + 16 instead of
+    the 64 pad); it crashed on H100 with Triton 3.6 before the alignment hint, so time it apart."""
 
     block_m: int  # queries per program (BLOCK_M)
     block_n: int  # keys per loop step (BLOCK_N)
     num_warps: int
     num_stages: int  # software-pipelining depth of the key loop
+    split_masked_tail: bool | None = None  # None: SPLIT_MASKED_TAIL
 
     def __post_init__(self):
         def pow2(x):  # a bool is an int, but not a tile size
@@ -523,6 +530,7 @@ class AttentionConfig:
             ("block_n", pow2(self.block_n) and self.block_n >= 16, tile),
             ("num_warps", pow2(self.num_warps) and self.num_warps <= 16, "a power of two in 1..16"),
             ("num_stages", type(self.num_stages) is int and self.num_stages >= 1, "an int >= 1"),
+            ("split_masked_tail", self.split_masked_tail in (None, True, False), "None, True or False"),
         ):
             if not ok:
                 raise ValueError(f"AttentionConfig.{name} = {getattr(self, name)!r}: must be {rule}")
@@ -542,6 +550,8 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("fwd", d, q.dtype)
     if config is not None:
         block_m, block_n, warps, stages = config.block_m, config.block_n, config.num_warps, config.num_stages
+        if config.split_masked_tail is not None:
+            d_head, d_tail = split_head_dim(d, config.split_masked_tail)
     o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None
     if o.numel() == 0:

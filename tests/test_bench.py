@@ -164,8 +164,8 @@ def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tune, "_kernel_call", call)
     real_cands = dict(tune.CANDIDATES)
-    monkeypatch.setitem(tune.CANDIDATES, "attention",
-                        lambda case, quick: [*real_cands["attention"](case, quick), tune.Candidate("bad", bad)])
+    monkeypatch.setitem(tune.CANDIDATES, "attention", lambda case, quick, masked_tail: [
+        *real_cands["attention"](case, quick, masked_tail), tune.Candidate("bad", bad)])
     rc, data = _run(["tune", "--quick", "--no-plot", "--shapes", "tiny.cross", "odd.hw"], tmp_path)
     assert rc == 1, "a wrong candidate is an error row, so the run exits 1"
     rows = _rows(data, suite="tune")
@@ -201,3 +201,19 @@ def test_unet_step_cuda_graph_matches_eager(tmp_path):
     # same kernels, replayed: equal up to cuBLAS picking other algorithms under capture (fp16 ulps)
     assert rows["reference@graph"]["latent_max_abs_diff"] <= 1e-2, rows["reference@graph"]
     assert rows["triton@graph"]["latent_max_abs_diff"] <= rows["triton"]["latent_max_abs_diff"] + 1e-2, rows
+
+
+def test_tune_masked_tail_sweeps_the_split(tmp_path):
+    """--masked-tail: at head dim 40 every candidate takes the 32 + 16 split; at head dims without a
+    masked tail (16) nothing changes."""
+    from bench import ops, tune
+
+    case40 = ops.Case("attention", "d40", "B1 H1 Lq16 Lkv16 D40", "test", dict(b=1, h=1, lq=16, lkv=16, d=40))
+    case16 = ops.Case("attention", "d16", "B1 H1 Lq16 Lkv16 D16", "test", dict(b=1, h=1, lq=16, lkv=16, d=16))
+    split = tune.attention_candidates(case40, quick=True, masked_tail=True)[1:]
+    assert split and all(c.config.split_masked_tail is True and c.label.endswith("split") for c in split), split
+    plain = tune.attention_candidates(case16, quick=True, masked_tail=True)[1:]
+    assert all(c.config.split_masked_tail is None for c in plain), plain
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.self", "--masked-tail"],
+                    tmp_path)
+    assert rc == 0 and all(r["status"] == "ok" for r in _rows(data, suite="tune")), data["rows"]
