@@ -68,9 +68,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # FMA fold and peeled last key block (not re-swept since); num_stages=1 gave wrong results there
 # with a split head dim, so keep stages >= 2. The default for every call: sweeps pass an
 # AttentionConfig to attention_triton instead of editing this (read once per kernel, head dim and
-# dtype: see _plan).
+# dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys (cross-attention to
+# 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune apart; it starts as
+# a copy of "fwd".
+SHORT_KV = 128
 CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "fwd_short_kv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 4, 2), 256: (32, 64, 4, 2)},
     "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 4, 2)},
 }
@@ -547,7 +551,8 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     """Launch the forward kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("fwd", d, q.dtype)
+    kind = "fwd_short_kv" if lkv <= SHORT_KV else "fwd"
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan(kind, d, q.dtype)
     if config is not None:
         block_m, block_n, warps, stages = config.block_m, config.block_n, config.num_warps, config.num_stages
         if config.split_masked_tail is not None:

@@ -407,3 +407,18 @@ def test_config_and_scale_arguments(device):
     with pytest.raises(ValueError, match="scale -0.5 < 0"):
         attention_triton(q, k, v, scale=-0.5)
     assert "scale -0.5 < 0" in attention_module._triton_check(q, k, v, -0.5)
+
+
+def test_short_key_forwards_use_their_own_table(device, monkeypatch):
+    """Forwards over <= SHORT_KV keys (cross-attention) read CONFIGS["fwd_short_kv"], longer ones
+    CONFIGS["fwd"], so a sweep can tune 77-key cross-attention apart from self-attention."""
+    kinds = []
+    real = attention_module._plan
+    monkeypatch.setattr(attention_module, "_plan", lambda kind, d, dtype: kinds.append(kind) or real(kind, d, dtype))
+    sk = attention_module.SHORT_KV
+    for lkv in (77, sk, sk + 1):
+        q, k, v = make_qkv((1, 1, 16, lkv, 16), torch.float32, device)
+        with torch.no_grad():
+            attention_triton(q, k, v)
+    assert kinds == ["fwd_short_kv", "fwd_short_kv", "fwd"], kinds
+    assert set(attention_module.CONFIGS["fwd_short_kv"]) == set(attention_module.CONFIGS["fwd"])
