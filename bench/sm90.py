@@ -126,9 +126,10 @@ def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     sass = get_sass(kernel.asm["cubin"])
-    full = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
-    if not full:  # other disassembler layouts: "        LDGSTS.E.128 ..." after a tab
-        full = re.findall(r"^[-0-9a-f:]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
+    # get_sass lines: "<scheduling control>\t[@predicate ]OPCODE.MODIFIERS operands;"
+    full = re.findall(r"^[-0-9a-f:]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
+    if not full:
+        raise RuntimeError("bench.sm90: no SASS instructions recognised; has get_sass changed its format?")
     md = kernel.metadata
     return Compiled(name, regs, stack, md.shared, md.num_warps, md.num_stages,
                     collections.Counter(op.split(".")[0] for op in full),

@@ -71,7 +71,7 @@ CANDIDATES: dict[str, Callable[..., list[Candidate]]] = {  # (case, quick, maske
 }
 
 
-def _kernel_call(op: str, config, args: tuple, device: torch.device) -> Callable[[], torch.Tensor]:
+def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor]:
     """The Triton implementation with ``config`` (None: its own choice), called directly so that
     no registry choice can change what runs."""
     import kernels
@@ -122,7 +122,7 @@ def _run_candidate(case, cand, args, ref64, dtype, device, env, base, default_er
     if interpreting() and device.type != "cuda":
         note = "; ".join(filter(None, [note, "interpreted (TRITON_INTERPRET=1): numerics only, not speed"]))
     try:
-        fn = _kernel_call(case.op, cand.config, args, device)
+        fn = _kernel_call(case.op, cand.config, args)
         out = fn()
         abs_err, rel_err = max_errors(out, ref64)
         if default_err is not None and not abs_err <= 2 * default_err + ATOL[dtype]:

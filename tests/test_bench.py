@@ -156,11 +156,11 @@ def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch)
     real_call = tune._kernel_call
     bad = object()
 
-    def call(op, config, args, device):
+    def call(op, config, args):
         if config is bad:
-            fn = real_call(op, None, args, device)
+            fn = real_call(op, None, args)
             return lambda: fn() * 1.01  # 1% off: far outside the default's error
-        return real_call(op, config, args, device)
+        return real_call(op, config, args)
 
     monkeypatch.setattr(tune, "_kernel_call", call)
     real_cands = dict(tune.CANDIDATES)
