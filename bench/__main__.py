@@ -74,7 +74,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("tune suite")
     g.add_argument("--ops", nargs="+", metavar="OP",
-                   help=f"kernels to sweep (default: all: {', '.join(tune.TUNABLE)})")
+                   help=f"kernels to sweep, of {', '.join(tune.TUNABLE)} (default: {' '.join(tune.DEFAULT_OPS)})")
     g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--shapes", nargs="+", metavar="CASE",
@@ -169,8 +169,9 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         args.shapes = _split(args.shapes)
         from . import tune
 
-        default_ops = list(tune.TUNABLE) if args.suite == "tune" else ops.known_ops()
-        names = [c.name for op in (args.ops or default_ops) for c in ops.CASES[op]]
+        default_ops = list(tune.DEFAULT_OPS) if args.suite == "tune" else ops.known_ops()
+        case_ops = dict.fromkeys(tune.CASE_OP.get(op, op) for op in (args.ops or default_ops))  # tune: whose shapes
+        names = [c.name for op in case_ops for c in ops.CASES[op]]
         unknown = [s for s in args.shapes if not any(n == s or n.startswith(s.rstrip("*")) for n in names)]
         if unknown:
             parser.error(f"unknown shape case {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
@@ -249,7 +250,7 @@ def run(args) -> int:
     if "tune" in suites:
         from . import tune
 
-        rows += tune.run(args.ops or list(tune.TUNABLE), op_dtypes, args.shapes, device, env, quick=args.quick,
+        rows += tune.run(args.ops or list(tune.DEFAULT_OPS), op_dtypes, args.shapes, device, env, quick=args.quick,
                          progress=progress, masked_tail=args.masked_tail)
     if "pipelines" in suites:
         from . import pipelines

@@ -4,7 +4,7 @@
 # bench/results/. Each stage writes under OUTDIR and a failing stage does not stop the next.
 #
 #   bash bench/gpu_checks.sh OUTDIR                    # all stages
-#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops tune unet pipelines repaint250 split
+#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops tune unet pipelines repaint250 tune-bwd split
 #
 # `split` (not in the default list) tries the 40 = 32 + 16 attention head split, which crashed an
 # H100 with Triton 3.6 before the alignment hint; a crash poisons the CUDA context, so it runs in
@@ -12,11 +12,13 @@
 #
 # tune is the longest stage (~35 configurations per SD 1.5 512-px shape, each compiled once, not
 # yet timed on a GPU); give each stage its own call where device time is metered per call.
+# tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
+# levels, where offline sm_90 compiles show the table's 4 warps spilling at head dims 80 and 160.
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250|split ...]}
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
 shift
-stages=${*:-tests ops tune unet pipelines repaint250}
+stages=${*:-tests ops tune unet pipelines repaint250 tune-bwd}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
@@ -31,13 +33,16 @@ for stage in $stages; do
              && python -m bench tune --ops attention --shapes unet15.attn.self0 unet15.attn.cross0 --masked-tail \
                   --no-progress --out "$out/tune-split" > "$out/tune-split.log" 2>&1 ;;
     ops) python -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
-    tune) python -m bench tune --shapes unet15. --no-progress --out "$out/tune" > "$out/tune.log" 2>&1 ;;
+    tune) python -m bench tune --ops attention group_norm_silu --shapes unet15. --no-progress --out "$out/tune" \
+            > "$out/tune.log" 2>&1 ;;
+    tune-bwd) python -m bench tune --ops attention.backward --shapes unet15.attn.self0 unet15.attn.self1 \
+                unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
     unet) python -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
     pipelines) python -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
                  > "$out/pipelines.log" 2>&1 ;;
     repaint250) python -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
-    *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250 split" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
   esac
   rc=$?
   echo "== $stage: exit $rc"

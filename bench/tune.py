@@ -8,6 +8,11 @@ configuration that miscompiles cannot win; one that does not compile (shared mem
 a skipped row with the compiler's reason. The speed-up column is against the default
 configuration, and the summary names the best eligible configuration per case: what to write into
 the kernel's table after a GPU run.
+
+``attention.backward`` sweeps the two backward kernels (dK/dV, then dQ), one at a time with the
+other on its table row, over the attention shape cases. Each candidate times one backward pass
+(both kernels and the row sums before them) from a forward computed once, and its error is the
+worst of dq, dk, dv against fp64 autograd gradients under one shared upstream gradient.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from .common import (DEFAULT_CONFIG as DEFAULT, Skip, add_speedups, describe_exc
                      interpreting, make_row, max_errors, skipped_row, time_fn)
 from .ops import Case, make_inputs, oracle, select_cases, work
 
-TUNABLE = ("attention", "group_norm_silu")
+CASE_OP = {"attention": "attention", "attention.backward": "attention", "group_norm_silu": "group_norm_silu"}
+TUNABLE = tuple(CASE_OP)  # what --ops takes; CASE_OP names the op whose shape table each sweeps
+DEFAULT_OPS = ("attention", "group_norm_silu")  # inference kernels; the backward sweep is asked for by name
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
 
@@ -47,6 +54,24 @@ def attention_candidates(case: Case, quick: bool, masked_tail: bool = False) -> 
     return out
 
 
+def attention_backward_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
+    """dK/dV tiles (key block per program x query block streamed), then dQ tiles (query block per
+    program x key block streamed), each x warps x stages; offline sm_90 compiles show the table's
+    4 warps spilling at head dims 80 and 160, which 8 warps avoid."""
+    from kernels.attention import AttentionConfig
+
+    grids = {  # kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+        "dkdv": ([16], [16], [2], [2]) if quick else ([16, 32, 64], [64, 128], [4, 8], [2, 3]),
+        "dq": ([16], [16], [2], [2]) if quick else ([64, 128], [16, 32, 64], [4, 8], [2]),
+    }
+    out = [Candidate(DEFAULT, None)]
+    for kind, grid in grids.items():
+        for bm, bn, warps, stages in itertools.product(*grid):
+            out.append(Candidate(f"{kind} bm{bm} bn{bn} w{warps} s{stages}",
+                                 {kind: AttentionConfig(bm, bn, warps, stages)}))
+    return out
+
+
 def _gn_module():
     """``kernels.group_norm_silu`` the module (the package exports the function of that name)."""
     return importlib.import_module("kernels.group_norm_silu")
@@ -67,15 +92,23 @@ def group_norm_candidates(case: Case, quick: bool, masked_tail: bool = False) ->
 
 CANDIDATES: dict[str, Callable[..., list[Candidate]]] = {  # (case, quick, masked_tail) -> candidates
     "attention": attention_candidates,
+    "attention.backward": attention_backward_candidates,
     "group_norm_silu": group_norm_candidates,
 }
 
 
-def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor]:
+def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
     """The Triton implementation with ``config`` (None: its own choice), called directly so that
-    no registry choice can change what runs."""
+    no registry choice can change what runs. ``attention.backward``: ``args`` are (q, k, v, do);
+    the forward runs once here and the call returns (dq, dk, dv) of one backward pass."""
     import kernels
 
+    if op == "attention.backward":
+        q, k, v, do = args
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # detach keeps the (B, L, H, D) strides
+        with torch.enable_grad():
+            o = kernels.implementation("attention", "triton")(*leaves, config=config)
+        return lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)
     fn = kernels.implementation(op, "triton")
     if config is None:
         return lambda: fn(*args)
@@ -84,21 +117,53 @@ def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor]:
     return lambda: fn(*args, config=config)
 
 
+def _inputs(op: str, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, object]:
+    """(args for _kernel_call, the fp64 answer): the op's output, or (dq, dk, dv) for the backward."""
+    args, kwargs = make_inputs(case, device, dtype)
+    if op != "attention.backward":
+        return args, oracle(op, args, kwargs)
+    q, k, v = args
+    g = torch.Generator(device=device).manual_seed(1)
+    do = torch.randn(q.shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # shared dL/do
+    grads = []
+    for i in range(q.shape[0]):  # one batch entry at a time bounds the fp64 score matrices
+        qi, ki, vi = (t[i].detach().double().requires_grad_() for t in (q, k, v))
+        oi = torch.softmax(qi @ ki.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ vi
+        grads.append(torch.autograd.grad(oi, (qi, ki, vi), do[i].double()))
+    return (q, k, v, do), tuple(torch.stack(g) for g in zip(*grads))
+
+
+def _errors(out, ref64) -> tuple[float, float]:
+    """(max abs, max rel) error; for several outputs, the worst of each over them."""
+    if isinstance(out, torch.Tensor):
+        return max_errors(out, ref64)
+    errs = [max_errors(o, r) for o, r in zip(out, ref64, strict=True)]
+    return max(e[0] for e in errs), max(e[1] for e in errs)
+
+
+def _work(op: str, case: Case, args: tuple, out) -> tuple[int, int | None]:
+    """(bytes, flops) as ``bench ops`` counts them; the backward reads q, k, v, o, do and writes
+    dq, dk, dv, and does 2.5x the forward's flops (5 matmuls to 2: Dao 2023)."""
+    if op != "attention.backward":
+        return work(case, args, {}, out)
+    nbytes = sum(t.numel() * t.element_size() for t in (*args, args[0], *out))  # args[0]: o, shaped as q
+    return nbytes, 5 * work(case, args[:3], {}, args[0])[1] // 2
+
+
 def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, device: torch.device, env: dict,
         *, quick: bool = False, progress: bool = True, masked_tail: bool = False) -> list[dict]:
     """Rows of suite ``tune``: one per (case, dtype, candidate); speed-up against ``default``."""
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
-    cases = select_cases(ops, shapes, quick)
-    jobs = [(case, dtype, CANDIDATES[case.op](case, quick, masked_tail)) for case in cases for dtype in dtypes]
+    jobs = [(op, case, dtype, CANDIDATES[op](case, quick, masked_tail))
+            for op in ops for case in select_cases([CASE_OP[op]], shapes, quick) for dtype in dtypes]
     with tqdm(total=sum(len(c) for *_, c in jobs), desc="tune", disable=not progress, leave=False) as bar:
-        for case, dtype, cands in jobs:
-            base = dict(suite="tune", op=case.op, case=case.name, shape=case.shape, reason=case.reason,
+        for op, case, dtype, cands in jobs:
+            base = dict(suite="tune", op=op, case=case.name, shape=case.shape, reason=case.reason,
                         dtype=dtype_name(dtype))
             try:
-                args, kwargs = make_inputs(case, device, dtype)
-                ref64 = oracle(case.op, args, kwargs)
+                args, ref64 = _inputs(op, case, device, dtype)
             except Exception as e:
                 rows += [make_row(env, status="error", note=f"inputs/oracle failed: {describe_exception(e)}",
                                   backend=c.label, **base) for c in cands]
@@ -107,7 +172,7 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
             default_err = None
             for cand in cands:
                 bar.set_postfix_str(f"{case.name} {cand.label}")
-                rows.append(_run_candidate(case, cand, args, ref64, dtype, device, env, base, default_err, quick))
+                rows.append(_run_candidate(op, case, cand, args, ref64, dtype, device, env, base, default_err, quick))
                 if cand.label == DEFAULT and rows[-1]["status"] == "ok":
                     default_err = rows[-1]["max_abs_err"]
                 bar.update(1)
@@ -117,14 +182,14 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
     return rows
 
 
-def _run_candidate(case, cand, args, ref64, dtype, device, env, base, default_err, quick) -> dict:
+def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, default_err, quick) -> dict:
     note = "the kernel's own choice" if cand.config is None else ""
     if interpreting() and device.type != "cuda":
         note = "; ".join(filter(None, [note, "interpreted (TRITON_INTERPRET=1): numerics only, not speed"]))
     try:
-        fn = _kernel_call(case.op, cand.config, args)
+        fn = _kernel_call(op, cand.config, args)
         out = fn()
-        abs_err, rel_err = max_errors(out, ref64)
+        abs_err, rel_err = _errors(out, ref64)
         if default_err is not None and not abs_err <= 2 * default_err + ATOL[dtype]:
             return make_row(env, status="error", backend=cand.label, max_abs_err=abs_err, max_rel_err=rel_err,
                             note=f"wrong result: max error {abs_err:.3g} > 2 x default's {default_err:.3g} "
@@ -139,7 +204,7 @@ def _run_candidate(case, cand, args, ref64, dtype, device, env, base, default_er
         return skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=cand.label, **base)
     except Exception as e:  # a configuration the compiler refuses (shared memory, registers, ...)
         return skipped_row(env, f"does not run: {describe_exception(e)}", backend=cand.label, **base)
-    nbytes, flops = work(case, args, {}, out)
+    nbytes, flops = _work(op, case, args, out)
     sec = timing.median_ms * 1e-3
     return make_row(env, status="ok", note=note, backend=cand.label, median_ms=timing.median_ms,
                     p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps, host_ms=host, bytes=nbytes,

@@ -512,11 +512,14 @@ def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Forward launch parameters for one call in place of :data:`CONFIGS` (which stays the
-    default), used as given: no fp32 halving. The backward kernels keep the table. num_stages=1
-    is accepted but gave wrong results on H100 (Triton 3.6) with a split head dim (80, 160).
-    ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for this call (40 = 32 + 16 instead of
-    the 64 pad); it crashed on H100 with Triton 3.6 before the alignment hint, so time it apart."""
+    """One kernel's launch parameters for one call in place of its :data:`CONFIGS` row (which
+    stays the default), used as given: no fp32 halving. ``attention_triton(config=c)`` sets the
+    forward's; ``config={"fwd": c1, "dkdv": c2, "dq": c3}`` (any subset) sets each kernel's, and
+    a kernel left out keeps the table. For "dkdv", block_m is the query block streamed past a
+    program's block_n keys. num_stages=1 is accepted but gave wrong results on H100 (Triton 3.6)
+    with a split head dim (80, 160). ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for
+    that kernel (40 = 32 + 16 instead of the 64 pad); it crashed on H100 with Triton 3.6 before the
+    alignment hint, so time it apart."""
 
     block_m: int  # queries per program (BLOCK_M)
     block_n: int  # keys per loop step (BLOCK_N)
@@ -540,6 +543,36 @@ class AttentionConfig:
                 raise ValueError(f"AttentionConfig.{name} = {getattr(self, name)!r}: must be {rule}")
 
 
+KERNELS = ("fwd", "dkdv", "dq")  # the keys of a per-kernel config= mapping
+
+
+def _launch(kind: str, d: int, dtype: torch.dtype, config: AttentionConfig | None) -> tuple:
+    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages) of one launch:
+    the table's plan, with ``config``'s tiles (and head split, if it names one) in its place."""
+    plan = _plan(kind, d, dtype)
+    if config is None:
+        return plan
+    d_head, d_tail = plan[:2] if config.split_masked_tail is None else split_head_dim(d, config.split_masked_tail)
+    return d_head, d_tail, plan[2], config.block_m, config.block_n, config.num_warps, config.num_stages
+
+
+def _per_kernel(config) -> dict:
+    """``config=`` as {kernel: AttentionConfig}: a bare AttentionConfig is the forward's."""
+    if config is None:
+        return {}
+    if isinstance(config, AttentionConfig):
+        return {"fwd": config}
+    if isinstance(config, dict):
+        for kind, c in config.items():
+            if kind not in KERNELS:
+                raise ValueError(f"config key {kind!r}: the kernels are {', '.join(map(repr, KERNELS))}")
+            if not isinstance(c, AttentionConfig):
+                raise TypeError(f"config[{kind!r}] must be an AttentionConfig, not {type(c).__name__}")
+        return config
+    raise TypeError(f"config must be an AttentionConfig, a dict of them keyed by {KERNELS}, or None, "
+                    f"not {type(config).__name__}")
+
+
 def _align(*tensors: torch.Tensor) -> int:
     """ALIGN_BH: 16 bytes' worth of elements when every tensor's batch and head strides are
     multiples of it (the per-head base offsets then keep 16-byte alignment), else 1."""
@@ -552,11 +585,7 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     b, h, lq, d = q.shape
     lkv = k.shape[2]
     kind = "fwd_short_kv" if lkv <= SHORT_KV else "fwd"
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan(kind, d, q.dtype)
-    if config is not None:
-        block_m, block_n, warps, stages = config.block_m, config.block_n, config.num_warps, config.num_stages
-        if config.split_masked_tail is not None:
-            d_head, d_tail = split_head_dim(d, config.split_masked_tail)
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch(kind, d, q.dtype, config)
     o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None
     if o.numel() == 0:
@@ -570,8 +599,9 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal=False):
-    """Launch the two backward kernels; returns (dq, dk, dv), written into the given tensors if any."""
+def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal=False, configs=None):
+    """Launch the two backward kernels; returns (dq, dk, dv), written into the given tensors if any.
+    ``configs``: {"dkdv": AttentionConfig, "dq": ...} overrides, as :func:`_per_kernel` makes."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
     dq = torch.empty_like(q) if dq is None else dq
@@ -582,14 +612,15 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
     scale = d ** -0.5 if scale is None else float(scale)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # Dao 2023 Alg. 2: D_i = rowsum(dO_i ∘ O_i)
     align = _align(q, k, v, do, dq, dk, dv)
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("dkdv", d, q.dtype)
+    configs = configs or {}
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dkdv", d, q.dtype, configs.get("dkdv"))
     _attn_bwd_dkdv_kernel[(-(-lkv // block_n), b * h)](
         q, k, v, do, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         h, lq, lkv, scale * LOG2E, scale,
         HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=precision, CAUSAL=causal, ALIGN_BH=align, num_warps=warps, num_stages=stages)
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _plan("dq", d, q.dtype)
+    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dq", d, q.dtype, configs.get("dq"))
     _attn_bwd_dq_kernel[(-(-lq // block_m), b * h)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, lq, lkv, scale * LOG2E, scale,
@@ -603,16 +634,16 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, config):
-        o, lse = _forward(q, k, v, scale, None, causal, config)
+    def forward(ctx, q, k, v, scale, causal, configs):
+        o, lse = _forward(q, k, v, scale, None, causal, configs.get("fwd"))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.configs = scale, causal, configs
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal), None, None, None)
+        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal, configs=ctx.configs), None, None, None)
 
 
 def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
@@ -639,25 +670,26 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
 
 
 @register("attention", Backend.TRITON, check=_triton_check)
-def attention_triton(q, k, v, scale=None, causal=False, out=None, config: AttentionConfig | None = None):
+def attention_triton(q, k, v, scale=None, causal=False, out=None,
+                     config: AttentionConfig | dict[str, AttentionConfig] | None = None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
-    in place and is forward-only (no autograd); ``config`` overrides :data:`CONFIGS` for the forward.
+    in place and is forward-only (no autograd). ``config`` overrides :data:`CONFIGS`: an
+    AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel.
     Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated."""
-    if config is not None and not isinstance(config, AttentionConfig):
-        raise TypeError(f"config must be an AttentionConfig or None, not {type(config).__name__}")
+    configs = _per_kernel(config)
     if scale is not None and scale < 0:
         raise ValueError(f"scale {scale} < 0: the kernel takes the row max before scaling")
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
         if grad:
-            return _AttentionFn.apply(q, k, v, scale, causal, config)
-        return _forward(q, k, v, scale, None, causal, config, False)[0]  # inference: no autograd, no lse
+            return _AttentionFn.apply(q, k, v, scale, causal, configs)
+        return _forward(q, k, v, scale, None, causal, configs.get("fwd"), False)[0]  # inference: no lse
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
     if grad:
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
-    return _forward(q, k, v, scale, out, causal, config, False)[0]
+    return _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)[0]
 
 
 def attention(q, k, v, scale=None, causal=False):

@@ -311,6 +311,24 @@ def test_key_lengths_default_config(lkv, device):
     run_forward((1, 2, 19, lkv, 40), torch.float16, device)
 
 
+def _spy_launches(monkeypatch, names):
+    """Record (kernel, grid[0], BLOCK_M, BLOCK_N, num_warps, num_stages) of each launch of ``names``."""
+    launches = []
+    for name in names:
+        real = getattr(attention_module, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                def launch(*args, **kwargs):
+                    named = {**dict(zip(real.arg_names, args)), **kwargs}
+                    launches.append((name, grid[0], *(named[n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))))
+                    return real[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(attention_module, name, Spy())
+    return launches
+
+
 SWEEP = [  # AttentionConfig(BLOCK_M, BLOCK_N, num_warps, num_stages), as a benchmark sweep passes them
     AttentionConfig(16, 16, 1, 2),  # smallest tiles: 77 keys = 4 full blocks + 13 (stages 1: see CONFIGS)
     AttentionConfig(32, 32, 2, 2),
@@ -322,22 +340,12 @@ SWEEP = [  # AttentionConfig(BLOCK_M, BLOCK_N, num_warps, num_stages), as a benc
 
 @pytest.mark.parametrize("config", SWEEP, ids=str)
 def test_explicit_config(config, device, monkeypatch):
-    launches = []
-    real = attention_module._attn_fwd_kernel
-
-    class Spy:  # records each launch's grid, BLOCK_M, BLOCK_N, num_warps, num_stages
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                named = {**dict(zip(real.arg_names, args)), **kwargs}
-                launches.append((grid[0], *(named[n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(attention_module, "_attn_fwd_kernel", Spy())
+    launches = _spy_launches(monkeypatch, ["_attn_fwd_kernel"])
     run_forward((1, 2, 37, 77, 40), torch.float32, device, config=config)  # padded head dim, ragged Lq
     run_forward((1, 1, 20, 48, 80), torch.float32, device, config=config)  # split head dim 64 + 16
     c = config
-    assert launches == [(-(-lq // c.block_m), c.block_m, c.block_n, c.num_warps, c.num_stages) for lq in (37, 20)]
+    assert launches == [("_attn_fwd_kernel", -(-lq // c.block_m), c.block_m, c.block_n, c.num_warps, c.num_stages)
+                        for lq in (37, 20)]
 
 
 @pytest.mark.parametrize("config", [SWEEP[0], SWEEP[3], SWEEP[4]], ids=str)
@@ -350,8 +358,30 @@ def test_explicit_config_causal(config, shape, device):
 
 
 def test_explicit_config_backward(device):
-    """The autograd forward takes the config too (the backward keeps the table)."""
+    """A bare AttentionConfig sets the autograd forward's launch (the backward keeps the table)."""
     run_backward((1, 2, 37, 77, 40), torch.float32, device, config=SWEEP[3])
+
+
+@pytest.mark.parametrize("d", [40, 80], ids=lambda d: f"D{d}")  # padded; split head + tail
+def test_per_kernel_config_backward(d, device, monkeypatch):
+    """config={"fwd": .., "dkdv": .., "dq": ..} reaches each of the three launches, as `bench tune`
+    sweeps the backward, and the gradients stay right with tiles unlike the table's."""
+    lq, lkv = 37, 21  # ragged against every block size below
+    configs = {"fwd": AttentionConfig(16, 32, 2, 2), "dkdv": AttentionConfig(16, 32, 2, 2),
+               "dq": AttentionConfig(32, 16, 4, 3)}
+    launches = _spy_launches(monkeypatch, ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"])
+    run_backward((1, 2, lq, lkv, d), torch.float32, device, config=configs)
+    f, kv, dq = configs["fwd"], configs["dkdv"], configs["dq"]
+    assert launches == [
+        ("_attn_fwd_kernel", -(-lq // f.block_m), f.block_m, f.block_n, f.num_warps, f.num_stages),
+        ("_attn_bwd_dkdv_kernel", -(-lkv // kv.block_n), kv.block_m, kv.block_n, kv.num_warps, kv.num_stages),
+        ("_attn_bwd_dq_kernel", -(-lq // dq.block_m), dq.block_m, dq.block_n, dq.num_warps, dq.num_stages),
+    ], launches
+    launches.clear()  # a kernel left out of the mapping keeps its CONFIGS row
+    run_backward((1, 2, lq, lkv, d), torch.float32, device, config={"dq": configs["dq"]})
+    table = attention_module._plan("dkdv", d, torch.float32)[3:]
+    assert launches[1] == ("_attn_bwd_dkdv_kernel", -(-lkv // table[1]), *table), launches
+    assert launches[2][2:] == (dq.block_m, dq.block_n, dq.num_warps, dq.num_stages), launches
 
 
 def test_inference_writes_no_lse(device, monkeypatch):
@@ -404,6 +434,10 @@ def test_config_and_scale_arguments(device):
     q, k, v = (t.detach() for t in make_qkv((1, 2, 8, 8, 16), torch.float32, device))
     with pytest.raises(TypeError, match="AttentionConfig"):
         attention_triton(q, k, v, config=(64, 64, 4, 2))
+    with pytest.raises(ValueError, match="config key 'bwd': the kernels are 'fwd', 'dkdv', 'dq'"):
+        attention_triton(q, k, v, config={"bwd": AttentionConfig(16, 16, 1, 2)})
+    with pytest.raises(TypeError, match=r"config\['dq'\] must be an AttentionConfig, not tuple"):
+        attention_triton(q, k, v, config={"dq": (16, 16, 1, 2)})
     with pytest.raises(ValueError, match="scale -0.5 < 0"):
         attention_triton(q, k, v, scale=-0.5)
     assert "scale -0.5 < 0" in attention_module._triton_check(q, k, v, -0.5)

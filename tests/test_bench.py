@@ -184,7 +184,40 @@ def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch)
 def test_tune_rejects_ops_without_configs(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--ops", "scheduler_step"])
-    assert "valid: attention, group_norm_silu" in capsys.readouterr().err
+    assert "valid: attention, attention.backward, group_norm_silu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the backward sweeps attention's shape table, not GroupNorm's
+        main(["tune", "--ops", "attention.backward", "--shapes", "odd.hw"])
+    assert "unknown shape case 'odd.hw'; valid: unet15.attn.self0" in capsys.readouterr().err
+
+
+def test_tune_backward_sweeps_each_kernel_against_fp64_gradients(tmp_path, monkeypatch):
+    """`bench tune --ops attention.backward`: candidates for the dK/dV and the dQ kernel, each
+    checked (dq, dk, dv) against fp64 autograd; a candidate with one wrong gradient is an error row."""
+    from bench import tune
+
+    real_call, bad = tune._kernel_call, object()
+
+    def call(op, config, args):
+        if config is bad:
+            fn = real_call(op, None, args)
+            return lambda: (lambda dq, dk, dv: (dq, dk * 1.01, dv))(*fn())  # dk 1% off
+        return real_call(op, config, args)
+
+    monkeypatch.setattr(tune, "_kernel_call", call)
+    real_cands = tune.CANDIDATES["attention.backward"]
+    monkeypatch.setitem(tune.CANDIDATES, "attention.backward", lambda case, quick, masked_tail: [
+        *real_cands(case, quick, masked_tail), tune.Candidate("bad", bad)])
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention.backward", "--shapes", "tiny.cross"],
+                    tmp_path)
+    assert rc == 1, "the wrong candidate is an error row, so the run exits 1"
+    rows = {r["backend"]: r for r in _rows(data, suite="tune")}
+    assert list(rows) == ["default", "dkdv bm16 bn16 w2 s2", "dq bm16 bn16 w2 s2", "bad"], list(rows)
+    for name in ("default", "dkdv bm16 bn16 w2 s2", "dq bm16 bn16 w2 s2"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["op"] == "attention.backward", r
+        assert r["max_rel_err"] < 1e-5, f"{name}: fp32 gradients off by {r['max_rel_err']:.3g}"
+        assert r["flops"] == 10 * 2 * 2 * 64 * 7 * 8, r  # 2.5 x 4·B·H·Lq·Lkv·D
+    assert rows["bad"]["status"] == "error" and "wrong result" in rows["bad"]["note"], rows["bad"]
 
 
 @pytest.mark.gpu
