@@ -659,6 +659,9 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
         return f"dtype {q.dtype} is not float32/float16/bfloat16"
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # here only under TRITON_INTERPRET=1
+        return ("bfloat16 under the Triton interpreter: its tl.dot multiplies bf16 bit patterns as "
+                "integers (numpy has no bf16), so results would be garbage; use fp16/fp32 or a GPU")
     d = q.shape[-1]
     if d == 0 or d % 8 or d > 256:
         return f"head dim {d} is not a multiple of 8 in [8, 256]"

@@ -5,6 +5,7 @@ lse-free inference path. The default run uses tiny shapes under the Triton inter
 runs the SD 1.5 / SD 2 shapes."""
 import importlib
 import math
+import os
 import re
 
 import pytest
@@ -214,6 +215,17 @@ def test_explicit_backend_refuses(q_shape, q_dtype, k_dtype, match, device):
     k = torch.randn(q_shape, device=device, dtype=k_dtype)
     with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match=match):
         kernels.attention(q, k, k)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's limit")
+def test_interpreter_refuses_bf16():
+    """The interpreter's tl.dot multiplies bf16 bit patterns as integers (errors ~1e9 were seen),
+    so on CPU the Triton backend refuses bf16 by name rather than return garbage; the default
+    backend there is the reference, which stays right."""
+    q = torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="bfloat16 under the Triton interpreter"):
+        kernels.attention(q, q, q)
+    assert_close(kernels.attention(q, q, q).double(), attention_fp64(q, q, q), rel=1e-2, name="bf16 default on CPU")
 
 
 def test_bad_arguments(device):
