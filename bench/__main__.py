@@ -104,7 +104,8 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None,
                    help="model dtype (fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--unet-only", action="store_true",
-                   help="only the UNet step benchmark (fp16, 512x512 latent 64x64, batch 2 on CUDA): "
+                   help="only the UNet step benchmark (batch 2 = CFG, at the preset's resolution and --dtype; "
+                        "sd15 on CUDA: 512x512, latent 64x64): "
                         "all-triton vs all-reference, each op alone, torch.compile, diffusers+SDPA, and "
                         "reference@graph / triton@graph (replayed from a CUDA graph: GPU time without "
                         "host overhead)")
@@ -185,8 +186,11 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         bad("variant", args.variants, pipelines.variant_names())
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if getattr(args, "steps", None) is not None and args.steps < 1:
-        parser.error("--steps must be >= 1")
+    for name in ("steps", "repeats", "batch"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a directory")
     if getattr(args, "ckpt", None) is not None and not args.ckpt.exists():
         parser.error(f"--ckpt {args.ckpt}: no such file or directory")
     try:
@@ -205,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite is None:
         parser.print_help()
         return 0
+    _validate(parser, args)
     if getattr(args, "list_shapes", False):
         from . import ops
 
-        for op in _split(args.ops) or ops.known_ops():
+        for op in args.ops or ops.known_ops():
             for c in ops.CASES[op]:
-                print(f"{op:16s} {c.name:24s} {c.shape:28s} {'[quick] ' if c.quick else ''}{c.reason}")
+                if not args.shapes or any(c.name == s or c.name.startswith(s.rstrip("*")) for s in args.shapes):
+                    print(f"{op:16s} {c.name:24s} {c.shape:28s} {'[quick] ' if c.quick else ''}{c.reason}")
         return 0
-    _validate(parser, args)
     return run(args)
 
 
@@ -259,10 +264,10 @@ def run(args) -> int:
 
     out_dir = args.out or common.default_out_dir(env, quick=args.quick)
     written_suites = [x for x in ("ops", "tune") if x in suites]
-    if "pipelines" in suites:
-        written_suites += ["pipelines", "unet_step"]
+    if "pipelines" in suites:  # --unet-only replaces the UNet-step rows and keeps earlier pipeline rows
+        written_suites += ["unet_step"] if args.unet_only else ["pipelines", "unet_step"]
+    print(common.render_markdown(env, ceilings, rows))  # before writing: a failed write loses no table
     paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)
-    print(common.render_markdown(env, ceilings, rows))
     print("\n" + "\n".join(f"[bench] wrote {p}" for p in paths.values()), file=sys.stderr)
     errors = [r for r in rows if r["status"] == "error"]
     if errors:

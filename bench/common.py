@@ -114,8 +114,13 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return Timing(statistics.median(times), q[1], q[7], len(times))
+    return summarize(times)
+
+
+def summarize(times_ms: list[float]) -> Timing:
+    """Median and 20/80 % quantiles (inclusive method) of host-timed samples."""
+    q = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else times_ms * 9
+    return Timing(statistics.median(times_ms), q[1], q[7], len(times_ms))
 
 
 def host_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 10, samples: int = 5) -> float:
@@ -282,6 +287,16 @@ def add_speedups(rows: list[dict], group: tuple[str, ...], base: str = "referenc
             r["speedup_vs_reference"] = b / r[metric]
 
 
+# Accuracy rule of tune candidates and ops rows: a result may be off the fp64 oracle by at most 2x
+# the baseline's error (tune: the default configuration; ops: `reference`) plus this atol, the
+# kernel issue's rule for half precision with its "small atol".
+ERROR_ATOL = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}
+
+
+def within_error(err: float, base_err: float, dtype: str) -> bool:
+    return err <= 2 * base_err + ERROR_ATOL[dtype]
+
+
 def max_errors(out: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
     """(max |out - oracle|, max |out - oracle| / max |oracle|): the normwise relative error of
     tests/numerics.py, which stays meaningful where the oracle crosses zero."""
@@ -421,6 +436,15 @@ def default_out_dir(env: dict, quick: bool = False) -> Path:
     return root / f"{datetime.date.today().isoformat()}-{slug(env['device_name'])}"
 
 
+def merge_ceilings(old: dict | None, new: dict | None) -> dict | None:
+    """Ceilings for a results file holding rows of an earlier run too: this run's values, and the
+    earlier run's matmul rates for dtypes this run did not measure, which its kept rows refer to."""
+    if not old or not new:
+        return new or old
+    rates = {**old.get("matmul_tflops", {}), **{k: v for k, v in new.get("matmul_tflops", {}).items() if v}}
+    return {**old, **new, "matmul_tflops": rates}
+
+
 def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[dict], *,
                   suites: Iterable[str], plot: bool = True) -> dict[str, Path]:
     """Write results.json / results.md / plots. Rows of suites not run now, left by an earlier run
@@ -433,8 +457,7 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
         try:
             old = json.loads(json_path.read_text())
             kept = [r for r in old.get("rows", []) if r.get("suite") not in suites]
-            if ceilings is None:
-                ceilings = old.get("ceilings")
+            ceilings = merge_ceilings(old.get("ceilings"), ceilings) if kept else ceilings or old.get("ceilings")
         except (ValueError, OSError):
             kept = []
     all_rows = kept + rows
@@ -459,10 +482,11 @@ def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["status"] == "ok" and r["speedup_vs_reference"] is not None:
-            name = r["op"] if r["suite"] == "ops" else r["suite"]
+            name = r["op"] if r["suite"] in ("ops", "tune") else r["suite"]
             groups.setdefault((r["suite"], name), []).append(r)
+
     def label(r: dict) -> str:
-        if r["suite"] == "ops":
+        if r["suite"] in ("ops", "tune"):
             return f"{r['case']}\n{r['dtype']}"
         if r["suite"] == "unet_step":
             return f"{r['preset']}\n{r['dtype']}"
@@ -483,12 +507,15 @@ def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
             ax.set_yscale("log")
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("speed-up vs reference (higher is better)")
-        ax.set_title(f"{name}: speed-up per backend ({sel[0]['device_name']})", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        tune = suite == "tune"
+        ax.set_ylabel(f"speed-up vs {DEFAULT_CONFIG if tune else 'reference'} (higher is better)")
+        what = "launch configuration" if tune else "backend"
+        ax.set_title(f"{name}: speed-up per {what} ({sel[0]['device_name']})", fontsize=9)
+        ax.legend(fontsize=7 if len(backends) <= 12 else 5, ncol=2 if len(backends) <= 12 else 4)
         fig.tight_layout()
-        path = out_dir / f"speedup-{slug(name)}.png"
+        key = f"tune-{name}" if tune else name
+        path = out_dir / f"speedup-{slug(key)}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
-        written[f"plot:{name}"] = path
+        written[f"plot:{key}"] = path
     return written

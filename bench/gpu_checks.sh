@@ -15,32 +15,34 @@
 # tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
 # levels, where offline sm_90 compiles show the table's 4 warps spilling at head dims 80 and 160.
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
+# PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
 shift
+py=${PYTHON:-python}
 stages=${*:-tests ops tune unet pipelines repaint250 tune-bwd}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+"$py" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
   | tee "$out/device.txt" || exit 1
 status=0
 for stage in $stages; do
   echo "== $stage"
   case $stage in
-    tests) python -m pytest -q -m gpu -k "not masked_tail_split" -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
-    split) python -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \
-             && python -m bench tune --ops attention --shapes unet15.attn.self0 unet15.attn.cross0 --masked-tail \
+    tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
+    split) "$py" -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \
+             && "$py" -m bench tune --ops attention --shapes unet15.attn.self0 unet15.attn.cross0 --masked-tail \
                   --no-progress --out "$out/tune-split" > "$out/tune-split.log" 2>&1 ;;
-    ops) python -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
-    tune) python -m bench tune --ops attention group_norm_silu --shapes unet15. --no-progress --out "$out/tune" \
+    ops) "$py" -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
+    tune) "$py" -m bench tune --ops attention group_norm_silu --shapes unet15. --no-progress --out "$out/tune" \
             > "$out/tune.log" 2>&1 ;;
-    tune-bwd) python -m bench tune --ops attention.backward --shapes unet15.attn.self0 unet15.attn.self1 \
+    tune-bwd) "$py" -m bench tune --ops attention.backward --shapes unet15.attn.self0 unet15.attn.self1 \
                 unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
-    unet) python -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
-    pipelines) python -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
+    unet) "$py" -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
+    pipelines) "$py" -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
                  > "$out/pipelines.log" 2>&1 ;;
-    repaint250) python -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
+    repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
     *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
   esac

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import (Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row, max_errors,
-                     skipped_row, time_fn)
+from .common import (ERROR_ATOL, Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row,
+                     max_errors, skipped_row, time_fn, within_error)
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,24 @@ def run(ops: list[str], backends: list[str] | None, dtypes: list[torch.dtype], s
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     add_speedups(rows, ("op", "case", "dtype"))
+    flag_inaccurate(rows)
     return rows
+
+
+def flag_inaccurate(rows: list[dict]) -> None:
+    """Turn an ``ok`` row whose error against the oracle exceeds the accuracy rule (2x the
+    ``reference`` row's error in the same case and dtype, plus :data:`common.ERROR_ATOL`) into an
+    error row, so a fast wrong result cannot pass as a speed-up."""
+    refs = {(r["op"], r["case"], r["dtype"]): r["max_abs_err"] for r in rows
+            if r["backend"] == "reference" and r["status"] == "ok" and r["max_abs_err"] is not None}
+    for r in rows:
+        ref = refs.get((r["op"], r["case"], r["dtype"]))
+        if r["status"] == "ok" and ref is not None and r["max_abs_err"] is not None \
+                and not within_error(r["max_abs_err"], ref, r["dtype"]):
+            r["status"] = "error"
+            r["note"] = "; ".join(filter(None, [
+                f"inaccurate: max abs error {r['max_abs_err']:.3g} > 2 x reference's {ref:.3g} "
+                f"+ {ERROR_ATOL[r['dtype']]:g}", r["note"]]))
 
 
 def _raise_recompile_limit(limit: int = 256) -> None:

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .common import (Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row, skipped_row,
-                     synchronize, time_fn)
+                     summarize, synchronize, time_fn)
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = ""
@@ -508,7 +509,8 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
     if dropped:
         note = "; ".join(filter(None, [note, f"pipeline takes no {', '.join(dropped)}"]))
     note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
-    sec = sorted(times)[len(times) // 2]
+    timing = summarize([t * 1e3 for t in times])
+    sec = timing.median_ms / 1e3
     try:
         sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + opts.repeats, sec * 1e3,
                                 (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
@@ -517,10 +519,10 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
         sched = {}
         note = "; ".join(filter(None, [note, f"scheduler share not estimated: {e}"]))
     peak, peak_kind = _peak(device)
-    row = make_row(env, status="ok", note=note, backend=variant, median_ms=sec * 1e3,
-                   p20_ms=min(times) * 1e3, p80_ms=max(times) * 1e3, reps=len(times),
+    row = make_row(env, status="ok", note=note, backend=variant, median_ms=timing.median_ms,
+                   p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
                    seconds_per_image=sec / opts.batch, images_per_s=opts.batch / sec,
-                   unet_calls=calls[-1], unet_ms_per_step=(sorted(unet_ms)[len(unet_ms) // 2] / calls[-1])
+                   unet_calls=calls[-1], unet_ms_per_step=(statistics.median(unet_ms) / calls[-1])
                    if calls[-1] else None, peak_mem_mib=peak, peak_mem_kind=peak_kind, **sched, **base)
     if baseline is not None:
         (lat, img), (lat0, img0) = outputs, baseline

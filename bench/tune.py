@@ -23,14 +23,13 @@ from typing import Callable
 
 import torch
 
-from .common import (DEFAULT_CONFIG as DEFAULT, Skip, add_speedups, describe_exception, dtype_name, host_ms,
-                     interpreting, make_row, max_errors, skipped_row, time_fn)
+from .common import (DEFAULT_CONFIG as DEFAULT, ERROR_ATOL, Skip, add_speedups, describe_exception, dtype_name,
+                     host_ms, interpreting, make_row, max_errors, skipped_row, time_fn, within_error)
 from .ops import Case, make_inputs, oracle, select_cases, work
 
 CASE_OP = {"attention": "attention", "attention.backward": "attention", "group_norm_silu": "group_norm_silu"}
 TUNABLE = tuple(CASE_OP)  # what --ops takes; CASE_OP names the op whose shape table each sweeps
 DEFAULT_OPS = ("attention", "group_norm_silu")  # inference kernels; the backward sweep is asked for by name
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
 
 @dataclass(frozen=True)
@@ -190,10 +189,10 @@ def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, defaul
         fn = _kernel_call(op, cand.config, args)
         out = fn()
         abs_err, rel_err = _errors(out, ref64)
-        if default_err is not None and not abs_err <= 2 * default_err + ATOL[dtype]:
+        if default_err is not None and not within_error(abs_err, default_err, dtype_name(dtype)):
             return make_row(env, status="error", backend=cand.label, max_abs_err=abs_err, max_rel_err=rel_err,
                             note=f"wrong result: max error {abs_err:.3g} > 2 x default's {default_err:.3g} "
-                                 f"+ {ATOL[dtype]:g}; not eligible", **base)
+                                 f"+ {ERROR_ATOL[dtype_name(dtype)]:g}; not eligible", **base)
         slow = device.type != "cuda"
         timing = time_fn(fn, device, quick=quick, called=True, min_reps=1 if slow else 3,
                          warmup_ms=0 if slow else None, rep_ms=0 if slow else None)

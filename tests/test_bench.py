@@ -105,6 +105,61 @@ def test_unknown_names_error_with_the_valid_ones(argv, needle, valid, capsys):
     assert needle in err and valid in err, err
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["ops", "--list-shapes", "--ops", "softmax"], "unknown op 'softmax'"),  # validated before listing
+    (["pipelines", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["pipelines", "--batch", "-1"], "--batch must be >= 1, got -1"),
+])
+def test_bad_values_are_parser_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_fails_before_running(tmp_path, capsys):
+    """A run whose results could not be written is refused up front, not after the run."""
+    target = tmp_path / "taken"
+    target.write_text("")
+    with pytest.raises(SystemExit):
+        main(["ops", "--quick", "--out", str(target)])
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_list_shapes_filters_by_shapes(capsys):
+    assert main(["ops", "--list-shapes", "--ops", "attention", "--shapes", "unet15.attn.cross"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["unet15.attn.cross0", "unet15.attn.cross1"], lines
+
+
+def test_summarize_takes_the_median_and_quantiles():
+    """Pipeline repeats: the true median of an even count and the 20/80 % quantiles, not min/max."""
+    t = common.summarize([4.0, 1.0, 3.0, 2.0, 100.0, 5.0])
+    assert t.median_ms == 3.5 and t.reps == 6
+    assert 1.0 < t.p20_ms < t.median_ms < t.p80_ms < 100.0, t
+
+
+def test_inaccurate_rows_are_errors():
+    """A backend whose error exceeds 2x the reference's + atol is an error row, whatever its speed."""
+    from bench import ops
+
+    def row(backend, err, dtype="fp16"):
+        return dict(op="attention", case="c", dtype=dtype, backend=backend, status="ok", max_abs_err=err, note="")
+
+    rows = [row("reference", 1e-3), row("triton", 2.9e-3), row("fast", 3.1e-3), row("fp32", 3e-3, "fp32")]
+    ops.flag_inaccurate(rows)
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok"], rows  # fp32 has no reference row here
+    assert rows[2]["note"].startswith("inaccurate: max abs error 0.0031 > 2 x reference's 0.001 + 0.001"), rows[2]
+
+
+def test_unet_only_keeps_earlier_pipeline_rows(tmp_path):
+    """`pipelines --unet-only` into a directory with pipeline rows replaces only the UNet-step rows."""
+    main(["pipelines", "--quick", "--no-plot", "--pipelines", "txt2img", "--variants", "reference",
+          "--out", str(tmp_path), "--no-progress"])
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference"], tmp_path)
+    assert _rows(data, suite="pipelines", op="txt2img"), "the txt2img rows of the first run were dropped"
+    assert len(_rows(data, suite="unet_step", backend="reference")) == 1, data["rows"]
+
+
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["all", "--help"])
