@@ -52,9 +52,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._autograd import reference_grads
+from ._triton import tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
 LOG2E = math.log2(math.e)
@@ -372,6 +372,8 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if CAUSAL:
             p_t = tl.where(rows_n[:, None] <= rows_m[None, :], p_t, 0.0)
+        # dS is cast to 16 bits before the softmax scale is applied (at the end, to dK): scaled first,
+        # as torch's math path does, it falls into fp16's subnormal range at thousands of keys
         ds_t = p_t * (dp_t - delta[None, :])
         dv_h = tl.dot(p_t.to(do_h.dtype), do_h, dv_h, input_precision=DOT_PRECISION)
         dk_h = tl.dot(ds_t.to(q_h.dtype), q_h, dk_h, input_precision=DOT_PRECISION)
@@ -631,7 +633,8 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
 
 
 class _AttentionFn(torch.autograd.Function):
-    """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel)."""
+    """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel); under
+    create_graph=True the backward is recomputed through the reference (kernels._autograd)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, configs):
@@ -643,6 +646,10 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
+            grads = reference_grads(lambda *qkv: attention_reference(*qkv, ctx.scale, ctx.causal), (q, k, v),
+                                    ctx.needs_input_grad[:3], do)
+            return (*grads, None, None, None)
         return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal, configs=ctx.configs), None, None, None)
 
 
@@ -667,8 +674,8 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
         return f"head dim {d} is not a multiple of 8 in [8, 256]"
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
-    if scale is not None and scale < 0:
-        return f"scale {scale} < 0 (the kernel takes the row max before scaling)"
+    if scale is not None and not scale > 0:
+        return f"scale {scale} is not > 0 (the kernel takes the row max before scaling, and masks with -inf)"
     return None
 
 
@@ -680,8 +687,9 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel.
     Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated."""
     configs = _per_kernel(config)
-    if scale is not None and scale < 0:
-        raise ValueError(f"scale {scale} < 0: the kernel takes the row max before scaling")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale {scale} is not > 0: the kernel takes the row max before scaling, and a "
+                         f"masked score (-inf) times 0 is NaN")
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
         if grad:

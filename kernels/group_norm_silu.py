@@ -55,10 +55,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .registry import Backend, dispatch, interpreting, register
+from ._autograd import reference_grads
+from ._triton import tl, triton
+from .registry import Backend, dispatch, interpreting, register, triton_available
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 H100_SMS = 132  # used when the device cannot be asked (CPU tests of the grid)
@@ -81,7 +81,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @register("group_norm_silu", Backend.REFERENCE)
 def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, activation="silu"):
-    """Plain torch: ``F.group_norm`` then ``F.silu`` (statistics in x's dtype, as torch does)."""
+    """Plain torch: ``F.group_norm`` then ``F.silu`` (torch accumulates the statistics in fp32 for
+    16-bit x; weight / bias may be fp32 with 16-bit x, as under autocast; y has x's dtype)."""
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
 
@@ -598,19 +599,26 @@ def _forward(x, weight, bias, out, plan):
 
 
 class _GroupNormSiLU(torch.autograd.Function):
+    """Triton forward (saves per-group mean, rstd) and Triton backward (dx, dweight, dbias); under
+    create_graph=True the backward is recomputed through the reference (kernels._autograd)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, out, plan):
+    def forward(ctx, x, weight, bias, out, plan, eps):
         if out is not None:
             ctx.mark_dirty(out)
         y, stats = _forward(x, weight, bias, out, plan)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.plan = plan
+        ctx.plan, ctx.eps = plan, eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
+            act = "silu" if ctx.plan.silu else None
+            grads = reference_grads(lambda *xwb: group_norm_silu_reference(*xwb, ctx.plan.groups, ctx.eps, act),
+                                    (x, weight, bias), ctx.needs_input_grad[:3], dy)
+            return (*grads, None, None, None)
         cfg, groups = ctx.plan.bwd_cfg, ctx.plan.groups
         n, c = x.shape[:2]
         h, w = _spatial_hw(x)
@@ -631,7 +639,7 @@ class _GroupNormSiLU(torch.autograd.Function):
                              **flags)
         dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None
+        return dx, dweight, dbias, None, None, None
 
 
 def _sms(x):
@@ -647,8 +655,11 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
     """None when the triton backend can take the input, else why not."""
     if not isinstance(x, torch.Tensor):
         return f"x is a {type(x).__name__}, not a tensor"
+    why = triton_available()
+    if why:
+        return why
     if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
-        return f"x is on {x.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 on CPU)"
+        return f"x is on {x.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 set before importing kernels)"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if not 2 <= x.dim() <= 4:
@@ -658,8 +669,10 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
             continue
         if tuple(p.shape) != (x.shape[1],):
             return f"{name} shape {tuple(p.shape)} is not (C,) = ({x.shape[1]},)"
-        if p.dtype != x.dtype or p.device != x.device:
-            return f"{name} is {p.dtype} on {p.device}, x is {x.dtype} on {x.device}"
+        if p.device != x.device:
+            return f"{name} is on {p.device}, x on {x.device}"
+        if p.dtype not in (x.dtype, torch.float32):  # fp32 weights with 16-bit x: as torch's group_norm
+            return f"{name} dtype {p.dtype}: must be x's ({x.dtype}) or float32"
     return None
 
 
@@ -679,7 +692,7 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
                                         or (bias is not None and bias.requires_grad))
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
     if grad:
-        return _GroupNormSiLU.apply(x, weight, bias, out, plan)
+        return _GroupNormSiLU.apply(x, weight, bias, out, plan, eps)
     return _forward(x, weight, bias, out, plan)[0]  # no autograd overhead, no stats
 
 
@@ -690,9 +703,11 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
     """
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-    if not isinstance(groups, int) or groups <= 0:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"group_norm_silu: groups must be a positive int, got {groups!r}")
-    if x.dim() < 2 or x.shape[1] % groups:
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x{tuple(x.shape)} needs (N, C, *spatial) dims")
+    if x.shape[1] % groups:
         raise ValueError(f"group_norm_silu: channels {tuple(x.shape)[1:2]} of x{tuple(x.shape)} "
                          f"not divisible by groups={groups}")
     return dispatch("group_norm_silu", x, weight, bias, groups, eps, activation)

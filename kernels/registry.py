@@ -13,7 +13,9 @@ implementations are registered per backend with :func:`register`. A call goes th
 
 The choice is traceable by ``torch.compile``: a compiled model bakes in the backends chosen when
 it was traced (dynamo guards on the scope and ``set_backend`` state, so changing them retraces).
-Scopes are process-wide (a plain stack, not per thread) so that dynamo can read them.
+Scopes are process-wide (a plain list that dynamo can read, shared by threads, not per thread):
+each holds only its own choices and removes exactly those on exit, even when scopes opened in
+different threads exit out of order.
 
 A backend may refuse an input (dtype, head dim, device) through its ``check`` function. When
 the backend was chosen explicitly (1-3) that raises :class:`BackendUnsupported` naming the limit;
@@ -34,7 +36,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import _triton
+
 ENV_VAR = "SDLAB_KERNELS"
+# Triton fixes interpret mode when the @triton.jit kernels are defined, i.e. when kernels is imported;
+# the checks read this, not the environment now, which may have changed since.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class Backend(str, Enum):
@@ -61,9 +68,8 @@ _OPS: dict[str, dict[Backend, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
 _WARNED: set[tuple[str, str]] = set()
 _GLOBAL: dict[str, Backend] = {}
-_SCOPES: list[dict[str, Backend]] = [{}]  # innermost kernels.use() choice last
+_SCOPES: list[dict[str, Backend]] = []  # each open kernels.use()'s own choices, innermost last
 _ENV_CACHE: dict[str, dict[str, Backend]] = {}
-_TRITON_STATUS: list[str | None] = []  # [why triton does not import, or None], filled once
 _FNS: dict[tuple[str, Backend], Callable] = {}  # implementation() memo: dispatch is hot
 
 
@@ -103,6 +109,14 @@ def _impls(op: str) -> dict[Backend, _Impl]:
     return _OPS[op]
 
 
+def _backend(backend: Backend | str) -> Backend:
+    """A backend for every op (``use("triton")``), or an error listing the valid names."""
+    try:
+        return Backend(backend)
+    except ValueError:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(b.value for b in Backend)}") from None
+
+
 def _validate(op: str, backend: Backend | str) -> Backend:
     try:
         b = Backend(backend)
@@ -135,7 +149,7 @@ def _parse_env_uncached(value: str) -> dict[str, Backend]:
             )
         return {op: b for op in ops() if b.value in backends(op)}
     out = {}
-    for item in value.split(","):
+    for item in filter(str.strip, value.split(",")):  # "a=x," and "a=x, b=y" are fine
         op, sep, backend = item.strip().partition("=")
         if not sep or not op.strip():
             raise ValueError(f"{ENV_VAR}={value!r}: expected 'op=backend' items, got {item!r}")
@@ -148,9 +162,9 @@ def _parse_env_uncached(value: str) -> dict[str, Backend]:
 
 def _choice(op: str) -> tuple[Backend | None, str]:
     """The explicit backend for ``op`` and where it came from, or (None, '')."""
-    scope = _SCOPES[-1]
-    if op in scope:
-        return scope[op], "kernels.use() scope"
+    for scope in reversed(_SCOPES):
+        if op in scope:
+            return scope[op], "kernels.use() scope"
     if op in _GLOBAL:
         return _GLOBAL[op], "kernels.set_backend()"
     env = _parse_env(os.environ.get(ENV_VAR, ""))
@@ -167,19 +181,14 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 
 
 def triton_available() -> str | None:
-    """None when Triton imports, else why not (checked once per process)."""
-    if not _TRITON_STATUS:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_STATUS.append(None)
-        except Exception as e:  # pragma: no cover - depends on the machine
-            _TRITON_STATUS.append(f"triton does not import ({type(e).__name__}: {e})")
-    return _TRITON_STATUS[0]
+    """None when Triton imports, else why not (tried once, when kernels was imported)."""
+    return _triton.IMPORT_ERROR
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the Triton kernels run under the interpreter: TRITON_INTERPRET as it was when
+    kernels was imported (setting it later changes nothing in Triton, so nothing here either)."""
+    return _INTERPRET
 
 
 def _default(op: str, x: torch.Tensor | None) -> tuple[Backend, str]:
@@ -196,6 +205,11 @@ def _default(op: str, x: torch.Tensor | None) -> tuple[Backend, str]:
 
 def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
     """The backend that would run ``op(*args, **kwargs)`` now, and why."""
+    return _resolve(op, args, kwargs, 3)
+
+
+def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int) -> tuple[Backend, str]:
+    """:func:`resolve`; a fallback warning points ``stacklevel`` frames up (at the user's call)."""
     impls = _impls(op)
     chosen, source = _choice(op)
     if chosen is not None:
@@ -211,7 +225,7 @@ def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
         if (op, reason) not in _WARNED:
             _WARNED.add((op, reason))
             warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
-                          f"falling back to 'reference'", RuntimeWarning, stacklevel=3)
+                          f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
         return Backend.REFERENCE, f"{source}, fell back: {reason}"
     return backend, source
 
@@ -235,7 +249,7 @@ def implementation(op: str, backend: Backend | str) -> Callable:
 
 def dispatch(op: str, *args, **kwargs):
     """Run ``op`` on the backend :func:`resolve` picks (a few microseconds of host time)."""
-    backend, _ = resolve(op, *args, **kwargs)
+    backend, _ = _resolve(op, args, kwargs, 4)  # _resolve < dispatch < kernels.<op> < the caller
     if not torch.compiler.is_compiling():  # counts are of eager dispatches
         _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
     return implementation(op, backend)(*args, **kwargs)
@@ -244,35 +258,46 @@ def dispatch(op: str, *args, **kwargs):
 @contextlib.contextmanager
 def use(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
     """Scope a backend choice: ``use("triton")`` for all ops, ``use(attention="sdpa")`` per op."""
-    choice = {}
+    cleared = [op for op, b in per_op.items() if b is None]
+    if cleared:
+        raise ValueError(f"kernels.use({cleared[0]}=None): name a backend (set_backend({cleared[0]}=None) clears)")
+    choice = _choices(backend, per_op)
+    _SCOPES.append(choice)
+    try:
+        yield
+    finally:  # remove this scope's own entry, wherever it is now (threads may interleave scopes)
+        for i in range(len(_SCOPES) - 1, -1, -1):
+            if _SCOPES[i] is choice:
+                del _SCOPES[i]
+                break
+
+
+def _choices(backend: Backend | str | None, per_op: dict) -> dict[str, Backend | None]:
+    """Validate a use() / set_backend() request whole before anything changes: {op: backend}
+    (None: clear, for set_backend)."""
+    choice: dict[str, Backend | None] = {}
     if backend is not None:
-        b = Backend(backend)
+        b = _backend(backend)
         choice.update({op: b for op in ops() if b.value in backends(op)})
         if not choice:
             raise ValueError(f"no op has a {b.value!r} backend")
     for op, b in per_op.items():
         _impls(op)
-        choice[op] = _validate(op, b)
-    _SCOPES.append({**_SCOPES[-1], **choice})
-    try:
-        yield
-    finally:
-        _SCOPES.pop()
+        choice[op] = None if b is None else _validate(op, b)
+    return choice
 
 
 def set_backend(backend: Backend | str | None = None, /, **per_op: Backend | str | None) -> None:
-    """Process-wide choice; ``None`` clears (back to env var / default)."""
-    if backend is not None:
-        b = Backend(backend)
-        _GLOBAL.update({op: b for op in ops() if b.value in backends(op)})
-    for op, b in per_op.items():
-        _impls(op)
+    """Process-wide choice; ``None`` clears (back to env var / default). All or nothing: an
+    invalid name changes no op."""
+    if backend is None and not per_op:
+        _GLOBAL.clear()
+        return
+    for op, b in _choices(backend, per_op).items():
         if b is None:
             _GLOBAL.pop(op, None)
         else:
-            _GLOBAL[op] = _validate(op, b)
-    if backend is None and not per_op:
-        _GLOBAL.clear()
+            _GLOBAL[op] = b
 
 
 def describe(device: str | torch.device | None = None) -> str:

@@ -37,12 +37,12 @@ the fp32 reference 190-280 us (4.8-7.4x), a minimal 6-op eager sequence in the l
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from .registry import Backend, dispatch, register
+from ._triton import tl, triton
+from .registry import Backend, dispatch, interpreting, register, triton_available
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,16 @@ class StepCoefficients:
     sigma: float = 0.0
 
 
-def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known):
+def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out=None, out_x0=None):
     if not isinstance(coeffs, StepCoefficients):
         raise TypeError(f"scheduler_step: coeffs must be StepCoefficients, got {type(coeffs).__name__}")
     for name, t in (("model_output", model_output), ("model_output_uncond", model_output_uncond),
-                    ("noise", noise), ("prev_x0", prev_x0)):
+                    ("noise", noise), ("prev_x0", prev_x0), ("out", out), ("out_x0", out_x0)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"scheduler_step: {name}{tuple(t.shape)} must have x's shape {tuple(x.shape)}")
+    for name, t in (("out", out), ("out_x0", out_x0)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"scheduler_step: {name} dtype {t.dtype} must be x's dtype {x.dtype}")
     if coeffs.sigma != 0.0 and noise is None:
         raise ValueError(f"scheduler_step: sigma={coeffs.sigma} needs noise")
     if coeffs.c3 != 0.0 and prev_x0 is None:
@@ -125,7 +128,7 @@ def scheduler_step(x, model_output, coeffs: StepCoefficients, *, model_output_un
     mask, known: broadcastable to x (mask (B, 1, h, w) is the usual RePaint mask, 1 = keep ``known``);
     out / out_x0: optional preallocated outputs (x's shape and dtype), e.g. NaN-poisoned in tests.
     """
-    _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known)
+    _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out, out_x0)
     return dispatch("scheduler_step", x, model_output, coeffs, model_output_uncond, float(guidance_scale),
                     noise, prev_x0, mask, known, bool(return_x0), out, out_x0)
 
@@ -133,65 +136,57 @@ def scheduler_step(x, model_output, coeffs: StepCoefficients, *, model_output_un
 # ----------------------------------------------------------------------------------------------
 # Triton
 # ----------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the machine
-    triton = None
-
-
 # FLAGS bits (one constexpr instead of seven: Triton's launcher cost grows with the argument count,
 # and at SD latent sizes the launch is the cost).
 UNCOND, CLIP, EPS, NOISE, PREV_X0, MASK, WRITE_X0 = 1, 2, 4, 8, 16, 32, 64
 
-if triton is not None:
 
-    @triton.jit
-    def _scheduler_step_kernel(
-        x_ptr,  # (N,) contiguous, the current sample x_t
-        out_ptr,  # (N,) contiguous, model output (cond)
-        unc_ptr,  # (N,) contiguous, model output (uncond); read if FLAGS & UNCOND
-        noise_ptr,  # (N,) contiguous; read if FLAGS & NOISE
-        px0_ptr,  # (N,) contiguous, previous step's x0 (DPM++ 2M); read if FLAGS & PREV_X0
-        known_ptr,  # (N,) contiguous, RePaint's known latent at the target level; read if FLAGS & MASK
-        mask_ptr,  # (B, C, S) with strides (m_sb, m_sc, 1), 0 on broadcast dims; read if FLAGS & MASK
-        prev_ptr,  # (N,) contiguous, output x_{t-1}
-        x0_ptr,  # (N,) contiguous, output x0; written if FLAGS & WRITE_X0
-        N, S, CS,  # elements; spatial elements per channel; C * S (N = B * C * S)
-        m_sb, m_sc,  # mask strides over batch and channel (0 where it broadcasts)
-        g,  # guidance scale
-        a_x, a_o, a_d, clip, b_x, b_o, b_0, b_d, c0, c1, c2, c3, sigma,  # StepCoefficients
-        FLAGS: tl.constexpr,  # UNCOND | CLIP | EPS | NOISE | PREV_X0 | MASK | WRITE_X0
-        BLOCK: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < N
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        o = tl.load(out_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        if FLAGS & 1:  # UNCOND: classifier-free guidance
-            u = tl.load(unc_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            o = u + g * (o - u)
-        x0 = (a_x * x + a_o * o) / a_d
-        if FLAGS & 2:  # CLIP
-            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-        prev = c0 * x0 + c1 * x
-        if FLAGS & 4:  # EPS
-            eps = (b_x * x + b_o * o + b_0 * x0) / b_d
-            prev += c2 * eps
-        if FLAGS & 16:  # PREV_X0: DPM-Solver++(2M)'s D1 term
-            prev += c3 * (x0 - tl.load(px0_ptr + offs, mask=valid, other=0.0).to(tl.float32))
-        if FLAGS & 8:  # NOISE
-            prev += sigma * tl.load(noise_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        if FLAGS & 32:  # MASK: RePaint blend, mask = 1 keeps known
-            b = offs // CS
-            c = (offs - b * CS) // S
-            m = tl.load(mask_ptr + b * m_sb + c * m_sc + (offs % S), mask=valid, other=0.0).to(tl.float32)
-            kn = tl.load(known_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            prev = m * kn + (1.0 - m) * prev
-        tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=valid)
-        if FLAGS & 64:  # WRITE_X0
-            tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=valid)
+@triton.jit
+def _scheduler_step_kernel(
+    x_ptr,  # (N,) contiguous, the current sample x_t
+    out_ptr,  # (N,) contiguous, model output (cond)
+    unc_ptr,  # (N,) contiguous, model output (uncond); read if FLAGS & UNCOND
+    noise_ptr,  # (N,) contiguous; read if FLAGS & NOISE
+    px0_ptr,  # (N,) contiguous, previous step's x0 (DPM++ 2M); read if FLAGS & PREV_X0
+    known_ptr,  # (N,) contiguous, RePaint's known latent at the target level; read if FLAGS & MASK
+    mask_ptr,  # (B, C, S) with strides (m_sb, m_sc, 1), 0 on broadcast dims; read if FLAGS & MASK
+    prev_ptr,  # (N,) contiguous, output x_{t-1}
+    x0_ptr,  # (N,) contiguous, output x0; written if FLAGS & WRITE_X0
+    N, S, CS,  # elements; spatial elements per channel; C * S (N = B * C * S)
+    m_sb, m_sc,  # mask strides over batch and channel (0 where it broadcasts)
+    g,  # guidance scale
+    a_x, a_o, a_d, clip, b_x, b_o, b_0, b_d, c0, c1, c2, c3, sigma,  # StepCoefficients
+    FLAGS: tl.constexpr,  # UNCOND | CLIP | EPS | NOISE | PREV_X0 | MASK | WRITE_X0
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if FLAGS & 1:  # UNCOND: classifier-free guidance
+        u = tl.load(unc_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        o = u + g * (o - u)
+    x0 = (a_x * x + a_o * o) / a_d
+    if FLAGS & 2:  # CLIP
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    prev = c0 * x0 + c1 * x
+    if FLAGS & 4:  # EPS
+        eps = (b_x * x + b_o * o + b_0 * x0) / b_d
+        prev += c2 * eps
+    if FLAGS & 16:  # PREV_X0: DPM-Solver++(2M)'s D1 term
+        prev += c3 * (x0 - tl.load(px0_ptr + offs, mask=valid, other=0.0).to(tl.float32))
+    if FLAGS & 8:  # NOISE
+        prev += sigma * tl.load(noise_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if FLAGS & 32:  # MASK: RePaint blend, mask = 1 keeps known
+        b = offs // CS
+        c = (offs - b * CS) // S
+        m = tl.load(mask_ptr + b * m_sb + c * m_sc + (offs % S), mask=valid, other=0.0).to(tl.float32)
+        kn = tl.load(known_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        prev = m * kn + (1.0 - m) * prev
+    tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=valid)
+    if FLAGS & 64:  # WRITE_X0
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=valid)
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -206,10 +201,14 @@ def _mask_view(mask, x):
 
 def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0, noise=None,
                   prev_x0=None, mask=None, known=None, return_x0=False, out=None, out_x0=None):
-    if triton is None:
-        return "triton does not import"
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        return f"x is on {x.device.type} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    why = triton_available()
+    if why:
+        return why
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        return f"x is on {x.device.type} (needs CUDA, or CPU with TRITON_INTERPRET=1 set before importing kernels)"
+    tensors = (x, model_output, model_output_uncond, noise, prev_x0, mask, known)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "an input requires grad and the Triton step has no backward (the reference has autograd)"
     if x.numel() >= 2**31:
         return f"{x.numel()} elements exceed int32 indexing"
     if mask is not None and x.dim() < 2:
@@ -221,8 +220,8 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
             continue
         if t.device != x.device:
             return f"{name} is on {t.device}, x on {x.device}"
-        if t.dtype not in _DTYPES:
-            return f"{name} dtype {t.dtype} (supported: float32, float16, bfloat16)"
+        if t.dtype not in _DTYPES and not (name == "mask" and t.dtype == torch.bool):
+            return f"{name} dtype {t.dtype} (supported: float32, float16, bfloat16; mask also bool)"
         if name != "mask" and name != "known" and not t.is_contiguous():
             return f"{name} is not contiguous"
         if name in ("out", "out_x0") and t.shape != x.shape:
@@ -234,7 +233,9 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
 def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0,
                           noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
                           out=None, out_x0=None):
-    """One launch, flat over the elements of x; returns (prev, x0 or None) in x's dtype."""
+    """One launch, flat over the elements of x; returns (prev, x0 or None) in x's dtype. A bool
+    mask, or a mask / known that is neither contiguous nor a plain broadcast, is first copied into
+    a layout the kernel reads (one more small launch); the pipelines pass the canonical layouts."""
     k = coeffs
     prev = torch.empty_like(x) if out is None else out
     x0 = (torch.empty_like(x) if out_x0 is None else out_x0) if return_x0 else None
@@ -249,7 +250,7 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
     m, kn = x, x
     if mask is not None:
         S, CS = N // (x.shape[0] * x.shape[1]), N // x.shape[0]
-        m = _mask_view(mask, x)
+        m = _mask_view(mask.to(x.dtype) if mask.dtype == torch.bool else mask, x)  # bool: 1 = known
         m_sb, m_sc = m.stride(0), m.stride(1)
         kn = known if known.shape == x.shape and known.is_contiguous() else known.expand(x.shape).contiguous()
     BLOCK = 1024

@@ -450,9 +450,22 @@ def test_config_and_scale_arguments(device):
         attention_triton(q, k, v, config={"bwd": AttentionConfig(16, 16, 1, 2)})
     with pytest.raises(TypeError, match=r"config\['dq'\] must be an AttentionConfig, not tuple"):
         attention_triton(q, k, v, config={"dq": (16, 16, 1, 2)})
-    with pytest.raises(ValueError, match="scale -0.5 < 0"):
-        attention_triton(q, k, v, scale=-0.5)
-    assert "scale -0.5 < 0" in attention_module._triton_check(q, k, v, -0.5)
+    for bad in (-0.5, 0.0, float("nan")):  # scale 0 would make masked scores -inf * 0 = NaN
+        with pytest.raises(ValueError, match=f"scale {bad} is not > 0"):
+            attention_triton(q, k, v, scale=bad)
+        assert f"scale {bad} is not > 0" in attention_module._triton_check(q, k, v, bad)
+
+
+def test_double_backward_matches_reference(device):
+    """create_graph=True (a gradient penalty): the Triton backward is recomputed differentiably
+    through the reference, so d(|dq|^2)/dv equals the reference's, not a silent zero."""
+    q, k, v = make_qkv((1, 2, 9, 11, 16), torch.float32, device)
+    dvs = []
+    for fn in (attention_triton, attention_reference):
+        (dq,) = torch.autograd.grad(fn(q, k, v, 0.3).sum(), (q,), create_graph=True)
+        dvs.append(torch.autograd.grad(dq.square().sum(), (v,))[0])
+    assert dvs[1].abs().max() > 0.1, "the test needs a non-trivial second derivative"
+    assert_close(dvs[0], dvs[1].double(), rel=1e-5, name="d|dq|^2/dv")
 
 
 def test_short_key_forwards_use_their_own_table(device, monkeypatch):

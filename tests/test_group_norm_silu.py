@@ -333,10 +333,50 @@ def test_dispatch_runs_triton(device):
     assert_close(y, _torch(x, w, b, 8, "silu", torch.float64), rel=1e-5, name="y")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, id="bf16")])
+def test_mixed_precision_fp32_weights(device, dtype):
+    """16-bit x with fp32 weight and bias (autocast, fp32 master weights), as torch's group_norm
+    takes them: y and dx in x's dtype, dweight and dbias in fp32, each within the torch op's error."""
+    x, w, b = _inputs((2, 32, 5, 3), torch.float32, device)
+    x = x.to(dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    with kernels.use(group_norm_silu="triton"):
+        ins = _leaves(x, w, b)
+        y = kernels.group_norm_silu(*ins, 8)
+        got = torch.autograd.grad(y, ins, dy)
+    same = _leaves(x, w, b)
+    y_torch = _torch(*same, 8, "silu")
+    torch_grads = torch.autograd.grad(y_torch, same, dy)
+    ref = _leaves(*(t.double() for t in (x, w, b)))
+    y_ref = _torch(*ref, 8, "silu")
+    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
+    assert y.dtype == dtype and y_torch.dtype == dtype
+    assert_within_torch_error(y, y_torch, y_ref, name=f"y {dtype} w fp32", **TOL[dtype])
+    for name, g, t, r, want in zip(("dx", "dweight", "dbias"), got, torch_grads, ref_grads,
+                                   (dtype, torch.float32, torch.float32)):
+        assert g.dtype == want == t.dtype, f"{name}: {g.dtype}, torch gives {t.dtype}"
+        assert_within_torch_error(g, t, r, name=f"{name} {dtype} w fp32", **TOL[dtype])
+
+
+def test_double_backward_matches_reference(device):
+    """create_graph=True: gradients recomputed through the reference, differentiable again."""
+    x, w, b = _leaves(*_inputs((2, 32, 5, 3), torch.float32, device))
+    dws = []
+    for fn in (group_norm_silu_triton, kernels.group_norm_silu_reference):
+        (dx,) = torch.autograd.grad(fn(x, w, b, 8, 1e-5, "silu").square().sum(), (x,), create_graph=True)
+        dws.append(torch.autograd.grad(dx.square().sum(), (w,))[0])
+    assert dws[1].abs().max() > 0.1, "the test needs a non-trivial second derivative"
+    assert_close(dws[0], dws[1].double(), rel=1e-5, name="d|dx|^2/dweight")
+
+
 def test_invalid_inputs_raise():
     x = torch.randn(1, 30, 4, 4)
     with pytest.raises(ValueError, match=r"30.*groups=32"):
         kernels.group_norm_silu(x, None, None, 32)
+    with pytest.raises(ValueError, match="groups must be a positive int, got True"):
+        kernels.group_norm_silu(x, None, None, True)
+    with pytest.raises(ValueError, match=r"x\(30,\) needs \(N, C, \*spatial\) dims"):
+        kernels.group_norm_silu(torch.randn(30), None, None, 6)
     with pytest.raises(ValueError, match="'gelu'"):
         kernels.group_norm_silu(x, None, None, 6, activation="gelu")
 
@@ -348,6 +388,9 @@ def test_explicit_backend_refuses_unsupported_input():
     xf, w = torch.randn(1, 32, 4, 4), torch.randn(32, dtype=torch.float64)
     with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="weight"):
         kernels.group_norm_silu(xf, w, None, 8)
+    with kernels.use(group_norm_silu="triton"), pytest.raises(
+            kernels.BackendUnsupported, match=r"bias dtype torch.float16: must be x's \(torch.float32\) or float32"):
+        kernels.group_norm_silu(xf, None, torch.randn(32).half(), 8)
     with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match=r"\(16,\)"):
         kernels.group_norm_silu(xf, torch.randn(16), None, 8)
 

@@ -61,8 +61,22 @@ def test_scope_restores_after_exception(toy_op):
     assert registry.resolve("toy_op", torch.ones(1))[0] == "reference"
 
 
+def test_scopes_exiting_out_of_order_keep_each_others_choices(toy_op):
+    """Threads share the scope list; a scope that exits while a later one is still open (another
+    thread's) removes only its own choice."""
+    a, b = kernels.use(toy_op="triton"), kernels.use(attention="sdpa")
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # out of order: b is still open
+    assert registry.resolve("toy_op", torch.ones(1))[0] == "reference", "a's choice outlived a"
+    assert registry._choice("attention")[0] == "sdpa", "b lost its choice when a exited"
+    b.__exit__(None, None, None)
+    assert registry._SCOPES == [], registry._SCOPES
+
+
 @pytest.mark.parametrize("value, expected", [
     ("triton", "triton"),
+    ("toy_op=triton,", "triton"),  # a trailing comma is harmless
     ("toy_op=triton", "triton"),
     (" toy_op = triton , attention=reference ", "triton"),
     ("attention=sdpa", "reference"),  # other ops only: toy_op keeps its default
@@ -114,6 +128,61 @@ def test_unknown_names_list_valid_ones(toy_op):
         kernels.set_backend(toy_op="fast")
     with pytest.raises(ValueError, match="has no 'sdpa' backend"):
         kernels.set_backend(toy_op="sdpa")
+    for fn in (kernels.set_backend, lambda b: kernels.use(b).__enter__()):
+        with pytest.raises(ValueError, match="unknown backend 'fast'; valid: reference, triton, sdpa, compile"):
+            fn("fast")
+    with pytest.raises(ValueError, match=r"use\(toy_op=None\): name a backend"):
+        kernels.use(toy_op=None).__enter__()
+
+
+def test_set_backend_is_all_or_nothing(toy_op):
+    """An invalid name anywhere in the call changes no op (toy_op stays on its default)."""
+    with pytest.raises(ValueError, match="has no 'sdpa' backend"):
+        kernels.set_backend(toy_op="triton", group_norm_silu="sdpa")
+    assert registry._choice("toy_op") == (None, ""), registry._GLOBAL
+
+
+def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch):
+    """The default's fallback warning names the line that called the op, not library code."""
+    monkeypatch.setattr(registry, "_default", lambda op, x: (kernels.Backend.TRITON, "default (test)"))
+
+    def public_op(x):  # as kernels.attention / group_norm_silu wrap dispatch
+        return registry.dispatch("toy_op", x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        public_op(torch.ones(1, dtype=torch.float64))
+    (w,) = [w for w in caught if "falling back" in str(w.message)]
+    assert w.filename == __file__, f"warning attributed to {w.filename}:{w.lineno}"
+
+
+def test_kernels_import_and_run_without_triton():
+    """Where Triton does not import, kernels still imports, every op runs on its reference, and an
+    explicit triton choice names the import error."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, warnings
+sys.modules["triton"] = None  # `import triton` raises ImportError
+import torch, kernels
+x = torch.randn(1, 32, 5, 5)
+y = kernels.group_norm_silu(x, torch.ones(32), torch.zeros(32), 8)
+q = torch.randn(1, 2, 7, 16)
+o = kernels.attention(q, q, q)
+assert kernels.registry.triton_available().startswith("triton does not import"), kernels.registry.triton_available()
+with kernels.use(attention="triton"):
+    try:
+        kernels.attention(q, q, q)
+    except kernels.BackendUnsupported as e:
+        assert "triton does not import" in str(e), e
+    else:
+        raise AssertionError("the triton backend ran without triton")
+print("ok", tuple(y.shape), tuple(o.shape))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
 def test_counts_record_what_ran(toy_op):

@@ -115,10 +115,44 @@ def test_triton_check_reasons(monkeypatch, device):
         with pytest.raises(BackendUnsupported, match="float64"):
             kernels.scheduler_step(d["x"].double(), d["model_output"].double(), k, noise=d["noise"].double(),
                                    prev_x0=d["prev_x0"].double())
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(kernels.registry, "_INTERPRET", False)  # kernels imported without the interpreter
         d = inputs((1, 4, 8, 8), "cpu")
         with pytest.raises(BackendUnsupported, match="needs CUDA"):
             kernels.scheduler_step(d["x"], d["model_output"], k, noise=d["noise"], prev_x0=d["prev_x0"])
+
+
+def test_triton_refuses_inputs_that_require_grad(device):
+    """The Triton step has no backward: with grad on and an input requiring it, an explicit choice
+    raises and the reference keeps the graph (gradient-guided sampling), rather than losing it."""
+    d = inputs((1, 4, 7, 9), device)
+    eps = d["model_output"].requires_grad_()
+    with kernels.use(scheduler_step="triton"), pytest.raises(BackendUnsupported, match="requires grad"):
+        call(d, ALL_TERMS)
+    prev, _ = call(d, ALL_TERMS)
+    assert prev.requires_grad and prev.grad_fn is not None
+    with torch.no_grad(), kernels.use(scheduler_step="triton"):  # no graph wanted: the kernel runs
+        tri, _ = call(d, ALL_TERMS)
+    assert_close(tri, prev.detach(), rel=1e-6, name="prev under no_grad")
+    assert eps.requires_grad
+
+
+def test_bool_mask_matches_reference(device):
+    """A bool RePaint mask (True = known) is taken by both backends, with the same result."""
+    d = inputs((2, 4, 7, 9), device)
+    d["mask"] = d["mask"] > 0.5
+    ref, tri = both(d, ALL_TERMS)
+    assert_close(tri[0], ref[0], rel=1e-6, name="prev, bool mask")
+    assert torch.equal(tri[0][d["mask"].expand_as(tri[0])], d["known"][d["mask"].expand_as(tri[0])])
+
+
+@pytest.mark.parametrize("which", ["out", "out_x0"])
+def test_out_must_match_x(which):
+    """out / out_x0 of another shape or dtype is refused up front (copy_ would broadcast silently)."""
+    d = inputs((1, 4, 6, 6))
+    with pytest.raises(ValueError, match=rf"{which}\(2, 4, 6, 6\) must have x's shape \(1, 4, 6, 6\)"):
+        call(d, ALL_TERMS, return_x0=True, **{which: torch.empty(2, 4, 6, 6)})
+    with pytest.raises(ValueError, match=f"{which} dtype torch.float16 must be x's dtype torch.float32"):
+        call(d, ALL_TERMS, return_x0=True, **{which: torch.empty(1, 4, 6, 6, dtype=torch.float16)})
 
 
 def test_contract_errors():

@@ -1,0 +1,47 @@
+"""Triton, or a stand-in where it does not import (no CUDA build, macOS, Windows), so that
+``import kernels`` and every non-Triton backend still work there. The stand-in's ``@triton.jit``
+kernels raise the import error if launched; the registry never gets that far, because
+:func:`kernels.registry.triton_available` reports the error and each Triton backend's check
+refuses the input with it (an error when chosen explicitly, the reference by default).
+"""
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    IMPORT_ERROR: str | None = None
+except Exception as e:  # pragma: no cover - exercised in a subprocess by tests/test_registry.py
+    IMPORT_ERROR = f"triton does not import ({type(e).__name__}: {e})"
+
+    class _UnavailableKernel:
+        """What ``@triton.jit`` makes without Triton: a kernel that cannot be launched."""
+
+        def __init__(self, fn):
+            self.fn = fn
+            self.__name__ = getattr(fn, "__name__", "kernel")
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"{self.__name__}: {IMPORT_ERROR}")
+
+        __call__ = __getitem__
+
+    class _Triton:
+        """The few host-side helpers the launchers use, and ``jit``."""
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return _UnavailableKernel(fn) if fn is not None else _UnavailableKernel
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 << max(n - 1, 0).bit_length()
+
+    triton = _Triton()
+    tl = None  # only read inside kernel bodies and (unevaluated) annotations
+
+__all__ = ["IMPORT_ERROR", "tl", "triton"]
