@@ -433,24 +433,24 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
     # pipelines on the inpainting model last, so each model is built once
     for name in sorted(opts.pipelines, key=lambda n: PIPELINES[n].inpaint_model):
         spec = PIPELINES[name]
+        preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
+                                                                        and not opts.preset.endswith("-inpaint") else ""))
         base = dict(suite="pipelines", op=name, reason=spec.reason, dtype=dtype_name(opts.dtype),
-                    steps=opts.steps, batch=opts.batch)
+                    steps=opts.steps, batch=opts.batch, preset=preset)
         try:
             fn = _pipeline_fn(spec)
             model = load_model(opts, device, inpaint=spec.inpaint_model)
         except Skip as e:
-            rows += [skipped_row(env, str(e), backend=v, preset=opts.preset, **base) for v in variants]
+            rows += [skipped_row(env, str(e), backend=v, **base) for v in variants]
             bar.update(len(variants))
             continue
         except Exception as e:
-            rows += [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v,
-                              preset=opts.preset, **base) for v in variants]
+            rows += [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v, **base)
+                     for v in variants]
             bar.update(len(variants))
             continue
-        preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
-                                                                        and not opts.preset.endswith("-inpaint") else ""))
-        base["preset"] = preset
         size = _image_size(model, opts)
+        base["shape"] = f"{size}x{size} px, batch {opts.batch}"
         baseline = None
         for v in variants:
             bar.set_postfix_str(f"{name} {v}")
@@ -544,7 +544,9 @@ def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: 
     the loop: (scheduler_step dispatches per run, per backend) x (that backend's time for one step
     at the run's latent shape, with CFG and, for RePaint/blend, the mask blend), the op timed in
     isolation in this same run. Before fusion (`reference`) vs after (`triton`) is the comparison
-    the RePaint benchmark asks for."""
+    the RePaint benchmark asks for. Counted: the denoising update only; RePaint's jumps back up
+    (re-noising x_{t-1} to x_t) and the per-step noising of the known region are plain torch
+    outside scheduler_step, so they are in the run's time but not in this share."""
     from .ops import _step, backend_callable, make_inputs
 
     per_backend = {b: (counts_after.get(("scheduler_step", b), 0) - counts_before.get(("scheduler_step", b), 0))

@@ -201,7 +201,10 @@ def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, defaul
         return skipped_row(env, str(e), backend=cand.label, **base)
     except torch.cuda.OutOfMemoryError as e:
         return skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=cand.label, **base)
-    except Exception as e:  # a configuration the compiler refuses (shared memory, registers, ...)
+    except Exception as e:
+        if cand.config is None:  # the kernel's own choice must run: a failure here is a bug, not a skip
+            return make_row(env, status="error", note=describe_exception(e), backend=cand.label, **base)
+        # a configuration the compiler refuses (shared memory, registers, ...)
         return skipped_row(env, f"does not run: {describe_exception(e)}", backend=cand.label, **base)
     nbytes, flops = _work(op, case, args, out)
     sec = timing.median_ms * 1e-3

@@ -198,6 +198,7 @@ def test_pipelines_quick(tmp_path):
     for r in pipes:
         assert r["status"] == "ok", f"{r['op']}: {r['status']}: {r['note']}"
         assert r["unet_calls"] and r["unet_calls"] > 0 and r["seconds_per_image"] > 0, r
+        assert r["shape"] == "64x64 px, batch 1", r["shape"]  # the tiny preset's image size
         # one scheduler update per denoising step, its estimated share of the run in (0, 1)
         assert r["scheduler_calls"] == r["unet_calls"], r
         assert 0 < r["scheduler_share"] < 1 and r["scheduler_ms_est"] > 0, r
@@ -234,6 +235,23 @@ def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch)
     best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
     assert set(best) == {"tiny.cross", "odd.hw"} and best["tiny.cross"] != "bad", best
     assert "Best per case" in (tmp_path / "results.md").read_text()
+
+
+def test_tune_default_that_fails_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    """A candidate config the compiler refuses is skipped; the kernel's own choice failing is a bug."""
+    from bench import tune
+
+    real_call = tune._kernel_call
+
+    def call(op, config, args):
+        if config is None:
+            raise RuntimeError("launcher bug")
+        return real_call(op, config, args)
+
+    monkeypatch.setattr(tune, "_kernel_call", call)
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.cross"], tmp_path)
+    (default,) = _rows(data, suite="tune", backend="default")
+    assert rc == 1 and default["status"] == "error" and "launcher bug" in default["note"], default
 
 
 def test_tune_rejects_ops_without_configs(capsys):
