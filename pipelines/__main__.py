@@ -88,6 +88,32 @@ def job_from_args(args) -> dict:
             "params": params}
 
 
+def resolve_device(name: str | None) -> str:
+    """``name`` if this machine has that device (default: cuda if available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:  # a CPU-only torch asserts on "cuda"
+        why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # torch's first sentence
+        raise ValueError(f"--device {name}: not available on this machine (torch {torch.__version__}): {why}") from e
+    return name
+
+
+def open_image(name: str, path: Path):
+    """The image at ``path``, read now: not an image, or a truncated one, is a usage error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--{name} {path}: not a readable image: {e}") from e
+    return image
+
+
 def load_model(spec: dict):
     import torch
 
@@ -107,24 +133,23 @@ def _next_index(out: Path) -> int:
 def run_job(job: dict, out: Path, *, progress: bool = True) -> list[Path]:
     """Run ``job``, write ``NNNN-<command>-s<seed>.png`` + ``.json`` per image; return the PNG paths."""
     import torch
-    from PIL import Image
 
     import kernels
     import pipelines
 
-    if job["model"]["device"] is None:
-        job["model"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    job["model"]["device"] = resolve_device(job["model"]["device"])
+    images = {}
     for name, inp in job["inputs"].items():
         path = Path(inp["path"])
         if not path.is_file():
             raise FileNotFoundError(f"--{name} {path}: no such file")
         if inp.get("sha256") and sha256(path) != inp["sha256"]:
             raise ValueError(f"--{name} {path} changed since the sidecar was written (sha256 differs)")
+        images[name] = open_image(name, path)
     model = load_model(job["model"])
     fn = getattr(pipelines, job["command"])
     accepted = set(inspect.signature(fn).parameters)
     kwargs = {k: v for k, v in job["params"].items() if k in accepted}
-    images = {k: Image.open(v["path"]) for k, v in job["inputs"].items()}
     positional = [images[k] for k in ("image", "mask") if k in images]
     with kernel_scope(job["kernels"]):
         describe = kernels.describe(model.device)

@@ -20,6 +20,7 @@ Conventions (the public API documents them once, here):
 """
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -296,8 +297,8 @@ def make_sampler(model, sampler: str | None, eta: float | None):
     check_choice("sampler", name, SAMPLERS)
     if eta is not None and name != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only (sampler is {name!r})")
-    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0):
-        raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf):
+        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
     overrides = {"eta": float(eta)} if eta is not None else {}
     sched = make_scheduler(name, model.config.scheduler, **overrides)
     return sched, name, (sched.options.get("eta") if name == "ddim" else None)
@@ -429,13 +430,15 @@ class Setup:
 def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: float = 7.5, steps: int = 50,
           sampler: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
           batch_size: int = 1, clip_skip: int | None = None, eta: float | None = None,
-          latents: torch.Tensor | None = None, unet_channels: int | None = 4) -> Setup:
-    """Check the options every pipeline takes, make the generator and sampler, encode the prompt."""
+          latents: torch.Tensor | None = None, unet_channels: int | None = 4, own_levels: bool = False) -> Setup:
+    """Check the options every pipeline takes, make the generator and the sampler with its ``steps``
+    timesteps set (``own_levels``: not set, the caller steps between its own levels with ``prev_t``,
+    as RePaint), encode the prompt."""
     prompts = as_prompts(prompt)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
-        raise ValueError(f"cfg_scale must be a number (guidance is on when > 1), got {cfg_scale!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number (guidance is on when > 1), got {cfg_scale!r}")
     if clip_skip is not None:
         check_int("clip_skip", clip_skip, 1)
     in_ch = model.config.unet.in_channels
@@ -447,6 +450,8 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     sched, sampler, eta = make_sampler(model, sampler, eta)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the {sched.config.num_train_timesteps} training timesteps")
+    if not own_levels:
+        sched.set_timesteps(steps)  # a ValueError for schedules that leave [0, T) (e.g. 1000 leading steps)
     generator, seed = make_generator(seed, generator, device)
     context = encode_prompt(model, prompts, negative_prompt, batch_size, cfg_scale > 1.0, clip_skip)
     params = dict(pipeline=pipeline, model=model.config.name, prompt=prompt if isinstance(prompt, str) else prompts,

@@ -31,7 +31,6 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
               latents=latents)
     pixels, (height, width) = load_image(model, image, height, width, resize)
-    s.sched.set_timesteps(steps)
     timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
     z0 = expand_batch(encode_image(model, pixels, s.generator), len(s.prompts), s.batch_size)
     x = z0

@@ -94,7 +94,7 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
         raise TypeError(f"paste_back must be a bool, got {paste_back!r}")
     s = setup(model, prompt, pipeline="inpaint", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents, unet_channels=None)
+              latents=latents, unet_channels=None, own_levels=variant == "repaint")
     pixels, (height, width) = load_image(model, image, height, width, resize)
     mask_px = mask_to_tensor(mask, (height, width), pixels.shape[0], resize)
     n = max(pixels.shape[0], mask_px.shape[0])
@@ -103,7 +103,6 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     def batched(t: torch.Tensor) -> torch.Tensor:
         return expand_batch(t.to(device=s.device, dtype=s.dtype), len(s.prompts), s.batch_size)
 
-    s.sched.set_timesteps(steps)
     T = s.sched.config.num_train_timesteps
     if variant == "repaint":
         plan = repaint_plan(steps, jump_length, jump_n_sample, T, strength)

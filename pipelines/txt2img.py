@@ -33,7 +33,6 @@ def txt2img(model, prompt, *, negative_prompt=None, cfg_scale: float = 7.5, step
     size = model.config.image_size
     height, width = fit_size(size if height is None else height, size if width is None else width,
                              size_multiple(model.config), resize)
-    s.sched.set_timesteps(steps)
     x = initial_noise(latents, s.latent_shape(height, width), s.generator, s.device, s.dtype)
     x = x * s.sched.init_noise_sigma
     x, calls = denoise(model, s.sched, x, s.context, plain_plan(s.sched.timesteps.tolist()), cfg_scale=s.cfg_scale,

@@ -10,8 +10,11 @@ Architecture detection from weight shapes lives in :mod:`sdcore.detect`.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
+import reprlib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,6 +45,38 @@ _SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerAncestralDi
 _SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                      "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
                      "set_alpha_to_one")
+# A field a scheduler_config.json leaves out takes its class's __init__ default, as in diffusers'
+# from_config (diffusers 0.42 sources). Fields a class lacks (clip_sample for the sigma samplers, ...)
+# do not change its schedule and keep SchedulerConfig's (SD's) values.
+_DIFFUSERS_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                           prediction_type="epsilon", steps_offset=0)
+_LEADING = dict(timestep_spacing="leading")
+_LINSPACE = dict(timestep_spacing="linspace")
+_CLASS_DEFAULTS = {
+    "DDIMScheduler": dict(_LEADING, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True),
+    "DDPMScheduler": dict(_LEADING, clip_sample=True, clip_sample_range=1.0),
+    "PNDMScheduler": dict(_LEADING, set_alpha_to_one=False),
+    "EulerAncestralDiscreteScheduler": _LINSPACE, "EulerDiscreteScheduler": _LINSPACE,
+    "DPMSolverMultistepScheduler": _LINSPACE, "LMSDiscreteScheduler": _LINSPACE,
+    "UniPCMultistepScheduler": _LINSPACE, "DEISMultistepScheduler": _LINSPACE,
+    "HeunDiscreteScheduler": dict(_LINSPACE, beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                  clip_sample_range=1.0),
+    "KDPM2DiscreteScheduler": dict(_LINSPACE, beta_start=0.00085, beta_end=0.012),
+    "KDPM2AncestralDiscreteScheduler": dict(_LINSPACE, beta_start=0.00085, beta_end=0.012),
+}
+# Keys beyond what sdcore implements, at the one value it does implement. The noise schedule's
+# (every class) define what the model was trained for: another value is an error. The samplers'
+# options (how one samples; a pipeline may pick another sampler anyway) are ignored with a warning.
+_SCHEDULE_IMPLEMENTED = {"trained_betas": None, "rescale_betas_zero_snr": False}
+_SAMPLER_IMPLEMENTED = {
+    "*": {"thresholding": False},  # every class
+    "DDPMScheduler": {"variance_type": "fixed_small"},
+    "DPMSolverMultistepScheduler": {
+        "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "final_sigmas_type": "zero",
+        "euler_at_final": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
+        "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False},
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -56,6 +91,16 @@ def _convert(name: str):
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _floating(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` if every tensor is floating point, as every SD weight is: an integer one (a quantised
+    or broken export) would otherwise be adopted as is and fail, or mislead, at sampling time."""
+    bad = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{path}: non-floating tensors where the model has floating-point weights: "
+                              f"{_summary(bad)}")
+    return state
 
 
 # ------------------------------------------------------------------------------------- tensor files
@@ -184,7 +229,7 @@ class SingleFile:
         return dict(self.file.shapes)
 
     def read(self, keys, dtype, device) -> dict[str, torch.Tensor]:
-        return {k: self.file.read(k, dtype, device) for k in keys}
+        return _floating({k: self.file.read(k, dtype, device) for k in keys}, self.path)
 
 
 class DiffusersFolder:
@@ -232,9 +277,10 @@ class DiffusersFolder:
 
     def read(self, keys, dtype, device) -> dict[str, torch.Tensor]:
         out = {}
-        for comp, f in self.files.items():
-            out.update(self._ldm(comp, {k: f.read(k, dtype, device) for k in f.shapes}))
-        return {k: v for k, v in out.items() if k in keys}
+        for comp, f in self.files.items():  # transformers' int64 position_ids are read, then dropped
+            ldm = self._ldm(comp, {k: f.read(k, dtype, device) for k in f.shapes})
+            out.update(_floating({k: v for k, v in ldm.items() if k in keys}, f.path))
+        return out
 
 
 def open_checkpoint(path) -> SingleFile | DiffusersFolder:
@@ -248,17 +294,44 @@ def open_checkpoint(path) -> SingleFile | DiffusersFolder:
 
 
 def scheduler_from_diffusers(path: Path) -> SchedulerConfig:
-    """A diffusers ``scheduler_config.json`` as SchedulerConfig; absent fields keep our defaults, and
-    ``sampler`` follows ``_class_name`` where sdcore has that sampler."""
+    """A diffusers ``scheduler_config.json`` as SchedulerConfig, the schedule diffusers builds from it:
+    absent fields take the ``_class_name`` class's defaults, and ``sampler`` follows the class where
+    sdcore has that sampler. CheckpointError for unreadable JSON, invalid values or a noise schedule
+    sdcore does not implement (``trained_betas``, ``rescale_betas_zero_snr``); a warning for an
+    unknown class or a sampler option it does not implement (``use_karras_sigmas``, ...)."""
+    from .schedulers import check_config
+
     if not path.is_file():
         return SchedulerConfig()
-    raw = json.loads(path.read_text())
-    fields = {f: raw[f] for f in _SCHEDULER_FIELDS if raw.get(f) is not None}
-    if "beta_schedule" in fields:
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object of scheduler fields")
+    cls = raw.get("_class_name")
+    if not isinstance(cls, str) or cls not in _CLASS_DEFAULTS:
+        warnings.warn(f"{path}: _class_name {cls!r} is not a scheduler class whose defaults sdcore knows "
+                      f"({', '.join(_CLASS_DEFAULTS)}); absent fields take diffusers' common defaults",
+                      stacklevel=4)
+    for key, value in _SCHEDULE_IMPLEMENTED.items():
+        if raw.get(key, value) != value:
+            raise CheckpointError(f"{path}: {key}={reprlib.repr(raw[key])} changes the noise schedule, which "
+                                  f"sdcore does not implement; remove the key or set it to {json.dumps(value)}")
+    for key, value in {**_SAMPLER_IMPLEMENTED["*"], **_SAMPLER_IMPLEMENTED.get(cls, {})}.items():
+        if raw.get(key, value) != value:
+            warnings.warn(f"{path}: {key}={reprlib.repr(raw[key])} is a {cls} option sdcore's samplers do not "
+                          f"implement; ignored (sampling uses {json.dumps(value)})", stacklevel=4)
+    given = {f: raw[f] for f in _SCHEDULER_FIELDS if raw.get(f) is not None}
+    fields = {**_DIFFUSERS_DEFAULTS, **_CLASS_DEFAULTS.get(cls, {}), **given}
+    if isinstance(fields["beta_schedule"], str):
         fields["beta_schedule"] = _BETA_SCHEDULES.get(fields["beta_schedule"], fields["beta_schedule"])
-    if raw.get("_class_name") in _SAMPLERS:
-        fields["sampler"] = _SAMPLERS[raw["_class_name"]]
-    return SchedulerConfig(**fields)
+    config = SchedulerConfig(**fields, **({"sampler": _SAMPLERS[cls]} if cls in _SAMPLERS else {}))
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return config
 
 
 # ------------------------------------------------------------------------------------------ writing

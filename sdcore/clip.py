@@ -32,6 +32,8 @@ from torch import nn
 from .config import TextEncoderConfig
 from .layers import multi_head_attention
 
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (Radford et al. 2021 §2.5), OpenCLIP's too
+
 __all__ = ["TextEncoder", "TextEncoderOutput", "causal_self_attention", "activation"]
 
 
@@ -199,7 +201,7 @@ class OpenCLIPText(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         if cfg.projection_dim > 0:
             self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # image-text logits only
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))  # image-text logits only
 
     def embed(self, ids):
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]

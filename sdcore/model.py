@@ -27,6 +27,7 @@ from torch import nn
 
 from . import checkpoint
 from .checkpoint import FLOAT_DTYPES, CheckpointError
+from .clip import LOGIT_SCALE_INIT
 from .config import SDConfig
 
 
@@ -209,11 +210,14 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     model = StableDiffusion.skeleton(config, tokenizer)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shapes = checkpoint.drop_extras(source.shapes(), expected)
-    # Persistent buffers some exporters leave out (e.g. position_ids) keep their built values.
-    buffers = {k for k, v in model.state_dict().items() if v.device.type != "meta"}
-    optional = {k for k in buffers if k.endswith(checkpoint.OPTIONAL_KEYS) and k not in shapes}
+    # Optional keys some exporters leave out: buffers (e.g. position_ids) keep their built values; a
+    # missing logit_scale (image-text logits only, unused by SD) takes CLIP's initial value.
+    optional = {k for k in expected if k.endswith(checkpoint.OPTIONAL_KEYS) and k not in shapes}
     checkpoint.check_state_dict({k: v for k, v in expected.items() if k not in optional}, shapes, source.path)
-    return model._adopt(source.read(shapes.keys(), dtype, device), dtype, device)
+    state = source.read(shapes.keys(), dtype, device)
+    state.update({k: torch.tensor(LOGIT_SCALE_INIT, dtype=dtype, device=device) for k in optional
+                  if k.endswith("logit_scale")})
+    return model._adopt(state, dtype, device)
 
 
 __all__ = ["CheckpointError", "StableDiffusion", "load"]

@@ -45,6 +45,25 @@ def _check_choice(what: str, value, valid) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
+def check_config(c: SchedulerConfig) -> None:
+    """Every field of ``c`` valid, or a ValueError naming the field and its value."""
+    _check_choice("beta_schedule", c.beta_schedule, BETA_SCHEDULES + tuple(_BETA_ALIASES))
+    _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
+    _check_choice("timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
+    _check_choice("sampler", c.sampler, tuple(SCHEDULERS))
+    for name, lo in (("num_train_timesteps", 1), ("steps_offset", 0)):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    for name, hi in (("beta_start", 1), ("beta_end", 1), ("clip_sample_range", math.inf)):  # β in (0, 1): ᾱ_t > 0
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < hi:
+            raise ValueError(f"{name} must be a number in (0, {hi}), got {v!r}")
+    for name in ("clip_sample", "set_alpha_to_one"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure math
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +191,7 @@ class Scheduler:
                 raise ValueError(f"{self.name}: unknown option {key!r}; valid: {', '.join(self.OPTIONS) or 'none'}")
         self.options = {**self.OPTIONS, **options}
         self.config = config
-        _check_choice("beta schedule", _BETA_ALIASES.get(config.beta_schedule, config.beta_schedule), BETA_SCHEDULES)
-        _check_choice("prediction type", config.prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_config(config)
         self.betas = make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self._ac = self.alphas_cumprod.numpy()  # float32, host
@@ -188,12 +205,22 @@ class Scheduler:
             raise ValueError(f"num_inference_steps={num_inference_steps} > num_train_timesteps={T}")
         c = self.config
         ts = spaced_timesteps(num_inference_steps, T, c.timestep_spacing, c.steps_offset)
-        self.num_inference_steps = num_inference_steps
         self._set(torch.from_numpy(ts.astype(np.int64)))
+        self.num_inference_steps = num_inference_steps
 
     def _set(self, timesteps: torch.Tensor) -> None:
-        self.timesteps = timesteps
-        self._ts = timesteps.tolist()
+        """Adopt ``timesteps`` if they strictly decrease within [0, T): leading spacing can leave the
+        range (steps_offset=1, n = T gives t = T) and DPM++'s n + 1 points can repeat (n >= T/2)."""
+        c, T = self.config, self.config.num_train_timesteps
+        ts = timesteps.tolist()
+        bad = [t for t in ts if not 0 <= t < T]
+        why = (f"timesteps outside [0, {T}): {bad[:3]}" if bad else
+               "repeated timesteps" if any(a <= b for a, b in zip(ts, ts[1:])) else None)
+        if why:
+            raise ValueError(f"{self.name}: steps={len(ts)} with timestep_spacing={c.timestep_spacing!r} "
+                             f"and steps_offset={c.steps_offset} gives {why} (num_train_timesteps={T}); use fewer "
+                             "steps or timestep_spacing='trailing'")
+        self.timesteps, self._ts = timesteps, ts
         self._index = {t: i for i, t in enumerate(self._ts)}  # 999 and 999.0 hash alike
 
     def _alpha_bar(self, t: int):
@@ -235,14 +262,16 @@ class Scheduler:
              generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
              return_x0: bool = True) -> SchedulerOutput:
-        """x_t -> x_{prev_t}. ``t`` is a host value from ``self.timesteps`` (int / float / CPU tensor).
+        """x_t -> x_{prev_t}. ``t`` is a host value from ``self.timesteps`` (int / float / CPU tensor);
+        with an explicit ``prev_t`` (ddpm / ddim) any training timestep, no ``set_timesteps`` needed.
 
         CFG: with ``model_output_uncond``, out = uncond + guidance_scale·(cond - uncond).
         Noise: ``noise`` if given, else drawn from ``generator`` (only on steps that use noise, the
         same steps diffusers draws on). RePaint blend: prev = mask·known + (1-mask)·prev, mask = 1 on
         the KNOWN region. ``return_x0=False`` skips writing x0 (one tensor less of traffic).
         """
-        self._require_timesteps()
+        if prev_t is None:
+            self._require_timesteps()
         if noise is not None and generator is not None:
             raise ValueError("pass either noise or generator, not both")
         t = _host(t)

@@ -6,7 +6,9 @@ meta device, to check the detection rules on their shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import warnings
 
@@ -16,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdcore
-from sdcore import SDConfig, StableDiffusion
+from sdcore import SDConfig, StableDiffusion, checkpoint
 from sdcore.checkpoint import CheckpointError, detect_config
 from numerics import assert_close
 
@@ -254,6 +256,89 @@ def test_scheduler_config_from_diffusers(saved, tmp_path):
     assert sdcore.load(tmp_path / "again").config.scheduler == s
 
 
+def _with_scheduler_config(saved, tmp_path, raw):
+    """A copy of the tiny diffusers folder whose scheduler_config.json is ``raw`` (a str: as is; a dict:
+    merged over the folder's own)."""
+    folder = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(raw if isinstance(raw, str) else json.dumps({**json.loads(path.read_text()), **raw}))
+    return folder
+
+
+@pytest.mark.parametrize("cls", sorted(checkpoint._CLASS_DEFAULTS))
+def test_scheduler_config_absent_fields_take_the_diffusers_class_defaults(tmp_path, cls):
+    """Only ``_class_name`` given: every field is that class's default in diffusers, and the samplers'
+    timesteps, ᾱ and initial σ are diffusers'. diffusers' own full save_config loads the same."""
+    diffusers = pytest.importorskip("diffusers")
+    try:
+        ref = getattr(diffusers, cls).from_config({"_class_name": cls})
+    except ImportError as e:  # LMSDiscreteScheduler needs scipy
+        pytest.skip(str(e))
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"_class_name": cls}))
+    ours = checkpoint.scheduler_from_diffusers(path)
+    for f in dataclasses.fields(ours):
+        if f.name in ref.config:
+            want = {"squaredcos_cap_v2": "cosine"}.get(ref.config[f.name], ref.config[f.name])
+            assert getattr(ours, f.name) == want, f"{cls}.{f.name}: ours {getattr(ours, f.name)!r}, diffusers {want!r}"
+    ref.save_config(tmp_path / "full")
+    full = checkpoint.scheduler_from_diffusers(tmp_path / "full" / "scheduler_config.json")
+    assert full == ours, f"{cls}: diffusers' full config {full} != its defaults {ours}"
+    if cls in checkpoint._SAMPLERS:
+        s = sdcore_schedulers().make_scheduler(None, ours)
+        s.set_timesteps(7)
+        ref.set_timesteps(7)
+        assert torch.equal(s.alphas_cumprod, ref.alphas_cumprod), f"{cls}: alphas_cumprod differ"
+        assert torch.equal(s.timesteps, ref.timesteps.to(s.timesteps.dtype)), \
+            f"{cls}: timesteps {s.timesteps.tolist()} != diffusers {ref.timesteps.tolist()}"
+        assert s.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6), f"{cls}: init_noise_sigma"
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"trained_betas": [0.01] * 1000}, "trained_betas"),
+    ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "rescale_betas_zero_snr"),
+])
+def test_noise_schedules_sdcore_does_not_implement_are_refused(saved, tmp_path, raw, key):
+    """What the model was trained for: loading it with another schedule would be silently wrong."""
+    with pytest.raises(CheckpointError, match=rf"scheduler_config\.json: {key}=.* noise schedule, which sdcore"):
+        sdcore.load(_with_scheduler_config(saved, tmp_path, raw))
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"thresholding": True}, "thresholding=True is a DDIMScheduler option"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "use_karras_sigmas=True is a"),
+    ({"_class_name": "DDPMScheduler", "variance_type": "fixed_large"}, "variance_type='fixed_large' is a"),
+    ({"_class_name": "LCMScheduler"}, "_class_name 'LCMScheduler' is not a scheduler class whose defaults"),
+])
+def test_sampler_options_sdcore_lacks_load_with_a_warning(saved, tmp_path, raw, needle):
+    """How one samples, not what the model is: the weights load, and the warning names the key."""
+    folder = _with_scheduler_config(saved, tmp_path, raw)
+    with pytest.warns(UserWarning, match=needle) as caught:
+        sd = sdcore.load(folder)
+    assert sd.unet is not None
+    assert str(folder / "scheduler" / "scheduler_config.json") in str(caught[0].message)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{not json", "not a readable JSON file"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ({"beta_schedule": "sigmoid"}, "unknown beta_schedule 'sigmoid'"),
+    ({"prediction_type": "flow"}, "unknown prediction_type 'flow'"),
+    ({"clip_sample": "yes"}, "clip_sample must be true or false, got 'yes'"),
+    ({"num_train_timesteps": 1000.5}, "num_train_timesteps must be an integer >= 1, got 1000.5"),
+    ({"steps_offset": -1}, "steps_offset must be an integer >= 0, got -1"),
+    ({"beta_end": 2}, "beta_end must be a number in (0, 1), got 2"),
+])
+def test_bad_scheduler_config_fails_at_load(saved, tmp_path, raw, message):
+    folder = _with_scheduler_config(saved, tmp_path, raw)
+    with pytest.raises(CheckpointError) as err:
+        sdcore.load(folder)
+    want = f"{folder / 'scheduler' / 'scheduler_config.json'}: "
+    assert str(err.value).startswith(want) and message in str(err.value), \
+        f"message {str(err.value)!r} lacks {want!r} or {message!r}"
+
+
 # ------------------------------------------------------------------------- diffusers as the oracle
 def _compare_outputs(ours: StableDiffusion, unet, vae, text_encoder):
     g = torch.Generator().manual_seed(0)
@@ -397,6 +482,39 @@ def test_missing_unexpected_and_misshapen_keys(tiny, tmp_path):
     assert f"... ({len(gone)} in all)" in msg
     assert "vae: unexpected keys: decoder.extra.weight (1)" in msg
     assert "model.diffusion_model.middle_block.0.in_layers.2.bias: expected (64,), got (7,)" in msg
+
+
+def test_missing_logit_scale_takes_clips_initial_value(tmp_path):
+    """OPTIONAL_KEYS: a single file without OpenCLIP's logit_scale (unused by SD) loads."""
+    sd2 = StableDiffusion.from_preset("tiny-sd2", seed=0)
+    key = "cond_stage_model.model.logit_scale"
+    state = {k: v for k, v in sd2.state_dict().items() if k != key}
+    assert len(state) == len(sd2.state_dict()) - 1, f"{key} not in the tiny-sd2 state dict"
+    loaded = sdcore.load(_foreign(tmp_path, state), prediction_type="v_prediction")
+    got = loaded.state_dict()
+    assert got[key].item() == pytest.approx(math.log(1 / 0.07)), f"{key} = {got[key].item()}, want ln(1/0.07)"
+    assert_same_weights({k: got[k] for k in state}, state)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_integer_weights_are_refused(tiny, saved, tmp_path, fmt):
+    """An integer tensor where the model has a float weight: an error naming file, key and dtype."""
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"  # diffusers: down_blocks.0.resnets.0.conv1
+    if fmt == "safetensors":
+        path = file = _foreign(tmp_path, {**tiny.state_dict(), key: (tiny.state_dict()[key] * 100).to(torch.int8)})
+        dtype = "torch.int8"
+    else:
+        path = tmp_path / "d"
+        shutil.copytree(saved["diffusers"], path)
+        file = path / "unet" / "diffusion_pytorch_model.safetensors"
+        unet = load_file(str(file))
+        unet["down_blocks.0.resnets.0.conv1.weight"] = unet["down_blocks.0.resnets.0.conv1.weight"].to(torch.int32)
+        save_file(unet, str(file))
+        dtype = "torch.int32"
+    with pytest.raises(CheckpointError) as err:
+        sdcore.load(path, dtype=torch.float16)
+    want = (f"{file}: non-floating tensors", f"{key} ({dtype})")
+    assert all(w in str(err.value) for w in want), f"message {str(err.value)!r} lacks {want}"
 
 
 def test_broken_diffusers_folder(saved, tmp_path):

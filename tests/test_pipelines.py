@@ -318,6 +318,18 @@ def _errors(tiny, tiny9, image, mask):
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
         "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
         "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
+        "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (guidance is on "
+                                                             "when > 1), got nan"),
+        "cfg_scale inf": (lambda: t(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+        "eta nan": (lambda: t(eta=float("nan")), "eta must be a finite number >= 0"),
+        # SD's leading spacing with steps_offset=1 puts t = 1000 outside the 1000 training timesteps
+        "1000 ddim steps": (lambda: t(steps=1000, sampler="ddim"), "ddim: steps=1000 with timestep_spacing='leading' "
+                            "and steps_offset=1 gives timesteps outside [0, 1000): [1000] (num_train_timesteps=1000); "
+                            "use fewer steps or timestep_spacing='trailing'"),
+        "1000 ddpm steps img2img": (lambda: pipelines.img2img(tiny, image, "a", steps=1000, sampler="ddpm"),
+                                    "ddpm: steps=1000 with timestep_spacing='leading'"),
+        "1000 blend steps": (lambda: pipelines.inpaint(tiny, image, mask, "a", variant="blend", steps=1000),
+                             "steps=1000 with timestep_spacing='leading'"),
     }
 
 
@@ -371,6 +383,13 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again[0])))
 
 
+def test_repaint_runs_where_set_timesteps_refuses(tiny, image, mask):
+    """RePaint steps between its own levels (prev_t), so steps=1000 works with leading spacing."""
+    r = pipelines.inpaint(tiny, image, mask, "a", steps=1000, strength=0.002, jump_n_sample=1, sampler="ddim",
+                          cfg_scale=1.0, seed=0)
+    assert r.unet_calls == 2 and torch.isfinite(r.latents).all(), (r.unet_calls, r.latents.abs().max())
+
+
 def test_cli_errors_are_clean(tmp_path, capsys):
     from pipelines.__main__ import main
 
@@ -380,3 +399,20 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["txt2img", "--preset", "tiny", "--kernels", "attention=nope", "--out", str(tmp_path)])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
+    (tmp_path / "notimg.png").write_bytes(b"not an image")
+    (tmp_path / "mask.png").write_bytes(b"")
+    bad = {
+        "image": (["img2img", "--image", str(tmp_path / "notimg.png")], f"--image {tmp_path / 'notimg.png'}: not a "
+                  "readable image: cannot identify image file"),
+        "device": (["txt2img", "--device", "gpu"], "--device gpu: not available on this machine"),
+        "cfg nan": (["txt2img", "--cfg-scale", "nan"], "cfg_scale must be a finite number"),
+        "1000 steps": (["txt2img", "--steps", "1000", "--sampler", "ddpm"], "steps=1000 with timestep_spacing="),
+    }
+    if not torch.cuda.is_available():
+        bad["no cuda"] = (["txt2img", "--device", "cuda"], "--device cuda: not available on this machine")
+    for case, (args, message) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            main(args[:1] + ["--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path)] + args[1:])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, \
+            f"{case}: exit {e.value.code}, stderr {err!r} lacks {message!r}"

@@ -110,13 +110,21 @@ def test_sample_prediction_and_clipping(name, opts):
     run_against_diffusers(name, cfg, steps=20, **opts)
 
 
-@pytest.mark.parametrize("steps", [1, 7, 1000])  # 1 step; T % n != 0; every training step (plain DDPM)
+@pytest.mark.parametrize("steps", [1, 7, 999, 1000])  # 1 step; T % n != 0; every training step (plain DDPM)
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a", "dpmpp_2m"])
 def test_timesteps_match_diffusers(name, steps):
+    """Where diffusers' timesteps leave [0, T) (leading, steps_offset=1: t = 1000, which its DDIM/DDPM
+    cannot index) or repeat (DPM-Solver's n + 1 points), ours refuse with a ValueError instead."""
     for spacing in SPACINGS:
         cfg = SchedulerConfig(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
         ref, ours = diffusers_scheduler(name, cfg), make_scheduler(name, cfg)
         ref.set_timesteps(steps)
+        ts = ref.timesteps.tolist()
+        if max(ts) >= cfg.num_train_timesteps or len(set(ts)) < len(ts):
+            with pytest.raises(ValueError, match=rf"steps={steps} with timestep_spacing='{spacing}' and steps_offset="
+                                                 rf"{cfg.steps_offset} gives .*num_train_timesteps=1000.*trailing"):
+                ours.set_timesteps(steps)
+            continue
         ours.set_timesteps(steps)
         assert ours.timesteps.device.type == "cpu"
         assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype)), (spacing, ours.timesteps, ref.timesteps)
@@ -191,6 +199,17 @@ def test_repaint_loop_with_explicit_prev_t(name):
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_explicit_prev_t_needs_no_set_timesteps(name):
+    """RePaint steps between its own levels: set_timesteps (which refuses 1000 leading steps) is not needed."""
+    fresh, spaced = make_scheduler(name, SchedulerConfig()), make_scheduler(name, SchedulerConfig())
+    spaced.set_timesteps(10)
+    x, out, noise = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    a = fresh.step(out, 999, x, prev_t=998, noise=noise).prev_sample
+    b = spaced.step(out, 999, x, prev_t=998, noise=noise).prev_sample
+    assert torch.equal(a, b), f"{name}: max |a - b| = {(a - b).abs().max()}"
+
+
 def test_respaced_ddpm_explicit_prev_t_matches_default():
     s = make_scheduler("ddpm", SchedulerConfig())
     s.set_timesteps(10)
@@ -231,6 +250,16 @@ def test_errors_name_the_valid_values():
         for bad in (0, -3):
             with pytest.raises(ValueError, match=">= 1"):
                 s.set_timesteps(bad)
+    for field, value, message in [("clip_sample", "yes", "clip_sample must be true or false, got 'yes'"),
+                                  ("set_alpha_to_one", 1, "set_alpha_to_one must be true or false"),
+                                  ("steps_offset", -1, "steps_offset must be an integer >= 0, got -1"),
+                                  ("num_train_timesteps", 1000.0, "num_train_timesteps must be an integer >= 1"),
+                                  ("beta_start", float("nan"), "beta_start must be a number in (0, 1), got nan"),
+                                  ("beta_end", 1.0, "beta_end must be a number in (0, 1), got 1.0"),
+                                  ("clip_sample_range", 0, "clip_sample_range must be a number in (0, inf)")]:
+        with pytest.raises(ValueError) as e:
+            make_scheduler("ddim", cfg, **{field: value})
+        assert message in str(e.value), f"{field}={value!r}: message {str(e.value)!r} lacks {message!r}"
     with pytest.raises(ValueError, match="prev_t"):
         s = make_scheduler("euler_a", cfg)
         s.set_timesteps(5)

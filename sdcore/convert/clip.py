@@ -31,11 +31,11 @@ ln(1/0.07)). Without them :func:`config_from_diffusers` gives
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 
+from ..clip import LOGIT_SCALE_INIT
 from ..config import TextEncoderConfig
 
 __all__ = ["diffusers_to_ldm", "ldm_to_diffusers", "config_from_diffusers", "config_to_diffusers",
@@ -175,7 +175,7 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dic
     if _OC + "text_projection" in out and _OC + "logit_scale" not in out:
         # CLIPTextModelWithProjection has no logit_scale (it scales image-text logits only, nothing
         # in SD reads it): a placeholder, OpenCLIP's initial value ln(1/0.07), keeps strict loading.
-        out[_OC + "logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=out[_OC + "text_projection"].dtype)
+        out[_OC + "logit_scale"] = torch.tensor(LOGIT_SCALE_INIT, dtype=out[_OC + "text_projection"].dtype)
     return out
 
 
