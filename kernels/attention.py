@@ -674,8 +674,14 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
         return f"head dim {d} is not a multiple of 8 in [8, 256]"
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
+    return _scale_problem(scale)
+
+
+def _scale_problem(scale) -> str | None:
+    """Why the kernel cannot take ``scale``, or None: it takes the row max before scaling (so the
+    scale must be positive) and masks scores with -inf (-inf * 0 is NaN)."""
     if scale is not None and not scale > 0:
-        return f"scale {scale} is not > 0 (the kernel takes the row max before scaling, and masks with -inf)"
+        return f"scale {scale} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
     return None
 
 
@@ -687,9 +693,8 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel.
     Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated."""
     configs = _per_kernel(config)
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale {scale} is not > 0: the kernel takes the row max before scaling, and a "
-                         f"masked score (-inf) times 0 is NaN")
+    if _scale_problem(scale):
+        raise ValueError(_scale_problem(scale))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
         if grad:
