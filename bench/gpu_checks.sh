@@ -13,7 +13,7 @@
 # tune is the longest stage (~35 configurations per SD 1.5 512-px shape, each compiled once, not
 # yet timed on a GPU); give each stage its own call where device time is metered per call.
 # tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
-# levels, where offline sm_90 compiles show the table's 4 warps spilling at head dims 80 and 160.
+# levels; offline sm_90 compiles showed 4 warps spilling at head dims 80 and 160 (now 8 warps there).
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
 # PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail

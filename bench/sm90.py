@@ -6,7 +6,7 @@ shared memory, and the SASS instruction mix (e.g. whether tile loads became 16-b
 cp.async copies or 2-byte ``LDG`` loads). It catches what the interpreter cannot: a kernel that
 does not compile for sm_90, register spills, or lost vectorisation. Speed still needs a GPU.
 
-    python -m bench.sm90                     # the SD 1.5 shapes of every kernel, one line each
+    python -m bench.sm90                     # every kernel (forward and backward) at SD 1.5 shapes
 
 Uses Triton internals (the JIT binder, ``ASTSource``); written against Triton 3.9, it raises
 :class:`Unavailable` where they differ.
@@ -140,11 +140,14 @@ def sd15_calls():
     """(label, module, kernel names, thunk) for SD 1.5 shapes at 512 px, batch 2, fp16."""
     import torch
 
-    def attn(b, h, lq, lkv, d):
+    def attn(b, h, lq, lkv, d, dtype=torch.float16, layout="BLHD"):
         def call():
             at = importlib.import_module("kernels.attention")
-            q = torch.empty(b, lq, h, d, dtype=torch.float16).transpose(1, 2)  # the UNet's layout
-            k = torch.empty(b, lkv, h, d, dtype=torch.float16).transpose(1, 2)
+            if layout == "BLHD":  # the UNet's: heads split off the channels of (B, L, H·D)
+                q = torch.empty(b, lq, h, d, dtype=dtype).transpose(1, 2)
+                k = torch.empty(b, lkv, h, d, dtype=dtype).transpose(1, 2)
+            else:
+                q, k = torch.empty(b, h, lq, d, dtype=dtype), torch.empty(b, h, lkv, d, dtype=dtype)
             with torch.no_grad():
                 at.attention_triton(q, k, k)
         return call
@@ -159,7 +162,42 @@ def sd15_calls():
                 gn.group_norm_silu_triton(x, w, w, 32, config=cfg)
         return call
 
+    def attn_bwd(b, h, lq, lkv, d, dtype=torch.float16):
+        def call():
+            at = importlib.import_module("kernels.attention")
+            q, k, v = (torch.empty(b, n, h, d, dtype=dtype).transpose(1, 2).requires_grad_() for n in (lq, lkv, lkv))
+            at.attention_triton(q, k, v).backward(torch.empty(b, h, lq, d, dtype=dtype))  # dO: row stride d
+        return call
+
+    def causal(b, h, n, d):
+        def call():
+            at = importlib.import_module("kernels.attention")
+            q = torch.empty(b, n, h, d, dtype=torch.float16).transpose(1, 2)
+            with torch.no_grad():
+                at.attention_triton(q, q, q, causal=True)
+        return call
+
+    def gn_bwd(shape):
+        def call():
+            gn = importlib.import_module("kernels.group_norm_silu")
+            x = torch.empty(shape, dtype=torch.float16, requires_grad=True)
+            w = torch.empty(shape[1], dtype=torch.float16, requires_grad=True)
+            cfg = gn.launch_config(tuple(shape), 32, torch.float16, gn.H100_SMS)  # the tiling an H100 gets
+            gn.group_norm_silu_triton(x, w, w, 32, config=cfg).backward(torch.empty(shape, dtype=torch.float16))
+        return call
+
+    def step():
+        st = importlib.import_module("kernels.scheduler_step")
+        x = torch.empty(2, 4, 64, 64, dtype=torch.float16)
+        mask = torch.empty(1, 1, 64, 64, dtype=torch.float16)
+        coeffs = st.StepCoefficients(a_x=1.0, a_o=-0.5, clip=1.0, b_x=1.0, b_0=-1.0, b_d=0.5, c0=0.4, c1=0.6,
+                                     c2=0.1, sigma=0.05)  # DDIM, eta > 0, x0 clipped: every term on
+        st.scheduler_step_triton(x, x, coeffs, model_output_uncond=x, guidance_scale=7.5, noise=x, mask=mask,
+                                 known=x, return_x0=True)
+
     gn_kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel")
+    attn_kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    gn_bwd_kernels = (*gn_kernels, "_bwd_reduce_kernel", "_bwd_dx_kernel")
     return [
         ("attention D40 self 4096", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 4096, 40)),
         ("attention D40 cross 77", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 77, 40)),
@@ -167,6 +205,17 @@ def sd15_calls():
         ("attention D160 self 256", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 256, 256, 160)),
         ("group_norm_silu single (2,1280,16,16)", "kernels.group_norm_silu", gn_kernels, gn((2, 1280, 16, 16), True)),
         ("group_norm_silu two-pass (2,320,64,64)", "kernels.group_norm_silu", gn_kernels, gn((2, 320, 64, 64), False)),
+        ("attention D40 self 4096 contiguous (B,H,L,D)", "kernels.attention", ("_attn_fwd_kernel",),
+         attn(2, 8, 4096, 4096, 40, layout="BHLD")),
+        ("attention D40 self 4096 bf16", "kernels.attention", ("_attn_fwd_kernel",),
+         attn(2, 8, 4096, 4096, 40, torch.bfloat16)),
+        ("attention D64 causal 77 (CLIP)", "kernels.attention", ("_attn_fwd_kernel",), causal(2, 12, 77, 64)),
+        ("attention D40 backward 4096", "kernels.attention", attn_kernels, attn_bwd(2, 8, 4096, 4096, 40)),
+        ("attention D40 backward cross 77", "kernels.attention", attn_kernels, attn_bwd(2, 8, 4096, 77, 40)),
+        ("attention D80 backward 1024", "kernels.attention", attn_kernels, attn_bwd(2, 8, 1024, 1024, 80)),
+        ("attention D160 backward 256", "kernels.attention", attn_kernels, attn_bwd(2, 8, 256, 256, 160)),
+        ("group_norm_silu backward (2,320,64,64)", "kernels.group_norm_silu", gn_bwd_kernels, gn_bwd((2, 320, 64, 64))),
+        ("scheduler_step CFG+DDIM+RePaint (2,4,64,64)", "kernels.scheduler_step", ("_scheduler_step_kernel",), step),
     ]
 
 

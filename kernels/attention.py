@@ -41,9 +41,10 @@ time of a call, launch excluded, 11 -> 3 us on CPU); their GPU effect is not yet
 D = 40 an offline sm_90 compile (Triton 3.9's ptxas, no GPU) found the likely cause of the gap:
 the head stride of the UNet's (B, L, H, D) layout is 40 elements, not a multiple of 16, so Triton
 could not prove 16-byte aligned rows and emitted 2-byte loads with no cp.async pipeline (233
-registers), where D = 64 gets 16-byte cp.async. The host-checked alignment hint (_head_ptr) makes
+registers), where D = 64 gets 16-byte cp.async. The host-checked alignment hints (_head_ptr) make
 D = 40 compile like D = 64 (108 registers, 3-stage pipeline, same loop body); also unmeasured on a
-GPU. A contiguous (B, H, L, 40) layout would also need a row-stride hint, which is not given.
+GPU. It covers batch, head and row strides, so a contiguous (B, H, L, 40) layout (row stride 40)
+and the backward's dO compile to 16-byte loads too (`python -m bench.sm90` shows each kernel's).
 """
 from __future__ import annotations
 
@@ -75,9 +76,12 @@ SHORT_KV = 128
 CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "fwd_short_kv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
-    "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 4, 2), 256: (32, 64, 4, 2)},
-    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 4, 2)},
+    "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
+    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
 }
+# The backward rows at 8 warps (dkdv 128 and 256, dq 256) were 4 warps until offline sm_90 compiles
+# (`python -m bench.sm90`, Triton 3.6 and 3.9) showed them spilling 8-160 bytes at 255 registers;
+# at 8 warps they hold 134-200 registers, no spills. Not yet timed against the 4-warp rows.
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
@@ -118,8 +122,12 @@ def _load_tile(
     HEAD_DIM: tl.constexpr,  # cols >= HEAD_DIM read as 0 when MASK_COLS
     MASK_COLS: tl.constexpr,
     MASK_ROWS: tl.constexpr = True,  # False: every row is known to be < n_rows
+    ALIGN: tl.constexpr = 1,  # stride_r is a multiple of ALIGN elements (host-checked; see _head_ptr)
 ):
-    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    row_offsets = rows * stride_r
+    if ALIGN > 1:
+        row_offsets = tl.multiple_of(row_offsets, ALIGN)
+    ptrs = ptr + row_offsets[:, None] + cols[None, :] * stride_c
     if MASK_ROWS:
         mask = rows[:, None] < n_rows
         if MASK_COLS:
@@ -143,11 +151,15 @@ def _store_tile(
     value,  # (R, C) fp32, cast to ptr's dtype here
     HEAD_DIM: tl.constexpr,
     MASK_COLS: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # stride_r is a multiple of ALIGN elements (host-checked; see _head_ptr)
 ):
     mask = rows[:, None] < n_rows
     if MASK_COLS:
         mask = mask & (cols[None, :] < HEAD_DIM)
-    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+    row_offsets = rows * stride_r
+    if ALIGN > 1:
+        row_offsets = tl.multiple_of(row_offsets, ALIGN)
+    tl.store(ptr + row_offsets[:, None] + cols[None, :] * stride_c,
              value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -155,11 +167,14 @@ def _store_tile(
 def _head_ptr(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
     """ptr + b·stride_b + h·stride_h, with the offset declared a multiple of ALIGN elements.
 
-    Triton proves 16-byte alignment only from strides divisible by 16. At D = 40 the UNet's
-    (B, L, H, D) layout has head stride 40, so without the hint every tile load compiles to 2-byte
-    scalar loads with no cp.async pipeline (sm_90 SASS); with it, to 16-byte cp.async as at D = 64.
-    The host passes ALIGN = 16 bytes' worth of elements only after checking the strides (_align);
-    ALIGN = 1 adds no hint (a hint of 1 would hide what Triton proved from the strides itself)."""
+    Triton proves 16-byte alignment only from integers divisible by 16. At D = 40 the UNet's
+    (B, L, H, D) layout has head stride 40, and a contiguous (B, H, L, D) one row stride 40, so
+    without hints every tile load compiles to 2-byte scalar loads with no cp.async pipeline (sm_90
+    SASS); with them, to 16-byte cp.async as at D = 64. This hint covers the batch and head strides,
+    _load_tile's and _store_tile's the row stride. The host passes ALIGN = 16 bytes' worth of
+    elements only after checking the strides (_align); ALIGN = 1 adds no hint (a hint of 1 would
+    hide what Triton proved itself). A hint must sit in the function that computes the value: on
+    a parameter (of a kernel or of a @triton.jit helper such as this) it is silently lost."""
     offset = b * stride_b + h * stride_h
     if ALIGN > 1:
         offset = tl.multiple_of(offset, ALIGN)
@@ -191,13 +206,14 @@ def _attn_fwd_step(
     DOT_PRECISION: tl.constexpr,
     MASK_KEYS: tl.constexpr,  # the block may run past LKV: mask K/V rows and their scores
     CAUSAL: tl.constexpr,
+    ALIGN: tl.constexpr,  # row strides are multiples of this (host-checked)
 ):
     """One FA2 step (Dao 2023, Alg. 1, lines 8-10) over keys [start_n, start_n + BLOCK_N)."""
     rows_n = start_n + offs_n
-    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H, MASK_KEYS)
+    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H, MASK_KEYS, ALIGN=ALIGN)
     s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
     if D_TAIL > 0:
-        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T, MASK_KEYS)
+        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T, MASK_KEYS, ALIGN=ALIGN)
         s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
     if MASK_KEYS:
         s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
@@ -208,10 +224,10 @@ def _attn_fwd_step(
     p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, MASK_KEYS)
+    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, MASK_KEYS, ALIGN=ALIGN)
     acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None], input_precision=DOT_PRECISION)
     if D_TAIL > 0:
-        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T, MASK_KEYS)
+        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T, MASK_KEYS, ALIGN=ALIGN)
         acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
     return acc_h, acc_t, m_new, l_i
 
@@ -240,27 +256,27 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
     STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
-    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
+    ALIGN: tl.constexpr,  # batch, head and row strides of every tensor are multiples of this (host-checked)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
-    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
-    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
-    o_ptr = _head_ptr(o_ptr, b, h, stride_ob, stride_oh, ALIGN_BH)
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN)
+    o_ptr = _head_ptr(o_ptr, b, h, stride_ob, stride_oh, ALIGN)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_h = tl.arange(0, D_HEAD)
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM  # padded columns in the head part (D < 16)
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM  # padded columns in the tail (40 = 32 + 16)
 
-    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
+    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     acc_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
     if D_TAIL > 0:
         cols_t = D_HEAD + tl.arange(0, D_TAIL)
-        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
+        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
         acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
     else:  # placeholders the step passes through untouched (dead code once compiled)
         cols_t = cols_h
@@ -274,24 +290,26 @@ def _attn_fwd_kernel(
             acc_h, acc_t, m_i, l_i = _attn_fwd_step(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
-                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, True)
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, True, ALIGN)
     else:  # full key blocks without masks, then the LKV % BLOCK_N remainder peeled off
         n_full = LKV // BLOCK_N * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             acc_h, acc_t, m_i, l_i = _attn_fwd_step(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
-                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, False, False)
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, False, False, ALIGN)
         if MASK_N:
             acc_h, acc_t, m_i, l_i = _attn_fwd_step(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, n_full, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
-                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, True, False)
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, True, False, ALIGN)
 
     l_inv = 1.0 / l_i
-    _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H)
+    _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H,
+                ALIGN=ALIGN)
     if D_TAIL > 0:
-        _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T)
+        _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T,
+                    ALIGN=ALIGN)
     if STORE_LSE:
         tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
 
@@ -324,18 +342,18 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i
-    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
+    ALIGN: tl.constexpr,  # batch, head and row strides of every tensor are multiples of this (host-checked)
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
-    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
-    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
-    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN_BH)
-    dk_ptr = _head_ptr(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGN_BH)
-    dv_ptr = _head_ptr(dv_ptr, b, h, stride_dvb, stride_dvh, ALIGN_BH)
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN)
+    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN)
+    dk_ptr = _head_ptr(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGN)
+    dv_ptr = _head_ptr(dv_ptr, b, h, stride_dvb, stride_dvh, ALIGN)
     lse_ptr += pid_bh * LQ
     delta_ptr += pid_bh * LQ
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -344,26 +362,26 @@ def _attn_bwd_dkdv_kernel(
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
 
-    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
-    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
+    k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+    v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     dk_h = tl.zeros((BLOCK_N, D_HEAD), dtype=tl.float32)
     dv_h = tl.zeros((BLOCK_N, D_HEAD), dtype=tl.float32)
     if D_TAIL > 0:
         cols_t = D_HEAD + tl.arange(0, D_TAIL)
-        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
-        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
+        k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+        v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T, ALIGN=ALIGN)
         dk_t = tl.zeros((BLOCK_N, D_TAIL), dtype=tl.float32)
         dv_t = tl.zeros((BLOCK_N, D_TAIL), dtype=tl.float32)
 
     for start_m in range(0, LQ, BLOCK_M):
         rows_m = start_m + offs_m
-        q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
-        do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H)
+        q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+        do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
         s_t = tl.dot(k_h, tl.trans(q_h), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = sᵀ
         dp_t = tl.dot(v_h, tl.trans(do_h), input_precision=DOT_PRECISION)  # dPᵀ
         if D_TAIL > 0:
-            q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
-            do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T)
+            q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+            do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
             s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
         # padded queries: lse = +inf makes their p exactly 0 (and do = 0 makes their dP 0)
@@ -381,11 +399,11 @@ def _attn_bwd_dkdv_kernel(
             dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t, input_precision=DOT_PRECISION)
             dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
 
-    _store_tile(dk_ptr, rows_n, cols_h, stride_dkn, stride_dkd, LKV, dk_h * scale, HEAD_DIM, MASK_H)
-    _store_tile(dv_ptr, rows_n, cols_h, stride_dvn, stride_dvd, LKV, dv_h, HEAD_DIM, MASK_H)
+    _store_tile(dk_ptr, rows_n, cols_h, stride_dkn, stride_dkd, LKV, dk_h * scale, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+    _store_tile(dv_ptr, rows_n, cols_h, stride_dvn, stride_dvd, LKV, dv_h, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     if D_TAIL > 0:
-        _store_tile(dk_ptr, rows_n, cols_t, stride_dkn, stride_dkd, LKV, dk_t * scale, HEAD_DIM, MASK_T)
-        _store_tile(dv_ptr, rows_n, cols_t, stride_dvn, stride_dvd, LKV, dv_t, HEAD_DIM, MASK_T)
+        _store_tile(dk_ptr, rows_n, cols_t, stride_dkn, stride_dkd, LKV, dk_t * scale, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+        _store_tile(dv_ptr, rows_n, cols_t, stride_dvn, stride_dvd, LKV, dv_t, HEAD_DIM, MASK_T, ALIGN=ALIGN)
 
 
 @triton.jit
@@ -415,43 +433,43 @@ def _attn_bwd_dq_kernel(
     MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
-    ALIGN_BH: tl.constexpr,  # batch and head strides of every tensor are multiples of this (host-checked)
+    ALIGN: tl.constexpr,  # batch, head and row strides of every tensor are multiples of this (host-checked)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN_BH)
-    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN_BH)
-    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN_BH)
-    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN_BH)
-    dq_ptr = _head_ptr(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGN_BH)
+    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN)
+    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN)
+    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN)
+    do_ptr = _head_ptr(do_ptr, b, h, stride_dob, stride_doh, ALIGN)
+    dq_ptr = _head_ptr(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGN)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_h = tl.arange(0, D_HEAD)
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
 
-    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H)
-    do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H)
+    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+    do_h = _load_tile(do_ptr, rows_m, cols_h, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     dq_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
     if D_TAIL > 0:
         cols_t = D_HEAD + tl.arange(0, D_TAIL)
-        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T)
-        do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T)
+        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+        do_t = _load_tile(do_ptr, rows_m, cols_t, stride_dom, stride_dod, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
         dq_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
     lse = tl.load(lse_ptr + pid_bh * LQ + rows_m, mask=rows_m < LQ, other=0.0)
     delta = tl.load(delta_ptr + pid_bh * LQ + rows_m, mask=rows_m < LQ, other=0.0)
 
     for start_n in range(0, LKV, BLOCK_N):
         rows_n = start_n + offs_n
-        k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H)
-        v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H)
+        k_h = _load_tile(k_ptr, rows_n, cols_h, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+        v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, ALIGN=ALIGN)
         s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
         dp = tl.dot(do_h, tl.trans(v_h), input_precision=DOT_PRECISION)
         if D_TAIL > 0:
-            k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T)
-            v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T)
+            k_t = _load_tile(k_ptr, rows_n, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+            v_t = _load_tile(v_ptr, rows_n, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_T, ALIGN=ALIGN)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
@@ -464,9 +482,9 @@ def _attn_bwd_dq_kernel(
         if D_TAIL > 0:
             dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
 
-    _store_tile(dq_ptr, rows_m, cols_h, stride_dqm, stride_dqd, LQ, dq_h * scale, HEAD_DIM, MASK_H)
+    _store_tile(dq_ptr, rows_m, cols_h, stride_dqm, stride_dqd, LQ, dq_h * scale, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     if D_TAIL > 0:
-        _store_tile(dq_ptr, rows_m, cols_t, stride_dqm, stride_dqd, LQ, dq_t * scale, HEAD_DIM, MASK_T)
+        _store_tile(dq_ptr, rows_m, cols_t, stride_dqm, stride_dqd, LQ, dq_t * scale, HEAD_DIM, MASK_T, ALIGN=ALIGN)
 
 
 def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
@@ -576,10 +594,11 @@ def _per_kernel(config) -> dict:
 
 
 def _align(*tensors: torch.Tensor) -> int:
-    """ALIGN_BH: 16 bytes' worth of elements when every tensor's batch and head strides are
-    multiples of it (the per-head base offsets then keep 16-byte alignment), else 1."""
+    """ALIGN: 16 bytes' worth of elements when every tensor's batch, head and row strides are
+    multiples of it (per-head bases and row starts then keep 16-byte alignment), else 1."""
     vec = 16 // tensors[0].element_size()
-    return vec if all(t.stride(0) % vec == 0 and t.stride(1) % vec == 0 for t in tensors) else 1
+    aligned = all(s % vec == 0 or n == 1 for t in tensors for n, s in zip(t.shape[:3], t.stride()[:3]))
+    return vec if aligned else 1  # (a size-1 dim's stride is never multiplied by more than 0)
 
 
 def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse=True):
@@ -595,7 +614,7 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
     _attn_fwd_kernel[(-(-lq // block_m), b * h)](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, lq, lkv, qk_scale,
-        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN_BH
+        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
         d, d_head, d_tail, block_m, block_n, lkv % block_n != 0, precision, causal, store_lse,
         _align(q, k, v, o), num_warps=warps, num_stages=stages)
     return o, lse
@@ -621,13 +640,13 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         h, lq, lkv, scale * LOG2E, scale,
         HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=precision, CAUSAL=causal, ALIGN_BH=align, num_warps=warps, num_stages=stages)
+        DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align, num_warps=warps, num_stages=stages)
     d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dq", d, q.dtype, configs.get("dq"))
     _attn_bwd_dq_kernel[(-(-lq // block_m), b * h)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, lq, lkv, scale * LOG2E, scale,
         HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN_BH=align,
+        MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align,
         num_warps=warps, num_stages=stages)
     return dq, dk, dv
 

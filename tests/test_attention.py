@@ -94,8 +94,8 @@ def run_forward(shape, dtype, device, layout="unet", config=None, causal=False):
     check(got, attention_fp64(q, k, v, causal=causal), torch_out, dtype, f"o {shape} {layout} {config} causal={causal}")
 
 
-def run_backward(shape, dtype, device, poison=False, config=None):
-    q, k, v = make_qkv(shape, dtype, device, "unet")
+def run_backward(shape, dtype, device, poison=False, config=None, layout="unet"):
+    q, k, v = make_qkv(shape, dtype, device, layout)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)  # shared dL/do
     o = attention_triton(q, k, v, config=config)
     got = torch.autograd.grad(o, (q, k, v), do)
@@ -249,6 +249,36 @@ def test_forward_sd_shapes(shape, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_backward_sd_shape(dtype, device):
     run_backward((2, 8, 1024, 1024, 80), dtype, device, poison=dtype == torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["unet", "contiguous", "kv_slice"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_head_dim_40_layouts_gpu(layout, dtype, device):
+    """D = 40 in every layout, forward and backward: each takes the 16-byte alignment hints
+    (head stride 40 in the UNet's, row stride 40 in the contiguous one), which are only true
+    because _align checked the strides; a wrong hint would read misaligned rows."""
+    run_forward((2, 8, 1024, 77, 40), dtype, device, layout)
+    run_backward((2, 8, 333, 333, 40), dtype, device, layout=layout)
+
+
+def test_alignment_hint_needs_every_stride_aligned():
+    """_align hints 16-byte rows only when the batch, head and row strides of every tensor are
+    multiples of 16 bytes (size-1 dims aside, whose stride is never used)."""
+    from kernels.attention import _align
+
+    f16 = torch.float16
+    contiguous = torch.empty(2, 8, 77, 40, dtype=f16)  # row stride 40 = 80 bytes
+    unet = torch.empty(2, 77, 8 * 40, dtype=f16).unflatten(-1, (8, 40)).transpose(1, 2)  # head stride 40
+    assert _align(contiguous) == _align(unet) == _align(contiguous, unet) == 8
+    assert _align(torch.empty(2, 8, 77, 40)) == 4  # fp32: 4 elements to 16 bytes
+    rows_44 = torch.empty(2, 8, 77, 44, dtype=f16)[..., :40]  # row stride 44 = 88 bytes
+    heads_44 = torch.empty(2, 77, 8, 44, dtype=f16)[..., :40].transpose(1, 2)  # head stride 44, row 352
+    batch_odd = torch.empty(2 * 8 * 77 * 40 + 4, dtype=f16)[:-4].as_strided((2, 8, 77, 40), (8 * 77 * 40 + 4, 77 * 40, 40, 1))
+    for bad in (rows_44, heads_44, batch_odd):
+        assert _align(contiguous, bad) == 1, bad.stride()
+    one_batch = torch.empty(8 * 77 * 40, dtype=f16).as_strided((1, 8, 77, 40), (3, 77 * 40, 40, 1))
+    assert _align(one_batch) == 8
 
 
 CAUSAL_SHAPES = [  # (B, H, Lq, Lkv, D)
