@@ -203,6 +203,14 @@ def slug(text: str, maxlen: int = 48) -> str:
     return s[:maxlen].rstrip("-") or "device"
 
 
+def _launch_mode() -> str:
+    """How the Triton kernels were launched: directly once compiled, or through Triton's dispatch
+    on every call (SDLAB_FAST_LAUNCH=0, the interpreter, an unchecked Triton; kernels/_launch.py)."""
+    from kernels import _launch
+
+    return "direct" if _launch.ENABLED else f"triton dispatch ({_launch.WHY_OFF or 'ENABLED set False'})"
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
@@ -223,6 +231,7 @@ def environment(device: torch.device) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
         "triton_interpret": interpreting(),
+        "triton_launch": _launch_mode(),
         "torch_threads": torch.get_num_threads(),
         "argv": " ".join(sys.argv),
     }
@@ -244,9 +253,9 @@ ROW_KEYS = (
     "peak_mem_mib", "peak_mem_kind", "latent_max_abs_diff", "psnr_db", "diff_vs",
     "scheduler_calls", "scheduler_ms_est", "scheduler_share",
     # environment, copied into every row so rows can be concatenated across runs
-    "device_name", "torch", "triton", "cuda", "git_commit", "date",
+    "device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date",
 )
-_ENV_IN_ROW = ("device_name", "torch", "triton", "cuda", "git_commit", "date")
+_ENV_IN_ROW = ("device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date")
 
 
 def make_row(env: dict, **fields) -> dict:
@@ -389,7 +398,8 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
     out = [f"# SD Kernel Lab benchmark — {env['device_name']}", "",
            f"{env['date']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
            f"commit {(env['git_commit'] or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}"
-           + (" · TRITON_INTERPRET=1 (triton timings are interpreter timings)" if env.get("triton_interpret") else ""),
+           + (" · TRITON_INTERPRET=1 (triton timings are interpreter timings)" if env.get("triton_interpret")
+              else f" · Triton launches: {env.get('triton_launch')}"),
            ""]
     if ceilings:
         mm = ", ".join(f"{k} {_fmt(v)}" for k, v in ceilings.get("matmul_tflops", {}).items())

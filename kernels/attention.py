@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import reference_grads
+from ._launch import Launcher
 from ._triton import tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
@@ -487,6 +488,10 @@ def _attn_bwd_dq_kernel(
         _store_tile(dq_ptr, rows_m, cols_t, stride_dqm, stride_dqd, LQ, dq_t * scale, HEAD_DIM, MASK_T, ALIGN=ALIGN)
 
 
+# Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
+_FWD, _DKDV, _DQ = Launcher(_attn_fwd_kernel), Launcher(_attn_bwd_dkdv_kernel), Launcher(_attn_bwd_dq_kernel)
+
+
 def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     """D -> (D_HEAD, D_TAIL): a power of two plus a power-of-two tail, each >= 16 (0 = no tail).
 
@@ -612,11 +617,12 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     if o.numel() == 0:
         return o, lse
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
-    _attn_fwd_kernel[(-(-lq // block_m), b * h)](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, lq, lkv, qk_scale,
-        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
-        d, d_head, d_tail, block_m, block_n, lkv % block_n != 0, precision, causal, store_lse,
-        _align(q, k, v, o), num_warps=warps, num_stages=stages)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), h, lq, lkv)
+    # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
+    consts = (d, d_head, d_tail, block_m, block_n, lkv % block_n != 0, precision, causal, store_lse,
+              _align(q, k, v, o))
+    _FWD((-(-lq // block_m), b * h), (ints, consts, warps, stages), (q, k, v, o, lse),
+         (q, k, v, o, lse, *ints, qk_scale, *consts), {"num_warps": warps, "num_stages": stages})
     return o, lse
 
 
@@ -635,19 +641,19 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
     align = _align(q, k, v, do, dq, dk, dv)
     configs = configs or {}
     d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dkdv", d, q.dtype, configs.get("dkdv"))
-    _attn_bwd_dkdv_kernel[(-(-lkv // block_n), b * h)](
-        q, k, v, do, dk, dv, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        h, lq, lkv, scale * LOG2E, scale,
-        HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align, num_warps=warps, num_stages=stages)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), h, lq, lkv)
+    meta = dict(HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
+                DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align, num_warps=warps, num_stages=stages)
+    tensors = (q, k, v, do, dk, dv, lse, delta)
+    _DKDV((-(-lkv // block_n), b * h), (ints, *meta.values()), tensors,
+          (*tensors, *ints, scale * LOG2E, scale), meta)
     d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dq", d, q.dtype, configs.get("dq"))
-    _attn_bwd_dq_kernel[(-(-lq // block_m), b * h)](
-        q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        h, lq, lkv, scale * LOG2E, scale,
-        HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align,
-        num_warps=warps, num_stages=stages)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), h, lq, lkv)
+    meta = dict(HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
+                MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align,
+                num_warps=warps, num_stages=stages)
+    tensors = (q, k, v, do, dq, lse, delta)
+    _DQ((-(-lq // block_m), b * h), (ints, *meta.values()), tensors, (*tensors, *ints, scale * LOG2E, scale), meta)
     return dq, dk, dv
 
 

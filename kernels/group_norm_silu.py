@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import reference_grads
+from ._launch import Launcher
 from ._triton import tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
@@ -533,6 +534,7 @@ class _Plan(NamedTuple):
     stats_args: tuple  # two passes: _stats_kernel's scalar arguments
     stats_consts: dict
     part_shape: tuple  # two passes: the (N * G, CHUNKS, 3) workspace
+    key: tuple | None = None  # the `_plan` cache key (None while torch.compile traces): the launch key
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -576,7 +578,7 @@ def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
     if not compiling:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        _PLANS[key] = plan
+        plan = _PLANS[key] = plan._replace(key=key)
     return plan
 
 
@@ -588,13 +590,13 @@ def _forward(x, weight, bias, out, plan):
         stats = torch.empty(plan.stats_shape, device=x.device, dtype=torch.float32)
     w_ptr, b_ptr = (x if weight is None else weight), (x if bias is None else bias)
     if plan.single_pass:
-        _fused_kernel[plan.grid](x, y, w_ptr, b_ptr, x if stats is None else stats, *plan.args,
-                                 **plan.consts)
+        tensors = (x, y, w_ptr, b_ptr, x if stats is None else stats)
+        _FUSED(plan.grid, plan.key, tensors, (*tensors, *plan.args), plan.consts)
     else:
         part = torch.empty(plan.part_shape, device=x.device, dtype=torch.float32)
-        _stats_kernel[plan.grid](x, part, *plan.stats_args, **plan.stats_consts)
-        _apply_kernel[plan.grid](x, y, w_ptr, b_ptr, part, part if stats is None else stats,
-                                 *plan.args, **plan.consts)
+        _STATS(plan.grid, plan.key, (x, part), (x, part, *plan.stats_args), plan.stats_consts)
+        tensors = (x, y, w_ptr, b_ptr, part, part if stats is None else stats)
+        _APPLY(plan.grid, plan.key, tensors, (*tensors, *plan.args), plan.consts)
     return y, stats
 
 
@@ -632,14 +634,21 @@ class _GroupNormSiLU(torch.autograd.Function):
                      num_warps=cfg.num_warps)
         chunking = (cfg.chunks, cfg.s_chunks, cfg.s_chunk)
         c_per_g, s, grid = c // groups, h * w, (cfg.rows * cfg.chunks,)
-        _bwd_reduce_kernel[grid](x, dy, w_ptr, b_ptr, stats, part, dwb, n, c, groups, c_per_g, s, w,
-                                 *sx, *sdy, *chunking, **flags)
-        _bwd_dx_kernel[grid](x, dy, dx, w_ptr, b_ptr, stats, part, groups, c_per_g, s, w,
-                             *sx, *sdy, *sdx, *chunking, CHUNKS_P2=triton.next_power_of_2(cfg.chunks),
-                             **flags)
+        ints = (n, c, groups, c_per_g, s, w, *sx, *sdy, *chunking)
+        tensors = (x, dy, w_ptr, b_ptr, stats, part, dwb)
+        _BWD_REDUCE(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
+        ints = (groups, c_per_g, s, w, *sx, *sdy, *sdx, *chunking)
+        flags["CHUNKS_P2"] = triton.next_power_of_2(cfg.chunks)
+        tensors = (x, dy, dx, w_ptr, b_ptr, stats, part)
+        _BWD_DX(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
         dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None
+
+
+# Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
+_FUSED, _STATS, _APPLY = Launcher(_fused_kernel), Launcher(_stats_kernel), Launcher(_apply_kernel)
+_BWD_REDUCE, _BWD_DX = Launcher(_bwd_reduce_kernel), Launcher(_bwd_dx_kernel)
 
 
 def _sms(x):

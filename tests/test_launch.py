@@ -1,0 +1,210 @@
+"""kernels/_launch.py: launches that skip Triton's per-call dispatch once a launch key has been
+through it. On the CPU a fake kernel stands in for Triton's JITFunction (the direct path needs a
+CUDA driver), so these tests pin the contract: when a launch goes direct, with exactly the
+arguments Triton's own dispatch would pass to the compiled kernel, and when it must not. The GPU
+test compares the direct and dispatched launches of every op bit for bit."""
+import inspect
+import re
+
+import pytest
+import torch
+
+from kernels import _launch
+
+STREAM = 0xABC
+
+
+def fake_kernel(x_ptr, y_ptr, n, scale, BLOCK, EVEN=True):
+    """Stands for a @triton.jit function: two pointers, an int, a float, and two constexprs
+    (BLOCK passed in meta, EVEN left to its default)."""
+
+
+class _Param:
+    def __init__(self, p: inspect.Parameter):
+        self.name, self.default = p.name, p.default
+
+
+class FakeCompiled:
+    function = "cu-function"
+    packed_metadata = ("packed",)
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class FakeJIT:
+    """Triton's JITFunction as the launcher sees it: fn, params, pre_run_hooks, kernel[grid](...)
+    returning the compiled kernel of the call's specialisation."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.params = [_Param(p) for p in inspect.signature(fn).parameters.values()]
+        self.pre_run_hooks = []
+        self.dispatched = []  # (grid, args, meta) of every launch through "Triton's dispatch"
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.dispatched.append((grid, args, meta))
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A Launcher over a FakeJIT installed under fake_kernel's name, direct launches enabled, and a
+    driver whose current device the test can change."""
+    jit = FakeJIT(fake_kernel)
+    monkeypatch.setitem(fake_kernel.__globals__, "fake_kernel", jit)  # where the launcher looks it up
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    device = [0]
+    monkeypatch.setattr(_launch, "_DRIVER", (lambda: device[0], lambda dev: STREAM + dev))
+    return _launch.Launcher(jit), jit, device
+
+
+def call(launcher, x, y, n=7, scale=0.5, grid=(3, 2), block=16):
+    meta = {"BLOCK": block, "num_warps": 4}
+    launcher(grid, (n, block), (x, y), (x, y, n, scale), meta)
+
+
+def test_second_launch_goes_direct_with_tritons_arguments(fake):
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    assert len(jit.dispatched) == 1 and jit.compiled.runs == [] and launcher.direct == 0
+    assert jit.dispatched[0] == ((3, 2), (x, y, 7, 0.5), {"BLOCK": 16, "num_warps": 4})
+    x2, y2 = torch.ones(64), torch.ones(64)  # new tensors, same dtype and alignment; a new float
+    call(launcher, x2, y2, scale=0.25)
+    assert len(jit.dispatched) == 1, "the second launch went through Triton's dispatch again"
+    # what JITFunction.run passes: grid padded to 3, stream, function, metadata, no launch metadata
+    # or hooks, then every parameter in signature order (meta's constexprs, then defaults)
+    assert jit.compiled.runs == [(3, 2, 1, STREAM, "cu-function", ("packed",), None, None, None,
+                                  x2, y2, 7, 0.25, 16, True)], jit.compiled.runs
+    assert launcher.direct == 1
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "key", "device", "none"])
+def test_a_different_specialisation_is_dispatched(fake, change):
+    """Whatever Triton specialises on (a pointer's dtype and 16-byte alignment, the ints behind
+    the caller's key) or the kernel was loaded for (the device) sends the launch to Triton again."""
+    launcher, jit, device = fake
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64, dtype=torch.float16)
+    call(launcher, x, y)
+    if change == "alignment":
+        x = torch.zeros(65, dtype=torch.float16)[1:]  # 2 bytes past a 16-byte boundary
+        assert x.data_ptr() % 16 != 0
+    elif change == "dtype":
+        x = torch.zeros(64, dtype=torch.bfloat16)
+    elif change == "device":
+        device[0] = 1
+    if change == "key":
+        call(launcher, x, y, n=8)
+    elif change == "none":
+        launcher((3, 2), (7, 16), (x, None), (x, None, 7, 0.5), {"BLOCK": 16, "num_warps": 4})
+    else:
+        call(launcher, x, y)
+    assert len(jit.dispatched) == 2 and launcher.direct == 0, change
+    if change != "none":  # and that specialisation is kept from then on
+        call(launcher, x, y, n=8 if change == "key" else 7)
+        assert launcher.direct == 1, change
+
+
+@pytest.mark.parametrize("why", ["disabled", "pre_run_hook", "launch_hook", "compiling", "swapped"])
+def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    spy = FakeJIT(jit.fn)
+    if why == "disabled":
+        monkeypatch.setattr(_launch, "ENABLED", False)
+    elif why == "pre_run_hook":
+        jit.pre_run_hooks.append(lambda *a, **k: None)
+    elif why == "launch_hook":  # a profiler's hook in Triton's chain
+        monkeypatch.setattr(_launch._knobs.runtime.launch_enter_hook, "calls", [lambda metadata: None])
+    elif why == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:  # a test spy or bench.sm90's offline compile in the kernel's place
+        monkeypatch.setitem(jit.fn.__globals__, "fake_kernel", spy)
+    call(launcher, x, y)
+    assert launcher.direct == 0 and jit.compiled.runs == [], why
+    assert len((spy if why == "swapped" else jit).dispatched) == (1 if why == "swapped" else 2), why
+
+
+def test_cache_is_bounded(fake, monkeypatch):
+    launcher, jit, _ = fake
+    monkeypatch.setattr(_launch, "MAX_KEYS", 3)
+    x, y = torch.zeros(64), torch.zeros(64)
+    for n in range(5):
+        call(launcher, x, y, n=n)
+    assert len(launcher.cache) <= 3
+
+
+def test_tritons_launch_convention_is_the_one_read():
+    """The direct call copies the one at the end of JITFunction.run; if a Triton release changes
+    it, this fails (and CHECKED must not name that release until _launch.py follows)."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    if not _launch.CHECKED[0] <= version <= _launch.CHECKED[1]:
+        pytest.skip(f"Triton {triton.__version__} is outside {_launch.CHECKED}: direct launches are off")
+    src = re.sub(r"\s+", " ", inspect.getsource(JITFunction.run))
+    want = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+            "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
+    assert want in src, f"JITFunction.run no longer ends in {want!r}:\n{src[-1500:]}"
+    assert "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())" in src
+    assert "return kernel" in src
+
+
+def test_off_under_the_interpreter():
+    """CPU test runs use the interpreter, where there is nothing to launch directly."""
+    from kernels.registry import interpreting
+
+    if interpreting():
+        assert not _launch.ENABLED and _launch.WHY_OFF == "TRITON_INTERPRET=1"
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
+    """Every op's Triton kernels, direct and through Triton's dispatch: bitwise the same outputs
+    (forward, backward), and the second call of each really went direct."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import kernels
+    from kernels import attention as at, group_norm_silu as gn, scheduler_step as st
+
+    assert _launch.ENABLED, _launch.WHY_OFF
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float16)  # noqa: E731
+    q, k, v = (rand(2, n, 8, 40).transpose(1, 2).requires_grad_() for n in (1024, 77, 77))
+    x = rand(2, 320, 32, 32).requires_grad_()
+    w, b = rand(320), rand(320)
+    lat, eps = rand(2, 4, 64, 64), rand(2, 4, 64, 64)
+    coeffs = st.StepCoefficients(a_x=1.0, a_o=-0.5, b_x=1.0, b_0=-1.0, b_d=0.5, c0=0.4, c1=0.6, c2=0.1)
+
+    def run_all():
+        with kernels.use("triton"):
+            o = kernels.attention(q, k, v)
+            y = kernels.group_norm_silu(x, w, b, 32)
+            grads = torch.autograd.grad((o.float().sum() + y.float().sum()), (q, k, v, x))
+            step = kernels.scheduler_step(lat, eps, coeffs, model_output_uncond=eps * 0.5, guidance_scale=7.5)
+        torch.cuda.synchronize()
+        return (o, y, *grads, step[0])
+
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    want = run_all()
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    # (2, 320, 32, 32): groups of 10 x 1024 elements take the one-launch forward
+    launchers = [at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._BWD_REDUCE, gn._BWD_DX, st._STEP]
+    for launcher in launchers:
+        launcher.clear()
+    run_all()  # through Triton's dispatch, which fills the caches
+    before = [launcher.direct for launcher in launchers]
+    got = run_all()
+    for launcher, n in zip(launchers, before):
+        assert launcher.direct > n, f"{launcher.name} did not launch directly"
+    for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev"), want, got):
+        assert torch.equal(a, b_), f"{name}: direct launch differs from Triton's dispatch by {(a - b_).abs().max()}"
