@@ -141,6 +141,23 @@ def host_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 10, 
 
 
 # ------------------------------------------------------------------------------------ ceilings
+def copy_ms(nbytes: int, device: torch.device, cache: dict, *, quick: bool = False) -> float | None:
+    """Median ms of ``y.copy_(x)`` moving ``nbytes`` in all (``nbytes // 2`` read, as many
+    written): the same-size copy a memory-bound op is held against. At SD sizes (a few MB) that is
+    well below the 1 GiB copy's bandwidth, as every kernel there pays launch latency and ramp-up.
+    Measured once per size and kept in ``cache`` for the run; None if it cannot be."""
+    half = max(1, nbytes // 2)
+    if half not in cache:
+        try:
+            x = torch.empty(half, dtype=torch.uint8, device=device)
+            y = torch.empty_like(x)
+            cache[half] = time_fn(lambda: y.copy_(x), device, quick=quick).median_ms
+        except Exception:  # pragma: no cover - out of memory: the column stays empty
+            cache[half] = None
+    return cache[half]
+
+
+
 def measure_ceilings(device: torch.device, dtypes: Iterable[torch.dtype], *, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, read + written) and matmul rate (TFLOP/s per dtype) of ``device``."""
     cuda = device.type == "cuda"
@@ -246,7 +263,7 @@ def environment(device: torch.device) -> dict:
 ROW_KEYS = (
     "suite", "op", "case", "shape", "reason", "dtype", "backend", "status", "note",
     "median_ms", "p20_ms", "p80_ms", "reps", "host_ms",
-    "bytes", "flops", "gbps", "tflops", "frac_of_peak", "speedup_vs_reference",
+    "bytes", "flops", "gbps", "tflops", "frac_of_peak", "frac_of_copy", "speedup_vs_reference",
     "max_abs_err", "max_rel_err", "error_vs",
     # pipelines
     "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",
@@ -345,7 +362,7 @@ OPS_COLUMNS = [
     ("op", "op"), ("case", "case"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
     ("median ms", "median_ms"), ("p20–p80 ms", None), ("host µs", "host_ms"), ("GB/s", "gbps"),
     ("TFLOP/s", "tflops"),
-    ("% of peak", "frac_of_peak"), ("speed-up", "speedup_vs_reference"),
+    ("% of peak", "frac_of_peak"), ("% of copy", "frac_of_copy"), ("speed-up", "speedup_vs_reference"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("status / note", None),
 ]
 PIPELINE_COLUMNS = [
@@ -365,7 +382,7 @@ def _cell(row: dict, key: str | None, title: str) -> str:
     if title == "status / note":
         text = row["status"] if not row["note"] else f"{row['status']}: {row['note']}"
         return text.replace("|", "\\|").replace("\n", " ")
-    if key in ("frac_of_peak", "scheduler_share"):
+    if key in ("frac_of_peak", "frac_of_copy", "scheduler_share"):
         return "" if row[key] is None else f"{100 * row[key]:.1f}" + (" %" if key == "scheduler_share" else "")
     if title == "host µs":
         return "" if row[key] is None else _fmt(1e3 * row[key])
@@ -410,7 +427,10 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
         out += ["## Ops", "",
                 "GB/s counts inputs read once + outputs written once; attention TFLOP/s counts "
                 "4·B·H·Lq·Lkv·D (forward). % of peak: of the copy bandwidth (GB/s rows) or of the "
-                "matmul rate in the row's dtype (TFLOP/s rows). Errors against an fp64 oracle "
+                "matmul rate in the row's dtype (TFLOP/s rows). % of copy (GB/s rows): the time of "
+                "a device copy moving the same bytes (half read, half written), measured in this run, "
+                "over the op's: 100 is memcpy speed at that size, launch latency included, which a "
+                "peak measured on 1 GiB leaves out. Errors against an fp64 oracle "
                 "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in this run. Host µs: CPU "
                 "time to issue one call (Python + launches); above the median, the op is host-bound "
                 "and in eager mode costs its host time, not its GPU time.", "",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import (ERROR_ATOL, Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row,
-                     max_errors, skipped_row, time_fn, within_error)
+from .common import (ERROR_ATOL, Skip, add_speedups, copy_ms, describe_exception, dtype_name, host_ms, interpreting,
+                     make_row, max_errors, skipped_row, time_fn, within_error)
 
 
 @dataclass(frozen=True)
@@ -303,8 +303,9 @@ def _peak_key(case: Case) -> str:
 
 def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device, env: dict,
              ceilings: dict | None, *, inputs=None, ref64=None, quick: bool = False,
-             skip_compile_reason: str | None = None) -> dict:
-    """One row: time ``backend`` on ``case`` and compare its output with the fp64 oracle."""
+             skip_compile_reason: str | None = None, copies: dict | None = None) -> dict:
+    """One row: time ``backend`` on ``case`` and compare its output with the fp64 oracle.
+    ``copies``: the run's same-size copy timings (common.copy_ms), for memory-bound ops' % of copy."""
     base = dict(suite="ops", op=case.op, case=case.name, shape=case.shape, reason=case.reason,
                 dtype=dtype_name(dtype), backend=backend)
     if backend == "compile" and skip_compile_reason:
@@ -349,6 +350,9 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
                 else ceilings.get("copy_gbps"))
         val = row[_peak_key(case)]
         row["frac_of_peak"] = val / peak if val and peak else None
+    if copies is not None and _peak_key(case) == "gbps" and nbytes and sec > 0:
+        same = copy_ms(nbytes, device, copies, quick=quick)
+        row["frac_of_copy"] = same / timing.median_ms if same else None
     if ref64 is not None:
         if out.shape != ref64.shape:
             row.update(status="error", note=f"output shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
@@ -378,6 +382,7 @@ def run(ops: list[str], backends: list[str] | None, dtypes: list[torch.dtype], s
         for dtype in dtypes:
             jobs.append((case, dtype, names))
     rows: list[dict] = []
+    copies: dict = {}  # same-size copy timings, shared by the rows of one size
     total = sum(len(n) for _, _, n in jobs)
     with tqdm(total=total, desc="ops", disable=not progress, leave=False) as bar:
         for case, dtype, names in jobs:
@@ -399,7 +404,7 @@ def run(ops: list[str], backends: list[str] | None, dtypes: list[torch.dtype], s
                 continue
             for b in names:
                 rows.append(run_case(case, b, dtype, device, env, ceilings, inputs=inputs, ref64=ref64,
-                                     quick=quick, skip_compile_reason=skip_compile))
+                                     quick=quick, skip_compile_reason=skip_compile, copies=copies))
                 bar.update(1)
             del inputs, ref64
             if device.type == "cuda":

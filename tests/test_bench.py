@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench import common
 from bench.__main__ import main
@@ -64,6 +65,19 @@ def test_ops_quick_reference_rows_are_timed_and_checked(ops_quick):
             assert r["host_ms"] and r["host_ms"] > 0, r
     attn = _rows(data, op="attention", backend="reference")
     assert all(r["tflops"] and r["flops"] for r in attn), attn
+    # memory-bound ops are also held against a copy of the same bytes; attention is not
+    for op in ("group_norm_silu", "scheduler_step"):
+        for r in _rows(data, op=op, backend="reference"):
+            assert r["frac_of_copy"] is not None and 0 < r["frac_of_copy"] < 100, r
+    assert all(r["frac_of_copy"] is None for r in attn), attn
+
+
+def test_copy_ms_is_cached_per_size():
+    cache = {}
+    device = torch.device("cpu")
+    t = common.copy_ms(1 << 20, device, cache, quick=True)
+    assert t is not None and t > 0 and list(cache) == [1 << 19], cache
+    assert common.copy_ms(1 << 20, device, cache, quick=True) == t  # the same measurement, not a new one
 
 
 def test_ops_quick_compile_and_cuda_only_backends_are_skipped_with_a_reason(ops_quick):
