@@ -225,7 +225,7 @@ def _launch_mode() -> str:
     on every call (SDLAB_FAST_LAUNCH=0, the interpreter, an unchecked Triton; kernels/_launch.py)."""
     from kernels import _launch
 
-    return "direct" if _launch.ENABLED else f"triton dispatch ({_launch.WHY_OFF or 'ENABLED set False'})"
+    return _launch.mode()
 
 
 def environment(device: torch.device) -> dict:

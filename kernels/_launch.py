@@ -69,6 +69,11 @@ WHY_OFF = _unsupported()
 ENABLED = WHY_OFF is None  # set False to time Triton's own dispatch (bench) or to rule this out
 
 
+def mode() -> str:
+    """How Triton kernels are launched in this process, for reports (kernels.describe, bench rows)."""
+    return "direct once compiled" if ENABLED else f"Triton's dispatch ({WHY_OFF or 'ENABLED set False'})"
+
+
 class Launcher:
     """One kernel's launches, directly once its launch key has been through Triton's dispatch.
 

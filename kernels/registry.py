@@ -310,6 +310,9 @@ def describe(device: str | torch.device | None = None) -> str:
         if chosen is None:
             chosen, source = _default(op, probe)
         lines.append(f"{op:16s} -> {chosen.value:9s} ({source}); backends: {', '.join(backends(op))}")
+    from . import _launch  # (imports this module)
+
+    lines.append(f"triton launches: {_launch.mode()} (kernels/_launch.py)")
     return "\n".join(lines)
 
 

@@ -208,6 +208,7 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     assert "triton" in line and kernels.ENV_VAR in line
     for op in ("attention", "group_norm_silu", "scheduler_step"):
         assert op in text
+    assert text.splitlines()[-1].startswith("triton launches: "), text  # direct, or why not
 
 
 @pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}])
