@@ -41,6 +41,17 @@ class Compiled:
     global_loads: collections.Counter = field(repr=False)  # LDG / LDGSTS with modifiers, e.g. LDG.E.128
 
     @property
+    def ctas_per_sm(self) -> int:
+        """Resident programs per SM, as the occupancy rules for sm_90 give them: 64 warps, 65,536
+        registers (allocated 256 per warp), 228 KB of shared memory (1 KB reserved per block) and
+        32 blocks per SM. A static estimate: one program per SM hides latency only by its own
+        pipelining (cp.async / wgmma stages)."""
+        per_warp_regs = -(-self.registers * 32 // 256) * 256
+        by_regs = (65536 // per_warp_regs) // self.num_warps if per_warp_regs else 32
+        by_smem = (228 * 1024) // (self.shared_bytes + 1024)
+        return max(0, min(32, 64 // self.num_warps, by_regs, by_smem))
+
+    @property
     def narrow_loads(self) -> int:
         """Global loads narrower than 16 bytes (no .128 modifier): unvectorised tile loads."""
         return sum(n for op, n in self.global_loads.items() if not op.endswith(".128"))
@@ -49,7 +60,8 @@ class Compiled:
         ops = " ".join(f"{k}={self.sass.get(k, 0)}" for k in ("HGMMA", "LDGSTS", "LDG", "STG", "MUFU", "FFMA"))
         loads = " ".join(f"{k}={v}" for k, v in sorted(self.global_loads.items()))
         return (f"{self.kernel}: {self.registers} regs, {self.spill_bytes} B spilled, {self.shared_bytes} B shared, "
-                f"{self.num_warps} warps, {self.num_stages} stages; {ops}; loads: {loads}")
+                f"{self.num_warps} warps, {self.num_stages} stages, {self.ctas_per_sm} programs/SM; {ops}; "
+                f"loads: {loads}")
 
 
 def _toolchain():
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         for c in found:
             records.append(dict(case=label, kernel=c.kernel, registers=c.registers, spill_bytes=c.spill_bytes,
-                                shared_bytes=c.shared_bytes, narrow_loads=c.narrow_loads,
+                                shared_bytes=c.shared_bytes, ctas_per_sm=c.ctas_per_sm, narrow_loads=c.narrow_loads,
                                 global_loads=dict(c.global_loads), hgmma=c.sass.get("HGMMA", 0)))
             if not as_json:
                 print(f"{label}: {c.summary()}")

@@ -38,6 +38,7 @@ def test_every_kernel_compiles_without_spills(compiled):
     for rec in compiled:
         assert rec["spill_bytes"] == 0, f"{rec['case']} {rec['kernel']}: {rec['spill_bytes']} bytes spilled: {rec}"
         assert rec["registers"] <= 255, rec
+        assert rec["ctas_per_sm"] >= 1, f"{rec['case']} {rec['kernel']}: does not fit on an SM: {rec}"
 
 
 def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
