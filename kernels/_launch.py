@@ -14,16 +14,19 @@ returns; later launches with the same key call that kernel's launcher directly. 
     (the caller's key, the current CUDA device, each tensor's (dtype, 16-byte aligned) or None)
 
 The caller's key must determine every argument that is not a tensor or a float (integers,
-constexprs) and ``meta`` (``num_warps``, ...): then the key determines Triton's specialisation
-(Triton does not specialise on float values), so the kept kernel is the one Triton would pick.
-Call sites pass floats as Python floats (an int would specialise as an integer).
+constexprs) and ``meta`` (``num_warps``, ...), from the values launched, not from what they were
+derived from (a table edited at run time would change them under the same inputs): then the key
+determines Triton's specialisation (Triton does not specialise on float values), so the kept
+kernel is the one Triton would pick. Call sites pass floats as Python floats (an int would
+specialise as an integer). A key of None launches through Triton's dispatch, uncached. The Triton
+knobs that enter compile options (debug, instrumentation) are part of the key too.
 
 Triton's own dispatch runs instead (always correct, just slower) when: the interpreter runs,
 torch.compile is tracing (it wraps Triton kernels itself), a launch or pre-run hook is set (e.g.
 profilers), ``SDLAB_FAST_LAUNCH=0`` was set before import (or :data:`ENABLED` is set False), or
 the Triton version is not one whose launch convention was read for this (:data:`CHECKED`).
-Not re-checked on direct launches: Triton knobs changed after a kernel's first launch (e.g.
-``TRITON_DEBUG``) and edits to globals a kernel reads; both need ``clear()``.
+Not re-checked on direct launches: edits to module globals a kernel reads (Triton raises on
+those; here they need ``clear()``).
 """
 from __future__ import annotations
 
@@ -59,9 +62,9 @@ def _unsupported() -> str | None:
         version = tuple(int(p) for p in triton.__version__.split(".")[:2])
     except ValueError:
         version = None
-    if _knobs is None or version is None or not CHECKED[0] <= version <= CHECKED[1]:
+    if _knobs is None or version not in CHECKED:
         return (f"Triton {triton.__version__}: direct launches are checked for "
-                f"{'.'.join(map(str, CHECKED[0]))}-{'.'.join(map(str, CHECKED[1]))}")
+                f"{', '.join('.'.join(map(str, v)) for v in CHECKED)} only")
     return None
 
 
@@ -98,10 +101,11 @@ class Launcher:
         if kernel is not self.kernel:  # swapped for a spy or an offline compile: launch what is there
             kernel[grid](*args, **meta)
             return
-        fast = ENABLED and not torch.compiler.is_compiling()
+        fast = ENABLED and key is not None and not torch.compiler.is_compiling()
         if fast:
             device = _device()
-            full = (key, device, *[None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+            full = (key, device, _options(),
+                    *[None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
             hit = self.cache.get(full)
             if hit is not None and not _hooked(self.kernel):
                 compiled, tail = hit
@@ -111,6 +115,8 @@ class Launcher:
                 self.direct += 1
                 return
         compiled = self.kernel[grid](*args, **meta)
+        if hasattr(compiled, "result"):  # an async-compile future (Triton 3.9's AsyncCompileMode)
+            compiled = compiled.result()
         if fast and getattr(compiled, "packed_metadata", None) is not None and not _hooked(self.kernel):
             if len(self.cache) >= MAX_KEYS:
                 self.cache.clear()
@@ -136,9 +142,18 @@ def _stream(device: int) -> int:
 
 
 def _hooked(kernel) -> bool:
-    """A profiler or user hook wants Triton's launch path (launch metadata, pre-run hooks)."""
+    """A profiler or user hook wants Triton's launch path (launch metadata, pre-run hooks, or 3.9's
+    custom compile stages, which enter Triton's own cache key)."""
     runtime = _knobs.runtime
-    return bool(kernel.pre_run_hooks) or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
+    return (bool(kernel.pre_run_hooks) or _set(runtime.launch_enter_hook) or _set(runtime.launch_exit_hook)
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+
+
+def _options() -> tuple:
+    """The Triton knobs that JITFunction.run reads into the compile options on every call; a kernel
+    compiled under other values is another kernel (e.g. TRITON_DEBUG set after the first launch)."""
+    return (_knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
+            getattr(_knobs.compilation, "fpsan_homomorphic_casts", None))
 
 
 def _set(hook) -> bool:

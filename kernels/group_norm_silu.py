@@ -534,7 +534,8 @@ class _Plan(NamedTuple):
     stats_args: tuple  # two passes: _stats_kernel's scalar arguments
     stats_consts: dict
     part_shape: tuple  # two passes: the (N * G, CHUNKS, 3) workspace
-    key: tuple | None = None  # the `_plan` cache key (None while torch.compile traces): the launch key
+    launch_key: tuple  # (args, consts): what the fused / apply launch passes besides tensors (_launch.py)
+    stats_launch_key: tuple  # the same for _stats_kernel
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -556,12 +557,17 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
     consts = dict(tiles, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, SILU=silu, STORE_STATS=store_stats)
     head = (cfg.single_pass, cfg.grid, (cfg.rows, 2) if store_stats else None, bwd_cfg, groups, silu)
     if cfg.single_pass:
-        return _Plan(*head, (*sizes, eps, *sx, *sy, cfg.s_chunk),
-                     dict(consts, EVEN_S=cfg.even_s and cfg.stats_even_s, STATS_BLOCK_C=cfg.stats_block_c,
-                          STATS_BLOCK_S=cfg.stats_block_s), (), {}, ())
-    return _Plan(*head, (*sizes, eps, *sx, *sy, *chunking),
-                 dict(consts, CHUNKS_P2=triton.next_power_of_2(cfg.chunks)), (*sizes, *sx, *chunking),
-                 tiles, (cfg.rows, cfg.chunks, 3))
+        args = (*sizes, eps, *sx, *sy, cfg.s_chunk)
+        consts = dict(consts, EVEN_S=cfg.even_s and cfg.stats_even_s, STATS_BLOCK_C=cfg.stats_block_c,
+                      STATS_BLOCK_S=cfg.stats_block_s)
+        stats_args, stats_consts, part_shape = (), {}, ()
+    else:
+        args = (*sizes, eps, *sx, *sy, *chunking)
+        consts = dict(consts, CHUNKS_P2=triton.next_power_of_2(cfg.chunks))
+        stats_args, stats_consts, part_shape = (*sizes, *sx, *chunking), tiles, (cfg.rows, cfg.chunks, 3)
+    # launch keys from the values launched, not from the inputs: a retuned launch_config gives new ones
+    return _Plan(*head, args, consts, stats_args, stats_consts, part_shape, (args, tuple(consts.items())),
+                 (stats_args, tuple(stats_consts.items())))
 
 
 def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
@@ -578,7 +584,7 @@ def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
     if not compiling:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = plan._replace(key=key)
+        _PLANS[key] = plan
     return plan
 
 
@@ -591,12 +597,12 @@ def _forward(x, weight, bias, out, plan):
     w_ptr, b_ptr = (x if weight is None else weight), (x if bias is None else bias)
     if plan.single_pass:
         tensors = (x, y, w_ptr, b_ptr, x if stats is None else stats)
-        _FUSED(plan.grid, plan.key, tensors, (*tensors, *plan.args), plan.consts)
+        _FUSED(plan.grid, plan.launch_key, tensors, (*tensors, *plan.args), plan.consts)
     else:
         part = torch.empty(plan.part_shape, device=x.device, dtype=torch.float32)
-        _STATS(plan.grid, plan.key, (x, part), (x, part, *plan.stats_args), plan.stats_consts)
+        _STATS(plan.grid, plan.stats_launch_key, (x, part), (x, part, *plan.stats_args), plan.stats_consts)
         tensors = (x, y, w_ptr, b_ptr, part, part if stats is None else stats)
-        _APPLY(plan.grid, plan.key, tensors, (*tensors, *plan.args), plan.consts)
+        _APPLY(plan.grid, plan.launch_key, tensors, (*tensors, *plan.args), plan.consts)
     return y, stats
 
 

@@ -1,10 +1,16 @@
 """kernels/_launch.py: launches that skip Triton's per-call dispatch once a launch key has been
 through it. On the CPU a fake kernel stands in for Triton's JITFunction (the direct path needs a
 CUDA driver), so these tests pin the contract: when a launch goes direct, with exactly the
-arguments Triton's own dispatch would pass to the compiled kernel, and when it must not. The GPU
-test compares the direct and dispatched launches of every op bit for bit."""
+arguments Triton's own dispatch would pass to the compiled kernel, and when it must not. A
+differential run (launch_differential.py) holds every kernel family's direct launches against
+Triton's real dispatch, with a fake driver. The GPU test compares both paths' outputs bit for bit."""
 import inspect
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,13 +118,16 @@ def test_a_different_specialisation_is_dispatched(fake, change):
         assert launcher.direct == 1, change
 
 
-@pytest.mark.parametrize("why", ["disabled", "pre_run_hook", "launch_hook", "compiling", "swapped"])
+@pytest.mark.parametrize("why", ["disabled", "pre_run_hook", "launch_hook", "compiling", "swapped", "options"])
 def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
     launcher, jit, _ = fake
     x, y = torch.zeros(64), torch.zeros(64)
     call(launcher, x, y)
     spy = FakeJIT(jit.fn)
-    if why == "disabled":
+    if why == "options":  # e.g. TRITON_DEBUG set after the first launch: Triton compiles another kernel
+        options = _launch._options()
+        monkeypatch.setattr(_launch, "_options", lambda: (not options[0], *options[1:]))
+    elif why == "disabled":
         monkeypatch.setattr(_launch, "ENABLED", False)
     elif why == "pre_run_hook":
         jit.pre_run_hooks.append(lambda *a, **k: None)
@@ -131,6 +140,19 @@ def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
     call(launcher, x, y)
     assert launcher.direct == 0 and jit.compiled.runs == [], why
     assert len((spy if why == "swapped" else jit).dispatched) == (1 if why == "swapped" else 2), why
+
+
+def test_nothing_is_kept_from_a_hooked_or_keyless_launch(fake, monkeypatch):
+    """A launch made while a profiler hook is set, or with key None (e.g. a plan built while
+    torch.compile traced), goes through Triton and leaves nothing in the cache."""
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    with monkeypatch.context() as m:
+        m.setattr(_launch._knobs.runtime.launch_enter_hook, "calls", [lambda metadata: None])
+        call(launcher, x, y)
+    launcher((3, 2), None, (x, y), (x, y, 7, 0.5), {"BLOCK": 16, "num_warps": 4})
+    launcher((3, 2), None, (x, y), (x, y, 7, 0.5), {"BLOCK": 16, "num_warps": 4})
+    assert launcher.cache == {} and launcher.direct == 0 and len(jit.dispatched) == 3
 
 
 def test_cache_is_bounded(fake, monkeypatch):
@@ -159,6 +181,22 @@ def test_tritons_launch_convention_is_the_one_read():
     assert "return kernel" in src
 
 
+def test_direct_launches_match_tritons_real_dispatch_on_cpu():
+    """tests/launch_differential.py: every kernel family's launches, direct and through Triton's
+    real JITFunction.run (fake driver and compile step, no GPU), pass the same compiled kernel the
+    same arguments; and retuning GroupNorm at run time is not answered from a stale cache."""
+    pytest.importorskip("triton")
+    if _launch.IMPORT_ERROR:
+        pytest.skip(_launch.IMPORT_ERROR)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _launch.ENV_VAR)}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("launch_differential.py"))], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"launch_differential.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["cases"] >= 30 and result["direct"] >= result["cases"], result
+    assert not result["mismatches"], json.dumps(result["mismatches"], indent=1)
+
+
 def test_off_under_the_interpreter():
     """CPU test runs use the interpreter, where there is nothing to launch directly."""
     from kernels.registry import interpreting
@@ -173,8 +211,12 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
     (forward, backward), and the second call of each really went direct."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    import importlib
+
     import kernels
-    from kernels import attention as at, group_norm_silu as gn, scheduler_step as st
+
+    # the modules: `from kernels import attention` would be the op function kernels re-exports
+    at, gn, st = (importlib.import_module(f"kernels.{m}") for m in ("attention", "group_norm_silu", "scheduler_step"))
 
     assert _launch.ENABLED, _launch.WHY_OFF
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -182,6 +224,9 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
     q, k, v = (rand(2, n, 8, 40).transpose(1, 2).requires_grad_() for n in (1024, 77, 77))
     x = rand(2, 320, 32, 32).requires_grad_()
     w, b = rand(320), rand(320)
+    x2 = rand(2, 320, 64, 64)  # forced to the two-pass forward (_stats_kernel, _apply_kernel)
+    two_pass = gn.launch_config(tuple(x2.shape), 32, x2.dtype, torch.cuda.get_device_properties(0).multi_processor_count,
+                                single_pass=False)
     lat, eps = rand(2, 4, 64, 64), rand(2, 4, 64, 64)
     coeffs = st.StepCoefficients(a_x=1.0, a_o=-0.5, b_x=1.0, b_0=-1.0, b_d=0.5, c0=0.4, c1=0.6, c2=0.1)
 
@@ -191,14 +236,15 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
             y = kernels.group_norm_silu(x, w, b, 32)
             grads = torch.autograd.grad((o.float().sum() + y.float().sum()), (q, k, v, x))
             step = kernels.scheduler_step(lat, eps, coeffs, model_output_uncond=eps * 0.5, guidance_scale=7.5)
+        y2 = gn.group_norm_silu_triton(x2, w, b, 32, config=two_pass)
         torch.cuda.synchronize()
-        return (o, y, *grads, step[0])
+        return (o, y, *grads, step[0], y2)
 
     monkeypatch.setattr(_launch, "ENABLED", False)
     want = run_all()
     monkeypatch.setattr(_launch, "ENABLED", True)
     # (2, 320, 32, 32): groups of 10 x 1024 elements take the one-launch forward
-    launchers = [at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._BWD_REDUCE, gn._BWD_DX, st._STEP]
+    launchers = [at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP]
     for launcher in launchers:
         launcher.clear()
     run_all()  # through Triton's dispatch, which fills the caches
@@ -206,5 +252,5 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
     got = run_all()
     for launcher, n in zip(launchers, before):
         assert launcher.direct > n, f"{launcher.name} did not launch directly"
-    for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev"), want, got):
+    for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev", "y two-pass"), want, got):
         assert torch.equal(a, b_), f"{name}: direct launch differs from Triton's dispatch by {(a - b_).abs().max()}"

@@ -1,0 +1,196 @@
+"""Direct launches (kernels/_launch.py) against Triton's real JITFunction.run, on a CPU.
+
+Run by tests/test_launch.py in a process without TRITON_INTERPRET (so @triton.jit makes real
+JITFunctions). Triton's active driver is replaced by a fake one (device 0, a fixed stream) and its
+compile step by a fake compiled kernel whose ``run`` records its arguments; nothing reaches a GPU.
+Each call of every kernel family is made three times: with direct launches off (what Triton's
+dispatch hands the compiled kernel), then on twice (the first fills the launch cache, the second
+goes direct). The direct launch must pick the same compiled kernel and pass the same arguments
+(tensors compared by dtype, shape, strides and 16-byte alignment; the launch metadata and hook
+slots are None by design). Prints one JSON line: cases, mismatches (with details), direct launches.
+"""
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+RUNS = []  # (compiled kernel, run() arguments) of every launch
+
+
+class FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0x5000 + device
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+class FakeCompiled:
+    def __init__(self, key):
+        self.key, self.function, self.packed_metadata = key, ("function", key), ("metadata", key)
+
+    def launch_metadata(self, grid, stream, *args):
+        return {"grid": grid}
+
+    def run(self, *args):
+        RUNS.append((self, args))
+
+
+def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    compiled = self.device_caches[device][0][key] = FakeCompiled(key)
+    return compiled
+
+
+driver.set_active(FakeDriver())
+JITFunction._do_compile = fake_compile
+
+from kernels import _launch  # noqa: E402
+
+at = importlib.import_module("kernels.attention")
+gn = importlib.import_module("kernels.group_norm_silu")
+st = importlib.import_module("kernels.scheduler_step")
+_launch._DRIVER = (FakeDriver().get_current_device, FakeDriver().get_current_stream)
+LAUNCHERS = (at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP)
+# the checks see a launchable setup (CPU tensors are otherwise refused before any launch)
+registry = importlib.import_module("kernels.registry")
+for module in (registry, at, gn, st):
+    module.interpreting = lambda: True
+
+
+def record(fn, enabled):
+    _launch.ENABLED = enabled
+    RUNS.clear()
+    fn()
+    return list(RUNS)
+
+
+def same_arg(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and (a.dtype, a.shape, a.stride(), a.data_ptr() % 16) == (b.dtype, b.shape, b.stride(), b.data_ptr() % 16))
+    return type(a) is type(b) and a == b
+
+
+def differences(want, got):
+    """What differs between Triton's launches and the direct ones, as strings (empty: none)."""
+    if len(want) != len(got):
+        return [f"{len(want)} launches through Triton, {len(got)} direct"]
+    out = []
+    for i, ((kw, aw), (kg, ag)) in enumerate(zip(want, got)):
+        if kw is not kg:
+            out.append(f"launch {i}: another compiled kernel ({kg.key[:60]} for {kw.key[:60]})")
+        if ag[6:9] != (None, None, None):
+            out.append(f"launch {i}: metadata/hooks {ag[6:9]!r}, not None")
+        if len(aw) != len(ag):
+            out.append(f"launch {i}: {len(ag)} arguments, Triton passed {len(aw)}")
+        out += [f"launch {i} argument {j}: {b!r:.60} for {a!r:.60}"
+                for j, (a, b) in enumerate(zip(aw, ag)) if j not in (6, 7, 8) and not same_arg(a, b)]
+    return out
+
+
+CASES, MISMATCHES = [], []
+
+
+def compare(name, fn):
+    for launcher in LAUNCHERS:
+        launcher.clear()
+    direct_before = sum(launcher.direct for launcher in LAUNCHERS)
+    want = record(fn, False)
+    record(fn, True)  # Triton's dispatch, filling the launch cache
+    got = record(fn, True)
+    diff = differences(want, got)
+    if sum(launcher.direct for launcher in LAUNCHERS) - direct_before != len(got):
+        diff.append("not every second launch went direct")
+    CASES.append(name)
+    if diff:
+        MISMATCHES.append({"case": name, "differences": diff[:8]})
+
+
+g = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, dtype=torch.float16):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+for b, h, lq, lkv, d, dtype, causal in [(2, 8, 64, 77, 40, torch.float16, False),
+                                        (1, 4, 33, 33, 80, torch.float32, True),
+                                        (2, 2, 16, 16, 160, torch.bfloat16, False)]:
+    q = rand(b, lq, h, d, dtype=dtype).transpose(1, 2)  # the UNet's layout
+    k, v = rand(b, h, lkv, d, dtype=dtype), rand(b, h, lkv, d, dtype=dtype)
+    o, lse, do = torch.empty_like(q), torch.zeros(b, h, lq), rand(b, h, lq, d, dtype=dtype)
+    shape = f"B{b} H{h} {lq}x{lkv} D{d} {dtype} causal={causal}"
+    compare(f"attention forward {shape}", lambda: at._forward(q, k, v, None, None, causal, None, True))
+    compare(f"attention inference {shape}", lambda: at._forward(q, k, v, 0.3, None, causal, None, False))
+    compare(f"attention backward {shape}", lambda: at._backward(do, q, k, v, o, lse, None, causal=causal))
+
+for shape, groups, dtype in [((2, 320, 32, 32), 32, torch.float16), ((1, 64, 7, 5), 8, torch.float32),
+                             ((2, 1280, 8, 8), 32, torch.bfloat16), ((2, 64, 50), 4, torch.float16)]:
+    x, w, bias = rand(*shape, dtype=dtype), rand(shape[1], dtype=torch.float32), rand(shape[1], dtype=dtype)
+    for single in (True, False):
+        cfg = gn.launch_config(tuple(shape), groups, dtype, gn.H100_SMS, single_pass=single)
+        for store in (False, True):
+            compare(f"group_norm_silu forward {shape} single_pass={single} stats={store}",
+                    lambda: gn._forward(x, w, bias, None, gn._plan(x, w, bias, groups, 1e-5, "silu", None, cfg, store)))
+    plan = gn._plan(x, w, bias, groups, 1e-5, "silu", None, None, True)
+    y, stats = gn._forward(x, w, bias, None, plan)
+
+    class Ctx:
+        saved_tensors, needs_input_grad = (x, w, bias, stats), (True, True, True)
+
+    Ctx.plan, Ctx.eps = plan, 1e-5
+    dy = rand(*shape, dtype=dtype)
+
+    def backward():
+        with torch.no_grad():
+            gn._GroupNormSiLU.backward(Ctx, dy)
+
+    compare(f"group_norm_silu backward {shape}", backward)
+
+latent, eps = rand(2, 4, 16, 16, dtype=torch.float32), rand(2, 4, 16, 16, dtype=torch.float32)
+coeffs = st.StepCoefficients(a_x=1, a_o=-0.5, b_x=1.0, b_0=-1.0, b_d=0.5, c0=0.4, c1=0.6, c2=0.1, clip=1)  # ints too
+mask = torch.rand(2, 1, 16, 16, generator=g) > 0.5
+compare("scheduler_step CFG + RePaint, bool mask",
+        lambda: st.scheduler_step_triton(latent, eps, coeffs, eps * 0.5, 7.5, None, None, mask, latent, True))
+compare("scheduler_step plain, int guidance", lambda: st.scheduler_step_triton(latent, eps, coeffs, None, 1))
+
+# retuning GroupNorm at run time: the same inputs now launch other tiles; the launch cache must not
+# hand back the kernel compiled for the old ones
+x = rand(2, 320, 32, 32)
+_launch.ENABLED = True
+for launcher in LAUNCHERS:
+    launcher.clear()
+for _ in range(2):
+    gn.group_norm_silu_triton(x, None, None, 32)  # warm: the second call goes direct
+before = gn._plan(x, None, None, 32, 1e-5, "silu", None, None, False)
+saved = gn.MAX_WARPS  # read by launch_config at each (uncached) call
+gn.MAX_WARPS = 1
+gn.launch_config.cache_clear()
+gn._PLANS.clear()
+try:
+    after = gn._plan(x, None, None, 32, 1e-5, "silu", None, None, False)
+    assert before.consts["num_warps"] != after.consts["num_warps"], "the retune changed nothing"
+    want = record(lambda: gn.group_norm_silu_triton(x, None, None, 32), False)
+    got = record(lambda: gn.group_norm_silu_triton(x, None, None, 32), True)
+    CASES.append("group_norm_silu retuned at run time")
+    if [k for k, _ in want] != [k for k, _ in got]:
+        MISMATCHES.append({"case": "group_norm_silu retuned at run time",
+                           "differences": ["the launch cache returned the kernel of the old tiles"]})
+finally:
+    gn.MAX_WARPS = saved
+    gn.launch_config.cache_clear()
+    gn._PLANS.clear()
+
+print(json.dumps({"cases": len(CASES), "mismatches": MISMATCHES,
+                  "direct": sum(launcher.direct for launcher in LAUNCHERS)}))
