@@ -58,7 +58,9 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
                    help=f"ops to benchmark, space or comma separated (default: all: {', '.join(ops.known_ops())})")
     g.add_argument("--backends", nargs="+", metavar="BACKEND",
                    help="backends to run (default: all; `reference` always runs for the speed-ups). "
-                        "reference = plain torch; triton = the fused kernel; compile = torch.compile "
+                        "reference = plain torch; triton = the fused kernel; triton-dispatch = the same "
+                        "kernel launched through Triton's own dispatch every call (host cost side by side); "
+                        "compile = torch.compile "
                         "of the reference; sdpa = torch's SDPA choice; sdpa-flash / sdpa-efficient / "
                         "sdpa-cudnn / sdpa-math = SDPA pinned with torch.nn.attention.sdpa_kernel")
     g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
@@ -108,10 +110,11 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
                         "sd15 on CUDA: 512x512, latent 64x64): "
                         "all-triton vs all-reference, each op alone, torch.compile, diffusers+SDPA, and "
                         "reference@graph / triton@graph (replayed from a CUDA graph: GPU time without "
-                        "host overhead)")
+                        "host overhead), triton-dispatch (all-triton, Triton's own launch dispatch)")
     g.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="kernel settings to run (default: all of reference, triton, triton:<op> for each "
-                        "op, and the UNet-step-only compile, diffusers-sdpa, reference@graph, triton@graph)")
+                        "op, and the UNet-step-only compile, diffusers-sdpa, reference@graph, triton@graph, "
+                        "triton-dispatch: all-triton with every launch through Triton's own dispatch)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ Rows are plain dicts with the same keys (:data:`ROW_KEYS`); :func:`write_results
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -218,6 +219,23 @@ def device_name(device: torch.device) -> str:
 def slug(text: str, maxlen: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:maxlen].rstrip("-") or "device"
+
+
+# the triton backend with every launch through Triton's own dispatch (kernels/_launch.py off):
+# side by side with `triton`, what the direct launches save in host time (ops and UNet step)
+TRITON_DISPATCH = "triton-dispatch"
+
+
+@contextlib.contextmanager
+def tritons_dispatch():
+    """Within the block, Triton kernels launch through JITFunction.run on every call."""
+    from kernels import _launch
+
+    saved, _launch.ENABLED = _launch.ENABLED, False
+    try:
+        yield
+    finally:
+        _launch.ENABLED = saved
 
 
 def _launch_mode() -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import (ERROR_ATOL, Skip, add_speedups, copy_ms, describe_exception, dtype_name, host_ms, interpreting,
-                     make_row, max_errors, skipped_row, time_fn, within_error)
+from .common import (ERROR_ATOL, TRITON_DISPATCH, Skip, add_speedups, copy_ms, describe_exception, dtype_name,
+                     host_ms, interpreting, make_row, max_errors, skipped_row, time_fn, tritons_dispatch, within_error)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ _CUDA_ONLY_SDPA = {"sdpa-efficient", "sdpa-cudnn"}
 BASE_BACKENDS = ("reference", "triton", "compile")
 
 
+
 def known_ops() -> list[str]:
     return list(CASES)
 
@@ -120,6 +121,8 @@ def op_backends(op: str) -> list[str]:
             names += [b for b in kernels.backends(op) if b not in names]
     except Exception:  # kernels failing to import is reported per row
         pass
+    if "triton" in names:
+        names.insert(names.index("triton") + 1, TRITON_DISPATCH)
     if op == "attention":
         names += [b for b in ("sdpa", *SDPA_VARIANTS) if b not in names]
     return names
@@ -272,6 +275,13 @@ def backend_callable(op: str, backend: str, args, kwargs, device: torch.device):
 
     if op not in kernels.ops():
         raise Skip(f"op {op!r} is not registered in kernels yet (registered: {', '.join(kernels.ops())})")
+    if backend == TRITON_DISPATCH:
+        from kernels import _launch
+
+        if not _launch.ENABLED:
+            raise Skip(f"the triton row already launches through Triton's dispatch here: {_launch.mode()}")
+        fn, _, note = backend_callable(op, "triton", args, kwargs, device)
+        return fn, tritons_dispatch, note
     if backend in SDPA_VARIANTS:
         if device.type != "cuda" and backend in _CUDA_ONLY_SDPA:
             raise Skip(f"{backend} needs a CUDA device")

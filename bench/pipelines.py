@@ -2,9 +2,11 @@
 
 Kernel settings ("variants"): ``reference`` (every op on its torch reference), ``triton`` (every op
 that has a Triton backend on it), ``triton:<op>`` (that op alone on Triton). The UNet step section
-adds two baselines carrying the same weights: ``compile`` (torch.compile of the reference UNet)
-and ``diffusers-sdpa`` (diffusers' UNet2DConditionModel with SDPA attention, converted with
-``sdcore.convert.unet``).
+adds baselines carrying the same weights: ``compile`` (torch.compile of the reference UNet),
+``diffusers-sdpa`` (diffusers' UNet2DConditionModel with SDPA attention, converted with
+``sdcore.convert.unet``), ``reference@graph`` / ``triton@graph`` (replayed from a CUDA graph) and
+``triton-dispatch`` (all-triton with every launch through Triton's own dispatch, as with
+SDLAB_FAST_LAUNCH=0: what kernels/_launch.py's direct launches save).
 
 Per pipeline row: seconds per image and images/s (median over repeats after a warm-up), UNet ms per
 step (UNet forward time measured with hooks / number of UNet calls; one call = one step with
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting, make_row, skipped_row,
-                     summarize, synchronize, time_fn)
+from .common import (TRITON_DISPATCH, Skip, add_speedups, describe_exception, dtype_name, host_ms, interpreting,
+                     make_row, skipped_row, summarize, synchronize, time_fn, tritons_dispatch)
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = ""
@@ -62,7 +64,8 @@ KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
 # UNet-step only: torch.compile and diffusers baselines, and reference / triton replayed from a
 # CUDA graph (no host overhead: the GPU time of the kernels alone, for comparison with eager).
 GRAPH_SUFFIX = "@graph"
-UNET_BASELINES = ("compile", "diffusers-sdpa", "reference" + GRAPH_SUFFIX, "triton" + GRAPH_SUFFIX)
+# triton-dispatch: all-triton with every launch through Triton's own dispatch (kernels/_launch.py off)
+UNET_BASELINES = ("compile", "diffusers-sdpa", "reference" + GRAPH_SUFFIX, "triton" + GRAPH_SUFFIX, TRITON_DISPATCH)
 
 
 def preset_names() -> list[str]:
@@ -635,6 +638,19 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
                     fn = cuda_graph(lambda: unet(x, t, ctx), device)
                 scope = contextlib.nullcontext()  # the graph replays the kernels captured under scope
                 note = "; ".join(filter(None, [note, "replayed from a CUDA graph (no host overhead)"]))
+            elif v == TRITON_DISPATCH:
+                if opts.interpreted_skip(v):
+                    raise Skip(opts.interpreted_skip(v))
+                from kernels import _launch
+
+                if not _launch.ENABLED:
+                    raise Skip(f"the triton row already launches through Triton's dispatch here: {_launch.mode()}")
+                triton_scope, note, triton_ops = kernel_scope("triton", device)
+                scope = contextlib.ExitStack()
+                scope.enter_context(triton_scope)
+                scope.enter_context(tritons_dispatch())
+                fn = lambda: unet(x, t, ctx)  # noqa: E731
+                note = "; ".join(filter(None, [note, "every launch through Triton's dispatch, as SDLAB_FAST_LAUNCH=0"]))
             elif v == "diffusers-sdpa":
                 scope = contextlib.nullcontext()
                 dunet = _diffusers_unet(unet, cfg, device, opts.dtype)

@@ -72,6 +72,19 @@ def test_ops_quick_reference_rows_are_timed_and_checked(ops_quick):
     assert all(r["frac_of_copy"] is None for r in attn), attn
 
 
+def test_triton_dispatch_rows_sit_beside_triton(ops_quick):
+    """Each op with a triton row has a triton-dispatch row (the same kernel through Triton's own
+    launch dispatch). Under the interpreter both are the same thing, so it is skipped, saying so."""
+    from kernels import _launch
+
+    _, data, _ = ops_quick
+    for op in ("group_norm_silu", "attention", "scheduler_step"):
+        rows = _rows(data, op=op, backend="triton-dispatch")
+        assert rows and len(rows) == len(_rows(data, op=op, backend="triton")), op
+        if not _launch.ENABLED:
+            assert all(r["status"] == "skipped" and "Triton's dispatch" in r["note"] for r in rows), rows
+
+
 def test_copy_ms_is_cached_per_size():
     cache = {}
     device = torch.device("cpu")
