@@ -11,15 +11,16 @@ pipelines are bound by host time, and a fused kernel can lose to torch's ops on 
 :class:`Launcher` runs Triton's dispatch once per *launch key* and keeps the compiled kernel it
 returns; later launches with the same key call that kernel's launcher directly. The key is
 
-    (the caller's key, the current CUDA device, each tensor's (dtype, 16-byte aligned) or None)
+    (the caller's key, the current CUDA device, Triton's option knobs,
+     each tensor's (dtype, 16-byte aligned) or None)
 
 The caller's key must determine every argument that is not a tensor or a float (integers,
 constexprs) and ``meta`` (``num_warps``, ...), from the values launched, not from what they were
 derived from (a table edited at run time would change them under the same inputs): then the key
 determines Triton's specialisation (Triton does not specialise on float values), so the kept
 kernel is the one Triton would pick. Call sites pass floats as Python floats (an int would
-specialise as an integer). A key of None launches through Triton's dispatch, uncached. The Triton
-knobs that enter compile options (debug, instrumentation) are part of the key too.
+specialise as an integer). A key of None launches through Triton's dispatch, uncached. The option
+knobs are those Triton reads into compile options on each call (debug, instrumentation).
 
 Triton's own dispatch runs instead (always correct, just slower) when: the interpreter runs,
 torch.compile is tracing (it wraps Triton kernels itself), a launch or pre-run hook is set (e.g.
@@ -39,7 +40,7 @@ from .registry import interpreting
 
 try:
     from triton import knobs as _knobs
-except ImportError:  # no Triton, or one older than its knobs module (3.4): direct launches stay off
+except ImportError:  # no Triton, or one without a knobs module: direct launches stay off
     _knobs = None
 
 ENV_VAR = "SDLAB_FAST_LAUNCH"
