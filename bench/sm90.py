@@ -164,10 +164,10 @@ def sd15_calls():
                 at.attention_triton(q, k, k)
         return call
 
-    def gn(shape, single):
+    def gn(shape, single, fmt=torch.contiguous_format):
         def call():
             gn = importlib.import_module("kernels.group_norm_silu")
-            x = torch.empty(shape, dtype=torch.float16)
+            x = torch.empty(shape, dtype=torch.float16).to(memory_format=fmt)
             w = torch.empty(shape[1], dtype=torch.float16)
             cfg = gn.launch_config(tuple(shape), 32, torch.float16, gn.H100_SMS, single_pass=single)
             with torch.no_grad():
@@ -217,6 +217,8 @@ def sd15_calls():
         ("attention D160 self 256", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 256, 256, 160)),
         ("group_norm_silu single (2,1280,16,16)", "kernels.group_norm_silu", gn_kernels, gn((2, 1280, 16, 16), True)),
         ("group_norm_silu two-pass (2,320,64,64)", "kernels.group_norm_silu", gn_kernels, gn((2, 320, 64, 64), False)),
+        ("group_norm_silu single channels_last (2,1280,16,16)", "kernels.group_norm_silu", gn_kernels,
+         gn((2, 1280, 16, 16), True, torch.channels_last)),  # 40 channels per group: 16-byte runs along C
         ("attention D40 self 4096 contiguous (B,H,L,D)", "kernels.attention", ("_attn_fwd_kernel",),
          attn(2, 8, 4096, 4096, 40, layout="BHLD")),
         ("attention D40 self 4096 bf16", "kernels.attention", ("_attn_fwd_kernel",),
