@@ -158,7 +158,6 @@ def copy_ms(nbytes: int, device: torch.device, cache: dict, *, quick: bool = Fal
     return cache[half]
 
 
-
 def measure_ceilings(device: torch.device, dtypes: Iterable[torch.dtype], *, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, read + written) and matmul rate (TFLOP/s per dtype) of ``device``."""
     cuda = device.type == "cuda"
@@ -238,15 +237,9 @@ def tritons_dispatch():
         _launch.ENABLED = saved
 
 
-def _launch_mode() -> str:
-    """How the Triton kernels were launched: directly once compiled, or through Triton's dispatch
-    on every call (SDLAB_FAST_LAUNCH=0, the interpreter, an unchecked Triton; kernels/_launch.py)."""
+def environment(device: torch.device) -> dict:
     from kernels import _launch
 
-    return _launch.mode()
-
-
-def environment(device: torch.device) -> dict:
     try:
         import triton
 
@@ -266,7 +259,7 @@ def environment(device: torch.device) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
         "triton_interpret": interpreting(),
-        "triton_launch": _launch_mode(),
+        "triton_launch": _launch.mode(),  # direct once compiled, or Triton's dispatch and why
         "torch_threads": torch.get_num_threads(),
         "argv": " ".join(sys.argv),
     }

@@ -105,7 +105,6 @@ _CUDA_ONLY_SDPA = {"sdpa-efficient", "sdpa-cudnn"}
 BASE_BACKENDS = ("reference", "triton", "compile")
 
 
-
 def known_ops() -> list[str]:
     return list(CASES)
 

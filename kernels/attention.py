@@ -125,10 +125,7 @@ def _load_tile(
     MASK_ROWS: tl.constexpr = True,  # False: every row is known to be < n_rows
     ALIGN: tl.constexpr = 1,  # stride_r is a multiple of ALIGN elements (host-checked; see _head_ptr)
 ):
-    row_offsets = rows * stride_r
-    if ALIGN > 1:
-        row_offsets = tl.multiple_of(row_offsets, ALIGN)
-    ptrs = ptr + row_offsets[:, None] + cols[None, :] * stride_c
+    ptrs = ptr + _row_offsets(rows, stride_r, ALIGN)[:, None] + cols[None, :] * stride_c
     if MASK_ROWS:
         mask = rows[:, None] < n_rows
         if MASK_COLS:
@@ -157,11 +154,17 @@ def _store_tile(
     mask = rows[:, None] < n_rows
     if MASK_COLS:
         mask = mask & (cols[None, :] < HEAD_DIM)
-    row_offsets = rows * stride_r
-    if ALIGN > 1:
-        row_offsets = tl.multiple_of(row_offsets, ALIGN)
-    tl.store(ptr + row_offsets[:, None] + cols[None, :] * stride_c,
+    tl.store(ptr + _row_offsets(rows, stride_r, ALIGN)[:, None] + cols[None, :] * stride_c,
              value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_offsets(rows, stride_r, ALIGN: tl.constexpr):
+    """rows · stride_r, declared multiples of ALIGN elements (see _head_ptr)."""
+    offsets = rows * stride_r
+    if ALIGN > 1:
+        offsets = tl.multiple_of(offsets, ALIGN)
+    return offsets
 
 
 @triton.jit
@@ -172,7 +175,7 @@ def _head_ptr(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
     (B, L, H, D) layout has head stride 40, and a contiguous (B, H, L, D) one row stride 40, so
     without hints every tile load compiles to 2-byte scalar loads with no cp.async pipeline (sm_90
     SASS); with them, to 16-byte cp.async as at D = 64. This hint covers the batch and head strides,
-    _load_tile's and _store_tile's the row stride. The host passes ALIGN = 16 bytes' worth of
+    _row_offsets's the row stride. The host passes ALIGN = 16 bytes' worth of
     elements only after checking the strides (_align); ALIGN = 1 adds no hint (a hint of 1 would
     hide what Triton proved itself). A hint must sit in the function that computes the value: on
     a parameter (of a kernel or of a @triton.jit helper such as this) it is silently lost."""

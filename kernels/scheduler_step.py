@@ -263,7 +263,8 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
     # floats as floats: an int coefficient would make Triton compile (and the direct launch expect) an int
     scalars = tuple(map(float, (guidance_scale, k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip,
                                 k.b_x, k.b_o, k.b_0, k.b_d, k.c0, k.c1, k.c2, k.c3, k.sigma)))
-    _STEP((triton.cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars), {"FLAGS": flags, "BLOCK": BLOCK})
+    _STEP((triton.cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars),
+          {"FLAGS": flags, "BLOCK": BLOCK})
     return prev, x0
 
 
