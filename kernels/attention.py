@@ -19,7 +19,8 @@ rides in one FMA per score (as in Triton's fused-attention tutorial):
     l <- l · exp2(m - m') + rowsum p_j;  acc <- acc · exp2(m - m') + p_j v_j;  m <- m'
     o = acc / l;  lse2 = m + log2 l   (the log2-domain logsumexp, written only for the backward)
 The key loop runs over full BLOCK_N blocks with no key masks; the Lkv % BLOCK_N remainder is one
-peeled, masked step (causal attention, only the 77-token CLIP encoder, masks every block).
+peeled, masked step, only as wide as it needs (TAIL_N: 16 for the 13 keys of 77 = 64 + 13). Causal
+attention (only the 77-token CLIP encoder) masks every block.
 Backward (Dao 2023, Alg. 2) in Triton, recomputing p = exp2(s · scale · log2(e) - lse2):
     delta = rowsum(dO ∘ O) (torch, fp32);  dV = pᵀ dO;  dP = dO Vᵀ;  dS = p ∘ (dP - delta)
     dK = scale · dSᵀ Q  (one program per key block, looping over query blocks)
@@ -31,7 +32,7 @@ block (from L2 after the first): ideally 2·B·H·(Lq + Lkv)·D elements plus an
 At D = 40 the kernel is compute-bound from a few hundred keys on; at 77 keys it is memory-bound.
 
 Regime where it should win against SDPA: SD head dims 80/160 (no pad waste) and 77-key
-cross-attention (one 64-key block plus a masked 13-key block, no padding of the key length).
+cross-attention (one 64-key block, then the other 13 keys in a masked 16-key block: 80 key columns, not 128).
 For D = 64 / 128 it is a plain FA2 and should roughly match torch's flash backend. First H100
 numbers (fp16, Triton 3.6, B=2, H=8 unless noted, before tuning), TFLOP/s kernel vs SDPA:
 D=64 4096² (H=5) 360 vs 369; D=80 1024² 215 vs 235; D=160 256² 21 vs 47 (grid too small);
@@ -256,7 +257,7 @@ def _attn_fwd_kernel(
     D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    MASK_N: tl.constexpr,  # LKV % BLOCK_N != 0: the last key block has padding
+    TAIL_N: tl.constexpr,  # keys in the peeled last block: LKV % BLOCK_N padded (tail_block), 0 if none
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
     STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
@@ -275,6 +276,7 @@ def _attn_fwd_kernel(
     cols_h = tl.arange(0, D_HEAD)
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM  # padded columns in the head part (D < 16)
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM  # padded columns in the tail (40 = 32 + 16)
+    MASK_N: tl.constexpr = TAIL_N > 0  # LKV % BLOCK_N != 0
 
     q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
     acc_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
@@ -302,9 +304,9 @@ def _attn_fwd_kernel(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
                 HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, False, False, ALIGN)
-        if MASK_N:
+        if MASK_N:  # a block of TAIL_N <= BLOCK_N keys: 77 = 64 + 13 runs 64 + 16 columns, not 128
             acc_h, acc_t, m_i, l_i = _attn_fwd_step(
-                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, n_full, rows_m, offs_n, cols_h, cols_t,
+                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, n_full, rows_m, tl.arange(0, TAIL_N), cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
                 HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, True, False, ALIGN)
 
@@ -495,6 +497,14 @@ def _attn_bwd_dq_kernel(
 _FWD, _DKDV, _DQ = Launcher(_attn_fwd_kernel), Launcher(_attn_bwd_dkdv_kernel), Launcher(_attn_bwd_dq_kernel)
 
 
+def tail_block(lkv: int, block_n: int) -> int:
+    """The forward's peeled last key block: the LKV % BLOCK_N remaining keys padded to a power of two
+    >= 16 (tl.dot's smallest tile), at most BLOCK_N; 0 when BLOCK_N divides LKV. A narrow block pays
+    for 3 padded keys at 77 = 64 + 13, where a full one would pay for 51."""
+    rest = lkv % block_n
+    return min(block_n, max(16, triton.next_power_of_2(rest))) if rest else 0
+
+
 def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     """D -> (D_HEAD, D_TAIL): a power of two plus a power-of-two tail, each >= 16 (0 = no tail).
 
@@ -629,8 +639,8 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
         if len(_ALIGNS) >= 4096:
             _ALIGNS.clear()
         align = _ALIGNS[ints, b, q.dtype] = _align(q, k, v, o)  # (ints, b) hold every stride and shape it reads
-    # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, MASK_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
-    consts = (d, d_head, d_tail, block_m, block_n, lkv % block_n != 0, precision, causal, store_lse, align)
+    # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, TAIL_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
+    consts = (d, d_head, d_tail, block_m, block_n, tail_block(lkv, block_n), precision, causal, store_lse, align)
     _FWD((-(-lq // block_m), b * h), (ints, consts, warps, stages), (q, k, v, o, lse),
          (q, k, v, o, lse, *ints, qk_scale, *consts), {"num_warps": warps, "num_stages": stages})
     return o, lse

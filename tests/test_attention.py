@@ -330,13 +330,14 @@ def test_causal_clip_shape_gpu(dtype, device):
 
 
 # The forward runs full key blocks without masks and peels the LKV % BLOCK_N remainder into one
-# masked step; these lengths put that boundary everywhere, at BLOCK_N = 32 (given explicitly).
+# masked step of TAIL_N keys (tail_block); these lengths put that boundary everywhere, at BLOCK_N = 32
+# (given explicitly).
 KEY_LENGTHS = [
     64,  # a multiple of BLOCK_N: two unmasked blocks, no peeled step
-    50,  # one full block, then an 18-key masked remainder
+    50,  # one full block, then an 18-key remainder in a full-width (32) masked block
     20,  # fewer keys than one block: only the masked step runs
-    1,  # a single key: the softmax is exactly 1, o = v
-    77,  # SD text context: two full blocks, then 13 keys
+    1,  # a single key: the softmax is exactly 1, o = v (a 16-key tail block)
+    77,  # SD text context: two full blocks, then 13 keys in a 16-key tail block
 ]
 BLOCK_N_32 = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
 
@@ -347,7 +348,15 @@ def test_key_lengths(lkv, device):
     run_forward((1, 1, 19, lkv, 80), torch.float32, device, config=BLOCK_N_32)  # head + tail
 
 
-@pytest.mark.parametrize("lkv", [1, 77])
+def test_tail_block():
+    # (Lkv, BLOCK_N) -> width of the peeled block: the remainder padded to a power of two in [16, BLOCK_N]
+    cases = {(77, 64): 16, (84, 64): 32, (100, 64): 64, (128, 64): 0, (1, 64): 16, (13, 16): 16,
+             (50, 32): 32, (4096, 64): 0, (4097, 128): 16}
+    got = {case: attention_module.tail_block(*case) for case in cases}
+    assert got == cases
+
+
+@pytest.mark.parametrize("lkv", [1, 77, 84])  # tail blocks of 16, 16 and 32 keys after 64-key blocks
 def test_key_lengths_default_config(lkv, device):
     run_forward((1, 2, 19, lkv, 40), torch.float32, device)
     run_forward((1, 2, 19, lkv, 40), torch.float16, device)
