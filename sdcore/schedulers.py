@@ -99,6 +99,8 @@ def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offse
     """Descending timesteps (float64 values) for ``n`` steps; Lin et al. 2024, Table 2, as diffusers.
 
     leading: k·(T//n) + offset; trailing: round(T - k·T/n) - 1; linspace: linspace(0, T-1, n), rounded.
+    Trailing is computed for k < n exactly: diffusers' ``np.arange(T, 0, -T/n)`` yields an (n+1)-th
+    value, -1, for some n (e.g. 61 at T = 1000); its other values are these, bit for bit.
     """
     _check_choice("timestep spacing", spacing, TIMESTEP_SPACINGS)
     if not isinstance(n, (int, np.integer)) or n < 1:
@@ -109,7 +111,8 @@ def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offse
         return (ts.round() if round_linspace else ts)[::-1].copy()
     if spacing == "leading":
         return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
-    return np.round(np.arange(T, 0, -T / n)) - 1
+    delta = (T + -T / n) - T  # numpy's arange fills start + k·delta with delta = (start + step) - start
+    return np.round(T + np.arange(n) * delta) - 1
 
 
 def x0_eps_coefficients(prediction_type: str, sa, sb) -> dict[str, float]:
@@ -217,14 +220,24 @@ class Scheduler:
         why = (f"timesteps outside [0, {T}): {bad[:3]}" if bad else
                "repeated timesteps" if any(a <= b for a, b in zip(ts, ts[1:])) else None)
         if why:
+            advice = "fewer steps" + ("" if c.timestep_spacing == "trailing" else " or timestep_spacing='trailing'")
             raise ValueError(f"{self.name}: steps={len(ts)} with timestep_spacing={c.timestep_spacing!r} "
-                             f"and steps_offset={c.steps_offset} gives {why} (num_train_timesteps={T}); use fewer "
-                             "steps or timestep_spacing='trailing'")
+                             f"and steps_offset={c.steps_offset} gives {why} (num_train_timesteps={T}); use "
+                             f"{advice}")
         self.timesteps, self._ts = timesteps, ts
         self._index = {t: i for i, t in enumerate(self._ts)}  # 999 and 999.0 hash alike
 
     def _alpha_bar(self, t: int):
         return self._ac[t] if t >= 0 else F32(1.0)
+
+    def _check_t(self, t, prev_t=None) -> None:
+        """A training timestep 0 <= t < T, and a target -1 <= prev_t < t (-1: the clean sample)."""
+        T = self.config.num_train_timesteps
+        if not 0 <= t < T:
+            raise ValueError(f"{self.name}: timestep {t} is outside the training range [0, {T})")
+        if prev_t is not None and not -1 <= prev_t < t:
+            raise ValueError(f"{self.name}: prev_t={prev_t} must be in [-1, t={t}): a step goes down in noise "
+                             "(-1 = the clean sample); undo_step() goes up")
 
     def _require_timesteps(self):
         if self.timesteps is None:
@@ -238,12 +251,15 @@ class Scheduler:
         """q(x_t | z0) at timestep ``t``: a host int (no device traffic), or a 1-D CPU tensor with
         one timestep per sample (its coefficients are copied to z0's device)."""
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
+            for v in t.tolist():
+                self._check_t(v)
             ab = self.alphas_cumprod[t.cpu().long()]
             shape = (-1,) + (1,) * (z0.dim() - 1)
             sa = (ab**0.5).reshape(shape).to(z0.device, z0.dtype)
             sb = ((1 - ab) ** 0.5).reshape(shape).to(z0.device, z0.dtype)
             return sa * z0 + sb * noise
-        return add_noise(z0, noise, self._ac[int(t)])
+        self._check_t(_host(t))
+        return add_noise(z0, noise, self._ac[int(_host(t))])
 
     def undo_step(self, sample: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -308,6 +324,7 @@ class DDPMScheduler(Scheduler):
             if i is None:
                 raise ValueError(f"ddpm: timestep {t} is not in timesteps; pass prev_t= explicitly")
             prev_t = self._ts[i + 1] if i + 1 < len(self._ts) else -1
+        self._check_t(t, int(prev_t))
         a, ap = self._ac[t], self._alpha_bar(int(prev_t))
         bt, bp = F32(1) - a, F32(1) - ap
         cur_a = a / ap
@@ -334,9 +351,10 @@ class DDIMScheduler(Scheduler):
     def _coefficients(self, t, prev_t):
         t = int(t)
         c = self.config
-        if prev_t is None:
-            prev_t = t - c.num_train_timesteps // self.num_inference_steps
+        if prev_t is None:  # diffusers' t - T//n, which may fall below -1: that is ᾱ_{-1} too
+            prev_t = max(t - c.num_train_timesteps // self.num_inference_steps, -1)
         prev_t = int(prev_t)
+        self._check_t(t, prev_t)
         a = self._ac[t]
         ap = self._ac[prev_t] if prev_t >= 0 else (F32(1) if c.set_alpha_to_one else self._ac[0])
         bt, bp = F32(1) - a, F32(1) - ap
@@ -372,6 +390,22 @@ class _SigmaScheduler(Scheduler):
             raise ValueError(f"{self.name} walks its own sigma table; prev_t= is only for ddpm / ddim")
         return super().step(*args, **kwargs)
 
+    def _noise_coefficients(self, i: int) -> tuple[float, float]:
+        """(a, b) of the noised sample a·z0 + b·ε at step index i."""
+        raise NotImplementedError
+
+    def add_noise(self, z0, noise, t):
+        """z0 noised to timestep ``t`` of :attr:`timesteps`: a host value, or a 1-D CPU tensor of
+        them, one per sample."""
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
+            ab = torch.tensor([self._noise_coefficients(self._step_index(v)) for v in t.cpu().tolist()],
+                              dtype=torch.float32)
+            shape = (-1,) + (1,) * (z0.dim() - 1)
+            a, b = (c.reshape(shape).to(z0.device, z0.dtype) for c in ab.unbind(1))
+            return a * z0 + b * noise
+        a, b = self._noise_coefficients(self._step_index(t))
+        return a * z0 + b * noise
+
 
 class EulerAncestralScheduler(_SigmaScheduler):
     """Euler-ancestral (Karras et al. 2022 Alg. 2 with ancestral noise; k-diffusion
@@ -399,9 +433,9 @@ class EulerAncestralScheduler(_SigmaScheduler):
         s = self.sigmas[self._step_index(t)]
         return sample / float(np.sqrt(s**2 + F32(1)))
 
-    def add_noise(self, z0, noise, t):
+    def _noise_coefficients(self, i):
         """x = z0 + σ_t ε (σ space: the sampler's x is not scaled by √ᾱ)."""
-        return z0 + noise * float(self.sigmas[self._step_index(t)])
+        return 1.0, float(self.sigmas[i])
 
     def _coefficients(self, t, prev_t):
         i = self._step_index(t)
@@ -437,19 +471,22 @@ class DPMSolverPP2MScheduler(_SigmaScheduler):
             ts = spaced_timesteps(num_inference_steps + 1, T, c.timestep_spacing, c.steps_offset)[:-1]
             self._set(torch.from_numpy(ts.astype(np.int64)))
         self._sigma_table(self.timesteps.numpy())
-        self._x0_prev, self._lower_order_nums = None, 0
+        self._x0_prev, self._lower_order_nums, self._last_index = None, 0, None
 
     def _alpha_sigma(self, i):
         s = self.sigmas[i]
         alpha = F32(1) / np.sqrt(s**2 + F32(1))
         return alpha, s * alpha
 
-    def add_noise(self, z0, noise, t):
-        alpha, sigma = self._alpha_sigma(self._step_index(t))
-        return float(alpha) * z0 + float(sigma) * noise
+    def _noise_coefficients(self, i):
+        alpha, sigma = self._alpha_sigma(i)
+        return float(alpha), float(sigma)
 
     def _coefficients(self, t, prev_t):
         i = self._step_index(t)
+        if self._last_index is None or i != self._last_index + 1:  # a new run (or a jump): the kept
+            self._x0_prev, self._lower_order_nums = None, 0  # x0 is not step i - 1's, so first order
+        self._last_index = i
         (alpha_s, sigma_s), (alpha_t, sigma_t) = self._alpha_sigma(i), self._alpha_sigma(i + 1)
         with np.errstate(divide="ignore"):
             lam_t = np.log(alpha_t) - np.log(sigma_t)  # +inf at the final σ = 0

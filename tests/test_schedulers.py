@@ -130,6 +130,73 @@ def test_timesteps_match_diffusers(name, steps):
         assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype)), (spacing, ours.timesteps, ref.timesteps)
 
 
+def test_trailing_spacing_every_step_count():
+    """diffusers' np.arange(T, 0, -T/n) yields an (n+1)-th value, -1, for some n (61, 103, ... at
+    T = 1000); ours gives n timesteps for every n, equal to diffusers' wherever it gives n."""
+    from sdcore.schedulers import spaced_timesteps
+    for T in (1000, 1001, 257):
+        extra = 0
+        for n in range(1, T + 1):
+            ts = spaced_timesteps(n, T, "trailing")
+            assert len(ts) == n and ts[0] == T - 1 and ts[-1] >= 0 and np.all(np.diff(ts) < 0), (T, n, ts[-3:])
+            theirs = np.round(np.arange(T, 0, -T / n)) - 1
+            if len(theirs) == n:
+                assert np.array_equal(ts, theirs), (T, n)
+            else:
+                extra += 1
+                assert np.array_equal(ts, theirs[:n]) and theirs[n:].tolist() == [-1.0], (T, n)
+        assert extra > 0 or T == 257, f"T={T}: no step count hit diffusers' extra value; the test lost its point"
+    s = make_scheduler("ddim", SchedulerConfig(timestep_spacing="trailing"))
+    s.set_timesteps(61)
+    assert len(s.timesteps) == 61 and s.timesteps[-1] == 15
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_timesteps_out_of_range_are_errors(name):
+    """A negative t would wrap around the ᾱ table, a prev_t >= t step up in noise: both refused."""
+    s = make_scheduler(name, SchedulerConfig())
+    x = torch.zeros(SHAPE)
+    for t in (-1, 1000, torch.tensor([3, -1]), torch.tensor([1000, 5])):
+        with pytest.raises(ValueError, match=r"outside the training range \[0, 1000\)"):
+            s.add_noise(x, x, t)
+    with pytest.raises(ValueError, match=r"prev_t=500 must be in \[-1, t=100\)"):
+        s.step(x, 100, x, prev_t=500)
+    with pytest.raises(ValueError, match=r"prev_t=-2 must be in \[-1, t=100\)"):
+        s.step(x, 100, x, prev_t=-2)
+    with pytest.raises(ValueError, match="outside the training range"):
+        s.step(x, 1000, x, prev_t=3)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m"])
+def test_sigma_samplers_add_noise_per_sample(name):
+    s = make_scheduler(name, SchedulerConfig())
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(8)
+    z0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    ts = s.timesteps[[0, 7]]
+    got = s.add_noise(z0[:2], eps[:2], ts)
+    for i, t in enumerate(ts):
+        assert torch.equal(got[i], s.add_noise(z0[i:i + 1], eps[i:i + 1], t)[0]), (name, i)
+
+
+def test_dpmpp_2m_state_does_not_leak_between_runs():
+    """The multistep x0 of a finished run must not feed the next one (an img2img run started at
+    index 3 without set_timesteps): it matches a fresh scheduler's."""
+    def run(s, start):
+        model, x = fake_model(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+        for t in s.timesteps[start:].tolist():
+            x = s.step(model(x, t), t, x).prev_sample
+        return x
+
+    reused = make_scheduler("dpmpp_2m", SchedulerConfig())
+    reused.set_timesteps(8)
+    run(reused, 0)
+    fresh = make_scheduler("dpmpp_2m", SchedulerConfig())
+    fresh.set_timesteps(8)
+    assert torch.equal(run(reused, 3), run(fresh, 3))
+    assert torch.equal(run(reused, 0), run(fresh, 0))
+
+
 def test_ddpm_full_chain_matches_diffusers():
     """Plain ancestral DDPM over all 1000 training steps, short check on the last 30 (t -> t-1)."""
     cfg = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, steps_offset=0)
