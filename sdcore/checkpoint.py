@@ -115,12 +115,18 @@ class _TensorFile:
         self.path = path
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint file at {path}")
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes)")
         with open(path, "rb") as f:
             head = f.read(9)
         self._st = None
         self._sd: dict[str, torch.Tensor] = {}
         self.config_json: str | None = None
-        if head[:2] == b"PK" or path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        # by content first: safetensors opens with its header's length (8 bytes, little-endian), then
+        # "{"; torch's zip format with "PK". The suffix decides only for legacy (pickle) torch files.
+        safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+        if head[:2] == b"PK" or (not safetensors and path.suffix in (".ckpt", ".pt", ".pth", ".bin")):
             self._open_torch(mmap=head[:2] == b"PK")  # only zip-format files can be memory-mapped
         else:
             self._open_safetensors()
@@ -228,6 +234,9 @@ class SingleFile:
     def shapes(self) -> dict[str, tuple]:
         return dict(self.file.shapes)
 
+    def check_shapes(self, expected: Mapping[str, tuple]) -> None:
+        """Nothing to do before :func:`check_state_dict`: the file's keys are the model's."""
+
     def read(self, keys, dtype, device) -> dict[str, torch.Tensor]:
         return _floating({k: self.file.read(k, dtype, device) for k in keys}, self.path)
 
@@ -275,12 +284,34 @@ class DiffusersFolder:
             out.update({k: tuple(v.shape) for k, v in self._ldm(comp, f.meta()).items()})
         return out
 
+    def check_shapes(self, expected: Mapping[str, tuple]) -> None:
+        """Shape mismatches named as they are on disk (weight file, diffusers key), before the
+        converted keys reach :func:`check_state_dict` (which names keys in the LDM layout)."""
+        for comp, f in self.files.items():
+            prefix = COMPONENTS[comp]
+            ours = {k[len(prefix):]: torch.empty(v, device="meta") for k, v in expected.items() if k.startswith(prefix)}
+            try:
+                want = _convert(_DIFFUSERS[comp][2]).ldm_to_diffusers(ours, self.configs[comp])
+            except (KeyError, RuntimeError, ValueError):  # the model's own keys convert; leave it to the LDM check
+                continue
+            bad = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(f.shapes[k])}" for k in sorted(f.shapes)
+                   if k in want and not _same_weight_shape(tuple(want[k].shape), tuple(f.shapes[k]))]
+            if bad:
+                raise CheckpointError(f"{f.path} does not match the model's {comp}: {len(bad)} shape mismatches: "
+                                      + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
+
     def read(self, keys, dtype, device) -> dict[str, torch.Tensor]:
         out = {}
         for comp, f in self.files.items():  # transformers' int64 position_ids are read, then dropped
             ldm = self._ldm(comp, {k: f.read(k, dtype, device) for k in f.shapes})
             out.update(_floating({k: v for k, v in ldm.items() if k in keys}, f.path))
         return out
+
+
+def _same_weight_shape(a: tuple, b: tuple) -> bool:
+    """Equal, or a linear (out, in) against a 1x1 conv (out, in, 1, 1), which the converters take
+    for each other (older diffusers VAEs store their attention projections as 1x1 convs)."""
+    return a == b or (a[:2] == b[:2] and {len(a), len(b)} == {2, 4} and all(d == 1 for d in a[2:] + b[2:]))
 
 
 def open_checkpoint(path) -> SingleFile | DiffusersFolder:

@@ -202,16 +202,44 @@ def _agrees(hint: SDConfig, unet: UNetConfig, vae: VAEConfig, text: TextEncoderC
     return True
 
 
+class _Reading(Mapping):
+    """The shapes, remembering the last key read, for an error that names it."""
+
+    def __init__(self, shapes: Mapping[str, tuple]):
+        self._shapes, self.last = shapes, None
+
+    def __getitem__(self, key):
+        self.last = key
+        return self._shapes[key]
+
+    def __contains__(self, key):
+        return key in self._shapes
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self):
+        return len(self._shapes)
+
+
 def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = None,
                   name: str = "custom", where="checkpoint", hint: str | None = None) -> SDConfig:
     """SDConfig of an LDM state dict from its keys and shapes (see the module docstring); ``hint``
     is the JSON config sdcore wrote into the file, if any."""
+    reading = _Reading(shapes)
     try:
-        text = _detect_text(shapes, where)
-        unet = _detect_unet(shapes, text.kind, where)
-        vae = _detect_vae(shapes, where)
+        text = _detect_text(reading, where)
+        unet = _detect_unet(reading, text.kind, where)
+        vae = _detect_vae(reading, where)
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{where}: cannot detect the architecture, key {e} is missing") from e
+    except (ValueError, IndexError, TypeError, ZeroDivisionError) as e:  # a shape of the wrong rank or size
+        key = reading.last
+        what = f"key {key!r}: its shape {tuple(shapes[key])} is not one" if key is not None else "the shapes: not what"
+        raise CheckpointError(f"{where}: cannot detect the architecture from {what} an SD checkpoint has "
+                              f"there ({e})") from e
     if hint is not None:
         try:
             config = config_from_json(hint)

@@ -209,6 +209,7 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
         config = config.replace(text_encoder=config.text_encoder.replace(pad_token=tokenizer.pad_token))
     model = StableDiffusion.skeleton(config, tokenizer)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    source.check_shapes(expected)
     shapes = checkpoint.drop_extras(source.shapes(), expected)
     # Optional keys some exporters leave out: buffers (e.g. position_ids) keep their built values; a
     # missing logit_scale (image-text logits only, unused by SD) takes CLIP's initial value.

@@ -266,6 +266,10 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNet expects context of shape (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
         if context.shape[0] != b:
             raise ValueError(f"batch mismatch: x has {b} samples, context {context.shape[0]}")
+        dtype = self.out[-1].weight.dtype
+        if x.dtype != dtype or context.dtype != dtype:
+            raise TypeError(f"UNet: x ({x.dtype}) and context ({context.dtype}) must have the model's dtype "
+                            f"{dtype}; convert them (or the model) first")
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(b)

@@ -438,6 +438,28 @@ def test_corrupt_file(saved, tmp_path, fmt, damage, message):
         sdcore.load(bad)
 
 
+@pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
+def test_empty_file(tmp_path, suffix):
+    (tmp_path / f"empty.{suffix}").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"empty\.{suffix}: empty file \(0 bytes\)"):
+        sdcore.load(tmp_path / f"empty.{suffix}")
+
+
+def test_format_is_read_from_the_content_not_the_suffix(saved, tiny, tmp_path):
+    """A safetensors file named .ckpt loads as safetensors (it used to go to torch.load)."""
+    shutil.copy(saved["safetensors"], tmp_path / "renamed.ckpt")
+    assert_same_weights(sdcore.load(tmp_path / "renamed.ckpt").state_dict(), tiny.state_dict())
+
+
+def test_detection_key_of_the_wrong_rank_is_named(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32)
+    with pytest.raises(CheckpointError, match=r"foreign\.safetensors: cannot detect the architecture from key "
+                                              r"'model\.diffusion_model\.input_blocks\.0\.0\.weight': its shape "
+                                              r"\(32,\) is not one an SD checkpoint has there"):
+        sdcore.load(_foreign(tmp_path, state))
+
+
 def test_ckpt_with_python_objects_is_refused(tmp_path):
     path = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callbacks": Exception("x")}, path)
@@ -482,6 +504,27 @@ def test_missing_unexpected_and_misshapen_keys(tiny, tmp_path):
     assert f"... ({len(gone)} in all)" in msg
     assert "vae: unexpected keys: decoder.extra.weight (1)" in msg
     assert "model.diffusion_model.middle_block.0.in_layers.2.bias: expected (64,), got (7,)" in msg
+
+
+def test_diffusers_folder_shape_mismatch_names_the_file_and_its_key(saved, tiny, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(saved["diffusers"], folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["down_blocks.0.resnets.0.conv1.bias"] = torch.zeros(7)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model\.safetensors does not match the "
+                                              r"model's unet: 1 shape mismatches: down_blocks\.0\.resnets\.0\."
+                                              r"conv1\.bias: expected \(32,\), got \(7,\)"):
+        sdcore.load(folder)
+    # older diffusers VAEs keep attention projections as 1x1 convs: the same weights, and they load
+    shutil.copytree(saved["diffusers"], folder, dirs_exist_ok=True)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = "encoder.mid_block.attentions.0.to_q.weight"
+    state[key] = state[key][:, :, None, None].contiguous()
+    save_file(state, str(weights))
+    assert_same_weights(sdcore.load(folder).state_dict(), tiny.state_dict())
 
 
 def test_missing_logit_scale_takes_clips_initial_value(tmp_path):

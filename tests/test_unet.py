@@ -190,6 +190,27 @@ def test_config_from_published_sd21_json():
     assert config_from_diffusers(published) == _unet_cfg("sd21")
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         config_from_diffusers({**published, "resnet_time_scale_shift": "scale_shift"})
+    # options that change the architecture, at values our LDM UNet does not build: refused by name
+    for key, value in [("time_embedding_act_fn", "silu"), ("timestep_post_act", "silu"),
+                       ("cross_attention_norm", "group_norm"), ("mid_block_only_cross_attention", True),
+                       ("encoder_hid_dim_type", "text_proj"), ("addition_time_embed_dim", 256),
+                       ("projection_class_embeddings_input_dim", 2816), ("class_embeddings_concat", True)]:
+        with pytest.raises(ValueError, match=f"{key}={value!r}"):
+            config_from_diffusers({**published, key: value})
+
+
+@needs_diffusers
+def test_diffusers_default_config_is_accepted():
+    """Every UNet2DConditionModel argument at its default value (what a config.json that sets it
+    explicitly holds) passes the supported-options check: the allowed values include diffusers'."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+                if k != "self" and p.default is not inspect.Parameter.empty}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    assert config_from_diffusers(defaults).model_channels == 320
 
 
 def test_conversion_reports_missing_and_unexpected_keys():
@@ -213,6 +234,9 @@ def test_input_errors():
     x, t, context = _inputs(cfg, 2, 16, 16, 5)
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\).*9 channels"):
         unet(torch.randn(2, 9, 16, 16), t, context)
+    with pytest.raises(TypeError, match=r"x \(torch.float16\) and context \(torch.float32\) must have the "
+                                        r"model's dtype torch.float32"):
+        unet(x.half(), t, context)
     with pytest.raises(ValueError, match=r"context of shape \(B, L, 32\)"):
         unet(x, t, torch.randn(2, 5, 768))
     with pytest.raises(ValueError, match="batch mismatch"):

@@ -150,6 +150,10 @@ _SUPPORTED = {
     "encoder_hid_dim": (None,), "time_embedding_type": ("positional",), "conv_in_kernel": (3,),
     "conv_out_kernel": (3,), "time_cond_proj_dim": (None,), "reverse_transformer_layers_per_block": (None,),
     "attention_type": ("default",), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "cross_attention_norm": (None,),
+    "mid_block_only_cross_attention": (None, False), "encoder_hid_dim_type": (None,),
+    "addition_time_embed_dim": (None,), "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
 }
 
 
