@@ -50,11 +50,13 @@ def sha256(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------- kernels
 def kernel_scope(spec: str | None):
-    """``SDLAB_KERNELS`` syntax: ``"triton"`` for every op, or ``"attention=triton,group_norm_silu=reference"``."""
+    """``SDLAB_KERNELS`` syntax: ``"triton"`` for every op, or ``"attention=triton,group_norm_silu=reference"``.
+    None: the default backends, whatever ``SDLAB_KERNELS`` says now (a job records None only when
+    neither ``--kernels`` nor ``SDLAB_KERNELS`` chose any, so a replay must not take them from here)."""
     import kernels
 
     if not spec:
-        return contextlib.nullcontext()
+        return _without_env("SDLAB_KERNELS")
     if "=" not in spec:
         return kernels.use(spec.strip())
     per_op = {}
@@ -64,6 +66,16 @@ def kernel_scope(spec: str | None):
             raise ValueError(f"--kernels {spec!r}: expected 'op=backend' items, got {item!r}; ops: {', '.join(kernels.ops())}")
         per_op[op.strip()] = backend.strip()
     return kernels.use(**per_op)
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -84,8 +96,36 @@ def job_from_args(args) -> dict:
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None, "preset": args.preset,
                       "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
             "kernels": args.kernels if args.kernels is not None else os.environ.get("SDLAB_KERNELS") or None,
-            "inputs": {k: {"path": str(Path(v).resolve()), "sha256": sha256(Path(v))} for k, v in inputs.items()},
+            "inputs": {k: {"path": str(Path(v).resolve()), "sha256": sha256(_existing(k, Path(v)))}
+                       for k, v in inputs.items()},
             "params": params}
+
+
+SIDECAR_KEYS = {"command": str, "model": dict, "kernels": (str, type(None)), "inputs": dict, "params": dict}
+
+
+def read_sidecar(path: Path) -> dict:
+    """The job a sidecar records, or a ValueError saying why the file is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON sidecar ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a sidecar (a JSON {type(data).__name__}, not an object)")
+    for key, kind in SIDECAR_KEYS.items():
+        if key not in data:
+            raise ValueError(f"{path}: not a sidecar (no {key!r} entry)")
+        if not isinstance(data[key], kind):
+            raise ValueError(f"{path}: not a sidecar ({key!r} is a {type(data[key]).__name__})")
+    if data["params"].get("seed") is None:
+        raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
+    return {k: data[k] for k in SIDECAR_KEYS}
+
+
+def _existing(name: str, path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"--{name} {path}: no such file")
+    return path
 
 
 def resolve_device(name: str | None) -> str:
@@ -140,9 +180,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True) -> list[Path]:
     job["model"]["device"] = resolve_device(job["model"]["device"])
     images = {}
     for name, inp in job["inputs"].items():
-        path = Path(inp["path"])
-        if not path.is_file():
-            raise FileNotFoundError(f"--{name} {path}: no such file")
+        path = _existing(name, Path(inp["path"]))
         if inp.get("sha256") and sha256(path) != inp["sha256"]:
             raise ValueError(f"--{name} {path} changed since the sidecar was written (sha256 differs)")
         images[name] = open_image(name, path)
@@ -250,18 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a directory")
         if args.command == "replay":
-            job = json.loads(Path(args.sidecar).read_text())
-            job = {k: job[k] for k in ("command", "model", "kernels", "inputs", "params")}
+            job = read_sidecar(Path(args.sidecar))
             if args.device:
                 job["model"]["device"] = args.device
-            if job["params"].get("seed") is None:
-                raise ValueError(f"{args.sidecar}: no seed recorded; the run cannot be reproduced")
         else:
             job = job_from_args(args)
-        written = run_job(job, Path(args.out), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+        written = run_job(job, out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
     for path in written:
         print(path)
     return 0

@@ -11,7 +11,10 @@
   (1), latent of the masked image (4)), as diffusers' ``StableDiffusionInpaintPipeline``
   (masked image = image · (mask < 0.5)).
 - ``blend``: latent blending after every step with one fixed noise, no resampling (the baseline;
-  what diffusers' inpainting pipeline does with a 4-channel UNet).
+  what diffusers' inpainting pipeline does with a 4-channel UNet). diffusers also encodes the
+  masked image there, unused with 4 channels; its posterior sample still draws from the
+  generator, so blend draws that many normals too (without the encode) to keep the random stream,
+  and with it stochastic samplers (ddpm, euler_a, ddim with eta > 0), in step with diffusers'.
 
 Mask convention: 1 (white) = repaint, binarised at 0.5, downsampled by nearest interpolation.
 ``strength`` < 1 starts from the image noised to that level instead of pure noise (all variants).
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_choice, check_int,
                      check_strength, denoise, encode_image, expand_batch, initial_noise, load_image, mask_to_tensor,
-                     plain_plan, setup, strength_start)
+                     model_device_dtype, plain_plan, setup, strength_start)
 
 VARIANTS = ("repaint", "unet9", "blend")
 
@@ -121,6 +124,10 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
         extra = torch.cat([mask_lat, batched(encode_image(model, masked, s.generator))], dim=1)
     else:
         known = KnownRegion(1 - mask_lat, z0, noise if variant == "blend" else None)
+    if variant == "blend":  # the draw of diffusers' unused masked-image latent (see the module docstring)
+        vae_device, vae_dtype = model_device_dtype(model)
+        torch.randn((pixels.shape[0], *shape[1:]), generator=s.generator,
+                    device=s.generator.device if s.generator is not None else vae_device, dtype=vae_dtype)
 
     if not plan:  # strength 0: the VAE round trip
         x = z0 if z0 is not None else batched(encode_image(model, pixels, s.generator))

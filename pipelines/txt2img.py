@@ -23,7 +23,7 @@ def txt2img(model, prompt, *, negative_prompt=None, cfg_scale: float = 7.5, step
     seed or generator: the only randomness; latents: (B, 4, H/8, W/8) unit-variance initial noise
     (scaled by the sampler's ``init_noise_sigma``) instead of drawing it.
     height, width: default ``model.config.image_size``; multiples of the model's size multiple
-    (64 for SD), else an error, or rounded down with ``resize=True``.
+    (the VAE downsampling: 8 for SD), else an error, or rounded down with ``resize=True``.
     clip_skip: 1 = the text encoder's last layer (None = the model's default).
     progress: show a tqdm bar.
     """

@@ -7,6 +7,7 @@ same DDIM scheduler config; compared on the output latents (``output_type="laten
 Everything runs the tiny presets in fp32 at 64x64 (8x8 latents) with a few steps.
 """
 import json
+import os
 import warnings
 
 import numpy as np
@@ -147,18 +148,27 @@ def test_unet9_inpaint_matches_diffusers(tiny9, inpaint9_pipe, image, mask, stre
     _assert_latents(ours.latents, theirs, f"unet9 strength {strength}")
 
 
-def test_blend_inpaint_matches_diffusers_4ch(tiny, sd_pipe, image, mask):
-    """diffusers' inpainting pipeline with a 4-channel UNet is exactly our 'blend' baseline."""
+@pytest.mark.parametrize("sampler, strength, given_latents", [
+    ("ddim", 1.0, True),  # deterministic steps
+    ("euler_a", 1.0, True),  # every step draws noise from the generator after diffusers' masked-image encode
+    # the initial noise drawn too; strength < 1 (diffusers ignores strength when given latents)
+    ("ddpm", 0.5, False),
+])
+def test_blend_inpaint_matches_diffusers_4ch(tiny, sd_pipe, image, mask, sampler, strength, given_latents):
+    """diffusers' inpainting pipeline with a 4-channel UNet is exactly our 'blend' baseline, with
+    stochastic samplers too (the random stream stays in step)."""
     StableDiffusionInpaintPipeline = _oracle("StableDiffusionInpaintPipeline")
+    classes = {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "ddpm": "DDPMScheduler"}
 
-    pipe = StableDiffusionInpaintPipeline(**sd_pipe.components)
+    components = dict(sd_pipe.components, scheduler=_oracle(classes[sampler]).from_config(sd_pipe.scheduler.config))
+    pipe = StableDiffusionInpaintPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn(1, 4, 8, 8, generator=_gen(9))
+    noise = torch.randn(1, 4, 8, 8, generator=_gen(9)) if given_latents else None
     ours = pipelines.inpaint(tiny, image, mask, "a cat", variant="blend", cfg_scale=4.0, steps=4, seed=11,
-                             latents=noise)
+                             latents=noise, sampler=sampler, strength=strength)
     theirs = pipe("a cat", image=image, mask_image=mask, guidance_scale=4.0, num_inference_steps=4,
-                  generator=_gen(11), latents=noise, output_type="latent").images
-    _assert_latents(ours.latents, theirs, "blend")
+                  generator=_gen(11), latents=noise, strength=strength, output_type="latent").images
+    _assert_latents(ours.latents, theirs, f"blend {sampler}")
 
 
 # ---------------------------------------------------------------------------------- RePaint
@@ -383,6 +393,41 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again[0])))
 
 
+def test_replay_takes_the_recorded_backends_not_the_environment(tmp_path, monkeypatch):
+    """A run that chose no backends records kernels=None; its replay runs the defaults again, not
+    what SDLAB_KERNELS says at replay time."""
+    from pipelines.__main__ import main
+
+    monkeypatch.delenv("SDLAB_KERNELS", raising=False)
+    args = ["txt2img", "--preset", "tiny", "--prompt", "a", "--steps", "2", "--seed", "1", "--height", "64",
+            "--width", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    assert json.loads(sidecar.read_text())["kernels"] is None
+    monkeypatch.setenv("SDLAB_KERNELS", "attention=sdpa")
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    again = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert not any(k.startswith("attention/sdpa") for k in again["kernel_dispatches"]), again["kernel_dispatches"]
+    assert os.environ["SDLAB_KERNELS"] == "attention=sdpa"  # restored after the run
+    first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "not a sidecar (a JSON list, not an object)"),
+    ("{\"results\": []}", "not a sidecar (no 'command' entry)"),
+    ("{not json", "not a JSON sidecar"),
+])
+def test_replay_of_a_file_that_is_not_a_sidecar(tmp_path, capsys, content, message):
+    from pipelines.__main__ import main
+
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_repaint_runs_where_set_timesteps_refuses(tiny, image, mask):
     """RePaint steps between its own levels (prev_t), so steps=1000 works with leading spacing."""
     r = pipelines.inpaint(tiny, image, mask, "a", steps=1000, strength=0.002, jump_n_sample=1, sampler="ddim",
@@ -407,6 +452,8 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         "device": (["txt2img", "--device", "gpu"], "--device gpu: not available on this machine"),
         "cfg nan": (["txt2img", "--cfg-scale", "nan"], "cfg_scale must be a finite number"),
         "1000 steps": (["txt2img", "--steps", "1000", "--sampler", "ddpm"], "steps=1000 with timestep_spacing="),
+        "missing image": (["img2img", "--image", str(tmp_path / "nothing.png")],
+                          f"--image {tmp_path / 'nothing.png'}: no such file"),
     }
     if not torch.cuda.is_available():
         bad["no cuda"] = (["txt2img", "--device", "cuda"], "--device cuda: not available on this machine")
@@ -416,3 +463,6 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, \
             f"{case}: exit {e.value.code}, stderr {err!r} lacks {message!r}"
+    with pytest.raises(SystemExit) as e:  # refused before any work, not after the generation
+        main(["txt2img", "--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "mask.png")])
+    assert e.value.code == 2 and f"--out {tmp_path / 'mask.png'}: exists and is not a directory" in capsys.readouterr().err
