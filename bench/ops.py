@@ -40,9 +40,10 @@ def _attn(name, b, h, lq, lkv, d, reason, *, quick=False):
                 dict(b=b, h=h, lq=lq, lkv=lkv, d=d), quick)
 
 
-def _step(name, shape, reason, *, mask=False, quick=False):
-    return Case("scheduler_step", name, f"({','.join(map(str, shape))}) cfg{' +mask' if mask else ''}",
-                reason, dict(shape=shape, mask=mask), quick)
+def _step(name, shape, reason, *, mask=False, renoise=False, quick=False):
+    kind = "renoise" if renoise else f"cfg{' +mask' if mask else ''}"
+    return Case("scheduler_step", name, f"({','.join(map(str, shape))}) {kind}", reason,
+                dict(shape=shape, mask=mask, renoise=renoise), quick)
 
 
 # SD 1.5 UNet at 512 px: latent 64x64, channels 320/640/1280/1280, 8 heads (head dims 40/80/160),
@@ -199,6 +200,10 @@ def _scheduler_step_inputs(case: Case, g, device, dtype) -> tuple[tuple, dict]:
         raise Skip(f"kernels.scheduler_step / StepCoefficients do not exist yet ({e})") from None
     shape, masked = case.params["shape"], case.params["mask"]
     x = _randn(shape, g, device, dtype)
+    if case.params.get("renoise"):  # RePaint's jump back up, as Scheduler.undo_step launches it
+        ratio = 0.97  # ᾱ_t / ᾱ_s of a 10-step jump mid-schedule; only the values differ between jumps
+        coeffs = kernels.StepCoefficients(c1=ratio**0.5, sigma=(1 - ratio) ** 0.5)
+        return (x, x, coeffs, None, 1.0, _randn(shape, g, device, dtype), None, None, None), {}
     cond = _randn(shape, g, device, dtype)
     uncond = _randn(shape, g, device, dtype)
     if not masked:

@@ -99,8 +99,8 @@ class Options:
         quick = args.quick
         preset = args.preset or ("tiny" if quick or not cuda else "sd15")
         variants = args.variants or (["reference", "triton", *UNET_BASELINES] if quick else variant_names())
-        if "reference" not in variants:
-            variants = ["reference", *variants]  # the baseline every row is compared with
+        # the baseline every row is compared with runs first, wherever it was listed
+        variants = ["reference", *(v for v in variants if v != "reference")]
         return cls(preset=preset, ckpt=args.ckpt, pipelines=args.pipelines or list(PIPELINES),
                    steps=args.steps or (2 if quick else 50), batch=args.batch,
                    repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
@@ -183,8 +183,9 @@ def fallback_note(before: dict, after: dict, ops: list[str]) -> str:
 _MODELS: dict = {}
 
 
-def load_model(opts: Options, device: torch.device, *, inpaint: bool = False):
-    """The model of ``opts`` (the preset's -inpaint sibling when ``inpaint``), cached."""
+def load_model(opts: Options, device: torch.device, *, inpaint: bool | None = None):
+    """The model of ``opts`` (the preset's -inpaint sibling when ``inpaint``), cached; Skip when
+    ``inpaint`` is True or False and the model's UNet is not the 9- or 4-channel one it asks for."""
     try:
         import sdcore
     except ImportError as e:
@@ -195,10 +196,7 @@ def load_model(opts: Options, device: torch.device, *, inpaint: bool = False):
             if not hasattr(sdcore, "load"):
                 raise Skip("sdcore.load does not exist yet")
             _MODELS[key] = sdcore.load(opts.ckpt, dtype=opts.dtype, device=device)
-        model = _MODELS[key]
-        if inpaint and _in_channels(model) != 9:
-            raise Skip(f"{opts.ckpt.name} has a {_in_channels(model)}-channel UNet; unet9 needs an inpainting checkpoint")
-        return model
+        return _fitting(_MODELS[key], opts.ckpt.name, inpaint)
     preset = opts.preset
     if inpaint and not preset.endswith("-inpaint"):
         from sdcore.config import PRESETS
@@ -215,7 +213,20 @@ def load_model(opts: Options, device: torch.device, *, inpaint: bool = False):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         _MODELS[key] = sdcore.StableDiffusion.from_preset(preset, seed=0, dtype=opts.dtype, device=device)
-    return _MODELS[key]
+    return _fitting(_MODELS[key], preset, inpaint)
+
+
+def _fitting(model, name: str, inpaint: bool):
+    """``model``, or Skip when its UNet is not the kind the pipeline needs (9 input channels for
+    unet9, 4 for every other pipeline; None: any, as the UNet step takes)."""
+    if inpaint is None:
+        return model
+    channels = _in_channels(model)
+    if inpaint and channels != 9:
+        raise Skip(f"{name} has a {channels}-channel UNet; unet9 needs an inpainting checkpoint")
+    if not inpaint and channels == 9:
+        raise Skip(f"{name} has the 9-channel inpainting UNet; this pipeline needs a 4-channel one")
+    return model
 
 
 def _unet(model):
@@ -517,7 +528,7 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
     try:
         sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + opts.repeats, sec * 1e3,
                                 (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
-                                opts.dtype, device, opts.quick)
+                                calls[-1], opts.dtype, device, opts.quick)
     except Skip as e:
         sched = {}
         note = "; ".join(filter(None, [note, f"scheduler share not estimated: {e}"]))
@@ -542,29 +553,37 @@ _STEP_MS: dict[tuple, float] = {}
 
 
 def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
-                    masked: bool, dtype: torch.dtype, device: torch.device, quick: bool) -> dict:
+                    masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool) -> dict:
     """How much of one pipeline run the scheduler update takes, estimated without syncing inside
-    the loop: (scheduler_step dispatches per run, per backend) x (that backend's time for one step
-    at the run's latent shape, with CFG and, for RePaint/blend, the mask blend), the op timed in
-    isolation in this same run. Before fusion (`reference`) vs after (`triton`) is the comparison
-    the RePaint benchmark asks for. Counted: the denoising update only; RePaint's jumps back up
-    (re-noising x_{t-1} to x_t) and the per-step noising of the known region are plain torch
-    outside scheduler_step, so they are in the run's time but not in this share."""
+    the loop: scheduler_step launches per run (per backend) x that launch's time, the op timed in
+    isolation in this same run at the run's latent shape. Before fusion (`reference`) vs after
+    (`triton`) is the comparison the RePaint benchmark asks for. ``steps`` of the launches are
+    denoising updates (one per UNet call), timed with CFG and, for RePaint/blend, the mask blend;
+    the rest are RePaint's jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each),
+    timed as that re-noise. The per-step noising of the known region is plain torch outside
+    scheduler_step: in the run's time, not in this share."""
     from .ops import _step, backend_callable, make_inputs
+
+    def launch_ms(backend: str, renoise: bool) -> float:
+        key = (backend, latent_shape, masked, renoise, dtype, device.type)
+        if key not in _STEP_MS:
+            case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked and not renoise,
+                         renoise=renoise)
+            args, kwargs = make_inputs(case, device, dtype)
+            fn, ctx, _ = backend_callable("scheduler_step", backend, args, kwargs, device)
+            with ctx():
+                _STEP_MS[key] = time_fn(fn, device, quick=quick).median_ms
+        return _STEP_MS[key]
 
     per_backend = {b: (counts_after.get(("scheduler_step", b), 0) - counts_before.get(("scheduler_step", b), 0))
                    / runs for (op, b) in counts_after if op == "scheduler_step"}
     per_backend = {b: n for b, n in per_backend.items() if n > 0}
     est = 0.0
-    for backend, calls in per_backend.items():
-        key = (backend, latent_shape, masked, dtype, device.type)
-        if key not in _STEP_MS:
-            case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked)
-            args, kwargs = make_inputs(case, device, dtype)
-            fn, ctx, _ = backend_callable("scheduler_step", backend, args, kwargs, device)
-            with ctx():
-                _STEP_MS[key] = time_fn(fn, device, quick=quick).median_ms
-        est += calls * _STEP_MS[key]
+    for backend, calls in per_backend.items():  # one backend per run: all its launches go one way
+        denoise = min(calls, steps)
+        est += denoise * launch_ms(backend, False)
+        if calls > denoise:
+            est += (calls - denoise) * launch_ms(backend, True)
     calls = sum(per_backend.values())
     return dict(scheduler_calls=calls, scheduler_ms_est=est if calls else None,
                 scheduler_share=est / run_ms if calls and run_ms > 0 else None)

@@ -187,6 +187,31 @@ def test_unet_only_keeps_earlier_pipeline_rows(tmp_path):
     assert len(_rows(data, suite="unet_step", backend="reference")) == 1, data["rows"]
 
 
+def test_reference_runs_first_wherever_it_is_listed(tmp_path):
+    """Every row's difference from the all-reference run needs that run first: `--variants
+    triton:scheduler_step reference` still fills the triton row's max |Δ| and PSNR."""
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--pipelines", "txt2img", "--variants",
+                     "triton:scheduler_step", "reference"], tmp_path)
+    rows = _rows(data, suite="pipelines", op="txt2img")
+    assert [r["backend"] for r in rows] == ["reference", "triton:scheduler_step"], rows
+    assert rows[1]["status"] == "ok" and rows[1]["latent_max_abs_diff"] is not None, rows[1]
+
+
+def test_ckpt_of_the_other_unet_kind_gives_skipped_rows(tmp_path):
+    """A 9-channel --ckpt: txt2img is skipped with the reason, unet9 runs (and a 4-channel one skips
+    unet9 the same way), and the run exits 0."""
+    import sdcore
+
+    ckpt = tmp_path / "tiny9.safetensors"
+    sdcore.StableDiffusion.from_preset("tiny-inpaint", seed=0).save(ckpt)
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--ckpt", str(ckpt), "--pipelines", "txt2img", "unet9",
+                     "--variants", "reference"], tmp_path / "out")
+    assert rc == 0
+    (txt,), (unet9,) = _rows(data, suite="pipelines", op="txt2img"), _rows(data, suite="pipelines", op="unet9")
+    assert txt["status"] == "skipped" and "9-channel inpainting UNet; this pipeline needs a 4-channel" in txt["note"]
+    assert unet9["status"] == "ok", unet9
+
+
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["all", "--help"])
@@ -229,6 +254,24 @@ def test_pipelines_quick(tmp_path):
         # one scheduler update per denoising step, its estimated share of the run in (0, 1)
         assert r["scheduler_calls"] == r["unet_calls"], r
         assert 0 < r["scheduler_share"] < 1 and r["scheduler_ms_est"] > 0, r
+
+
+def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
+    """10 launches in a run with 7 UNet calls: 7 masked CFG updates and 3 re-noises (undo_step),
+    each at its own measured time; and the re-noise case is the launch undo_step makes."""
+    from bench import pipelines as bp
+    from bench.ops import _step, make_inputs
+
+    shape, cpu = (1, 4, 8, 8), torch.device("cpu")
+    monkeypatch.setattr(bp, "_STEP_MS", {("reference", shape, True, False, torch.float32, "cpu"): 2.0,
+                                         ("reference", shape, True, True, torch.float32, "cpu"): 0.5})
+    got = bp.scheduler_share({}, {("scheduler_step", "reference"): 20}, 2, 100.0, shape, True, 7,
+                             torch.float32, cpu, True)
+    assert got == dict(scheduler_calls=10, scheduler_ms_est=7 * 2.0 + 3 * 0.5, scheduler_share=0.155), got
+    args, _ = make_inputs(_step("r", shape, "", renoise=True), cpu, torch.float32)
+    x, eps, coeffs, uncond, _, noise, prev_x0, mask, known = args
+    assert eps is x and noise is not None and uncond is prev_x0 is mask is known is None
+    assert coeffs.c1 > 0 and coeffs.sigma > 0 and coeffs.c0 == coeffs.c2 == 0
 
 
 def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch):
