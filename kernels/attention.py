@@ -61,6 +61,7 @@ from ._triton import tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
 LOG2E = math.log2(math.e)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch configurations for H100 (sm_90: 228 KB shared memory and 132 SMs), the one place to tune.
@@ -719,6 +720,10 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
         return f"head dim {d} is not a multiple of 8 in [8, 256]"
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        return f"B·H = {q.shape[0] * q.shape[1]} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        return "scale is a tensor that requires grad; the kernel takes it as a float (no gradient for it)"
     return _scale_problem(scale)
 
 
@@ -748,6 +753,9 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
+    for name, t in (("k", k), ("v", v)):  # every program reads all of k and v: writing o there races
+        if out.numel() and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"out shares memory with {name}; only out=q (or a fresh tensor) is safe")
     if grad:
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
     return _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)[0]

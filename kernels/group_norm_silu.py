@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,6 +68,9 @@ from ._triton import tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
+# Read when a call's launch plan is first made, then cached per input signature (launch_config,
+# _PLANS): after editing them at run time, call clear_caches(). A sweep can instead pass
+# config=launch_config(...) (or a LaunchConfig) per call, as `bench tune` does.
 H100_SMS = 132  # used when the device cannot be asked (CPU tests of the grid)
 INTERPRETER_SMS = 2  # the CPU interpreter runs programs one by one: keep grids small there
 PROGRAMS_PER_SM = 4  # each pass launches at least this many programs per SM
@@ -146,9 +150,9 @@ def _single_pass_chunk(rows, cg, spatial, block_c, sms):
 
 
 @functools.lru_cache(maxsize=1024)
-def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=MAX_TILE, max_block_c=MAX_BLOCK_C,
-                  single_pass=None):
-    """Tiling for x of ``shape`` (N, C, *spatial), tiles of at most ``max_tile`` elements.
+def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c=None, single_pass=None):
+    """Tiling for x of ``shape`` (N, C, *spatial), tiles of at most ``max_tile`` elements
+    (None: MAX_TILE; ``max_block_c`` None: MAX_BLOCK_C).
 
     ``single_pass`` None picks the path: one launch when a group has at most
     SINGLE_PASS_MAX_GROUP elements or the N * groups rows alone give PROGRAMS_PER_SM x sms programs;
@@ -156,6 +160,8 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=MAX_TILE, max_blo
     least PROGRAMS_PER_SM x sms programs (unless there are fewer tiles). One launch: chunks as
     `_single_pass_chunk` picks them. Every config is also a valid two-pass one, for backward.
     """
+    max_tile = MAX_TILE if max_tile is None else max_tile
+    max_block_c = MAX_BLOCK_C if max_block_c is None else max_block_c
     n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
     rows, cg = n * groups, c // groups
     if single_pass is None:
@@ -662,6 +668,17 @@ _FUSED, _STATS, _APPLY = Launcher(_fused_kernel), Launcher(_stats_kernel), Launc
 _BWD_REDUCE, _BWD_DX = Launcher(_bwd_reduce_kernel), Launcher(_bwd_dx_kernel)
 
 
+def clear_caches() -> None:
+    """Forget cached tilings and launch plans, so edits to the tuning constants above take effect."""
+    launch_config.cache_clear()
+    _PLANS.clear()
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one storage (conservative: any two views of it count)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0 and b.numel() > 0
+
+
 def _sms(x):
     return _device_sms(x.device.index or 0) if x.is_cuda else INTERPRETER_SMS
 
@@ -684,6 +701,8 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if not 2 <= x.dim() <= 4:
         return f"x has {x.dim()} dims; triton takes (N, C), (N, C, L) or (N, C, H, W)"
+    if x.shape[0] and x.numel() // x.shape[0] >= 2**31:  # offsets within a sample are 32-bit
+        return f"{x.numel() // x.shape[0]} elements per sample (x{tuple(x.shape)}); the kernels index up to 2**31 - 1"
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -701,15 +720,23 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
                            config: LaunchConfig | None = None):
     """The fused kernels; ``out`` (x's shape and dtype) receives y; ``config`` overrides tiling and
     path (``launch_config(..., single_pass=True/False)`` forces one)."""
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(f"out is {out.dtype}{tuple(out.shape)}, x is {x.dtype}{tuple(x.shape)}")
-    if x.numel() == 0:
+    if out is not None:
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"out is {out.dtype}{tuple(out.shape)} on {out.device}, x is {x.dtype}{tuple(x.shape)} "
+                             f"on {x.device}: out must match x")
+        for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+            if t is not None and _shares_memory(out, t):
+                raise ValueError(f"out shares memory with {name}: each program re-reads its whole group for "
+                                 "the statistics (and autograd keeps x), so group_norm_silu cannot run in place")
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+    if x.numel() == 0:  # nothing to launch; under autograd the reference keeps the graph (zero grads)
+        if grad:
+            return group_norm_silu_reference(x, weight, bias, groups, eps, activation)
         return torch.empty_like(x) if out is None else out
     # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
     weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
-    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
     if grad:
         return _GroupNormSiLU.apply(x, weight, bias, out, plan, eps)
@@ -723,8 +750,9 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
     """
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"group_norm_silu: groups must be a positive int, got {groups!r}")
+    groups = int(groups)  # numpy integers too, as torch's group_norm takes them
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x{tuple(x.shape)} needs (N, C, *spatial) dims")
     if x.shape[1] % groups:

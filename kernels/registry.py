@@ -62,6 +62,7 @@ class BackendUnsupported(RuntimeError):
 class _Impl:
     fn: Callable
     check: Callable[..., str | None] | None  # None if the input is fine, else the reason
+    compile_dynamic: bool | None = False  # the reference's torch.compile(dynamic=...) for ``compile``
 
 
 _OPS: dict[str, dict[Backend, _Impl]] = {}
@@ -73,16 +74,20 @@ _ENV_CACHE: dict[str, dict[str, Backend]] = {}
 _FNS: dict[tuple[str, Backend], Callable] = {}  # implementation() memo: dispatch is hot
 
 
-def register(op: str, backend: Backend | str, *, check: Callable[..., str | None] | None = None):
+def register(op: str, backend: Backend | str, *, check: Callable[..., str | None] | None = None,
+             compile_dynamic: bool | None = False):
     """Decorator: make ``fn`` the ``backend`` implementation of ``op``.
 
     ``check(*args, **kwargs)`` returns ``None`` when the backend can take the input, or a short
-    reason ("head dim 12 is not a multiple of 8") when it cannot.
+    reason ("head dim 12 is not a multiple of 8") when it cannot. ``compile_dynamic`` (reference
+    only): ``torch.compile``'s ``dynamic`` for the ``compile`` backend. False (one graph per
+    shape and per value of every float argument) suits ops called with a few fixed floats; None
+    lets a float that changes become a graph input after one recompile (e.g. per-step coefficients).
     """
     backend = Backend(backend)
 
     def deco(fn: Callable) -> Callable:
-        _OPS.setdefault(op, {})[backend] = _Impl(fn, check)
+        _OPS.setdefault(op, {})[backend] = _Impl(fn, check, compile_dynamic)
         _ENV_CACHE.clear()  # "triton" means "every op that has it": recompute
         _FNS.clear()
         return fn
@@ -138,7 +143,7 @@ def _parse_env(value: str) -> dict[str, Backend]:
 
 
 def _parse_env_uncached(value: str) -> dict[str, Backend]:
-    value = value.strip()
+    value = value.strip().lower()  # op and backend names are lower case: "TRITON" means triton
     if not value:
         return {}
     if "=" not in value:
@@ -191,12 +196,12 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
-def _default(op: str, x: torch.Tensor | None) -> tuple[Backend, str]:
+def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
     impls = _impls(op)
     if Backend.TRITON not in impls:
         return Backend.REFERENCE, "default (no triton backend)"
-    if x is None or x.device.type != "cuda":
-        return Backend.REFERENCE, f"default (input on {'no device' if x is None else x.device.type})"
+    if device is None or device.type != "cuda":
+        return Backend.REFERENCE, f"default (input on {'no device' if device is None else device.type})"
     why = triton_available()
     if why:
         return Backend.REFERENCE, f"default ({why})"
@@ -204,12 +209,14 @@ def _default(op: str, x: torch.Tensor | None) -> tuple[Backend, str]:
 
 
 def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
-    """The backend that would run ``op(*args, **kwargs)`` now, and why."""
-    return _resolve(op, args, kwargs, 3)
+    """The backend that would run ``op(*args, **kwargs)`` now, and why (a query: it warns of no
+    fallback, and leaves the one-time warning to the call that falls back)."""
+    return _resolve(op, args, kwargs, None)
 
 
-def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int) -> tuple[Backend, str]:
-    """:func:`resolve`; a fallback warning points ``stacklevel`` frames up (at the user's call)."""
+def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tuple[Backend, str]:
+    """:func:`resolve`; a fallback warning points ``stacklevel`` frames up (at the user's call),
+    or is not given when ``stacklevel`` is None."""
     impls = _impls(op)
     chosen, source = _choice(op)
     if chosen is not None:
@@ -218,11 +225,12 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int) -> tuple[Backe
         if reason:
             raise BackendUnsupported(f"{op}: backend {chosen.value!r} (from {source}) cannot run this input: {reason}")
         return chosen, source
-    backend, source = _default(op, _first_tensor(args, kwargs))
+    x = _first_tensor(args, kwargs)
+    backend, source = _default(op, None if x is None else x.device)
     impl = impls[backend]
     reason = impl.check(*args, **kwargs) if impl.check else None
     if reason:
-        if (op, reason) not in _WARNED:
+        if stacklevel is not None and (op, reason) not in _WARNED:
             _WARNED.add((op, reason))
             warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
                           f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
@@ -240,7 +248,8 @@ def implementation(op: str, backend: Backend | str) -> Callable:
     if backend in impls:
         fn = impls[backend].fn
     elif backend is Backend.COMPILE:
-        fn = torch.compile(impls[Backend.REFERENCE].fn, dynamic=False)
+        ref = impls[Backend.REFERENCE]
+        fn = torch.compile(ref.fn, dynamic=ref.compile_dynamic)
     else:
         raise ValueError(f"op {op!r} has no {backend.value!r} backend")
     _FNS[(op, backend)] = fn
@@ -303,12 +312,11 @@ def set_backend(backend: Backend | str | None = None, /, **per_op: Backend | str
 def describe(device: str | torch.device | None = None) -> str:
     """What each op resolves to for an input on ``device`` (default: cuda if present) and why."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    probe = torch.empty(0, device=device)
     lines = []
     for op in ops():
         chosen, source = _choice(op)
         if chosen is None:
-            chosen, source = _default(op, probe)
+            chosen, source = _default(op, device)
         lines.append(f"{op:16s} -> {chosen.value:9s} ({source}); backends: {', '.join(backends(op))}")
     from . import _launch  # (imports this module)
 

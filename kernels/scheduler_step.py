@@ -93,7 +93,7 @@ def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask
                 raise ValueError(f"scheduler_step: {name}{tuple(t.shape)} does not broadcast to x{tuple(x.shape)}")
 
 
-@register("scheduler_step", Backend.REFERENCE)
+@register("scheduler_step", Backend.REFERENCE, compile_dynamic=None)  # new coefficients every step: see register
 def scheduler_step_reference(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0,
                              noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
                              out=None, out_x0=None):
@@ -172,7 +172,7 @@ def _scheduler_step_kernel(
         o = u + g * (o - u)
     x0 = (a_x * x + a_o * o) / a_d
     if FLAGS & 2:  # CLIP
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.clamp(x0, -clip, clip, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as torch.clamp
     prev = c0 * x0 + c1 * x
     if FLAGS & 4:  # EPS
         eps = (b_x * x + b_o * o + b_0 * x0) / b_d
@@ -193,6 +193,7 @@ def _scheduler_step_kernel(
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024  # elements per program
 
 
 def _mask_view(mask, x):
@@ -212,8 +213,8 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
     tensors = (x, model_output, model_output_uncond, noise, prev_x0, mask, known)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "an input requires grad and the Triton step has no backward (the reference has autograd)"
-    if x.numel() >= 2**31:
-        return f"{x.numel()} elements exceed int32 indexing"
+    if x.numel() > 2**31 - 1 - BLOCK:  # pid * BLOCK + arange(BLOCK) is 32-bit
+        return f"{x.numel()} elements exceed the kernel's int32 indexing (at most {2**31 - 1 - BLOCK})"
     if mask is not None and x.dim() < 2:
         return f"a mask needs x with a (batch, channel, ...) layout, got x{tuple(x.shape)}"
     for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
@@ -256,7 +257,6 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
         m = _mask_view(mask.to(x.dtype) if mask.dtype == torch.bool else mask, x)  # bool: 1 = known
         m_sb, m_sc = m.stride(0), m.stride(1)
         kn = known if known.shape == x.shape and known.is_contiguous() else known.expand(x.shape).contiguous()
-    BLOCK = 1024
     tensors = (x, model_output, x if model_output_uncond is None else model_output_uncond, x if noise is None else noise,
                x if prev_x0 is None else prev_x0, kn, m, prev, prev if x0 is None else x0)
     ints = (N, S, CS, m_sb, m_sc)

@@ -176,8 +176,7 @@ for _ in range(2):
 before = gn._plan(x, None, None, 32, 1e-5, "silu", None, None, False)
 saved = gn.MAX_WARPS  # read by launch_config at each (uncached) call
 gn.MAX_WARPS = 1
-gn.launch_config.cache_clear()
-gn._PLANS.clear()
+gn.clear_caches()
 try:
     after = gn._plan(x, None, None, 32, 1e-5, "silu", None, None, False)
     assert before.consts["num_warps"] != after.consts["num_warps"], "the retune changed nothing"
@@ -189,8 +188,7 @@ try:
                            "differences": ["the launch cache returned the kernel of the old tiles"]})
 finally:
     gn.MAX_WARPS = saved
-    gn.launch_config.cache_clear()
-    gn._PLANS.clear()
+    gn.clear_caches()
 
 print(json.dumps({"cases": len(CASES), "mismatches": MISMATCHES,
                   "direct": sum(launcher.direct for launcher in LAUNCHERS)}))

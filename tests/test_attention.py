@@ -236,6 +236,28 @@ def test_bad_arguments(device):
         attention_triton(q, k, v, out=torch.empty(1, 2, 8, 8, device=device))
     with pytest.raises(ValueError, match="autograd"):
         attention_triton(q, k, v, out=torch.empty_like(q))
+    with torch.no_grad():
+        for name, t in (("k", k), ("v", v)):  # every program reads all keys: o written there would race
+            with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+                attention_triton(q, k, v, out=t)
+        qc = q.clone()
+        assert_close(attention_triton(qc, k, v, out=qc), attention_fp64(q, k, v), rel=2e-5, name="out=q")
+
+
+def test_tensor_scale_that_requires_grad_is_not_taken(device):
+    """The kernel reads scale as a float: a scale that wants a gradient is refused by name when
+    triton is chosen, and by default falls back to the reference, which gives it one."""
+    q, k, v = make_qkv((1, 2, 8, 8, 16), torch.float32, device)
+    scale = torch.tensor(0.3, requires_grad=True)
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="scale is a tensor"):
+        kernels.attention(q, k, v, scale=scale)
+    assert attention_module._triton_check(q, k, v, scale=torch.tensor(0.3)) is None  # no grad: a float will do
+
+
+def test_grid_limit_on_batch_times_heads(device):
+    q = torch.zeros(1, 1, 8, 16, device=device).expand(4097, 16, 8, 16)  # B·H = 65552 > 65535
+    assert "B·H = 65552 programs on the grid's second axis, over CUDA's 65535" in attention_module._triton_check(q, q, q)
+    assert attention_module._triton_check(q[:4095], q[:4095], q[:4095]) is None
 
 
 @pytest.mark.gpu

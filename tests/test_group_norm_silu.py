@@ -379,6 +379,48 @@ def test_invalid_inputs_raise():
         kernels.group_norm_silu(torch.randn(30), None, None, 6)
     with pytest.raises(ValueError, match="'gelu'"):
         kernels.group_norm_silu(x, None, None, 6, activation="gelu")
+    np = pytest.importorskip("numpy")
+    assert torch.equal(kernels.group_norm_silu(x, None, None, np.int64(6)), kernels.group_norm_silu(x, None, None, 6))
+
+
+def test_out_must_not_share_memory_with_the_inputs(device):
+    """Each program of the one-launch path re-reads its whole group, and autograd keeps x: in place
+    would read the output back as input. Refused by name; out of another device or shape too."""
+    x, w = torch.randn(2, 64, 3, 4, device=device), torch.randn(64, device=device)
+    for name, out in (("x", x), ("x", x.view(-1).view(2, 64, 3, 4)), ("weight", w.expand(3, 4, 2, 64).permute(2, 3, 0, 1))):
+        with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+            group_norm_silu_triton(x, w, None, 32, out=out)
+    with pytest.raises(ValueError, match=r"on meta, x is torch.float32\(2, 64, 3, 4\) on cpu"):
+        group_norm_silu_triton(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
+
+
+def test_edited_tuning_constants_take_effect_after_clear_caches(monkeypatch):
+    gn = importlib.import_module("kernels.group_norm_silu")
+    before = launch_config((2, 320, 64, 64), 32, torch.float16)
+    monkeypatch.setattr(gn, "MAX_TILE", 1024)
+    assert launch_config((2, 320, 64, 64), 32, torch.float16) == before  # cached
+    gn.clear_caches()
+    after = launch_config((2, 320, 64, 64), 32, torch.float16)
+    assert after.block_c * after.block_s <= 1024 < before.block_c * before.block_s, (before, after)
+    monkeypatch.undo()
+    gn.clear_caches()
+
+
+def test_empty_input_keeps_autograd(device):
+    x = torch.randn(0, 64, 3, 3, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    y = group_norm_silu_triton(x, w, w, 32)
+    assert y.shape == x.shape and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
+def test_samples_over_2_31_elements_are_refused(device):
+    """Offsets inside a sample are 32-bit: a larger sample is refused by name (checked on a view
+    that allocates nothing)."""
+    x = torch.zeros(1, 1, 1, 1, device=device).expand(2, 128, 4096, 4096)  # 2**31 elements per sample
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="2147483648 elements per sample"):
+        kernels.group_norm_silu(x, None, None, 32)
 
 
 def test_explicit_backend_refuses_unsupported_input():

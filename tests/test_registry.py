@@ -80,6 +80,8 @@ def test_scopes_exiting_out_of_order_keep_each_others_choices(toy_op):
     ("toy_op=triton", "triton"),
     (" toy_op = triton , attention=reference ", "triton"),
     ("attention=sdpa", "reference"),  # other ops only: toy_op keeps its default
+    ("TRITON", "triton"),  # names are lower case; the variable's case does not matter
+    ("Toy_Op=Triton", "triton"),
 ])
 def test_env_var_forms(toy_op, monkeypatch, value, expected):
     monkeypatch.setenv(kernels.ENV_VAR, value)
@@ -109,7 +111,7 @@ def test_explicit_backend_that_cannot_take_input_raises(toy_op):
 
 def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
     # Pretend the input is on CUDA so the default picks triton, which then refuses fp64.
-    monkeypatch.setattr(registry, "_default", lambda op, x: (kernels.Backend.TRITON, "default (test)"))
+    monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
     x = torch.ones(1, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,6 +120,19 @@ def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
     assert toy_op == ["reference"] * 3
     msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
     assert len(msgs) == 1 and "fp64 is not supported" in msgs[0], msgs
+
+
+def test_resolve_is_a_query_that_leaves_the_warning_to_the_call(toy_op, monkeypatch):
+    monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
+    x = torch.ones(1, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend, why = registry.resolve("toy_op", x)
+        assert backend == "reference" and "fell back: fp64 is not supported" in why
+        assert not caught, [str(w.message) for w in caught]
+        registry.dispatch("toy_op", x)
+    assert [str(w.message) for w in caught if "falling back" in str(w.message)], "the call's warning was used up"
+
 
 
 def test_unknown_names_list_valid_ones(toy_op):
@@ -209,6 +224,10 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     for op in ("attention", "group_norm_silu", "scheduler_step"):
         assert op in text
     assert text.splitlines()[-1].startswith("triton launches: "), text  # direct, or why not
+    # a device this torch cannot allocate on is still described (nothing is allocated)
+    monkeypatch.delenv(kernels.ENV_VAR)
+    cuda = next(l for l in kernels.describe("cuda").splitlines() if l.startswith("toy_op"))
+    assert "default (CUDA input" in cuda or registry.triton_available(), cuda
 
 
 @pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}])
@@ -241,3 +260,22 @@ def test_compile_backend_runs_and_matches_reference():
     assert kernels.counts() == {("group_norm_silu", "compile"): 1, ("attention", "compile"): 1}
     assert_close(y, kernels.group_norm_silu_reference(x, w, b, 32), rel=1e-5, name="group_norm_silu compile")
     assert_close(o, kernels.attention_reference(q, k, v, causal=True), rel=1e-5, name="attention compile")
+
+
+def test_compile_backend_does_not_recompile_per_sampler_step():
+    """A sampler passes new coefficients every step: scheduler_step's `compile` backend turns them
+    into graph inputs after one recompile, instead of a graph per step until dynamo's recompile
+    limit sends the rest of the run back to eager without a word."""
+    from torch._dynamo.utils import counters
+
+    from kernels import StepCoefficients
+
+    x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    counters.clear()
+    with kernels.use(scheduler_step="compile"):
+        for i in range(5):
+            coeffs = StepCoefficients(a_x=1.0 + 0.1 * i, a_o=-0.5, c0=0.5, c1=0.5 - 0.01 * i)
+            got, _ = kernels.scheduler_step(x, out, coeffs)
+            want, _ = kernels.scheduler_step_reference(x, out, coeffs)
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), i
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

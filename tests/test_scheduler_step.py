@@ -62,6 +62,19 @@ def test_triton_matches_reference(shape, cfg, prediction, clip, mask, device):
     assert_close(x0_tri, x0_ref, rel=1e-6, name="x0")
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nan_model_output_stays_nan(clip, device):
+    """A NaN from the model (say fp16 overflow) must reach prev and x0, also through the x0 clip:
+    a clamp that drops NaN would hide it as ±clip."""
+    d = inputs((1, 4, 2, 3), device, mask="none")
+    d["model_output"][0, 1, 1, 2] = float("nan")
+    for backend in ("reference", "triton"):
+        with kernels.use(scheduler_step=backend):
+            prev, x0 = call(d, prediction_coeffs("epsilon", clip), cfg=False, mask=False, return_x0=True)
+        nan = torch.isnan(prev)
+        assert nan[0, 1, 1, 2] and torch.isnan(x0[0, 1, 1, 2]) and nan.sum() == 1, (backend, clip, prev, x0)
+
+
 def test_every_term_and_the_formula(device):
     """The reference is the documented formula (checked in fp64 by hand), the kernel matches it."""
     d = inputs((2, 4, 6, 10), device)
