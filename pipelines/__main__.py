@@ -151,6 +151,8 @@ def open_image(name: str, path: Path):
         image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--{name} {path}: not a readable image: {e}") from e
+    if name == "mask" and image.mode in ("RGB", "RGBA", "LA", "P"):  # editors' exports: their luminance
+        image = image.convert("L")
     return image
 
 
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     image_args(p, 0.8)
     p = sub.add_parser("inpaint", parents=[common], help="repaint a masked region", description="Inpainting.")
     image_args(p, 1.0)
-    p.add_argument("--mask", required=True, metavar="PATH", help="mask image, single channel: white = repaint")
+    p.add_argument("--mask", required=True, metavar="PATH",
+                   help="mask image, white = repaint; a colour or palette image is read as its luminance")
     p.add_argument("--variant", choices=VARIANTS, default="repaint",
                    help="repaint: RePaint resampling with a 4-channel UNet; unet9: the 9-channel inpainting UNet; "
                         "blend: latent blending, no resampling (default repaint)")

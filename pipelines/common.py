@@ -199,6 +199,8 @@ def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
             raise ValueError(f"image tensors are float (N, 3, H, W) or (3, H, W) in [0, 1], got {x.dtype} "
                              f"{tuple(items[0].shape)}")
         x = x.detach().float().cpu()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"image tensor has {int((~torch.isfinite(x)).sum())} NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"image tensors must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
@@ -244,6 +246,8 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
         if t.dim() != 4 or t.shape[1] != 1:
             raise ValueError(f"mask must be single-channel: (H, W), (1, H, W) or (N, 1, H, W), got shape {shape}")
         t = t.float().cpu()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"mask tensor has {int((~torch.isfinite(t)).sum())} NaN or infinite values")
         lo, hi = float(t.min()), float(t.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got [{lo:.3g}, {hi:.3g}]")

@@ -37,6 +37,8 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
     if timesteps:
         noise = initial_noise(latents, z0.shape, s.generator, s.device, s.dtype)
         x = s.sched.add_noise(z0, noise, timesteps[0])
+    elif latents is not None:  # strength 0 uses no noise, but a wrong shape is still the caller's error
+        initial_noise(latents, z0.shape, None, s.device, s.dtype)
     x, calls = denoise(model, s.sched, x, s.context, plain_plan(timesteps), cfg_scale=s.cfg_scale,
                        generator=s.generator, progress=progress, desc="img2img")
     return s.result(x, calls, strength=strength, height=height, width=width, resize=resize)

@@ -116,7 +116,8 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
 
     z0 = batched(encode_image(model, pixels, s.generator)) if variant != "unet9" or strength < 1 else None
     shape = s.latent_shape(height, width)
-    noise = initial_noise(latents, shape, s.generator, s.device, s.dtype) if plan else None
+    # strength 0 (no plan) uses no noise, but given latents of a wrong shape are still an error
+    noise = initial_noise(latents, shape, s.generator, s.device, s.dtype) if plan or latents is not None else None
     mask_lat = batched(F.interpolate(mask_px, size=shape[-2:]))  # nearest, as diffusers
     extra = known = None
     if variant == "unet9":

@@ -245,6 +245,8 @@ class TextEncoder(nn.Module):
         if ids.dim() != 2 or ids.shape[1] != cfg.max_length:
             raise ValueError(f"ids must have shape (batch, {cfg.max_length}), got {tuple(ids.shape)}; "
                              "use sdcore.tokenizer.CLIPTokenizer to pad prompts")
+        if ids.shape[0] == 0:
+            raise ValueError(f"ids{tuple(ids.shape)} hold no prompt (batch 0)")
         lo, hi = int(ids.min()), int(ids.max())  # one host sync per prompt batch
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")

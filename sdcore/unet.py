@@ -262,8 +262,10 @@ class UNetModel(nn.Module):
                              + (" (the inpainting UNet takes 9 channels: latent 4 + mask 1 + masked latent 4)"
                                 if x.dim() == 4 and 9 in (x.shape[1], cfg.in_channels) else ""))
         b = x.shape[0]
-        if context.dim() != 3 or context.shape[-1] != cfg.context_dim:
-            raise ValueError(f"UNet expects context of shape (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if b == 0:
+            raise ValueError(f"UNet got an empty batch: x{tuple(x.shape)}")
+        if context.dim() != 3 or context.shape[-1] != cfg.context_dim or context.shape[1] == 0:
+            raise ValueError(f"UNet expects context of shape (B, L >= 1, {cfg.context_dim}), got {tuple(context.shape)}")
         if context.shape[0] != b:
             raise ValueError(f"batch mismatch: x has {b} samples, context {context.shape[0]}")
         dtype = self.out[-1].weight.dtype

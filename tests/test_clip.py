@@ -227,6 +227,8 @@ def test_bad_inputs():
         model(ids[:, :76])
     with pytest.raises(ValueError, match=r"shape \(batch, 77\)"):
         model(ids[0])
+    with pytest.raises(ValueError, match=r"ids\(0, 77\) hold no prompt"):
+        model(ids[:0])
     for bad_id in (49408, -1):
         wrong = ids.clone()
         wrong[1, 3] = bad_id

@@ -313,6 +313,9 @@ def _errors(tiny, tiny9, image, mask):
         "seed and generator": (lambda: t(seed=1, generator=torch.Generator()), "either seed or generator"),
         "eta without ddim": (lambda: t(eta=0.5, sampler="euler_a"), "eta applies to the ddim sampler only"),
         "latents shape": (lambda: t(latents=torch.zeros(1, 4, 4, 4), height=64, width=64), "(1, 4, 8, 8)"),
+        "latents shape, strength 0": (lambda: pipelines.img2img(tiny, image, "a", strength=0.0, steps=2,
+                                                                latents=torch.zeros(1, 4, 4, 4)), "(1, 4, 8, 8)"),
+        "inpaint latents shape, strength 0": (lambda: i(strength=0.0, latents=torch.zeros(1, 4, 4, 4)), "(1, 4, 8, 8)"),
         "txt2img with 9ch": (lambda: pipelines.txt2img(tiny9, "a", steps=1), "takes 9 channels"),
         "strength < 0": (lambda: pipelines.img2img(tiny, image, "a", strength=-0.1, steps=1), "strength must be"),
         "strength > 1": (lambda: i(strength=1.5), "strength must be"),
@@ -327,6 +330,9 @@ def _errors(tiny, tiny9, image, mask):
         "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
         "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
+        "mask nan": (lambda: i(mask=torch.full((1, 1, 64, 64), float("nan"))), "mask tensor has 4096 NaN or infinite"),
+        "image nan": (lambda: pipelines.img2img(tiny, torch.full((1, 3, 64, 64), float("nan")), "a", steps=1),
+                      "image tensor has 12288 NaN or infinite values"),
         "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
         "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (guidance is on "
                                                              "when > 1), got nan"),
@@ -378,7 +384,7 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
         args += ["--height", "64", "--width", "64"]
     else:
         image.save(tmp_path / "in.png")
-        mask.save(tmp_path / "mask.png")
+        mask.convert("RGB").save(tmp_path / "mask.png")  # an editor's colour export: read as its luminance
         args += ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--variant", "blend",
                  "--paste-back"]
     assert main(args) == 0

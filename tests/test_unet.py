@@ -237,12 +237,16 @@ def test_input_errors():
     with pytest.raises(TypeError, match=r"x \(torch.float16\) and context \(torch.float32\) must have the "
                                         r"model's dtype torch.float32"):
         unet(x.half(), t, context)
-    with pytest.raises(ValueError, match=r"context of shape \(B, L, 32\)"):
+    with pytest.raises(ValueError, match=r"context of shape \(B, L >= 1, 32\)"):
         unet(x, t, torch.randn(2, 5, 768))
     with pytest.raises(ValueError, match="batch mismatch"):
         unet(x, t, context[:1])
     with pytest.raises(ValueError, match="timesteps"):
         unet(x, torch.tensor([1.0, 2.0, 3.0]), context)
+    with pytest.raises(ValueError, match=r"empty batch: x\(0, 4, 16, 16\)"):
+        unet(x[:0], t[:0], context[:0])
+    with pytest.raises(ValueError, match=r"L >= 1.*got \(2, 0, 32\)"):
+        unet(x, t, context[:, :0])
 
 
 def test_scalar_timestep_broadcasts():
