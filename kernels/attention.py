@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import tl, triton
-from .registry import Backend, dispatch, interpreting, register, triton_available
+from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
 
 LOG2E = math.log2(math.e)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
@@ -754,7 +754,7 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
         raise ValueError(f"out{tuple(out.shape)} {out.dtype} on {out.device} does not match "
                          f"q{tuple(q.shape)} {q.dtype} on {q.device}")
     for name, t in (("k", k), ("v", v)):  # every program reads all of k and v: writing o there races
-        if out.numel() and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        if shares_memory(out, t):
             raise ValueError(f"out shares memory with {name}; only out=q (or a fresh tensor) is safe")
     if grad:
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")

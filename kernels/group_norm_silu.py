@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import tl, triton
-from .registry import Backend, dispatch, interpreting, register, triton_available
+from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -674,11 +674,6 @@ def clear_caches() -> None:
     _PLANS.clear()
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b are views of one storage (conservative: any two views of it count)."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0 and b.numel() > 0
-
-
 def _sms(x):
     return _device_sms(x.device.index or 0) if x.is_cuda else INTERPRETER_SMS
 
@@ -725,7 +720,7 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
             raise ValueError(f"out is {out.dtype}{tuple(out.shape)} on {out.device}, x is {x.dtype}{tuple(x.shape)} "
                              f"on {x.device}: out must match x")
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-            if t is not None and _shares_memory(out, t):
+            if t is not None and shares_memory(out, t):
                 raise ValueError(f"out shares memory with {name}: each program re-reads its whole group for "
                                  "the statistics (and autograd keeps x), so group_norm_silu cannot run in place")
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)

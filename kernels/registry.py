@@ -196,6 +196,12 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are non-empty views of one storage (conservative: any two views count). The
+    Triton backends refuse an ``out=`` that shares memory with an input their programs re-read."""
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
     impls = _impls(op)
     if Backend.TRITON not in impls:

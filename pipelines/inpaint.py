@@ -126,9 +126,8 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     else:
         known = KnownRegion(1 - mask_lat, z0, noise if variant == "blend" else None)
     if variant == "blend":  # the draw of diffusers' unused masked-image latent (see the module docstring)
-        vae_device, vae_dtype = model_device_dtype(model)
-        torch.randn((pixels.shape[0], *shape[1:]), generator=s.generator,
-                    device=s.generator.device if s.generator is not None else vae_device, dtype=vae_dtype)
+        torch.randn((pixels.shape[0], *shape[1:]), generator=s.generator, device=s.generator.device,
+                    dtype=model_device_dtype(model)[1])
 
     if not plan:  # strength 0: the VAE round trip
         x = z0 if z0 is not None else batched(encode_image(model, pixels, s.generator))

@@ -17,7 +17,7 @@ diffusers' DDPM/DDIM/EulerAncestral/DPMSolverMultistep schedulers to fp32 roundi
 Notation: ᾱ_t = ∏_{i<=t} (1 - β_i) (``alphas_cumprod``); x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; in sigma
 space (Karras et al. 2022) σ_t = √((1-ᾱ_t)/ᾱ_t) and x = x0 + σ ε.
 RePaint masks: ``mask = 1`` marks the KNOWN region, whose values come from ``known`` (the known
-latent noised to the step's target level, e.g. ``add_noise(z_known, noise, prev_t)``).
+latent noised to the step's target level, e.g. ``sched.add_noise(z_known, noise, prev_t)``).
 """
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
 
 
-def add_noise(z0: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-    """Closed-form forward process q(x_t | x_0) (Ho et al. 2020 eq. 4): √ᾱ_t z0 + √(1-ᾱ_t) ε."""
-    return float(np.sqrt(F32(alpha_bar))) * z0 + float(np.sqrt(F32(1) - F32(alpha_bar))) * eps
+def noise_coefficients(alpha_bar: float) -> tuple[float, float]:
+    """(√ᾱ_t, √(1-ᾱ_t)) in float32: the closed-form forward process q(x_t | x_0) (Ho et al. 2020
+    eq. 4) is x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε."""
+    return float(np.sqrt(F32(alpha_bar))), float(np.sqrt(F32(1) - F32(alpha_bar)))
 
 
 def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
@@ -248,18 +249,20 @@ class Scheduler:
         return sample
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """q(x_t | z0) at timestep ``t``: a host int (no device traffic), or a 1-D CPU tensor with
-        one timestep per sample (its coefficients are copied to z0's device)."""
+        """a·z0 + b·ε at timestep ``t``: a host value (no device traffic), or a 1-D CPU tensor with
+        one timestep per sample (their coefficients are copied to z0's device)."""
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
-            for v in t.tolist():
-                self._check_t(v)
-            ab = self.alphas_cumprod[t.cpu().long()]
+            ab = torch.tensor([self._noise_coefficients(v) for v in t.cpu().tolist()], dtype=torch.float32)
             shape = (-1,) + (1,) * (z0.dim() - 1)
-            sa = (ab**0.5).reshape(shape).to(z0.device, z0.dtype)
-            sb = ((1 - ab) ** 0.5).reshape(shape).to(z0.device, z0.dtype)
-            return sa * z0 + sb * noise
-        self._check_t(_host(t))
-        return add_noise(z0, noise, self._ac[int(_host(t))])
+            a, b = (c.reshape(shape).to(z0.device, z0.dtype) for c in ab.unbind(1))
+            return a * z0 + b * noise
+        a, b = self._noise_coefficients(_host(t))
+        return a * z0 + b * noise
+
+    def _noise_coefficients(self, t) -> tuple[float, float]:
+        """(a, b) of x_t = a·z0 + b·ε; here q(x_t | x_0) at training timestep t."""
+        self._check_t(t)
+        return noise_coefficients(self._ac[int(t)])
 
     def undo_step(self, sample: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -390,21 +393,12 @@ class _SigmaScheduler(Scheduler):
             raise ValueError(f"{self.name} walks its own sigma table; prev_t= is only for ddpm / ddim")
         return super().step(*args, **kwargs)
 
-    def _noise_coefficients(self, i: int) -> tuple[float, float]:
-        """(a, b) of the noised sample a·z0 + b·ε at step index i."""
-        raise NotImplementedError
+    def _noise_coefficients(self, t) -> tuple[float, float]:  # t: one of self.timesteps
+        return self._sigma_noise(self._step_index(t))
 
-    def add_noise(self, z0, noise, t):
-        """z0 noised to timestep ``t`` of :attr:`timesteps`: a host value, or a 1-D CPU tensor of
-        them, one per sample."""
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
-            ab = torch.tensor([self._noise_coefficients(self._step_index(v)) for v in t.cpu().tolist()],
-                              dtype=torch.float32)
-            shape = (-1,) + (1,) * (z0.dim() - 1)
-            a, b = (c.reshape(shape).to(z0.device, z0.dtype) for c in ab.unbind(1))
-            return a * z0 + b * noise
-        a, b = self._noise_coefficients(self._step_index(t))
-        return a * z0 + b * noise
+    def _sigma_noise(self, i: int) -> tuple[float, float]:
+        """(a, b) of x = a·z0 + b·ε at step index i."""
+        raise NotImplementedError
 
 
 class EulerAncestralScheduler(_SigmaScheduler):
@@ -433,7 +427,7 @@ class EulerAncestralScheduler(_SigmaScheduler):
         s = self.sigmas[self._step_index(t)]
         return sample / float(np.sqrt(s**2 + F32(1)))
 
-    def _noise_coefficients(self, i):
+    def _sigma_noise(self, i):
         """x = z0 + σ_t ε (σ space: the sampler's x is not scaled by √ᾱ)."""
         return 1.0, float(self.sigmas[i])
 
@@ -478,7 +472,7 @@ class DPMSolverPP2MScheduler(_SigmaScheduler):
         alpha = F32(1) / np.sqrt(s**2 + F32(1))
         return alpha, s * alpha
 
-    def _noise_coefficients(self, i):
+    def _sigma_noise(self, i):
         alpha, sigma = self._alpha_sigma(i)
         return float(alpha), float(sigma)
 
