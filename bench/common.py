@@ -453,7 +453,9 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 f"Each Triton kernel with candidate launch configurations (backend column) against the one it "
                 f"picks itself (`{DEFAULT_CONFIG}`), same inputs, same run; speed-up vs `{DEFAULT_CONFIG}`. A "
                 "candidate whose error exceeds 2x the default's is an error row and cannot win.", "",
-                "Best per case:", "",
+                "Best per case" + (" (interpreter timings on CPU: they check that every candidate runs and is "
+                                   "accurate, and rank nothing about a GPU):" if env.get("triton_interpret")
+                                   else ":"), "",
                 markdown_table(best, [("op", "op"), ("case", "case"), ("dtype", "dtype"),
                                       ("best configuration", "backend"), ("median ms", "median_ms"),
                                       ("host µs", "host_ms"), ("speed-up", "speedup_vs_reference")]), "",

@@ -306,13 +306,9 @@ def _peak_reset(device):
 def _peak(device) -> tuple[float | None, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    try:
-        import resource
-
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "ru_maxrss: process high-water mark so far (CPU)")
-    except Exception:  # pragma: no cover - not on Linux
-        return None, "n/a"
+    # the CPU allocator keeps no resettable peak; the process high-water mark (ru_maxrss) only grows
+    # from row to row, so comparing rows with it would mislead: the column stays empty
+    return None, "not measured on CPU (no per-run peak; CUDA rows use torch.cuda.max_memory_allocated)"
 
 
 # ------------------------------------------------------------------------------- pipeline calls

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import tl, triton
-from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
+from .registry import (Backend, autocast_dtype, autocast_inputs, dispatch, interpreting, register, shares_memory,
+                       triton_available)
 
 LOG2E = math.log2(math.e)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
@@ -708,11 +709,14 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     why = triton_available()
     if why:
         return why
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} is not float32/float16/bfloat16"
-    if not (q.dtype == k.dtype == v.dtype):
-        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # here only under TRITON_INTERPRET=1
+    cast = autocast_dtype(q.device.type)  # the dtypes the kernel will see (attention_triton casts)
+    qd, kd, vd = (cast if cast is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
+                  for t in (q, k, v))
+    if qd not in DTYPES:
+        return f"dtype {qd} is not float32/float16/bfloat16"
+    if not (qd == kd == vd):
+        return f"q, k, v dtypes differ ({qd}, {kd}, {vd})"
+    if qd == torch.bfloat16 and q.device.type == "cpu":  # here only under TRITON_INTERPRET=1
         return ("bfloat16 under the Triton interpreter: its tl.dot multiplies bf16 bit patterns as "
                 "integers (numpy has no bf16), so results would be garbage; use fp16/fp32 or a GPU")
     d = q.shape[-1]
@@ -741,7 +745,9 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
     in place and is forward-only (no autograd). ``config`` overrides :data:`CONFIGS`: an
     AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel.
-    Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated."""
+    Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated.
+    Under autocast, q, k, v are cast to its dtype first, as torch's matmul and SDPA take them."""
+    q, k, v = autocast_inputs(q, k, v)
     configs = _per_kernel(config)
     if _scale_problem(scale):
         raise ValueError(_scale_problem(scale))

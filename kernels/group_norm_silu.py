@@ -92,7 +92,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @register("group_norm_silu", Backend.REFERENCE)
 def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, activation="silu"):
     """Plain torch: ``F.group_norm`` then ``F.silu`` (torch accumulates the statistics in fp32 for
-    16-bit x; weight / bias may be fp32 with 16-bit x, as under autocast; y has x's dtype)."""
+    16-bit x; weight / bias may be fp32 with 16-bit x, as under autocast; y has x's dtype, or fp32
+    under CUDA autocast, which runs group_norm in fp32)."""
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
 
@@ -599,9 +600,10 @@ def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
     return plan
 
 
-def _forward(x, weight, bias, out, plan):
-    """Launch the forward; returns y and the (N * G, 2) fp32 (mean, rstd) (None if not stored)."""
-    y = torch.empty_like(x) if out is None else out
+def _forward(x, weight, bias, out, plan, y_dtype=None):
+    """Launch the forward; returns y (of ``y_dtype``, default x's) and the (N * G, 2) fp32
+    (mean, rstd) (None if not stored)."""
+    y = torch.empty_like(x, dtype=y_dtype) if out is None else out
     stats = None
     if plan.stats_shape is not None:
         stats = torch.empty(plan.stats_shape, device=x.device, dtype=torch.float32)
@@ -622,10 +624,10 @@ class _GroupNormSiLU(torch.autograd.Function):
     create_graph=True the backward is recomputed through the reference (kernels._autograd)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out, plan, eps):
+    def forward(ctx, x, weight, bias, out, plan, eps, y_dtype):
         if out is not None:
             ctx.mark_dirty(out)
-        y, stats = _forward(x, weight, bias, out, plan)
+        y, stats = _forward(x, weight, bias, out, plan, y_dtype)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.plan, ctx.eps = plan, eps
         return y
@@ -637,7 +639,7 @@ class _GroupNormSiLU(torch.autograd.Function):
             act = "silu" if ctx.plan.silu else None
             grads = reference_grads(lambda *xwb: group_norm_silu_reference(*xwb, ctx.plan.groups, ctx.eps, act),
                                     (x, weight, bias), ctx.needs_input_grad[:3], dy)
-            return (*grads, None, None, None)
+            return (*grads, None, None, None, None)
         cfg, groups = ctx.plan.bwd_cfg, ctx.plan.groups
         n, c = x.shape[:2]
         h, w = _spatial_hw(x)
@@ -660,7 +662,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         _BWD_DX(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
         dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
@@ -713,12 +715,18 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
 @register("group_norm_silu", Backend.TRITON, check=_check_triton)
 def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu", *, out=None,
                            config: LaunchConfig | None = None):
-    """The fused kernels; ``out`` (x's shape and dtype) receives y; ``config`` overrides tiling and
-    path (``launch_config(..., single_pass=True/False)`` forces one)."""
+    """The fused kernels; ``out`` (x's shape, x's dtype or float32) receives y; ``config``
+    overrides tiling and path (``launch_config(..., single_pass=True/False)`` forces one).
+
+    y has x's dtype, except under CUDA autocast, where it is float32 as torch's group_norm gives
+    there (autocast runs it in fp32): the kernel then reads 16-bit x and writes fp32, which equals
+    normalising x.float() (statistics are fp32 either way) without the cast's extra pass."""
+    y_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
     if out is not None:
-        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        if out.shape != x.shape or out.dtype not in (x.dtype, torch.float32) or out.device != x.device:
             raise ValueError(f"out is {out.dtype}{tuple(out.shape)} on {out.device}, x is {x.dtype}{tuple(x.shape)} "
-                             f"on {x.device}: out must match x")
+                             f"on {x.device}: out must have x's shape and device, and x's dtype or float32")
+        y_dtype = out.dtype
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
             if t is not None and shares_memory(out, t):
                 raise ValueError(f"out shares memory with {name}: each program re-reads its whole group for "
@@ -728,14 +736,14 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
     if x.numel() == 0:  # nothing to launch; under autograd the reference keeps the graph (zero grads)
         if grad:
             return group_norm_silu_reference(x, weight, bias, groups, eps, activation)
-        return torch.empty_like(x) if out is None else out
+        return torch.empty_like(x, dtype=y_dtype) if out is None else out
     # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
     weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
     if grad:
-        return _GroupNormSiLU.apply(x, weight, bias, out, plan, eps)
-    return _forward(x, weight, bias, out, plan)[0]  # no autograd overhead, no stats
+        return _GroupNormSiLU.apply(x, weight, bias, out, plan, eps, y_dtype)
+    return _forward(x, weight, bias, out, plan, y_dtype)[0]  # no autograd overhead, no stats
 
 
 def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):

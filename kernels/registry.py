@@ -202,6 +202,23 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch autocast runs its lower-precision ops (matmul, SDPA) in on ``device_type``
+    ("cuda", "cpu"), or None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` as autocast hands them to a lower-precision op: when autocast is on for their
+    device, each floating tensor other than fp64 cast to its dtype; else unchanged. A Triton backend
+    standing in for such ops (attention for matmul / SDPA) applies it, so that under autocast its
+    output dtype and rounding are its reference's."""
+    dt = autocast_dtype(tensors[0].device.type)
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
 def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
     impls = _impls(op)
     if Backend.TRITON not in impls:

@@ -542,3 +542,32 @@ def test_short_key_forwards_use_their_own_table(device, monkeypatch):
             attention_triton(q, k, v)
     assert kinds == ["fwd_short_kv", "fwd_short_kv", "fwd"], kinds
     assert set(attention_module.CONFIGS["fwd_short_kv"]) == set(attention_module.CONFIGS["fwd"])
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_casts_inputs_as_matmul_does(in_dtype, device):
+    """Under autocast the reference's matmuls (and SDPA) run in autocast's dtype; the Triton backend
+    casts q, k, v the same way, so switching backends keeps the output dtype and its rounding.
+    fp32 and bf16 inputs under fp16 autocast: both come out fp16, within fp16's error."""
+    q, k, v = (t.detach().to(in_dtype) for t in make_qkv((1, 2, 37, 77, 40), torch.float32, device))
+    want64 = attention_fp64(q, k, v)
+    with torch.autocast(device.type, dtype=torch.float16), torch.no_grad():
+        outs = {}
+        for backend in ("reference", "triton"):
+            with kernels.use(attention=backend):
+                outs[backend] = kernels.attention(q, k, v)
+    assert outs["reference"].dtype == torch.float16, "torch's own autocast rule changed"
+    check(outs["triton"], want64, outs["reference"], torch.float16, f"autocast fp16 from {in_dtype}")
+
+
+def test_autocast_backward_reaches_fp32_leaves(device):
+    """The autocast cast is part of the graph: fp32 leaves get fp32 gradients, as from the reference."""
+    q, k, v = make_qkv((1, 2, 20, 24, 16), torch.float32, device)
+    grads = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast(device.type, dtype=torch.float16), kernels.use(attention=backend):
+            o = kernels.attention(q, k, v)
+        grads[backend] = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+    for name, g, r in zip("qkv", grads["triton"], grads["reference"]):
+        assert g.dtype == r.dtype == torch.float32, f"d{name}: {g.dtype} vs reference {r.dtype}"
+        assert_close(g, r.double(), rel=1e-2, name=f"d{name} under autocast (fp16 compute)")

@@ -475,3 +475,41 @@ def test_sd_shapes_forced_path_gpu(shape, groups, single_pass):
     cfg = _config(x, groups, single_pass)
     _check_forward(x, w, b, groups, "silu", cfg)
     _check_backward(x, w, b, groups, "silu", cfg)
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["one-launch", "two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp32_out_from_16bit_x(single_pass, dtype, device):
+    """out=float32 with 16-bit x (what CUDA autocast asks for): the kernel reads 16-bit x and writes
+    fp32, which must equal fp32 GroupNorm of x.float() to fp32 accuracy, not to 16-bit rounding."""
+    x, w, b = _inputs((2, 96, 7, 9), dtype, device)
+    config = _config(x, 32, single_pass)
+    out = torch.full(x.shape, float("nan"), device=device)  # fp32, poisoned
+    with _only_path(config):
+        y = group_norm_silu_triton(x, w, b, 32, 1e-5, "silu", out=out, config=config)
+    assert y is out and y.dtype == torch.float32
+    assert_close(y, _torch(x, w, b, 32, "silu", torch.float64), name=f"fp32 y from {dtype} x", **TOL[torch.float32])
+
+
+def test_out_dtype_must_be_x_or_fp32(device):
+    x, w, b = _inputs((1, 32, 3, 5), torch.float16, device)
+    with pytest.raises(ValueError, match=r"x's dtype or float32"):
+        group_norm_silu_triton(x, w, b, 8, out=torch.empty(x.shape, dtype=torch.bfloat16, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast_output_dtype_matches_reference(dtype, device):
+    """CUDA autocast runs torch's group_norm in fp32 (so the reference returns fp32 from 16-bit x);
+    the Triton backend returns fp32 too, with fp32-accurate values and x-dtype dx."""
+    x, w, b = _leaves(*_inputs((2, 320, 16, 16), dtype, device))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    res = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast("cuda", dtype=dtype), kernels.use(group_norm_silu=backend):
+            y = kernels.group_norm_silu(x, w, b, 32)
+        res[backend] = (y, *torch.autograd.grad(y, (x, w, b), dy))
+    for name, got, ref in zip(("y", "dx", "dweight", "dbias"), res["triton"], res["reference"]):
+        assert got.dtype == ref.dtype, f"{name}: triton {got.dtype}, reference {ref.dtype} under autocast"
+    assert res["triton"][0].dtype == torch.float32 and res["triton"][1].dtype == dtype
+    assert_close(res["triton"][0], _torch(x, w, b, 32, "silu", torch.float64), name="y", **TOL[torch.float32])
