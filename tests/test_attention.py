@@ -571,3 +571,132 @@ def test_autocast_backward_reaches_fp32_leaves(device):
     for name, g, r in zip("qkv", grads["triton"], grads["reference"]):
         assert g.dtype == r.dtype == torch.float32, f"d{name}: {g.dtype} vs reference {r.dtype}"
         assert_close(g, r.double(), rel=1e-2, name=f"d{name} under autocast (fp16 compute)")
+
+
+# ---- Boundaries and layouts the tests above leave out (found by mutation testing: each test below
+# fails for a one-token bug in the kernel or its launcher that every other test passed) ----
+
+def _mixed_layouts(shape, seed=0):
+    """q in the UNet's (B, L, H, D) view, k contiguous, v (B, L, H, D) again: k and v of different
+    strides, so a kernel that reads v (or writes dv) with k's strides is caught."""
+    b, h, lq, lkv, d = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, h, d, generator=g).transpose(1, 2)
+    k = torch.randn(b, h, lkv, d, generator=g)
+    v = torch.randn(b, lkv, h, d, generator=g).transpose(1, 2)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("d", [40, 80], ids=["D40-padded", "D80-head+tail"])
+def test_k_and_v_of_different_strides(d):
+    q, k, v = _mixed_layouts((1, 2, 37, 77, d))
+    assert k.stride() != v.stride()
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    o = attention_triton(q, k, v)
+    assert_close(o, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name=f"o D{d}")
+    got = torch.autograd.grad(o, (q, k, v), do)
+    want = torch.autograd.grad(attention_fp64(q, k, v), (q, k, v), do.double())
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, rel=TOL[torch.float32]["rel"], name=f"d{name} D{d}, k and v of different strides")
+
+
+def test_out_of_other_strides_than_q():
+    """q in the UNet view, out contiguous: o is stored with out's strides, not q's."""
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 37, 77, 40), torch.float32, "cpu"))
+    out = torch.full((1, 2, 37, 40), float("nan"))
+    assert out.stride() != q.stride()
+    with torch.no_grad():
+        attention_triton(q, k, v, out=out)
+    assert_close(out, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="contiguous out, unet q")
+
+
+def test_large_score_range_keeps_the_running_max():
+    """Scores 128 apart in log2 units across key blocks: without the running max (rescaling
+    earlier blocks when a later one is larger, or the reverse) exp2 over/underflows."""
+    d = 16
+    q = torch.full((1, 1, 8, d), 4.0)
+    k = torch.cat([torch.full((1, 1, 32, d), 4.0), torch.full((1, 1, 45, d), -4.0)], 2)
+    v = torch.randn(1, 1, 77, d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = attention_triton(q, k, v, config=AttentionConfig(16, 32, 4, 2))
+    assert_close(got, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="score range 256")
+
+
+def test_head_dim_256_is_the_limit():
+    """256, the largest head dim taken, runs (its table row is the last); 264 is refused."""
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 16, 20, 256), torch.float32, "cpu"))
+    assert attention_module._triton_check(q, k, v) is None
+    with torch.no_grad():
+        assert_close(attention_triton(q, k, v), attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="D256")
+    big = torch.zeros(1, 1, 4, 264)
+    assert "256" in attention_module._triton_check(big, big, big)
+
+
+def test_grid_limit_is_inclusive():
+    """B·H = 65535 programs on the grid's second axis is CUDA's limit, allowed; 65536 is refused."""
+    q = torch.zeros(1, 1, 8, 16).expand(4369, 15, 8, 16)  # 4369 * 15 = 65535
+    assert attention_module._triton_check(q, q, q) is None
+    q = torch.zeros(1, 1, 8, 16).expand(4096, 16, 8, 16)
+    assert "65536" in attention_module._triton_check(q, q, q)
+
+
+def test_no_keys_is_refused():
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 0, 16)
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="no keys"):
+        kernels.attention(q, k, k)
+
+
+def test_only_v_requires_grad():
+    """Autograd is recorded when any one of q, k, v requires grad (here v alone)."""
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 19, 21, 16), torch.float32, "cpu"))
+    v.requires_grad_()
+    o = attention_triton(q, k, v)
+    assert o.requires_grad
+    (dv,) = torch.autograd.grad(o.sum(), (v,))
+    (want,) = torch.autograd.grad(attention_fp64(q, k, v).sum(), (v,))
+    assert_close(dv, want, rel=TOL[torch.float32]["rel"], name="dv, only v requiring grad")
+
+
+def test_backward_without_queries_zeroes_dk_dv():
+    """Lq = 0: no key gets any gradient, so dk and dv are zeros (not the buffers' old contents)."""
+    q, k = torch.randn(1, 2, 0, 16), torch.randn(1, 2, 5, 16)
+    bufs = [torch.full_like(t, float("nan")) for t in (q, k, k)]
+    _, dk, dv = _backward(torch.zeros_like(q), q, k, k, q.clone(), torch.empty(1, 2, 0), None, *bufs)
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("kind", sorted(attention_module.CONFIGS))
+def test_table_lookup(kind):
+    """Each padded head width takes the first CONFIGS row at least as wide, and fp32 the rule for
+    its doubled shared memory (stages <= 2, the looped-over block halved), whatever the table holds."""
+    table = sorted(attention_module.CONFIGS[kind].items())
+    for i, (width, row) in enumerate(table):
+        for w in (width, table[i - 1][0] + 1 if i else 16):
+            assert attention_module._config(kind, w, 2) == row, (kind, w)
+            bm, bn, warps, stages = row
+            halved = (max(16, bm // 2), bn) if kind == "dkdv" else (bm, max(16, bn // 2))
+            assert attention_module._config(kind, w, 4) == (*halved, warps, min(stages, 2)), (kind, w, "fp32")
+
+
+def test_align_hint_sees_out(monkeypatch):
+    """ALIGN (a load/store alignment hint; the interpreter ignores it, so no numeric test sees it)
+    is the largest power of two dividing every row stride and base of q, k, v *and* out."""
+    seen = []
+    real = attention_module._FWD
+    monkeypatch.setattr(attention_module, "_FWD", lambda grid, key, ptrs, args, meta: (
+        seen.append(args[-1]), real(grid, key, ptrs, args, meta)))
+    attention_module._ALIGNS.clear()
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 9, 9, 40), torch.float32, "cpu", "contiguous"))
+    out = torch.empty(1, 2, 9, 42)[..., :40]  # row stride 42 fp32 = 168 bytes: 8-byte aligned only
+    with torch.no_grad():
+        attention_triton(q, k, v, out=out)
+    assert_close(out, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="o in a strided out")
+    assert seen == [attention_module._align(q, k, v, out)] and seen[0] < attention_module._align(q, k, v), seen
+
+
+def test_bare_config_is_the_forwards_only(monkeypatch):
+    """config=AttentionConfig(...) sets the forward; the backward kernels keep their table rows."""
+    launches = _spy_launches(monkeypatch, ["_attn_bwd_dq_kernel"])
+    q, k, v = make_qkv((1, 2, 37, 21, 40), torch.float32, "cpu")
+    torch.autograd.grad(attention_triton(q, k, v, config=AttentionConfig(16, 16, 1, 2)).sum(), (q,))
+    assert launches and launches[0][2:] == attention_module._plan("dq", 40, torch.float32)[3:], launches
