@@ -1,5 +1,7 @@
 """The backend switch: precedence (scope > set_backend > SDLAB_KERNELS > default), parsing,
 fallback under the default, errors for explicit choices, and counters that show what ran."""
+import contextlib
+import inspect
 import warnings
 
 import pytest
@@ -11,8 +13,8 @@ from kernels import registry
 
 @pytest.fixture
 def toy_op():
-    """A throwaway op with a reference and a picky 'triton' backend (refuses fp64), so the switch
-    is tested without depending on any real kernel."""
+    """A throwaway op with a reference and a picky 'triton' backend (refuses fp64, and fp16 for
+    another reason), so the switch is tested without depending on any real kernel."""
     calls = []
 
     @registry.register("toy_op", "reference")
@@ -20,7 +22,8 @@ def toy_op():
         calls.append("reference")
         return x + 1
 
-    @registry.register("toy_op", "triton", check=lambda x: "fp64 is not supported" if x.dtype == torch.float64 else None)
+    @registry.register("toy_op", "triton", check=lambda x: {torch.float64: "fp64 is not supported",
+                                                             torch.float16: "fp16 is not supported"}.get(x.dtype))
     def tri(x):
         calls.append("triton")
         return x + 1
@@ -28,6 +31,7 @@ def toy_op():
     yield calls
     registry._OPS.pop("toy_op")
     registry._ENV_CACHE.clear()
+    registry._FNS.clear()
     registry._WARNED.clear()
 
 
@@ -102,10 +106,20 @@ def test_env_var_errors_name_the_problem(toy_op, monkeypatch, value, needle):
         registry.resolve("toy_op", torch.ones(1))
 
 
-def test_explicit_backend_that_cannot_take_input_raises(toy_op):
-    with kernels.use(toy_op="triton"):
-        with pytest.raises(kernels.BackendUnsupported, match="fp64 is not supported"):
+@pytest.mark.parametrize("how", ["scope", "set_backend", "env"])
+def test_explicit_backend_that_cannot_take_input_raises(toy_op, monkeypatch, how):
+    """Whichever way triton was chosen, a refused input raises, naming the op, the backend, where
+    the choice came from, and the limit; nothing runs."""
+    source = {"scope": "kernels.use() scope", "set_backend": "kernels.set_backend()",
+              "env": f"{kernels.ENV_VAR}='toy_op=triton'"}[how]
+    if how == "env":
+        monkeypatch.setenv(kernels.ENV_VAR, "toy_op=triton")
+    elif how == "set_backend":
+        kernels.set_backend(toy_op="triton")
+    with kernels.use(toy_op="triton") if how == "scope" else contextlib.nullcontext():
+        with pytest.raises(kernels.BackendUnsupported) as e:
             registry.dispatch("toy_op", torch.ones(1, dtype=torch.float64))
+    assert str(e.value) == f"toy_op: backend 'triton' (from {source}) cannot run this input: fp64 is not supported"
     assert toy_op == []
 
 
@@ -120,6 +134,41 @@ def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
     assert toy_op == ["reference"] * 3
     msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
     assert len(msgs) == 1 and "fp64 is not supported" in msgs[0], msgs
+
+
+def test_each_fallback_reason_warns_once(toy_op, monkeypatch):
+    """Once per (op, reason): a second, different limit is reported too, each only once."""
+    monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float64, torch.float16, torch.float64, torch.float16):
+            registry.dispatch("toy_op", torch.ones(1, dtype=dtype))
+    msgs = sorted(str(w.message) for w in caught if "falling back" in str(w.message))
+    assert len(msgs) == 2 and "fp16 is not" in msgs[0] and "fp64 is not" in msgs[1], msgs
+
+
+def test_env_backend_for_all_ops_leaves_ops_without_it(monkeypatch):
+    """SDLAB_KERNELS=sdpa: attention runs on sdpa, and ops with no sdpa backend keep their
+    default instead of failing."""
+    monkeypatch.setenv(kernels.ENV_VAR, "sdpa")
+    x = torch.randn(1, 32, 2, 2)
+    assert registry.resolve("attention", x)[0] == "sdpa"
+    assert registry.resolve("group_norm_silu", x)[0] == "reference"
+    kernels.group_norm_silu(x, torch.ones(32), torch.zeros(32), 8)
+
+
+def test_env_for_all_ops_covers_an_op_registered_later(toy_op, monkeypatch):
+    """The parsed SDLAB_KERNELS value is cached; registering an op must not leave it stale."""
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    registry._choice("attention")  # parses and caches the value before late_op exists
+    try:
+        registry.register("late_op", "reference")(lambda x: x)
+        registry.register("late_op", "triton")(lambda x: x)
+        assert registry.resolve("late_op", torch.ones(1))[0] == "triton"
+    finally:
+        registry._OPS.pop("late_op", None)
+        registry._ENV_CACHE.clear()
+        registry._FNS.clear()
 
 
 def test_resolve_is_a_query_that_leaves_the_warning_to_the_call(toy_op, monkeypatch):
@@ -166,9 +215,10 @@ def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1  # the call below, not public_op's body
         public_op(torch.ones(1, dtype=torch.float64))
     (w,) = [w for w in caught if "falling back" in str(w.message)]
-    assert w.filename == __file__, f"warning attributed to {w.filename}:{w.lineno}"
+    assert (w.filename, w.lineno) == (__file__, line), f"warning attributed to {w.filename}:{w.lineno}"
 
 
 def test_kernels_import_and_run_without_triton():

@@ -338,3 +338,68 @@ def test_cosine_alias_and_config_sampler():
     b = make_scheduler("dpmpp_2m", SchedulerConfig(), beta_schedule="cosine")
     assert type(a) is type(b) and torch.equal(a.alphas_cumprod, b.alphas_cumprod)
     assert np.all(np.diff(a.alphas_cumprod.numpy()) < 0)
+
+
+# ---- Options and paths the step-by-step comparisons above leave out (found by mutation testing:
+# each test below fails for a one-token bug in sdcore.schedulers that every other test passed) ----
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_set_alpha_to_one_matches_diffusers(eta):
+    """The last step's alpha_bar_prev: 1 with set_alpha_to_one (how SD's DDIM checkpoints come),
+    else alpha_bar[0]. The comparisons above all run the default (False)."""
+    run_against_diffusers("ddim", SchedulerConfig(set_alpha_to_one=True), steps=20, eta=eta)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_step_count_not_dividing_T_matches_diffusers(spacing):
+    """prev_t = t - T // n: 1000 // 7 = 142, where rounding 142.9 would give 143."""
+    run_against_diffusers("ddim", SchedulerConfig(timestep_spacing=spacing), steps=7, eta=0.7)
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "no-clip"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_use_clipped_model_output_matches_diffusers(prediction, eta, clip):
+    """use_clipped_model_output: eps recomputed from the (clipped) x0, step by step in lockstep
+    with diffusers' DDIMScheduler given the same option."""
+    cfg = SchedulerConfig(prediction_type=prediction, clip_sample=clip, clip_sample_range=1.0)
+    ref, ours = diffusers_scheduler("ddim", cfg), make_scheduler("ddim", cfg, eta=eta, use_clipped_model_output=True)
+    ref.set_timesteps(20)
+    ours.set_timesteps(20)
+    model = fake_model()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    g_ref, g_ours = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for i, t in enumerate(ref.timesteps):
+        out = model(x, t)
+        want = ref.step(out, t, x, eta=eta, use_clipped_model_output=True, generator=g_ref).prev_sample
+        got = ours.step(out, t, x, generator=g_ours).prev_sample
+        assert_close(got, want, rel=REL, name=f"ddim {prediction} eta={eta} clip={clip} step {i} t={int(t)}")
+        x = want
+
+
+@pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 0.7}), ("euler_a", {})])
+def test_generator_left_where_diffusers_leaves_it(name, opts):
+    """Noise is drawn on the same steps as diffusers' (Euler-a every step, the last one's zero
+    sigma_up included), so a generator shared with later calls goes on identically."""
+    cfg = SchedulerConfig()
+    ref, ours = diffusers_scheduler(name, cfg), make_scheduler(name, cfg, **opts)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    model = fake_model()
+    x_ref = x_ours = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * float(ref.init_noise_sigma)
+    g_ref, g_ours = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for t in ref.timesteps:
+        x_ref = ref.step(model(ref.scale_model_input(x_ref, t), t), t, x_ref, generator=g_ref, **opts).prev_sample
+        x_ours = ours.step(model(ours.scale_model_input(x_ours, t), t), t, x_ours, generator=g_ours).prev_sample
+    assert torch.equal(g_ours.get_state(), g_ref.get_state()), f"{name}: generator states differ after 10 steps"
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+@pytest.mark.parametrize("t", [0, 500, 999])
+def test_undo_step_from_the_clean_sample_is_add_noise(name, t):
+    """q(x_t | x_{-1}) with x_{-1} = x0 (alpha_bar_{-1} = 1) is q(x_t | x0): RePaint's re-noising
+    from the clean sample equals the closed-form noising."""
+    s = make_scheduler(name, SchedulerConfig())
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    assert_close(s.undo_step(x0, -1, t, eps), s.add_noise(x0, eps, t), rel=REL, name=f"{name} undo_step -1 -> {t}")
