@@ -64,10 +64,10 @@ def _inputs(shape, dtype, device, affine=True, channels_last=False, seed=0):
     return x, *(None if t is None else t.to(device=device, dtype=dtype) for t in (w, b))
 
 
-def _torch(x, w, b, groups, activation, dtype=None):
+def _torch(x, w, b, groups, activation, dtype=None, eps=1e-5):
     """Plain torch in ``dtype`` (None: x's), upcast inputs for the fp64 reference."""
     cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-    y = F.group_norm(cast(x), groups, cast(w), cast(b), 1e-5)
+    y = F.group_norm(cast(x), groups, cast(w), cast(b), eps)
     return F.silu(y) if activation == "silu" else y
 
 
@@ -513,3 +513,90 @@ def test_cuda_autocast_output_dtype_matches_reference(dtype, device):
         assert got.dtype == ref.dtype, f"{name}: triton {got.dtype}, reference {ref.dtype} under autocast"
     assert res["triton"][0].dtype == torch.float32 and res["triton"][1].dtype == dtype
     assert_close(res["triton"][0], _torch(x, w, b, 32, "silu", torch.float64), name="y", **TOL[torch.float32])
+
+
+# ---- Paths and limits the tests above leave out (found by mutation testing: each test below
+# fails for a one-token bug in kernels/group_norm_silu.py that every other test passed) ----
+
+def _fp64(x, w, b, groups, eps=1e-5, activation="silu"):
+    return _torch(x, w, b, groups, activation, torch.float64, eps)
+
+
+def test_eps_and_activation_are_part_of_the_cached_plan():
+    """Same shape, other eps or activation: the cached launch plan must not replay the first's."""
+    x, w, b = _inputs((1, 32, 4, 4), torch.float32, "cpu")
+    for eps, act in ((1e-5, "silu"), (0.5, "silu"), (0.5, None)):
+        assert_close(group_norm_silu_triton(x, w, b, 8, eps, act), _fp64(x, w, b, 8, eps, act),
+                     name=f"eps {eps} activation {act}", **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eps_inside_the_square_root(path):
+    """Variance 1e-5, as large as eps: rstd = 1/sqrt(var + eps), not 1/(sqrt(var) + eps)."""
+    x, w, b = _inputs((1, 96, 7, 9), torch.float32, "cpu")
+    x = (x - 1.5) * 1e-3  # std 3e-3, mean ~0
+    config = _config(x, 32, PATHS[path])
+    assert_close(group_norm_silu_triton(x, w, b, 32, config=config), _fp64(x, w, b, 32),
+                 name=f"low-variance x, {path}", **TOL[torch.float32])
+
+
+def test_even_tiles_with_uneven_statistics_tiles():
+    """12 x 16 = 192 positions (SD 2.1's 24x24 and 12x12 levels are alike): the normalising tiles
+    divide H*W but the wider statistics tiles do not, so only the statistics loads need the mask."""
+    x, w, b = _inputs((1, 8, 12, 16), torch.float32, "cpu")
+    cfg = _config(x, 2)
+    assert cfg.single_pass and cfg.even_s and not cfg.stats_even_s, cfg
+    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _fp64(x, w, b, 2), name="y", **TOL[torch.float32])
+
+
+def test_two_pass_partial_last_channel_block():
+    """12 channels per group in blocks of 8 + 4 (SD's 2560 channels / 32 = 80 = 64 + 16 is alike):
+    the last block's statistics count its 4 valid channels only."""
+    x, w, b = _inputs((1, 24, 5, 7), torch.float32, "cpu")
+    cfg = launch_config(x.shape, 2, x.dtype, INTERPRETER_SMS, max_block_c=8, single_pass=False)
+    assert cfg.c_blocks == 2, cfg
+    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _fp64(x, w, b, 2), name="y", **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_width_slice_keeps_h_and_w_apart(path):
+    """x[..., :3] of a 5x5 map: H and W cannot be flattened into one axis (stride_h = 5 != 3 * 1),
+    though stride_h happens to equal H * stride_w."""
+    x, w, b = _inputs((2, 16, 5, 5), torch.float32, "cpu")
+    x = x[..., :3]
+    out = torch.full((2, 16, 5, 5), float("nan"))[..., :3]
+    config = _config(x, 4, PATHS[path])
+    y = group_norm_silu_triton(x, w, b, 4, config=config, out=out)
+    assert_close(y, _fp64(x, w, b, 4), name=f"sliced x and out, {path}", **TOL[torch.float32])
+
+
+def test_backward_takes_the_two_pass_split(monkeypatch):
+    """After a one-launch forward, the backward runs on the two-pass tiling of the same input."""
+    x, w, b = _inputs((1, 24, 11, 13), torch.float32, "cpu")
+    assert _config(x, 2).single_pass
+    grids = []
+    real = gn._BWD_REDUCE
+    monkeypatch.setattr(gn, "_BWD_REDUCE", lambda grid, *a: (grids.append(grid), real(grid, *a)))
+    group_norm_silu_triton(x.requires_grad_(), w, b, 2).sum().backward()
+    assert grids == [_config(x, 2, single_pass=False).grid], grids
+
+
+def test_path_choice_boundaries():
+    """Rows exactly PROGRAMS_PER_SM x SMs take one launch (one program per row when rows fill the
+    GPU, H*W a non-power of two included); a two-pass split of a 2-block group does not over-split."""
+    shape = (1, 320, 64, 64)  # 32 rows, groups of 40960 > SINGLE_PASS_MAX_GROUP
+    assert 10 * 64 * 64 > SINGLE_PASS_MAX_GROUP and 32 % PROGRAMS_PER_SM == 0
+    assert launch_config(shape, 32, torch.float16, sms=32 // PROGRAMS_PER_SM).single_pass
+    for shape in ((17, 320, 60, 60), (64, 320, 64, 64)):
+        cfg = launch_config(shape, 32, torch.float16, sms=H100_SMS)
+        assert cfg.single_pass and cfg.grid == (cfg.rows,), (shape, cfg)
+    cfg = launch_config((2, 2560, 32, 32), 32, torch.float16, sms=H100_SMS)  # 80 channels per group
+    assert not cfg.single_pass and cfg.c_blocks == 2, cfg
+    assert PROGRAMS_PER_SM * H100_SMS <= cfg.grid[0] < 2 * PROGRAMS_PER_SM * H100_SMS, cfg
+
+
+def test_int32_bound_is_per_sample():
+    """Offsets within a sample are 32-bit (the batch offset is 64-bit): 2 x 2**30 elements is fine."""
+    x = torch.zeros(1, 1, 1, 1).expand(2, 128, 4096, 2048)
+    assert gn._check_triton(x, None, None, 32) is None
+    assert "2**31" in gn._check_triton(torch.zeros(1, 1, 1, 1).expand(1, 256, 4096, 2048), None, None, 32)

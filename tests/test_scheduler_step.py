@@ -257,3 +257,56 @@ def test_gpu_sd_shapes(shape, dtype):
         eager_prev, eager_x0 = eager_in_dtype(d, k)
         assert_within_torch_error(prev, eager_prev, ref[0], name="prev")
         assert_within_torch_error(x0, eager_x0, ref[1], name="x0")
+
+
+# ---- Layouts and limits the tests above leave out (found by mutation testing: each test below
+# fails for a one-token bug in kernels/scheduler_step.py that every other test passed) ----
+
+def test_no_write_past_the_end(device):
+    """252 elements (one partial block): the kernel's store mask stops at N, so an out that is a
+    view into a longer buffer leaves what follows it untouched."""
+    shape = (1, 4, 7, 9)
+    buf = torch.full((252 + 8,), 123.0, device=device)
+    d = inputs(shape, device)
+    with kernels.use(scheduler_step="triton"):
+        call(d, ALL_TERMS, out=buf[:252].view(shape))
+    assert torch.equal(buf[252:], torch.full((8,), 123.0, device=device)), buf[252:]
+
+
+def test_strided_mask_and_non_contiguous_known(device):
+    """A mask sliced with a spatial stride of 2 and a transposed known image: both are gathered
+    densely before the launch (the kernel indexes them as flat (B, 1 | C, H, W) buffers)."""
+    d = inputs((2, 4, 6, 6), device)
+    d["mask"] = (torch.rand(2, 1, 6, 12, generator=torch.Generator().manual_seed(9)) > 0.5).float().to(device)[..., ::2]
+    d["known"] = d["known"].transpose(2, 3)
+    assert not d["mask"].is_contiguous() and not d["known"].is_contiguous()
+    ref, tri = both(d, ALL_TERMS)
+    assert_close(tri[0], ref[0], rel=1e-6, name="prev, strided mask and transposed known")
+
+
+@pytest.mark.parametrize("which", ["noise", "prev_x0", "model_output_uncond"])
+def test_non_contiguous_side_inputs_are_refused(which, device):
+    """Same values in another layout: the flat-indexing kernel refuses, naming the input."""
+    d = inputs((1, 4, 6, 6), device)
+    d[which] = d[which].transpose(2, 3).contiguous().transpose(2, 3)
+    with kernels.use(scheduler_step="triton"), pytest.raises(BackendUnsupported, match=f"{which} is not contiguous"):
+        call(d, ALL_TERMS, mask=False)
+
+
+def test_int32_bound_counts_the_last_block():
+    """Offsets are int32 and the last block's lanes run up to BLOCK past N: refused from
+    2**31 - 1 - BLOCK elements, not only from 2**31."""
+    from kernels.scheduler_step import BLOCK, _triton_check
+
+    x = torch.zeros(1).expand(2**31 - BLOCK // 2)
+    assert "int32" in _triton_check(x, x, ALL_TERMS)
+
+
+def test_clip_at_zero_is_a_clip(device):
+    """clip=0.0 clamps x0 to 0 (a falsy value that is not None)."""
+    d = inputs((1, 4, 6, 6), device)
+    k = StepCoefficients(a_x=1.0, a_o=-0.5, clip=0.0, c0=0.9, c1=0.1)
+    ref, tri = both(d, k, cfg=False, mask=False, return_x0=True)
+    assert torch.equal(ref[1], torch.zeros_like(ref[1]))
+    assert_close(tri[1], ref[1], rel=1e-6, name="x0, clip 0")
+    assert_close(tri[0], ref[0], rel=1e-6, name="prev, clip 0")
