@@ -600,3 +600,16 @@ def test_int32_bound_is_per_sample():
     x = torch.zeros(1, 1, 1, 1).expand(2, 128, 4096, 2048)
     assert gn._check_triton(x, None, None, 32) is None
     assert "2**31" in gn._check_triton(torch.zeros(1, 1, 1, 1).expand(1, 256, 4096, 2048), None, None, 32)
+
+
+@pytest.mark.gpu
+def test_batch_offsets_past_2_31_elements(device):
+    """5 x 2**29 fp16 elements (2.7e9 in all, 5.4 GB): samples past the 2**31st element are reached
+    through the kernels' 64-bit batch offset; the last sample is checked against torch."""
+    x = torch.randn(1, 128, 2048, 2048, device=device, dtype=torch.float16).expand(5, -1, -1, -1).contiguous()
+    w, b = (torch.randn(128, device=device, dtype=torch.float16) for _ in range(2))
+    with kernels.use(group_norm_silu="triton"):
+        y = kernels.group_norm_silu(x, w, b, 32)
+    assert x.numel() > 2**31
+    want = _torch(x[-1:].float(), w.float(), b.float(), 32, "silu")
+    assert_close(y[-1:], want.double(), name="last sample, past 2**31 elements", rel=2e-3)
