@@ -610,3 +610,96 @@ def test_load_onto_cuda(saved, tiny, fmt, dtype):
         out = loaded.unet(x, torch.tensor([500], device="cuda"), ctx)
         want = tiny.unet(x.float().cpu(), torch.tensor([500]), ctx.float().cpu())
     assert_close(out.float().cpu(), want, rel=5e-2, name="unet on cuda")
+
+
+# ---- Paths the tests above leave out (found by mutation testing: each test below fails for a
+# one-token bug in sdcore/checkpoint.py or sdcore/detect.py that every other test passed) ----
+
+def test_fp16_variant_weight_files_load(tiny, saved, tmp_path):
+    """A folder whose weights exist only as `*.fp16.safetensors` (diffusers' fp16 variant) loads."""
+    d = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], d)
+    for sub, stem in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model")):
+        (d / sub / f"{stem}.safetensors").rename(d / sub / f"{stem}.fp16.safetensors")
+    assert_same_weights(dict(sdcore.load(d).state_dict()), dict(tiny.state_dict()))
+
+
+def test_read_error_names_the_file_and_key(saved):
+    """A tensor that cannot be read (truncated file, I/O error) is named, with its file."""
+    from safetensors import SafetensorError
+
+    src = checkpoint.open_checkpoint(saved["safetensors"])
+
+    class Broken:
+        def get_tensor(self, key):
+            raise SafetensorError("simulated short read")
+
+    src.file._st = Broken()
+    with pytest.raises(CheckpointError, match=r"tiny\.safetensors: cannot read tensor 'model\.diffusion_model\.out\.2\.weight'"):
+        src.read(["model.diffusion_model.out.2.weight"], torch.float32, torch.device("cpu"))
+
+
+def test_only_a_1x1_conv_stands_for_a_linear_weight(saved, tmp_path):
+    """Old VAE attention weights as 1x1 convs load as linear; a 3x3 kernel is a shape mismatch,
+    named with the diffusers file, key and both shapes."""
+    assert checkpoint._same_weight_shape((4, 4), (4, 4, 1, 1))
+    assert not checkpoint._same_weight_shape((4, 4), (4, 4, 3, 3))
+    d = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], d)
+    path = d / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    key = "encoder.mid_block.attentions.0.to_q.weight"
+    sd[key] = sd[key][:, :, None, None].repeat(1, 1, 3, 3).contiguous()
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"vae/diffusion_pytorch_model\.safetensors does not match the model's vae: "
+                                              r"1 shape mismatches: encoder\.mid_block\.attentions\.0\.to_q\.weight: "
+                                              r"expected \(64, 64\), got \(64, 64, 3, 3\)"):
+        sdcore.load(d)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
+def test_save_tensors_sharing_storage(tmp_path, suffix):
+    """Views of one storage (tied or sliced weights) save, each as its own tensor."""
+    w = torch.randn(6, 4)
+    sd = {"a": w[:3], "b": w[3:], "c": w}
+    path = tmp_path / f"s.{suffix}"
+    checkpoint.save_single_file(path, sd)
+    got = load_file(str(path)) if suffix == "safetensors" else torch.load(path, weights_only=True)["state_dict"]
+    assert_same_weights(got, sd)
+
+
+@pytest.mark.parametrize("prediction, size", [("v_prediction", 768), ("epsilon", 512)])
+def test_non_preset_sd2_image_size_follows_prediction_type(prediction, size):
+    """An SD 2 architecture no preset matches: 768 px for v-prediction (SD 2's 768-v), else 512."""
+    cfg = SDConfig.preset("sd21")
+    cfg = cfg.replace(unet=cfg.unet.replace(in_channels=9))
+    shapes = {k: tuple(v.shape) for k, v in StableDiffusion.skeleton(cfg).state_dict().items()}
+    got = detect_config(shapes, prediction_type=prediction)
+    assert got.name == "custom" and got.unet.in_channels == 9 and got.image_size == size, got
+
+
+def test_missing_detection_key_is_named(tiny):
+    shapes = {k: tuple(v.shape) for k, v in tiny.state_dict().items() if k != "model.diffusion_model.out.2.weight"}
+    with pytest.raises(CheckpointError, match=r"key 'model\.diffusion_model\.out\.2\.weight' is missing"):
+        detect_config(shapes, where="f.safetensors")
+
+
+def test_mixed_keys_are_not_called_a_standalone_vae(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 2), "foo.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint"):
+        sdcore.load(path)
+
+
+def test_stale_config_metadata_yields_to_the_weights(tmp_path):
+    """A file whose sdcore_config metadata names another architecture than its weights: the
+    weights win, with a warning."""
+    from sdcore.detect import config_to_json
+
+    inpaint = StableDiffusion.from_preset("tiny-inpaint", seed=1)
+    path = tmp_path / "stale.safetensors"
+    save_file({k: v.contiguous() for k, v in inpaint.state_dict().items()}, str(path),
+              metadata={"format": "pt", "sdcore_config": config_to_json(SDConfig.preset("tiny"))})
+    with pytest.warns(UserWarning, match="metadata does not match the weights"):
+        loaded = sdcore.load(path)
+    assert loaded.config == SDConfig.preset("tiny-inpaint")

@@ -248,3 +248,36 @@ def test_bad_inputs():
         conv.ldm_to_diffusers({**model.state_dict(), "model.stray": torch.zeros(1)}, cfg)
     with pytest.raises(ValueError, match="hidden_act"):
         conv.config_from_diffusers({**SD15_HUB, "hidden_act": "relu"})
+
+
+def test_pooling_of_a_row_without_eos_is_per_row():
+    """The pooled token is each row's own highest id (EOS, 49407, where present), not the batch's."""
+    cfg = text_cfg("tiny")
+    model = randomize_(TextEncoder(cfg)).eval()
+    ids = token_ids(cfg, batch=2)
+    ids[1] = 7
+    ids[1, 0], ids[1, 5] = 49406, 49000  # row 1 has no EOS: its highest id is BOS at position 0
+    with torch.no_grad():
+        h = model(ids)
+        pooled = model.pool(h, ids)
+    assert torch.equal(pooled[0], h[0, (ids[0] == 49407).nonzero()[0, 0]]) and torch.equal(pooled[1], h[1, 0])
+    ids[1, 0] = 1  # now 49000 at position 5 is row 1's highest
+    with torch.no_grad():
+        h = model(ids)
+        assert torch.equal(model.pool(h, ids)[1], h[1, 5])
+
+
+def test_sd2_pooled_output_comes_from_the_last_layer_at_clip_skip_2():
+    """SD 2 conditions on the penultimate layer (clip_skip 2), but its pooled text embedding is
+    still the final layer's, as transformers' CLIPTextModelWithProjection gives it."""
+    cfg = text_cfg("tiny-sd2", clip_skip=1)
+    theirs = hf_model(cfg, with_projection=True)
+    ours = TextEncoder(cfg.replace(clip_skip=2)).eval()
+    ours.load_state_dict(conv.diffusers_to_ldm(theirs.state_dict(), cfg), strict=True)
+    ids = token_ids(cfg, 3)
+    with torch.no_grad():
+        out = ours.encode(ids)
+        want = theirs(ids, output_hidden_states=True)
+    assert_close(out.pooled, want.text_embeds, rel=1e-5, name="pooled at clip_skip 2")
+    assert_close(out.hidden_states, theirs.text_model.final_layer_norm(want.hidden_states[-2]), rel=1e-5,
+                 name="hidden states at clip_skip 2")

@@ -196,3 +196,16 @@ def test_model_builds_without_a_vocabulary(monkeypatch):
     assert ctx.shape == (1, 77, 32)
     with pytest.raises(FileNotFoundError, match="clip-anytorch"):
         sd.tokenizer(["a cat"])
+
+
+def test_merges_without_a_version_header(bpe_path, tmp_path):
+    """Some exporters write merges.txt without the `#version` line: the first merge is kept."""
+    tok = CLIPTokenizer.from_bpe_file(bpe_path)
+    tok.save(tmp_path)
+    merges = tmp_path / "merges.txt"
+    text = merges.read_text(encoding="utf-8")
+    assert text.startswith("#version")
+    merges.write_text(text.split("\n", 1)[1], encoding="utf-8")
+    again = CLIPTokenizer.from_folder(tmp_path)
+    assert again.merges == tok.merges
+    assert torch.equal(again(["a photograph of an astronaut"]), tok(["a photograph of an astronaut"]))
