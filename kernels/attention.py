@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import tl, triton
-from .registry import (Backend, autocast_dtype, autocast_inputs, dispatch, interpreting, register, shares_memory,
+from .registry import (Backend, autocast_dtypes, autocast_inputs, dispatch, interpreting, register, shares_memory,
                        triton_available)
 
 LOG2E = math.log2(math.e)
@@ -709,9 +709,7 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     why = triton_available()
     if why:
         return why
-    cast = autocast_dtype(q.device.type)  # the dtypes the kernel will see (attention_triton casts)
-    qd, kd, vd = (cast if cast is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
-                  for t in (q, k, v))
+    qd, kd, vd = autocast_dtypes(q, k, v)  # the dtypes the kernel will see (attention_triton casts)
     if qd not in DTYPES:
         return f"dtype {qd} is not float32/float16/bfloat16"
     if not (qd == kd == vd):

@@ -208,15 +208,19 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` as autocast hands them to a lower-precision op: when autocast is on for their
-    device, each floating tensor other than fp64 cast to its dtype; else unchanged. A Triton backend
-    standing in for such ops (attention for matmul / SDPA) applies it, so that under autocast its
-    output dtype and rounding are its reference's."""
+def autocast_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes a lower-precision op sees ``tensors`` in: autocast (when on for their device)
+    casts each floating tensor other than fp64 to its dtype and leaves the rest."""
     dt = autocast_dtype(tensors[0].device.type)
-    if dt is None:
-        return tensors
-    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+    return tuple(dt if dt is not None and t.is_floating_point() and t.dtype != torch.float64 else t.dtype
+                 for t in tensors)
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` cast as autocast hands them to a lower-precision op (:func:`autocast_dtypes`). A
+    Triton backend standing in for such ops (attention for matmul / SDPA) applies it, so that under
+    autocast its output dtype and rounding are its reference's."""
+    return tuple(t.to(dt) for t, dt in zip(tensors, autocast_dtypes(*tensors)))
 
 
 def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:

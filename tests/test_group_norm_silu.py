@@ -518,15 +518,11 @@ def test_cuda_autocast_output_dtype_matches_reference(dtype, device):
 # ---- Paths and limits the tests above leave out (found by mutation testing: each test below
 # fails for a one-token bug in kernels/group_norm_silu.py that every other test passed) ----
 
-def _fp64(x, w, b, groups, eps=1e-5, activation="silu"):
-    return _torch(x, w, b, groups, activation, torch.float64, eps)
-
-
 def test_eps_and_activation_are_part_of_the_cached_plan():
     """Same shape, other eps or activation: the cached launch plan must not replay the first's."""
     x, w, b = _inputs((1, 32, 4, 4), torch.float32, "cpu")
     for eps, act in ((1e-5, "silu"), (0.5, "silu"), (0.5, None)):
-        assert_close(group_norm_silu_triton(x, w, b, 8, eps, act), _fp64(x, w, b, 8, eps, act),
+        assert_close(group_norm_silu_triton(x, w, b, 8, eps, act), _torch(x, w, b, 8, act, torch.float64, eps),
                      name=f"eps {eps} activation {act}", **TOL[torch.float32])
 
 
@@ -536,7 +532,7 @@ def test_eps_inside_the_square_root(path):
     x, w, b = _inputs((1, 96, 7, 9), torch.float32, "cpu")
     x = (x - 1.5) * 1e-3  # std 3e-3, mean ~0
     config = _config(x, 32, PATHS[path])
-    assert_close(group_norm_silu_triton(x, w, b, 32, config=config), _fp64(x, w, b, 32),
+    assert_close(group_norm_silu_triton(x, w, b, 32, config=config), _torch(x, w, b, 32, "silu", torch.float64),
                  name=f"low-variance x, {path}", **TOL[torch.float32])
 
 
@@ -546,7 +542,7 @@ def test_even_tiles_with_uneven_statistics_tiles():
     x, w, b = _inputs((1, 8, 12, 16), torch.float32, "cpu")
     cfg = _config(x, 2)
     assert cfg.single_pass and cfg.even_s and not cfg.stats_even_s, cfg
-    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _fp64(x, w, b, 2), name="y", **TOL[torch.float32])
+    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
 
 
 def test_two_pass_partial_last_channel_block():
@@ -555,7 +551,7 @@ def test_two_pass_partial_last_channel_block():
     x, w, b = _inputs((1, 24, 5, 7), torch.float32, "cpu")
     cfg = launch_config(x.shape, 2, x.dtype, INTERPRETER_SMS, max_block_c=8, single_pass=False)
     assert cfg.c_blocks == 2, cfg
-    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _fp64(x, w, b, 2), name="y", **TOL[torch.float32])
+    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -567,7 +563,7 @@ def test_width_slice_keeps_h_and_w_apart(path):
     out = torch.full((2, 16, 5, 5), float("nan"))[..., :3]
     config = _config(x, 4, PATHS[path])
     y = group_norm_silu_triton(x, w, b, 4, config=config, out=out)
-    assert_close(y, _fp64(x, w, b, 4), name=f"sliced x and out, {path}", **TOL[torch.float32])
+    assert_close(y, _torch(x, w, b, 4, "silu", torch.float64), name=f"sliced x and out, {path}", **TOL[torch.float32])
 
 
 def test_backward_takes_the_two_pass_split(monkeypatch):
@@ -611,5 +607,6 @@ def test_batch_offsets_past_2_31_elements(device):
     with kernels.use(group_norm_silu="triton"):
         y = kernels.group_norm_silu(x, w, b, 32)
     assert x.numel() > 2**31
-    want = _torch(x[-1:].float(), w.float(), b.float(), 32, "silu")
-    assert_close(y[-1:], want.double(), name="last sample, past 2**31 elements", rel=2e-3)
+    last = x[-1:]
+    _check(y[-1:], _torch(last, w, b, 32, "silu"), _torch(last, w, b, 32, "silu", torch.float64), x.dtype,
+           "last sample, past 2**31 elements")
