@@ -259,7 +259,7 @@ def _attn_fwd_kernel(
     D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    TAIL_N: tl.constexpr,  # keys in the peeled last block: LKV % BLOCK_N padded (tail_block), 0 if none
+    TAIL_N: tl.constexpr,  # keys in the peeled last block: LKV % BLOCK_N padded (tail_block), 0 if none (a split head dim reads only TAIL_N > 0)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
     STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
@@ -299,6 +299,14 @@ def _attn_fwd_kernel(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
                 HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, True, ALIGN)
+    elif D_TAIL > 0:  # split head dim: masks on every block when LKV % BLOCK_N != 0, no peeled block
+        # (H100, Triton 3.6: the peeled block after a split-head loop read out-of-range shared memory
+        # when the loop ran zero times, e.g. 33 keys at BLOCK_N = 64 (compute-sanitizer, 2026-11-23))
+        for start_n in range(0, LKV, BLOCK_N):
+            acc_h, acc_t, m_i, l_i = _attn_fwd_step(
+                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
+                stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, False, ALIGN)
     else:  # full key blocks without masks, then the LKV % BLOCK_N remainder peeled off
         n_full = LKV // BLOCK_N * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
