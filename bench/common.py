@@ -256,8 +256,9 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
-        # a copy of the tree without .git (a remote GPU machine) can name its commit in SDLAB_GIT_COMMIT
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("SDLAB_GIT_COMMIT"),
+        # a copied tree (a remote GPU machine, whose .git may be absent or stale) names its commit in
+        # SDLAB_GIT_COMMIT, which wins over git
+        "git_commit": os.environ.get("SDLAB_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
         "triton_interpret": interpreting(),
         "triton_launch": _launch.mode(),  # direct once compiled, or Triton's dispatch and why

@@ -15,8 +15,8 @@
 # tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
 # levels; offline sm_90 compiles showed 4 warps spilling at head dims 80 and 160 (now 8 warps there).
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
-# PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copy of the tree
-# without .git names its commit for the results in SDLAB_GIT_COMMIT (e.g. $(git rev-parse HEAD) here).
+# PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copied tree (its
+# .git absent or stale) names its commit for the results in SDLAB_GIT_COMMIT (git rev-parse HEAD here).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
 shift
