@@ -268,6 +268,19 @@ def test_forward_sd_shapes(shape, dtype, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [80, 160])
+@pytest.mark.parametrize("lkv", [20, 33, 64, 77, 200])
+def test_split_head_key_counts_gpu(lkv, d, dtype, device):
+    """Split head dims (80 = 64 + 16, 160 = 128 + 32) at key counts below one block (a key loop
+    that runs zero times), at one block and ragged: on the H100 (Triton 3.6) a peeled last key
+    block after such a loop read out-of-range shared memory at 33 keys (compute-sanitizer), and
+    faulted every later test in the process."""
+    run_forward((1, 2, 24, lkv, d), dtype, device)
+    run_backward((1, 2, 24, lkv, d), dtype, device)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_backward_sd_shape(dtype, device):
     run_backward((2, 8, 1024, 1024, 80), dtype, device, poison=dtype == torch.float16)
