@@ -32,20 +32,18 @@ block (from L2 after the first): ideally 2·B·H·(Lq + Lkv)·D elements plus an
 At D = 40 the kernel is compute-bound from a few hundred keys on; at 77 keys it is memory-bound.
 
 Regime where it should win against SDPA: SD head dims 80/160 (no pad waste) and 77-key
-cross-attention (one 64-key block, then the other 13 keys in a masked 16-key block: 80 key columns, not 128).
-For D = 64 / 128 it is a plain FA2 and should roughly match torch's flash backend. First H100
-numbers (fp16, Triton 3.6, B=2, H=8 unless noted, before tuning), TFLOP/s kernel vs SDPA:
-D=64 4096² (H=5) 360 vs 369; D=80 1024² 215 vs 235; D=160 256² 21 vs 47 (grid too small);
-D=40 4096² 103 vs 270 and 4096x77 27 vs 48; it does not yet win anywhere. These predate the FMA
-fold, the peeled last key block, the lse-free inference path and the cached launch plan (host
-time of a call, launch excluded, 11 -> 3 us on CPU); their GPU effect is not yet measured. At
-D = 40 an offline sm_90 compile (Triton 3.9's ptxas, no GPU) found the likely cause of the gap:
-the head stride of the UNet's (B, L, H, D) layout is 40 elements, not a multiple of 16, so Triton
-could not prove 16-byte aligned rows and emitted 2-byte loads with no cp.async pipeline (233
-registers), where D = 64 gets 16-byte cp.async. The host-checked alignment hints (_head_ptr) make
-D = 40 compile like D = 64 (108 registers, 3-stage pipeline, same loop body); also unmeasured on a
-GPU. It covers batch, head and row strides, so a contiguous (B, H, L, 40) layout (row stride 40)
-and the backward's dO compile to 16-byte loads too (`python -m bench.sm90` shows each kernel's).
+cross-attention (at an unsplit head dim, one 64-key block, then the other 13 keys in a masked 16-key block:
+80 key columns, not 128; split head dims mask every block, see _attn_fwd_kernel).
+For D = 64 / 128 it is a plain FA2 and should roughly match torch's flash backend. At D = 40 the
+UNet's (B, L, H, D) layout has head stride 40, not a multiple of 16, so Triton could not prove
+16-byte aligned rows and emitted 2-byte loads with no cp.async pipeline. Host-checked alignment
+hints (_head_ptr, _row_offsets) make D = 40 compile like D = 64 (16-byte cp.async, 3 stages), for
+the batch, head and row strides, so a contiguous (B, H, L, 40) layout and the backward's dO get
+them too (`python -m bench.sm90` shows each kernel's loads).
+H100 (fp16, Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100), kernel vs the
+fastest SDPA backend: D=40 4096² 0.190 vs 0.157 ms (0.83x; 0.39x before the alignment hints);
+4096x77 0.0166 vs 0.0170 (1.02x; was 0.25x); D=80 1024x77 1.29x; D=160 256² 1.16x;
+D=80 1024² 0.89x; D=64 4096² (H=5) 1.03x, 9216² 0.97x.
 """
 from __future__ import annotations
 
@@ -565,7 +563,7 @@ class AttentionConfig:
     forward's; ``config={"fwd": c1, "dkdv": c2, "dq": c3}`` (any subset) sets each kernel's, and
     a kernel left out keeps the table. For "dkdv", block_m is the query block streamed past a
     program's block_n keys. num_stages=1 is accepted but gave wrong results on H100 (Triton 3.6)
-    with a split head dim (80, 160). ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for
+    with a split head dim (80, 160), and block_n=128 at 3 stages faulted there at 160. ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for
     that kernel (40 = 32 + 16 instead of the 64 pad); it crashed on H100 with Triton 3.6 before the
     alignment hint, so time it apart."""
 
