@@ -64,20 +64,22 @@ MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch configurations for H100 (sm_90: 228 KB shared memory and 132 SMs), the one place to tune.
-# Key: the padded head width D_HEAD + D_TAIL (64 for D=40, 80 for 80, 160 for 160) is <= key.
+# Key: the head dim D is <= key (the first such row; D = 40, padded to 64, has a row of its own).
 # Value: (BLOCK_M, BLOCK_N, num_warps, num_stages). "fwd" and "dq" stream key blocks of BLOCK_N,
 # "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
-# Picked from a short fp16 sweep on one H100 (Triton 3.6) at SD 1.5 shapes, before the forward's
-# FMA fold and peeled last key block (not re-swept since); num_stages=1 gave wrong results there
-# with a split head dim, so keep stages >= 2. The default for every call: sweeps pass an
-# AttentionConfig to attention_triton instead of editing this (read once per kernel, head dim and
-# dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys (cross-attention to
-# 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune apart; it starts as
-# a copy of "fwd".
+# Picked from fp16 sweeps on one H100 (Triton 3.6) at SD 1.5 shapes (`bench tune`; the 2026-11-23
+# one is in bench/results/2026-11-23-h100/): there, BLOCK_M 128 ran D = 40 self-attention 6-10%
+# faster and D = 64 33% slower, hence the 40 row; elsewhere the rows were best or within noise
+# (the D 80 / 160 sweep is owed). num_stages=1 gave wrong results with a split head dim, so keep
+# stages >= 2. The default for every call: sweeps pass an AttentionConfig to attention_triton
+# instead of editing this (read once per kernel, head dim and dtype: see _plan). "fwd_short_kv"
+# serves forwards over at most SHORT_KV keys (cross-attention to 77 text tokens: memory-bound,
+# one or two key blocks), which a sweep may tune apart; its rows are the default ones, as swept.
 SHORT_KV = 128
 CONFIGS = {
-    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
-    "fwd_short_kv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
+                     256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
     "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
 }
@@ -528,9 +530,9 @@ def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     return (head, tail) if tail == rest or masked_tail else (2 * head, 0)
 
 
-def _config(kind: str, width: int, element_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for a padded head width."""
-    block_m, block_n, warps, stages = next(c for w, c in sorted(CONFIGS[kind].items()) if width <= w)
+def _config(kind: str, d: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for head dim ``d``."""
+    block_m, block_n, warps, stages = next(c for w, c in sorted(CONFIGS[kind].items()) if d <= w)
     if element_size == 4:  # fp32 tiles take twice the shared memory
         stages = min(stages, 2)
         if kind == "dkdv":
@@ -552,7 +554,7 @@ def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
     if plan is None:
         d_head, d_tail = split_head_dim(d)
         precision = "ieee" if dtype == torch.float32 else "tf32"
-        plan = _PLANS[key] = (d_head, d_tail, precision, *_config(kind, d_head + d_tail, dtype.itemsize))
+        plan = _PLANS[key] = (d_head, d_tail, precision, *_config(kind, d, dtype.itemsize))
     return plan
 
 

@@ -680,8 +680,8 @@ def test_backward_without_queries_zeroes_dk_dv():
 
 @pytest.mark.parametrize("kind", sorted(attention_module.CONFIGS))
 def test_table_lookup(kind):
-    """Each padded head width takes the first CONFIGS row at least as wide, and fp32 the rule for
-    its doubled shared memory (stages <= 2, the looped-over block halved), whatever the table holds."""
+    """Each head dim takes the first CONFIGS row at least as wide, and fp32 the rule for its
+    doubled shared memory (stages <= 2, the looped-over block halved), whatever the table holds."""
     table = sorted(attention_module.CONFIGS[kind].items())
     for i, (width, row) in enumerate(table):
         for w in (width, table[i - 1][0] + 1 if i else 16):
@@ -689,6 +689,16 @@ def test_table_lookup(kind):
             bm, bn, warps, stages = row
             halved = (max(16, bm // 2), bn) if kind == "dkdv" else (bm, max(16, bn // 2))
             assert attention_module._config(kind, w, 4) == (*halved, warps, min(stages, 2)), (kind, w, "fp32")
+
+
+@pytest.mark.parametrize("kind", sorted(attention_module.CONFIGS))
+def test_plan_reads_the_row_of_the_real_head_dim(kind):
+    """A launch plan reads the row of D itself, not of its padded width: D = 40 (padded to 64) and
+    D = 64 take different rows where the table has both (the H100 sweep wants them apart)."""
+    table = sorted(attention_module.CONFIGS[kind].items())
+    for d in (8, 32, 33, 40, 41, 64, 72, 80, 160, 256):
+        want = next(row for w, row in table if d <= w)
+        assert attention_module._plan(kind, d, torch.float16)[3:] == want, (kind, d)
 
 
 def test_align_hint_sees_out(monkeypatch):
