@@ -259,7 +259,8 @@ def _attn_fwd_kernel(
     D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    TAIL_N: tl.constexpr,  # keys in the peeled last block: LKV % BLOCK_N padded (tail_block), 0 if none (a split head dim reads only TAIL_N > 0)
+    TAIL_N: tl.constexpr,  # keys in the peeled last block: LKV % BLOCK_N padded (tail_block), 0 if none;
+    # a split head dim (D_TAIL > 0) peels nothing and reads only whether TAIL_N > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
     STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
@@ -565,9 +566,10 @@ class AttentionConfig:
     forward's; ``config={"fwd": c1, "dkdv": c2, "dq": c3}`` (any subset) sets each kernel's, and
     a kernel left out keeps the table. For "dkdv", block_m is the query block streamed past a
     program's block_n keys. num_stages=1 is accepted but gave wrong results on H100 (Triton 3.6)
-    with a split head dim (80, 160), and block_n=128 at 3 stages faulted there at 160. ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for
-    that kernel (40 = 32 + 16 instead of the 64 pad); it crashed on H100 with Triton 3.6 before the
-    alignment hint, so time it apart."""
+    with a split head dim (80, 160), and block_n=128 at 3 stages faulted there at 160.
+    ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for that kernel (40 = 32 + 16
+    instead of the 64 pad); it crashed on H100 with Triton 3.6 before the alignment hint, so time
+    it apart."""
 
     block_m: int  # queries per program (BLOCK_M)
     block_n: int  # keys per loop step (BLOCK_N)
