@@ -69,7 +69,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
 # Picked from fp16 sweeps on one H100 (Triton 3.6) at SD 1.5 shapes (`bench tune`; the 2026-11-23
 # one is in bench/results/2026-11-23-h100/): there, BLOCK_M 128 ran D = 40 self-attention 6-10%
-# faster and D = 64 33% slower, hence the 40 row; elsewhere the rows were best or within noise
+# faster and D = 64 at 0.67x the speed, hence the 40 row; elsewhere the rows were best or within noise
 # (the D 80 / 160 sweep is owed). num_stages=1 gave wrong results with a split head dim, so keep
 # stages >= 2. The default for every call: sweeps pass an AttentionConfig to attention_triton
 # instead of editing this (read once per kernel, head dim and dtype: see _plan). "fwd_short_kv"
@@ -294,20 +294,19 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
-    if CAUSAL:  # masks on every block; key blocks wholly after this query block are skipped
-        for start_n in range(0, tl.minimum(LKV, (pid_m + 1) * BLOCK_M), BLOCK_N):
+    if CAUSAL or D_TAIL > 0:  # every block masked where needed, no peeled last block
+        # causal: key blocks wholly after this query block are skipped. A split head dim does not
+        # peel: on the H100 (Triton 3.6) the peeled block after a split-head loop read out-of-range
+        # shared memory when the loop ran zero times, e.g. 33 keys at BLOCK_N = 64 (compute-sanitizer,
+        # 2026-11-23)
+        hi = LKV
+        if CAUSAL:
+            hi = tl.minimum(LKV, (pid_m + 1) * BLOCK_M)
+        for start_n in range(0, hi, BLOCK_N):
             acc_h, acc_t, m_i, l_i = _attn_fwd_step(
                 acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
-                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, True, ALIGN)
-    elif D_TAIL > 0:  # split head dim: masks on every block when LKV % BLOCK_N != 0, no peeled block
-        # (H100, Triton 3.6: the peeled block after a split-head loop read out-of-range shared memory
-        # when the loop ran zero times, e.g. 33 keys at BLOCK_N = 64 (compute-sanitizer, 2026-11-23))
-        for start_n in range(0, LKV, BLOCK_N):
-            acc_h, acc_t, m_i, l_i = _attn_fwd_step(
-                acc_h, acc_t, m_i, l_i, q_h, q_t, k_ptr, v_ptr, start_n, rows_m, offs_n, cols_h, cols_t,
-                stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
-                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, False, ALIGN)
+                HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, MASK_N, CAUSAL, ALIGN)
     else:  # full key blocks without masks, then the LKV % BLOCK_N remainder peeled off
         n_full = LKV // BLOCK_N * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
