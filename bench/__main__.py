@@ -103,6 +103,10 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--repeats", type=int, default=None,
                    help="timed runs per pipeline after one warm-up (default 3; 1 with --quick)")
+    g.add_argument("--rounds", type=int, default=None,
+                   help="UNet step: timing rounds, each visiting every variant once in a rotated order "
+                        "(host drift then lands on all alike); a row is the median of its rounds' "
+                        "medians, p20-p80 across rounds (default 5; 1 with --quick)")
     g.add_argument("--dtype", default=None,
                    help="model dtype (fp16 | bf16 | fp32; default fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--unet-only", action="store_true",
@@ -189,7 +193,7 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         bad("variant", args.variants, pipelines.variant_names())
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    for name in ("steps", "repeats", "batch"):
+    for name in ("steps", "repeats", "batch", "rounds"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():

@@ -275,7 +275,7 @@ def environment(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------ rows
 ROW_KEYS = (
     "suite", "op", "case", "shape", "reason", "dtype", "backend", "status", "note",
-    "median_ms", "p20_ms", "p80_ms", "reps", "host_ms",
+    "median_ms", "p20_ms", "p80_ms", "reps", "rounds", "host_ms",
     "bytes", "flops", "gbps", "tflops", "frac_of_peak", "frac_of_copy", "speedup_vs_reference",
     "max_abs_err", "max_rel_err", "error_vs",
     # pipelines

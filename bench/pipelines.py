@@ -91,6 +91,7 @@ class Options:
     unet_only: bool
     variants: list[str]
     quick: bool
+    rounds: int = 1
     explicit_variants: bool = False
 
     @classmethod
@@ -105,7 +106,7 @@ class Options:
                    steps=args.steps or (2 if quick else 50), batch=args.batch,
                    repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
                    unet_only=args.unet_only, variants=variants, quick=quick,
-                   explicit_variants=args.variants is not None)
+                   rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None)
 
     def interpreted_skip(self, variant: str) -> str | None:
         """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
@@ -606,11 +607,76 @@ def _diffusers_unet(unet, cfg, device, dtype):
     return d
 
 
+def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.device):
+    """(scope factory, fn, note, ops meant to run Triton) of one UNet-step variant, or Skip. The
+    factory makes a fresh context manager per timing round; ``fn`` runs one step inside it."""
+    import kernels
+
+    step = lambda: unet(x, t, ctx)  # noqa: E731
+    if v == "compile":
+        if opts.quick:
+            raise Skip("not run under --quick: compiling the UNet takes minutes")
+        compiled = torch.compile(unet)
+        return (lambda: kernels.use(**{op: "reference" for op in kernels.ops()}),
+                lambda: compiled(x, t, ctx), "torch.compile(reference UNet), default mode", [])
+    if v.endswith(GRAPH_SUFFIX):
+        if device.type != "cuda":
+            raise Skip("CUDA graphs need a CUDA device")
+        scope, note, triton_ops = kernel_scope(v.removesuffix(GRAPH_SUFFIX), device)
+        with torch.inference_mode(), scope:
+            fn = cuda_graph(step, device)
+        # the graph replays the kernels captured under scope
+        return (contextlib.nullcontext, fn,
+                "; ".join(filter(None, [note, "replayed from a CUDA graph (no host overhead)"])), triton_ops)
+    if v == TRITON_DISPATCH:
+        if opts.interpreted_skip(v):
+            raise Skip(opts.interpreted_skip(v))
+        from kernels import _launch
+
+        if not _launch.ENABLED:
+            raise Skip(f"the triton row already launches through Triton's dispatch here: {_launch.mode()}")
+        _, note, triton_ops = kernel_scope("triton", device)
+
+        def scope():
+            stack = contextlib.ExitStack()
+            stack.enter_context(kernel_scope("triton", device)[0])
+            stack.enter_context(tritons_dispatch())
+            return stack
+
+        return (scope, step, "; ".join(filter(None, [note, "every launch through Triton's dispatch, as "
+                                                     "SDLAB_FAST_LAUNCH=0"])), triton_ops)
+    if v == "diffusers-sdpa":
+        dunet = _diffusers_unet(unet, cfg, device, opts.dtype)
+        return (contextlib.nullcontext, lambda: dunet(x, t, encoder_hidden_states=ctx, return_dict=False)[0],
+                "diffusers UNet2DConditionModel, AttnProcessor2_0 (SDPA), same weights", [])
+    if opts.interpreted_skip(v):
+        raise Skip(opts.interpreted_skip(v))
+    _, note, triton_ops = kernel_scope(v, device)  # raises Skip for an unknown op
+    if v != "reference" and interpreting():
+        note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
+    return (lambda: kernel_scope(v, device)[0]), step, note, triton_ops
+
+
+def _variant_error(env: dict, v: str, e: Exception, base: dict) -> dict:
+    import kernels
+
+    if isinstance(e, Skip) or isinstance(e, kernels.BackendUnsupported):
+        return skipped_row(env, str(e), backend=v, **base)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=v, **base)
+    return make_row(env, status="error", note=describe_exception(e), backend=v, **base)
+
+
 def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
-    """UNet forward at the preset's resolution, batch 2 (CFG), for each variant and baseline."""
+    """UNet forward at the preset's resolution, batch 2 (CFG), for each variant and baseline.
+
+    Every variant is set up first (first call, output, peak memory), then timed in ``opts.rounds``
+    interleaved rounds, each visiting every variant once in an order rotated by one per round, so
+    that drift of the host (an eager step is host-bound on a slow CPU) lands on every variant
+    alike. A row's median is the median of its rounds' medians; p20/p80 are across rounds."""
     from tqdm.auto import tqdm
 
-    rows: list[dict] = []
     base = dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
                 reason="one denoising step: the UNet on cond + uncond in one batch")
     try:
@@ -628,90 +694,75 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
     x = torch.randn(2, cfg.in_channels, size, size, generator=g, device=device).to(opts.dtype)
     t = torch.full((2,), 500, device=device, dtype=torch.long)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g, device=device).to(opts.dtype)
-    ref_out = None
-    rep_ms = None if opts.quick else 1000
     import kernels
 
-    for v in tqdm(opts.variants, desc="unet step", disable=not progress, leave=False):
-        note, triton_ops = "", []
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # model + inputs
+    done: dict[str, dict] = {}  # variant -> its finished row (skipped / error)
+    ready: dict[str, dict] = {}  # variant -> {scope, fn, note, triton_ops, out, peak, ...}
+    for v in tqdm(opts.variants, desc="unet step setup", disable=not progress, leave=False):
         counts_before = kernels.counts()
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        _peak_reset(device)
         try:
-            if v == "compile":
-                if opts.quick:
-                    raise Skip("not run under --quick: compiling the UNet takes minutes")
-                import kernels
-
-                scope = kernels.use(**{op: "reference" for op in kernels.ops()})
-                compiled = torch.compile(unet)
-                fn = lambda: compiled(x, t, ctx)  # noqa: E731
-                note = "torch.compile(reference UNet), default mode"
-            elif v.endswith(GRAPH_SUFFIX):
-                if device.type != "cuda":
-                    raise Skip("CUDA graphs need a CUDA device")
-                scope, note, triton_ops = kernel_scope(v.removesuffix(GRAPH_SUFFIX), device)
-                with torch.inference_mode(), scope:
-                    fn = cuda_graph(lambda: unet(x, t, ctx), device)
-                scope = contextlib.nullcontext()  # the graph replays the kernels captured under scope
-                note = "; ".join(filter(None, [note, "replayed from a CUDA graph (no host overhead)"]))
-            elif v == TRITON_DISPATCH:
-                if opts.interpreted_skip(v):
-                    raise Skip(opts.interpreted_skip(v))
-                from kernels import _launch
-
-                if not _launch.ENABLED:
-                    raise Skip(f"the triton row already launches through Triton's dispatch here: {_launch.mode()}")
-                triton_scope, note, triton_ops = kernel_scope("triton", device)
-                scope = contextlib.ExitStack()
-                scope.enter_context(triton_scope)
-                scope.enter_context(tritons_dispatch())
-                fn = lambda: unet(x, t, ctx)  # noqa: E731
-                note = "; ".join(filter(None, [note, "every launch through Triton's dispatch, as SDLAB_FAST_LAUNCH=0"]))
-            elif v == "diffusers-sdpa":
-                scope = contextlib.nullcontext()
-                dunet = _diffusers_unet(unet, cfg, device, opts.dtype)
-                fn = lambda: dunet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
-                note = "diffusers UNet2DConditionModel, AttnProcessor2_0 (SDPA), same weights"
-            else:
-                if opts.interpreted_skip(v):
-                    raise Skip(opts.interpreted_skip(v))
-                scope, note, triton_ops = kernel_scope(v, device)
-                if v != "reference" and interpreting():
-                    note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
-            with torch.inference_mode(), scope:
-                out = fn() if v in UNET_BASELINES else unet(x, t, ctx)
-                if v not in UNET_BASELINES:
-                    fn = lambda: unet(x, t, ctx)  # noqa: E731
-                _peak_reset(device)
-                slow = interpreting() and device.type != "cuda" and v.startswith("triton")
-                timing = time_fn(fn, device, quick=opts.quick, rep_ms=0 if slow else rep_ms, called=True,
-                                 min_reps=1 if slow else 3, warmup_ms=0 if slow else None)
-                host = None if slow else host_ms(fn, device, calls=1, samples=3 if opts.quick else 5)
+            scope, fn, note, triton_ops = _unet_variant(v, unet, x, t, ctx, cfg, opts, device)
+            with torch.inference_mode(), scope():
+                out = fn()
             out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()
-        except Skip as e:
-            rows.append(skipped_row(env, str(e), backend=v, **base))
-            continue
-        except torch.cuda.OutOfMemoryError as e:
-            torch.cuda.empty_cache()
-            rows.append(skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=v, **base))
-            continue
         except Exception as e:
-            import kernels
-
-            if isinstance(e, kernels.BackendUnsupported):
-                rows.append(skipped_row(env, str(e), backend=v, **base))
-            else:
-                rows.append(make_row(env, status="error", note=describe_exception(e), backend=v, **base))
+            done[v] = _variant_error(env, v, e, base)
             continue
         peak, peak_kind = _peak(device)
+        if peak is not None:  # what this variant holds and uses, not what earlier ones keep alive
+            peak += (resident - before) / 2**20
+            peak_kind += " (minus the memory earlier variants keep)"
         note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
-        row = make_row(env, status="ok", note=note, backend=v, median_ms=timing.median_ms,
-                       p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps, host_ms=host,
-                       unet_ms_per_step=timing.median_ms, unet_calls=1, peak_mem_mib=peak,
-                       peak_mem_kind=peak_kind, **base)
-        if v == "reference":
-            ref_out = out
-        elif ref_out is not None:
-            row["latent_max_abs_diff"] = (out - ref_out).abs().max().item()
+        ready[v] = dict(scope=scope, fn=fn, note=note, out=out, peak=peak, peak_kind=peak_kind,
+                        medians=[], lows=[], highs=[], reps=0, hosts=[])
+    rounds = opts.rounds
+    slow = interpreting() and device.type != "cuda"
+    rep_ms = None if opts.quick else max(100, 1000 // rounds)
+    order = list(ready)
+    bar = tqdm(total=rounds * len(order), desc="unet step", disable=not progress, leave=False)
+    for r in range(rounds):
+        for v in order[r % len(order):] + order[:r % len(order)] if order else []:
+            if v in done:
+                continue
+            s = ready[v]
+            slow_v = slow and v.startswith("triton")
+            try:
+                with torch.inference_mode(), s["scope"]():
+                    timing = time_fn(s["fn"], device, quick=opts.quick, rep_ms=0 if slow_v else rep_ms,
+                                     called=True, min_reps=1 if slow_v else 3, warmup_ms=0 if slow_v else None)
+                    if not slow_v:
+                        s["hosts"].append(host_ms(s["fn"], device, calls=1, samples=3 if opts.quick else 5))
+            except Exception as e:
+                done[v] = _variant_error(env, v, e, base)
+                continue
+            s["medians"].append(timing.median_ms)
+            s["lows"].append(timing.p20_ms)
+            s["highs"].append(timing.p80_ms)
+            s["reps"] += timing.reps or 0
+            bar.update()
+    bar.close()
+    rows: list[dict] = []
+    ref_out = ready["reference"]["out"] if "reference" in ready and "reference" not in done else None
+    for v in opts.variants:
+        if v in done:
+            rows.append(done[v])
+            continue
+        s = ready[v]
+        if len(s["medians"]) > 1:
+            spread = summarize(s["medians"])
+            median, p20, p80 = spread.median_ms, spread.p20_ms, spread.p80_ms
+        else:
+            median, p20, p80 = s["medians"][0], s["lows"][0], s["highs"][0]
+        row = make_row(env, status="ok", note=s["note"], backend=v, median_ms=median, p20_ms=p20, p80_ms=p80,
+                       reps=s["reps"] or None, rounds=len(s["medians"]),
+                       host_ms=statistics.median(s["hosts"]) if s["hosts"] else None,
+                       unet_ms_per_step=median, unet_calls=1, peak_mem_mib=s["peak"],
+                       peak_mem_kind=s["peak_kind"], **base)
+        if v != "reference" and ref_out is not None:
+            row["latent_max_abs_diff"] = (s["out"] - ref_out).abs().max().item()
             row["diff_vs"] = "all-reference UNet output, same dtype"
         rows.append(row)
     add_speedups(rows, ("suite", "preset", "dtype"))

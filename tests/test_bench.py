@@ -187,6 +187,34 @@ def test_unet_only_keeps_earlier_pipeline_rows(tmp_path):
     assert len(_rows(data, suite="unet_step", backend="reference")) == 1, data["rows"]
 
 
+def test_unet_step_rounds_interleave_variants(tmp_path, monkeypatch):
+    """`--rounds 3` times every variant once per round, in an order rotated by one each round (host
+    drift lands on all variants alike); a row is the median of its round medians."""
+    from bench import pipelines as bp
+
+    visits = []
+    real_time_fn = bp.time_fn
+
+    def spy(fn, device, **kw):
+        timing = real_time_fn(fn, device, **kw)
+        visits.append(timing.median_ms)
+        return timing
+
+    monkeypatch.setattr(bp, "time_fn", spy)
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--rounds", "3",
+                     "--variants", "reference", "diffusers-sdpa"], tmp_path)
+    rows = {r["backend"]: r for r in _rows(data, suite="unet_step")}
+    assert len(visits) == 6, visits
+    for v, r in rows.items():
+        assert r["status"] == "ok" and r["rounds"] == 3, r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+    # rotation: round 0 visits reference then diffusers-sdpa, round 1 the other way round
+    ref_medians = [visits[0], visits[3], visits[4]]
+    assert rows["reference"]["median_ms"] == sorted(ref_medians)[1], (visits, rows["reference"])
+    with pytest.raises(SystemExit):
+        main(["pipelines", "--quick", "--unet-only", "--rounds", "0", "--out", str(tmp_path)])
+
+
 def test_reference_runs_first_wherever_it_is_listed(tmp_path):
     """Every row's difference from the all-reference run needs that run first: `--variants
     triton:scheduler_step reference` still fills the triton row's max |Δ| and PSNR."""
