@@ -10,8 +10,11 @@
 # H100 with Triton 3.6 before the alignment hint; a crash poisons the CUDA context, so it runs in
 # processes of its own and the `tests` stage leaves it out.
 #
-# tune is the longest stage (~35 configurations per SD 1.5 512-px shape, each compiled once, not
-# yet timed on a GPU); give each stage its own call where device time is metered per call.
+# Give each stage its own call where device time is metered per call. On an H100 (2026-11-23):
+# tests ~75 s (6 xdist workers; ~3x that in one process), tune ~40 s per pair of shapes (~35
+# configurations each, compiled once), unet ~90 s, pipelines ~220 s, repaint250 ~470 s (2410 UNet
+# calls per RePaint run, hence --repeats 1). pipelines also runs the UNet-step suite for its
+# variants, so it names the kernel settings only; the unet stage has the baselines (compile: minutes).
 # tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
 # levels; offline sm_90 compiles showed 4 warps spilling at head dims 80 and 160 (now 8 warps there).
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
@@ -41,9 +44,9 @@ for stage in $stages; do
     tune-bwd) "$py" -m bench tune --ops attention.backward --shapes unet15.attn.self0 unet15.attn.self1 \
                 unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
     unet) "$py" -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
-    pipelines) "$py" -m bench pipelines --preset sd15 --steps 20 --no-progress --out "$out/pipelines" \
-                 > "$out/pipelines.log" 2>&1 ;;
-    repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --pipelines repaint unet9 blend \
+    pipelines) "$py" -m bench pipelines --preset sd15 --steps 20 --variants reference triton triton:group_norm_silu \
+                 triton:attention triton:scheduler_step --no-progress --out "$out/pipelines" > "$out/pipelines.log" 2>&1 ;;
+    repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --repeats 1 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
     *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
   esac
