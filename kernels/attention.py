@@ -40,10 +40,11 @@ UNet's (B, L, H, D) layout has head stride 40, not a multiple of 16, so Triton c
 hints (_head_ptr, _row_offsets) make D = 40 compile like D = 64 (16-byte cp.async, 3 stages), for
 the batch, head and row strides, so a contiguous (B, H, L, 40) layout and the backward's dO get
 them too (`python -m bench.sm90` shows each kernel's loads).
-H100 (fp16, Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100), kernel vs the
-fastest SDPA backend: D=40 4096² 0.190 vs 0.157 ms (0.83x; 0.39x before the alignment hints);
-4096x77 0.0166 vs 0.0170 (1.02x; was 0.25x); D=80 1024x77 1.29x; D=160 256² 1.16x;
-D=80 1024² 0.89x; D=64 4096² (H=5) 1.03x, 9216² 0.97x.
+H100 (Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100-2), kernel vs the fastest
+SDPA backend (cuDNN unless noted), fp16 / bf16: D=40 4096² 0.180 vs 0.158 ms (0.88x; 0.39x before
+the alignment hints) / 0.88x; 4096x77 1.02x / 1.02x (was 0.25x); D=80 1024x77 1.25x / 1.12x;
+D=160 256² 1.14x / 1.18x; D=80 1024² 0.91x / 0.93x; D=64 4096² (H=5) 1.01x / 1.04x, 9216²
+0.95x / 1.04x.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 
 from ._autograd import reference_grads
 from ._launch import Launcher
-from ._triton import tl, triton
+from ._triton import next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtypes, autocast_inputs, dispatch, interpreting, register, shares_memory,
                        triton_available)
 
@@ -67,10 +68,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Key: the head dim D is <= key (the first such row; D = 40, padded to 64, has a row of its own).
 # Value: (BLOCK_M, BLOCK_N, num_warps, num_stages). "fwd" and "dq" stream key blocks of BLOCK_N,
 # "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
-# Picked from fp16 sweeps on one H100 (Triton 3.6) at SD 1.5 shapes (`bench tune`; the 2026-11-23
-# one is in bench/results/2026-11-23-h100/): there, BLOCK_M 128 ran D = 40 self-attention 6-10%
-# faster and D = 64 at 0.67x the speed, hence the 40 row; elsewhere the rows were best or within noise
-# (the D 80 / 160 sweep is owed). num_stages=1 gave wrong results with a split head dim, so keep
+# Picked from fp16 sweeps on H100s (Triton 3.6) at SD 1.5 shapes (`bench tune`, in
+# bench/results/2026-11-23-h100*/): BLOCK_M 128 ran D = 40 self-attention 6-10% faster and D = 64 at
+# 0.67x the speed, hence the 40 row; elsewhere (D 40, 64, 80, 160; self and 77-key cross) the rows were
+# best or within 2%, but for the 64-token mid block at D 160 (BLOCK_M 64, 2 stages: 1.08x of a
+# 7.7 us launch-bound call, kept). num_stages=1 gave wrong results with a split head dim, so keep
 # stages >= 2. The default for every call: sweeps pass an AttentionConfig to attention_triton
 # instead of editing this (read once per kernel, head dim and dtype: see _plan). "fwd_short_kv"
 # serves forwards over at most SHORT_KV keys (cross-attention to 77 text tokens: memory-bound,
@@ -89,9 +91,11 @@ CONFIGS = {
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
-# That was before the alignment hint (_head_ptr), when D = 40 loads were 2-byte scalars; offline sm_90
-# compiles of the split now give 16-byte cp.async loads and no spills. To retry it on a GPU, apart from
-# other work: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`, gpu_checks.sh split.
+# That was before the alignment hint (_head_ptr), when D = 40 loads were 2-byte scalars. Since then
+# (H100, Triton 3.6, bench/results/2026-11-23-h100-2/tune-attention-d40-split.md) the split is as
+# accurate as the pad but no faster at 4096 tokens: 0.179 ms at its best tiles, against 0.177-0.178 for
+# the padded kernel's best in the earlier sweep. To retry it: AttentionConfig(split_masked_tail=True),
+# `bench tune --masked-tail`.
 SPLIT_MASKED_TAIL = False
 
 
@@ -512,7 +516,7 @@ def tail_block(lkv: int, block_n: int) -> int:
     >= 16 (tl.dot's smallest tile), at most BLOCK_N; 0 when BLOCK_N divides LKV. A narrow block pays
     for 3 padded keys at 77 = 64 + 13, where a full one would pay for 51."""
     rest = lkv % block_n
-    return min(block_n, max(16, triton.next_power_of_2(rest))) if rest else 0
+    return min(block_n, max(16, next_power_of_2(rest))) if rest else 0
 
 
 def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
@@ -526,7 +530,7 @@ def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     rest = d - head
     if rest <= 0:
         return head, 0
-    tail = max(16, triton.next_power_of_2(rest))
+    tail = max(16, next_power_of_2(rest))
     return (head, tail) if tail == rest or masked_tail else (2 * head, 0)
 
 

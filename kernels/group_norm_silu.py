@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from ._autograd import reference_grads
 from ._launch import Launcher
-from ._triton import tl, triton
+from ._triton import cdiv, next_power_of_2, tl, triton
 from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
@@ -135,14 +135,14 @@ def _single_pass_chunk(rows, cg, spatial, block_c, sms):
     over all of H * W always qualify."""
     group = cg * spatial
     most = min(SINGLE_PASS_STATS_READS // group, group // MIN_CHUNK)
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, rows)
-    s_top = triton.next_power_of_2(spatial)
+    want = cdiv(PROGRAMS_PER_SM * sms, rows)
+    s_top = next_power_of_2(spatial)
     best, choice = None, (block_c, s_top)
     b = block_c
     while b >= 1:
         s = s_top
         while s >= 1 and min(b, cg) * min(s, spatial) >= MIN_CHUNK:
-            chunks = triton.cdiv(cg, b) * triton.cdiv(spatial, s)
+            chunks = cdiv(cg, b) * cdiv(spatial, s)
             key = (min(chunks, want), -chunks, b)
             if chunks <= most and (best is None or key > best):
                 best, choice = key, (b, s)
@@ -168,14 +168,14 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c
     rows, cg = n * groups, c // groups
     if single_pass is None:
         single_pass = cg * spatial <= SINGLE_PASS_MAX_GROUP or rows >= PROGRAMS_PER_SM * sms
-    block_c = stats_c = min(triton.next_power_of_2(cg), _pow2_floor(max_block_c))
+    block_c = stats_c = min(next_power_of_2(cg), _pow2_floor(max_block_c))
     if single_pass:
         block_c, s_chunk = _single_pass_chunk(rows, cg, spatial, block_c, sms)
         block_s = min(s_chunk, _pow2_floor(max_tile // block_c))
-        s_chunk = block_s * triton.cdiv(min(s_chunk, spatial), block_s)
+        s_chunk = block_s * cdiv(min(s_chunk, spatial), block_s)
     else:
         tile_s = _pow2_floor(max_tile // block_c)  # the widest tile allowed
-        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, rows * triton.cdiv(cg, block_c))  # spatial chunks
+        wanted = cdiv(PROGRAMS_PER_SM * sms, rows * cdiv(cg, block_c))  # spatial chunks
         per_chunk = max(1, spatial // wanted)
         block_s = max(1, min(_pow2_floor(per_chunk), tile_s))
         s_chunk = block_s * max(1, per_chunk // block_s)
@@ -183,8 +183,8 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c
     warps = max(1, min(MAX_WARPS, _pow2_floor(
         block_c * block_s * itemsize // (BYTES_PER_ACCESS * LOADS_PER_THREAD * 32))))
     stats_tile = min(max_tile, warps * 32 * STATS_LOADS_PER_THREAD * BYTES_PER_ACCESS // itemsize)
-    stats_s = min(triton.next_power_of_2(spatial), _pow2_floor(stats_tile // stats_c))
-    return LaunchConfig(rows, triton.cdiv(cg, block_c), triton.cdiv(spatial, s_chunk), s_chunk, block_c,
+    stats_s = min(next_power_of_2(spatial), _pow2_floor(stats_tile // stats_c))
+    return LaunchConfig(rows, cdiv(cg, block_c), cdiv(spatial, s_chunk), s_chunk, block_c,
                         block_s, warps, spatial % block_s == 0, stats_c, stats_s, spatial % stats_s == 0,
                         single_pass)
 
@@ -576,7 +576,7 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
         stats_args, stats_consts, part_shape = (), {}, ()
     else:
         args = (*sizes, eps, *sx, *sy, *chunking)
-        consts = dict(consts, CHUNKS_P2=triton.next_power_of_2(cfg.chunks))
+        consts = dict(consts, CHUNKS_P2=next_power_of_2(cfg.chunks))
         stats_args, stats_consts, part_shape = (*sizes, *sx, *chunking), tiles, (cfg.rows, cfg.chunks, 3)
     # launch keys from the values launched, not from the inputs: a retuned launch_config gives new ones
     return _Plan(*head, args, consts, stats_args, stats_consts, part_shape, (args, tuple(consts.items())),
@@ -658,7 +658,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         tensors = (x, dy, w_ptr, b_ptr, stats, part, dwb)
         _BWD_REDUCE(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
         ints = (groups, c_per_g, s, w, *sx, *sdy, *sdx, *chunking)
-        flags["CHUNKS_P2"] = triton.next_power_of_2(cfg.chunks)
+        flags["CHUNKS_P2"] = next_power_of_2(cfg.chunks)
         tensors = (x, dy, dx, w_ptr, b_ptr, stats, part)
         _BWD_DX(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
         dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None

@@ -219,8 +219,11 @@ def autocast_dtypes(*tensors: torch.Tensor) -> tuple[torch.dtype, ...]:
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tensors`` cast as autocast hands them to a lower-precision op (:func:`autocast_dtypes`). A
     Triton backend standing in for such ops (attention for matmul / SDPA) applies it, so that under
-    autocast its output dtype and rounding are its reference's."""
-    return tuple(t.to(dt) for t, dt in zip(tensors, autocast_dtypes(*tensors)))
+    autocast its output dtype and rounding are its reference's. Without autocast, or where a dtype
+    already matches, the tensor itself (no ``.to`` call: this is on every eager call's path)."""
+    if autocast_dtype(tensors[0].device.type) is None:
+        return tensors
+    return tuple(t if t.dtype == dt else t.to(dt) for t, dt in zip(tensors, autocast_dtypes(*tensors)))
 
 
 def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:

@@ -37,7 +37,8 @@ the fp32 reference 190-280 us (4.8-7.4x), a minimal 6-op eager sequence in the l
 Since then the kernel goes through Triton's dispatch once per launch key and is launched directly
 after that (kernels/_launch.py). bench ops on an H100, 2026-11-23 (bench/results/2026-11-23-h100):
 31-51 us of host time per call (51-77 us through Triton's dispatch), 47.5x the fp32 eager reference at
-(2, 4, 64, 64) with CFG, 68x with the RePaint blend.
+(2, 4, 64, 64) with CFG, 68x with the RePaint blend; on a faster host the same day
+(bench/results/2026-11-23-h100-2), 21-48 us per call and 23x / 31x (the reference's host cost drops more).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ._launch import Launcher
-from ._triton import tl, triton
+from ._triton import cdiv, tl, triton
 from .registry import Backend, dispatch, interpreting, register, triton_available
 
 
@@ -265,7 +266,7 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
     # floats as floats: an int coefficient would make Triton compile (and the direct launch expect) an int
     scalars = tuple(map(float, (guidance_scale, k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip,
                                 k.b_x, k.b_o, k.b_0, k.b_d, k.c0, k.c1, k.c2, k.c3, k.sigma)))
-    _STEP((triton.cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars),
+    _STEP((cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars),
           {"FLAGS": flags, "BLOCK": BLOCK})
     return prev, x0
 

@@ -329,3 +329,31 @@ def test_compile_backend_does_not_recompile_per_sampler_step():
             want, _ = kernels.scheduler_step_reference(x, out, coeffs)
             assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), i
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_autocast_inputs_casts_only_under_autocast():
+    """What a Triton backend standing in for matmul / SDPA sees: the tensors themselves without
+    autocast (no copy, no `.to` call), autocast's dtype under it, and fp64 and integer tensors left
+    alone, as autocast leaves them."""
+    q, k, i = torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64), torch.arange(3)
+    out = registry.autocast_inputs(q, k, i)
+    assert all(a is b for a, b in zip(out, (q, k, i))), "without autocast the inputs must pass through"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b, c = registry.autocast_inputs(q, k, i)
+        same = registry.autocast_inputs(a)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, q.to(torch.bfloat16)), a
+    assert b is k and c is i, (b.dtype, c.dtype)
+    assert same[0] is a, "a tensor already in autocast's dtype must not be copied"
+
+
+@pytest.mark.skipif(registry.triton_available() is not None, reason="needs triton")
+def test_host_integer_helpers_match_triton():
+    """kernels._triton.cdiv / next_power_of_2 (plain Python, on every launch's path) against
+    Triton's own, which cost ~1.5 us per call through their ConstexprFunction wrapper."""
+    from kernels._triton import cdiv, next_power_of_2, triton
+
+    for n in range(1, 1100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
