@@ -37,7 +37,6 @@ except Exception as e:  # pragma: no cover - exercised in a subprocess by tests/
     tl = None  # only read inside kernel bodies and (unevaluated) annotations
 
 
-
 # Host-side integer helpers for launch plans. Triton's own (triton.cdiv, triton.next_power_of_2) are
 # ConstexprFunction wrappers that cost ~1.5 us per call on a fast CPU (Triton 3.6 and 3.9): more
 # than the rest of a cached launch plan, on the path every eager call takes.
