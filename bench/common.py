@@ -465,11 +465,14 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
     for suite, title in (("unet_step", "UNet step"), ("pipelines", "Pipelines")):
         sel = [r for r in rows if r["suite"] == suite]
         if sel:
+            rounds = max((r.get("rounds") or 1) for r in sel)
             out += [f"## {title}", "",
                     "Speed-up vs the all-`reference` row; max |Δ| latents and PSNR of the decoded "
                     "images against it (UNet step: max |Δ| of the UNet output). Host ms/step: CPU "
-                    "time to issue one UNet call; near or above UNet ms/step, the step is host-bound.", "",
-                    markdown_table(sel, PIPELINE_COLUMNS), ""]
+                    "time to issue one UNet call; near or above UNet ms/step, the step is host-bound."
+                    + (f" Timed in {rounds} interleaved rounds, each visiting every variant once in a "
+                       "rotated order: UNet ms/step is the median of a row's round medians." if rounds > 1 else ""),
+                    "", markdown_table(sel, PIPELINE_COLUMNS), ""]
     return "\n".join(out)
 
 

@@ -211,6 +211,7 @@ def test_unet_step_rounds_interleave_variants(tmp_path, monkeypatch):
     # rotation: round 0 visits reference then diffusers-sdpa, round 1 the other way round
     ref_medians = [visits[0], visits[3], visits[4]]
     assert rows["reference"]["median_ms"] == sorted(ref_medians)[1], (visits, rows["reference"])
+    assert "Timed in 3 interleaved rounds" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         main(["pipelines", "--quick", "--unet-only", "--rounds", "0", "--out", str(tmp_path)])
 
