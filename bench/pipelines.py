@@ -139,7 +139,8 @@ def kernel_scope(variant: str, device: torch.device):
     registry's default, which is Triton with a fall-back to the reference (warned once) for an
     input the kernel refuses (e.g. the VAE's 512-wide attention head), so a whole pipeline can run;
     :func:`fallback_note` reports how many calls fell back. Elsewhere (Triton interpreted on CPU)
-    they are pinned to ``triton`` explicitly, and a refused input skips the row."""
+    they are pinned to ``triton`` explicitly, and a refused input skips the row. The context manager
+    changes nothing until entered."""
     import kernels
 
     ops = kernels.ops()
@@ -162,11 +163,18 @@ def kernel_scope(variant: str, device: torch.device):
         raise ValueError(f"unknown kernel variant {variant!r}; valid: {', '.join(variant_names())}")
     pinned = {op: "reference" for op in ops if op not in want}
     if device.type == "cuda":
-        stack = contextlib.ExitStack()
-        stack.enter_context(_registry_default(want))
-        stack.enter_context(kernels.use(**pinned))
-        return stack, note, want
+        return _on_default(want, pinned), note, want
     return kernels.use(**pinned, **{op: "triton" for op in want}), note, want
+
+
+@contextlib.contextmanager
+def _on_default(want: list[str], pinned: dict):
+    """``want`` resolved by the registry's default, ``pinned`` as given; entered only by ``with``
+    (a scope made just for its note and ops changes nothing)."""
+    import kernels
+
+    with _registry_default(want), kernels.use(**pinned):
+        yield
 
 
 def fallback_note(before: dict, after: dict, ops: list[str]) -> str:
@@ -637,11 +645,10 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
             raise Skip(f"the triton row already launches through Triton's dispatch here: {_launch.mode()}")
         _, note, triton_ops = kernel_scope("triton", device)
 
+        @contextlib.contextmanager
         def scope():
-            stack = contextlib.ExitStack()
-            stack.enter_context(kernel_scope("triton", device)[0])
-            stack.enter_context(tritons_dispatch())
-            return stack
+            with kernel_scope("triton", device)[0], tritons_dispatch():
+                yield
 
         return (scope, step, "; ".join(filter(None, [note, "every launch through Triton's dispatch, as "
                                                      "SDLAB_FAST_LAUNCH=0"])), triton_ops)

@@ -38,7 +38,7 @@ Since then the kernel goes through Triton's dispatch once per launch key and is 
 after that (kernels/_launch.py). bench ops on an H100, 2026-11-23 (bench/results/2026-11-23-h100):
 31-51 us of host time per call (51-77 us through Triton's dispatch), 47.5x the fp32 eager reference at
 (2, 4, 64, 64) with CFG, 68x with the RePaint blend; on a faster host the same day
-(bench/results/2026-11-23-h100-2), 21-48 us per call and 23x / 31x (the reference's host cost drops more).
+(bench/results/2026-11-23-h100-2), 21-49 us per call and 21-32x (the reference's host cost drops more).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -214,6 +215,25 @@ def test_unet_step_rounds_interleave_variants(tmp_path, monkeypatch):
     assert "Timed in 3 interleaved rounds" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         main(["pipelines", "--quick", "--unet-only", "--rounds", "0", "--out", str(tmp_path)])
+
+
+def test_kernel_scope_changes_nothing_until_entered(monkeypatch):
+    """The UNet-step setup makes scopes for their note and ops alone: on CUDA (the registry's
+    default for the Triton ops, the rest pinned) making one must not pin ops or set aside
+    SDLAB_KERNELS; entering it does both, and leaving undoes them."""
+    import kernels
+    from bench.pipelines import kernel_scope
+    from kernels import registry
+
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    scope, note, want = kernel_scope("triton:attention", torch.device("cuda"))
+    assert want == ["attention"] and registry._SCOPES == [], registry._SCOPES
+    assert os.environ[kernels.ENV_VAR] == "reference"
+    with scope:
+        assert kernels.ENV_VAR not in os.environ
+        assert registry._choice("group_norm_silu")[0] == "reference"
+        assert registry._choice("attention") == (None, "")  # left to the default: triton on CUDA
+    assert registry._SCOPES == [] and os.environ[kernels.ENV_VAR] == "reference"
 
 
 def test_reference_runs_first_wherever_it_is_listed(tmp_path):
