@@ -610,3 +610,96 @@ def test_batch_offsets_past_2_31_elements(device):
     last = x[-1:]
     _check(y[-1:], _torch(last, w, b, 32, "silu"), _torch(last, w, b, 32, "silu", torch.float64), x.dtype,
            "last sample, past 2**31 elements")
+
+
+# ---- the two passes in one cooperative launch (COOPERATIVE; CUDA only) ----
+
+def _two_launches(x, w, b, groups, cfg):
+    """y and (mean, rstd) from the two-pass path in two launches (cooperative off)."""
+    cfg = dataclasses.replace(cfg, cooperative=False)
+    plan = gn._plan(x, w, b, groups, 1e-5, "silu", None, cfg, True)
+    return gn._forward(x, w, b, None, plan)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 96, 7, 9), 32), ((3, 40, 6, 5), 4)])
+def test_cooperative_kernel_one_program(device, shape, groups):
+    """_two_pass_kernel with one program (the interpreter runs programs one by one, so more would
+    wait at the barrier forever): it walks every tile in both passes, passes its own barrier, leaves
+    the barrier's count at 0 with the generation bumped, and gives the two launches' exact bits."""
+    x, w, b = _inputs(shape, torch.float32, device)
+    cfg = _config(x, groups, single_pass=False)
+    assert cfg.chunks > 1 or cfg.rows > 1, cfg  # several tiles for the one program to visit
+    want, want_stats = _two_launches(x, w, b, groups, cfg)
+    plan = gn._plan(x, w, b, groups, 1e-5, "silu", None, dataclasses.replace(cfg, cooperative=False), True)
+    y = torch.full_like(x, float("nan"))
+    stats = torch.full((cfg.rows, 2), float("nan"), device=device)
+    part = torch.empty(plan.part_shape, device=device)
+    sync = torch.tensor([0, 5], dtype=torch.int32, device=device)  # any generation: the barrier counts on
+    gn._two_pass_kernel[(1,)](x, y, w, b, part, stats, sync, *plan.args, cfg.rows * cfg.chunks, **plan.consts)
+    assert torch.equal(y, want), f"max |diff| {(y - want).abs().max().item():.3g}"
+    assert torch.equal(stats, want_stats)
+    assert sync.tolist() == [0, 6], sync
+
+
+def test_cooperative_only_for_two_passes_on_cuda():
+    """launch_config marks two-pass tilings cooperative (COOPERATIVE), single-pass ones never; the
+    plan takes it only for CUDA tensors, so the interpreter keeps its two launches."""
+    assert gn.COOPERATIVE
+    two = launch_config((2, 320, 64, 64), 32, torch.float16, sms=H100_SMS)
+    assert not two.single_pass and two.cooperative, two
+    assert not launch_config((2, 1280, 8, 8), 32, torch.float16, sms=H100_SMS).cooperative
+    assert not launch_config((2, 320, 64, 64), 32, torch.float16, sms=H100_SMS, cooperative=False).cooperative
+    x, w, b = _inputs((1, 96, 7, 9), torch.float32, "cpu")
+    plan = gn._plan(x, w, b, 32, 1e-5, "silu", None, _config(x, 32, single_pass=False), False)
+    assert plan.coop_args is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sm", [None, 1], ids=["resident-grid", "one-per-sm"])
+@pytest.mark.parametrize("shape, groups", [GPU_SHAPES[0], GPU_SHAPES[1], GPU_SHAPES[4], GPU_SHAPES[5]])
+def test_cooperative_matches_two_launches_gpu(shape, groups, per_sm, monkeypatch):
+    """At SD shapes the one cooperative launch gives the two launches' exact bits, 20 times over (a
+    missing barrier or a stale partial would show as a changing error), also when programs visit
+    several tiles each (one program per SM, fewer than the tiles); the two launches never run."""
+    if per_sm is not None:
+        monkeypatch.setattr(gn, "MAX_BLOCKS_PER_SM", per_sm)
+    monkeypatch.setattr(gn, "_COOP_GRIDS", {})
+    x, w, b = _inputs(shape, torch.float16, "cuda")
+    cfg = _config(x, groups, single_pass=False)
+    assert cfg.cooperative, cfg
+    want, want_stats = _two_launches(x, w, b, groups, cfg)
+    plan = gn._plan(x, w, b, groups, 1e-5, "silu", None, cfg, True)
+    monkeypatch.setattr(gn, "_stats_kernel", _Forbidden("_stats_kernel"))
+    for i in range(20):
+        y, stats = gn._forward(x, w, b, None, plan)
+        assert torch.equal(y, want) and torch.equal(stats, want_stats), \
+            f"run {i}: max |diff| {(y.float() - want.float()).abs().max().item():.3g}"
+    (grid,) = gn._COOP_GRIDS.values()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = cfg.rows * cfg.chunks
+    assert grid == (min(tiles, sms),) if per_sm == 1 else 1 <= grid[0] <= tiles, (grid, tiles)
+
+
+@pytest.mark.gpu
+def test_cooperative_streams_and_graph_capture_gpu():
+    """Each stream has its own barrier state; under CUDA-graph capture the two launches are captured
+    instead, and the graph's replays give the eager cooperative result."""
+    x, w, b = _inputs((2, 320, 64, 64), torch.float16, "cuda")
+    want = group_norm_silu_triton(x, w, b, 32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = group_norm_silu_triton(x, w, b, 32)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
+    assert {key[1] for key in gn._SYNC} >= {torch.cuda.current_stream().cuda_stream, side.cuda_stream}
+    graph = torch.cuda.CUDAGraph()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gn, "_two_pass_kernel", _Forbidden("_two_pass_kernel"))
+        with torch.cuda.graph(graph):
+            y = group_norm_silu_triton(x, w, b, 32)
+    for _ in range(3):
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
