@@ -81,17 +81,15 @@ def _gn_module():
 
 
 def group_norm_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
-    """The single-launch path, and the two passes in two launches and in one cooperative launch
-    ("coop"), each with a few tile sizes."""
+    """The single-launch and the two-pass paths, each with a few tile sizes."""
     gn = _gn_module()
     shape, groups = case.params["shape"], case.params["groups"]
     tiles, block_cs = ([1024], [16]) if quick else ([1024, 2048, 4096, 8192], [16, 64])
-    paths = {"single": (True, False), "two-pass": (False, False), "coop": (False, True)}
     out = [Candidate(DEFAULT, None)]
-    for (name, (single, coop)), tile, block_c in itertools.product(paths.items(), tiles, block_cs):
-        out.append(Candidate(f"{name} tile{tile} c{block_c}", lambda dtype, sms, s=single, co=coop, t=tile, c=block_c:
-                             gn.launch_config(tuple(shape), groups, dtype, sms, max_tile=t, max_block_c=c,
-                                              single_pass=s, cooperative=co)))
+    for single, tile, block_c in itertools.product((True, False), tiles, block_cs):
+        label = f"{'single' if single else 'two-pass'} tile{tile} c{block_c}"
+        out.append(Candidate(label, lambda dtype, sms, s=single, t=tile, c=block_c: gn.launch_config(
+            tuple(shape), groups, dtype, sms, max_tile=t, max_block_c=c, single_pass=s)))
     return out
 
 

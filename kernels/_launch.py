@@ -111,7 +111,7 @@ class Launcher:
             if hit is not None and not _hooked(self.kernel):
                 compiled, tail = hit
                 n = len(grid)
-                compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, current_stream(device),
+                compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream(device),
                              compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
                 self.direct += 1
                 return
@@ -138,8 +138,7 @@ def _device() -> int:
     return _DRIVER[0]()
 
 
-def current_stream(device: int) -> int:
-    """The raw handle of ``device``'s current CUDA stream (Triton's driver getter: no Python object)."""
+def _stream(device: int) -> int:
     return _DRIVER[1](device)
 
 

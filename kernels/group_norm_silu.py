@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import reference_grads
-from ._launch import Launcher, current_stream
+from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
 from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
 
@@ -86,11 +86,6 @@ SINGLE_PASS_MAX_GROUP = 16384  # elements per (n, group) taking the one-launch f
 SINGLE_PASS_STATS_READS = 1 << 18
 MIN_CHUNK = 256  # one launch: elements a program normalises, at least (unless whole channel blocks)
 STATS_LOADS_PER_THREAD = 8  # one launch: vector loads per thread per statistics tile
-# Two passes on CUDA: run them as one cooperative launch (`_two_pass_kernel`: a grid barrier between
-# the passes instead of a second kernel) rather than two. Not under torch.compile or CUDA-graph
-# capture (there the two launches run: the same tiles and arithmetic, so the same bits).
-COOPERATIVE = True
-MAX_BLOCKS_PER_SM = 32  # sm_70 - sm_90: resident programs per SM, at most
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -117,8 +112,7 @@ class LaunchConfig:
     stats_block_c: int  # one launch: its statistics' tiles over the whole group (the widest allowed)
     stats_block_s: int
     stats_even_s: bool  # H * W % stats_block_s == 0
-    single_pass: bool = False  # forward: one launch with redundant statistics, else two passes
-    cooperative: bool = False  # two passes: in one cooperative launch on CUDA (see COOPERATIVE)
+    single_pass: bool = False  # forward: one launch with redundant statistics, else two launches
 
     @property
     def chunks(self) -> int:  # programs per (n, group), in every kernel
@@ -158,8 +152,7 @@ def _single_pass_chunk(rows, cg, spatial, block_c, sms):
 
 
 @functools.lru_cache(maxsize=1024)
-def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c=None, single_pass=None,
-                  cooperative=None):
+def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c=None, single_pass=None):
     """Tiling for x of ``shape`` (N, C, *spatial), tiles of at most ``max_tile`` elements
     (None: MAX_TILE; ``max_block_c`` None: MAX_BLOCK_C).
 
@@ -168,7 +161,6 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c
     else two passes. Two passes: whole channel blocks, H * W cut into chunks so each pass has at
     least PROGRAMS_PER_SM x sms programs (unless there are fewer tiles). One launch: chunks as
     `_single_pass_chunk` picks them. Every config is also a valid two-pass one, for backward.
-    ``cooperative`` None: COOPERATIVE, for the two-pass forward (its tiling is the same either way).
     """
     max_tile = MAX_TILE if max_tile is None else max_tile
     max_block_c = MAX_BLOCK_C if max_block_c is None else max_block_c
@@ -194,7 +186,7 @@ def launch_config(shape, groups, dtype, sms=H100_SMS, max_tile=None, max_block_c
     stats_s = min(next_power_of_2(spatial), _pow2_floor(stats_tile // stats_c))
     return LaunchConfig(rows, cdiv(cg, block_c), cdiv(spatial, s_chunk), s_chunk, block_c,
                         block_s, warps, spatial % block_s == 0, stats_c, stats_s, spatial % stats_s == 0,
-                        single_pass, (COOPERATIVE if cooperative is None else cooperative) and not single_pass)
+                        single_pass)
 
 
 @triton.jit
@@ -343,50 +335,14 @@ def _group_stats(part_ptr, row, CHUNKS, eps, CHUNKS_P2: tl.constexpr):
     """Chan's parallel combine of a group's per-chunk (count, mean, M2) -> (mean, rstd)."""
     k = tl.arange(0, CHUNKS_P2)
     p = part_ptr + (row * CHUNKS + k) * 3
-    # .cg: from L2, where _two_pass_kernel's other programs wrote them (never a stale L1 line)
-    cnt = tl.load(p, mask=k < CHUNKS, other=0.0, cache_modifier=".cg")
-    mu = tl.load(p + 1, mask=k < CHUNKS, other=0.0, cache_modifier=".cg")
-    m2 = tl.load(p + 2, mask=k < CHUNKS, other=0.0, cache_modifier=".cg")
+    cnt = tl.load(p, mask=k < CHUNKS, other=0.0)
+    mu = tl.load(p + 1, mask=k < CHUNKS, other=0.0)
+    m2 = tl.load(p + 2, mask=k < CHUNKS, other=0.0)
     total = tl.sum(cnt, axis=0)
     mean = tl.sum(cnt * mu, axis=0) / total
     d = mu - mean
     var = (tl.sum(m2, axis=0) + tl.sum(cnt * d * d, axis=0)) / total
     return mean, 1.0 / tl.sqrt(var + eps)
-
-
-@triton.jit
-def _stats_tile(t, x_ptr, part_ptr, G, C_PER_G: tl.constexpr, S, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                CHUNKS, S_CHUNKS, S_CHUNK, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_S: tl.constexpr,
-                SPLIT_HW: tl.constexpr):
-    """Pass 1 for tile t = (n, g, chunk): its (count, mean, M2) -> part[t]."""
-    n, row, c, c_mask, s_start, s_end = _tile(t, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
-    c0 = ((t % CHUNKS) // S_CHUNKS) * BLOCK_C
-    n_c = tl.minimum(C_PER_G - c0, BLOCK_C).to(tl.float32)  # valid channels in the tile
-    count, mean, m2 = _block_stats(x_ptr + n * stride_xn, c, c_mask, n_c, s_start, s_end, W,
-                                   stride_xc, stride_xh, stride_xw, BLOCK_S, EVEN_S, SPLIT_HW)
-    p = part_ptr + t * 3
-    tl.store(p, count)
-    tl.store(p + 1, mean)
-    tl.store(p + 2, m2)
-
-
-@triton.jit
-def _apply_tile(t, x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, G, C_PER_G: tl.constexpr, S, W, eps,
-                stride_xn, stride_xc, stride_xh, stride_xw, stride_yn, stride_yc, stride_yh, stride_yw,
-                CHUNKS, S_CHUNKS, S_CHUNK, CHUNKS_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                EVEN_S: tl.constexpr, SPLIT_HW: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SILU: tl.constexpr, STORE_STATS: tl.constexpr):
-    """Pass 2 for tile t: combine its group's partials, then normalise + affine + SiLU the tile."""
-    n, row, c, c_mask, s_start, s_end = _tile(t, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
-    mean, rstd = _group_stats(part_ptr, row, CHUNKS, eps, CHUNKS_P2)
-    if STORE_STATS:
-        if t % CHUNKS == 0:
-            tl.store(stats_ptr + row * 2, mean)
-            tl.store(stats_ptr + row * 2 + 1, rstd)
-    scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
-    _normalize_block(x_ptr + n * stride_xn, y_ptr + n * stride_yn, c, c_mask, scale, shift, s_start,
-                     s_end, W, stride_xc, stride_xh, stride_xw, stride_yc, stride_yh, stride_yw,
-                     BLOCK_S, EVEN_S, SPLIT_HW, SILU)
 
 
 @triton.jit
@@ -401,8 +357,16 @@ def _stats_kernel(
     EVEN_S: tl.constexpr,  # H * W % BLOCK_S == 0: no spatial mask, so loads vectorise
     SPLIT_HW: tl.constexpr,
 ):
-    _stats_tile(tl.program_id(0), x_ptr, part_ptr, G, C_PER_G, S, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                CHUNKS, S_CHUNKS, S_CHUNK, BLOCK_C, BLOCK_S, EVEN_S, SPLIT_HW)
+    pid = tl.program_id(0)
+    n, row, c, c_mask, s_start, s_end = _tile(pid, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
+    c0 = ((pid % CHUNKS) // S_CHUNKS) * BLOCK_C
+    n_c = tl.minimum(C_PER_G - c0, BLOCK_C).to(tl.float32)  # valid channels in the tile
+    count, mean, m2 = _block_stats(x_ptr + n * stride_xn, c, c_mask, n_c, s_start, s_end, W,
+                                   stride_xc, stride_xh, stride_xw, BLOCK_S, EVEN_S, SPLIT_HW)
+    p = part_ptr + pid * 3
+    tl.store(p, count)
+    tl.store(p + 1, mean)
+    tl.store(p + 2, m2)
 
 
 @triton.jit
@@ -427,66 +391,17 @@ def _apply_kernel(
     SILU: tl.constexpr,
     STORE_STATS: tl.constexpr,
 ):
-    _apply_tile(tl.program_id(0), x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, G, C_PER_G, S, W, eps,
-                stride_xn, stride_xc, stride_xh, stride_xw, stride_yn, stride_yc, stride_yh, stride_yw,
-                CHUNKS, S_CHUNKS, S_CHUNK, CHUNKS_P2, BLOCK_C, BLOCK_S, EVEN_S, SPLIT_HW, HAS_WEIGHT,
-                HAS_BIAS, SILU, STORE_STATS)
-
-
-@triton.jit
-def _grid_barrier(sync_ptr, programs):
-    """Every one of ``programs`` programs waits here until all have arrived; their stores before it
-    are visible to all after it. Only valid in a cooperative launch (all programs resident at once).
-    sync_ptr: int32 (arrived, generation), zeroed once and left as found: the last program to arrive
-    resets the count and bumps the generation the others spin on (a sense-reversing barrier, so no
-    reset between launches and none to replay in a CUDA graph). As cooperative_groups' grid.sync:
-    CTA barrier, one thread's gpu-scope release / acquire, CTA barrier."""
-    tl.debug_barrier()  # all of this program's threads have stored their part
-    generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")  # read before arriving: cannot move on yet
-    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
-    if arrived == programs - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
-        tl.atomic_add(sync_ptr + 1, 1, sem="release")
-    else:
-        while tl.load(sync_ptr + 1, volatile=True) == generation:  # plain loads: no atomics queue behind
-            pass
-    tl.atomic_add(sync_ptr + 1, 0, sem="acquire")  # pairs with the last arrival's release
-    tl.debug_barrier()
-
-
-@triton.jit
-def _two_pass_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr,  # as _apply_kernel's; part is written here
-    sync_ptr,  # int32 (2,): _grid_barrier's state
-    G, C_PER_G: tl.constexpr, S, W, eps,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_yn, stride_yc, stride_yh, stride_yw,
-    CHUNKS, S_CHUNKS, S_CHUNK,
-    TILES,  # N * G * CHUNKS: tiles of each pass, visited by programs in turn
-    CHUNKS_P2: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    EVEN_S: tl.constexpr,
-    SPLIT_HW: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
-    STORE_STATS: tl.constexpr,
-):
-    """Both passes in one cooperative launch: the tiles' partials, a grid barrier, then the tiles'
-    normalisation (its x re-read from L2). The tiles, their order and the arithmetic are those of
-    _stats_kernel + _apply_kernel, so the output is the same bits."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    for t in range(pid, TILES, programs):
-        _stats_tile(t, x_ptr, part_ptr, G, C_PER_G, S, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                    CHUNKS, S_CHUNKS, S_CHUNK, BLOCK_C, BLOCK_S, EVEN_S, SPLIT_HW)
-    _grid_barrier(sync_ptr, programs)
-    for t in range(pid, TILES, programs):
-        _apply_tile(t, x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, stats_ptr, G, C_PER_G, S, W, eps,
-                    stride_xn, stride_xc, stride_xh, stride_xw, stride_yn, stride_yc, stride_yh, stride_yw,
-                    CHUNKS, S_CHUNKS, S_CHUNK, CHUNKS_P2, BLOCK_C, BLOCK_S, EVEN_S, SPLIT_HW, HAS_WEIGHT,
-                    HAS_BIAS, SILU, STORE_STATS)
+    n, row, c, c_mask, s_start, s_end = _tile(pid, CHUNKS, S_CHUNKS, S_CHUNK, G, C_PER_G, S, BLOCK_C)
+    mean, rstd = _group_stats(part_ptr, row, CHUNKS, eps, CHUNKS_P2)
+    if STORE_STATS:
+        if pid % CHUNKS == 0:
+            tl.store(stats_ptr + row * 2, mean)
+            tl.store(stats_ptr + row * 2 + 1, rstd)
+    scale, shift = _scale_shift(w_ptr, b_ptr, c, c_mask, mean, rstd, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    _normalize_block(x_ptr + n * stride_xn, y_ptr + n * stride_yn, c, c_mask, scale, shift, s_start,
+                     s_end, W, stride_xc, stride_xh, stride_xw, stride_yc, stride_yh, stride_yw,
+                     BLOCK_S, EVEN_S, SPLIT_HW, SILU)
 
 
 @triton.jit
@@ -634,9 +549,6 @@ class _Plan(NamedTuple):
     part_shape: tuple  # two passes: the (N * G, CHUNKS, 3) workspace
     launch_key: tuple  # (args, consts): what the fused / apply launch passes besides tensors (_launch.py)
     stats_launch_key: tuple  # the same for _stats_kernel
-    coop_args: tuple | None  # two passes in one cooperative launch: _two_pass_kernel's scalars, else None
-    coop_consts: dict
-    coop_launch_key: tuple
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -662,18 +574,13 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
         consts = dict(consts, EVEN_S=cfg.even_s and cfg.stats_even_s, STATS_BLOCK_C=cfg.stats_block_c,
                       STATS_BLOCK_S=cfg.stats_block_s)
         stats_args, stats_consts, part_shape = (), {}, ()
-        coop_args, coop_consts = None, {}
     else:
         args = (*sizes, eps, *sx, *sy, *chunking)
         consts = dict(consts, CHUNKS_P2=next_power_of_2(cfg.chunks))
         stats_args, stats_consts, part_shape = (*sizes, *sx, *chunking), tiles, (cfg.rows, cfg.chunks, 3)
-        coop = cfg.cooperative and x.is_cuda and not torch.compiler.is_compiling()
-        coop_args = (*args, cfg.rows * cfg.chunks) if coop else None
-        coop_consts = dict(consts, launch_cooperative_grid=True) if coop else {}
     # launch keys from the values launched, not from the inputs: a retuned launch_config gives new ones
     return _Plan(*head, args, consts, stats_args, stats_consts, part_shape, (args, tuple(consts.items())),
-                 (stats_args, tuple(stats_consts.items())), coop_args, coop_consts,
-                 (coop_args, tuple(coop_consts.items())))
+                 (stats_args, tuple(stats_consts.items())))
 
 
 def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
@@ -707,58 +614,10 @@ def _forward(x, weight, bias, out, plan, y_dtype=None):
         _FUSED(plan.grid, plan.launch_key, tensors, (*tensors, *plan.args), plan.consts)
     else:
         part = torch.empty(plan.part_shape, device=x.device, dtype=torch.float32)
+        _STATS(plan.grid, plan.stats_launch_key, (x, part), (x, part, *plan.stats_args), plan.stats_consts)
         tensors = (x, y, w_ptr, b_ptr, part, part if stats is None else stats)
-        sync = None if plan.coop_args is None else _sync_state(x.device)
-        if sync is not None:
-            tensors += (sync,)
-            args = (*tensors, *plan.coop_args)
-            _TWO_PASS(_cooperative_grid(plan, tensors, args), plan.coop_launch_key, tensors, args, plan.coop_consts)
-        else:
-            _STATS(plan.grid, plan.stats_launch_key, (x, part), (x, part, *plan.stats_args), plan.stats_consts)
-            _APPLY(plan.grid, plan.launch_key, tensors, (*tensors, *plan.args), plan.consts)
+        _APPLY(plan.grid, plan.launch_key, tensors, (*tensors, *plan.args), plan.consts)
     return y, stats
-
-
-_SYNC: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) -> _grid_barrier's state
-_COOP_GRIDS: dict[tuple, tuple[int]] = {}  # (launch key, device, tensors' alignment) -> grid
-
-
-def _sync_state(device):
-    """The barrier state of this device's current stream (launches on one stream never overlap; on
-    two streams they may, so each has its own), made on first use. None while a CUDA graph is being
-    captured: the two launches are captured instead (a buffer zeroed during capture is zeroed only
-    when the graph replays, and a replay must not share a barrier with eager launches)."""
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, current_stream(index))
-    sync = _SYNC.get(key)
-    if sync is None:
-        sync = _SYNC[key] = torch.zeros(2, device=device, dtype=torch.int32)
-    return sync
-
-
-def _cooperative_grid(plan, tensors, args):
-    """As many programs as there are tiles, at most as many as fit on the device at once (a
-    cooperative launch fails rather than hang when they do not): from the compiled kernel's
-    registers, shared memory and warps, with CUDA's per-SM limits."""
-    key = (plan.coop_launch_key, tensors[0].device, *(t.data_ptr() % 16 == 0 for t in tensors))
-    grid = _COOP_GRIDS.get(key)
-    if grid is None:
-        compiled = _two_pass_kernel.warmup(*args, grid=(1,), **plan.coop_consts)
-        compiled.run  # loads the binary, which sets n_regs
-        props = torch.cuda.get_device_properties(tensors[0].device)
-        warps = compiled.metadata.num_warps
-        regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # allocated per warp, 256 at a time
-        shared = compiled.metadata.shared
-        per_sm = min(MAX_BLOCKS_PER_SM, props.max_threads_per_multi_processor // (32 * warps),
-                     getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps,
-                     props.shared_memory_per_multiprocessor // (shared + 1024) if shared else MAX_BLOCKS_PER_SM)
-        if per_sm < 1:
-            raise RuntimeError(f"group_norm_silu: _two_pass_kernel ({warps} warps, {compiled.n_regs} registers, "
-                               f"{shared} B shared) does not fit on one SM; set COOPERATIVE = False")
-        grid = _COOP_GRIDS[key] = (min(plan.coop_args[-1], per_sm * props.multi_processor_count),)
-    return grid
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -809,7 +668,6 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
 _FUSED, _STATS, _APPLY = Launcher(_fused_kernel), Launcher(_stats_kernel), Launcher(_apply_kernel)
-_TWO_PASS = Launcher(_two_pass_kernel)
 _BWD_REDUCE, _BWD_DX = Launcher(_bwd_reduce_kernel), Launcher(_bwd_dx_kernel)
 
 
@@ -817,7 +675,6 @@ def clear_caches() -> None:
     """Forget cached tilings and launch plans, so edits to the tuning constants above take effect."""
     launch_config.cache_clear()
     _PLANS.clear()
-    _COOP_GRIDS.clear()
 
 
 def _sms(x):
