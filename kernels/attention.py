@@ -82,12 +82,16 @@ CONFIGS = {
     "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
                      256: (64, 64, 4, 3)},
-    "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
-    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (16, 128, 8, 3), 256: (32, 64, 8, 2)},
+    "dq": {64: (64, 32, 4, 2), 128: (128, 32, 8, 2), 256: (128, 16, 8, 2)},
 }
-# The backward rows at 8 warps (dkdv 128 and 256, dq 256) were 4 warps until offline sm_90 compiles
-# (`python -m bench.sm90`, Triton 3.6 and 3.9) showed them spilling 8-160 bytes at 255 registers;
-# at 8 warps they hold 134-200 registers, no spills. Not yet timed against the 4-warp rows.
+# The backward rows: from the first backward sweep on an H100 (`bench tune --ops attention.backward`,
+# bench/results/2026-11-23-h100-3/tune-bwd.md; one kernel varied at a time, fp16 self-attention).
+# Changed where both the median and the p20-p80 range moved clear of the old row: dkdv 64 to 3
+# stages (D 40 x 4096 tokens 0.651 -> 0.609 ms at batch 2, 0.322 -> 0.307 at batch 1); D 80 x 1024
+# tokens, dkdv 128 to (16, 128, 8, 3) (0.277 -> 0.174) and dq 128 to (128, 32, 8, 2) (-> 0.164). At
+# D 160 no row beat the old one by more than the spread. Rows at 8 warps hold 134-200 registers
+# without spills in offline sm_90 compiles (`python -m bench.sm90`), where 4 warps spilled.
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
