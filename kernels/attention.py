@@ -82,24 +82,28 @@ CONFIGS = {
     "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
                      256: (64, 64, 4, 3)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (16, 128, 8, 3), 256: (32, 64, 8, 2)},
-    "dq": {64: (64, 32, 4, 2), 128: (128, 32, 8, 2), 256: (128, 16, 8, 2)},
+    "dkdv": {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
 }
-# The backward rows: from the first backward sweep on an H100 (`bench tune --ops attention.backward`,
-# bench/results/2026-11-23-h100-3/tune-bwd.md; one kernel varied at a time, fp16 self-attention).
-# Changed where both the median and the p20-p80 range moved clear of the old row: dkdv 64 to 3
-# stages (D 40 x 4096 tokens 0.651 -> 0.609 ms at batch 2, 0.322 -> 0.307 at batch 1); D 80 x 1024
-# tokens, dkdv 128 to (16, 128, 8, 3) (0.277 -> 0.174) and dq 128 to (128, 32, 8, 2) (-> 0.164). At
-# D 160 no row beat the old one by more than the spread. Rows at 8 warps hold 134-200 registers
-# without spills in offline sm_90 compiles (`python -m bench.sm90`), where 4 warps spilled.
+# The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one kernel
+# varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For head dims
+# <= 64, dkdv at 3 stages and dq at BLOCK_N 64, each 1.07-1.11x at D 40 x 4096 tokens, batch 2, in two
+# sweeps with tight p20-p80 ranges (batch 1: within noise). D 80 x 1024 tokens is host-noisy (p20-p80
+# spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no faster as the default in
+# the second, so the 128 rows stay; at D 160 nothing beat the old rows by more than their spread. Rows
+# at 8 warps hold 134-200 registers without spills in offline sm_90 compiles (`python -m bench.sm90`),
+# where 4 warps spilled.
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
 # That was before the alignment hint (_head_ptr), when D = 40 loads were 2-byte scalars. Since then
 # (H100, Triton 3.6, bench/results/2026-11-23-h100-2/tune-attention-d40-split.md) the split is as
 # accurate as the pad but no faster at 4096 tokens: 0.179 ms at its best tiles, against 0.177-0.178 for
-# the padded kernel's best in the earlier sweep. To retry it: AttentionConfig(split_masked_tail=True),
-# `bench tune --masked-tail`.
+# the padded kernel's best in the earlier sweep. At 9216 tokens (SD 1.5 at 768 px; one call, both
+# sweeps, bench/results/2026-11-23-h100-3/tune-attention-d40-9216*.md) its best tiles ran 0.836 ms, the
+# padded kernel's best (128, 64, 8, 4) 0.854 and the default row 0.921: 2% for the split, kept padded.
+# (That 8-warp, 4-stage row was 4% slower than the default at 4096 tokens: a row keyed on length is
+# open.) To retry the split: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
 SPLIT_MASKED_TAIL = False
 
 
