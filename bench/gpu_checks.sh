@@ -15,8 +15,8 @@
 # configurations each, compiled once), unet ~90 s, pipelines ~220 s, repaint250 ~470 s (2410 UNet
 # calls per RePaint run, hence --repeats 1). pipelines also runs the UNet-step suite for its
 # variants, so it names the kernel settings only; the unet stage has the baselines (compile: minutes).
-# tune-bwd sweeps the attention backward (36 candidates per shape) at the three self-attention
-# levels; offline sm_90 compiles showed 4 warps spilling at head dims 80 and 160 (now 8 warps there).
+# tune-bwd sweeps the attention backward (36 candidates per shape, one kernel varied at a time) at
+# the three self-attention levels: ~140 s on an H100; its D 80 / 160 rows are host-noisy there.
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
 # PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copied tree (its
 # .git absent or stale) names its commit for the results in SDLAB_GIT_COMMIT (git rev-parse HEAD here).

@@ -32,7 +32,9 @@ merged with Chan's formula; `_normalize_block`).
   two passes, otherwise: whole channel blocks, H*W cut so each pass launches >= PROGRAMS_PER_SM x
            SMs programs. Pass 1 `_stats_kernel`: per (n, g, chunk) partial (count, mean, M2) -> fp32
            workspace; pass 2 `_apply_kernel`: combine the group's partials (a few hundred floats,
-           from L2), then normalise + affine + SiLU its chunk.
+           from L2), then normalise + affine + SiLU its chunk. (Both passes in one cooperative
+           launch, a grid barrier between them, lost 2-4 us to the two launches on an H100:
+           bench/results/2026-11-23-h100-3/README.md.)
   backward, always two passes (after a heuristic single-pass forward, with the two-pass split):
            pass 1 `_bwd_reduce_kernel`: per (n, g, chunk) sum(dxhat), sum(dxhat * xhat) and per
            channel sum(dz * xhat), sum(dz) (dweight, dbias partials; torch sums those);
