@@ -70,8 +70,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
 # Picked from fp16 sweeps on H100s (Triton 3.6) at SD 1.5 shapes (`bench tune`, in
 # bench/results/2026-11-23-h100*/): BLOCK_M 128 ran D = 40 self-attention 6-10% faster and D = 64 at
-# 0.67x the speed, hence the 40 row; elsewhere (D 40, 64, 80, 160; self and 77-key cross) the rows were
-# best or within 2%, but for the 64-token mid block at D 160 (BLOCK_M 64, 2 stages: 1.08x of a
+# 0.67x the speed, hence the 40 row; at 8 warps it ran 1.03x the 4-warp row at 4096 tokens (batch 1:
+# equal) and 1.04x at 9216, in one sweep (2026-11-23-h100-3/tune-attention-d40-lengths.md);
+# elsewhere (D 40, 64, 80, 160; self and 77-key cross) the rows were best or within 2%, but for the
+# 64-token mid block at D 160 (BLOCK_M 64, 2 stages: 1.08x of a
 # 7.7 us launch-bound call, kept). num_stages=1 gave wrong results with a split head dim, so keep
 # stages >= 2. The default for every call: sweeps pass an AttentionConfig to attention_triton
 # instead of editing this (read once per kernel, head dim and dtype: see _plan). "fwd_short_kv"
@@ -79,7 +81,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # one or two key blocks), which a sweep may tune apart; its rows are the default ones, as swept.
 SHORT_KV = 128
 CONFIGS = {
-    "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 8, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
                      256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
@@ -101,9 +103,9 @@ CONFIGS = {
 # accurate as the pad but no faster at 4096 tokens: 0.179 ms at its best tiles, against 0.177-0.178 for
 # the padded kernel's best in the earlier sweep. At 9216 tokens (SD 1.5 at 768 px; one call, both
 # sweeps, bench/results/2026-11-23-h100-3/tune-attention-d40-9216*.md) its best tiles ran 0.836 ms, the
-# padded kernel's best (128, 64, 8, 4) 0.854 and the default row 0.921: 2% for the split, kept padded.
-# (That 8-warp, 4-stage row was 4% slower than the default at 4096 tokens: a row keyed on length is
-# open.) To retry the split: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
+# padded kernel's best (128, 64, 8, 4) 0.854 and the then default row (128, 64, 4, 3) 0.921: 2% for the
+# split, kept padded. (The 4-stage row, 1.10x at 9216 tokens, was 0.98x at 4096 and 0.94x at batch 1 in
+# tune-attention-d40-lengths.md: a row keyed on length is open.) To retry the split: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
 SPLIT_MASKED_TAIL = False
 
 
