@@ -40,9 +40,9 @@ UNet's (B, L, H, D) layout has head stride 40, not a multiple of 16, so Triton c
 hints (_head_ptr, _row_offsets) make D = 40 compile like D = 64 (16-byte cp.async, 3 stages), for
 the batch, head and row strides, so a contiguous (B, H, L, 40) layout and the backward's dO get
 them too (`python -m bench.sm90` shows each kernel's loads).
-H100 (Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100-2), kernel vs the fastest
-SDPA backend (cuDNN unless noted), fp16 / bf16: D=40 4096² 0.180 vs 0.158 ms (0.88x; 0.39x before
-the alignment hints) / 0.88x; 4096x77 1.02x / 1.02x (was 0.25x); D=80 1024x77 1.25x / 1.12x;
+H100 (Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100-2, D=40 4096² from -h100-3),
+kernel vs the fastest SDPA backend (cuDNN unless noted), fp16 / bf16: D=40 4096² 0.176 vs 0.157 ms
+(0.89x; 0.39x before the alignment hints) / 0.89x; 4096x77 1.02x / 1.02x (was 0.25x); D=80 1024x77 1.25x / 1.12x;
 D=160 256² 1.14x / 1.18x; D=80 1024² 0.91x / 0.93x; D=64 4096² (H=5) 1.01x / 1.04x, 9216²
 0.95x / 1.04x.
 """
