@@ -84,17 +84,18 @@ CONFIGS = {
     "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 8, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
     "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
                      256: (64, 64, 4, 3)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
+    "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
     "dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
 }
 # The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one kernel
 # varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For head dims
-# <= 64, dkdv at 3 stages and dq at BLOCK_N 64, each 1.07-1.11x at D 40 x 4096 tokens, batch 2, in two
-# sweeps with tight p20-p80 ranges (batch 1: within noise). D 80 x 1024 tokens is host-noisy (p20-p80
-# spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no faster as the default in
-# the second, so the 128 rows stay; at D 160 nothing beat the old rows by more than their spread. Rows
-# at 8 warps hold 134-200 registers without spills in offline sm_90 compiles (`python -m bench.sm90`),
-# where 4 warps spilled.
+# <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.589 ms (tight p20-p80 ranges). dkdv
+# at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255 registers and 8
+# spilled bytes (tests/test_sm90_compile.py forbids spills), so it stays at 2. D 80 x 1024 tokens is
+# host-noisy (p20-p80 spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no
+# faster as the default in the second, so the 128 rows stay; at D 160 nothing beat the old rows by
+# more than their spread. Rows at 8 warps hold 134-200 registers without spills in offline sm_90
+# compiles (`python -m bench.sm90`), where 4 warps spilled.
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third
 # of the padded kernel's speed at BLOCK_N = 32 (16-wide wgmma), so such head dims pad to a power of two.
