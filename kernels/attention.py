@@ -89,7 +89,7 @@ CONFIGS = {
 }
 # The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one kernel
 # varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For head dims
-# <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.589 ms (tight p20-p80 ranges). dkdv
+# <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.600 ms (batch 1: 0.322 -> 0.315). dkdv
 # at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255 registers and 8
 # spilled bytes (tests/test_sm90_compile.py forbids spills), so it stays at 2. D 80 x 1024 tokens is
 # host-noisy (p20-p80 spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no
