@@ -42,9 +42,9 @@ the batch, head and row strides, so a contiguous (B, H, L, 40) layout and the ba
 them too (`python -m bench.sm90` shows each kernel's loads).
 H100 (Triton 3.6, B=2, H=8, 2026-11-23, bench/results/2026-11-23-h100-2, D=40 4096² from -h100-3),
 kernel vs the fastest SDPA backend (cuDNN unless noted), fp16 / bf16: D=40 4096² 0.176 vs 0.157 ms
-(0.89x; 0.39x before the alignment hints) / 0.89x; 4096x77 1.02x / 1.02x (was 0.25x); D=80 1024x77 1.25x / 1.12x;
-D=160 256² 1.14x / 1.18x; D=80 1024² 0.91x / 0.93x; D=64 4096² (H=5) 1.01x / 1.04x, 9216²
-0.95x / 1.04x.
+(0.89x; 0.39x before the alignment hints) / 0.89x; 4096x77 1.02x / 1.02x (was 0.25x); D=80 1024x77
+1.25x / 1.12x; D=160 256² 1.14x / 1.18x; D=80 1024² 0.91x / 0.93x; D=64 4096² (H=5) 1.01x / 1.04x,
+9216² 0.95x / 1.04x.
 """
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 0.67x the speed, hence the 40 row; at 8 warps it ran 1.03x the 4-warp row at 4096 tokens (batch 1:
 # equal) and 1.04x at 9216, in one sweep (2026-11-23-h100-3/tune-attention-d40-lengths.md);
 # elsewhere (D 40, 64, 80, 160; self and 77-key cross) the rows were best or within 2%, but for the
-# 64-token mid block at D 160 (BLOCK_M 64, 2 stages: 1.08x of a
-# 7.7 us launch-bound call, kept). num_stages=1 gave wrong results with a split head dim, so keep
-# stages >= 2. The default for every call: sweeps pass an AttentionConfig to attention_triton
-# instead of editing this (read once per kernel, head dim and dtype: see _plan). "fwd_short_kv"
-# serves forwards over at most SHORT_KV keys (cross-attention to 77 text tokens: memory-bound,
-# one or two key blocks), which a sweep may tune apart; its rows are the default ones, as swept.
+# 64-token mid block at D 160 (BLOCK_M 64, 2 stages: 1.08x of a 7.7 us launch-bound call, kept).
+# num_stages=1 gave wrong results with a split head dim, so keep stages >= 2. The default for every
+# call: sweeps pass an AttentionConfig to attention_triton instead of editing this (read once per
+# kernel, head dim and dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys
+# (cross-attention to 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune
+# apart; its rows are the default ones, as swept.
 SHORT_KV = 128
 CONFIGS = {
     "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 8, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
@@ -87,10 +87,10 @@ CONFIGS = {
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
     "dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
 }
-# The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one kernel
-# varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For head dims
-# <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.600 ms (batch 1: 0.322 -> 0.315). dkdv
-# at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255 registers and 8
+# The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one
+# kernel varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For
+# head dims <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.600 ms (batch 1: 0.322 ->
+# 0.315). dkdv at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255 registers and 8
 # spilled bytes (tests/test_sm90_compile.py forbids spills), so it stays at 2. D 80 x 1024 tokens is
 # host-noisy (p20-p80 spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no
 # faster as the default in the second, so the 128 rows stay; at D 160 nothing beat the old rows by
@@ -103,10 +103,11 @@ CONFIGS = {
 # (H100, Triton 3.6, bench/results/2026-11-23-h100-2/tune-attention-d40-split.md) the split is as
 # accurate as the pad but no faster at 4096 tokens: 0.179 ms at its best tiles, against 0.177-0.178 for
 # the padded kernel's best in the earlier sweep. At 9216 tokens (SD 1.5 at 768 px; one call, both
-# sweeps, bench/results/2026-11-23-h100-3/tune-attention-d40-9216*.md) its best tiles ran 0.836 ms, the
-# padded kernel's best (128, 64, 8, 4) 0.854 and the then default row (128, 64, 4, 3) 0.921: 2% for the
-# split, kept padded. (The 4-stage row, 1.10x at 9216 tokens, was 0.98x at 4096 and 0.94x at batch 1 in
-# tune-attention-d40-lengths.md: a row keyed on length is open.) To retry the split: AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
+# sweeps, bench/results/2026-11-23-h100-3/tune-attention-d40-9216*.md) its best tiles ran 0.836 ms,
+# the padded kernel's best (128, 64, 8, 4) 0.854 and the then default row (128, 64, 4, 3) 0.921: 2%
+# for the split, kept padded. (The 4-stage row, 1.10x at 9216 tokens, was 0.98x at 4096 and 0.94x at
+# batch 1 in tune-attention-d40-lengths.md: a row keyed on length is open.) To retry the split:
+# AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
 SPLIT_MASKED_TAIL = False
 
 
