@@ -90,11 +90,11 @@ CONFIGS = {
 # The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one
 # kernel varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For
 # head dims <= 64, dq at BLOCK_N 64: D 40 x 4096 tokens, batch 2, 0.651 -> 0.600 ms (batch 1: 0.322 ->
-# 0.315). dkdv at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255 registers and 8
-# spilled bytes (tests/test_sm90_compile.py forbids spills), so it stays at 2. D 80 x 1024 tokens is
-# host-noisy (p20-p80 spans up to 2x): rows that read 1.6-1.7x faster in the first sweep were no
-# faster as the default in the second, so the 128 rows stay; at D 160 nothing beat the old rows by
-# more than their spread. Rows at 8 warps hold 134-200 registers without spills in offline sm_90
+# 0.315). dkdv at 3 stages was 1.07x too, but under Triton 3.6 (the H100's) it compiles to 255
+# registers and 8 spilled bytes (tests/test_sm90_compile.py forbids spills), so it stays at 2.
+# D 80 x 1024 tokens is host-noisy (p20-p80 spans up to 2x): rows that read 1.6-1.7x faster in the
+# first sweep were no faster as the default in the second, so the 128 rows stay; at D 160 nothing
+# beat the old rows by more than their spread. Rows at 8 warps hold 134-200 registers without spills in offline sm_90
 # compiles (`python -m bench.sm90`), where 4 warps spilled.
 # Split off a tail only when it is exact (80 = 64 + 16, 160 = 128 + 32). A masked tail (40 = 32 + 16
 # with 8 columns of padding) miscompiled at BLOCK_N = 64 on H100 with Triton 3.6 and ran at a third

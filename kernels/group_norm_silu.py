@@ -26,9 +26,11 @@ merged with Chan's formula; `_normalize_block`).
            Chunks (`_single_pass_chunk`): at most SINGLE_PASS_STATS_READS / group per row, each of
            >= MIN_CHUNK elements; the fewest reaching PROGRAMS_PER_SM x SMs programs, then the
            widest channel block. E.g. fp16 (2,1280,8,8): 640 programs of 8x32 (64 before);
-           (1,1280,8,8): 320 (MIN_CHUNK bound). Not timed on a GPU: whether redundant statistics
-           (each group read ~10-20 times from L2, by programs of 1-2 warps) beat a second launch,
-           and every constant of this rule, are to measure there.
+           (1,1280,8,8): 320 (MIN_CHUNK bound). On an H100 (fp16, `bench tune`,
+           bench/results/2026-11-23-h100/tune-group-norm-silu.md) the redundant statistics beat
+           the two passes' best tiles at (2,1280,8,8) (0.0067 vs 0.0088 ms) and (2,1280,16,16)
+           (0.0099 vs 0.0107), and lost at the 40960-element groups of (2,320,64,64) (0.0201 vs
+           0.0164), which take two passes; SINGLE_PASS_STATS_READS and MIN_CHUNK were not swept.
   two passes, otherwise: whole channel blocks, H*W cut so each pass launches >= PROGRAMS_PER_SM x
            SMs programs. Pass 1 `_stats_kernel`: per (n, g, chunk) partial (count, mean, M2) -> fp32
            workspace; pass 2 `_apply_kernel`: combine the group's partials (a few hundred floats,
