@@ -223,6 +223,7 @@ def sd15_calls():
          attn(2, 8, 4096, 4096, 40, layout="BHLD")),
         ("attention D40 self 4096 bf16", "kernels.attention", ("_attn_fwd_kernel",),
          attn(2, 8, 4096, 4096, 40, torch.bfloat16)),
+        ("attention D40 self 9216 (768 px)", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 9216, 9216, 40)),
         ("attention D64 causal 77 (CLIP)", "kernels.attention", ("_attn_fwd_kernel",), causal(2, 12, 77, 64)),
         ("attention D40 backward 4096", "kernels.attention", attn_kernels, attn_bwd(2, 8, 4096, 4096, 40)),
         ("attention D40 backward cross 77", "kernels.attention", attn_kernels, attn_bwd(2, 8, 4096, 77, 40)),

@@ -78,10 +78,18 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # call: sweeps pass an AttentionConfig to attention_triton instead of editing this (read once per
 # kernel, head dim and dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys
 # (cross-attention to 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune
-# apart; its rows are the default ones, as swept.
+# apart; its rows are the default ones, as swept. "fwd_long_kv" serves forwards over at least LONG_KV
+# keys (SD 1.5 at 768 px: 9216 tokens). Its D 40 row pipelines 4 key blocks deep: against the 8-warp
+# 3-stage "fwd" row, 1.05x and 1.06x at 9216 tokens in two sweeps (0.854 vs 0.898 ms, 0.845 vs 0.899),
+# but 0.96x at 4096 tokens and 0.95x at batch 1 (2026-11-23-h100-3/tune-attention-d40-9216.md,
+# -lengths.md). No length between 4096 and 9216 was timed: 8192 is where the cut sits, not a
+# measured crossover.
 SHORT_KV = 128
+LONG_KV = 8192
 CONFIGS = {
     "fwd": {32: (64, 64, 4, 3), 40: (128, 64, 8, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
+    "fwd_long_kv": {32: (64, 64, 4, 3), 40: (128, 64, 8, 4), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
+                    256: (64, 64, 4, 3)},
     "fwd_short_kv": {32: (64, 64, 4, 3), 40: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
                      256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
@@ -105,8 +113,7 @@ CONFIGS = {
 # the padded kernel's best in the earlier sweep. At 9216 tokens (SD 1.5 at 768 px; one call, both
 # sweeps, bench/results/2026-11-23-h100-3/tune-attention-d40-9216*.md) its best tiles ran 0.836 ms,
 # the padded kernel's best (128, 64, 8, 4) 0.854 and the then default row (128, 64, 4, 3) 0.921: 2%
-# for the split, kept padded. (The 4-stage row, 1.10x at 9216 tokens, was 0.98x at 4096 and 0.94x at
-# batch 1 in tune-attention-d40-lengths.md: a row keyed on length is open.) To retry the split:
+# for the split, kept padded (that 4-stage row is now "fwd_long_kv"'s). To retry the split:
 # AttentionConfig(split_masked_tail=True), `bench tune --masked-tail`.
 SPLIT_MASKED_TAIL = False
 
@@ -653,7 +660,7 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     """Launch the forward kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
-    kind = "fwd_short_kv" if lkv <= SHORT_KV else "fwd"
+    kind = "fwd_short_kv" if lkv <= SHORT_KV else "fwd_long_kv" if lkv >= LONG_KV else "fwd"
     d_head, d_tail, precision, block_m, block_n, warps, stages = _launch(kind, d, q.dtype, config)
     o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None

@@ -542,19 +542,21 @@ def test_double_backward_matches_reference(device):
     assert_close(dvs[0], dvs[1].double(), rel=1e-5, name="d|dq|^2/dv")
 
 
-def test_short_key_forwards_use_their_own_table(device, monkeypatch):
-    """Forwards over <= SHORT_KV keys (cross-attention) read CONFIGS["fwd_short_kv"], longer ones
-    CONFIGS["fwd"], so a sweep can tune 77-key cross-attention apart from self-attention."""
+def test_forwards_read_the_table_for_their_key_count(device, monkeypatch):
+    """Forwards over <= SHORT_KV keys (cross-attention) read CONFIGS["fwd_short_kv"], over >= LONG_KV
+    keys (768 px self-attention) CONFIGS["fwd_long_kv"], others CONFIGS["fwd"], so a sweep can tune
+    each apart. Checked at both sides of each cut; the long calls use tiny Lq and D to stay fast."""
     kinds = []
     real = attention_module._plan
     monkeypatch.setattr(attention_module, "_plan", lambda kind, d, dtype: kinds.append(kind) or real(kind, d, dtype))
-    sk = attention_module.SHORT_KV
-    for lkv in (77, sk, sk + 1):
-        q, k, v = make_qkv((1, 1, 16, lkv, 16), torch.float32, device)
+    sk, lk = attention_module.SHORT_KV, attention_module.LONG_KV
+    for lkv in (77, sk, sk + 1, lk - 1, lk):
+        q, k, v = make_qkv((1, 1, 3, lkv, 16), torch.float32, device)
         with torch.no_grad():
             attention_triton(q, k, v)
-    assert kinds == ["fwd_short_kv", "fwd_short_kv", "fwd"], kinds
-    assert set(attention_module.CONFIGS["fwd_short_kv"]) == set(attention_module.CONFIGS["fwd"])
+    assert kinds == ["fwd_short_kv", "fwd_short_kv", "fwd", "fwd", "fwd_long_kv"], kinds
+    for kind in ("fwd_short_kv", "fwd_long_kv"):
+        assert set(attention_module.CONFIGS[kind]) == set(attention_module.CONFIGS["fwd"]), kind
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
