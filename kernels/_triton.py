@@ -6,6 +6,8 @@ refuses the input with it (an error when chosen explicitly, the reference by def
 """
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -37,6 +39,18 @@ except Exception as e:  # pragma: no cover - exercised in a subprocess by tests/
     tl = None  # only read inside kernel bodies and (unevaluated) annotations
 
 
+def _interpret_env() -> bool:
+    """TRITON_INTERPRET read as Triton reads it when ``@triton.jit`` runs (1 / true / on / yes / y, any
+    case, is on; anything else, "false" too, is off): its own knob where there is one."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+INTERPRET = _interpret_env()
+
+
 # Host-side integer helpers for launch plans. Triton's own (triton.cdiv, triton.next_power_of_2) are
 # ConstexprFunction wrappers that cost ~1.5 us per call on a fast CPU (Triton 3.6 and 3.9): more
 # than the rest of a cached launch plan, on the path every eager call takes.
@@ -48,4 +62,4 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-__all__ = ["IMPORT_ERROR", "cdiv", "next_power_of_2", "tl", "triton"]
+__all__ = ["IMPORT_ERROR", "INTERPRET", "cdiv", "next_power_of_2", "tl", "triton"]

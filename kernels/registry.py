@@ -19,7 +19,9 @@ different threads exit out of order.
 
 A backend may refuse an input (dtype, head dim, device) through its ``check`` function. When
 the backend was chosen explicitly (1-3) that raises :class:`BackendUnsupported` naming the limit;
-under the default it falls back to ``reference`` and warns once per (op, reason).
+under the default it falls back to ``reference`` and warns once per op and kind of reason: reasons
+that differ only in their numbers (a scale, a shape, a count) are one kind, so a loop over sizes
+that all exceed a limit warns once.
 
 ``compile`` is available for every op without registration: ``torch.compile`` of the reference.
 Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -41,7 +44,7 @@ from . import _triton
 ENV_VAR = "SDLAB_KERNELS"
 # Triton fixes interpret mode when the @triton.jit kernels are defined, i.e. when kernels is imported;
 # the checks read this, not the environment now, which may have changed since.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = _triton.INTERPRET
 
 
 class Backend(str, Enum):
@@ -67,7 +70,7 @@ class _Impl:
 
 _OPS: dict[str, dict[Backend, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[tuple[str, str]] = set()  # (op, reason with its numbers masked): see _reason_kind
 _GLOBAL: dict[str, Backend] = {}
 _SCOPES: list[dict[str, Backend]] = []  # each open kernels.use()'s own choices, innermost last
 _ENV_CACHE: dict[str, dict[str, Backend]] = {}
@@ -202,6 +205,35 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same elements in the same order (one pointer, shape and strides):
+    an elementwise kernel can read and write such an out= in place, a shifted view it cannot."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two of t's indices may name one element (a stride-0 expand, an as_strided window):
+    conservative, the dims sorted by stride must each step past all the smaller dims' span."""
+    span = 0
+    for stride, size in sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def max_offset(t: torch.Tensor, start_dim: int = 0) -> int:
+    """The largest element offset t's dims from ``start_dim`` on reach from its first element: a
+    kernel that indexes them in 32-bit integers needs it below 2**31 (see :func:`fits_int32`)."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[start_dim:], t.stride()[start_dim:]) if n > 0)
+
+
+def fits_int32(t: torch.Tensor, start_dim: int = 0) -> bool:
+    """Whether :func:`max_offset` of t is below 2**31. Fast for the usual case, a storage of fewer
+    than 2**31 elements, which no view of it can span (this runs on every dispatch)."""
+    return t.untyped_storage().nbytes() < 2**31 * t.element_size() or max_offset(t, start_dim) < 2**31
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype torch autocast runs its lower-precision ops (matmul, SDPA) in on ``device_type``
     ("cuda", "cpu"), or None when autocast is off there."""
@@ -260,12 +292,22 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
     impl = impls[backend]
     reason = impl.check(*args, **kwargs) if impl.check else None
     if reason:
-        if stacklevel is not None and (op, reason) not in _WARNED:
-            _WARNED.add((op, reason))
+        kind = (op, _reason_kind(reason))
+        if stacklevel is not None and kind not in _WARNED:
+            _WARNED.add(kind)
             warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
                           f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
         return Backend.REFERENCE, f"{source}, fell back: {reason}"
     return backend, source
+
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?")
+
+
+def _reason_kind(reason: str) -> str:
+    """A fallback reason with its numbers masked ("scale -1.0 is not > 0" -> "scale # is not > #"):
+    the key that keeps one limit hit at many values to one warning."""
+    return _NUMBER.sub("#", reason)
 
 
 def implementation(op: str, backend: Backend | str) -> Callable:

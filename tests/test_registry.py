@@ -23,7 +23,7 @@ def toy_op():
         return x + 1
 
     @registry.register("toy_op", "triton", check=lambda x: {torch.float64: "fp64 is not supported",
-                                                             torch.float16: "fp16 is not supported"}.get(x.dtype))
+                                                             torch.float16: "half precision is not supported"}.get(x.dtype))
     def tri(x):
         calls.append("triton")
         return x + 1
@@ -144,7 +144,25 @@ def test_each_fallback_reason_warns_once(toy_op, monkeypatch):
         for dtype in (torch.float64, torch.float16, torch.float64, torch.float16):
             registry.dispatch("toy_op", torch.ones(1, dtype=dtype))
     msgs = sorted(str(w.message) for w in caught if "falling back" in str(w.message))
-    assert len(msgs) == 2 and "fp16 is not" in msgs[0] and "fp64 is not" in msgs[1], msgs
+    assert len(msgs) == 2 and "fp64 is not" in msgs[0] and "half precision is not" in msgs[1], msgs
+
+
+def test_a_limit_hit_at_many_values_warns_once(monkeypatch):
+    """Reasons that differ only in their numbers are one kind: attention's scale check refuses
+    0.0, -1.0 and -2.5 with three messages, and the default falls back from all three with one
+    warning (the first value's); a different limit (head dim) still warns."""
+    registry._WARNED.clear()
+    monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
+    q = torch.randn(1, 1, 3, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for scale in (0.0, -1.0, -2.5):
+            kernels.attention(q, q, q, scale)
+        wide = torch.randn(1, 1, 3, 512)
+        kernels.attention(wide, wide, wide)
+    msgs = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    registry._WARNED.clear()
+    assert len(msgs) == 2 and "scale 0.0 is not > 0" in msgs[0] and "head dim 512" in msgs[1], msgs
 
 
 def test_env_backend_for_all_ops_leaves_ops_without_it(monkeypatch):
@@ -248,6 +266,33 @@ print("ok", tuple(y.shape), tuple(o.shape))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False),
+                                       ("off", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, on):
+    """TRITON_INTERPRET=false used to count as interpreting here while Triton compiled for a GPU,
+    so CPU inputs passed the checks and crashed in Triton; both now read it alike."""
+    import subprocess
+    import sys
+
+    code = "import kernels, triton; print(kernels.registry.interpreting(), triton.knobs.runtime.interpret)"
+    env = dict(__import__("os").environ, TRITON_INTERPRET=value)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(on), str(on)], r.stdout
+
+
+def test_view_helpers():
+    """overlaps_itself, same_view and max_offset, which guard out= and 32-bit indexing."""
+    x = torch.randn(2, 3, 4, 5)
+    assert not any(registry.overlaps_itself(t) for t in (x, x.transpose(1, 2), x[:, :, ::2], x.permute(0, 2, 3, 1)))
+    assert registry.overlaps_itself(x[:, :1].expand(2, 3, 4, 5))
+    assert registry.overlaps_itself(torch.randn(10).as_strided((3, 4), (2, 1)))  # a sliding window
+    assert registry.same_view(x, x.view(2, 3, 4, 5)) and not registry.same_view(x[:, :, 1:], x[:, :, :-1])
+    assert registry.max_offset(x) == x.numel() - 1 and registry.max_offset(x, 1) == 59
+    assert registry.max_offset(x.transpose(2, 3)) == x.numel() - 1 and registry.fits_int32(x)
 
 
 def test_counts_record_what_ran(toy_op):
