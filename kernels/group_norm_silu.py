@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
-from .registry import Backend, dispatch, interpreting, register, shares_memory, triton_available
+from .registry import (Backend, dispatch, fits_int32, interpreting, max_offset, overlaps_itself, register,
+                       shares_memory, triton_available)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -559,7 +560,35 @@ _PLANS: dict[tuple, _Plan] = {}
 _MAX_PLANS = 1024  # distinct input signatures kept; the cache is emptied when it is full
 
 
+def _config_problem(cfg: LaunchConfig, shape, groups: int) -> str | None:
+    """Why ``cfg`` cannot tile x of ``shape`` into ``groups`` (programs left out, tiles past the
+    group, full tiles promised where they are not), or None. launch_config's output always fits
+    the shape it was made for; a config made for another shape may launch too few programs."""
+    n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
+    cg = c // groups
+    pow2 = ("block_c", "block_s", "stats_block_c", "stats_block_s", "num_warps")
+    rules = [(f"{name} = {getattr(cfg, name)} is not a power of two", getattr(cfg, name) < 1
+              or getattr(cfg, name) & (getattr(cfg, name) - 1)) for name in pow2]
+    rules += [
+        (f"rows = {cfg.rows}, not N * groups = {n * groups}", cfg.rows != n * groups),
+        (f"c_blocks = {cfg.c_blocks} blocks of {cfg.block_c} do not tile C / groups = {cg} channels",
+         cfg.c_blocks != cdiv(cg, cfg.block_c)),
+        (f"s_chunk = {cfg.s_chunk} is not a positive multiple of block_s = {cfg.block_s}",
+         cfg.s_chunk < cfg.block_s or cfg.s_chunk % cfg.block_s),
+        (f"s_chunks = {cfg.s_chunks} chunks of {cfg.s_chunk} do not tile H * W = {spatial}",
+         cfg.s_chunks != cdiv(spatial, cfg.s_chunk)),
+        (f"even_s, but H * W = {spatial} is not a multiple of block_s = {cfg.block_s}",
+         cfg.even_s and spatial % cfg.block_s),
+        (f"stats_even_s, but H * W = {spatial} is not a multiple of stats_block_s = {cfg.stats_block_s}",
+         cfg.stats_even_s and spatial % cfg.stats_block_s),
+    ]
+    bad = [what for what, broken in rules if broken]
+    return f"config does not fit x{tuple(shape)} with {groups} groups: " + "; ".join(bad) if bad else None
+
+
 def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_stats):
+    if config is not None and (why := _config_problem(config, x.shape, groups)):
+        raise ValueError(f"{why} (launch_config(x.shape, groups, x.dtype) makes one that does)")
     cfg = config or launch_config(x.shape, groups, x.dtype, _sms(x))
     bwd_cfg = cfg
     if config is None and cfg.single_pass:
@@ -649,6 +678,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         n, c = x.shape[:2]
         h, w = _spatial_hw(x)
         dx = torch.empty_like(x)
+        dy = dy if fits_int32(dy, 1) else dy.contiguous()  # x passed the check; an upstream gradient need not
         part = torch.empty(cfg.rows, cfg.chunks, 2, device=x.device, dtype=torch.float32)
         dwb = torch.empty(2, n * cfg.s_chunks, c, device=x.device, dtype=torch.float32)
         (sx, sdy, sdx), split = _strides((x, dy, dx), h, w)
@@ -705,6 +735,9 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
         return f"x has {x.dim()} dims; triton takes (N, C), (N, C, L) or (N, C, H, W)"
     if x.shape[0] and x.numel() // x.shape[0] >= 2**31:  # offsets within a sample are 32-bit
         return f"{x.numel() // x.shape[0]} elements per sample (x{tuple(x.shape)}); the kernels index up to 2**31 - 1"
+    if not fits_int32(x, 1):
+        return (f"x{tuple(x.shape)} with strides {x.stride()} spans {max_offset(x, 1)} elements within a sample; "
+                "the kernels index a sample in 32 bits (below 2**31): pass a contiguous copy")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -736,6 +769,9 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
             if t is not None and shares_memory(out, t):
                 raise ValueError(f"out shares memory with {name}: each program re-reads its whole group for "
                                  "the statistics (and autograd keeps x), so group_norm_silu cannot run in place")
+        if overlaps_itself(out) or not fits_int32(out, 1):
+            raise ValueError(f"out{tuple(out.shape)} with strides {out.stride()}: holds some elements at several "
+                             "indices (an expanded view), or spans 2**31 elements or more within a sample")
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
     if x.numel() == 0:  # nothing to launch; under autograd the reference keeps the graph (zero grads)

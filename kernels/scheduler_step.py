@@ -48,7 +48,7 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import Backend, dispatch, interpreting, register, triton_available
+from .registry import Backend, dispatch, interpreting, register, same_view, shares_memory, triton_available
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask
     for name, t in (("out", out), ("out_x0", out_x0)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"scheduler_step: {name} dtype {t.dtype} must be x's dtype {x.dtype}")
+    if out is not None and out_x0 is not None and shares_memory(out, out_x0):
+        raise ValueError("scheduler_step: out and out_x0 share memory; each needs its own tensor")
     if coeffs.sigma != 0.0 and noise is None:
         raise ValueError(f"scheduler_step: sigma={coeffs.sigma} needs noise")
     if coeffs.c3 != 0.0 and prev_x0 is None:
@@ -243,6 +245,13 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
     """One launch, flat over the elements of x; returns (prev, x0 or None) in x's dtype. A bool
     mask, or a mask / known that is neither contiguous nor a plain broadcast, is first copied into
     a layout the kernel reads (one more small launch); the pipelines pass the canonical layouts."""
+    for o_name, o in (("out", out), ("out_x0", out_x0)) if out is not None or out_x0 is not None else ():
+        # program i reads block i of each input, then writes it: in place is safe, shifted is not
+        for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
+                        ("noise", noise), ("prev_x0", prev_x0), ("mask", mask), ("known", known)):
+            if o is not None and t is not None and shares_memory(o, t) and not same_view(o, t):
+                raise ValueError(f"scheduler_step: {o_name} shares memory with {name} but is not {name} itself "
+                                 f"(pointer, shape and strides); only {o_name}={name} (or a fresh tensor) is safe")
     k = coeffs
     prev = torch.empty_like(x) if out is None else out
     x0 = (torch.empty_like(x) if out_x0 is None else out_x0) if return_x0 else None

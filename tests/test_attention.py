@@ -206,7 +206,7 @@ def test_dispatch_and_scale(device):
 
 @pytest.mark.parametrize("q_shape, q_dtype, k_dtype, match", [
     ((1, 2, 8, 12), torch.float32, torch.float32, "head dim 12 is not a multiple of 8"),
-    ((1, 2, 8, 264), torch.float32, torch.float32, "head dim 264"),
+    ((1, 2, 8, 264), torch.float32, torch.float32, "head dim 264 is over the kernel's limit of 256"),
     ((1, 2, 8, 16), torch.float64, torch.float64, "dtype torch.float64"),
     ((1, 2, 8, 16), torch.float16, torch.float32, "dtypes differ"),
 ])
@@ -242,6 +242,34 @@ def test_bad_arguments(device):
                 attention_triton(q, k, v, out=t)
         qc = q.clone()
         assert_close(attention_triton(qc, k, v, out=qc), attention_fp64(q, k, v), rel=2e-5, name="out=q")
+        # each program reads its own q rows before writing them: only q itself is safe, not a
+        # view of q's storage shifted by a row (programs would overwrite rows others still read)
+        buf = torch.randn(1, 2, 9, 16, device=device)
+        with pytest.raises(ValueError, match="out shares memory with q but is not q itself"):
+            attention_triton(buf[:, :, :-1], k, v, out=buf[:, :, 1:])
+        with pytest.raises(ValueError, match="several indices"):  # out expanded over heads
+            attention_triton(q, k, v, out=torch.empty(1, 1, 8, 16, device=device).expand(1, 2, 8, 16))
+
+
+def test_a_head_spanning_2_31_elements_is_refused(device):
+    """The kernels index within a head in 32 bits: a (1, 1, 3, 16) view with a row stride of 2**30
+    (a 4 GiB storage, allocated but never touched) spans 2**31 elements and is refused by name,
+    where it used to read out of bounds; the same view at stride 2**29 is fine and checked."""
+    if device.type != "cpu":
+        pytest.skip("4 GiB of lazily committed host memory; on a GPU it would be real")
+    buf = torch.empty(2**31 + 64, dtype=torch.float16)
+    small = torch.randn(1, 1, 3, 16, dtype=torch.float16)
+    for stride, ok in ((2**30, False), (2**29, True)):
+        q = buf.as_strided((1, 1, 3, 16), (0, 0, stride, 1))
+        for row in range(3):
+            q[0, 0, row] = small[0, 0, row]  # touches 3 pages
+        k = v = small
+        with kernels.use(attention="triton"), torch.no_grad():
+            if ok:  # the same kernel on the same values: bit-equal to the contiguous call
+                assert torch.equal(kernels.attention(q, k, v), kernels.attention(small, k, v)), "stride 2**29"
+            else:
+                with pytest.raises(kernels.BackendUnsupported, match=r"spans 2147483663 elements within a head"):
+                    kernels.attention(q, k, v)
 
 
 def test_tensor_scale_that_requires_grad_is_not_taken(device):

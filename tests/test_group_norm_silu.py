@@ -394,6 +394,51 @@ def test_out_must_not_share_memory_with_the_inputs(device):
         group_norm_silu_triton(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
 
 
+def test_out_that_repeats_elements_is_refused(device):
+    """An expanded out (stride 0 over the batch) would have two programs write one element."""
+    x = torch.randn(2, 64, 3, 4, device=device)
+    with pytest.raises(ValueError, match="several indices"):
+        group_norm_silu_triton(x, None, None, 32, out=torch.empty(1, 64, 3, 4, device=device).expand(2, 64, 3, 4))
+
+
+@pytest.mark.parametrize("shape, groups", [
+    ((1, 96, 7, 9), 32), ((3, 64, 1, 1), 8), ((2, 2560, 32, 32), 32), ((2, 320, 64, 64), 32),
+    ((1, 12, 10), 3), ((2, 1280, 16, 16), 32), ((5, 30, 13, 1), 5), ((2, 512, 128, 128), 32),
+])
+@pytest.mark.parametrize("single_pass", [None, True, False])
+def test_launch_config_fits_the_shape_it_was_made_for(shape, groups, single_pass):
+    """Every tiling the heuristic makes passes the check that guards config= (SD shapes, odd ones,
+    each path, two SM counts), so the check refuses only foreign configs."""
+    for sms in (H100_SMS, INTERPRETER_SMS):
+        cfg = launch_config(shape, groups, torch.float16, sms, single_pass=single_pass)
+        assert gn._config_problem(cfg, shape, groups) is None, (shape, groups, sms, cfg)
+
+
+def test_config_made_for_another_shape_is_refused():
+    """A config from launch_config of batch 1 launches half the programs batch 2 needs (the second
+    sample's y stayed uninitialised); each broken invariant is named."""
+    x, w, b = _inputs((2, 32, 5, 3), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"rows = 8, not N \* groups = 16"):
+        group_norm_silu_triton(x, w, b, 8, config=launch_config((1, 32, 5, 3), 8, x.dtype, INTERPRETER_SMS))
+    cfg = launch_config(x.shape, 8, x.dtype, INTERPRETER_SMS, single_pass=False)
+    for change, needle in ((dict(s_chunks=cfg.s_chunks + 1), "s_chunks"), (dict(block_s=3), "block_s = 3 is not a power"),
+                           (dict(even_s=True, block_s=2, s_chunk=2, s_chunks=8), "even_s, but H \\* W = 15"),
+                           (dict(c_blocks=cfg.c_blocks + 1), "c_blocks")):
+        with pytest.raises(ValueError, match=needle):
+            group_norm_silu_triton(x, w, b, 8, config=dataclasses.replace(cfg, **change))
+
+
+def test_a_sample_spanning_2_31_elements_is_refused():
+    """The kernels index within a sample in 32 bits: a (1, 9, 1, 2) fp16 view with a channel
+    stride of 2**28 (of a 4 GiB storage, allocated, never touched) spans 2**31 + 1 elements and is
+    refused by name; it used to be launched, and read out of bounds (a segfault here)."""
+    buf = torch.empty(2**31 + 64, dtype=torch.float16)
+    x = buf.as_strided((1, 9, 1, 2), (0, 2**28, 2, 1))
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported,
+                                                              match="spans 2147483649 elements within a sample"):
+        kernels.group_norm_silu(x, None, None, 3)
+
+
 def test_edited_tuning_constants_take_effect_after_clear_caches(monkeypatch):
     gn = importlib.import_module("kernels.group_norm_silu")
     before = launch_config((2, 320, 64, 64), 32, torch.float16)

@@ -273,6 +273,27 @@ def test_no_write_past_the_end(device):
     assert torch.equal(buf[252:], torch.full((8,), 123.0, device=device)), buf[252:]
 
 
+def test_out_may_be_an_input_itself_but_not_a_shifted_view_of_one(device):
+    """Program i reads block i of every input and then writes block i of out: out=x in place is
+    exact, but out one element into x's buffer would overwrite what the next program still reads.
+    out and out_x0 sharing memory is refused for every backend (which would win is undefined)."""
+    shape = (1, 4, 7, 9)
+    d = inputs(shape, device)
+    ref = call(d, ALL_TERMS)
+    with kernels.use(scheduler_step="triton"):
+        x = d["x"].clone()
+        prev, _ = call(dict(d, x=x), ALL_TERMS, out=x)
+        assert prev.data_ptr() == x.data_ptr()
+        assert_close(prev, ref[0], rel=1e-6, name="prev, out=x")
+        buf = torch.cat([d["x"].flatten(), d["x"].flatten()[:1]])
+        with pytest.raises(ValueError, match="out shares memory with x but is not x itself"):
+            call(dict(d, x=buf[:-1].view(shape)), ALL_TERMS, out=buf[1:].view(shape))
+    for backend in ("reference", "triton"):
+        with kernels.use(scheduler_step=backend), pytest.raises(ValueError, match="out and out_x0 share memory"):
+            out = torch.empty(shape, device=device)
+            call(d, ALL_TERMS, return_x0=True, out=out, out_x0=out)
+
+
 def test_strided_mask_and_non_contiguous_known(device):
     """A mask sliced with a spatial stride of 2 and a transposed known image: both are gathered
     densely before the launch (the kernel indexes them as flat (B, 1 | C, H, W) buffers)."""
