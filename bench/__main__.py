@@ -27,10 +27,13 @@ them. A backend that cannot run here becomes a "skipped" row with the reason.
 """
 
 
-def _split(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+def _split(parser: argparse.ArgumentParser, flag: str, values: list[str], valid: list[str]) -> list[str]:
+    """Space- or comma-separated values, repeats dropped (first kept); none at all (``--ops ""``)
+    is an error, not "everything"."""
+    out = list(dict.fromkeys(v.strip() for item in values for v in item.split(",") if v.strip()))
+    if not out:
+        parser.error(f"--{flag}: no values given; valid: {', '.join(valid)}")
+    return out
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "out/bench-quick/<date>-<device-slug>/, ignored by git)")
     g.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     g.add_argument("--device", default=None,
-                   help="torch device to benchmark on (default: cuda if available, else cpu)")
+                   help="torch device to benchmark on: cpu, cuda or cuda:<index> of a GPU torch sees "
+                        "(default: cuda if available, else cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU only: torch.set_num_threads (default: torch's choice; 1 with --quick, "
@@ -66,8 +70,9 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--shapes", nargs="+", metavar="CASE",
-                   help="shape cases by name or name prefix, e.g. unet15.attn (default: the SD shapes, "
-                        "or the tiny ones with --quick); `python -m bench ops --list-shapes` lists them")
+                   help="shape cases: a case's full name selects that case alone, anything else (or a "
+                        "name ending in *) every case it prefixes, e.g. unet15.attn (default: the SD "
+                        "shapes, or the tiny ones with --quick); `python -m bench ops --list-shapes` lists them")
     g.add_argument("--list-shapes", action="store_true", help="print the shape table and exit")
 
 
@@ -80,8 +85,8 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--shapes", nargs="+", metavar="CASE",
-                   help="shape cases by name or name prefix, as for `bench ops` (default: the SD shapes, "
-                        "or the tiny ones with --quick)")
+                   help="shape cases by full name (that case alone) or name prefix, as for `bench ops` "
+                        "(default: the SD shapes, or the tiny ones with --quick)")
     g.add_argument("--masked-tail", action="store_true",
                    help="attention: sweep the 40 = 32 + 16 head-dim split (AttentionConfig.split_masked_tail) "
                         "instead of the 64 pad; it crashed on an H100 with Triton 3.6 before, so run it apart")
@@ -102,7 +107,8 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; 2 with --quick)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per pipeline after one warm-up (default 3; 1 with --quick)")
+                   help="timed runs per pipeline, after one untimed warm-up run (default 3; with --quick "
+                        "1, and no warm-up)")
     g.add_argument("--rounds", type=int, default=None,
                    help="UNet step: timing rounds, each visiting every variant once in a rotated order "
                         "(host drift then lands on all alike); a row is the median of its rounds' "
@@ -146,64 +152,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ops(p_all)
     _add_pipelines(p_all)
     _add_common(p_all)
+    for p in (p_ops, p_pipe, p_tune, p_all):  # _validate reports errors with the subcommand's usage
+        p.set_defaults(suite_parser=p)
     return parser
 
 
 def _validate(parser: argparse.ArgumentParser, args) -> None:
-    from . import ops, pipelines
+    """Check and normalise ``args`` in place; ``parser``: the subcommand's, whose usage errors show."""
+    from . import ops, pipelines, tune
 
     def bad(kind: str, values, valid):
         unknown = [v for v in values if v not in valid]
         if unknown:
             parser.error(f"unknown {kind} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
 
+    dtypes = list(common.DTYPES) + list(common._DTYPE_ALIASES)
     if getattr(args, "ops", None) is not None:
-        from . import tune
-
-        args.ops = _split(args.ops)
-        bad("op", args.ops, list(tune.TUNABLE) if args.suite == "tune" else ops.known_ops())
+        valid = list(tune.TUNABLE) if args.suite == "tune" else ops.known_ops()
+        args.ops = _split(parser, "ops", args.ops, valid)
+        bad("op", args.ops, valid)
     if getattr(args, "backends", None) is not None:
-        args.backends = _split(args.backends)
+        args.backends = _split(parser, "backends", args.backends, ops.all_backends())
         bad("backend", args.backends, ops.all_backends())
         chosen = args.ops or ops.known_ops()
         if not any(b in ops.op_backends(o) for b in args.backends for o in chosen):
             parser.error(f"none of the backends {args.backends} applies to ops {chosen}")
     if getattr(args, "dtypes", None) is not None:
-        args.dtypes = _split(args.dtypes)
-        bad("dtype", args.dtypes, list(common.DTYPES) + list(common._DTYPE_ALIASES))
+        args.dtypes = _split(parser, "dtypes", args.dtypes, list(common.DTYPES))
+        bad("dtype", args.dtypes, dtypes)
+        # aliases to their names, so `fp16 half` is one dtype, not two of the same rows
+        args.dtypes = list(dict.fromkeys(common._DTYPE_ALIASES.get(d, d) for d in args.dtypes))
     if getattr(args, "dtype", None) is not None:
-        bad("dtype", [args.dtype], list(common.DTYPES) + list(common._DTYPE_ALIASES))
+        bad("dtype", [args.dtype], dtypes)
     if getattr(args, "shapes", None) is not None:
-        args.shapes = _split(args.shapes)
-        from . import tune
-
         default_ops = list(tune.DEFAULT_OPS) if args.suite == "tune" else ops.known_ops()
         case_ops = dict.fromkeys(tune.CASE_OP.get(op, op) for op in (args.ops or default_ops))  # tune: whose shapes
         names = [c.name for op in case_ops for c in ops.CASES[op]]
-        unknown = [s for s in args.shapes if not any(n == s or n.startswith(s.rstrip("*")) for n in names)]
+        args.shapes = _split(parser, "shapes", args.shapes, names)
+        unknown = [s for s in args.shapes if not any(ops.shape_selected(n, [s]) for n in names)]
         if unknown:
             parser.error(f"unknown shape case {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
     if getattr(args, "pipelines", None) is not None:
-        args.pipelines = _split(args.pipelines)
+        args.pipelines = _split(parser, "pipelines", args.pipelines, list(pipelines.PIPELINES))
         bad("pipeline", args.pipelines, list(pipelines.PIPELINES))
     if getattr(args, "preset", None) is not None:
         bad("preset", [args.preset], pipelines.preset_names())
     if getattr(args, "variants", None) is not None:
-        args.variants = _split(args.variants)
+        args.variants = _split(parser, "variants", args.variants, pipelines.variant_names())
         bad("variant", args.variants, pipelines.variant_names())
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     for name in ("steps", "repeats", "batch", "rounds"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: exists and is not a directory")
     if getattr(args, "ckpt", None) is not None and not args.ckpt.exists():
         parser.error(f"--ckpt {args.ckpt}: no such file or directory")
     try:
         args.device = common.pick_device(args.device)
-    except (RuntimeError, ValueError) as e:
-        parser.error(f"--device: {e}")
+    except ValueError as e:
+        parser.error(f"--device {args.device}: {e}")
+    if args.out is not None and not getattr(args, "list_shapes", False):  # refused now, not after the run
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out}: exists and is not a directory")
+        why = common.unwritable(args.out)
+        if why:
+            parser.error(f"--out {args.out}: cannot write there: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite is None:
         parser.print_help()
         return 0
-    _validate(parser, args)
+    _validate(args.suite_parser, args)
     if getattr(args, "list_shapes", False):
         from . import ops
 
         for op in args.ops or ops.known_ops():
             for c in ops.CASES[op]:
-                if not args.shapes or any(c.name == s or c.name.startswith(s.rstrip("*")) for s in args.shapes):
+                if not args.shapes or ops.shape_selected(c.name, args.shapes):
                     print(f"{op:16s} {c.name:24s} {c.shape:28s} {'[quick] ' if c.quick else ''}{c.reason}")
         return 0
     return run(args)
@@ -237,6 +250,11 @@ def run(args) -> int:
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     env = common.environment(device)
+    out_dir = args.out or common.default_out_dir(env, quick=args.quick)
+    why = None if args.out is not None else common.unwritable(out_dir)  # an explicit --out: checked in _validate
+    if why:
+        print(f"[bench] cannot write results to {out_dir}: {why}; pass --out", file=sys.stderr)
+        return 2
     suites = ["ops", "pipelines"] if args.suite == "all" else [args.suite]
     rows: list[dict] = []
 
@@ -269,12 +287,15 @@ def run(args) -> int:
 
         rows += pipelines.run(pipelines.Options.from_args(args, pipe_dtype), device, env, progress=progress)
 
-    out_dir = args.out or common.default_out_dir(env, quick=args.quick)
     written_suites = [x for x in ("ops", "tune") if x in suites]
     if "pipelines" in suites:  # --unet-only replaces the UNet-step rows and keeps earlier pipeline rows
         written_suites += ["unet_step"] if args.unet_only else ["pipelines", "unet_step"]
     print(common.render_markdown(env, ceilings, rows))  # before writing: a failed write loses no table
-    paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)
+    try:
+        paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)
+    except OSError as e:  # checked writable at the start; a full disk or a removed directory since
+        print(f"[bench] could not write results to {out_dir}: {e}", file=sys.stderr)
+        return 1
     print("\n" + "\n".join(f"[bench] wrote {p}" for p in paths.values()), file=sys.stderr)
     errors = [r for r in rows if r["status"] == "error"]
     if errors:

@@ -65,12 +65,30 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[key]
 
 
+def usable_devices() -> list[str]:
+    """The --device values the benchmarks can run on here: cpu, and cuda[:i] for each GPU torch sees."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu", *(["cuda"] if n else []), *(f"cuda:{i}" for i in range(n))]
+
+
 def pick_device(name: str | None) -> torch.device:
+    """``name`` as a device the benchmarks can run on, else ValueError naming the usable ones
+    (other torch devices, mps or meta, would turn every row into an error)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    usable = f"usable here: {', '.join(usable_devices())}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"not a device name torch understands; {usable}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"the benchmarks run on cpu or cuda only; {usable}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"torch sees no CUDA device; {usable}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"torch sees {torch.cuda.device_count()} CUDA device(s); {usable}")
     return device
 
 
@@ -327,7 +345,7 @@ def add_speedups(rows: list[dict], group: tuple[str, ...], base: str = "referenc
 
 
 # Accuracy rule of tune candidates and ops rows: a result may be off the fp64 oracle by at most 2x
-# the baseline's error (tune: the default configuration; ops: `reference`) plus this atol, the
+# the baseline's error (ops and tune's default: `reference`; tune's candidates: the default) plus this atol, the
 # kernel issue's rule for half precision with its "small atol".
 ERROR_ATOL = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}
 
@@ -454,7 +472,8 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
         out += ["## Launch-configuration sweep", "",
                 f"Each Triton kernel with candidate launch configurations (backend column) against the one it "
                 f"picks itself (`{DEFAULT_CONFIG}`), same inputs, same run; speed-up vs `{DEFAULT_CONFIG}`. A "
-                "candidate whose error exceeds 2x the default's is an error row and cannot win.", "",
+                "candidate whose error exceeds 2x the default's (the default: 2x the reference's) plus the "
+                "dtype's atol is an error row and cannot win; an input the triton backend refuses is skipped.", "",
                 "Best per case" + (" (interpreter timings on CPU: they check that every candidate runs and is "
                                    "accurate, and rank nothing about a GPU):" if env.get("triton_interpret")
                                    else ":"), "",
@@ -477,6 +496,20 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------- output
+def unwritable(out_dir: Path) -> str | None:
+    """None when results can be written into ``out_dir`` (created if missing, a scratch file
+    written and removed), else the OS's reason: checked before a run, not after it."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".bench-write-test-"):
+            pass
+    except OSError as e:
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    return None
+
+
 def default_out_dir(env: dict, quick: bool = False) -> Path:
     """bench/results/<date>-<device>/ (GPU runs are committed there); smoke runs go to the
     git-ignored out/bench-quick/ so a README walk-through leaves the checkout clean."""

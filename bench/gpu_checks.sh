@@ -16,7 +16,9 @@
 # calls per RePaint run, hence --repeats 1). pipelines also runs the UNet-step suite for its
 # variants, so it names the kernel settings only; the unet stage has the baselines (compile: minutes).
 # tune-bwd sweeps the attention backward (36 candidates per shape, one kernel varied at a time) at
-# the three self-attention levels: ~140 s on an H100; its D 80 / 160 rows are host-noisy there.
+# the three self-attention levels, level 0 also at batch 1 (`self0*`: a full case name alone selects
+# only that case): ~140 s on an H100; its D 80 / 160 rows are host-noisy there. split sweeps the D 40
+# level-0 cases: self-attention at batch 2 and 1, and cross-attention.
 # The diffusers+SDPA UNet baseline needs diffusers importable; without it that row is "skipped".
 # PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copied tree (its
 # .git absent or stale) names its commit for the results in SDLAB_GIT_COMMIT (git rev-parse HEAD here).
@@ -36,12 +38,12 @@ for stage in $stages; do
   case $stage in
     tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
     split) "$py" -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \
-             && "$py" -m bench tune --ops attention --shapes unet15.attn.self0 unet15.attn.cross0 --masked-tail \
+             && "$py" -m bench tune --ops attention --shapes 'unet15.attn.self0*' unet15.attn.cross0 --masked-tail \
                   --no-progress --out "$out/tune-split" > "$out/tune-split.log" 2>&1 ;;
     ops) "$py" -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
     tune) "$py" -m bench tune --ops attention group_norm_silu --shapes unet15. --no-progress --out "$out/tune" \
             > "$out/tune.log" 2>&1 ;;
-    tune-bwd) "$py" -m bench tune --ops attention.backward --shapes unet15.attn.self0 unet15.attn.self1 \
+    tune-bwd) "$py" -m bench tune --ops attention.backward --shapes 'unet15.attn.self0*' unet15.attn.self1 \
                 unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
     unet) "$py" -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
     pipelines) "$py" -m bench pipelines --preset sd15 --steps 20 --variants reference triton triton:group_norm_silu \

@@ -132,12 +132,21 @@ def all_backends() -> list[str]:
     return list(dict.fromkeys(b for op in CASES for b in op_backends(op)))
 
 
+def shape_selected(name: str, shapes: list[str]) -> bool:
+    """Whether ``shapes`` (--shapes values) select the case ``name``: a value that is a case's full
+    name selects that case alone (``tiny.latent``, not ``tiny.latent.repaint`` too); any other
+    value, or one ending in ``*``, every case whose name it prefixes."""
+    names = {c.name for cases in CASES.values() for c in cases}
+    return any(name == s if s in names else name.startswith(s.rstrip("*")) for s in shapes)
+
+
 def select_cases(ops: list[str], shapes: list[str] | None, quick: bool) -> list[Case]:
-    """Cases of ``ops``: by name or name prefix when ``shapes`` is given, else the quick or full set."""
+    """Cases of ``ops``: those ``shapes`` select (:func:`shape_selected`) when given, else the
+    quick or full set."""
     pool = [c for op in ops for c in CASES[op]]
     if not shapes:
         return [c for c in pool if c.quick == quick]
-    return [c for c in pool if any(c.name == s or c.name.startswith(s.rstrip("*")) for s in shapes)]
+    return [c for c in pool if shape_selected(c.name, shapes)]
 
 
 # -------------------------------------------------------------------------------------- inputs

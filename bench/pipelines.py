@@ -8,10 +8,11 @@ adds baselines carrying the same weights: ``compile`` (torch.compile of the refe
 ``triton-dispatch`` (all-triton with every launch through Triton's own dispatch, as with
 SDLAB_FAST_LAUNCH=0: what kernels/_launch.py's direct launches save).
 
-Per pipeline row: seconds per image and images/s (median over repeats after a warm-up), UNet ms per
-step (UNet forward time measured with hooks / number of UNet calls; one call = one step with
-classifier-free guidance batched), UNet calls, peak device memory, and the difference from the
-all-reference run with the same seed: max |Δ| of the final latents, PSNR of the decoded images.
+Per pipeline row: seconds per image and images/s (median over repeats, after one untimed warm-up
+run; none under --quick), UNet ms per step (UNet forward time measured with hooks / number of UNet
+calls; one call = one step with classifier-free guidance batched), UNet calls, peak device memory,
+and the difference from the all-reference run with the same seed: max |Δ| of the final latents,
+PSNR of the decoded images.
 Everything that does not exist yet (sdcore.StableDiffusion, pipelines.*, converters) or cannot run
 becomes a "skipped" row with the reason.
 """
@@ -685,18 +686,18 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
     from tqdm.auto import tqdm
 
     base = dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
+                preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,  # also on rows of a model that fails
                 reason="one denoising step: the UNet on cond + uncond in one batch")
     try:
         model = load_model(opts, device)
         unet, cfg = _unet(model), _unet_config(model)
         size = _image_size(model, opts) // 8
     except Skip as e:
-        return [skipped_row(env, str(e), backend=v, preset=opts.preset, **base) for v in opts.variants]
+        return [skipped_row(env, str(e), backend=v, **base) for v in opts.variants]
     except Exception as e:
-        return [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v,
-                         preset=opts.preset, **base) for v in opts.variants]
-    base.update(preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,
-                shape=f"x(2,{cfg.in_channels},{size},{size}) ctx(2,77,{cfg.context_dim})")
+        return [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v, **base)
+                for v in opts.variants]
+    base["shape"] = f"x(2,{cfg.in_channels},{size},{size}) ctx(2,77,{cfg.context_dim})"
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2, cfg.in_channels, size, size, generator=g, device=device).to(opts.dtype)
     t = torch.full((2,), 500, device=device, dtype=torch.long)

@@ -236,10 +236,16 @@ def sd15_calls():
 
 def main(argv: list[str] | None = None) -> int:
     """One line per compiled kernel; ``--json``: a list of records instead. Exit 3 if unavailable."""
+    import argparse
     import json
-    import sys
 
-    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.sm90", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit status: 0 compiled, 3 offline sm_90 compiles unavailable here.")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON list of records (case, kernel, registers, spills, ...) instead of "
+                             "a line per kernel ({\"unavailable\": reason} where offline compiles are unavailable)")
+    as_json = parser.parse_args(argv).json
     records = []
     for label, module, names, call in sd15_calls():
         try:

@@ -2,12 +2,15 @@
 
 ``python -m bench tune`` times every candidate configuration of a kernel against the one its
 launch table (``kernels.attention.CONFIGS``, ``kernels.group_norm_silu.launch_config``) picks now,
-on the same inputs, in the same run. A candidate is only eligible if its output is as accurate as
-the default's (max error against the fp64 oracle at most 2x the default's plus a small atol), so a
-configuration that miscompiles cannot win; one that does not compile (shared memory, registers) is
-a skipped row with the compiler's reason. The speed-up column is against the default
-configuration, and the summary names the best eligible configuration per case: what to write into
-the kernel's table after a GPU run.
+on the same inputs, in the same run. The default is held to ``bench ops``' accuracy rule (max
+error against the fp64 oracle at most 2x the registered reference's plus a small atol) and a
+candidate to the default's error the same way (to the reference's when the default is not
+accurate), so a configuration that miscompiles cannot win: it is an error row. One that does not
+compile (shared memory, registers) is a skipped row with the compiler's reason, and so is every
+row of an input the triton backend's check refuses (e.g. bf16 under the interpreter, whose results
+would be garbage): the candidates call the kernel directly, past the registry's check. The
+speed-up column is against the default configuration, and the summary names the best eligible
+configuration per case: what to write into the kernel's table after a GPU run.
 
 ``attention.backward`` sweeps the two backward kernels (dK/dV, then dQ), one at a time with the
 other on its table row, over the attention shape cases. Each candidate times one backward pass
@@ -120,20 +123,58 @@ def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor | tu
     return lambda: fn(*args, config=config)
 
 
-def _inputs(op: str, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, object]:
-    """(args for _kernel_call, the fp64 answer): the op's output, or (dq, dk, dv) for the backward."""
-    args, kwargs = make_inputs(case, device, dtype)
+def _triton_refusal(op: str, args: tuple) -> str | None:
+    """Why the triton backend's check refuses these inputs, asked through the registry as ``bench
+    ops`` does (kernels.use + resolve), or None. _kernel_call goes past the check, so without this
+    an input the kernel cannot take (bf16 under the interpreter) would give garbage rows marked ok."""
+    import kernels
+
+    fwd = args[:3] if op == "attention.backward" else args  # the backward runs on the forward's inputs
+    try:
+        with kernels.use(**{CASE_OP[op]: "triton"}):
+            kernels.resolve(CASE_OP[op], *fwd)
+    except kernels.BackendUnsupported as e:
+        return str(e)
+    return None
+
+
+def _reference_call(op: str, args: tuple) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """The registered reference on ``args``, as _kernel_call calls the kernel: its error against
+    the oracle is what the default is held to, as ``bench ops`` holds the triton row to the
+    reference row's."""
+    import kernels
+
+    fn = kernels.implementation(CASE_OP[op], "reference")
+    if op == "attention.backward":
+        q, k, v, do = args
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            o = fn(*leaves)
+        return lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)
+    return lambda: fn(*args)
+
+
+def _inputs(op: str, case: Case, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Args for _kernel_call: the op's, or (q, k, v, do) for the backward."""
+    args, _ = make_inputs(case, device, dtype)
     if op != "attention.backward":
-        return args, oracle(op, args, kwargs)
-    q, k, v = args
+        return args
     g = torch.Generator(device=device).manual_seed(1)
-    do = torch.randn(q.shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # shared dL/do
+    do = torch.randn(args[0].shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # shared dL/do
+    return (*args, do)
+
+
+def _oracle(op: str, args: tuple):
+    """The fp64 answer: the op's output, or (dq, dk, dv) for the backward."""
+    if op != "attention.backward":
+        return oracle(op, args, {})
+    q, k, v, do = args
     grads = []
     for i in range(q.shape[0]):  # one batch entry at a time bounds the fp64 score matrices
         qi, ki, vi = (t[i].detach().double().requires_grad_() for t in (q, k, v))
         oi = torch.softmax(qi @ ki.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ vi
         grads.append(torch.autograd.grad(oi, (qi, ki, vi), do[i].double()))
-    return (q, k, v, do), tuple(torch.stack(g) for g in zip(*grads))
+    return tuple(torch.stack(g) for g in zip(*grads))
 
 
 def _errors(out, ref64) -> tuple[float, float]:
@@ -166,18 +207,26 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
             base = dict(suite="tune", op=op, case=case.name, shape=case.shape, reason=case.reason,
                         dtype=dtype_name(dtype))
             try:
-                args, ref64 = _inputs(op, case, device, dtype)
+                args = _inputs(op, case, device, dtype)
+                refused = _triton_refusal(op, args)
+                if refused is None:
+                    ref64 = _oracle(op, args)
+                    ref_err = _errors(_reference_call(op, args)(), ref64)[0]
             except Exception as e:
-                rows += [make_row(env, status="error", note=f"inputs/oracle failed: {describe_exception(e)}",
+                rows += [make_row(env, status="error", note=f"inputs/oracle/reference failed: {describe_exception(e)}",
                                   backend=c.label, **base) for c in cands]
                 bar.update(len(cands))
                 continue
-            default_err = None
+            if refused is not None:
+                rows += [skipped_row(env, refused, backend=c.label, **base) for c in cands]
+                bar.update(len(cands))
+                continue
+            bound = (ref_err, "reference's")  # the default's: the same rule as `bench ops`
             for cand in cands:
                 bar.set_postfix_str(f"{case.name} {cand.label}")
-                rows.append(_run_candidate(op, case, cand, args, ref64, dtype, device, env, base, default_err, quick))
-                if cand.label == DEFAULT and rows[-1]["status"] == "ok":
-                    default_err = rows[-1]["max_abs_err"]
+                rows.append(_run_candidate(op, case, cand, args, ref64, dtype, device, env, base, bound, quick))
+                if cand.label == DEFAULT and rows[-1]["status"] == "ok":  # else candidates keep the reference's
+                    bound = (rows[-1]["max_abs_err"], "default's")
                 bar.update(1)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -185,7 +234,8 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
     return rows
 
 
-def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, default_err, quick) -> dict:
+def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, bound, quick) -> dict:
+    """One row; ``bound``: (error, whose) the output's error may be at most 2x of, plus the atol."""
     note = "the kernel's own choice" if cand.config is None else ""
     if interpreting() and device.type != "cuda":
         note = "; ".join(filter(None, [note, "interpreted (TRITON_INTERPRET=1): numerics only, not speed"]))
@@ -193,10 +243,11 @@ def _run_candidate(op, case, cand, args, ref64, dtype, device, env, base, defaul
         fn = _kernel_call(op, cand.config, args)
         out = fn()
         abs_err, rel_err = _errors(out, ref64)
-        if default_err is not None and not within_error(abs_err, default_err, dtype_name(dtype)):
+        if not within_error(abs_err, bound[0], dtype_name(dtype)):
             return make_row(env, status="error", backend=cand.label, max_abs_err=abs_err, max_rel_err=rel_err,
-                            note=f"wrong result: max error {abs_err:.3g} > 2 x default's {default_err:.3g} "
-                                 f"+ {ERROR_ATOL[dtype_name(dtype)]:g}; not eligible", **base)
+                            note=f"wrong result: max error {abs_err:.3g} > 2 x {bound[1]} {bound[0]:.3g} "
+                                 f"+ {ERROR_ATOL[dtype_name(dtype)]:g}; not eligible", error_vs="fp64 oracle",
+                            **base)
         slow = device.type != "cuda"
         timing = time_fn(fn, device, quick=quick, called=True, min_reps=1 if slow else 3,
                          warmup_ms=0 if slow else None, rep_ms=0 if slow else None)

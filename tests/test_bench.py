@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,74 @@ def test_unknown_names_error_with_the_valid_ones(argv, needle, valid, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and valid in err, err
+    assert f"usage: python -m bench {argv[0]} " in err, f"not the subcommand's usage: {err}"
+
+
+@pytest.mark.parametrize("argv,flag,valid", [
+    (["ops", "--ops", ""], "--ops", "group_norm_silu"),
+    (["ops", "--ops", ","], "--ops", "attention"),
+    (["tune", "--ops", " , "], "--ops", "attention.backward"),
+    (["ops", "--backends", ""], "--backends", "sdpa-flash"),
+    (["ops", "--dtypes", ""], "--dtypes", "bf16"),
+    (["ops", "--shapes", ""], "--shapes", "tiny.latent.repaint"),
+    (["pipelines", "--pipelines", ""], "--pipelines", "repaint"),
+    (["pipelines", "--quick", "--variants", ""], "--variants", "triton:attention"),
+])
+def test_empty_lists_are_errors_not_everything(argv, flag, valid, capsys):
+    """`--ops ""` once ran every op, and `--variants ""` even ran interpreted Triton under --quick."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag}: no values given; valid: " in err and valid in err, err
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "cuda", "cuda:7", "nonsense"])
+def test_unusable_devices_are_refused(name, capsys):
+    """Only cpu and the GPUs torch sees: any other device made every row an error."""
+    if name.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    if name == "cuda" and torch.cuda.is_available():
+        pytest.skip("cuda is usable here")
+    with pytest.raises(SystemExit) as exc:
+        main(["ops", "--quick", "--device", name])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exc.value.code == 2 and f"error: --device {name}: " in err and "usable here: cpu" in err, err
+    assert err.count("--device") == 1, f"flag named twice: {err}"
+
+
+def test_pick_device_takes_only_the_gpus_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.pick_device("cuda:0") == torch.device("cuda:0")
+    assert common.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"torch sees 1 CUDA device\(s\); usable here: cpu, cuda, cuda:0$"):
+        common.pick_device("cuda:1")
+    with pytest.raises(ValueError, match="cpu or cuda only"):
+        common.pick_device("mps")
+
+
+def test_exact_shape_name_selects_that_case_alone(capsys):
+    """A full case name is that case, not every name it prefixes; a prefix, or a name with a
+    trailing *, still selects all it prefixes."""
+    from bench import ops
+
+    assert [c.name for c in ops.select_cases(ops.known_ops(), ["tiny.latent"], True)] == ["tiny.latent"]
+    assert [c.name for c in ops.select_cases(["attention"], ["unet15.attn.self0"], False)] == ["unet15.attn.self0"]
+    assert [c.name for c in ops.select_cases(["attention"], ["unet15.attn.self0*"], False)] == [
+        "unet15.attn.self0", "unet15.attn.self0.b1"]
+    assert [c.name for c in ops.select_cases(["scheduler_step"], ["tiny.lat"], True)] == [
+        "tiny.latent", "tiny.latent.repaint"]
+    assert main(["ops", "--list-shapes", "--shapes", "unet15.attn.self0", "tiny.latent"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["unet15.attn.self0", "tiny.latent"]
+
+
+def test_repeated_values_run_once(tmp_path):
+    """`--shapes tiny.latent tiny.latent --dtypes fp32 fp32 float`: one row, not one per repeat."""
+    rc, data = _run(["ops", "--quick", "--no-plot", "--ops", "scheduler_step,scheduler_step", "--backends",
+                     "reference", "--shapes", "tiny.latent", "tiny.latent", "--dtypes", "fp32", "fp32", "float"],
+                    tmp_path)
+    assert rc == 0 and [(r["case"], r["dtype"], r["backend"]) for r in data["rows"]] == [
+        ("tiny.latent", "fp32", "reference")], data["rows"]
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -151,6 +220,24 @@ def test_out_that_is_a_file_fails_before_running(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ops", "--quick", "--out", str(target)])
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_written_fails_before_running(tmp_path, capsys, monkeypatch):
+    """An --out under a plain file (or where the OS refuses) is a parser error naming the path and
+    the OS's reason, before anything runs; so is a default directory that cannot be written."""
+    from bench import ops
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(ops, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    for out in [tmp_path / "afile" / "x", *([Path("/proc/nope/x")] if Path("/proc/self").exists() else [])]:
+        with pytest.raises(SystemExit) as exc:
+            main(["ops", "--quick", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--out {out}: cannot write there: " in err, err
+        assert "usage: python -m bench ops" in err, err
+    monkeypatch.setattr(common, "default_out_dir", lambda env, quick=False: tmp_path / "afile" / "y")
+    assert main(["ops", "--quick", "--no-progress"]) == 2
+    assert f"cannot write results to {tmp_path / 'afile' / 'y'}: Not a directory" in capsys.readouterr().err
 
 
 def test_list_shapes_filters_by_shapes(capsys):
@@ -269,6 +356,30 @@ def test_help_explains_the_options(capsys):
     for opt in ("--ops", "--backends", "--dtypes", "--shapes", "--quick", "--out", "--no-plot", "--preset",
                 "--ckpt", "--pipelines", "--steps", "--unet-only"):
         assert opt in out, f"--help does not mention {opt}"
+    assert "with --quick 1, and no warm-up" in " ".join(out.split()), "--repeats must say --quick has no warm-up"
+
+
+def test_sm90_help_and_unknown_flags_compile_nothing(capsys, monkeypatch):
+    """`python -m bench.sm90 --help` prints help; a misspelt flag is an error, not a full compile run."""
+    from bench import sm90
+
+    monkeypatch.setattr(sm90, "sd15_calls", lambda: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as exc:
+        sm90.main(["--help"])
+    assert exc.value.code == 0 and "--json" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        sm90.main(["--jsn"])
+    assert exc.value.code == 2 and "unrecognized arguments: --jsn" in capsys.readouterr().err
+
+
+def test_failed_ckpt_rows_name_the_checkpoint(tmp_path):
+    """A --ckpt that does not load: every row (UNet step and pipeline) names it, not the preset."""
+    ckpt = tmp_path / "junk.ckpt"
+    ckpt.write_bytes(b"junk\n")
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--ckpt", str(ckpt), "--pipelines", "txt2img",
+                     "--variants", "reference"], tmp_path / "out")
+    assert rc == 1 and {r["suite"] for r in data["rows"]} == {"unet_step", "pipelines"}, data["rows"]
+    assert all(r["preset"] == "junk.ckpt" and r["status"] in ("error", "skipped") for r in data["rows"]), data["rows"]
 
 
 def test_host_ms_counts_issue_time_per_call():
@@ -371,6 +482,51 @@ def test_tune_default_that_fails_is_an_error_not_a_skip(tmp_path, monkeypatch):
     rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.cross"], tmp_path)
     (default,) = _rows(data, suite="tune", backend="default")
     assert rc == 1 and default["status"] == "error" and "launcher bug" in default["note"], default
+
+
+def test_tune_skips_inputs_the_triton_check_refuses(tmp_path, monkeypatch):
+    """The candidates call the kernel past the registry: an input the triton backend's check
+    refuses gives skipped rows with its reason, not garbage marked ok."""
+    from kernels import registry
+
+    impl = registry._OPS["attention"][registry.Backend.TRITON]
+    monkeypatch.setitem(registry._OPS["attention"], registry.Backend.TRITON,
+                        registry._Impl(impl.fn, lambda *a, **k: "pretend dtype limit"))
+    for op in ("attention", "attention.backward"):
+        rc, data = _run(["tune", "--quick", "--no-plot", "--ops", op, "--shapes", "tiny.self"], tmp_path / op)
+        rows = _rows(data, suite="tune")
+        assert rc == 0 and len(rows) >= 3, rows
+        assert all(r["status"] == "skipped" and "pretend dtype limit" in r["note"] for r in rows), rows
+
+
+def test_tune_bf16_attention_under_the_interpreter_is_skipped(tmp_path):
+    """The interpreter's tl.dot cannot do bf16 (errors of 1e8 passed as ok before)."""
+    if not common.interpreting():
+        pytest.skip("Triton is not interpreted here")
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.self", "--dtypes",
+                     "bf16"], tmp_path)
+    rows = _rows(data, suite="tune")
+    assert rc == 0 and rows and all(r["status"] == "skipped" and "bfloat16" in r["note"] for r in rows), rows
+
+
+def test_tune_default_is_held_to_the_reference(tmp_path, monkeypatch):
+    """The default is held to `bench ops`' rule (2x the reference's error + atol): an inaccurate
+    default is an error row, and the candidates are then held to the reference's error instead."""
+    from bench import tune
+
+    real_call = tune._kernel_call
+
+    def call(op, config, args):
+        fn = real_call(op, config, args)
+        return (lambda: fn() * 1.01) if config is None else fn  # the kernel's own choice 1% off
+
+    monkeypatch.setattr(tune, "_kernel_call", call)
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.self"], tmp_path)
+    rows = _rows(data, suite="tune")
+    assert rc == 1 and rows[0]["backend"] == "default", rows
+    assert rows[0]["status"] == "error" and "wrong result" in rows[0]["note"] and "reference's" in rows[0]["note"]
+    assert len(rows) >= 3 and all(r["status"] == "ok" for r in rows[1:]), rows
+    assert common.best_configs(rows)[0]["backend"] != "default"
 
 
 def test_tune_rejects_ops_without_configs(capsys):
