@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kernels import BackendUnsupported
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -303,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         written = run_job(job, out, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
         parser.exit(2, f"{parser.prog} {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
+    except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
+        default = ('with "kernels": null in the sidecar' if args.command == "replay"
+                   else "without --kernels (and SDLAB_KERNELS unset)")
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}; {default} the default backends fall back "
+                       "to the reference, call by call, where a kernel refuses an input\n")
     for path in written:
         print(path)
     return 0

@@ -140,15 +140,16 @@ def encode_prompt(model, prompts: list[str], negative_prompt, batch_size: int, g
     negatives = None
     if guided:
         negatives = [""] * len(prompts) if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
+        if len(negatives) not in (1, len(prompts)):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
     elif negative_prompt is not None:
         as_prompts(negative_prompt, "negative_prompt")  # type-check even when CFG is off
     device, _ = model_device_dtype(model)
-    ids = model.tokenizer((negatives or []) + prompts).to(device)
-    context = model.text_encoder(ids, clip_skip=clip_skip)
+    # each list on its own, so a truncation warning's index is the one in the caller's list
+    ids = model.tokenizer(prompts)
+    if negatives is not None:
+        ids = torch.cat([model.tokenizer(negatives, name="negative_prompt").expand(len(prompts), -1), ids])
+    context = model.text_encoder(ids.to(device), clip_skip=clip_skip)
     return context.repeat_interleave(batch_size, dim=0)
 
 

@@ -124,10 +124,18 @@ class _TensorFile:
         self._sd: dict[str, torch.Tensor] = {}
         self.config_json: str | None = None
         # by content first: safetensors opens with its header's length (8 bytes, little-endian), then
-        # "{"; torch's zip format with "PK". The suffix decides only for legacy (pickle) torch files.
+        # "{" (a zip has its compression method there, never "{"); torch's zip format with "PK", its
+        # legacy format with a pickle's PROTO opcode (0x80, protocol 2-5). The suffix decides only
+        # for files that look like none of these.
         safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
-        if head[:2] == b"PK" or (not safetensors and path.suffix in (".ckpt", ".pt", ".pth", ".bin")):
-            self._open_torch(mmap=head[:2] == b"PK")  # only zip-format files can be memory-mapped
+        torch_kind = (None if safetensors else "zip" if head[:2] == b"PK" else "legacy pickle"
+                      if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else None)
+        if torch_kind and path.suffix == ".safetensors":  # torch.load reads every *.safetensors path as safetensors
+            raise CheckpointError(f"{path}: looks like a torch checkpoint ({torch_kind} format, as torch.save "
+                                  "writes), not safetensors; torch.load reads every path ending in .safetensors "
+                                  "as safetensors, so rename it to .ckpt to load it")
+        if torch_kind or (not safetensors and path.suffix in (".ckpt", ".pt", ".pth", ".bin")):
+            self._open_torch(mmap=torch_kind == "zip")  # only zip-format files can be memory-mapped
         else:
             self._open_safetensors()
 
@@ -145,14 +153,16 @@ class _TensorFile:
             obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if found is None:
+            # a truncated or corrupt pickle can name a global that is no Python name ("torch._.")
+            if found is None or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", found.group(1)):
                 why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+                why = why.group(1).split(" Please use")[0] if why else e
                 raise CheckpointError(f"{self.path}: not a readable torch checkpoint (truncated or "
-                                      f"corrupt?): {why.group(1) if why else e}") from e
+                                      f"corrupt?): {why}") from e
             raise CheckpointError(f"{self.path}: holds Python objects besides tensors ({found.group(1)}), "
                                   "which are never unpickled (weights_only=True); keep the state dict "
                                   "only, or convert it to .safetensors") from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{self.path}: not a readable torch checkpoint "
                                   f"(truncated or corrupt?): {e}") from e
         if isinstance(obj, Mapping) and isinstance(obj.get(CONFIG_KEY), str):

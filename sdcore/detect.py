@@ -10,6 +10,14 @@ Architecture detection (single files) reads shapes, never a table of known check
   ``decoder.conv_in`` z_channels, ``post_quant_conv`` embed_dim.
 * Text encoder: ``cond_stage_model.transformer.*`` is OpenAI CLIP in HF layout (SD 1.x),
   ``cond_stage_model.model.*`` OpenCLIP (SD 2.x); widths, layer count and MLP width from shapes.
+* clip_skip (OpenCLIP): SD 2 conditions on the penultimate of OpenCLIP's 24 layers (clip_skip 2),
+  and original files hold all 24 and ``model.text_projection``. Files written from a diffusers
+  folder (diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``) hold the folder's
+  text encoder, already cut after that layer (23 layers) and without ``text_projection``; their last
+  layer is the one SD 2 uses, as diffusers' ``from_single_file`` runs them (it uses 23 layers of
+  either file). So: the layer count of an SD 2 preset gives its clip_skip, one layer fewer gives
+  clip_skip 1; for other sizes, ``text_projection`` present gives 2, absent gives 1. clip_skip 1
+  comes with a warning naming the rule.
 * Heads cannot be read from shapes. The rule: context_dim 768 (SD 1.x) -> 8 heads; 1024 (SD 2.x)
   -> 64 channels per head; text encoders use 64-wide heads. When a width does not fit that rule
   (the tiny test presets), the head settings come from the preset whose other fields match.
@@ -115,6 +123,10 @@ def _detect_unet(s: Mapping[str, tuple], te_kind: str, where) -> UNetConfig:
     res_counts.append(count)
     if len(set(res_counts)) != 1:
         raise CheckpointError(f"{where}: unsupported UNet, ResBlocks per level {res_counts}")
+    if mult[:1] != [1]:
+        raise CheckpointError(f"{where}: unsupported UNet, channel multipliers {mult} (input_blocks.1 has "
+                              f"{mult[0] if mult else 0}x the {model_channels} channels of input_blocks.0; "
+                              "LDM's and diffusers' UNets start with 1x)")
     cfg = UNetConfig(in_channels=in_channels, out_channels=s[p + "out.2.weight"][0],
                      model_channels=model_channels, channel_mult=tuple(mult),
                      num_res_blocks=res_counts[0], attention_resolutions=tuple(sorted(attn, reverse=True)))
@@ -153,8 +165,9 @@ def _detect_vae(s: Mapping[str, tuple], where) -> VAEConfig:
                      double_z=s[p + "encoder.conv_out.weight"][0] == 2 * z)
 
 
-def _detect_text(s: Mapping[str, tuple], where) -> TextEncoderConfig:
+def _detect_text(s: Mapping[str, tuple], where) -> tuple[TextEncoderConfig, str | None]:
     p = COMPONENTS["text_encoder"]
+    note = None  # why clip_skip is 1 (OpenCLIP only)
     if any(k.startswith(p + "transformer.") for k in s):  # OpenAI CLIP, HF names (SD 1.x)
         t = p + "transformer.text_model."
         vocab, width = s[t + "embeddings.token_embedding.weight"]
@@ -171,13 +184,38 @@ def _detect_text(s: Mapping[str, tuple], where) -> TextEncoderConfig:
                                 projection_dim=s.get(t + "text_projection", (width, 0))[1],
                                 layers=len(_indices(s, t + "transformer.resblocks.")),
                                 intermediate=s[t + "transformer.resblocks.0.mlp.c_fc.weight"][0])
+        cfg, note = _openclip_clip_skip(cfg, t + "text_projection" in s)
     else:
         raise CheckpointError(f"{where}: text encoder of unknown kind: cond_stage_model.* keys are "
                               f"neither transformer.* (CLIP) nor model.* (OpenCLIP): {_summary(s, 3)}")
     if width % 64 == 0:  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 both use 64-wide heads
-        return cfg.replace(heads=width // 64)
-    known = _match(cfg, ("heads",), lambda c: c.text_encoder)
-    return cfg.replace(heads=_UNKNOWN) if known is None else known
+        return cfg.replace(heads=width // 64), note
+    known = _match(cfg, _TEXT_TOWER_FREE, lambda c: c.text_encoder)  # heads do not depend on the depth
+    return cfg.replace(heads=_UNKNOWN if known is None else known.heads), note
+
+
+# Text encoder fields that do not change the layers' shapes (kept or cut layers, projection head).
+_TEXT_TOWER_FREE = ("heads", "layers", "projection_dim", "clip_skip")
+
+
+def _openclip_clip_skip(cfg: TextEncoderConfig, has_projection: bool) -> tuple[TextEncoderConfig, str | None]:
+    """``cfg`` with the clip_skip its file needs (module docstring), and the rule, when it is 1."""
+    for preset in PRESETS.values():
+        full = preset.text_encoder
+        if full.kind != "openclip" or cfg.replace(**{f: getattr(full, f) for f in _TEXT_TOWER_FREE}) != full:
+            continue
+        if cfg.layers == full.layers:
+            return cfg.replace(clip_skip=full.clip_skip), None
+        if cfg.layers == full.layers - full.clip_skip + 1:
+            return cfg.replace(clip_skip=1), (
+                f"it has {cfg.layers} layers, {full.clip_skip - 1} fewer than {preset.name}'s {full.layers} "
+                f"(a text encoder from a diffusers folder, cut after the layer {preset.name} conditions on), "
+                "so its last layer is the one to use")
+    if has_projection:
+        return cfg.replace(clip_skip=2), None
+    return cfg.replace(clip_skip=1), (
+        "it has no model.text_projection, as files converted from a diffusers folder (whose text encoder "
+        "is cut after SD 2's penultimate layer) lack it, so its last layer is the one to use")
 
 
 def config_to_json(config: SDConfig) -> str:
@@ -228,7 +266,7 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
     is the JSON config sdcore wrote into the file, if any."""
     reading = _Reading(shapes)
     try:
-        text = _detect_text(reading, where)
+        text, clip_skip_note = _detect_text(reading, where)
         unet = _detect_unet(reading, text.kind, where)
         vae = _detect_vae(reading, where)
     except CheckpointError:
@@ -256,6 +294,9 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
                               f"{[m * unet.model_channels for m in unet.channel_mult]}, context_dim "
                               f"{unet.context_dim}, text width {text.width}): neither the 8-heads / 64-wide-heads "
                               "rules nor a preset fit; save the model with sdcore to record them")
+    if clip_skip_note is not None:
+        warnings.warn(f"{where}: OpenCLIP text encoder used with clip_skip 1 (its last layer), not SD 2's 2: "
+                      f"{clip_skip_note}", stacklevel=4)
     if prediction_type is None and text.kind == "openclip":
         warnings.warn(f"{where}: SD 2.x checkpoint loaded as epsilon-prediction; 768-v models (e.g. "
                       "SD 2.1 768) need prediction_type='v_prediction'", stacklevel=4)

@@ -269,6 +269,12 @@ class Scheduler:
         """Re-noise from level ``t_from`` up to ``t_to > t_from`` (RePaint's jump back; -1 = clean):
         q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I). One ``scheduler_step`` launch."""
         t_from, t_to = int(t_from), int(t_to)
+        T = self.config.num_train_timesteps
+        if not -1 <= t_from < T:
+            raise ValueError(f"{self.name}: undo_step t_from={t_from} is outside [-1, {T}) "
+                             "(the training timesteps; -1 = the clean sample)")
+        if not 0 <= t_to < T:
+            raise ValueError(f"{self.name}: undo_step t_to={t_to} is outside the training range [0, {T})")
         if t_to <= t_from:
             raise ValueError(f"undo_step goes up in noise: t_to={t_to} must be > t_from={t_from}")
         ratio = self._alpha_bar(t_to) / self._alpha_bar(t_from)

@@ -12,7 +12,7 @@ The pipeline is the one ``transformers.CLIPTokenizer`` builds (so ids match it e
 
 Every prompt becomes exactly 77 ids: ``<|startoftext|>``, at most 75 content tokens,
 ``<|endoftext|>``, then padding: ``<|endoftext|>`` for SD 1.x, ``"!"`` (id 0) for SD 2.x.
-Longer prompts are truncated with a warning naming the prompt and how many tokens were dropped.
+Longer prompts are truncated with a warning naming the prompt (index and text) and the tokens dropped.
 As in transformers, the pad token is a special token, so with SD 2's "!" every "!" in a prompt
 becomes id 0 (diffusers' behaviour; OpenCLIP's own tokenizer would merge "!!!" into one token).
 """
@@ -186,8 +186,10 @@ class CLIPTokenizer:
         """The BPE tokens of one prompt, without BOS/EOS (for inspection)."""
         return self._tok.encode(prompt, add_special_tokens=False).tokens
 
-    def __call__(self, prompts: list[str] | str) -> torch.Tensor:
-        """(B, 77) int64 ids: BOS, tokens (at most 75, truncated with a warning), EOS, padding."""
+    def __call__(self, prompts: list[str] | str, name: str = "prompt") -> torch.Tensor:
+        """(B, 77) int64 ids: BOS, tokens (at most 75, truncated with a warning), EOS, padding.
+        The warning names the prompt as ``{name} {index}`` with the start of its text, and the
+        text that was dropped."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
@@ -197,8 +199,10 @@ class CLIPTokenizer:
         for i, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
             tokens = enc.ids
             if len(tokens) > room:
-                warnings.warn(f"prompt {i} is {len(tokens)} tokens long; CLIP takes {room}, so the last "
-                              f"{len(tokens) - room} tokens were dropped", stacklevel=2)
+                dropped = prompts[i][enc.offsets[room][0]:]
+                warnings.warn(f"{name} {i} ({_snippet(prompts[i])}) is {len(tokens)} tokens long; CLIP takes "
+                              f"{room}, so the last {len(tokens) - room} tokens were dropped: "
+                              f"{_snippet(dropped)}", stacklevel=2)
                 tokens = tokens[:room]
             row = [self.bos_id, *tokens, self.eos_id]
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
@@ -206,6 +210,11 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(vocab={len(self.vocab)}, pad_token={self.pad_token!r}, max_length={self.max_length})"
+
+
+def _snippet(text: str, n: int = 40) -> str:
+    """``text`` quoted, cut to about ``n`` characters."""
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 class MissingTokenizer:

@@ -194,11 +194,28 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def check_channel_mult(cfg: UNetConfig) -> None:
+    """ValueError unless ``channel_mult`` starts with 1. LDM's UNetModel (openaimodel.py) builds its
+    output conv on ``model_channels`` after a last level of ``channel_mult[0] * model_channels``, so
+    no LDM checkpoint has another first multiplier; diffusers' UNet2DConditionModel has no equivalent
+    either (its conv_in and time embedding are on ``block_out_channels[0]``, the first level's width)."""
+    mult = tuple(cfg.channel_mult)
+    if mult[:1] == (1,):
+        return
+    hint = ""
+    if mult and all(m % mult[0] == 0 for m in mult):
+        hint = (f"; for a first level {mult[0]}x wider use model_channels={cfg.model_channels * mult[0]}, "
+                f"channel_mult={tuple(m // mult[0] for m in mult)}")
+    raise ValueError(f"UNetConfig channel_mult={mult}: must start with 1, as in LDM's and diffusers' UNets "
+                     f"(the first level has model_channels channels){hint}")
+
+
 class UNetModel(nn.Module):
     """eps_θ(x_t, t, c) (or v_θ for SD 2.x-v): (B, in_ch, h, w), (B,), (B, L, context_dim) -> (B, out_ch, h, w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
+        check_channel_mult(cfg)
         self.cfg = cfg
         mc, groups, eps = cfg.model_channels, cfg.norm_groups, cfg.norm_eps
         emb_dim = cfg.time_embed_dim or 4 * mc
@@ -237,8 +254,8 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm(groups, ch, eps, act="silu"), nn.Identity(),
-                                 nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(groups, ch, eps, act="silu"), nn.Identity(),  # ch == mc: check_channel_mult
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         t = self._check_inputs(x, t, context)

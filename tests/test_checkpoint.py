@@ -220,6 +220,62 @@ def test_foreign_file_detection(tmp_path, fmt):
     assert_same_weights(sd2.state_dict(), v.state_dict())
 
 
+def _openclip_shapes(cfg: SDConfig, layers: int, projection: bool) -> dict[str, tuple]:
+    """``cfg``'s single-file shapes with the first ``layers`` OpenCLIP layers, with or without
+    text_projection."""
+    shapes = {k: tuple(v.shape) for k, v in StableDiffusion.skeleton(cfg).state_dict().items()}
+    drop = [f"cond_stage_model.model.transformer.resblocks.{i}." for i in range(layers, cfg.text_encoder.layers)]
+    return {k: v for k, v in shapes.items() if not k.startswith(tuple(drop))
+            and (projection or not k.endswith("model.text_projection"))}
+
+
+def test_openclip_clip_skip_follows_the_layers_in_the_file():
+    """SD 2 at real size: 24 layers (original) -> clip_skip 2, silently; 23 layers (written from a
+    diffusers folder, cut after the penultimate layer) -> clip_skip 1, the same output layer, with a
+    warning naming the rule, whether or not text_projection is there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert detect_config(_openclip_shapes(SDConfig.preset("sd21"), 24, True),
+                             prediction_type="v_prediction") == SDConfig.preset("sd21")
+    for projection in (False, True):
+        with pytest.warns(UserWarning, match=r"f\.safetensors: OpenCLIP text encoder used with clip_skip 1 .*"
+                                             r"23 layers, 1 fewer than sd21's 24"):
+            got = detect_config(_openclip_shapes(SDConfig.preset("sd21"), 23, projection), where="f.safetensors",
+                                prediction_type="v_prediction").text_encoder
+        assert (got.layers, got.clip_skip, got.heads) == (23, 1, 16)
+
+
+@pytest.mark.parametrize("projection, clip_skip", [(True, 2), (False, 1)])
+def test_openclip_clip_skip_of_a_size_no_preset_has(projection, clip_skip):
+    """Other sizes: text_projection present -> the original tower (clip_skip 2); absent -> a
+    diffusers-converted one (clip_skip 1, with a warning)."""
+    base = SDConfig.preset("tiny-sd2")
+    cfg = base.replace(unet=base.unet.replace(model_channels=64, num_head_channels=64, context_dim=64),
+                       text_encoder=base.text_encoder.replace(width=64, heads=1, intermediate=128, projection_dim=64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = detect_config(_openclip_shapes(cfg, 3, projection), prediction_type="v_prediction").text_encoder
+    notes = [str(w.message) for w in caught if "clip_skip 1" in str(w.message)]
+    assert got.clip_skip == clip_skip and got.layers == 3
+    assert notes == ([] if projection else [notes[0]]) and (projection or "no model.text_projection" in notes[0])
+
+
+def test_sd2_single_file_written_from_a_diffusers_folder(tmp_path):
+    """What diffusers' convert_diffusers_to_original_stable_diffusion.py writes from an SD 2 folder:
+    the folder's (cut) text encoder under OpenCLIP keys, no metadata. It conditions like the original."""
+    orig = StableDiffusion.from_preset("tiny-sd2", seed=6)
+    orig.save(tmp_path / "folder", layout="diffusers")
+    folder = sdcore.load(tmp_path / "folder")
+    path = _foreign(tmp_path, dict(folder.state_dict()), "from-folder.safetensors")
+    with pytest.warns(UserWarning, match="clip_skip 1 .*2 layers, 1 fewer than tiny-sd2's 3"):
+        single = sdcore.load(path, prediction_type="v_prediction")
+    assert single.config.text_encoder == folder.config.text_encoder
+    assert_same_weights(folder.state_dict(), single.state_dict())
+    ids = orig.tokenizer(["a photograph of an astronaut riding a horse", ""])
+    with torch.no_grad():
+        assert torch.equal(single.text_encoder(ids), orig.text_encoder(ids))
+
+
 def test_tokenizer_argument(saved, tmp_path):
     from sdcore.tokenizer import CLIPTokenizer
 
@@ -418,6 +474,29 @@ def test_load_diffusers_save_pretrained(diffusers_folder, tmp_path):
     _compare_outputs(again, pipe.unet, pipe.vae, pipe.text_encoder)
 
 
+def test_load_vae_with_pre_014_attention_names(diffusers_folder, tmp_path):
+    """A folder whose VAE attention keys have diffusers' pre-0.14 names (query, key, value, proj_attn;
+    e.g. stable-diffusion-2-1-base's vae/) loads as diffusers loads it: same weights, same outputs."""
+    diffusers = pytest.importorskip("diffusers")
+    folder, pipe = diffusers_folder
+    d = tmp_path / "old-vae"
+    shutil.copytree(folder, d)
+    path = d / "vae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in load_file(str(path)).items():
+        for new, name in legacy.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{name}.")
+        old[k] = v
+    assert sum(".proj_attn." in k for k in old) == 4  # encoder and decoder mid-block, weight and bias
+    save_file(old, str(path))
+    theirs = diffusers.AutoencoderKL.from_pretrained(d / "vae")  # the oracle renames them on load
+    assert_same_weights(theirs.state_dict(), pipe.vae.state_dict())
+    ours = sdcore.load(d)
+    assert_same_weights(ours.state_dict(), sdcore.load(folder).state_dict())
+    _compare_outputs(ours, pipe.unet, theirs, pipe.text_encoder)
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing-here.safetensors"):
@@ -449,6 +528,44 @@ def test_format_is_read_from_the_content_not_the_suffix(saved, tiny, tmp_path):
     """A safetensors file named .ckpt loads as safetensors (it used to go to torch.load)."""
     shutil.copy(saved["safetensors"], tmp_path / "renamed.ckpt")
     assert_same_weights(sdcore.load(tmp_path / "renamed.ckpt").state_dict(), tiny.state_dict())
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_torch_checkpoint_named_safetensors(tiny, tmp_path, zipped):
+    """torch.load hands every *.safetensors path to safetensors, whose error names neither file
+    nor problem: a torch file under that name is refused, saying so, before torch.load."""
+    path = tmp_path / "model.safetensors"
+    torch.save({"state_dict": dict(tiny.state_dict())}, path, _use_new_zipfile_serialization=zipped)
+    kind = "zip" if zipped else "legacy pickle"
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: looks like a torch checkpoint \({kind} format.*"
+                                              r"rename it to \.ckpt"):
+        sdcore.load(path)
+    path.rename(tmp_path / "model.ckpt")
+    assert_same_weights(sdcore.load(tmp_path / "model.ckpt").state_dict(), tiny.state_dict())
+
+
+def test_truncated_legacy_torch_file_is_called_corrupt(tiny, tmp_path):
+    """A cut pickle can stop in a GLOBAL name ("torch._."): corrupt, not "holds Python objects"."""
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": dict(tiny.state_dict())}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: not a readable torch checkpoint \(truncated or corrupt\?\)"):
+        sdcore.load(path)
+
+
+def test_safetensors_header_length_starting_with_pk(tmp_path):
+    """A safetensors file whose 8-byte header length happens to begin with the bytes "PK" (a zip's
+    signature) is still read as safetensors."""
+    path = tmp_path / "pk.ckpt"
+    save_file({"a": torch.zeros(2)}, str(path), metadata={"pad": ""})
+    base = int.from_bytes(path.read_bytes()[:8], "little")  # header length, "PK" = 0x4B50 little-endian
+    for n in range(0x4B50 - base - 8, 0x4B50 - base + 8):  # the header is space-padded to 8 bytes
+        save_file({"a": torch.zeros(2)}, str(path), metadata={"pad": "x" * n})
+        if path.read_bytes()[:2] == b"PK":
+            break
+    assert path.read_bytes()[:2] == b"PK"
+    assert checkpoint._TensorFile(path).shapes == {"a": (2,)}
 
 
 def test_detection_key_of_the_wrong_rank_is_named(tiny, tmp_path):
@@ -676,6 +793,14 @@ def test_non_preset_sd2_image_size_follows_prediction_type(prediction, size):
     shapes = {k: tuple(v.shape) for k, v in StableDiffusion.skeleton(cfg).state_dict().items()}
     got = detect_config(shapes, prediction_type=prediction)
     assert got.name == "custom" and got.unet.in_channels == 9 and got.image_size == size, got
+
+
+def test_unet_whose_first_level_is_wider_than_model_channels_is_refused(tiny):
+    """channel_mult[0] != 1 (read from input_blocks.1) is no LDM or diffusers UNet: named at detection."""
+    shapes = {k: tuple(v.shape) for k, v in tiny.state_dict().items()}
+    shapes["model.diffusion_model.input_blocks.1.0.out_layers.3.weight"] = (64, 64, 3, 3)
+    with pytest.raises(CheckpointError, match=r"f\.safetensors: unsupported UNet, channel multipliers \[2, 2, 2\]"):
+        detect_config(shapes, where="f.safetensors")
 
 
 def test_missing_detection_key_is_named(tiny):

@@ -472,3 +472,39 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # refused before any work, not after the generation
         main(["txt2img", "--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "mask.png")])
     assert e.value.code == 2 and f"--out {tmp_path / 'mask.png'}: exists and is not a directory" in capsys.readouterr().err
+
+
+def test_cli_backend_that_refuses_an_input_is_a_clean_error(tmp_path):
+    """An explicitly chosen kernel backend that cannot run an input (Triton on CPU without its
+    interpreter) ends the CLI with a one-line error and exit code 2, with the way out."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SDLAB_KERNELS")}
+    r = subprocess.run([sys.executable, "-m", "pipelines", "txt2img", "--preset", "tiny", "--steps", "1",
+                        "--device", "cpu", "--kernels", "triton", "--no-progress", "--out", str(tmp_path)],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m pipelines txt2img: error: attention: backend 'triton'"), r.stderr
+    assert "without --kernels (and SDLAB_KERNELS unset) the default backends fall back" in last, r.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_truncation_warnings_name_the_callers_prompt(tiny):
+    """Under CFG the negatives are encoded too; a truncation warning still names the entry of the
+    list it came from (prompt 1, negative_prompt 0), once, and the ids are unchanged."""
+    from pipelines.common import encode_prompt
+
+    long = "a red bicycle " * 30
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx = encode_prompt(tiny, ["a cat", long], long.upper(), batch_size=1, guided=True, clip_skip=None)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2 and messages[0].startswith("negative_prompt 0 ('A RED BICYCLE A RED"), messages
+    assert messages[1].startswith("prompt 1 ('a red bicycle a red"), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = tiny.text_encoder(tiny.tokenizer([long.upper()] * 2 + ["a cat", long]))
+    assert torch.equal(ctx, want)

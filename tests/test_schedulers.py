@@ -403,3 +403,19 @@ def test_undo_step_from_the_clean_sample_is_add_noise(name, t):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     assert_close(s.undo_step(x0, -1, t, eps), s.add_noise(x0, eps, t), rel=REL, name=f"{name} undo_step -1 -> {t}")
+
+
+@pytest.mark.parametrize("t_from, t_to, message", [
+    (500, 1000, r"ddim: undo_step t_to=1000 is outside the training range \[0, 1000\)"),
+    (-5, 10, r"ddim: undo_step t_from=-5 is outside \[-1, 1000\) .*-1 = the clean sample"),
+    (-1, -1, r"t_to=-1 is outside the training range"),
+    (1000, 1001, r"t_from=1000 is outside \[-1, 1000\)"),
+    (10, 10, r"goes up in noise: t_to=10 must be > t_from=10"),
+])
+def test_undo_step_checks_its_timesteps(t_from, t_to, message):
+    """Out-of-range levels are refused by name, not indexed past the schedule (IndexError) or
+    taken for the clean sample (anything below -1)."""
+    s = make_scheduler("ddim", SchedulerConfig())
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=message):
+        s.undo_step(x, t_from, t_to, torch.zeros(SHAPE))

@@ -121,12 +121,25 @@ def test_vocabulary_layout(bpe_path):
 
 def test_truncation_warns_with_prompt_and_count(bpe_path):
     tok = CLIPTokenizer.from_bpe_file(bpe_path)
-    with pytest.warns(UserWarning, match=r"prompt 1 is 100 tokens long.*last 25 tokens were dropped"):
+    with pytest.warns(UserWarning, match=r"prompt 1 \('cat cat .*\.\.\.'\) is 100 tokens long.*last 25 tokens were dropped"):
         ids = tok(["short", "cat " * 100])
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and (ids[1, 1:-1] == ids[1, 1]).all(), ids[1].tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exactly 75 tokens fit: no warning
         tok(" ".join(["word"] * 75))
+
+
+def test_truncation_warning_quotes_the_prompt_and_the_dropped_text(bpe_path):
+    """The start of the prompt (to find it) and the text that was cut, under the caller's name."""
+    tok = CLIPTokenizer.from_bpe_file(bpe_path)
+    prompt = "A photo of " + "a cat, " * 40 + "in the style of Monet"
+    with pytest.warns(UserWarning) as caught:
+        tok(["ok", prompt], name="negative_prompt")
+    assert [str(w.message) for w in caught] == [
+        "negative_prompt 1 ('A photo of a cat, a cat, a cat, a cat...') is 128 tokens long; CLIP takes 75, "
+        "so the last 53 tokens were dropped: 'a cat, a cat, a cat, a cat, a cat, a ...'"]
+    with pytest.warns(UserWarning, match=r"^prompt 0 \('y y y .*last 2 tokens were dropped: 'z z'$"):
+        tok(" ".join(["y"] * 75) + " z z")  # only the two last tokens go
 
 
 @pytest.mark.parametrize("pad", PADS)

@@ -249,6 +249,25 @@ def test_input_errors():
         unet(x, t, context[:, :0])
 
 
+def test_channel_mult_must_start_with_1():
+    """LDM builds its output conv on model_channels (openaimodel.py), diffusers its conv_in and time
+    embedding on the first level's width: neither has a first multiplier other than 1, so such a
+    config is refused when built, not at the first forward."""
+    import sdcore
+
+    cfg = SDConfig.preset("tiny")
+    bad = cfg.replace(unet=cfg.unet.replace(channel_mult=(2, 2, 4)))
+    match = r"channel_mult=\(2, 2, 4\): must start with 1.*model_channels=64, channel_mult=\(1, 1, 2\)"
+    with pytest.raises(ValueError, match=match):
+        UNetModel(bad.unet)
+    with pytest.raises(ValueError, match=match):
+        sdcore.StableDiffusion.from_config(bad)
+    with pytest.raises(ValueError, match=match):
+        config_to_diffusers(bad.unet)
+    with pytest.raises(ValueError, match=r"channel_mult=\(3, 4\): must start with 1, [^;]*$"):
+        UNetModel(cfg.unet.replace(channel_mult=(3, 4)))  # no whole-number rescaling to suggest
+
+
 def test_scalar_timestep_broadcasts():
     cfg = _unet_cfg("tiny")
     unet = UNetModel(cfg).eval()

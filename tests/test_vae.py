@@ -4,8 +4,11 @@ the diffusers <-> LDM state-dict conversion both ways and against diffusers' sin
 The oracle is diffusers' model built from ``config_to_diffusers(cfg)``; its weights reach ours only
 through ``diffusers_to_ldm`` and a ``strict=True`` load, so a wrong rule fails loudly.
 """
+import re
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -196,6 +199,47 @@ def test_conversion_key_errors():
     ldm["decoder.up.9.upsample.conv.weight"] = ldm.pop("decoder.up.3.upsample.conv.weight")
     with pytest.raises(KeyError, match="1 missing .*1 unexpected"):
         ldm_to_diffusers(ldm, TINY)
+
+
+def _legacy_names(sd: dict) -> dict:
+    """``sd`` with the attention keys diffusers wrote before 0.14 (``AttentionBlock``)."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for k, v in sd.items():
+        for new, old in legacy.items():
+            k = re.sub(rf"(\.attentions\.\d+)\.{re.escape(new)}\.", rf"\1.{old}.", k)
+        out[k] = v
+    return out
+
+
+def test_pre_014_attention_names_convert_like_diffusers_loads_them(tmp_path):
+    """Mid-block and Attn{Down,Up}*Block2D attentions under their old names: diffusers'
+    from_pretrained renames them on load; diffusers_to_ldm must give the same model."""
+    torch.manual_seed(0)
+    theirs = DiffusersAutoencoderKL.from_config(config_to_diffusers(TINY_ATTN)).eval()
+    old = _legacy_names({k: v.contiguous() for k, v in theirs.state_dict().items()})
+    assert sum(k.endswith(".query.weight") for k in old) == 2 + 1 + 2  # mid blocks, encoder level, decoder level
+    assert not any(".to_q." in k for k in old)
+    theirs.save_pretrained(tmp_path)
+    save_file(old, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = DiffusersAutoencoderKL.from_pretrained(tmp_path).eval()
+    ours = AutoencoderKL(TINY_ATTN).eval()
+    ours.load_state_dict(diffusers_to_ldm(old, TINY_ATTN), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                  diffusers_to_ldm(loaded.state_dict(), TINY_ATTN).values()))
+    _compare(ours, loaded, _images((1, 3, 32, 32)))
+
+
+def test_pre_014_attention_name_errors():
+    sd = dict(_tiny_diffusers_state())
+    sd["decoder.mid_block.attentions.0.query.weight"] = sd["decoder.mid_block.attentions.0.to_q.weight"]
+    with pytest.raises(KeyError, match=r"both 'decoder\.mid_block\.attentions\.0\.query\.weight' .* and "
+                                       r"'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
+        diffusers_to_ldm(sd, TINY)
+    sd = _legacy_names(_tiny_diffusers_state())
+    sd["encoder.mid_block.attentions.0.proj_attn.weight"] = torch.empty(64, 32, device="meta")
+    with pytest.raises(ValueError, match=r"'encoder\.mid_block\.attentions\.0\.proj_attn\.weight': shape \(64, 32, 1, 1\)"):
+        diffusers_to_ldm(sd, TINY)  # a shape error names the key as stored
 
 
 def test_conversion_shape_error():

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..config import UNetConfig
+from ..unet import check_channel_mult
 
 # ResBlock parameters: diffusers name -> LDM name (relative to the block).
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -109,6 +110,7 @@ def config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict
     diffusers' ``attention_head_dim`` holds head *counts* (a historical misnomer): an int for SD 1.x
     (8 heads everywhere), per-level counts for SD 2.x ([5, 10, 20, 20] at head dim 64).
     """
+    check_channel_mult(cfg)  # block_out_channels[0] is both model_channels and the first level's width
     levels = range(len(cfg.channel_mult))
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [_has_attention(cfg, level) for level in levels]

@@ -12,6 +12,10 @@ and each of its keys is renamed by the handful of rules in :data:`_RULES`. What 
   whose ``norm, q, k, v, proj_out`` are ``group_norm, to_q, to_k, to_v, to_out.0``, and whose 1x1
   conv weights (C, C, 1, 1) are Linear weights (C, C) there;
 - ``norm_out`` <-> ``conv_norm_out``.
+
+Folders saved by diffusers before 0.14 name the attention projections ``query, key, value,
+proj_attn`` (e.g. stabilityai/stable-diffusion-2-1-base's ``vae/``); :func:`diffusers_to_ldm` reads
+them as ``to_q, to_k, to_v, to_out.0``, as diffusers does on load.
 """
 from __future__ import annotations
 
@@ -62,6 +66,10 @@ _RULES: list[tuple[re.Pattern, Callable[[re.Match, int], str]]] = [
      lambda m, n: m[0]),
 ]
 _ATTN_LINEAR = re.compile(r".*\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight")
+# diffusers' pre-0.14 AttentionBlock names, renamed like ModelMixin._fix_state_dict_keys_on_load does
+# (diffusers 0.42 models/modeling_utils.py) for every VAE attention (mid block and Attn*Block2D).
+_LEGACY_ATTN = re.compile(r"(.+\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def _our_shapes(cfg: VAEConfig) -> dict[str, torch.Size]:
@@ -100,17 +108,32 @@ def _check_shape(key: str, t: torch.Tensor, shape: torch.Size, what: str) -> Non
         raise ValueError(f"{what} {key!r}: shape {tuple(t.shape)}, the VAE config needs {tuple(shape)}")
 
 
+def _current_names(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``sd`` with legacy attention keys under their current names, and current -> stored name."""
+    out, stored = {}, {}
+    for k, v in sd.items():
+        m = _LEGACY_ATTN.fullmatch(k)
+        new = f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else k
+        if m and new in sd:
+            raise KeyError(f"diffusers VAE state dict holds both {k!r} (the pre-0.14 name) and {new!r}; "
+                           "keep one of them")
+        out[new], stored[new] = v, k
+    return out, stored
+
+
 def diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKL`` state dict -> ours (LDM keys without ``first_stage_model.``)."""
+    """diffusers ``AutoencoderKL`` state dict -> ours (LDM keys without ``first_stage_model.``).
+    Attention keys may also have diffusers' pre-0.14 names (``query``, ..., ``proj_attn``)."""
     shapes = _our_shapes(cfg)
     names = {k: _diffusers_name(k, len(cfg.ch_mult)) for k in shapes}
+    sd, stored = _current_names(sd)
     _check_keys(sd, set(names.values()), "diffusers VAE")
     out = {}
     for ours, theirs in names.items():
         t = sd[theirs]
         if _ATTN_LINEAR.fullmatch(theirs) and t.dim() == 2:
             t = t[:, :, None, None]
-        _check_shape(theirs, t, shapes[ours], "diffusers VAE")
+        _check_shape(stored[theirs], t, shapes[ours], "diffusers VAE")
         out[ours] = t
     return out
 
