@@ -67,7 +67,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Launch configurations for H100 (sm_90: 228 KB shared memory and 132 SMs), the one place to tune.
 # Key: the head dim D is <= key (the first such row; D = 40, padded to 64, has a row of its own).
 # Value: (BLOCK_M, BLOCK_N, num_warps, num_stages). "fwd" and "dq" stream key blocks of BLOCK_N,
-# "dkdv" streams query blocks of BLOCK_M. fp32 inputs halve the streamed block and cap stages at 2.
+# "dkdv" streams query blocks of BLOCK_M. fp32 inputs have a table of their own (CONFIGS_FP32).
 # Picked from fp16 sweeps on H100s (Triton 3.6) at SD 1.5 shapes (`bench tune`, in
 # bench/results/2026-11-23-h100*/): BLOCK_M 128 ran D = 40 self-attention 6-10% faster and D = 64 at
 # 0.67x the speed, hence the 40 row; at 8 warps it ran 1.03x the 4-warp row at 4096 tokens (batch 1:
@@ -94,6 +94,18 @@ CONFIGS = {
                      256: (64, 64, 4, 3)},
     "dkdv": {64: (32, 128, 4, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
     "dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (128, 16, 8, 2)},
+}
+# fp32 inputs (DOT_PRECISION "ieee": FMA dots on CUDA cores, no wgmma) hold the score tile, q and the
+# accumulator in fp32 registers, so they get smaller tiles, one table for every forward length. Each
+# row is the largest candidate that compiled for sm_90 without spills at the head dims it covers
+# (40, 64, 80, 128, 160, 256; offline compiles through bench.sm90.capture, Triton 3.9 and 3.6). The rule
+# they replace (a 16-bit row with its streamed block halved) spilled 80 B to 23 KB per thread at
+# every head dim, and at D 256 its backward asked for 303-311 KB of shared memory, more than an SM
+# has, so it could not launch. Correct under the interpreter; not yet timed on a GPU.
+CONFIGS_FP32 = {
+    "fwd": {128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
+    "dkdv": {128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
+    "dq": {256: (64, 16, 8, 2)},
 }
 # The backward rows: from the backward sweeps on H100s (`bench tune --ops attention.backward`, one
 # kernel varied at a time, fp16 self-attention, bench/results/2026-11-23-h100-3/tune-bwd*.md). For
@@ -554,15 +566,10 @@ def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
 
 
 def _config(kind: str, d: int, element_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for head dim ``d``."""
-    block_m, block_n, warps, stages = next(c for w, c in sorted(CONFIGS[kind].items()) if d <= w)
-    if element_size == 4:  # fp32 tiles take twice the shared memory
-        stages = min(stages, 2)
-        if kind == "dkdv":
-            block_m = max(16, block_m // 2)
-        else:
-            block_n = max(16, block_n // 2)
-    return block_m, block_n, warps, stages
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for head dim ``d``, or for
+    fp32 from :data:`CONFIGS_FP32` (whose "fwd" serves every forward length)."""
+    table = CONFIGS_FP32["fwd" if kind.startswith("fwd") else kind] if element_size == 4 else CONFIGS[kind]
+    return next(c for w, c in sorted(table.items()) if d <= w)
 
 
 _PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS at run time
@@ -584,7 +591,7 @@ def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
 @dataclass(frozen=True)
 class AttentionConfig:
     """One kernel's launch parameters for one call in place of its :data:`CONFIGS` row (which
-    stays the default), used as given: no fp32 halving. ``attention_triton(config=c)`` sets the
+    stays the default), used as given, fp32 too. ``attention_triton(config=c)`` sets the
     forward's; ``config={"fwd": c1, "dkdv": c2, "dq": c3}`` (any subset) sets each kernel's, and
     a kernel left out keeps the table. For "dkdv", block_m is the query block streamed past a
     program's block_n keys. num_stages=1 is accepted but gave wrong results on H100 (Triton 3.6)

@@ -713,15 +713,14 @@ def test_backward_without_queries_zeroes_dk_dv():
 
 @pytest.mark.parametrize("kind", sorted(attention_module.CONFIGS))
 def test_table_lookup(kind):
-    """Each head dim takes the first CONFIGS row at least as wide, and fp32 the rule for its
-    doubled shared memory (stages <= 2, the looped-over block halved), whatever the table holds."""
-    table = sorted(attention_module.CONFIGS[kind].items())
-    for i, (width, row) in enumerate(table):
-        for w in (width, table[i - 1][0] + 1 if i else 16):
-            assert attention_module._config(kind, w, 2) == row, (kind, w)
-            bm, bn, warps, stages = row
-            halved = (max(16, bm // 2), bn) if kind == "dkdv" else (bm, max(16, bn // 2))
-            assert attention_module._config(kind, w, 4) == (*halved, warps, min(stages, 2)), (kind, w, "fp32")
+    """Each head dim takes the first row at least as wide: of CONFIGS for 16-bit inputs, of
+    CONFIGS_FP32 for fp32 (whose "fwd" serves the short- and long-key forwards too)."""
+    for element_size, table in ((2, attention_module.CONFIGS[kind]),
+                                (4, attention_module.CONFIGS_FP32["fwd" if kind.startswith("fwd") else kind])):
+        rows = sorted(table.items())
+        for i, (width, row) in enumerate(rows):
+            for w in (width, rows[i - 1][0] + 1 if i else 8):
+                assert attention_module._config(kind, w, element_size) == row, (kind, w, element_size)
 
 
 @pytest.mark.parametrize("kind", sorted(attention_module.CONFIGS))
