@@ -616,7 +616,8 @@ class AttentionConfig:
             ("block_n", pow2(self.block_n) and self.block_n >= 16, tile),
             ("num_warps", pow2(self.num_warps) and self.num_warps <= 16, "a power of two in 1..16"),
             ("num_stages", type(self.num_stages) is int and self.num_stages >= 1, "an int >= 1"),
-            ("split_masked_tail", self.split_masked_tail in (None, True, False), "None, True or False"),
+            ("split_masked_tail", self.split_masked_tail is None or type(self.split_masked_tail) is bool,
+             "None, True or False"),
         ):
             if not ok:
                 raise ValueError(f"AttentionConfig.{name} = {getattr(self, name)!r}: must be {rule}")
@@ -788,6 +789,8 @@ def _offsets_problem(name: str, t: torch.Tensor) -> str | None:
 def _scale_problem(scale) -> str | None:
     """Why the kernel cannot take ``scale``, or None: it takes the row max before scaling (so the
     scale must be positive) and masks scores with -inf (-inf * 0 is NaN)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        return f"scale is a tensor of {scale.numel()} elements; the kernel takes one number"
     if scale is not None and not scale > 0:
         return f"scale {scale} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
     return None

@@ -120,14 +120,19 @@ def _impls(op: str) -> dict[Backend, _Impl]:
 def _backend(backend: Backend | str) -> Backend:
     """A backend for every op (``use("triton")``), or an error listing the valid names."""
     try:
-        return Backend(backend)
+        return Backend(_lower(backend))
     except ValueError:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(b.value for b in Backend)}") from None
 
 
+def _lower(backend: Backend | str) -> Backend | str:
+    """Backend names are lower case; "Triton" means triton, in code as in SDLAB_KERNELS."""
+    return backend.lower() if isinstance(backend, str) and not isinstance(backend, Backend) else backend
+
+
 def _validate(op: str, backend: Backend | str) -> Backend:
     try:
-        b = Backend(backend)
+        b = Backend(_lower(backend))
     except ValueError:
         raise ValueError(
             f"unknown backend {backend!r} for op {op!r}; valid: {', '.join(backends(op))}"
@@ -150,10 +155,12 @@ def _parse_env_uncached(value: str) -> dict[str, Backend]:
     if not value:
         return {}
     if "=" not in value:
-        b = Backend(value) if value in Backend._value2member_map_ else None
+        name = value.strip(" ,")  # "triton," as "a=x," is fine
+        b = Backend(name) if name in Backend._value2member_map_ else None
         if b is None:
+            hint = f" ({name!r} is an op: write {name}=<backend>)" if name in _OPS else ""
             raise ValueError(
-                f"{ENV_VAR}={value!r}: unknown backend; valid: {', '.join(x.value for x in Backend)}"
+                f"{ENV_VAR}={value!r}: unknown backend{hint}; valid: {', '.join(x.value for x in Backend)}"
             )
         return {op: b for op in ops() if b.value in backends(op)}
     out = {}
@@ -161,6 +168,8 @@ def _parse_env_uncached(value: str) -> dict[str, Backend]:
         op, sep, backend = item.strip().partition("=")
         if not sep or not op.strip():
             raise ValueError(f"{ENV_VAR}={value!r}: expected 'op=backend' items, got {item!r}")
+        if op.strip() in out:
+            raise ValueError(f"{ENV_VAR}={value!r}: op {op.strip()!r} is named twice")
         try:
             out[op.strip()] = _validate(op.strip(), backend.strip())
         except ValueError as e:

@@ -82,6 +82,8 @@ def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask
             raise ValueError(f"scheduler_step: {name} dtype {t.dtype} must be x's dtype {x.dtype}")
     if out is not None and out_x0 is not None and shares_memory(out, out_x0):
         raise ValueError("scheduler_step: out and out_x0 share memory; each needs its own tensor")
+    if coeffs.clip is not None and not coeffs.clip >= 0:  # tl.clamp is undefined for min > max
+        raise ValueError(f"scheduler_step: clip={coeffs.clip} must be >= 0 (x0 is clipped to [-clip, clip])")
     if coeffs.sigma != 0.0 and noise is None:
         raise ValueError(f"scheduler_step: sigma={coeffs.sigma} needs noise")
     if coeffs.c3 != 0.0 and prev_x0 is None:

@@ -148,8 +148,9 @@ def test_masked_tail_split_per_call(device, monkeypatch):
             got = attention_triton(q, k, v, config=AttentionConfig(32, 32, 4, 2, split_masked_tail=split))
             assert_close(got, want, name=f"split_masked_tail={split}", **TOL[torch.float32])
     assert [m for m in asked if m is not None] == [True, False], f"the config's split choice did not reach the launch: {asked}"
-    with pytest.raises(ValueError, match="split_masked_tail"):
-        AttentionConfig(32, 32, 4, 2, split_masked_tail="yes")
+    for bad in ("yes", 1):  # 1 == True, but an int is not the flag
+        with pytest.raises(ValueError, match="split_masked_tail"):
+            AttentionConfig(32, 32, 4, 2, split_masked_tail=bad)
 
 
 @pytest.mark.gpu
@@ -270,6 +271,12 @@ def test_a_head_spanning_2_31_elements_is_refused(device):
             else:
                 with pytest.raises(kernels.BackendUnsupported, match=r"spans 2147483663 elements within a head"):
                     kernels.attention(q, k, v)
+
+
+def test_tensor_scale_of_several_elements_is_refused_by_name(device):
+    q, k, v = make_qkv((1, 2, 8, 8, 16), torch.float32, device)
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="tensor of 2 elements"):
+        kernels.attention(q, k, v, torch.tensor([0.5, 0.25]))
 
 
 def test_tensor_scale_that_requires_grad_is_not_taken(device):

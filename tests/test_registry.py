@@ -81,6 +81,7 @@ def test_scopes_exiting_out_of_order_keep_each_others_choices(toy_op):
 @pytest.mark.parametrize("value, expected", [
     ("triton", "triton"),
     ("toy_op=triton,", "triton"),  # a trailing comma is harmless
+    ("triton,", "triton"),  # for all ops too
     ("toy_op=triton", "triton"),
     (" toy_op = triton , attention=reference ", "triton"),
     ("attention=sdpa", "reference"),  # other ops only: toy_op keeps its default
@@ -96,7 +97,8 @@ def test_env_var_forms(toy_op, monkeypatch, value, expected):
     ("cuda", "unknown backend"),
     ("toy_op=fast", "valid: reference, triton, compile"),
     ("nosuchop=triton", "known ops"),
-    ("toy_op", "unknown backend"),
+    ("toy_op", r"unknown backend \('toy_op' is an op: write toy_op=<backend>\)"),
+    ("toy_op=triton,toy_op=reference", "op 'toy_op' is named twice"),
     ("=triton", "expected 'op=backend'"),
     ("toy_op=sdpa", "has no 'sdpa' backend"),
 ])
@@ -215,6 +217,14 @@ def test_unknown_names_list_valid_ones(toy_op):
             fn("fast")
     with pytest.raises(ValueError, match=r"use\(toy_op=None\): name a backend"):
         kernels.use(toy_op=None).__enter__()
+
+
+def test_backend_names_are_case_insensitive_in_code_too(toy_op):
+    """As in SDLAB_KERNELS, "Triton" means triton in use() and set_backend()."""
+    with kernels.use(toy_op="Triton"):
+        assert registry.resolve("toy_op", torch.ones(1))[0] == "triton"
+    with kernels.use("TRITON"):
+        assert registry.resolve("toy_op", torch.ones(1))[0] == "triton"
 
 
 def test_set_backend_is_all_or_nothing(toy_op):

@@ -1,5 +1,7 @@
 """kernels.scheduler_step: the Triton kernel against the torch reference (interpreter on CPU, the
 real thing under `-m gpu`), its input checks, and its use by sdcore.schedulers."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -292,6 +294,15 @@ def test_out_may_be_an_input_itself_but_not_a_shifted_view_of_one(device):
         with kernels.use(scheduler_step=backend), pytest.raises(ValueError, match="out and out_x0 share memory"):
             out = torch.empty(shape, device=device)
             call(d, ALL_TERMS, return_x0=True, out=out, out_x0=out)
+
+
+def test_negative_clip_is_refused(device):
+    """x0 is clipped to [-clip, clip]: torch's clamp with min > max returns max, tl.clamp is
+    undefined there, so a negative clip is an error for every backend rather than two answers."""
+    d = inputs((1, 4, 3, 5), device)
+    for backend in ("reference", "triton"):
+        with kernels.use(scheduler_step=backend), pytest.raises(ValueError, match="clip=-1.0 must be >= 0"):
+            call(d, dataclasses.replace(ALL_TERMS, clip=-1.0))
 
 
 def test_strided_mask_and_non_contiguous_known(device):
