@@ -217,6 +217,9 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
         return why
     if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
         return f"x is on {x.device.type} (needs CUDA, or CPU with TRITON_INTERPRET=1 set before importing kernels)"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # here only under TRITON_INTERPRET=1
+        return ("bfloat16 under the Triton interpreter: it truncates fp32 to bf16 where a GPU rounds to "
+                "nearest, so every output would be up to 1 ulp off the reference's; use fp16/fp32 or a GPU")
     tensors = (x, model_output, model_output_uncond, noise, prev_x0, mask, known)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "an input requires grad and the Triton step has no backward (the reference has autograd)"
