@@ -207,6 +207,14 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "ckpt", None) is not None and not args.ckpt.exists():
         parser.error(f"--ckpt {args.ckpt}: no such file or directory")
+    # flags that would be silently ignored: say so instead
+    if getattr(args, "ckpt", None) is not None and getattr(args, "preset", None) is not None:
+        parser.error(f"--ckpt {args.ckpt} and --preset {args.preset}: give one (the checkpoint is the model)")
+    if getattr(args, "unet_only", False) and getattr(args, "pipelines", None) is not None:
+        parser.error("--unet-only runs the UNet step alone; --pipelines would be ignored (drop one)")
+    tuned = getattr(args, "ops", None)
+    if getattr(args, "masked_tail", False) and tuned is not None and not any(o.startswith("attention") for o in tuned):
+        parser.error(f"--masked-tail sweeps attention's head-dim split; --ops {' '.join(tuned)} has no attention")
     try:
         args.device = common.pick_device(args.device)
     except ValueError as e:

@@ -294,7 +294,7 @@ def environment(device: torch.device) -> dict:
 ROW_KEYS = (
     "suite", "op", "case", "shape", "reason", "dtype", "backend", "status", "note",
     "median_ms", "p20_ms", "p80_ms", "reps", "rounds", "host_ms",
-    "bytes", "flops", "gbps", "tflops", "frac_of_peak", "frac_of_copy", "speedup_vs_reference",
+    "bytes", "flops", "gbps", "tflops", "frac_of_peak", "frac_of_copy", "copy_ms", "speedup_vs_reference",
     "max_abs_err", "max_rel_err", "error_vs",
     # pipelines
     "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",

@@ -375,6 +375,7 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
         row["frac_of_peak"] = val / peak if val and peak else None
     if copies is not None and _peak_key(case) == "gbps" and nbytes and sec > 0:
         same = copy_ms(nbytes, device, copies, quick=quick)
+        row["copy_ms"] = same  # the same-size copy's median, in the JSON so % of copy can be checked
         row["frac_of_copy"] = same / timing.median_ms if same else None
     if ref64 is not None:
         if out.shape != ref64.shape:

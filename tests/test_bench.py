@@ -71,6 +71,7 @@ def test_ops_quick_reference_rows_are_timed_and_checked(ops_quick):
     for op in ("group_norm_silu", "scheduler_step"):
         for r in _rows(data, op=op, backend="reference"):
             assert r["frac_of_copy"] is not None and 0 < r["frac_of_copy"] < 100, r
+            assert r["frac_of_copy"] == pytest.approx(r["copy_ms"] / r["median_ms"]), r  # checkable from the JSON
     assert all(r["frac_of_copy"] is None for r in attn), attn
 
 
@@ -116,6 +117,17 @@ def test_backend_refusing_the_input_is_a_skipped_row(tmp_path, monkeypatch):
     assert rows and all(r["status"] == "skipped" and "pretend head-dim limit" in r["note"] for r in rows), rows
     assert all(r["status"] == "ok" for r in _rows(data, backend="reference")), "reference must still run"
     assert rc == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pipelines", "--ckpt", "README.md", "--preset", "tiny"], "give one"),
+    (["pipelines", "--unet-only", "--pipelines", "txt2img"], "--pipelines would be ignored"),
+    (["tune", "--masked-tail", "--ops", "group_norm_silu"], "has no attention"),
+])
+def test_flags_that_would_be_ignored_are_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,needle,valid", [
