@@ -51,7 +51,11 @@ def prepare_environment() -> None:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs interpreted, as kernels read TRITON_INTERPRET when imported (the way
+    Triton reads it: "false" is off)."""
+    from kernels.registry import interpreting as kernels_interpreting
+
+    return kernels_interpreting()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

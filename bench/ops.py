@@ -282,6 +282,19 @@ def work(case: Case, args, kwargs, out: torch.Tensor) -> tuple[int, int | None]:
 
 
 # ----------------------------------------------------------------------------------- backends
+def backend_refusal(op: str, backend: str, args, kwargs=None) -> str | None:
+    """Why ``backend``'s check refuses these inputs (asked through the registry: kernels.use +
+    resolve, as a user's explicit choice would be), or None."""
+    import kernels
+
+    try:
+        with kernels.use(**{op: backend}):
+            kernels.resolve(op, *args, **(kwargs or {}))
+    except kernels.BackendUnsupported as e:
+        return str(e)
+    return None
+
+
 def backend_callable(op: str, backend: str, args, kwargs, device: torch.device):
     """(fn, context manager to time it under, note); raises Skip with the reason it cannot run."""
     import kernels
@@ -309,12 +322,8 @@ def backend_callable(op: str, backend: str, args, kwargs, device: torch.device):
         return fn, (lambda: sdpa_kernel([member])), ""
     if backend not in kernels.backends(op):
         raise Skip(f"op {op!r} has no {backend!r} backend registered yet (has: {', '.join(kernels.backends(op))})")
-    if backend != "compile":
-        try:
-            with kernels.use(**{op: backend}):
-                kernels.resolve(op, *args, **kwargs)  # runs the backend's check(): BackendUnsupported
-        except kernels.BackendUnsupported as e:
-            raise Skip(str(e)) from None
+    if backend != "compile" and (why := backend_refusal(op, backend, args, kwargs)):
+        raise Skip(why)
     impl = kernels.implementation(op, backend)
     note = "interpreted (TRITON_INTERPRET=1)" if backend == "triton" and interpreting() else ""
     return (lambda: impl(*args, **kwargs)), contextlib.nullcontext, note

@@ -86,7 +86,7 @@ def capture(module_name: str, *kernel_names: str):
     running; the results are appended to the yielded list. The module's launch checks see a
     CUDA-capable setup (``interpreting`` patched) so CPU tensors reach the launchers."""
     GPUTarget, ASTSource, compile_, make_backend, create_binder, get_sass, bin_dir = _toolchain()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if importlib.import_module("kernels._triton").INTERPRET:  # TRITON_INTERPRET, read as Triton reads it
         raise Unavailable("TRITON_INTERPRET is set: @triton.jit made interpreter functions, which do not "
                           "compile; run in a process without it")
     module = importlib.import_module(module_name)

@@ -28,7 +28,7 @@ import torch
 
 from .common import (DEFAULT_CONFIG as DEFAULT, ERROR_ATOL, Skip, add_speedups, describe_exception, dtype_name,
                      host_ms, interpreting, make_row, max_errors, skipped_row, time_fn, within_error)
-from .ops import Case, make_inputs, oracle, select_cases, work
+from .ops import Case, backend_refusal, make_inputs, oracle, select_cases, work
 
 CASE_OP = {"attention": "attention", "attention.backward": "attention", "group_norm_silu": "group_norm_silu"}
 TUNABLE = tuple(CASE_OP)  # what --ops takes; CASE_OP names the op whose shape table each sweeps
@@ -123,21 +123,6 @@ def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor | tu
     return lambda: fn(*args, config=config)
 
 
-def _triton_refusal(op: str, args: tuple) -> str | None:
-    """Why the triton backend's check refuses these inputs, asked through the registry as ``bench
-    ops`` does (kernels.use + resolve), or None. _kernel_call goes past the check, so without this
-    an input the kernel cannot take (bf16 under the interpreter) would give garbage rows marked ok."""
-    import kernels
-
-    fwd = args[:3] if op == "attention.backward" else args  # the backward runs on the forward's inputs
-    try:
-        with kernels.use(**{CASE_OP[op]: "triton"}):
-            kernels.resolve(CASE_OP[op], *fwd)
-    except kernels.BackendUnsupported as e:
-        return str(e)
-    return None
-
-
 def _reference_call(op: str, args: tuple) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
     """The registered reference on ``args``, as _kernel_call calls the kernel: its error against
     the oracle is what the default is held to, as ``bench ops`` holds the triton row to the
@@ -208,7 +193,9 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
                         dtype=dtype_name(dtype))
             try:
                 args = _inputs(op, case, device, dtype)
-                refused = _triton_refusal(op, args)
+                # the triton check, which _kernel_call goes past: without it an input the kernel cannot
+                # take (bf16 under the interpreter) would give garbage rows marked ok
+                refused = backend_refusal(CASE_OP[op], "triton", args[:3] if op == "attention.backward" else args)
                 if refused is None:
                     ref64 = _oracle(op, args)
                     ref_err = _errors(_reference_call(op, args)(), ref64)[0]

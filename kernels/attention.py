@@ -58,7 +58,7 @@ from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtypes, autocast_inputs, dispatch, fits_int32, interpreting, max_offset,
-                       overlaps_itself, register, same_view, shares_memory, triton_available)
+                       overlaps, overlaps_itself, register, same_view, triton_available)
 
 LOG2E = math.log2(math.e)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
@@ -759,31 +759,31 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     if qd == torch.bfloat16 and q.device.type == "cpu":  # here only under TRITON_INTERPRET=1
         return ("bfloat16 under the Triton interpreter: its tl.dot multiplies bf16 bit patterns as "
                 "integers (numpy has no bf16), so results would be garbage; use fp16/fp32 or a GPU")
-    d = q.shape[-1]
+    b, h, lq, d = q.shape  # (each .shape builds a torch.Size: read it once on this per-call path)
     if d == 0 or d % 8:
         return f"head dim {d} is not a multiple of 8"
     if d > 256:
         return f"head dim {d} is over the kernel's limit of 256"
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        return f"B·H = {q.shape[0] * q.shape[1]} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
+    if b * h > MAX_GRID_Y:
+        return f"B·H = {b * h} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
+    if b * h * lq >= 2**31:
+        return f"B·H·Lq = {b * h * lq} rows of lse, which the kernels index in 32 bits"
     if why := _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v):
         return why
-    if q.shape[0] * q.shape[1] * q.shape[2] >= 2**31:
-        return f"B·H·Lq = {q.shape[0] * q.shape[1] * q.shape[2]} rows of lse, which the kernels index in 32 bits"
     if isinstance(scale, torch.Tensor) and scale.requires_grad:
         return "scale is a tensor that requires grad; the kernel takes it as a float (no gradient for it)"
     return _scale_problem(scale)
 
 
-def _offsets_problem(name: str, t: torch.Tensor) -> str | None:
+def _offsets_problem(name: str, t: torch.Tensor, fix: str = "pass a contiguous copy") -> str | None:
     """Why the kernels cannot index t, or None: they add batch and head offsets in 64 bits but a
     head's rows and columns in 32, so one head must span less than 2**31 elements."""
     if fits_int32(t, 2):
         return None
     return (f"{name}{tuple(t.shape)} with strides {t.stride()} spans {max_offset(t, 2)} elements within a head; "
-            "the kernels index a head in 32 bits (below 2**31): pass a contiguous copy")
+            f"the kernels index a head in 32 bits (below 2**31): {fix}")
 
 
 def _scale_problem(scale) -> str | None:
@@ -819,14 +819,14 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     if overlaps_itself(out):
         raise ValueError(f"out{tuple(out.shape)} with strides {out.stride()} holds some elements at several "
                          "indices (an expanded view): programs writing them would race")
-    if (why := _offsets_problem("out", out)) is not None:
+    if (why := _offsets_problem("out", out, "pass a contiguous out")) is not None:
         raise ValueError(why)
     for name, t in (("k", k), ("v", v)):  # every program reads all of k and v: writing o there races
-        if shares_memory(out, t):
-            raise ValueError(f"out shares memory with {name}; only out=q (or a fresh tensor) is safe")
-    if shares_memory(out, q) and not same_view(out, q):  # each program reads its q rows, then writes them
-        raise ValueError(f"out shares memory with q but is not q itself (pointer, shape and strides: out "
-                         f"{out.stride()} vs q {q.stride()}); only out=q (or a fresh tensor) is safe")
+        if overlaps(out, t):
+            raise ValueError(f"out overlaps {name}; only out=q (or memory q, k, v do not use) is safe")
+    if overlaps(out, q) and not same_view(out, q):  # each program reads its q rows, then writes them
+        raise ValueError(f"out overlaps q but is not q itself (out at {out.data_ptr()} strides {out.stride()}, "
+                         f"q at {q.data_ptr()} strides {q.stride()}); only out=q (or memory q, k, v do not use) is safe")
     if grad:
         raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
     return _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)[0]

@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
-from .registry import (Backend, dispatch, fits_int32, interpreting, max_offset, overlaps_itself, register,
-                       shares_memory, triton_available)
+from .registry import (Backend, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself,
+                       register, triton_available)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -766,12 +766,15 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
                              f"on {x.device}: out must have x's shape and device, and x's dtype or float32")
         y_dtype = out.dtype
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-            if t is not None and shares_memory(out, t):
-                raise ValueError(f"out shares memory with {name}: each program re-reads its whole group for "
+            if t is not None and overlaps(out, t):
+                raise ValueError(f"out overlaps {name}: each program re-reads its whole group for "
                                  "the statistics (and autograd keeps x), so group_norm_silu cannot run in place")
-        if overlaps_itself(out) or not fits_int32(out, 1):
-            raise ValueError(f"out{tuple(out.shape)} with strides {out.stride()}: holds some elements at several "
-                             "indices (an expanded view), or spans 2**31 elements or more within a sample")
+        if overlaps_itself(out):
+            raise ValueError(f"out{tuple(out.shape)} with strides {out.stride()} holds some elements at several "
+                             "indices (an expanded view): programs writing them would race")
+        if not fits_int32(out, 1):
+            raise ValueError(f"out{tuple(out.shape)} with strides {out.stride()} spans {max_offset(out, 1)} elements "
+                             "within a sample; the kernels index a sample in 32 bits (below 2**31): pass a contiguous out")
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
     if x.numel() == 0:  # nothing to launch; under autograd the reference keeps the graph (zero grads)

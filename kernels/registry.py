@@ -214,6 +214,16 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's and b's elements may share bytes: one storage and intersecting address ranges
+    (conservative for interleaved views such as x[::2] and x[1::2]). Unlike :func:`shares_memory`,
+    two disjoint slices of one buffer do not count."""
+    if not shares_memory(a, b):
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + (max_offset(b) + 1) * b.element_size() and b0 < a0 + (max_offset(a) + 1) * a.element_size()
+
+
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b are the same elements in the same order (one pointer, shape and strides):
     an elementwise kernel can read and write such an out= in place, a shifted view it cannot."""
@@ -238,9 +248,9 @@ def max_offset(t: torch.Tensor, start_dim: int = 0) -> int:
 
 
 def fits_int32(t: torch.Tensor, start_dim: int = 0) -> bool:
-    """Whether :func:`max_offset` of t is below 2**31. Fast for the usual case, a storage of fewer
-    than 2**31 elements, which no view of it can span (this runs on every dispatch)."""
-    return t.untyped_storage().nbytes() < 2**31 * t.element_size() or max_offset(t, start_dim) < 2**31
+    """Whether :func:`max_offset` of t is below 2**31. Fast for the usual case, a storage under
+    2 GiB, whose elements no view can span 2**31 of (this runs on every dispatch)."""
+    return t.untyped_storage().nbytes() < 2**31 or max_offset(t, start_dim) < 2**31
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -310,7 +320,7 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
     return backend, source
 
 
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?")
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?")  # not the digits of a name (float16)
 
 
 def _reason_kind(reason: str) -> str:

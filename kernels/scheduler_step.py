@@ -48,7 +48,7 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import Backend, dispatch, interpreting, register, same_view, shares_memory, triton_available
+from .registry import Backend, dispatch, interpreting, overlaps, register, same_view, triton_available
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask
     for name, t in (("out", out), ("out_x0", out_x0)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"scheduler_step: {name} dtype {t.dtype} must be x's dtype {x.dtype}")
-    if out is not None and out_x0 is not None and shares_memory(out, out_x0):
-        raise ValueError("scheduler_step: out and out_x0 share memory; each needs its own tensor")
+    if out is not None and out_x0 is not None and overlaps(out, out_x0):
+        raise ValueError("scheduler_step: out and out_x0 overlap; each needs memory of its own")
     if coeffs.clip is not None and not coeffs.clip >= 0:  # tl.clamp is undefined for min > max
         raise ValueError(f"scheduler_step: clip={coeffs.clip} must be >= 0 (x0 is clipped to [-clip, clip])")
     if coeffs.sigma != 0.0 and noise is None:
@@ -254,9 +254,9 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
         # program i reads block i of each input, then writes it: in place is safe, shifted is not
         for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
                         ("noise", noise), ("prev_x0", prev_x0), ("mask", mask), ("known", known)):
-            if o is not None and t is not None and shares_memory(o, t) and not same_view(o, t):
-                raise ValueError(f"scheduler_step: {o_name} shares memory with {name} but is not {name} itself "
-                                 f"(pointer, shape and strides); only {o_name}={name} (or a fresh tensor) is safe")
+            if o is not None and t is not None and overlaps(o, t) and not same_view(o, t):
+                raise ValueError(f"scheduler_step: {o_name} overlaps {name} but is not {name} itself (pointer, "
+                                 f"shape and strides); only {o_name}={name} (or memory no input uses) is safe")
     k = coeffs
     prev = torch.empty_like(x) if out is None else out
     x0 = (torch.empty_like(x) if out_x0 is None else out_x0) if return_x0 else None

@@ -239,15 +239,18 @@ def test_bad_arguments(device):
         attention_triton(q, k, v, out=torch.empty_like(q))
     with torch.no_grad():
         for name, t in (("k", k), ("v", v)):  # every program reads all keys: o written there would race
-            with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+            with pytest.raises(ValueError, match=f"out overlaps {name}"):
                 attention_triton(q, k, v, out=t)
         qc = q.clone()
         assert_close(attention_triton(qc, k, v, out=qc), attention_fp64(q, k, v), rel=2e-5, name="out=q")
         # each program reads its own q rows before writing them: only q itself is safe, not a
         # view of q's storage shifted by a row (programs would overwrite rows others still read)
         buf = torch.randn(1, 2, 9, 16, device=device)
-        with pytest.raises(ValueError, match="out shares memory with q but is not q itself"):
+        with pytest.raises(ValueError, match="out overlaps q but is not q itself"):
             attention_triton(buf[:, :, :-1], k, v, out=buf[:, :, 1:])
+        pair = torch.randn(2, *q.shape, device=device)  # q in one half of a buffer, out in the other
+        assert_close(attention_triton(pair[0], k, v, out=pair[1]), attention_fp64(pair[0], k, v), rel=2e-5,
+                     name="out beside q in one buffer")
         with pytest.raises(ValueError, match="several indices"):  # out expanded over heads
             attention_triton(q, k, v, out=torch.empty(1, 1, 8, 16, device=device).expand(1, 2, 8, 16))
 

@@ -388,7 +388,7 @@ def test_out_must_not_share_memory_with_the_inputs(device):
     would read the output back as input. Refused by name; out of another device or shape too."""
     x, w = torch.randn(2, 64, 3, 4, device=device), torch.randn(64, device=device)
     for name, out in (("x", x), ("x", x.view(-1).view(2, 64, 3, 4)), ("weight", w.expand(3, 4, 2, 64).permute(2, 3, 0, 1))):
-        with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+        with pytest.raises(ValueError, match=f"out overlaps {name}"):
             group_norm_silu_triton(x, w, None, 32, out=out)
     with pytest.raises(ValueError, match=r"on meta, x is torch.float32\(2, 64, 3, 4\) on cpu"):
         group_norm_silu_triton(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
@@ -428,6 +428,7 @@ def test_config_made_for_another_shape_is_refused():
             group_norm_silu_triton(x, w, b, 8, config=dataclasses.replace(cfg, **change))
 
 
+@pytest.mark.skipif(not kernels.registry.interpreting(), reason="CPU tensors reach the kernel check only interpreted")
 def test_a_sample_spanning_2_31_elements_is_refused():
     """The kernels index within a sample in 32 bits: a (1, 9, 1, 2) fp16 view with a channel
     stride of 2**28 (of a 4 GiB storage, allocated, never touched) spans 2**31 + 1 elements and is

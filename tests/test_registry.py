@@ -23,7 +23,7 @@ def toy_op():
         return x + 1
 
     @registry.register("toy_op", "triton", check=lambda x: {torch.float64: "fp64 is not supported",
-                                                             torch.float16: "half precision is not supported"}.get(x.dtype))
+                                                             torch.float16: "fp16 is not supported"}.get(x.dtype))
     def tri(x):
         calls.append("triton")
         return x + 1
@@ -139,16 +139,18 @@ def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
 
 
 def test_each_fallback_reason_warns_once(toy_op, monkeypatch):
-    """Once per (op, reason): a second, different limit is reported too, each only once."""
+    """Once per op and kind of reason: a second, different limit is reported too, each only once
+    (fp16 and fp64 are different reasons: digits inside a name are not masked as numbers)."""
     monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for dtype in (torch.float64, torch.float16, torch.float64, torch.float16):
             registry.dispatch("toy_op", torch.ones(1, dtype=dtype))
     msgs = sorted(str(w.message) for w in caught if "falling back" in str(w.message))
-    assert len(msgs) == 2 and "fp64 is not" in msgs[0] and "half precision is not" in msgs[1], msgs
+    assert len(msgs) == 2 and "fp16 is not" in msgs[0] and "fp64 is not" in msgs[1], msgs
 
 
+@pytest.mark.skipif(not registry.interpreting(), reason="CPU tensors reach the attention checks only interpreted")
 def test_a_limit_hit_at_many_values_warns_once(monkeypatch):
     """Reasons that differ only in their numbers are one kind: attention's scale check refuses
     0.0, -1.0 and -2.5 with three messages, and the default falls back from all three with one
@@ -225,6 +227,11 @@ def test_backend_names_are_case_insensitive_in_code_too(toy_op):
         assert registry.resolve("toy_op", torch.ones(1))[0] == "triton"
     with kernels.use("TRITON"):
         assert registry.resolve("toy_op", torch.ones(1))[0] == "triton"
+    kernels.set_backend(toy_op="Triton")
+    try:
+        assert registry.resolve("toy_op", torch.ones(1))[0] == "triton"
+    finally:
+        kernels.set_backend()
 
 
 def test_set_backend_is_all_or_nothing(toy_op):
@@ -295,7 +302,8 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, on):
 
 
 def test_view_helpers():
-    """overlaps_itself, same_view and max_offset, which guard out= and 32-bit indexing."""
+    """overlaps_itself, overlaps, same_view and max_offset, which guard out= and 32-bit indexing, and
+    _reason_kind, which masks the numbers of a fallback reason but not the digits of a name."""
     x = torch.randn(2, 3, 4, 5)
     assert not any(registry.overlaps_itself(t) for t in (x, x.transpose(1, 2), x[:, :, ::2], x.permute(0, 2, 3, 1)))
     assert registry.overlaps_itself(x[:, :1].expand(2, 3, 4, 5))
@@ -303,6 +311,10 @@ def test_view_helpers():
     assert registry.same_view(x, x.view(2, 3, 4, 5)) and not registry.same_view(x[:, :, 1:], x[:, :, :-1])
     assert registry.max_offset(x) == x.numel() - 1 and registry.max_offset(x, 1) == 59
     assert registry.max_offset(x.transpose(2, 3)) == x.numel() - 1 and registry.fits_int32(x)
+    assert registry.overlaps(x[0], x[0, 1:]) and not registry.overlaps(x[0], x[1])  # one storage, apart
+    assert not registry.overlaps(x, x.clone())
+    assert registry._reason_kind("scale -1.0 is not > 0") == registry._reason_kind("scale 2e-3 is not > 0")
+    assert registry._reason_kind("dtype torch.float16") != registry._reason_kind("dtype torch.float64")
 
 
 def test_counts_record_what_ran(toy_op):
