@@ -97,11 +97,12 @@ CONFIGS = {
 }
 # fp32 inputs (DOT_PRECISION "ieee": FMA dots on CUDA cores, no wgmma) hold the score tile, q and the
 # accumulator in fp32 registers, so they get smaller tiles, one table for every forward length. Each
-# row is the largest candidate that compiled for sm_90 without spills at the head dims it covers
-# (40, 64, 80, 128, 160, 256; offline compiles through bench.sm90.capture, Triton 3.9 and 3.6). The rule
-# they replace (a 16-bit row with its streamed block halved) spilled 80 B to 23 KB per thread at
-# every head dim, and at D 256 its backward asked for 303-311 KB of shared memory, more than an SM
-# has, so it could not launch. Correct under the interpreter; not yet timed on a GPU.
+# row is one of the largest candidate tiles that compiled for sm_90 without spills at every head dim
+# it covers (40, 64, 80, 128, 160, 256 checked; offline compiles through bench.sm90.capture, Triton
+# 3.9, then the chosen rows under 3.6 too). The rule they replace (the 16-bit row with its streamed
+# block halved) spilled in the forward at every head dim (80 B at D 64 to 16 KB per thread at D 256),
+# and its D 256 dq kernel asked for 296 KB of shared memory, more than an SM has, so it could not
+# launch. Correct under the interpreter; not yet timed on a GPU.
 CONFIGS_FP32 = {
     "fwd": {128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
     "dkdv": {128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
