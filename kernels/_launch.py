@@ -4,7 +4,7 @@
 every argument (a pointer's dtype and 16-byte alignment, an integer's divisibility by 16), turns
 that into a string cache key, looks the compiled kernel up and only then calls its C launcher. On
 the H100 host we measured (Triton 3.6) that dispatch cost 13-16 us for a 3-argument kernel and
-~0.7 us per further argument (see scheduler_step.py); the attention forward has 31 arguments. At
+~0.7 us per further argument (see scheduler_step.py); the attention forward has 35 arguments. At
 SD's batch 1-2 many of these kernels run for less time than that on the device, so eager
 pipelines are bound by host time, and a fused kernel can lose to torch's ops on host cost alone.
 

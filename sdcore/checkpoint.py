@@ -69,12 +69,14 @@ _CLASS_DEFAULTS = {
 # options (how one samples; a pipeline may pick another sampler anyway) are ignored with a warning.
 _SCHEDULE_IMPLEMENTED = {"trained_betas": None, "rescale_betas_zero_snr": False}
 _SAMPLER_IMPLEMENTED = {
-    "*": {"thresholding": False},  # every class
+    # every class (a class without the option has no such key); the sigma spacings are Euler's,
+    # Heun's, LMS's and DPM++'s options alike
+    "*": {"thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+          "use_beta_sigmas": False},
     "DDPMScheduler": {"variance_type": "fixed_small"},
     "DPMSolverMultistepScheduler": {
         "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "final_sigmas_type": "zero",
-        "euler_at_final": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-        "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
+        "euler_at_final": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
         "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False},
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -364,6 +364,7 @@ def test_noise_schedules_sdcore_does_not_implement_are_refused(saved, tmp_path, 
 @pytest.mark.parametrize("raw, needle", [
     ({"thresholding": True}, "thresholding=True is a DDIMScheduler option"),
     ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "use_karras_sigmas=True is a"),
+    ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, "use_karras_sigmas=True is a Euler"),
     ({"_class_name": "DDPMScheduler", "variance_type": "fixed_large"}, "variance_type='fixed_large' is a"),
     ({"_class_name": "LCMScheduler"}, "_class_name 'LCMScheduler' is not a scheduler class whose defaults"),
 ])
