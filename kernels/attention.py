@@ -133,12 +133,23 @@ SPLIT_MASKED_TAIL = False
 
 @register("attention", Backend.REFERENCE)
 def attention_reference(q, k, v, scale=None, causal=False):
-    """Plain torch, materialising the (Lq, Lkv) score matrix; softmax in fp32 (fp64 stays fp64).
+    """Plain torch, materialising the (Lq, Lkv) score matrix, as diffusers' ``AttnProcessor``:
+    scores from one ``baddbmm`` with ``alpha=scale`` in the input dtype, softmax in fp32 (fp64
+    stays fp64). The scale is applied to the GEMM's accumulator before rounding, so a raw q·k
+    beyond fp16's 65504 whose scaled score fits does not overflow (it did when the scale came
+    after an fp16 matmul). A tensor ``scale`` (one that wants a gradient, or one per head) is
+    applied after, in fp32.
 
     ``causal``: query i sees keys j <= i (top-left aligned, as SDPA's ``is_causal``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2))
-    s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale
+    tensor_scale = isinstance(scale, torch.Tensor)
+    (b, h, lq, d), lkv = q.shape, k.shape[-2]
+    q3, k3 = q.reshape(b * h, lq, d), k.reshape(b * h, lkv, d)
+    s = torch.baddbmm(q3.new_empty(b * h, lq, lkv), q3, k3.transpose(1, 2), beta=0,
+                      alpha=1 if tensor_scale else scale)
+    s = s.view(b, h, lq, lkv).to(torch.promote_types(s.dtype, torch.float32))
+    if tensor_scale:
+        s = s * scale
     if causal:
         future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(future, float("-inf"))

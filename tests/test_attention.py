@@ -580,6 +580,27 @@ def test_double_backward_matches_reference(device):
     assert_close(dvs[0], dvs[1].double(), rel=1e-5, name="d|dq|^2/dv")
 
 
+def test_fp16_raw_scores_beyond_fp16_range(device):
+    """q·k of ~102 400 overflows fp16 (max 65 504) but the scaled score, ~12 800, fits: both
+    backends scale before rounding (the reference used to round q·k to fp16 first: inf, then NaN).
+    The kernel keeps scores in fp32, so it is held to fp64. The reference rounds scaled scores to
+    fp16 (ulp 8 at 12 800), as diffusers' attention without upcast does, so it is held to fp64
+    math on those rounded scores."""
+    g = torch.Generator().manual_seed(0)
+    q = (40 + 0.1 * torch.randn(1, 2, 5, 64, generator=g)).to(device, torch.float16)
+    k = (40 + 0.1 * torch.randn(1, 2, 7, 64, generator=g)).to(device, torch.float16)
+    v = torch.randn(1, 2, 7, 64, generator=g).to(device, torch.float16)
+    raw = q.double() @ k.double().transpose(-1, -2)
+    assert raw.min() > 65504, "the test needs raw scores beyond fp16"
+    rounded_scores = (raw * 64 ** -0.5).half().double()
+    with torch.no_grad():
+        for name, got, want in (("triton", attention_triton(q, k, v), attention_fp64(q, k, v)),
+                                ("reference", attention_reference(q, k, v),
+                                 rounded_scores.softmax(-1) @ v.double())):
+            assert got.isfinite().all(), f"{name}: {(~got.isfinite()).sum().item()} non-finite outputs"
+            assert_close(got, want, rel=2e-3, name=f"{name} fp16 with raw scores > 65504")
+
+
 def test_forwards_read_the_table_for_their_key_count(device, monkeypatch):
     """Forwards over <= SHORT_KV keys (cross-attention) read CONFIGS["fwd_short_kv"], over >= LONG_KV
     keys (768 px self-attention) CONFIGS["fwd_long_kv"], others CONFIGS["fwd"], so a sweep can tune
