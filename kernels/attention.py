@@ -49,6 +49,7 @@ kernel vs the fastest SDPA backend (cuDNN unless noted), fp16 / bf16: D=40 4096�
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,9 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtypes, autocast_inputs, dispatch, fits_int32, interpreting, max_offset,
-                       overlaps, overlaps_itself, register, same_view, triton_available)
+from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, dispatch,
+                       fits_int32, interpreting, max_offset, overlaps, overlaps_itself, register, same_view,
+                       triton_available)
 
 LOG2E = math.log2(math.e)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
@@ -759,7 +761,8 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     if not (q.device == k.device == v.device):
         return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
     if q.device.type != "cuda" and not (interpreting() and q.device.type == "cpu"):
-        return f"input on {q.device.type}; the Triton kernel needs CUDA (or CPU with TRITON_INTERPRET=1)"
+        return (f"input on {q.device.type}; the Triton kernel needs CUDA (or CPU with TRITON_INTERPRET=1 set "
+                "before importing kernels)")
     why = triton_available()
     if why:
         return why
@@ -848,8 +851,15 @@ def attention(q, k, v, scale=None, causal=False):
     """softmax(q kᵀ · scale) v over the last two dims; q: (B, H, Lq, D), k, v: (B, H, Lkv, D).
 
     ``causal=True`` lets query i see keys j <= i only (top-left aligned; the CLIP text encoder)."""
+    check_floating("attention", q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, H, L, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype and autocast_dtype(q.device.type) is None:  # autocast casts them
+        raise TypeError(f"attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} differ (outside autocast "
+                        "they must match, as for torch's matmul and SDPA)")
+    if not (scale is None or isinstance(scale, torch.Tensor)
+            or (isinstance(scale, numbers.Real) and not isinstance(scale, bool))):
+        raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")
     return dispatch("attention", q, k, v, scale, causal)

@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
-from .registry import (Backend, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself,
-                       register, triton_available)
+from .registry import (Backend, autocast_dtype, check_floating, dispatch, fits_int32, interpreting, max_offset,
+                       overlaps, overlaps_itself, register, triton_available)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -93,6 +93,7 @@ MIN_CHUNK = 256  # one launch: elements a program normalises, at least (unless w
 STATS_LOADS_PER_THREAD = 8  # one launch: vector loads per thread per statistics tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @register("group_norm_silu", Backend.REFERENCE)
@@ -738,6 +739,13 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
     if not fits_int32(x, 1):
         return (f"x{tuple(x.shape)} with strides {x.stride()} spans {max_offset(x, 1)} elements within a sample; "
                 "the kernels index a sample in 32 bits (below 2**31): pass a contiguous copy")
+    return _params_problem(x, weight, bias)
+
+
+def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
+    """Why weight / bias do not fit x, or None: (C,) tensors on x's device, in x's dtype or, with
+    16-bit x, float32 (as torch's group_norm takes them); ``any_dtype``: under autocast, which
+    casts every input of group_norm to fp32."""
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -745,8 +753,8 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
             return f"{name} shape {tuple(p.shape)} is not (C,) = ({x.shape[1]},)"
         if p.device != x.device:
             return f"{name} is on {p.device}, x on {x.device}"
-        if p.dtype not in (x.dtype, torch.float32):  # fp32 weights with 16-bit x: as torch's group_norm
-            return f"{name} dtype {p.dtype}: must be x's ({x.dtype}) or float32"
+        if p.dtype != x.dtype and not any_dtype and not (p.dtype == torch.float32 and x.dtype in _HALF):
+            return f"{name} dtype {p.dtype}: must be x's ({x.dtype}), or float32 with 16-bit x"
     return None
 
 
@@ -800,9 +808,14 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"group_norm_silu: groups must be a positive int, got {groups!r}")
     groups = int(groups)  # numpy integers too, as torch's group_norm takes them
+    check_floating("group_norm_silu", x=x, weight=weight, bias=bias)
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x{tuple(x.shape)} needs (N, C, *spatial) dims")
     if x.shape[1] % groups:
-        raise ValueError(f"group_norm_silu: channels {tuple(x.shape)[1:2]} of x{tuple(x.shape)} "
+        raise ValueError(f"group_norm_silu: {x.shape[1]} channels of x{tuple(x.shape)} "
                          f"not divisible by groups={groups}")
+    if why := _params_problem(x, weight, bias, any_dtype=autocast_dtype(x.device.type) is not None):
+        raise ValueError(f"group_norm_silu: {why}")
+    if not (isinstance(eps, numbers.Real) and eps >= 0):  # a negative eps gives NaN where a group is flat
+        raise ValueError(f"group_norm_silu: eps must be a number >= 0, got {eps!r}")
     return dispatch("group_norm_silu", x, weight, bias, groups, eps, activation)

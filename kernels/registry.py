@@ -197,6 +197,26 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
     return None
 
 
+def check_floating(op: str, allow_bool: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> None:
+    """The checks every backend needs, made by each op before dispatch: every named argument that
+    is not None is a floating-point tensor (a bool one where named in ``allow_bool``) on the first
+    one's device. Raises TypeError / ValueError naming the argument (the reference would otherwise
+    return zeros for int inputs, or garbage for a meta tensor)."""
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} is a {type(t).__name__}, not a tensor")
+        if not (t.is_floating_point() or (t.dtype == torch.bool and name in allow_bool)):
+            raise TypeError(f"{op}: {name} dtype {t.dtype} is not floating point"
+                            + (" or bool" if name in allow_bool else ""))
+        if first is None:
+            first = name, t.device
+        elif t.device != first[1]:
+            raise ValueError(f"{op}: {name} is on {t.device}, {first[0]} on {first[1]}")
+
+
 def triton_available() -> str | None:
     """None when Triton imports, else why not (tried once, when kernels was imported)."""
     return _triton.IMPORT_ERROR

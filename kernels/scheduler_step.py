@@ -48,7 +48,8 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import Backend, dispatch, interpreting, overlaps, register, same_view, triton_available
+from .registry import (Backend, check_floating, dispatch, interpreting, overlaps, register, same_view,
+                       triton_available)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class StepCoefficients:
 def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out=None, out_x0=None):
     if not isinstance(coeffs, StepCoefficients):
         raise TypeError(f"scheduler_step: coeffs must be StepCoefficients, got {type(coeffs).__name__}")
+    check_floating("scheduler_step", ("mask",), x=x, model_output=model_output, model_output_uncond=model_output_uncond,
+                   noise=noise, prev_x0=prev_x0, mask=mask, known=known, out=out, out_x0=out_x0)
     for name, t in (("model_output", model_output), ("model_output_uncond", model_output_uncond),
                     ("noise", noise), ("prev_x0", prev_x0), ("out", out), ("out_x0", out_x0)):
         if t is not None and t.shape != x.shape:
@@ -139,6 +142,9 @@ def scheduler_step(x, model_output, coeffs: StepCoefficients, *, model_output_un
     out / out_x0: optional preallocated outputs (x's shape and dtype), e.g. NaN-poisoned in tests.
     """
     _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out, out_x0)
+    if model_output_uncond is None and guidance_scale != 1.0:
+        raise ValueError(f"scheduler_step: guidance_scale={guidance_scale} needs model_output_uncond "
+                         "(without it there is nothing to guide)")
     return dispatch("scheduler_step", x, model_output, coeffs, model_output_uncond, float(guidance_scale),
                     noise, prev_x0, mask, known, bool(return_x0), out, out_x0)
 

@@ -20,6 +20,7 @@ import kernels
 from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_BLOCK_C, MAX_TILE, MAX_WARPS, MIN_CHUNK,
                                      PROGRAMS_PER_SM, SINGLE_PASS_MAX_GROUP, SINGLE_PASS_STATS_READS,
                                      group_norm_silu_triton, launch_config)
+from kernels import registry
 from numerics import assert_close, assert_within_torch_error
 
 # dtype -> tolerance: fp32 by max relative error vs fp64; half precision by the 2x-torch rule
@@ -469,17 +470,18 @@ def test_samples_over_2_31_elements_are_refused(device):
         kernels.group_norm_silu(x, None, None, 32)
 
 
-def test_explicit_backend_refuses_unsupported_input():
+def test_triton_check_names_what_it_refuses():
+    """The backend's own check (what resolve(), describe() and bench read) names each limit; the op
+    refuses the same inputs before dispatch, for every backend (tests/test_registry.py)."""
     x = torch.randint(0, 10, (1, 32, 4, 4))
-    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="int64"):
-        kernels.group_norm_silu(x, None, None, 8)
     xf, w = torch.randn(1, 32, 4, 4), torch.randn(32, dtype=torch.float64)
-    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match="weight"):
-        kernels.group_norm_silu(xf, w, None, 8)
-    with kernels.use(group_norm_silu="triton"), pytest.raises(
-            kernels.BackendUnsupported, match=r"bias dtype torch.float16: must be x's \(torch.float32\) or float32"):
-        kernels.group_norm_silu(xf, None, torch.randn(32).half(), 8)
-    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported, match=r"\(16,\)"):
+    check = importlib.import_module("kernels.group_norm_silu")._check_triton
+    assert "int64" in check(x, None, None, 8)
+    if registry.interpreting() and registry.triton_available() is None:  # else the device is refused first
+        assert "weight dtype torch.float64: must be x's (torch.float32)" in check(xf, w, None, 8)
+        assert "bias dtype torch.float16: must be x's (torch.float32)" in check(xf, None, torch.randn(32).half(), 8)
+        assert "weight shape (16,) is not (C,) = (32,)" in check(xf, torch.randn(16), None, 8)
+    with kernels.use(group_norm_silu="triton"), pytest.raises(ValueError, match=r"weight shape \(16,\)"):
         kernels.group_norm_silu(xf, torch.randn(16), None, 8)
 
 

@@ -317,6 +317,62 @@ def test_view_helpers():
     assert registry._reason_kind("dtype torch.float16") != registry._reason_kind("dtype torch.float64")
 
 
+def _bad_op_calls():
+    """(id, call, error type, message needle): inputs no backend can take, refused by the op itself
+    before dispatch, so the reference (the CPU default) does not return zeros or garbage."""
+    from kernels.scheduler_step import StepCoefficients
+    q, w, x = torch.randn(1, 2, 3, 8), torch.ones(4), torch.randn(1, 4, 3, 3)
+    k = StepCoefficients(c0=1.0)
+    return [
+        ("attention int", lambda: kernels.attention(q.int(), q.int(), q.int()), TypeError,
+         "attention: q dtype torch.int32 is not floating point"),
+        ("attention meta k", lambda: kernels.attention(q, q.to("meta"), q), ValueError, "attention: k is on meta, q on cpu"),
+        ("attention fp32/fp64", lambda: kernels.attention(q, q.double(), q.double()), TypeError,
+         "q, k, v dtypes torch.float32, torch.float64, torch.float64 differ"),
+        ("attention scale str", lambda: kernels.attention(q, q, q, "a"), TypeError, "scale must be None, a number or a tensor"),
+        ("attention list v", lambda: kernels.attention(q, q, [1.0]), TypeError, "attention: v is a list, not a tensor"),
+        ("gn int x", lambda: kernels.group_norm_silu(x.int(), w, w, 2), TypeError,
+         "group_norm_silu: x dtype torch.int32 is not floating point"),
+        ("gn fp64 x fp32 weight", lambda: kernels.group_norm_silu(x.double(), w, w, 2), ValueError,
+         r"weight dtype torch.float32: must be x's \(torch.float64\), or float32 with 16-bit x"),
+        ("gn weight shape", lambda: kernels.group_norm_silu(x, torch.ones(3), None, 2), ValueError,
+         r"weight shape \(3,\) is not \(C,\) = \(4,\)"),
+        ("gn meta bias", lambda: kernels.group_norm_silu(x, w, w.to("meta"), 2), ValueError, "bias is on meta, x on cpu"),
+        ("gn eps < 0", lambda: kernels.group_norm_silu(x, w, w, 2, eps=-1), ValueError, "eps must be a number >= 0, got -1"),
+        ("step int noise", lambda: kernels.scheduler_step(x, x, k, noise=x.int()), TypeError,
+         "scheduler_step: noise dtype torch.int32 is not floating point"),
+        ("step int mask", lambda: kernels.scheduler_step(x, x, k, mask=x.int(), known=x), TypeError,
+         "mask dtype torch.int32 is not floating point or bool"),
+        ("step guidance alone", lambda: kernels.scheduler_step(x, x, k, guidance_scale=7.5), ValueError,
+         "guidance_scale=7.5 needs model_output_uncond"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", None], ids=["reference", "default"])
+@pytest.mark.parametrize("case", range(len(_bad_op_calls())), ids=[c[0] for c in _bad_op_calls()])
+def test_ops_refuse_inputs_no_backend_takes(case, backend):
+    """Ints, mixed devices and dtypes, a str scale, a negative eps, guidance without an
+    unconditional output: named errors, whichever backend is chosen."""
+    _, call, err, needle = _bad_op_calls()[case]
+    with kernels.use(backend) if backend else contextlib.nullcontext(), pytest.raises(err, match=needle):
+        call()
+
+
+def test_ops_still_take_what_torch_takes():
+    """The checks above leave alone what torch's ops take: fp32 weights with 16-bit x, a bool RePaint
+    mask, mixed dtypes in a step (it computes in fp32), mixed q/k/v dtypes under autocast."""
+    from kernels.scheduler_step import StepCoefficients
+    x16 = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16)
+    with kernels.use("reference"):
+        assert kernels.group_norm_silu(x16, torch.ones(4), torch.zeros(4), 2).dtype == torch.bfloat16
+        x = torch.randn(1, 4, 3, 3)
+        prev, _ = kernels.scheduler_step(x, x.half(), StepCoefficients(c0=1.0), mask=x > 0, known=x)
+        assert prev.isfinite().all()
+        q = torch.randn(1, 2, 3, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernels.attention(q, q.bfloat16(), q).dtype == torch.bfloat16
+
+
 def test_counts_record_what_ran(toy_op):
     kernels.reset_counts()
     registry.dispatch("toy_op", torch.ones(1))

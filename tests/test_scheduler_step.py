@@ -35,7 +35,7 @@ def inputs(shape, device="cpu", dtype=torch.float32, seed=0, mask="broadcast"):
 def call(d, coeffs, *, cfg=True, mask=True, **kw):
     return kernels.scheduler_step(
         d["x"], d["model_output"], coeffs, model_output_uncond=d["model_output_uncond"] if cfg else None,
-        guidance_scale=7.5, noise=d["noise"], prev_x0=d["prev_x0"],
+        guidance_scale=7.5 if cfg else 1.0, noise=d["noise"], prev_x0=d["prev_x0"],
         mask=d.get("mask") if mask else None, known=d["known"] if mask and "mask" in d else None, **kw)
 
 
