@@ -37,6 +37,7 @@ _DIFFUSERS = {  # component -> (sub-folder, weight file stems, convert module)
     "vae": ("vae", "diffusion_pytorch_model", "vae"),
     "text_encoder": ("text_encoder", "model", "clip"),
 }
+_TEXT_MODEL = "text_model."  # transformers' CLIPTextModel key prefix in hub files (not in >= 5.6's own)
 _BETA_SCHEDULES = {"squaredcos_cap_v2": "cosine"}  # diffusers name -> ours
 # diffusers scheduler class <-> our sampler name (sdcore.schedulers.SCHEDULERS); other classes
 # (e.g. SD 1.5's PNDMScheduler) keep the default sampler, the schedule itself is read all the same.
@@ -189,15 +190,75 @@ class _TensorFile:
         """Shape-only stand-ins, for running layout conversions without reading any data."""
         return {k: torch.empty(s, device="meta") for k, s in self.shapes.items()}
 
+    def holder(self, key: str) -> str:
+        """Where ``key`` is stored, for messages that name the weight file: nothing to add here."""
+        return ""
 
-def _weights_file(folder: Path, stem: str) -> Path:
+
+class _ShardedFile:
+    """Sharded weights: an index (``*.safetensors.index.json`` / ``*.bin.index.json``, as
+    diffusers' and transformers' ``save_pretrained`` write past ``max_shard_size``) whose
+    ``weight_map`` names the shard holding each key. The same interface as :class:`_TensorFile`;
+    each key is read from the shard the index names, and a shard must hold exactly the keys the
+    index gives it (a key in two shards, or in none, would otherwise be loaded by chance)."""
+
+    config_json = None
+
+    def __init__(self, index: Path):
+        self.path = index
+        try:
+            raw = json.loads(index.read_text())
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{index}: not a readable JSON file: {e}") from e
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) and v for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no weight_map of key -> shard file name")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (index.parent / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file{'s' if len(missing) > 1 else ''} not found in "
+                                  f"{index.parent}: {', '.join(missing)}")
+        self._shards = {n: _TensorFile(index.parent / n) for n in names}
+        problems = []
+        for name, shard in self._shards.items():
+            listed = {k for k, v in weight_map.items() if v == name}
+            if listed - shard.shapes.keys():
+                problems.append(f"{name} lacks {_summary(listed - shard.shapes.keys())}, which the index puts there")
+            stray = [f"{k} (index: {weight_map[k]})" if k in weight_map else k
+                     for k in shard.shapes.keys() - listed]
+            if stray:
+                problems.append(f"{name} holds keys the index puts elsewhere or nowhere: {_summary(stray)}")
+        if problems:
+            raise CheckpointError(f"{index} does not match its shards: " + "; ".join(problems))
+        self._where = {k: self._shards[v] for k, v in weight_map.items()}
+        self.shapes = {k: f.shapes[k] for k, f in self._where.items()}
+
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._where[key].read(key, dtype, device)
+
+    meta = _TensorFile.meta
+
+    def holder(self, key: str) -> str:
+        return f" (in {self._where[key].path.name})" if key in self._where else ""
+
+
+def _weights_file(folder: Path, stem: str) -> _TensorFile | _ShardedFile:
+    """The component's weights: one file, else a shard index (diffusers' and transformers' names,
+    fp16 variant included)."""
     names = [f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors"]
     if stem == "model":  # transformers' name for .bin weights
         names[1] = "pytorch_model.bin"
     for name in names:
         if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
+            return _TensorFile(folder / name)
+    indexes = [n.replace(".fp16.safetensors", ".safetensors.index.fp16.json") if ".fp16." in n
+               else n + ".index.json" for n in names]
+    for name in indexes:
+        if (folder / name).is_file():
+            return _ShardedFile(folder / name)
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)}, and the sharded "
+                          f"{', '.join(indexes)})")
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -269,7 +330,7 @@ class DiffusersFolder:
                 self.configs[comp] = _convert(conv).config_from_diffusers(json.loads(cfg_path.read_text()))
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{cfg_path}: cannot read this config: {e}") from e
-            self.files[comp] = _TensorFile(_weights_file(path / sub, stem))
+            self.files[comp] = _weights_file(path / sub, stem)
         tok = path / "tokenizer"
         self.tokenizer_folder = tok if tok.is_dir() else None
 
@@ -278,7 +339,12 @@ class DiffusersFolder:
         if prediction_type is not None:
             sched = sched.replace(prediction_type=prediction_type)
         unet, vae = self.configs["unet"], self.configs["vae"]
-        sample = json.loads((self.path / "unet" / "config.json").read_text()).get("sample_size", 64)
+        cfg_path = self.path / "unet" / "config.json"
+        sample = json.loads(cfg_path.read_text()).get("sample_size", 64)
+        if isinstance(sample, list) and len(sample) == 2 and sample[0] == sample[1]:
+            sample = sample[0]  # diffusers also takes (height, width); sdcore's image_size is square
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0:
+            raise CheckpointError(f"{cfg_path}: sample_size must be a positive integer (or [n, n]), got {sample!r}")
         return SDConfig(self.path.name, unet=unet, vae=vae, text_encoder=self.configs["text_encoder"],
                         scheduler=sched, image_size=sample * 2 ** (len(vae.ch_mult) - 1))
 
@@ -297,8 +363,9 @@ class DiffusersFolder:
         return out
 
     def check_shapes(self, expected: Mapping[str, tuple]) -> None:
-        """Shape mismatches named as they are on disk (weight file, diffusers key), before the
-        converted keys reach :func:`check_state_dict` (which names keys in the LDM layout)."""
+        """Shape mismatches (and the text encoder's missing keys) named as they are on disk (weight
+        file, key as stored), before the converted keys reach :func:`check_state_dict` (which names
+        keys in the LDM layout). The UNet's and VAE's converters name missing keys themselves."""
         for comp, f in self.files.items():
             prefix = COMPONENTS[comp]
             ours = {k[len(prefix):]: torch.empty(v, device="meta") for k, v in expected.items() if k.startswith(prefix)}
@@ -306,8 +373,16 @@ class DiffusersFolder:
                 want = _convert(_DIFFUSERS[comp][2]).ldm_to_diffusers(ours, self.configs[comp])
             except (KeyError, RuntimeError, ValueError):  # the model's own keys convert; leave it to the LDM check
                 continue
-            bad = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(f.shapes[k])}" for k in sorted(f.shapes)
-                   if k in want and not _same_weight_shape(tuple(want[k].shape), tuple(f.shapes[k]))]
+            want = {k: tuple(v.shape) for k, v in want.items()}
+            if comp == "text_encoder":  # transformers >= 5.6 stores text_model.* without the prefix
+                prefixed = any(k.startswith(_TEXT_MODEL) for k in f.shapes)
+                want = {k if prefixed else k.removeprefix(_TEXT_MODEL): v for k, v in want.items()}
+                gone = [k for k in want if k not in f.shapes and not k.endswith(OPTIONAL_KEYS)]
+                if gone:
+                    raise CheckpointError(f"{f.path} does not match the model's {comp}: missing keys: "
+                                          f"{_summary(gone)}")
+            bad = [f"{k}{f.holder(k)}: expected {want[k]}, got {tuple(f.shapes[k])}" for k in sorted(f.shapes)
+                   if k in want and not _same_weight_shape(want[k], tuple(f.shapes[k]))]
             if bad:
                 raise CheckpointError(f"{f.path} does not match the model's {comp}: {len(bad)} shape mismatches: "
                                       + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
@@ -337,7 +412,8 @@ def open_checkpoint(path) -> SingleFile | DiffusersFolder:
 
 
 def scheduler_from_diffusers(path: Path) -> SchedulerConfig:
-    """A diffusers ``scheduler_config.json`` as SchedulerConfig, the schedule diffusers builds from it:
+    """A diffusers ``scheduler_config.json`` as SchedulerConfig, the schedule diffusers builds from it
+    (SchedulerConfig's SD defaults, with a warning, where the file is missing):
     absent fields take the ``_class_name`` class's defaults, and ``sampler`` follows the class where
     sdcore has that sampler. CheckpointError for unreadable JSON, invalid values or a noise schedule
     sdcore does not implement (``trained_betas``, ``rescale_betas_zero_snr``); a warning for an
@@ -345,7 +421,12 @@ def scheduler_from_diffusers(path: Path) -> SchedulerConfig:
     from .schedulers import check_config
 
     if not path.is_file():
-        return SchedulerConfig()
+        default = SchedulerConfig()
+        warnings.warn(f"{path.parent.parent}: no {path.parent.name}/{path.name}; using sdcore's default (SD's) "
+                      f"schedule: {default.beta_schedule} betas {default.beta_start}..{default.beta_end} over "
+                      f"{default.num_train_timesteps} steps, {default.prediction_type} prediction, "
+                      f"{default.timestep_spacing} spacing, sampler {default.sampler}", stacklevel=4)
+        return default
     try:
         raw = json.loads(path.read_text())
     except (ValueError, OSError) as e:

@@ -215,12 +215,12 @@ class OpenCLIPText(nn.Module):
 
 
 class TextEncoderOutput(NamedTuple):
-    hidden_states: torch.Tensor  # (B, 77, width): final LN of layer L - clip_skip + 1
+    hidden_states: torch.Tensor  # (B, T, width), T tokens (77): final LN of layer L - clip_skip + 1
     pooled: torch.Tensor  # (B, projection_dim or width): final LN of layer L at EOS, @ text_projection
 
 
 class TextEncoder(nn.Module):
-    """CLIP text encoder: ``TextEncoder(cfg)(ids)`` -> (B, 77, width) context for the UNet."""
+    """CLIP text encoder: ``TextEncoder(cfg)(ids)`` -> (B, T = 77, width) context for the UNet."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -231,6 +231,9 @@ class TextEncoder(nn.Module):
             self.model = OpenCLIPText(cfg)
         else:
             raise ValueError(f"unknown text encoder kind {cfg.kind!r}; expected 'clip' or 'openclip'")
+        if cfg.heads <= 0 or cfg.width % cfg.heads:  # as transformers' CLIPAttention refuses it
+            raise ValueError(f"text encoder width (hidden_size) {cfg.width} is not divisible by its "
+                             f"{cfg.heads} attention heads (num_attention_heads)")
         activation(torch.zeros(()), cfg.act)  # fail at construction on an unknown activation
 
     @property
@@ -242,9 +245,12 @@ class TextEncoder(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise TypeError(f"ids must be an integer tensor (torch.long) of token ids, got {got}")
-        if ids.dim() != 2 or ids.shape[1] != cfg.max_length:
-            raise ValueError(f"ids must have shape (batch, {cfg.max_length}), got {tuple(ids.shape)}; "
-                             "use sdcore.tokenizer.CLIPTokenizer to pad prompts")
+        if ids.dim() != 2 or not 1 <= ids.shape[1] <= cfg.max_length:
+            # Any length up to the position table, as in transformers; the tokenizer pads to its max_length.
+            raise ValueError(f"ids must have shape (batch, T) with 1 <= T <= {cfg.max_length} (the text "
+                             f"encoder's position embeddings), got {tuple(ids.shape)}; a tokenizer must pad "
+                             f"to at most {cfg.max_length} (CLIPTokenizer's max_length, a tokenizer folder's "
+                             "model_max_length)")
         if ids.shape[0] == 0:
             raise ValueError(f"ids{tuple(ids.shape)} hold no prompt (batch 0)")
         lo, hi = int(ids.min()), int(ids.max())  # one host sync per prompt batch
@@ -262,7 +268,8 @@ class TextEncoder(nn.Module):
         return x
 
     def forward(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-        """(B, 77) ids -> (B, 77, width): final LN of the output of layer L - (clip_skip - 1).
+        """(B, T) ids -> (B, T, width), T <= max_length (77): final LN of the output of layer
+        L - (clip_skip - 1).
 
         ``clip_skip`` (default ``cfg.clip_skip``): 1 = last layer (SD 1.x), 2 = penultimate (SD 2.x).
         Layers after the output layer are not run.
@@ -274,11 +281,16 @@ class TextEncoder(nn.Module):
         """Pooled text feature: ``last_hidden`` (final LN of the LAST layer) at the EOS position,
         @ text_projection where the model has one.
 
-        EOS is found as ``ids.argmax(-1)``: <|endoftext|> = 49407 is the highest id and argmax
-        returns the first maximum, so this is the first EOS even when padding is EOS too (same as
-        transformers). A row without EOS pools at its highest id instead.
+        The position is transformers' CLIPTextTransformer's: with ``cfg.eos_token_id == 2`` (legacy
+        configs, and our presets: OpenAI CLIP and OpenCLIP pool so) ``ids.argmax(-1)``, the first
+        highest id, which is the first <|endoftext|> = 49407 unless an added token (id > 49407,
+        e.g. textual inversion) precedes it; otherwise the first position where ids == eos_token_id,
+        which added tokens do not move. A row without that token pools at its highest id (argmax)
+        or at position 0 (no match), as transformers does.
         """
-        pooled = last_hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        eos = self.cfg.eos_token_id
+        where = ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
+        pooled = last_hidden[torch.arange(ids.shape[0], device=ids.device), where]
         proj = self.tower.projection
         return pooled if proj is None else pooled @ proj
 

@@ -82,6 +82,10 @@ class TextEncoderConfig:
     projection_dim: int = 768  # text_projection (pooled output); 0 = no projection head (diffusers SD 2 folders)
     clip_skip: int = 1  # 1 = last layer; 2 = penultimate (SD 2.x's choice)
     pad_token: str = "<|endoftext|>"  # SD 2.x tokenizers pad with "!"
+    # Where the pooled feature is read, as transformers' CLIPTextTransformer decides it: 2 (the value
+    # of configs written before transformers PR #24773, the SD 1.5/2.1 hub folders') = at the highest
+    # id (argmax), as OpenAI CLIP and OpenCLIP pool; any other value = the first position of that id.
+    eos_token_id: int = 2
 
     def replace(self, **changes) -> "TextEncoderConfig":
         return _replace(self, **changes)

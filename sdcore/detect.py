@@ -45,7 +45,7 @@ CONFIG_KEY = "sdcore_config"  # safetensors metadata / .ckpt entry holding SDCon
 # whose single file has no projection).
 _FREE = {"unet": ("num_heads", "num_head_channels", "norm_groups", "norm_eps"),
          "vae": ("norm_groups", "norm_eps", "scaling_factor", "logvar_clamp"),
-         "text_encoder": ("heads", "act", "layer_norm_eps", "clip_skip", "pad_token")}
+         "text_encoder": ("heads", "act", "layer_norm_eps", "clip_skip", "pad_token", "eos_token_id")}
 
 
 class CheckpointError(ValueError):

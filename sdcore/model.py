@@ -150,11 +150,13 @@ class StableDiffusion(nn.Module):
                     device="cpu") -> "StableDiffusion":
         """Any SD 1.x/2.x-family architecture (``SDConfig.preset(...).replace(...)``) with seeded
         random weights, e.g. to benchmark a UNet variant before any checkpoint exists."""
-        from .tokenizer import CLIPTokenizer
+        from .tokenizer import MAX_LENGTH, CLIPTokenizer
 
         _check_dtype(dtype)
         device = torch.device(device)
-        model = cls.skeleton(config, CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token))
+        text = config.text_encoder
+        model = cls.skeleton(config, CLIPTokenizer.default_or_missing(
+            pad_token=text.pad_token, max_length=min(MAX_LENGTH, text.max_length)))
         state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
         return model._adopt(state, dtype, device)
 
@@ -189,9 +191,11 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     ``prediction_type`` ("epsilon" | "v_prediction" | "sample") overrides the folder's scheduler
     config; ``tokenizer`` (a CLIPTokenizer or a tokenizer folder) overrides the folder's tokenizer,
     or the default CLIP tokenizer for single files. Raises FileNotFoundError, or CheckpointError
-    naming the file and the problem, before any model is built.
+    naming the file and the problem, before any model is built. The tokenizer must fit the text
+    encoder: its ids below the encoder's vocab_size, its max_length at most the encoder's positions
+    (a tokenizer folder without a model_max_length pads to min(77, positions)).
     """
-    from .tokenizer import CLIPTokenizer
+    from .tokenizer import MAX_LENGTH, CLIPTokenizer
 
     _check_dtype(dtype)
     if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
@@ -199,11 +203,15 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     device = torch.device(device)
     source = checkpoint.open_checkpoint(path)
     config = source.config(prediction_type)
+    length = min(MAX_LENGTH, config.text_encoder.max_length)  # when the tokenizer does not say
+    tok_source = (tokenizer if isinstance(tokenizer, (str, Path)) else "the tokenizer argument" if tokenizer is not None
+                  else source.tokenizer_folder or "the default CLIP tokenizer")
     if tokenizer is None:
-        tokenizer = (CLIPTokenizer.from_folder(source.tokenizer_folder) if source.tokenizer_folder
-                     else CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token))
+        tokenizer = (_tokenizer_folder(source.tokenizer_folder, length) if source.tokenizer_folder
+                     else CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token, max_length=length))
     elif isinstance(tokenizer, (str, Path)):
-        tokenizer = CLIPTokenizer.from_folder(Path(tokenizer))
+        tokenizer = _tokenizer_folder(Path(tokenizer), length)
+    _check_tokenizer(tokenizer, config, tok_source, source.path)
     if getattr(tokenizer, "pad_token", config.text_encoder.pad_token) != config.text_encoder.pad_token:
         # The tokenizer is what pads; keep the config consistent with it.
         config = config.replace(text_encoder=config.text_encoder.replace(pad_token=tokenizer.pad_token))
@@ -219,6 +227,37 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     state.update({k: torch.tensor(LOGIT_SCALE_INIT, dtype=dtype, device=device) for k in optional
                   if k.endswith("logit_scale")})
     return model._adopt(state, dtype, device)
+
+
+def _tokenizer_folder(folder: Path, length: int):
+    from .tokenizer import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_folder(folder, default_max_length=length)
+    except ValueError as e:  # the message names the folder or file
+        raise CheckpointError(str(e)) from e
+
+
+def _check_tokenizer(tokenizer, config: SDConfig, where, model_path) -> None:
+    """The tokenizer's ids and length fit the text encoder, so a prompt cannot fail (or index
+    out of range) at sampling time; and it has the token the text encoder pools at."""
+    text = config.text_encoder
+    max_id, max_length = getattr(tokenizer, "max_id", None), getattr(tokenizer, "max_length", None)
+    if max_id is not None and max_id >= text.vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has ids up to {max_id} ({max_id + 1} tokens, added ones included) but the "
+            f"text encoder of {model_path} has a vocabulary of {text.vocab_size} (vocab_size); resize the text "
+            "encoder's token embeddings to the tokenizer (e.g. after adding textual-inversion tokens)")
+    if max_length is not None and max_length > text.max_length:
+        raise CheckpointError(
+            f"{where}: the tokenizer pads prompts to {max_length} tokens (max_length, a tokenizer folder's "
+            f"model_max_length) but the text encoder of {model_path} has {text.max_length} positions "
+            "(max_position_embeddings); the tokenizer's length must not exceed them")
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is not None and text.eos_token_id != 2 and text.eos_token_id != eos:
+        raise CheckpointError(
+            f"{where}: the text encoder of {model_path} pools at token id {text.eos_token_id} (eos_token_id), "
+            f"but the tokenizer's <|endoftext|> is id {eos}, so no prompt would have that token")
 
 
 __all__ = ["CheckpointError", "StableDiffusion", "load"]

@@ -10,11 +10,19 @@ The pipeline is the one ``transformers.CLIPTokenizer`` builds (so ids match it e
    256 bytes, 256 bytes + ``</w>``, one id per merge, then ``<|startoftext|>`` = 49406 and
    ``<|endoftext|>`` = 49407 (the highest id, which is how the text encoder finds it).
 
-Every prompt becomes exactly 77 ids: ``<|startoftext|>``, at most 75 content tokens,
-``<|endoftext|>``, then padding: ``<|endoftext|>`` for SD 1.x, ``"!"`` (id 0) for SD 2.x.
+Every prompt becomes exactly ``max_length`` ids (77, or a folder's ``model_max_length``):
+``<|startoftext|>``, at most ``max_length - 2`` content tokens, ``<|endoftext|>``, then padding:
+``<|endoftext|>`` for SD 1.x, ``"!"`` (id 0) for SD 2.x.
 Longer prompts are truncated with a warning naming the prompt (index and text) and the tokens dropped.
 As in transformers, the pad token is a special token, so with SD 2's "!" every "!" in a prompt
 becomes id 0 (diffusers' behaviour; OpenCLIP's own tokenizer would merge "!!!" into one token).
+
+Added tokens (``tokenizer.add_tokens([...])``, e.g. textual inversion) keep their ids and flags
+(``normalized``, ``lstrip``, ``rstrip``, ``single_word``, ``special``). A ``normalized`` one is matched
+in the normalised (lower-cased) prompt, so "<CAT-TOY>" is the added "<cat-toy>": that is
+``tokenizers``' rule, which transformers 5 (one CLIPTokenizer) and 4.x's CLIPTokenizerFast follow.
+4.x's slow Python CLIPTokenizer matches added tokens case-sensitively instead ("<CAT-TOY>" -> BPE
+pieces); both agree on a prompt that spells the token as it was added.
 """
 from __future__ import annotations
 
@@ -32,6 +40,10 @@ from tokenizers.models import BPE
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context length: BOS + 75 tokens + EOS
+# transformers writes model_max_length = int(1e30) (VERY_LARGE_INTEGER) for "no limit known"; any
+# value from its LARGE_INTEGER = int(1e20) up is such a placeholder, not a context length.
+_UNSET_LENGTH = int(1e20)
+_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")  # AddedToken's, as transformers saves them
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # transformers.CLIPTokenizer's pre-tokenizer regex (OpenAI's, with \p{L} / \p{N} classes)
 _PRETOKENIZE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -78,11 +90,18 @@ def default_bpe_path() -> Path:
         "CLIPTokenizer.from_folder(path) (a diffusers `tokenizer/` folder: vocab.json + merges.txt).")
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable JSON file: {e}") from e
+
+
 def _read_pad_token(folder: Path) -> str | None:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            pad = _read_json(path).get("pad_token")
             if isinstance(pad, dict):  # serialised AddedToken
                 pad = pad.get("content")
             if pad:
@@ -90,22 +109,103 @@ def _read_pad_token(folder: Path) -> str | None:
     return None
 
 
+def _read_max_length(folder: Path) -> int | None:
+    """tokenizer_config.json's ``model_max_length``; None where absent or transformers' "no limit"."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path).get("model_max_length")
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e30 written as a float
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+        raise ValueError(f"{path}: model_max_length must be an integer >= 3 (BOS, a token, EOS), got {value!r}")
+    return None if value >= _UNSET_LENGTH else value
+
+
+def _read_added_tokens(folder: Path) -> dict[int, dict]:
+    """id -> {"content", *_FLAGS} of every added token, from all the places transformers writes them:
+    tokenizer.json "added_tokens" (transformers >= 5, and 4.x's fast tokenizers),
+    tokenizer_config.json "added_tokens_decoder" (4.x >= 4.34), added_tokens.json (4.x, content -> id
+    only: flags as 4.x gives them on load, special for ``additional_special_tokens``). A token named
+    twice must have one id and an id one token."""
+    found: dict[int, tuple[dict, Path]] = {}
+
+    def add(tid, token, path: Path):
+        if isinstance(tid, str) and tid.isdigit():
+            tid = int(tid)
+        content = token.get("content") if isinstance(token, dict) else None
+        if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0 or not isinstance(content, str) or not content:
+            raise ValueError(f"{path}: added token {token!r} with id {tid!r}: needs a non-empty content and an id >= 0")
+        if tid in found and found[tid][0]["content"] != content:
+            raise ValueError(f"added token id {tid} is {found[tid][0]['content']!r} in {found[tid][1]} but "
+                             f"{content!r} in {path}")
+        if tid not in found:  # the first file read wins for the flags (tokenizer.json, then the config)
+            special = bool(token.get("special", False))
+            defaults = {"normalized": not special, "special": special}  # AddedToken's defaults
+            found[tid] = ({"content": content, **{f: bool(token.get(f, defaults.get(f, False))) for f in _FLAGS}},
+                          path)
+
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        for token in _read_json(path).get("added_tokens") or []:
+            add(token.get("id") if isinstance(token, dict) else None, token, path)
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        for tid, token in (_read_json(path).get("added_tokens_decoder") or {}).items():
+            add(tid, token, path)
+    path = folder / "added_tokens.json"
+    if path.is_file():
+        extra = (_read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file()
+                 else {}).get("additional_special_tokens") or []
+        extra = {t.get("content") if isinstance(t, dict) else t for t in extra}
+        for content, tid in _read_json(path).items():
+            add(tid, {"content": content, "normalized": content not in extra, "special": content in extra}, path)
+    by_content: dict[str, int] = {}
+    for tid, (token, path) in sorted(found.items()):
+        if token["content"] in by_content:
+            raise ValueError(f"{path}: added token {token['content']!r} has two ids, "
+                             f"{by_content[token['content']]} and {tid}")
+        by_content[token["content"]] = tid
+    return {tid: token for tid, (token, _) in sorted(found.items())}
+
+
 class CLIPTokenizer:
-    """prompts -> (B, 77) ids for CLIP's text encoder.
+    """prompts -> (B, max_length) ids for CLIP's text encoder (max_length 77 unless given).
 
     ``tok = CLIPTokenizer.default(pad_token="!")``; ``ids = tok(["a photo of a cat", ""])``.
+    ``added_tokens``: id -> ``{"content": ..., "normalized": ..., "special": ..., ...}`` (the
+    ``added_tokens_decoder`` entries transformers saves), beyond or within the BPE vocabulary.
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS,
-                 max_length: int = MAX_LENGTH):
+                 max_length: int = MAX_LENGTH, added_tokens: dict[int, dict] | None = None):
+        added = {int(i): {"content": t["content"], **{f: bool(t.get(f, False)) for f in _FLAGS}}
+                 for i, t in (added_tokens or {}).items()}
+        by_id = {i: t for t, i in vocab.items()}
+        for tid, token in added.items():
+            content = token["content"]
+            if content in vocab and vocab[content] != tid:
+                raise ValueError(f"added token {content!r} has id {tid}, but the vocabulary gives it {vocab[content]}")
+            if tid in by_id and by_id[tid] != content:
+                raise ValueError(f"added token {content!r} has id {tid}, which is the vocabulary's {by_id[tid]!r}")
+        known = {**vocab, **{t["content"]: i for i, t in added.items()}}
         for token in (BOS, EOS, pad_token):
-            if token not in vocab:
-                raise ValueError(f"token {token!r} is not in the vocabulary ({len(vocab)} tokens)")
+            if token not in known:
+                raise ValueError(f"token {token!r} is not in the vocabulary ({len(known)} tokens)")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
+            raise ValueError(f"max_length must be an integer >= 3 (BOS, a token, EOS), got {max_length!r}")
         self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
+        self.added_tokens = {i: added[i] for i in sorted(added)}
         self.pad_token, self.max_length = pad_token, max_length
-        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+        self.bos_id, self.eos_id, self.pad_id = known[BOS], known[EOS], known[pad_token]
+        self.max_id = max(known.values())  # the text encoder needs an embedding row for each id up to it
 
-        tok = Tokenizer(BPE(vocab=self.vocab, merges=self.merges, continuing_subword_prefix="",
+        # Added tokens go into the BPE vocabulary too: `tokenizers` then gives them their saved ids
+        # (it numbers tokens that are not in the model's vocabulary itself). BPE never produces them:
+        # no merge leads to them.
+        tok = Tokenizer(BPE(vocab=known, merges=self.merges, continuing_subword_prefix="",
                             end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
@@ -117,59 +217,81 @@ class CLIPTokenizer:
         # That includes the pad token, so with SD 2's pad "!" every "!" in a prompt is id 0 ("hi!!!"
         # -> hi, !, !, !) where OpenCLIP's tokenizer, used to train SD 2, has "!!!</w>" = 995. We
         # follow transformers, i.e. what diffusers' SD 2 pipelines feed the text encoder.
-        tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys([BOS, EOS, pad_token])])
+        tok.add_tokens([AddedToken(t["content"], **{f: t[f] for f in _FLAGS}) for t in self.added_tokens.values()])
+        listed = {t["content"] for t in self.added_tokens.values()}
+        tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys([BOS, EOS, pad_token])
+                                if t not in listed])
+        wrong = [(t["content"], i, tok.token_to_id(t["content"])) for i, t in self.added_tokens.items()
+                 if tok.token_to_id(t["content"]) != i]
+        if wrong:  # a change in `tokenizers`' numbering, not the caller's input
+            raise AssertionError(f"added tokens got other ids than saved (content, saved, got): {wrong[:5]}")
         self._tok = tok
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_bpe_file(cls, path: str | os.PathLike, pad_token: str = EOS) -> "CLIPTokenizer":
+    def from_bpe_file(cls, path: str | os.PathLike, pad_token: str = EOS,
+                      max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
         """From OpenAI's ``bpe_simple_vocab_16e6.txt.gz``."""
         vocab, merges = vocab_and_merges_from_bpe_file(path)
-        return cls(vocab, merges, pad_token)
+        return cls(vocab, merges, pad_token, max_length)
 
     @classmethod
-    def default(cls, pad_token: str = EOS) -> "CLIPTokenizer":
+    def default(cls, pad_token: str = EOS, max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
         """The vocabulary inside the installed ``clip`` package (``pip install --no-deps clip-anytorch``)."""
-        return cls.from_bpe_file(default_bpe_path(), pad_token)
+        return cls.from_bpe_file(default_bpe_path(), pad_token, max_length)
 
     @classmethod
-    def default_or_missing(cls, pad_token: str = EOS) -> "CLIPTokenizer | MissingTokenizer":
+    def default_or_missing(cls, pad_token: str = EOS,
+                           max_length: int = MAX_LENGTH) -> "CLIPTokenizer | MissingTokenizer":
         """:meth:`default`, or, where no vocabulary is installed (e.g. a bare GPU box), a
         :class:`MissingTokenizer` and a warning: the model still builds and runs on ids or
         embeddings, and tokenizing raises the reason."""
         try:
-            return cls.default(pad_token)
+            return cls.default(pad_token, max_length)
         except FileNotFoundError as e:
             warnings.warn(f"{e} The model is built without a tokenizer; tokenizing will raise.", stacklevel=3)
-            return MissingTokenizer(str(e), pad_token)
+            return MissingTokenizer(str(e), pad_token, max_length)
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, pad_token: str | None = None) -> "CLIPTokenizer":
+    def from_folder(cls, path: str | os.PathLike, pad_token: str | None = None,
+                    default_max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
         """From a diffusers ``tokenizer/`` folder: vocab.json + merges.txt, or only tokenizer.json
-        (what transformers >= 5 ``save_pretrained`` writes; vocab and merges are inside). The pad
+        (what transformers >= 5 ``save_pretrained`` writes; vocab and merges are inside), with the
+        added tokens of any of tokenizer.json / tokenizer_config.json / added_tokens.json. The pad
         token comes from ``pad_token``, else special_tokens_map.json / tokenizer_config.json, else
-        ``<|endoftext|>``."""
+        ``<|endoftext|>``; ``max_length`` from tokenizer_config.json's ``model_max_length``, else
+        (absent, or transformers' int(1e30) for "no limit") ``default_max_length``."""
         folder = Path(path)
         pad = pad_token or _read_pad_token(folder) or EOS
+        max_length = _read_max_length(folder) or default_max_length
+        added = _read_added_tokens(folder)
         if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
-            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+            model = _read_json(folder / "tokenizer.json").get("model", {})
             if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
                 raise ValueError(f"{folder / 'tokenizer.json'}: not a BPE (CLIP) tokenizer "
                                  f"(model type {model.get('type')!r})")
             merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
-            return cls(model["vocab"], merges, pad)
+            return cls._checked(folder, model["vocab"], merges, pad, max_length, added)
         missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: missing {', '.join(missing)} "
                                     "(and no tokenizer.json)")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        vocab = _read_json(folder / "vocab.json")
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(vocab, merges, pad)
+        return cls._checked(folder, vocab, merges, pad, max_length, added)
+
+    @classmethod
+    def _checked(cls, folder: Path, *args) -> "CLIPTokenizer":
+        try:
+            return cls(*args)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from e
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json, the files
-        of a diffusers ``tokenizer/`` folder that ``transformers.CLIPTokenizer`` reads."""
+        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (its
+        ``added_tokens_decoder``), plus added_tokens.json when there are added tokens: the files of a
+        diffusers ``tokenizer/`` folder that ``transformers.CLIPTokenizer`` (4.x and 5) reads."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
@@ -179,7 +301,16 @@ class CLIPTokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
                   "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        beyond = {t["content"]: i for i, t in self.added_tokens.items() if t["content"] not in self.vocab}
+        if self.added_tokens:
+            config["added_tokens_decoder"] = {str(i): t for i, t in self.added_tokens.items()}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                                      encoding="utf-8")
+        added_json = folder / "added_tokens.json"
+        if beyond:
+            added_json.write_text(json.dumps(beyond, indent=2, ensure_ascii=False), encoding="utf-8")
+        else:
+            added_json.unlink(missing_ok=True)  # a stale one would add tokens this tokenizer lacks
 
     # --- use ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[str]:
@@ -187,7 +318,8 @@ class CLIPTokenizer:
         return self._tok.encode(prompt, add_special_tokens=False).tokens
 
     def __call__(self, prompts: list[str] | str, name: str = "prompt") -> torch.Tensor:
-        """(B, 77) int64 ids: BOS, tokens (at most 75, truncated with a warning), EOS, padding.
+        """(B, max_length) int64 ids: BOS, tokens (at most max_length - 2, truncated with a warning),
+        EOS, padding.
         The warning names the prompt as ``{name} {index}`` with the start of its text, and the
         text that was dropped."""
         if isinstance(prompts, str):
@@ -209,7 +341,10 @@ class CLIPTokenizer:
         return ids
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer(vocab={len(self.vocab)}, pad_token={self.pad_token!r}, max_length={self.max_length})"
+        n = sum(t["content"] not in self.vocab for t in self.added_tokens.values())
+        added = f", added_tokens={n}" if n else ""
+        return (f"CLIPTokenizer(vocab={len(self.vocab)}{added}, pad_token={self.pad_token!r}, "
+                f"max_length={self.max_length})")
 
 
 def _snippet(text: str, n: int = 40) -> str:
@@ -220,8 +355,8 @@ def _snippet(text: str, n: int = 40) -> str:
 class MissingTokenizer:
     """Stands in for a tokenizer whose vocabulary is not installed; every use raises why."""
 
-    def __init__(self, reason: str, pad_token: str = EOS):
-        self.reason, self.pad_token = reason, pad_token
+    def __init__(self, reason: str, pad_token: str = EOS, max_length: int = MAX_LENGTH):
+        self.reason, self.pad_token, self.max_length = reason, pad_token, max_length
 
     def _raise(self, *args, **kwargs):
         raise FileNotFoundError(self.reason)

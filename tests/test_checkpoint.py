@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import warnings
 
@@ -829,3 +830,220 @@ def test_stale_config_metadata_yields_to_the_weights(tmp_path):
     with pytest.warns(UserWarning, match="metadata does not match the weights"):
         loaded = sdcore.load(path)
     assert loaded.config == SDConfig.preset("tiny-inpaint")
+
+
+# ------------------------------------------------------- folders written by other tools, and their errors
+def _copy(saved, tmp_path, name="d"):
+    folder = tmp_path / name
+    shutil.copytree(saved["diffusers"], folder)
+    return folder
+
+
+def _edit_config(folder, sub, **changes):
+    path = folder / sub / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return path
+
+
+def _hf_text_encoder(folder, seed=3, **changes):
+    """Replace text_encoder/ with a transformers CLIPTextModel (random weights) saved by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    from sdcore.convert import clip
+
+    raw = {**clip.config_to_diffusers(SDConfig.preset("tiny").text_encoder), **changes}
+    model = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(raw)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() == 1 else 0.05) + (p.dim() == 1) * p)
+    shutil.rmtree(folder / "text_encoder")
+    model.save_pretrained(folder / "text_encoder")
+    return model
+
+
+def _hf_tokenizer(folder, added=(), **kwargs):
+    """Replace tokenizer/ with transformers' save_pretrained of it (tokens added, kwargs such as model_max_length)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
+    if added:
+        tok.add_tokens(list(added))
+    shutil.rmtree(folder / "tokenizer")
+    tok.save_pretrained(folder / "tokenizer")
+    return tok
+
+
+def test_folder_with_textual_inversion_tokens_matches_transformers(saved, tmp_path):
+    """Added tokens get their own ids (49408, not BPE pieces) and embedding rows, as diffusers encodes them."""
+    folder = _copy(saved, tmp_path)
+    te = _hf_text_encoder(folder, vocab_size=49409)
+    tok = _hf_tokenizer(folder, added=["<cat-toy>"])
+    ours = sdcore.load(folder)
+    prompts = ["a photo of <cat-toy>", "a <CAT-TOY> on the beach", ""]
+    want = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+    got = ours.tokenizer(prompts)
+    assert torch.equal(got, want), f"\n ours   {got[:, :8].tolist()}\n theirs {want[:, :8].tolist()}"
+    assert got[0, :6].tolist() == [49406, 320, 1125, 539, 49408, 49407]
+    with torch.no_grad():
+        assert_close(ours.text_encoder(got), te(want).last_hidden_state, rel=REL, name="prompt embeddings")
+
+
+def test_tokenizer_beyond_the_text_encoder_vocabulary_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _hf_tokenizer(folder, added=["<cat-toy>"])  # id 49408; the text encoder keeps 49408 rows
+    with pytest.raises(CheckpointError, match=r"tokenizer: the tokenizer has ids up to 49408 \(49409 tokens, added "
+                                              r"ones included\) but the text encoder of .* has a vocabulary of 49408"):
+        sdcore.load(folder)
+
+
+def test_tokenizer_model_max_length_follows_the_folder(saved, tmp_path):
+    """A text encoder with 64 positions and a tokenizer with model_max_length 64: prompts are (B, 64),
+    as diffusers' encode_prompt gives them; a tokenizer longer than the positions is refused."""
+    folder = _copy(saved, tmp_path)
+    te = _hf_text_encoder(folder, max_position_embeddings=64)
+    tok = _hf_tokenizer(folder, model_max_length=64)
+    ours = sdcore.load(folder)
+    assert ours.tokenizer.max_length == 64 and ours.config.text_encoder.max_length == 64
+    want = tok(["a cat"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+    ids = ours.tokenizer(["a cat"])
+    assert torch.equal(ids, want), f"{ids.tolist()} != {want.tolist()}"
+    with torch.no_grad():
+        assert_close(ours.text_encoder(ids), te(want).last_hidden_state, rel=REL, name="64-position prompt")
+    # transformers' "no limit" placeholder: the text encoder's 64 positions, not 77
+    _hf_tokenizer(folder, model_max_length=int(1e30))
+    assert sdcore.load(folder).tokenizer.max_length == 64
+    _hf_tokenizer(folder, model_max_length=77)
+    with pytest.raises(CheckpointError, match=r"tokenizer: the tokenizer pads prompts to 77 tokens .* has 64 "
+                                              r"positions \(max_position_embeddings\)"):
+        sdcore.load(folder)
+
+
+def test_folder_without_a_scheduler_warns(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    shutil.rmtree(folder / "scheduler")
+    with pytest.warns(UserWarning, match=rf"{folder.name}: no scheduler/scheduler_config\.json; using sdcore's "
+                                         r"default \(SD's\) schedule: scaled_linear betas 0\.00085\.\.0\.012"):
+        loaded = sdcore.load(folder)
+    assert loaded.config.scheduler == SDConfig.preset("tiny").scheduler
+
+
+@pytest.mark.parametrize("key", ["cross_attention_dim", "layers_per_block"])
+def test_unet_per_block_lists(saved, tiny, tmp_path, key):
+    """diffusers takes an int or one value per block: equal values load as the int, unequal ones are refused."""
+    folder = _copy(saved, tmp_path)
+    value = json.loads((folder / "unet" / "config.json").read_text())[key]
+    _edit_config(folder, "unet", **{key: [value] * 3})
+    assert_same_weights(sdcore.load(folder).state_dict(), tiny.state_dict())
+    path = _edit_config(folder, "unet", **{key: [value, value, value + 1]})
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot read this config: {key}=\[.*\]: one value per "
+                                              r"block is not supported"):
+        sdcore.load(folder)
+    _edit_config(folder, "unet", **{key: [value] * 2})
+    with pytest.raises(CheckpointError, match=rf"{key}=.* must have one value per block \(3\)"):
+        sdcore.load(folder)
+
+
+@pytest.mark.parametrize("sub, changes, message", [
+    ("unet", {"norm_num_groups": 24}, r"norm_num_groups=24 does not divide the channel count 32"),
+    ("unet", {"in_channels": "4"}, r"in_channels must be an integer >= 1, got '4'"),
+    ("unet", {"norm_eps": None}, r"norm_eps must be a finite number > 0, got None"),
+    ("vae", {"norm_num_groups": 12}, r"norm_num_groups=12 does not divide the channel count 32"),
+    ("vae", {"scaling_factor": "0.18215"}, r"scaling_factor must be a finite number > 0, got '0\.18215'"),
+    ("vae", {"scaling_factor": None}, r"scaling_factor must be a finite number > 0, got None"),
+    ("vae", {"shift_factor": 0.1}, r"shift_factor=0\.1 is not supported"),
+    ("vae", {"latent_channels": 4.0}, r"latent_channels must be an integer >= 1, got 4\.0"),
+    ("text_encoder", {"num_attention_heads": 5}, r"hidden_size=32 is not divisible by num_attention_heads=5"),
+])
+def test_bad_config_values_name_the_file_and_option(saved, tmp_path, sub, changes, message):
+    folder = _copy(saved, tmp_path)
+    path = _edit_config(folder, sub, **changes)
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot read this config: .*{message}"):
+        sdcore.load(folder)
+
+
+def _shard(path, index_name, shard_names, fmt="safetensors"):
+    """Split one weight file into shards + an index the way save_pretrained does; the original is removed."""
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    keys = sorted(state)
+    parts = [keys[i::len(shard_names)] for i in range(len(shard_names))]
+    weight_map = {}
+    for name, part in zip(shard_names, parts):
+        chunk = {k: state[k].contiguous() for k in part}
+        save_file(chunk, str(path.parent / name)) if fmt == "safetensors" else torch.save(chunk, path.parent / name)
+        weight_map.update({k: name for k in part})
+    (path.parent / index_name).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    path.unlink()
+    return weight_map
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_weights_load(saved, tiny, tmp_path, fmt):
+    """diffusers' / transformers' sharded save_pretrained: *.{safetensors,bin}.index.json + shards."""
+    folder = _copy(saved, tmp_path)
+    names = {"unet": ("unet", "diffusion_pytorch_model"), "text_encoder": ("text_encoder", "model")}
+    for sub, stem in names.values():
+        path = folder / sub / f"{stem}.safetensors"
+        shard_stem = stem if fmt == "safetensors" else ("pytorch_model" if stem == "model" else stem)
+        _shard(path, f"{shard_stem}.{fmt}.index.json",
+               [f"{shard_stem}-0000{i}-of-00002.{fmt}" for i in (1, 2)], fmt)
+    assert_same_weights(sdcore.load(folder).state_dict(), tiny.state_dict())
+
+
+def test_sharded_weights_errors_name_the_index_and_shard(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    unet = folder / "unet"
+    weight_map = _shard(unet / "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                        ["s-1.safetensors", "s-2.safetensors"])
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    (unet / "s-2.safetensors").rename(unet / "gone.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{index}: shard file not found in .*unet: s-2\.safetensors"):
+        sdcore.load(folder)
+    (unet / "gone.safetensors").rename(unet / "s-2.safetensors")
+    key = "conv_in.bias"  # sorted first: in s-1
+    assert weight_map[key] == "s-1.safetensors", weight_map[key]
+    index.write_text(json.dumps({"weight_map": {**weight_map, key: "s-2.safetensors"}}))  # the wrong shard
+    with pytest.raises(CheckpointError) as e:
+        sdcore.load(folder)
+    msg = str(e.value)
+    assert f"{index} does not match its shards" in msg and f"s-2.safetensors lacks {key}" in msg \
+        and f"s-1.safetensors holds keys the index puts elsewhere or nowhere: {key} (index: s-2.safetensors)" \
+        in msg, msg
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    state = load_file(str(unet / "s-1.safetensors"))
+    state[key] = torch.zeros(7)
+    save_file(state, str(unet / "s-1.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{index} does not match the model's unet: 1 shape mismatches: "
+                                              rf"{re.escape(key)} \(in s-1\.safetensors\): expected \(32,\), "
+                                              r"got \(7,\)"):
+        sdcore.load(folder)
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_text_encoder_errors_name_the_file_and_the_key_as_stored(saved, tmp_path, prefixed):
+    """Hub files store text_model.*, transformers >= 5.6 the same keys without the prefix: either way a
+    wrong shape or a missing key is named as stored, in text_encoder/model.safetensors."""
+    folder = _copy(saved, tmp_path)
+    path = folder / "text_encoder" / "model.safetensors"
+    state = {k if prefixed else k.removeprefix("text_model."): v for k, v in load_file(str(path)).items()}
+    key = ("text_model." if prefixed else "") + "final_layer_norm.weight"
+    assert key in state, sorted(state)[:5]
+    save_file({**state, key: torch.zeros(7)}, str(path))
+    with pytest.raises(CheckpointError, match=rf"{path} does not match the model's text_encoder: 1 shape "
+                                              rf"mismatches: {key}: expected \(32,\), got \(7,\)$"):
+        sdcore.load(folder)
+    save_file({k: v for k, v in state.items() if k != key}, str(path))
+    with pytest.raises(CheckpointError, match=rf"{path} does not match the model's text_encoder: missing keys: "
+                                              rf"{key} \(1\)$"):
+        sdcore.load(folder)
+
+
+def test_text_encoder_pooling_at_a_token_the_tokenizer_lacks_is_refused(saved, tmp_path):
+    """eos_token_id (not the legacy 2) is where the pooled feature is read: it must be the tokenizer's EOS."""
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, "text_encoder", eos_token_id=49407)
+    assert sdcore.load(folder).config.text_encoder.eos_token_id == 49407
+    _edit_config(folder, "text_encoder", eos_token_id=5)
+    with pytest.raises(CheckpointError, match=r"pools at token id 5 \(eos_token_id\), but the tokenizer's "
+                                              r"<\|endoftext\|> is id 49407"):
+        sdcore.load(folder)

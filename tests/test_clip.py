@@ -223,10 +223,12 @@ def test_bad_inputs():
     ids = token_ids(cfg)
     with pytest.raises(TypeError, match="integer tensor"):
         model(ids.float())
-    with pytest.raises(ValueError, match=r"shape \(batch, 77\)"):
-        model(ids[:, :76])
-    with pytest.raises(ValueError, match=r"shape \(batch, 77\)"):
-        model(ids[0])
+    too_long = torch.cat([ids, ids[:, -1:]], dim=1)  # 78 > the 77 positions
+    for bad in (too_long, ids[0], ids[:, :0]):
+        with pytest.raises(ValueError, match=r"shape \(batch, T\) with 1 <= T <= 77 .* got \(.*\); a tokenizer "
+                                             r"must pad to at most 77") as e:
+            model(bad)
+        assert "use sdcore.tokenizer.CLIPTokenizer" not in str(e.value), str(e.value)
     with pytest.raises(ValueError, match=r"ids\(0, 77\) hold no prompt"):
         model(ids[:0])
     for bad_id in (49408, -1):
@@ -281,3 +283,65 @@ def test_sd2_pooled_output_comes_from_the_last_layer_at_clip_skip_2():
     assert_close(out.pooled, want.text_embeds, rel=1e-5, name="pooled at clip_skip 2")
     assert_close(out.hidden_states, theirs.text_model.final_layer_norm(want.hidden_states[-2]), rel=1e-5,
                  name="hidden states at clip_skip 2")
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 49407])
+def test_pooling_follows_eos_token_id_like_transformers(eos_token_id):
+    """transformers' CLIPTextTransformer pools at argmax(ids) only for legacy configs (eos_token_id 2);
+    otherwise at the first ids == eos_token_id. With an added token (id 49409 > EOS, textual inversion)
+    before EOS, the two differ, and ours must follow the config as transformers does."""
+    cfg = text_cfg("tiny", vocab_size=49410)
+    hf_cfg = {**conv.config_to_diffusers(cfg), "eos_token_id": eos_token_id}
+    ours_cfg = conv.config_from_diffusers(hf_cfg)
+    assert ours_cfg.eos_token_id == eos_token_id
+    theirs = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(hf_cfg)))
+    ours = TextEncoder(ours_cfg).eval()
+    ours.load_state_dict(conv.diffusers_to_ldm(theirs.state_dict(), ours_cfg), strict=True)
+    ids = token_ids(cfg, batch=3)
+    ids[1, 3] = ids[2, 40] = 49409  # the added token, before EOS (rows 1 and 2)
+    with torch.no_grad():
+        got, want = ours.encode(ids).pooled, theirs(ids).pooler_output
+    assert_close(got, want, rel=REL_FP32, name=f"pooled, eos_token_id={eos_token_id}")
+    first_eos = (ids[1] == 49407).nonzero()[0, 0]
+    with torch.no_grad():
+        h = ours(ids)
+    where = 3 if eos_token_id == 2 else first_eos  # legacy argmax lands on the added token
+    assert torch.equal(got[1], h[1, where]), f"row 1 pooled at the wrong position (want {int(where)})"
+
+
+def test_eos_token_id_from_a_config_json():
+    assert conv.config_from_diffusers(SD15_HUB).eos_token_id == 2  # hub folders: legacy value
+    assert conv.config_from_diffusers({k: v for k, v in SD15_HUB.items() if k != "eos_token_id"}).eos_token_id \
+        == 49407  # transformers' CLIPTextConfig default
+    for bad in ([49407], None, "49407"):
+        with pytest.raises(ValueError, match=r"eos_token_id must be an integer >= 0, got"):
+            conv.config_from_diffusers({**SD15_HUB, "eos_token_id": bad})
+
+
+def test_shorter_prompts_than_the_positions_run_like_transformers():
+    """A tokenizer with model_max_length 64 under 77 positions: (B, 64) ids are valid, as in transformers."""
+    cfg = text_cfg("tiny", clip_skip=1)
+    theirs = hf_model(cfg, with_projection=False)
+    ours = TextEncoder(cfg).eval()
+    ours.load_state_dict(conv.diffusers_to_ldm(theirs.state_dict(), cfg), strict=True)
+    ids = token_ids(cfg, batch=2)[:, :64]
+    with torch.no_grad():
+        assert_close(ours(ids), theirs(ids).last_hidden_state, rel=REL_FP32, name="64 of 77 positions")
+
+
+def test_heads_must_divide_the_width():
+    """transformers refuses hidden_size 32 with 5 heads at construction; so do we, and the config reader."""
+    hf_cfg = {**conv.config_to_diffusers(text_cfg("tiny")), "num_attention_heads": 5}
+    with pytest.raises(Exception, match="divisible|not a multiple"):  # 5.x: at the config, 4.x: in CLIPAttention
+        transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(hf_cfg))
+    with pytest.raises(ValueError, match=r"hidden_size=32 is not divisible by num_attention_heads=5"):
+        conv.config_from_diffusers(hf_cfg)
+    with pytest.raises(ValueError, match=r"width \(hidden_size\) 32 is not divisible by its 5 attention heads"):
+        TextEncoder(text_cfg("tiny", heads=5))
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "32"), ("num_hidden_layers", None), ("vocab_size", 0),
+                                        ("layer_norm_eps", "1e-5"), ("max_position_embeddings", 77.0)])
+def test_bad_numbers_in_a_config_json_name_the_option(key, value):
+    with pytest.raises(ValueError, match=rf"^{key} must be a"):
+        conv.config_from_diffusers({**SD15_HUB, key: value})

@@ -222,3 +222,119 @@ def test_merges_without_a_version_header(bpe_path, tmp_path):
     again = CLIPTokenizer.from_folder(tmp_path)
     assert again.merges == tok.merges
     assert torch.equal(again(["a photograph of an astronaut"]), tok(["a photograph of an astronaut"]))
+
+
+# --- added tokens (textual inversion) and model_max_length, as transformers saves them -------------
+ADDED = ["<cat-toy>", "<Dog-Toy>", "xyzzy"]  # normalized (transformers' add_tokens default), one upper-case
+ADDED_SPECIAL = ["<sp>"]  # special: matched as written, never lower-cased
+ADDED_PROMPTS = ["a photo of <cat-toy>", "a photo of <CAT-TOY> on a beach", "<cat-toy>s x<cat-toy>y",
+                 "<dog-toy> <Dog-Toy> <DOG-TOY>", "xyzzy XYZZY xyzzyx", "<sp> <SP> a<sp>b", "  <cat-toy>  ",
+                 "<|endoftext|> <cat-toy>!!", "no added token here"]
+
+
+@pytest.fixture(scope="module")
+def hf_added(hf_folder):
+    """transformers' CLIPTokenizer with tokens added the textual-inversion way (ids 49408..49411)."""
+    hf = transformers.CLIPTokenizer.from_pretrained(hf_folder)
+    assert hf.add_tokens(ADDED) == 3 and hf.add_tokens(ADDED_SPECIAL, special_tokens=True) == 1
+    return hf
+
+
+def _flags(token: str, special: bool) -> dict:
+    return {"content": token, "lstrip": False, "normalized": not special, "rstrip": False, "single_word": False,
+            "special": special}
+
+
+def _saved_as(layout: str, hf_added, hf_folder, folder):
+    """``folder`` holding hf_added in the files one transformers version writes:
+    "transformers5": its save_pretrained (tokenizer.json "added_tokens", no vocab.json);
+    "transformers4": vocab.json + merges.txt + tokenizer_config.json "added_tokens_decoder" + added_tokens.json
+    (what 4.x >= 4.34 writes, BOS/EOS listed with normalized=true as 4.x does);
+    "added_tokens.json": vocab.json + merges.txt + added_tokens.json only (4.x before 4.34)."""
+    if layout == "transformers5":
+        hf_added.save_pretrained(folder)
+        assert not (folder / "vocab.json").exists() and not (folder / "added_tokens.json").exists()
+        return folder
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((hf_folder / name).read_bytes())
+    ids = {t: 49408 + i for i, t in enumerate(ADDED + ADDED_SPECIAL)}
+    (folder / "added_tokens.json").write_text(json.dumps(ids))
+    special = {"bos_token": tk.BOS, "eos_token": tk.EOS, "unk_token": tk.EOS, "pad_token": tk.EOS}
+    if layout == "added_tokens.json":
+        special["additional_special_tokens"] = ADDED_SPECIAL
+    else:
+        decoder = {str(i): _flags(t, t in ADDED_SPECIAL) for t, i in ids.items()}
+        decoder.update({"49406": {**_flags(tk.BOS, True), "normalized": True},
+                        "49407": {**_flags(tk.EOS, True), "normalized": True}})
+        config = {"model_max_length": 77, "added_tokens_decoder": decoder}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "transformers4", "added_tokens.json"])
+def test_added_tokens_match_transformers(hf_added, hf_folder, tmp_path, layout):
+    """Added tokens keep their ids (not BPE pieces) and transformers' matching: a normalized one also
+    matches its upper-case spelling (tokenizers' rule: transformers 5, and 4.x's CLIPTokenizerFast; 4.x's
+    slow CLIPTokenizer would BPE "<CAT-TOY>"), a special one only as written."""
+    folder = _saved_as(layout, hf_added, hf_folder, tmp_path / "tok")
+    ours = CLIPTokenizer.from_folder(folder)
+    want = hf_added(ADDED_PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = ours(ADDED_PROMPTS)
+    bad = [i for i in range(len(ADDED_PROMPTS)) if not torch.equal(got[i], want[i])]
+    assert not bad, (f"{layout}: {len(bad)} prompts differ; first {ADDED_PROMPTS[bad[0]]!r}\n"
+                     f" ours   {got[bad[0], :12].tolist()}\n theirs {want[bad[0], :12].tolist()}")
+    assert want[0, :6].tolist() == [49406, 320, 1125, 539, 49408, 49407]  # the oracle itself: one id for the token
+    assert ours.max_id == 49411 and "added_tokens=4" in repr(ours), repr(ours)
+
+
+def test_save_round_trips_added_tokens(hf_added, tmp_path):
+    hf_added.save_pretrained(tmp_path / "hf")
+    ours = CLIPTokenizer.from_folder(tmp_path / "hf")
+    ours.save(tmp_path / "ours")
+    want = hf_added(ADDED_PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    again = CLIPTokenizer.from_folder(tmp_path / "ours")
+    assert again.added_tokens == ours.added_tokens and torch.equal(again(ADDED_PROMPTS), want)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path / "ours")  # transformers reads what we write
+    assert torch.equal(theirs(ADDED_PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids, want)
+    assert json.loads((tmp_path / "ours" / "added_tokens.json").read_text()) == {
+        t: 49408 + i for i, t in enumerate(ADDED + ADDED_SPECIAL)}
+
+
+def test_conflicting_added_tokens_are_refused(hf_added, hf_folder, tmp_path):
+    folder = _saved_as("transformers4", hf_added, hf_folder, tmp_path / "tok")
+    (folder / "added_tokens.json").write_text(json.dumps({"<other>": 49408}))
+    with pytest.raises(ValueError, match=r"added token id 49408 is '<cat-toy>' in .*tokenizer_config\.json but "
+                                         r"'<other>' in .*added_tokens\.json"):
+        CLIPTokenizer.from_folder(folder)
+    (folder / "added_tokens.json").write_text(json.dumps({"a</w>": 49500}))  # a BPE token under another id
+    with pytest.raises(ValueError, match=r"added token 'a</w>' has id 49500, but the vocabulary gives it 320"):
+        CLIPTokenizer.from_folder(folder)
+
+
+@pytest.mark.parametrize("value, want", [
+    (64, 64),  # a text encoder with 64 positions
+    (int(1e30), 77),  # transformers' "no limit" placeholder (VERY_LARGE_INTEGER): the default
+    (1e30, 77),  # the same written as a float
+    (None, 77),
+])
+def test_model_max_length_from_tokenizer_config(bpe_path, tmp_path, value, want):
+    CLIPTokenizer.from_bpe_file(bpe_path).save(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": value}))
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.max_length == want and ours(["a cat", ""]).shape == (2, want), repr(ours)
+    with pytest.warns(UserWarning, match=f"CLIP takes {want - 2}, so the last"):
+        ids = ours("cat " * 100)
+    assert ids[0, -1] == 49407, ids[0].tolist()
+    assert CLIPTokenizer.from_folder(tmp_path, default_max_length=50).max_length == (want if value == 64 else 50)
+
+
+@pytest.mark.parametrize("value", ["77", 2, True, 7.5])
+def test_bad_model_max_length_names_the_file(bpe_path, tmp_path, value):
+    CLIPTokenizer.from_bpe_file(bpe_path).save(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": value}))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: model_max_length must be an integer >= 3"):
+        CLIPTokenizer.from_folder(tmp_path)

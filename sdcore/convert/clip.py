@@ -37,6 +37,7 @@ import torch
 
 from ..clip import LOGIT_SCALE_INIT
 from ..config import TextEncoderConfig
+from . import config_float, config_int
 
 __all__ = ["diffusers_to_ldm", "ldm_to_diffusers", "config_from_diffusers", "config_to_diffusers",
            "diffusers_layers"]
@@ -201,7 +202,7 @@ def config_to_diffusers(cfg: TextEncoderConfig, *, with_projection: bool = False
         "initializer_range": 0.02,
         "initializer_factor": 1.0,
         "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "eos_token_id": cfg.eos_token_id,
         "pad_token_id": 0 if cfg.pad_token == "!" else EOS_ID,
     }
 
@@ -212,7 +213,10 @@ def config_from_diffusers(config_json: dict) -> TextEncoderConfig:
     ``hidden_act`` tells the kind ("quick_gelu": OpenAI CLIP, SD 1.x; "gelu": OpenCLIP, SD 2.x);
     ``clip_skip`` is 1 because the folder's last layer is its output layer (see module doc). The
     pad token is read from ``pad_token_id`` when it is 0 ("!") or 49407, else the kind's default
-    (hub configs say 1, which means nothing: the tokenizer folder is what pads).
+    (hub configs say 1, which means nothing: the tokenizer folder is what pads). ``eos_token_id``
+    (default 49407, transformers' since PR #24773) says where the pooled feature is read
+    (:meth:`sdcore.clip.TextEncoder.pool`). Numbers that are not positive integers, and
+    ``num_attention_heads`` not dividing ``hidden_size``, raise ValueError naming the option.
     """
     c = dict(config_json)
     act = c.get("hidden_act", "quick_gelu")
@@ -222,10 +226,14 @@ def config_from_diffusers(config_json: dict) -> TextEncoderConfig:
     pad_id = c.get("pad_token_id")
     pad = {0: "!", EOS_ID: "<|endoftext|>"}.get(pad_id, "!" if kind == "openclip" else "<|endoftext|>")
     with_projection = any("WithProjection" in a for a in c.get("architectures") or [])
-    width = c.get("hidden_size", 512)
-    projection = c.get("projection_dim", width) if (kind == "clip" or with_projection) else 0
+    width, heads = config_int(c, "hidden_size", 512), config_int(c, "num_attention_heads", 8)
+    if width % heads:  # transformers' CLIPAttention refuses it at construction
+        raise ValueError(f"hidden_size={width} is not divisible by num_attention_heads={heads}")
+    projection = config_int(c, "projection_dim", width) if (kind == "clip" or with_projection) else 0
     return TextEncoderConfig(
-        kind=kind, vocab_size=c.get("vocab_size", 49408), max_length=c.get("max_position_embeddings", 77),
-        width=width, layers=c.get("num_hidden_layers", 12), heads=c.get("num_attention_heads", 8),
-        intermediate=c.get("intermediate_size", 2048), act=act, layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-        projection_dim=projection, clip_skip=1, pad_token=pad)
+        kind=kind, vocab_size=config_int(c, "vocab_size", 49408),
+        max_length=config_int(c, "max_position_embeddings", 77), width=width,
+        layers=config_int(c, "num_hidden_layers", 12), heads=heads,
+        intermediate=config_int(c, "intermediate_size", 2048), act=act,
+        layer_norm_eps=config_float(c, "layer_norm_eps", 1e-5), projection_dim=projection, clip_skip=1,
+        pad_token=pad, eos_token_id=config_int(c, "eos_token_id", EOS_ID, minimum=0))

@@ -14,6 +14,7 @@ import torch
 
 from ..config import UNetConfig
 from ..unet import check_channel_mult
+from . import check_groups, config_channels, config_float, config_int
 
 # ResBlock parameters: diffusers name -> LDM name (relative to the block).
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -160,9 +161,15 @@ _SUPPORTED = {
 
 
 def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
-    """``UNetConfig`` from a diffusers ``UNet2DConditionModel`` ``config.json`` (as a dict)."""
+    """``UNetConfig`` from a diffusers ``UNet2DConditionModel`` ``config.json`` (as a dict).
+
+    ``layers_per_block`` and ``cross_attention_dim`` may be per-block lists in diffusers; the LDM
+    UNet has one value for all levels, so a list of equal values is read as that value and unequal
+    ones are refused. Numbers of the wrong type and a ``norm_num_groups`` that does not divide
+    every ``block_out_channels`` raise ValueError naming the option.
+    """
     bad = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items() if k in config and config[k] not in ok]
-    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    channels = config_channels(config, "block_out_channels", (320, 640, 1280, 1280))
     down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
     attn = [t == "CrossAttnDownBlock2D" for t in down]
@@ -170,33 +177,31 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         bad.append(f"down_block_types={down!r}")
     if up != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
         bad.append(f"up_block_types={up!r} (must mirror down_block_types)")
-    if channels[0] <= 0 or any(c % channels[0] for c in channels):
+    if any(c % channels[0] for c in channels):
         bad.append(f"block_out_channels={channels!r} (must be multiples of the first)")
-    depth = config.get("transformer_layers_per_block", 1)
-    if isinstance(depth, (list, tuple)):
-        if len(set(depth)) != 1:
-            bad.append(f"transformer_layers_per_block={depth!r} (must be the same at every level)")
-        depth = depth[0]
     if bad:
         raise ValueError(f"UNet config not supported by sdcore's LDM UNet: {', '.join(bad)}")
+    groups = config_int(config, "norm_num_groups", 32)
+    check_groups(groups, channels)
+    time_embed_dim = config.get("time_embedding_dim")
 
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     num_heads, num_head_channels = _heads_from_diffusers(heads, channels, attn)
     return UNetConfig(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
+        in_channels=config_int(config, "in_channels", 4),
+        out_channels=config_int(config, "out_channels", 4),
         model_channels=channels[0],
         channel_mult=tuple(c // channels[0] for c in channels),
-        num_res_blocks=config.get("layers_per_block", 2),
+        num_res_blocks=config_int(config, "layers_per_block", 2, blocks=len(down)),
         attention_resolutions=tuple(2 ** level for level in reversed(range(len(attn))) if attn[level]),
         num_heads=num_heads,
         num_head_channels=num_head_channels,
-        transformer_depth=depth,
-        context_dim=config.get("cross_attention_dim", 1280),
+        transformer_depth=config_int(config, "transformer_layers_per_block", 1, blocks=len(down)),
+        context_dim=config_int(config, "cross_attention_dim", 1280, blocks=len(down)),
         use_linear_in_transformer=config.get("use_linear_projection", False),
-        norm_groups=config.get("norm_num_groups", 32),
-        norm_eps=config.get("norm_eps", 1e-5),
-        time_embed_dim=config.get("time_embedding_dim"),
+        norm_groups=groups,
+        norm_eps=config_float(config, "norm_eps", 1e-5),
+        time_embed_dim=None if time_embed_dim is None else config_int(config, "time_embedding_dim"),
     )
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..config import VAEConfig
 from ..vae import LDM_RESOLUTION, AutoencoderKL, attention_levels
+from . import check_groups, config_channels, config_float, config_int
 
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_BACK = {v: k for k, v in _ATTN.items()}
@@ -199,7 +200,9 @@ def config_from_diffusers(config_json: Mapping | str | os.PathLike) -> VAEConfig
     """A diffusers ``AutoencoderKL`` config (dict, or path to ``config.json``) -> :class:`VAEConfig`.
 
     Unknown keys are ignored (``sample_size``, ``force_upcast`` only matter to diffusers' tiling and
-    fp16 handling); features LDM's VAE lacks raise ValueError.
+    fp16 handling); features LDM's VAE lacks raise ValueError, and so do numbers of the wrong type
+    (``scaling_factor`` must be a number > 0; null or a string is refused, not defaulted) and a
+    ``norm_num_groups`` that does not divide every ``block_out_channels``.
     """
     if not isinstance(config_json, Mapping):
         with open(config_json) as f:
@@ -208,7 +211,7 @@ def config_from_diffusers(config_json: Mapping | str | os.PathLike) -> VAEConfig
     for key, (need, why) in _UNSUPPORTED.items():
         if key in c and c[key] != need:
             raise ValueError(f"diffusers VAE config {key}={c[key]!r} is not supported ({why})")
-    channels = list(c.get("block_out_channels", (64,)))
+    channels = config_channels(c, "block_out_channels", (64,))
     ch = channels[0]
     if any(x % ch for x in channels):
         raise ValueError(f"block_out_channels {channels} are not multiples of the first")
@@ -223,16 +226,18 @@ def config_from_diffusers(config_json: Mapping | str | os.PathLike) -> VAEConfig
     if len(down) != len(channels) or [known[t] for t in reversed(up)] != attn:
         raise ValueError(f"down_block_types {down} and up_block_types {up} must mirror each other, "
                          f"one per block_out_channels {channels}")
-    latent = c.get("latent_channels", 4)
+    latent = config_int(c, "latent_channels", 4)
+    groups = config_int(c, "norm_num_groups", 32)
+    check_groups(groups, channels)
     return VAEConfig(
-        in_channels=c.get("in_channels", 3),
-        out_ch=c.get("out_channels", 3),
+        in_channels=config_int(c, "in_channels", 3),
+        out_ch=config_int(c, "out_channels", 3),
         ch=ch,
         ch_mult=tuple(x // ch for x in channels),
-        num_res_blocks=c.get("layers_per_block", 1),
+        num_res_blocks=config_int(c, "layers_per_block", 1),
         z_channels=latent,
         embed_dim=latent,
         attn_resolutions=tuple(LDM_RESOLUTION // 2**i for i, a in enumerate(attn) if a),
-        norm_groups=c.get("norm_num_groups", 32),
-        scaling_factor=c.get("scaling_factor", 0.18215),
+        norm_groups=groups,
+        scaling_factor=config_float(c, "scaling_factor", 0.18215),
     )
