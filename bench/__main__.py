@@ -1,6 +1,6 @@
 """``python -m bench [ops|pipelines|tune] [options]``; with no subcommand ops and pipelines run.
 
-    python -m bench --quick                      # CPU smoke run of both suites (about a minute)
+    python -m bench --quick                      # CPU smoke run of both suites (~15 s on 2 cores)
     python -m bench ops --ops attention --dtypes fp16 --shapes unet15.attn
     python -m bench pipelines --unet-only        # headline: all-triton vs all-reference UNet step
     python -m bench ops --list-shapes            # the SD shape table, with a reason per case

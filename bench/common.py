@@ -86,6 +86,8 @@ def pick_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise ValueError(f"not a device name torch understands; {usable}") from None
     if device.type == "cpu":
+        if device.index not in (None, 0):  # torch accepts "cpu:3" and runs on the one CPU device
+            raise ValueError(f"the CPU is one device (cpu or cpu:0); {usable}")
         return device
     if device.type != "cuda":
         raise ValueError(f"the benchmarks run on cpu or cuda only; {usable}")
@@ -310,13 +312,21 @@ ROW_KEYS = (
 _ENV_IN_ROW = ("device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date")
 
 
+NOISY = 2.0  # a timed row whose p80 is over this many times its p20 says so in its note
+
+
 def make_row(env: dict, **fields) -> dict:
+    """One result row; a timing spread over :data:`NOISY` (a busy host, a GPU clocking down) is
+    flagged in the note, so a speed-up read from it is not taken at face value."""
     unknown = set(fields) - set(ROW_KEYS)
     if unknown:
         raise KeyError(f"unknown row fields {sorted(unknown)}")
     row = dict.fromkeys(ROW_KEYS)
     row.update({k: env.get(k) for k in _ENV_IN_ROW})
     row.update(fields)
+    p20, p80 = row["p20_ms"], row["p80_ms"]
+    if row["status"] == "ok" and p20 and p80 and p80 > NOISY * p20:
+        row["note"] = "; ".join(filter(None, [row["note"], f"noisy timing: p80 is {p80 / p20:.1f}x p20"]))
     return row
 
 

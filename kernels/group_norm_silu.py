@@ -101,6 +101,8 @@ def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, activation="sil
     """Plain torch: ``F.group_norm`` then ``F.silu`` (torch accumulates the statistics in fp32 for
     16-bit x; weight / bias may be fp32 with 16-bit x, as under autocast; y has x's dtype, or fp32
     under CUDA autocast, which runs group_norm in fp32)."""
+    if weight is None and bias is not None:  # torch's backward fails on bias alone ("tensor does not have
+        weight = torch.ones_like(bias)  # a device", torch 2.13); x * 1 is exact, so y is unchanged
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
 

@@ -165,7 +165,7 @@ def test_empty_lists_are_errors_not_everything(argv, flag, valid, capsys):
     assert exc.value.code == 2 and f"{flag}: no values given; valid: " in err and valid in err, err
 
 
-@pytest.mark.parametrize("name", ["mps", "meta", "cuda", "cuda:7", "nonsense"])
+@pytest.mark.parametrize("name", ["mps", "meta", "cuda", "cuda:7", "cpu:3", "nonsense"])
 def test_unusable_devices_are_refused(name, capsys):
     """Only cpu and the GPUs torch sees: any other device made every row an error."""
     if name.startswith("cuda") and torch.cuda.device_count() > 7:
@@ -276,6 +276,15 @@ def test_inaccurate_rows_are_errors():
     ops.flag_inaccurate(rows)
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok"], rows  # fp32 has no reference row here
     assert rows[2]["note"].startswith("inaccurate: max abs error 0.0031 > 2 x reference's 0.001 + 0.001"), rows[2]
+
+
+def test_noisy_timings_are_flagged_in_the_note():
+    """A p20-p80 spread over 2x (a busy 2-core host gave sdpa rows of 0.017-7.4 ms and a '1050x'
+    speed-up marked ok) is named in the row's note; a tight or untimed row is left alone."""
+    noisy = common.make_row({}, status="ok", note="interpreted", median_ms=1.0, p20_ms=0.5, p80_ms=7.5)
+    assert noisy["note"] == "interpreted; noisy timing: p80 is 15.0x p20", noisy["note"]
+    assert common.make_row({}, status="ok", note="", median_ms=1.0, p20_ms=0.9, p80_ms=1.7)["note"] == ""
+    assert common.make_row({}, status="skipped", note="no GPU")["note"] == "no GPU"
 
 
 def test_unet_only_keeps_earlier_pipeline_rows(tmp_path):
