@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -153,6 +154,8 @@ class StableDiffusion(nn.Module):
         from .tokenizer import MAX_LENGTH, CLIPTokenizer
 
         _check_dtype(dtype)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         device = torch.device(device)
         text = config.text_encoder
         model = cls.skeleton(config, CLIPTokenizer.default_or_missing(
@@ -176,6 +179,8 @@ class StableDiffusion(nn.Module):
         if layout is None:
             layout = "ldm" if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth") else "diffusers"
         if layout == "ldm":
+            if not path.parent.is_dir():  # else safetensors names its own temporary file, not this path
+                raise FileNotFoundError(f"cannot save {path}: {path.parent} is not an existing folder")
             checkpoint.save_single_file(path, self.ldm_state_dict(), self.config)
         elif layout == "diffusers":
             checkpoint.save_diffusers(path, self.config, self.ldm_state_dict(), self.tokenizer)

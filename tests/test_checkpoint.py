@@ -97,6 +97,15 @@ def test_from_preset_dtype_device_and_unknown_name():
         StableDiffusion.from_preset("sd99")
     with pytest.raises(TypeError, match="float dtype"):
         StableDiffusion.from_preset("tiny", dtype=torch.int8)
+    with pytest.raises(TypeError, match="seed must be an int, got str 'x'"):
+        StableDiffusion.from_preset("tiny", seed="x")
+
+
+def test_save_into_a_missing_folder_names_the_path(tiny, tmp_path):
+    """safetensors' own error named its temporary file, not the path asked for."""
+    target = tmp_path / "nope" / "x.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"cannot save {target}: {target.parent} is not an existing folder"):
+        tiny.save(target)
 
 
 def test_skeleton_holds_no_weights():

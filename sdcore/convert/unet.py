@@ -158,6 +158,9 @@ _SUPPORTED = {
     "addition_time_embed_dim": (None,), "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
 }
+# Accepted and not acted on: ``upcast_attention`` (SD 2.1: q·kᵀ in fp32). The triton backend and
+# SDPA's fused kernels (flash, memory-efficient, cuDNN) keep scores in fp32 registers anyway; the
+# reference rounds scaled scores to the input dtype, as diffusers' AttnProcessor without upcast.
 
 
 def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
