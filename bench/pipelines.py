@@ -391,6 +391,8 @@ def _call(spec: PipelineSpec, fn, model, opts: Options, size: int):
         wanted["strength"] = STRENGTH
     if spec.variant:
         wanted["variant"] = spec.variant
+    if spec.variant == "repaint" and opts.steps <= 10:  # RePaint's 10 x 10 jumps need > 10 steps (--quick: 2)
+        wanted.update(jump_length=max(1, opts.steps // 2), jump_n_sample=2)
     if "progress" in inspect.signature(fn).parameters:
         wanted["progress"] = False
     errors = []

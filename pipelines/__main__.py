@@ -1,10 +1,10 @@
 """``python -m pipelines txt2img|img2img|inpaint|replay ...``: run a pipeline, write PNGs and a JSON
 sidecar per image with everything needed to reproduce it (every parameter and the seed, the model
-source, the kernel backends, the sdlab/torch versions); ``replay SIDECAR`` re-runs one exactly.
+source, the kernel backends, the sdlab/torch/Triton versions); ``replay SIDECAR`` re-runs one exactly.
 
     python -m pipelines txt2img --preset tiny --prompt "a red bicycle" --steps 20 --seed 1 --out out/
     python -m pipelines inpaint --ckpt sd15-inpaint.safetensors --image in.png --mask mask.png \\
-        --variant unet9 --prompt "a cat" --kernels triton --out out/
+        --variant unet9 --prompt "a cat" --kernels group_norm_silu=triton,scheduler_step=triton --out out/
     python -m pipelines replay out/0000-txt2img-s1.json --out out/again/
 """
 from __future__ import annotations
@@ -18,10 +18,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 COMMANDS = ("txt2img", "img2img", "inpaint")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar records
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+KERNELS_ENV = "SDLAB_KERNELS"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,33 +53,34 @@ def sha256(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------- kernels
-def kernel_scope(spec: str | None):
-    """``SDLAB_KERNELS`` syntax: ``"triton"`` for every op, or ``"attention=triton,group_norm_silu=reference"``.
-    None: the default backends, whatever ``SDLAB_KERNELS`` says now (a job records None only when
-    neither ``--kernels`` nor ``SDLAB_KERNELS`` chose any, so a replay must not take them from here)."""
-    import kernels
-
-    if not spec:
-        return _without_env("SDLAB_KERNELS")
-    if "=" not in spec:
-        return kernels.use(spec.strip())
-    per_op = {}
-    for item in spec.split(","):
-        op, sep, backend = item.strip().partition("=")
-        if not sep or not op.strip():
-            raise ValueError(f"--kernels {spec!r}: expected 'op=backend' items, got {item!r}; ops: {', '.join(kernels.ops())}")
-        per_op[op.strip()] = backend.strip()
-    return kernels.use(**per_op)
-
-
 @contextlib.contextmanager
-def _without_env(name: str):
-    saved = os.environ.pop(name, None)
+def kernel_scope(spec: str | None):
+    """Run with ``spec`` (``SDLAB_KERNELS`` syntax: ``"triton"`` for every op that has it, or
+    ``"attention=sdpa,group_norm_silu=triton"``, unnamed ops on their default) as ``SDLAB_KERNELS``,
+    and restore the variable after. Through the variable, not a ``kernels.use()`` scope, so the
+    registry attributes each choice to it (see :func:`attribute`), with the registry's own parsing
+    and checks. None or "": the default backends, whatever ``SDLAB_KERNELS`` says now (a job
+    records None only when neither ``--kernels`` nor ``SDLAB_KERNELS`` chose any, so a replay must
+    not take them from here)."""
+    saved = os.environ.pop(KERNELS_ENV, None)
+    if spec:
+        os.environ[KERNELS_ENV] = spec
     try:
         yield
     finally:
+        os.environ.pop(KERNELS_ENV, None)
         if saved is not None:
-            os.environ[name] = saved
+            os.environ[KERNELS_ENV] = saved
+
+
+def attribute(text: str, spec: str | None, source: str) -> str:
+    """``text`` (a kernels message or ``describe()``) with the registry's ``SDLAB_KERNELS='spec'``
+    (how :func:`kernel_scope` passes the choice) named as where it really came from: ``source`` is
+    "--kernels", "SDLAB_KERNELS" or "sidecar"."""
+    if not spec or source == KERNELS_ENV:
+        return text
+    label = f"--kernels {spec!r}" if source == "--kernels" else f'the sidecar\'s "kernels": {spec!r}'
+    return text.replace(f"{KERNELS_ENV}={spec!r}", label)
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -89,13 +94,17 @@ def job_from_args(args) -> dict:
         params["strength"] = args.strength
         inputs["image"] = args.image
     if args.command == "inpaint":
+        for opt, value in (("--jump-length", args.jump_length), ("--jump-n-sample", args.jump_n_sample)):
+            if value is not None and args.variant != "repaint":  # refused before the model is built
+                raise ValueError(f"{opt} {value} applies to --variant repaint only (RePaint's resampling); "
+                                 f"--variant {args.variant} does not resample: leave {opt} out")
         params.update(variant=args.variant, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
-                      paste_back=args.paste_back)
+                      paste_back=args.paste_back)  # jump_*: None unless given (inpaint: 10 for repaint)
         inputs["mask"] = args.mask
     return {"command": args.command,
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None, "preset": args.preset,
                       "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
-            "kernels": args.kernels if args.kernels is not None else os.environ.get("SDLAB_KERNELS") or None,
+            "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
             "inputs": {k: {"path": str(Path(v).resolve()), "sha256": sha256(_existing(k, Path(v)))}
                        for k, v in inputs.items()},
             "params": params}
@@ -106,10 +115,20 @@ SIDECAR_KEYS = {"command": str, "model": dict, "kernels": (str, type(None)), "in
 
 def read_sidecar(path: Path) -> dict:
     """The job a sidecar records, or a ValueError saying why the file is not one."""
+    if not path.exists():
+        raise ValueError(f"no such sidecar: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a JSON sidecar (a {'directory' if path.is_dir() else 'special file'})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        image = path.with_suffix(".json") if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else None
+        hint = f"; the sidecar of an image is the .json beside it: {image}" if image is not None else ""
+        raise ValueError(f"{path}: not a JSON sidecar (binary, not UTF-8 text{hint})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a JSON sidecar ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the sidecar: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a sidecar (a JSON {type(data).__name__}, not an object)")
     for key, kind in SIDECAR_KEYS.items():
@@ -119,7 +138,11 @@ def read_sidecar(path: Path) -> dict:
             raise ValueError(f"{path}: not a sidecar ({key!r} is a {type(data[key]).__name__})")
     if data["params"].get("seed") is None:
         raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
-    return {k: data[k] for k in SIDECAR_KEYS}
+    job = {k: data[k] for k in SIDECAR_KEYS}
+    if job["command"] == "inpaint" and job["params"].get("variant") != "repaint":
+        # older sidecars record the CLI's jump defaults for every variant; only repaint used them
+        job["params"] = {**job["params"], "jump_length": None, "jump_n_sample": None}
+    return job
 
 
 def _existing(name: str, path: Path) -> Path:
@@ -156,12 +179,60 @@ def open_image(name: str, path: Path):
     return image
 
 
+def parse_dtype(name: str) -> str:
+    """torch's name for a dtype given as float32/float16/bfloat16 or fp32/fp16/bf16 (float, half)."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: fp32/float32, fp16/float16, bf16/bfloat16")
+    return name
+
+
+def _dtype_arg(name: str) -> str:
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def prepare_out(out: Path) -> Path | None:
+    """Create the output directory and check that a file can be written in it, before any
+    expensive work (a model build, a generation), with an error naming ``--out``. Returns the
+    outermost directory created now (None if ``out`` existed), for :func:`remove_if_empty`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        blocker = next((p for p in out.parents if p.exists()), None)
+        why = (f"{blocker} is a file, not a directory" if blocker is not None and not blocker.is_dir()
+               else e.strerror or str(e))
+        raise ValueError(f"--out {out}: cannot create or write the output directory: {why}") from None
+    return missing[-1] if missing else None
+
+
+def remove_if_empty(out: Path, top: Path | None) -> None:
+    """Undo :func:`prepare_out` after a failed run: remove ``out`` and its parents up to ``top``
+    while they are empty."""
+    if top is None:
+        return
+    for p in (out, *out.parents):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (or gone): keep it and what holds it
+            return
+        if p == top:
+            return
+
+
 def load_model(spec: dict):
     import torch
 
     import sdcore
 
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    dtype, device = getattr(torch, parse_dtype(spec["dtype"])), spec["device"]
     if spec.get("ckpt"):
         return sdcore.load(spec["ckpt"], dtype=dtype, device=device)
     return sdcore.StableDiffusion.from_preset(spec["preset"], seed=spec.get("model_seed", 0), dtype=dtype, device=device)
@@ -172,30 +243,63 @@ def _next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
-def run_job(job: dict, out: Path, *, progress: bool = True) -> list[Path]:
-    """Run ``job``, write ``NNNN-<command>-s<seed>.png`` + ``.json`` per image; return the PNG paths."""
+def versions() -> dict:
+    """What the numerics depend on: sdlab (and its git commit), torch, Triton (None when it does
+    not import), Python."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # not installed, or broken: the kernels then fall back or refuse
+        triton_version = None
+    return {"sdlab": sdlab_version(), "git_commit": git_commit(), "torch": torch.__version__,
+            "triton": triton_version, "python": sys.version.split()[0]}
+
+
+def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str = "--kernels") -> list[Path]:
+    """Run ``job``, write ``NNNN-<command>-s<seed>.png`` + ``.json`` per image; return the PNG paths.
+    Everything that can be checked without the model is, before it is built; ``kernels_source``
+    ("--kernels", "SDLAB_KERNELS" or "sidecar") is where ``job["kernels"]`` came from, for messages."""
     import torch
 
     import kernels
     import pipelines
+    from sdcore.config import SDConfig
 
+    from .common import check_backends
+
+    spec = job["kernels"]
     job["model"]["device"] = resolve_device(job["model"]["device"])
+    dtype = getattr(torch, parse_dtype(job["model"]["dtype"]))
     images = {}
     for name, inp in job["inputs"].items():
         path = _existing(name, Path(inp["path"]))
         if inp.get("sha256") and sha256(path) != inp["sha256"]:
             raise ValueError(f"--{name} {path} changed since the sidecar was written (sha256 differs)")
         images[name] = open_image(name, path)
-    model = load_model(job["model"])
     fn = getattr(pipelines, job["command"])
     accepted = set(inspect.signature(fn).parameters)
     kwargs = {k: v for k, v in job["params"].items() if k in accepted}
     positional = [images[k] for k in ("image", "mask") if k in images]
-    with kernel_scope(job["kernels"]):
-        describe = kernels.describe(model.device)
-        before = kernels.counts()
-        result = fn(model, *positional, progress=progress, **kwargs)
-        after = kernels.counts()
+    prepare_out(out)
+    try:
+        with kernel_scope(spec):
+            kernels.describe(job["model"]["device"])  # a ValueError naming the item, for a bad spec
+            preset = job["model"].get("preset") if not job["model"].get("ckpt") else None
+            # the device and dtype now; a checkpoint's head dims once it is loaded (the pipeline's setup)
+            check_backends(job["model"]["device"], dtype, SDConfig.preset(preset) if preset else None)
+            model = load_model(job["model"])
+            describe = kernels.describe(model.device)
+            before = kernels.counts()
+            result = fn(model, *positional, progress=progress, **kwargs)
+            after = kernels.counts()
+    except (ValueError, kernels.BackendUnsupported) as e:
+        if type(e) in (ValueError, kernels.BackendUnsupported) and spec and f"{KERNELS_ENV}={spec!r}" in str(e):
+            raise type(e)(attribute(str(e), spec, kernels_source)) from e
+        raise
+    describe = attribute(describe, spec, kernels_source)
     dispatches = {f"{op}/{b}": n - before.get((op, b), 0) for (op, b), n in sorted(after.items())
                   if n != before.get((op, b), 0)}
     out.mkdir(parents=True, exist_ok=True)
@@ -208,9 +312,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True) -> list[Path]:
             "image": f"{stem}.png", "batch_index": i, "command": job["command"], "model": job["model"],
             "kernels": job["kernels"], "inputs": job["inputs"], "params": replay_params,
             "result": {"params": result.params, "unet_calls": result.unet_calls},
-            "kernel_backends": describe, "kernel_dispatches": dispatches,
-            "versions": {"sdlab": sdlab_version(), "git_commit": git_commit(), "torch": torch.__version__,
-                         "python": sys.version.split()[0]},
+            "kernel_backends": describe, "kernel_dispatches": dispatches, "versions": versions(),
             "reproduce": f"python -m pipelines replay {stem}.json --out DIR",
         }
         (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, default=str))
@@ -222,90 +324,137 @@ def run_job(job: dict, out: Path, *, progress: bool = True) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     from sdcore.config import PRESETS
 
+    import kernels
+
     from .common import SAMPLERS
     from .inpaint import VARIANTS
+
+    ops = "; ".join(f"{op} ({'|'.join(kernels.backends(op))})" for op in kernels.ops())
 
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{txt2img,img2img,inpaint,replay}")
 
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("model")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
-    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
-                     help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
-    g.add_argument("--model-seed", type=int, default=0, metavar="N", help="weight seed for --preset (default 0)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--kernels", metavar="SPEC", default=None,
-                   help="kernel backends, SDLAB_KERNELS syntax: 'triton' (every op) or "
-                        "'attention=triton,group_norm_silu=reference' (default: $SDLAB_KERNELS, else per-op default)")
-    g = common.add_argument_group("generation")
-    g.add_argument("--prompt", default="", help="text prompt (default empty)")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt, the unconditional half of CFG (default empty)")
-    g.add_argument("--steps", type=int, default=50, help="sampler steps (default 50); RePaint: levels of the walk")
-    g.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance weight, on when > 1 (default 7.5)")
-    g.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's, usually ddim)")
-    g.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic (default), 1 DDPM-like noise")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and recorded in the sidecar)")
-    g.add_argument("--height", type=int, default=None, help="output height in pixels (default: the model's or the image's)")
-    g.add_argument("--width", type=int, default=None, help="output width in pixels (default: the model's or the image's)")
-    g.add_argument("--resize", action="store_true",
-                   help="round height/width down to the model's size multiple and resize inputs to them instead of failing")
-    g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
-    g.add_argument("--clip-skip", type=int, default=None, help="text encoder layer from the end: 1 = last (default: model's)")
-    g = common.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs and JSON sidecars")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    def add_common(p, command: str) -> None:
+        """The options every generating command takes, worded for ``command``."""
+        from_image = command != "txt2img"
+        g = p.add_argument_group("model")
+        src = g.add_mutually_exclusive_group(required=True)
+        src.add_argument("--ckpt", metavar="PATH", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+        src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
+                         help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
+        g.add_argument("--model-seed", type=int, default=0, metavar="N", help="weight seed for --preset (default 0)")
+        g.add_argument("--dtype", type=_dtype_arg, default="float32", metavar="DTYPE",
+                       help="model dtype: fp32/float32 (default), fp16/float16, bf16/bfloat16")
+        g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        g.add_argument("--kernels", metavar="SPEC", default=None,
+                       help="kernel backends, SDLAB_KERNELS syntax: 'triton' (every op that has a triton backend) "
+                            "or per op, e.g. 'group_norm_silu=triton,scheduler_step=triton'; ops not named run on "
+                            "their default: triton on CUDA when Triton imports, with a per-call fallback to "
+                            f"reference for inputs it cannot take, else reference. Ops and backends: {ops}. An "
+                            "explicit attention=triton cannot run SD's VAE (one 512-wide head, over the kernel's "
+                            "256). Default: $SDLAB_KERNELS, else every op's default")
+        g = p.add_argument_group("generation")
+        g.add_argument("--prompt", default="", help="text prompt (default empty)")
+        g.add_argument("--negative-prompt", default=None,
+                       help="negative prompt, the unconditional half of CFG (default empty); unused, with a "
+                            "warning, at --cfg-scale 1")
+        if command == "inpaint":
+            steps = "sampler steps (default 50); --variant repaint: levels of the walk (the UNet runs more often)"
+        elif command == "img2img":
+            steps = "sampler steps (default 50), of which the last int(steps * strength) run"
+        else:
+            steps = "sampler steps (default 50)"
+        g.add_argument("--steps", type=int, default=50, help=steps)
+        g.add_argument("--cfg-scale", type=float, default=7.5,
+                       help="classifier-free guidance weight s: uncond + s * (cond - uncond) (default 7.5); "
+                            "1 = off (one UNet pass per step), 0 = the unconditional prediction, "
+                            "s < 0 pushes away from the prompt")
+        g.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's, usually ddim)")
+        g.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic (default), 1 DDPM-like noise")
+        g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and recorded in the sidecar)")
+        size_from = "the input image's" if from_image else "the model's native size"
+        g.add_argument("--height", type=int, default=None, help=f"output height in pixels (default: {size_from})")
+        g.add_argument("--width", type=int, default=None, help=f"output width in pixels (default: {size_from})")
+        resize = "round height/width down to the model's size multiple (8 for SD)"
+        if from_image:
+            resize += " and resize the image" + (" and mask" if command == "inpaint" else "") + " to them,"
+        resize += " instead of failing"
+        g.add_argument("--resize", action="store_true", help=resize)
+        g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+        g.add_argument("--clip-skip", type=int, default=None, help="text encoder layer from the end: 1 = last (default: model's)")
+        if from_image:
+            strength = 0.8 if command == "img2img" else 1.0
+            g = p.add_argument_group("input")
+            g.add_argument("--image", required=True, metavar="PATH", help="input image (PNG/JPEG)")
+            g.add_argument("--strength", type=float, default=strength,
+                           help=f"noise level to start from, 0 = keep the image, 1 = pure noise (default {strength})")
+        if command == "inpaint":
+            g.add_argument("--mask", required=True, metavar="PATH",
+                           help="mask image, white = repaint; a colour or palette image is read as its luminance")
+            add_inpainting(p.add_argument_group("inpainting"))
+        g = p.add_argument_group("output")
+        g.add_argument("--out", required=True, metavar="DIR",
+                       help="directory for the PNGs and JSON sidecars (created; checked before any work)")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    def image_args(p, strength: float):
-        p.add_argument("--image", required=True, metavar="PATH", help="input image (PNG/JPEG)")
-        p.add_argument("--strength", type=float, default=strength,
-                       help=f"noise level to start from, 0 = keep the image, 1 = pure noise (default {strength})")
+    def add_inpainting(g) -> None:
+        g.add_argument("--variant", choices=VARIANTS, default="repaint",
+                       help="repaint: RePaint resampling with a 4-channel UNet; unet9: the 9-channel inpainting UNet "
+                            "(e.g. an sd15-inpaint checkpoint); blend: latent blending with a 4-channel UNet, no "
+                            "resampling (default repaint)")
+        g.add_argument("--jump-length", type=int, default=None,
+                       help="--variant repaint only: levels per jump back (default 10; a walk of no more than "
+                            "this many --steps has no jump)")
+        g.add_argument("--jump-n-sample", type=int, default=None,
+                       help="--variant repaint only: passes over each jump, 1 = no resampling (default 10)")
+        g.add_argument("--paste-back", action="store_true",
+                       help="paste the original pixels outside the mask after decoding")
 
-    sub.add_parser("txt2img", parents=[common], help="text to image", description="Text to image.")
-    p = sub.add_parser("img2img", parents=[common], help="image to image (SDEdit)", description="Image to image.")
-    image_args(p, 0.8)
-    p = sub.add_parser("inpaint", parents=[common], help="repaint a masked region", description="Inpainting.")
-    image_args(p, 1.0)
-    p.add_argument("--mask", required=True, metavar="PATH",
-                   help="mask image, white = repaint; a colour or palette image is read as its luminance")
-    p.add_argument("--variant", choices=VARIANTS, default="repaint",
-                   help="repaint: RePaint resampling with a 4-channel UNet; unet9: the 9-channel inpainting UNet; "
-                        "blend: latent blending, no resampling (default repaint)")
-    p.add_argument("--jump-length", type=int, default=10, help="RePaint: levels per jump back (default 10)")
-    p.add_argument("--jump-n-sample", type=int, default=10, help="RePaint: passes over each jump, 1 = no resampling (default 10)")
-    p.add_argument("--paste-back", action="store_true", help="paste the original pixels outside the mask after decoding")
+    for command, short, description in (("txt2img", "text to image", "Text to image."),
+                                         ("img2img", "image to image (SDEdit)", "Image to image."),
+                                         ("inpaint", "repaint a masked region", "Inpainting.")):
+        add_common(sub.add_parser(command, help=short, description=description), command)
 
     p = sub.add_parser("replay", help="re-run the generation a JSON sidecar describes",
                        description="Re-run a sidecar's generation (same model, kernels, parameters, seed, device).")
     p.add_argument("sidecar", metavar="SIDECAR", help="a JSON sidecar written next to a PNG")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the re-generated PNGs and sidecars")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the re-generated PNGs and sidecars (created; checked before any work)")
     p.add_argument("--device", default=None, help="override the recorded device (results may then differ)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kernels import BackendUnsupported
-
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_, **__: print(  # one line each, no source excerpt
+            f"{parser.prog} {args.command}: warning: {message}", file=sys.stderr)
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from kernels import BackendUnsupported
+
+    out, created, written = Path(args.out), None, []
     try:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out}: exists and is not a directory")
+        created = prepare_out(out)  # before anything else: a bad --out costs nothing
         if args.command == "replay":
             job = read_sidecar(Path(args.sidecar))
             if args.device:
                 job["model"]["device"] = args.device
+            source = "sidecar"
         else:
             job = job_from_args(args)
-        written = run_job(job, out, progress=not args.no_progress)
+            source = "--kernels" if args.kernels is not None else KERNELS_ENV
+        written = run_job(job, out, progress=not args.no_progress, kernels_source=source)
     except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
+        remove_if_empty(out, created)
         parser.exit(2, f"{parser.prog} {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
+        remove_if_empty(out, created)
         default = ('with "kernels": null in the sidecar' if args.command == "replay"
                    else "without --kernels (and SDLAB_KERNELS unset)")
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}; {default} the default backends fall back "

@@ -4,8 +4,9 @@ mask conversion, the VAE round trip with the scaling factor, and THE denoising l
 Conventions (the public API documents them once, here):
 
 - **Images in**: a PIL image (any mode, converted to RGB), a list of them, or a float tensor in
-  [0, 1] of shape (3, H, W) or (N, 3, H, W) -- the range PIL images and torchvision use.
-  Tensors in [-1, 1] are refused (pass ``(x + 1) / 2``) rather than guessed.
+  [0, 1] of shape (3, H, W) or (N, 3, H, W), channels first -- the layout and range torchvision
+  uses. Tensors in [-1, 1] and channels-last (H, W, 3) tensors are refused (with the fix) rather
+  than guessed.
 - **Masks**: a PIL image of mode "L" or "1", or a tensor (H, W), (1, H, W) or (N|1, 1, H, W) in
   [0, 1]; **1 (white) = the region to repaint**, as diffusers. Masks are binarised at 0.5 and
   downsampled to the latent size by nearest interpolation, exactly as diffusers'
@@ -13,6 +14,10 @@ Conventions (the public API documents them once, here):
 - **Latents**: the UNet's (scaled) latents, ``z = vae.encode(x).sample() * scaling_factor``;
   ``latents=`` is unit-variance initial noise, multiplied by the sampler's ``init_noise_sigma``
   (as diffusers does with ``latents=``).
+- **Guidance**: ``cfg_scale`` s gives ``uncond + s * (cond - uncond)`` for every s != 1 (0 = the
+  negative prompt's prediction alone, s < 0 extrapolates away from the prompt); s = 1 runs the
+  prompt alone, one UNet pass per step, and a ``negative_prompt`` then warns that it is unused.
+  diffusers instead turns guidance off for every guidance_scale <= 1.
 - **Randomness**: one ``torch.Generator`` per call (from ``seed``, on the model's device, or the
   caller's ``generator``), drawn in a fixed order: VAE posterior samples, initial noise, then the
   sampler's noise. No global RNG, so the same seed on the same device and backend gives
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -143,7 +149,7 @@ def encode_prompt(model, prompts: list[str], negative_prompt, batch_size: int, g
         if len(negatives) not in (1, len(prompts)):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
     elif negative_prompt is not None:
-        as_prompts(negative_prompt, "negative_prompt")  # type-check even when CFG is off
+        as_prompts(negative_prompt, "negative_prompt")  # type-check even when CFG is off (setup warns)
     device, _ = model_device_dtype(model)
     # each list on its own, so a truncation warning's index is the one in the caller's list
     ids = model.tokenizer(prompts)
@@ -160,15 +166,33 @@ def _pil():
     return Image
 
 
+IMAGE_LAYOUTS = "(3, H, W) or (N, 3, H, W), channels first"
+MASK_LAYOUTS = "(H, W), (1, H, W) or (N, 1, H, W)"
+
+
+def _hwc_hint(shape: tuple, channels: int) -> str:
+    """A hint for a channels-last array passed where channels come first."""
+    if len(shape) in (3, 4) and shape[-1] == channels and shape[-3] != channels:
+        fix = "x.permute(2, 0, 1)" if len(shape) == 3 else "x.permute(0, 3, 1, 2)"
+        return f" (channels last, as numpy/PIL arrays: pass {fix})" if channels == 3 else " (pass mask[..., 0])"
+    return ""
+
+
 def image_size(image) -> tuple[int, int]:
-    """(H, W) of a PIL image, list of them, or tensor, without converting."""
+    """(H, W) of a PIL image, list of them, or tensor, without converting; a tensor's layout is
+    checked here, so an HWC tensor is named as such and not read as a 3-pixel-wide image."""
     Image = _pil()
     first = image[0] if isinstance(image, (list, tuple)) and image else image
     if isinstance(first, Image.Image):
         return first.height, first.width
-    if isinstance(first, torch.Tensor) and first.dim() >= 2:
-        return tuple(first.shape[-2:])
-    raise TypeError(f"images are PIL images or float tensors in [0, 1] of shape (N, 3, H, W), got {type(first).__name__}")
+    if isinstance(first, torch.Tensor):
+        shape = tuple(first.shape)
+        if first.dim() not in (3, 4) or shape[-3] != 3:
+            raise ValueError(f"image tensors must be {IMAGE_LAYOUTS}, float in [0, 1]; got shape "
+                             f"{shape}{_hwc_hint(shape, 3)}")
+        return shape[-2:]
+    raise TypeError(f"images are PIL images or float tensors in [0, 1] of shape {IMAGE_LAYOUTS}, "
+                    f"got {type(first).__name__}")
 
 
 def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
@@ -197,8 +221,9 @@ def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
         if x.dim() == 3:
             x = x[None]
         if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"image tensors are float (N, 3, H, W) or (3, H, W) in [0, 1], got {x.dtype} "
-                             f"{tuple(items[0].shape)}")
+            shape = tuple(items[0].shape)
+            raise ValueError(f"image tensors must be {IMAGE_LAYOUTS}, float in [0, 1]; got {x.dtype} "
+                             f"{shape}{_hwc_hint(shape, 3)}")
         x = x.detach().float().cpu()
         if not torch.isfinite(x).all():
             raise ValueError(f"image tensor has {int((~torch.isfinite(x)).sum())} NaN or infinite values")
@@ -213,7 +238,7 @@ def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         return x
     raise TypeError("image must be a PIL image, a list of PIL images, or a float tensor in [0, 1] of shape "
-                    f"(N, 3, H, W); got {[type(im).__name__ for im in items]}")
+                    f"{IMAGE_LAYOUTS}; got {[type(im).__name__ for im in items]}")
 
 
 def load_image(model, image, height: int | None, width: int | None, resize: bool):
@@ -245,19 +270,20 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
         shape = tuple(t.shape)
         t = t[None, None] if t.dim() == 2 else t[None] if t.dim() == 3 else t
         if t.dim() != 4 or t.shape[1] != 1:
-            raise ValueError(f"mask must be single-channel: (H, W), (1, H, W) or (N, 1, H, W), got shape {shape}")
+            raise ValueError(f"mask must be single-channel: {MASK_LAYOUTS}, got shape {shape}{_hwc_hint(shape, 1)}")
         t = t.float().cpu()
         if not torch.isfinite(t).all():
             raise ValueError(f"mask tensor has {int((~torch.isfinite(t)).sum())} NaN or infinite values")
         lo, hi = float(t.min()), float(t.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got [{lo:.3g}, {hi:.3g}]")
+            raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got min {lo:.3g}, max {hi:.3g}")
         if tuple(t.shape[-2:]) != size:
             if not resize:
                 raise ValueError(f"mask is {t.shape[2]}x{t.shape[3]} (HxW) but the image is {size[0]}x{size[1]}")
             t = F.interpolate(t, size=size, mode="nearest")
     else:
-        raise TypeError(f"mask must be a PIL image (mode 'L') or a tensor in [0, 1], got {type(mask).__name__}")
+        raise TypeError(f"mask must be a PIL image (mode 'L') or a tensor in [0, 1] of shape {MASK_LAYOUTS}, "
+                        f"got {type(mask).__name__}")
     if t.shape[0] not in (1, n_images):
         raise ValueError(f"{t.shape[0]} masks for {n_images} images; pass one mask or one per image")
     return (t >= 0.5).float()  # diffusers' binarisation
@@ -291,6 +317,66 @@ def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [0, 1]: ``(vae.decode(z / scaling_factor) / 2 + 0.5).clamp(0, 1)``."""
     images = model.vae.decode(latents / model.config.vae.scaling_factor)
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------- kernels
+def attention_head_dims(config) -> dict[int, list[str]]:
+    """{head dim: where} for every attention a model of ``config`` runs: the text encoder's, the
+    UNet's transformers (per channel width) and the VAE's single-head blocks (mid block, and the
+    levels ``attn_resolutions`` picks)."""
+    from sdcore.vae import attention_levels
+
+    dims: dict[int, list[str]] = {}
+    te = config.text_encoder
+    dims.setdefault(te.width // te.heads, []).append("the text encoder")
+    u = config.unet
+    widths = {u.model_channels * m for i, m in enumerate(u.channel_mult) if 2**i in u.attention_resolutions}
+    widths.add(u.model_channels * u.channel_mult[-1])  # the middle block's transformer
+    for w in sorted(widths):
+        dims.setdefault(u.heads_at(w)[1], []).append(f"the UNet's transformers at {w} channels")
+    v = config.vae
+    widths = {v.ch * m for m, attn in zip(v.ch_mult, attention_levels(v)) if attn} | {v.ch * v.ch_mult[-1]}
+    for w in sorted(widths):
+        dims.setdefault(w, []).append(f"the VAE's single-head attention at {w} channels")
+    return dims
+
+
+def check_backends(device, dtype: torch.dtype, config=None) -> None:
+    """Raise :class:`kernels.BackendUnsupported` now, before any model work, where an explicitly
+    chosen backend (``kernels.use``, ``set_backend``, ``SDLAB_KERNELS``) will refuse what the model
+    gives it: a device or dtype it cannot run (Triton on CPU without ``TRITON_INTERPRET=1``), and,
+    with ``config``, an attention head dim over its limit (SD's VAE: one 512-wide head). It asks
+    ``kernels.resolve`` with small tensors of that device, dtype and head dim; limits that depend
+    on the run's sizes (grid, 32-bit offsets) are left to the run. Default choices never raise."""
+    import kernels
+
+    device = torch.device(device)
+    problems: list[str] = []
+
+    def refused(op: str, *args, **kwargs) -> str | None:
+        try:
+            kernels.resolve(op, *args, **kwargs)
+        except kernels.BackendUnsupported as e:
+            return str(e)
+        return None
+
+    # zeros: the checks read shapes, devices and dtypes, not values (and the global RNG stays untouched)
+    t = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+    groups = config.unet.norm_groups if config is not None else 32
+    width = config.unet.model_channels if config is not None else 64
+    generic = refused("attention", t(1, 1, 16, 64), t(1, 1, 16, 64), t(1, 1, 16, 64))
+    problems.append(generic)
+    if config is not None and generic is None:  # else one device-wide reason is enough
+        for d, where in sorted(attention_head_dims(config).items()):
+            why = refused("attention", t(1, 1, 16, d), t(1, 1, 16, d), t(1, 1, 16, d))
+            problems.append(why and f"{why} (in {'; '.join(where)})")
+    problems.append(refused("group_norm_silu", t(1, width, 8, 8), t(width), t(width), groups, 1e-5, "silu"))
+    problems.append(refused("scheduler_step", t(1, 4, 8, 8), t(1, 4, 8, 8), kernels.StepCoefficients(c1=1.0),
+                            model_output_uncond=t(1, 4, 8, 8), guidance_scale=2.0, mask=t(1, 1, 8, 8),
+                            known=t(1, 4, 8, 8)))
+    problems = [p for p in problems if p]
+    if problems:
+        raise kernels.BackendUnsupported(" | ".join(problems))
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -364,14 +450,14 @@ def denoise(model, sched, x: torch.Tensor, context: torch.Tensor, plan: Sequence
             known: KnownRegion | None = None, progress: bool = False, desc: str = "denoise"):
     """The denoising loop every pipeline runs -> (final latents, UNet calls).
 
-    Per :class:`Step`: the UNet sees ``scale_model_input(x)`` (with CFG, [x; x] against
+    Per :class:`Step`: the UNet sees ``scale_model_input(x)`` (with CFG, i.e. ``cfg_scale != 1``, [x; x] against
     [uncond; cond] context in ONE call), concatenated with ``extra`` channels (the 9-channel
     inpainting UNet's mask and masked-image latents); the sampler step applies CFG, the update,
     noise and the ``known`` blend in one fused kernel. Per :class:`Renoise`: ``undo_step``.
     """
     from tqdm.auto import tqdm
 
-    guided = cfg_scale > 1.0
+    guided = cfg_scale != 1.0
     if extra is not None and guided:
         extra = torch.cat([extra, extra])
     calls = 0
@@ -391,7 +477,7 @@ def denoise(model, sched, x: torch.Tensor, context: torch.Tensor, plan: Sequence
         if known is not None:
             mask, target = known.mask, known.at(sched, op.known_t, generator)
         x = sched.step(cond, op.t, x, prev_t=op.prev_t, model_output_uncond=uncond,
-                       guidance_scale=cfg_scale if guided else 1.0, generator=generator,
+                       guidance_scale=cfg_scale, generator=generator,
                        mask=mask, known=target, return_x0=False).prev_sample
     return x, calls
 
@@ -443,7 +529,13 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number (guidance is on when > 1), got {cfg_scale!r}")
+        raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}")
+    guided = cfg_scale != 1.0
+    if negative_prompt is not None and not guided:
+        as_prompts(negative_prompt, "negative_prompt")  # a wrong type is still an error
+        warnings.warn(f"negative_prompt {negative_prompt!r} is unused: cfg_scale=1 runs no guidance (the negative "
+                      "prompt is the unconditional half of CFG); pass cfg_scale != 1 to use it",
+                      UserWarning, stacklevel=4)
     if clip_skip is not None:
         check_int("clip_skip", clip_skip, 1)
     in_ch = model.config.unet.in_channels
@@ -452,13 +544,14 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
         raise ValueError(f"{pipeline} needs a {unet_channels}-channel UNet, but this model's UNet takes "
                          f"{in_ch} channels ({model.config.name}){hint}")
     device, dtype = model_device_dtype(model)
+    check_backends(device, dtype, model.config)
     sched, sampler, eta = make_sampler(model, sampler, eta)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the {sched.config.num_train_timesteps} training timesteps")
     if not own_levels:
         sched.set_timesteps(steps)  # a ValueError for schedules that leave [0, T) (e.g. 1000 leading steps)
     generator, seed = make_generator(seed, generator, device)
-    context = encode_prompt(model, prompts, negative_prompt, batch_size, cfg_scale > 1.0, clip_skip)
+    context = encode_prompt(model, prompts, negative_prompt, batch_size, guided, clip_skip)
     params = dict(pipeline=pipeline, model=model.config.name, prompt=prompt if isinstance(prompt, str) else prompts,
                   negative_prompt=negative_prompt, cfg_scale=float(cfg_scale), steps=steps, sampler=sampler,
                   eta=eta, seed=seed, batch_size=batch_size, clip_skip=clip_skip,

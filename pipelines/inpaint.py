@@ -21,6 +21,8 @@ Mask convention: 1 (white) = repaint, binarised at 0.5, downsampled by nearest i
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -72,18 +74,21 @@ def _check_variant(model, variant: str, sampler) -> None:
 
 @torch.inference_mode()
 def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: float = 1.0,
-            jump_length: int = 10, jump_n_sample: int = 10, paste_back: bool = False, negative_prompt=None,
+            jump_length: int | None = None, jump_n_sample: int | None = None, paste_back: bool = False, negative_prompt=None,
             cfg_scale: float = 7.5, steps: int = 50, sampler: str | None = None, seed: int | None = None,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
             height: int | None = None, width: int | None = None, resize: bool = False, batch_size: int = 1,
             clip_skip: int | None = None, eta: float | None = None, progress: bool = False) -> PipelineResult:
     """Repaint the region where ``mask`` is 1 (white) following ``prompt``.
 
-    image: as :func:`pipelines.img2img`. mask: PIL "L"/"1" or tensor (H, W) / (N|1, 1, H, W) in
-    [0, 1], the image's size. variant: "repaint" | "unet9" | "blend" (module docstring).
-    strength: 1 = start from pure noise. jump_length, jump_n_sample: RePaint's resampling (repaint
-    only; jump_n_sample=1 turns resampling off; ``steps`` counts the levels of the walk, the UNet
-    runs ``.unet_calls`` times). paste_back: paste the original pixels outside the mask after
+    image: as :func:`pipelines.img2img`: PIL, or a float tensor in [0, 1] of shape (3, H, W) or
+    (N, 3, H, W) (channels first). mask: PIL "L"/"1", or a tensor in [0, 1] of shape (H, W),
+    (1, H, W) or (N|1, 1, H, W), the image's size. variant: "repaint" | "unet9" | "blend" (module
+    docstring). strength: 1 = start from pure noise. jump_length, jump_n_sample: RePaint's
+    resampling, default 10 and 10 (repaint only: an error with the other variants;
+    jump_n_sample=1 turns resampling off, and ``steps <= jump_length`` leaves no jump, which
+    warns; ``steps`` counts the levels of the walk, the UNet runs ``.unet_calls``
+    times). paste_back: paste the original pixels outside the mask after
     decoding (exact preservation). latents: (B, 4, H/8, W/8) unit-variance initial noise.
     Other options as :func:`pipelines.txt2img`. Randomness order: image posterior sample (repaint,
     blend, or strength < 1), noise, masked-image posterior sample (unet9), then the sampler's.
@@ -91,8 +96,13 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     _check_variant(model, variant, sampler)
     strength = check_strength(strength)
     if variant == "repaint":
-        check_int("jump_length", jump_length, 1)
-        check_int("jump_n_sample", jump_n_sample, 1)
+        jump_length = check_int("jump_length", 10 if jump_length is None else jump_length, 1)
+        jump_n_sample = check_int("jump_n_sample", 10 if jump_n_sample is None else jump_n_sample, 1)
+    else:
+        for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} applies to variant='repaint' only (RePaint's resampling); "
+                                 f"variant={variant!r} does not resample: leave {name} unset")
     if not isinstance(paste_back, bool):
         raise TypeError(f"paste_back must be a bool, got {paste_back!r}")
     s = setup(model, prompt, pipeline="inpaint", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
@@ -110,6 +120,12 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     if variant == "repaint":
         plan = repaint_plan(steps, jump_length, jump_n_sample, T, strength)
         first_t = plan[0].t if plan else None
+        levels = steps - strength_start(steps, strength)
+        if jump_n_sample > 1 and levels and not any(isinstance(op, Renoise) for op in plan):
+            # (the walk's first jump is at its bottom, so any strength keeps it when steps > jump_length)
+            warnings.warn(f"RePaint does no resampling: jump_length={jump_length} needs steps > {jump_length}, got "
+                          f"steps={steps}, so jump_n_sample={jump_n_sample} has no effect; use jump_length < {steps} "
+                          "(or more steps), or jump_n_sample=1 to turn resampling off", UserWarning, stacklevel=3)
     else:
         timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
         plan, first_t = plain_plan(timesteps), (timesteps[0] if timesteps else None)
@@ -118,6 +134,9 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     shape = s.latent_shape(height, width)
     # strength 0 (no plan) uses no noise, but given latents of a wrong shape are still an error
     noise = initial_noise(latents, shape, s.generator, s.device, s.dtype) if plan or latents is not None else None
+    if not plan and latents is not None:
+        warnings.warn("latents are unused: strength=0 runs no step (the result is the VAE round trip of the image)",
+                      UserWarning, stacklevel=3)
     mask_lat = batched(F.interpolate(mask_px, size=shape[-2:]))  # nearest, as diffusers
     extra = known = None
     if variant == "unet9":

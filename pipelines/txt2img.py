@@ -16,8 +16,13 @@ def txt2img(model, prompt, *, negative_prompt=None, cfg_scale: float = 7.5, step
     """Generate ``len(prompts) * batch_size`` images from text.
 
     model: what ``sdcore.load`` / ``StableDiffusion.from_preset`` returns (4-channel UNet).
-    prompt: a str or a list of str; ``negative_prompt`` likewise (default "" under CFG).
-    cfg_scale: guidance weight, on when > 1 (uncond and cond batched in one UNet call).
+    prompt: a str or a list of str; ``negative_prompt`` likewise (default "" under CFG; warns,
+    unused, when ``cfg_scale`` is 1).
+    cfg_scale: classifier-free guidance weight s, ``uncond + s * (cond - uncond)`` (Ho & Salimans
+    2022) for every s != 1, uncond and cond batched in one UNet call: 0 = the unconditional
+    (negative-prompt) prediction, 0 < s < 1 interpolates, s < 0 pushes away from the prompt.
+    s = 1 is the conditional prediction alone, one UNet pass per step. (diffusers turns CFG off
+    for every guidance_scale <= 1; here only 1 does.)
     steps, sampler ("ddpm", "ddim", "euler_a", "dpmpp_2m"; default ``model.config.scheduler.sampler``),
     eta (ddim only).
     seed or generator: the only randomness; latents: (B, 4, H/8, W/8) unit-variance initial noise

@@ -432,8 +432,12 @@ def test_pipelines_quick(tmp_path):
         assert r["status"] == "ok", f"{r['op']}: {r['status']}: {r['note']}"
         assert r["unet_calls"] and r["unet_calls"] > 0 and r["seconds_per_image"] > 0, r
         assert r["shape"] == "64x64 px, batch 1", r["shape"]  # the tiny preset's image size
-        # one scheduler update per denoising step, its estimated share of the run in (0, 1)
-        assert r["scheduler_calls"] == r["unet_calls"], r
+        # one scheduler update per denoising step, plus for RePaint one renoise launch per jump back
+        # (--quick's 2 steps get a 1-step walk resampled twice); its estimated share of the run in (0, 1)
+        if r["op"] == "repaint":
+            assert r["scheduler_calls"] > r["unet_calls"], r
+        else:
+            assert r["scheduler_calls"] == r["unet_calls"], r
         assert 0 < r["scheduler_share"] < 1 and r["scheduler_ms_est"] > 0, r
 
 

@@ -101,7 +101,8 @@ def mask():
 ])
 def test_txt2img_matches_diffusers(tiny, sd_pipe, cfg_scale, batch_size, eta):
     noise = torch.randn(batch_size, 4, 8, 8, generator=_gen(5))
-    ours = pipelines.txt2img(tiny, "a red bicycle", negative_prompt="blurry", cfg_scale=cfg_scale, steps=3,
+    negative = "blurry" if cfg_scale != 1 else None  # unused (and warned about) without guidance
+    ours = pipelines.txt2img(tiny, "a red bicycle", negative_prompt=negative, cfg_scale=cfg_scale, steps=3,
                              latents=noise, batch_size=batch_size, eta=eta, seed=3, height=SIZE, width=SIZE)
     theirs = sd_pipe("a red bicycle", negative_prompt="blurry", guidance_scale=cfg_scale, num_inference_steps=3,
                      latents=noise, num_images_per_prompt=batch_size, eta=eta, generator=_gen(3), height=SIZE,
@@ -249,8 +250,9 @@ def test_unmasked_region_preserved(tiny, tiny9, image, mask, variant):
     image's latent exactly for the blending variants (the last blend is with the clean latent);
     the 9-channel UNet is not constrained there (random weights: nothing to check)."""
     model = tiny9 if variant == "unet9" else tiny
-    r = pipelines.inpaint(model, image, mask, "a cat", variant=variant, steps=4, jump_length=2, jump_n_sample=2,
-                          cfg_scale=3.0, seed=5, paste_back=True)
+    jumps = dict(jump_length=2, jump_n_sample=2) if variant == "repaint" else {}  # an error with the others
+    r = pipelines.inpaint(model, image, mask, "a cat", variant=variant, steps=4, cfg_scale=3.0, seed=5,
+                          paste_back=True, **jumps)
     keep = np.asarray(mask) < 128
     out, orig = np.asarray(r.images[0]), np.asarray(image)
     assert np.array_equal(out[keep], orig[keep]), f"{variant}: {int((out[keep] != orig[keep]).any(-1).sum())} pixels changed"
@@ -329,13 +331,34 @@ def _errors(tiny, tiny9, image, mask):
         "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")), "single-channel (PIL mode 'L' or '1'), got mode 'RGB'"),
         "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
+        # a mask of 5 would extrapolate the blend: refused with the range found
+        "mask above 1": (lambda: i(mask=torch.cat([torch.zeros(32, 64), torch.full((32, 64), 5.0)])),
+                         "mask values must be in [0, 1] (1 = repaint), got min 0, max 5"),
+        # channels-last tensors are named as such, not read as 3-pixel-wide images
+        "image HWC": (lambda: pipelines.img2img(tiny, torch.rand(64, 64, 3), "a", steps=1),
+                      "image tensors must be (3, H, W) or (N, 3, H, W), channels first, float in [0, 1]; got shape "
+                      "(64, 64, 3) (channels last, as numpy/PIL arrays: pass x.permute(2, 0, 1))"),
+        "image NHWC": (lambda: pipelines.img2img(tiny, torch.rand(2, 64, 64, 3), "a", steps=1),
+                       "got shape (2, 64, 64, 3) (channels last, as numpy/PIL arrays: pass x.permute(0, 3, 1, 2))"),
+        "inpaint image HWC": (lambda: pipelines.inpaint(tiny, torch.rand(64, 64, 3), mask, "a", steps=1),
+                              "image tensors must be (3, H, W) or (N, 3, H, W)"),
+        "mask HWC": (lambda: i(mask=torch.zeros(64, 64, 1)), "mask must be single-channel: (H, W), (1, H, W) or "
+                     "(N, 1, H, W), got shape (64, 64, 1) (pass mask[..., 0])"),
+        # RePaint's resampling options with a variant that has none
+        "jump_length with blend": (lambda: i(variant="blend", jump_length=3),
+                                   "jump_length=3 applies to variant='repaint' only"),
+        "jump_n_sample with blend": (lambda: i(variant="blend", jump_n_sample=1),
+                                     "jump_n_sample=1 applies to variant='repaint' only"),
+        "jump_length with unet9": (lambda: i(tiny9, variant="unet9", jump_length=10),
+                                   "jump_length=10 applies to variant='repaint' only (RePaint's resampling); "
+                                   "variant='unet9' does not resample"),
         "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
         "mask nan": (lambda: i(mask=torch.full((1, 1, 64, 64), float("nan"))), "mask tensor has 4096 NaN or infinite"),
         "image nan": (lambda: pipelines.img2img(tiny, torch.full((1, 3, 64, 64), float("nan")), "a", steps=1),
                       "image tensor has 12288 NaN or infinite values"),
         "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
-        "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (guidance is on "
-                                                             "when > 1), got nan"),
+        "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (1 = no guidance), "
+                                                             "got nan"),
         "cfg_scale inf": (lambda: t(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         "eta nan": (lambda: t(eta=float("nan")), "eta must be a finite number >= 0"),
         # SD's leading spacing with steps_offset=1 puts t = 1000 outside the 1000 training timesteps
@@ -508,3 +531,377 @@ def test_truncation_warnings_name_the_callers_prompt(tiny):
         warnings.simplefilter("ignore")
         want = tiny.text_encoder(tiny.tokenizer([long.upper()] * 2 + ["a cat", long]))
     assert torch.equal(ctx, want)
+
+
+# ------------------------------------------------------------------------ classifier-free guidance
+def test_cfg_scale_is_the_general_formula_for_every_scale_but_one(tiny):
+    """uncond + s·(cond − uncond) for every s != 1 (not "on when > 1"): with one deterministic DDIM
+    step the latents are affine in the model output, so L(s) = L(0) + s/2 · (L(2) − L(0)); s = 0
+    is the prediction of the negative prompt alone, and 1, 0, 0.5, -3 all differ."""
+    run = lambda s, prompt="a", neg="blurry": pipelines.txt2img(  # noqa: E731
+        tiny, prompt, negative_prompt=neg, cfg_scale=s, steps=1, seed=0, height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the negative prompt at s = 1: tested below
+        lat = {s: run(s).latents.double() for s in (1.0, 0.0, 2.0, 0.5, -3.0)}
+    for s in (0.5, -3.0):
+        _assert_latents(lat[s], lat[0.0] + s / 2 * (lat[2.0] - lat[0.0]), f"cfg_scale={s} vs the CFG formula",
+                        atol=1e-5)
+    scales = list(lat)
+    for i, a in enumerate(scales):
+        for b in scales[i + 1:]:
+            assert not torch.equal(lat[a], lat[b]), f"cfg_scale {a} and {b} give identical latents"
+    uncond = run(1.0, prompt="blurry", neg=None).latents.double()  # the negative prompt, unguided
+    _assert_latents(lat[0.0], uncond, "cfg_scale=0 vs the negative prompt's own prediction", atol=1e-5)
+    assert run(0.0).unet_calls == 1  # one batched call per step, as any guided run
+
+
+def test_negative_prompt_without_guidance_warns(tiny):
+    with pytest.warns(UserWarning, match=r"negative_prompt 'blurry' is unused: cfg_scale=1 runs no guidance"):
+        a = pipelines.txt2img(tiny, "a", negative_prompt="blurry", cfg_scale=1.0, steps=1, seed=0, height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without a negative prompt
+        b = pipelines.txt2img(tiny, "a", cfg_scale=1.0, steps=1, seed=0, height=32, width=32)
+    assert torch.equal(a.latents, b.latents)
+
+
+# ------------------------------------------------------------------------- ignored arguments
+def test_repaint_without_a_jump_warns(tiny, image, mask):
+    """jump_length >= the levels walked leaves no jump: RePaint would silently run without
+    resampling (the CLI's 10 x 10 at --steps 10 made 10 UNet calls)."""
+    with pytest.warns(UserWarning, match=r"RePaint does no resampling: jump_length=4 needs steps > 4, got steps=4, "
+                                         r"so jump_n_sample=3 has no effect"):
+        r = pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=4, jump_n_sample=3, cfg_scale=1.0, seed=0)
+    assert r.unet_calls == 4
+    with pytest.warns(UserWarning, match=r"jump_length=10 needs steps > 10, got steps=8"):  # the API's defaults
+        pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, cfg_scale=1.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a walk with jumps (at any strength), or resampling off: nothing to say
+        assert pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=2, jump_n_sample=2, cfg_scale=1.0,
+                                 seed=0).unet_calls == _repaint_calls_formula(4, 2, 2)
+        half = pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, jump_length=4, jump_n_sample=2,
+                                 cfg_scale=1.0, seed=0)
+        assert half.unet_calls > 4, f"{half.unet_calls} UNet calls: the jump at the bottom of the walk was lost"
+        pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=4, jump_n_sample=1, cfg_scale=1.0, seed=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, im, mk, z: pipelines.img2img(m, im, "a", strength=0.0, steps=2, latents=z, cfg_scale=1.0),
+    lambda m, im, mk, z: pipelines.inpaint(m, im, mk, "a", strength=0.0, steps=2, latents=z, cfg_scale=1.0),
+], ids=["img2img", "inpaint"])
+def test_latents_at_strength_zero_warn_unused(tiny, image, mask, call):
+    with pytest.warns(UserWarning, match="latents are unused: strength=0 runs no step"):
+        r = call(tiny, image, mask, torch.randn(1, 4, 8, 8))
+    assert r.unet_calls == 0
+
+
+def test_layouts_are_documented():
+    for fn in (pipelines.img2img, pipelines.inpaint):
+        assert "(3, H, W)" in fn.__doc__ and "(N, 3, H, W)" in fn.__doc__, f"{fn.__name__}: image layouts undocumented"
+    assert "(H, W)" in pipelines.inpaint.__doc__ and "(N|1, 1, H, W)" in pipelines.inpaint.__doc__
+
+
+# ----------------------------------------------------------------------- kernel backends up front
+def _wide_vae_model():
+    """The tiny model with a VAE whose single attention head is 320 wide (over the Triton
+    attention's 256, like SD's 512) -- cheap to build."""
+    from sdcore.config import SDConfig
+
+    cfg = SDConfig.preset("tiny")
+    return sdcore.StableDiffusion.from_config(cfg.replace(vae=cfg.vae.replace(ch=160)), seed=0)
+
+
+def _triton_runs_here() -> torch.device:
+    import kernels.registry as registry
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if registry.triton_available() or (device.type == "cpu" and not registry.interpreting()):
+        pytest.skip("Triton cannot run here (no CUDA and no TRITON_INTERPRET=1, or it does not import)")
+    return device
+
+
+def test_explicit_triton_attention_over_the_vae_head_dim_fails_before_denoising(tiny):
+    """An explicit attention=triton cannot run a VAE head over 256: refused in setup, naming the
+    VAE and its head dim, before the UNet runs once (not at the decode, after every step)."""
+    import kernels
+
+    model = _wide_vae_model()
+    fake = model.model.diffusion_model = _CountingUNet()
+    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported) as e:
+        pipelines.txt2img(model, "a", steps=2, seed=0, cfg_scale=1.0)
+    import kernels.registry as registry
+
+    msg = str(e.value)
+    runs = not registry.triton_available() and (torch.cuda.is_available() or registry.interpreting())
+    want = ("head dim 320 is over the kernel's limit of 256 (in the VAE's single-head attention at 320 channels)"
+            if runs else "cannot run this input")  # else: Triton cannot run on this device at all
+    assert msg.startswith("attention: backend 'triton' (from kernels.use() scope)") and want in msg, msg
+    assert fake.timesteps == [], f"the UNet ran {len(fake.timesteps)} times before the refusal"
+
+
+def test_attention_head_dims_of_the_presets():
+    from pipelines.common import attention_head_dims
+    from sdcore.config import SDConfig
+
+    sd15 = attention_head_dims(SDConfig.preset("sd15"))
+    assert sorted(sd15) == [40, 64, 80, 160, 512], sd15  # UNet 40/80/160, CLIP 64, the VAE's single 512 head
+    assert sd15[512] == ["the VAE's single-head attention at 512 channels"], sd15
+    assert sorted(attention_head_dims(SDConfig.preset("sd21"))) == [64, 512]
+
+
+def test_cli_help_example_kernels_run_sd15():
+    """The --kernels of the help's examples must be able to run a whole SD 1.5 pipeline; an
+    explicit attention=triton (or 'triton' for every op) cannot: the VAE's 512-wide head."""
+    import re
+
+    import pipelines.__main__ as cli
+    from pipelines.common import check_backends
+    from sdcore.config import SDConfig
+
+    specs = re.findall(r"--kernels (\S+)", cli.__doc__)
+    assert specs, "no --kernels example in the CLI docstring"
+    device = _triton_runs_here()
+    for spec in specs:
+        with cli.kernel_scope(spec):
+            check_backends(device, torch.float16 if device.type == "cuda" else torch.float32,
+                           SDConfig.preset("sd15-inpaint"))
+
+
+# -------------------------------------------------------------------------------- CLI, up front
+def _no_model(monkeypatch):
+    """Make building the model an error: what these tests check must fail before it."""
+    import pipelines.__main__ as cli
+
+    def refuse(spec):
+        raise AssertionError(f"the model was built ({spec}) before the error")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def test_cli_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    from pipelines.__main__ import main
+
+    _no_model(monkeypatch)
+    (tmp_path / "in.png").write_bytes(b"x")
+    cases = {  # --out, what the error must say
+        "under a file": (tmp_path / "in.png" / "sub", f"{tmp_path / 'in.png'} is a file, not a directory"),
+        "a file": (tmp_path / "in.png", "exists and is not a directory"),
+    }
+    if os.path.isdir("/proc"):
+        cases["cannot be created"] = (__import__("pathlib").Path("/proc/nope/x"), "No such file or directory")
+    for case, (out, why) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["txt2img", "--preset", "tiny", "--steps", "200", "--no-progress", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out {out}: " in err and why in err and "Traceback" not in err, \
+            f"{case}: exit {e.value.code}, stderr {err!r} lacks '--out {out}: ... {why}'"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes to read-only directories")
+def test_cli_out_without_write_permission(tmp_path, capsys, monkeypatch):
+    from pipelines.__main__ import main
+
+    _no_model(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "tiny", "--no-progress", "--out", str(locked / "sub")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {locked / 'sub'}: cannot create or write" in err, err
+
+
+def test_cli_failed_run_leaves_no_new_out_directory(tmp_path, capsys):
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--preset", "tiny", "--height", "60", "--steps", "1", "--no-progress",
+              "--out", str(tmp_path / "new" / "dir")])
+    assert "multiples of 8" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists(), "the --out made for a run that failed was left behind"
+
+
+@pytest.mark.parametrize("where", ["--kernels", "SDLAB_KERNELS"])
+def test_cli_backend_that_cannot_run_here_fails_before_the_model_is_built(tmp_path, capsys, monkeypatch, where):
+    """Triton's scheduler step on CPU: bf16 under the interpreter, or no interpreter at all."""
+    from pipelines.__main__ import main
+
+    _no_model(monkeypatch)
+    spec = "scheduler_step=triton,attention=reference"
+    args = ["txt2img", "--preset", "sd15", "--device", "cpu", "--dtype", "bf16", "--no-progress",
+            "--out", str(tmp_path)]
+    if where == "--kernels":
+        args += ["--kernels", spec]
+    monkeypatch.setenv("SDLAB_KERNELS", spec if where == "SDLAB_KERNELS" else "attention=sdpa")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    source = f"--kernels {spec!r}" if where == "--kernels" else f"SDLAB_KERNELS={spec!r}"
+    want = f"error: scheduler_step: backend 'triton' (from {source}) cannot run this input"
+    assert e.value.code == 2 and want in err and "Traceback" not in err, f"stderr {err!r} lacks {want!r}"
+
+
+def test_cli_explicit_triton_attention_refused_before_building_sd15(tmp_path, capsys, monkeypatch):
+    from pipelines.__main__ import main
+
+    device = _triton_runs_here()
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "sd15", "--device", device.type, "--kernels", "attention=triton",
+              "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    want = ("attention: backend 'triton' (from --kernels 'attention=triton') cannot run this input: head dim 512 is "
+            "over the kernel's limit of 256 (in the VAE's single-head attention at 512 channels)")
+    assert e.value.code == 2 and want in err, f"stderr {err!r} lacks {want!r}"
+
+
+def test_cli_jump_options_with_another_variant_are_refused(tmp_path, image, mask, capsys, monkeypatch):
+    from pipelines.__main__ import main
+
+    _no_model(monkeypatch)
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    for variant, opt in (("blend", "--jump-length"), ("unet9", "--jump-n-sample")):
+        with pytest.raises(SystemExit) as e:
+            main(["inpaint", "--preset", "tiny", "--image", str(tmp_path / "in.png"), "--mask",
+                  str(tmp_path / "mask.png"), "--variant", variant, opt, "3", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        want = (f"{opt} 3 applies to --variant repaint only (RePaint's resampling); --variant {variant} does not "
+                "resample")
+        assert e.value.code == 2 and want in err, f"stderr {err!r} lacks {want!r}"
+
+
+# ------------------------------------------------------------------------ CLI, sidecar contents
+def _sidecar(folder):
+    return json.loads(next(folder.glob("*.json")).read_text())
+
+
+def test_cli_sidecar_names_where_the_backends_came_from(tmp_path, monkeypatch, capsys):
+    """--kernels, SDLAB_KERNELS and a replayed sidecar each named as such, never as the CLI's own
+    kernels.use() scope; and the Triton version recorded."""
+    from pipelines.__main__ import main
+
+    base = ["txt2img", "--preset", "tiny", "--steps", "1", "--seed", "2", "--height", "32", "--width", "32",
+            "--device", "cpu", "--no-progress", "--cfg-scale", "1"]
+    monkeypatch.delenv("SDLAB_KERNELS", raising=False)
+    assert main(base + ["--kernels", "scheduler_step=reference", "--out", str(tmp_path / "a")]) == 0
+    a = _sidecar(tmp_path / "a")
+    assert "scheduler_step   -> reference (--kernels 'scheduler_step=reference')" in a["kernel_backends"], \
+        a["kernel_backends"]
+    monkeypatch.setenv("SDLAB_KERNELS", "attention=reference")
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    b = _sidecar(tmp_path / "b")
+    assert b["kernels"] == "attention=reference"
+    assert "attention        -> reference (SDLAB_KERNELS='attention=reference')" in b["kernel_backends"], \
+        b["kernel_backends"]
+    replay = ["replay", str(next((tmp_path / "a").glob("*.json"))), "--no-progress", "--out", str(tmp_path / "c")]
+    assert main(replay) == 0
+    c = _sidecar(tmp_path / "c")
+    assert "(the sidecar's \"kernels\": 'scheduler_step=reference')" in c["kernel_backends"], c["kernel_backends"]
+    for side in (a, b, c):
+        assert "kernels.use() scope" not in side["kernel_backends"], side["kernel_backends"]
+    assert os.environ["SDLAB_KERNELS"] == "attention=reference"  # restored
+    try:
+        import triton
+
+        want = triton.__version__
+    except ImportError:
+        want = None
+    assert "triton" in a["versions"] and a["versions"]["triton"] == want, a["versions"]
+
+
+def test_cli_replays_an_old_blend_sidecar_with_the_jump_defaults(tmp_path, image, mask):
+    """Sidecars written before the jump options were refused with blend/unet9 recorded the CLI's
+    defaults (10, 10) for every variant; they replay as they ran (unused)."""
+    from pipelines.__main__ import main
+
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    assert main(["inpaint", "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"),
+                 "--variant", "blend", "--steps", "1", "--seed", "1", "--cfg-scale", "1", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    path = next((tmp_path / "a").glob("*.json"))
+    side = json.loads(path.read_text())
+    assert side["params"]["jump_length"] is None and side["params"]["jump_n_sample"] is None, side["params"]
+    side["params"].update(jump_length=10, jump_n_sample=10)
+    path.write_text(json.dumps(side))
+    assert main(["replay", str(path), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
+    assert np.array_equal(first, second)
+
+
+def test_replay_of_an_image_or_a_missing_file(tmp_path, image, capsys):
+    from pipelines.__main__ import main
+
+    image.save(tmp_path / "0000-txt2img-s1.png")
+    cases = {
+        tmp_path / "0000-txt2img-s1.png": f"{tmp_path / '0000-txt2img-s1.png'}: not a JSON sidecar (binary, not UTF-8 "
+                                          f"text; the sidecar of an image is the .json beside it: "
+                                          f"{tmp_path / '0000-txt2img-s1.json'})",
+        tmp_path / "gone.json": f"no such sidecar: {tmp_path / 'gone.json'}",
+        tmp_path: f"{tmp_path}: not a JSON sidecar (a directory)",
+    }
+    for path, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["replay", str(path), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, f"stderr {err!r} lacks {message!r}"
+
+
+# --------------------------------------------------------------------------------- CLI, --help
+def _help(command: str, capsys) -> str:
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_cli_help_of_each_command_shows_what_applies(capsys):
+    txt = _help("txt2img", capsys)
+    for wrong in ("image's", "--image", "--mask", "--strength", "RePaint", "repaint", "resize the image"):
+        assert wrong not in txt, f"txt2img --help mentions {wrong!r}: {txt}"
+    assert "(default: the model's native size)" in txt, txt
+    img = _help("img2img", capsys)
+    for wrong in ("--mask", "RePaint", "repaint", "--jump-length"):
+        assert wrong not in img, f"img2img --help mentions {wrong!r}"
+    assert "(default: the input image's)" in img and "resize the image to them" in img, img
+    inp = _help("inpaint", capsys)
+    assert "resize the image and mask to them" in inp and "--variant repaint only" in inp, inp
+    for text in (txt, img, inp):  # what the ops a spec leaves out run on, and each op's backends
+        assert "ops not named run on their default" in text and "attention (reference|sdpa|triton|compile)" in text
+
+
+@pytest.mark.parametrize("given, stored", [("fp16", "float16"), ("float16", "float16"), ("bf16", "bfloat16"),
+                                           ("bfloat16", "bfloat16"), ("fp32", "float32"), ("float32", "float32"),
+                                           ("half", "float16")])
+def test_cli_dtype_names(given, stored):
+    from pipelines.__main__ import build_parser
+
+    args = build_parser().parse_args(["txt2img", "--preset", "tiny", "--dtype", given, "--out", "x"])
+    assert args.dtype == stored, f"--dtype {given} parsed as {args.dtype!r}, want {stored!r}"
+
+
+def test_cli_unknown_dtype(capsys):
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "tiny", "--dtype", "fp64", "--out", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown dtype 'fp64'; valid: fp32/float32, fp16/float16, bf16/bfloat16" in err, err
+
+
+def test_cli_warns_in_one_line_when_repaint_cannot_resample(tmp_path, image, mask, capsys):
+    """The CLI's defaults (jump 10 x 10) at --steps 2: no resampling, said once, as a CLI warning."""
+    from pipelines.__main__ import main
+
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    assert main(["inpaint", "--preset", "tiny", "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"),
+                 "--steps", "2", "--seed", "0", "--cfg-scale", "1", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    want = ("python -m pipelines inpaint: warning: RePaint does no resampling: jump_length=10 needs steps > 10, "
+            "got steps=2, so jump_n_sample=10 has no effect")
+    assert want in err and err.count("warning:") == 1, f"stderr {err!r} lacks one {want!r}"
