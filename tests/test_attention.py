@@ -94,19 +94,19 @@ def run_forward(shape, dtype, device, layout="unet", config=None, causal=False):
     check(got, attention_fp64(q, k, v, causal=causal), torch_out, dtype, f"o {shape} {layout} {config} causal={causal}")
 
 
-def run_backward(shape, dtype, device, poison=False, config=None, layout="unet"):
+def run_backward(shape, dtype, device, poison=False, config=None, layout="unet", scale=None):
     q, k, v = make_qkv(shape, dtype, device, layout)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)  # shared dL/do
-    o = attention_triton(q, k, v, config=config)
+    o = attention_triton(q, k, v, scale, config=config)
     got = torch.autograd.grad(o, (q, k, v), do)
-    want = torch.autograd.grad(attention_fp64(q, k, v), (q, k, v), do.double())
-    torch_grads = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), do)
+    want = torch.autograd.grad(attention_fp64(q, k, v, scale), (q, k, v), do.double())
+    torch_grads = torch.autograd.grad(attention_reference(q, k, v, scale), (q, k, v), do)
     for name, g, w, t in zip(("dq", "dk", "dv"), got, want, torch_grads):
-        check(g, w, t, dtype, f"{name} {shape}")
+        check(g, w, t, dtype, f"{name} {shape} scale={scale}")
     if poison:  # the launcher writes every element of caller-given, NaN-filled gradient buffers
-        o, lse = _forward(q.detach(), k.detach(), v.detach())
+        o, lse = _forward(q.detach(), k.detach(), v.detach(), scale)
         bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        _backward(do, q.detach(), k.detach(), v.detach(), o, lse, None, *bufs)
+        _backward(do, q.detach(), k.detach(), v.detach(), o, lse, scale, *bufs)
         for name, g, w in zip(("dq", "dk", "dv"), bufs, want):
             assert_close(g, w, rel=TOL[torch.float32]["rel"] if dtype == torch.float32 else 1e-2, name=name)
 
@@ -121,9 +121,13 @@ def run_backward(shape, dtype, device, poison=False, config=None, layout="unet")
     (256, (256, 0), (256, 0)),
 ])
 def test_split_head_dim(d, want, masked, monkeypatch):
+    """split_head_dim, and the memoised launch plan, which follows a flip of SPLIT_MASKED_TAIL
+    made after it cached the unflipped split."""
     assert split_head_dim(d) == want
+    assert attention_module._plan("fwd", d, torch.float32)[:2] == want
     monkeypatch.setattr(attention_module, "SPLIT_MASKED_TAIL", True)
     assert split_head_dim(d) == masked
+    assert attention_module._plan("fwd", d, torch.float32)[:2] == masked
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=str)
@@ -187,13 +191,38 @@ def test_forward_half(shape, dtype, device):
     run_forward(shape, dtype, device)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], (3, 1, 150, 20, 80), SHAPES[5]], ids=str)
-def test_backward_fp32(shape, device):
-    run_backward(shape, torch.float32, device, poison=shape == SHAPES[0])
+@pytest.mark.parametrize("shape, scale", [
+    (SHAPES[0], None),
+    ((3, 1, 150, 20, 80), None),
+    (SHAPES[5], None),
+    ((1, 2, 19, 21, 80), 0.3),  # a caller's scale, 2.7x D**-0.5: p is recomputed with it, dK and dQ carry it
+], ids=str)
+def test_backward_fp32(shape, scale, device):
+    run_backward(shape, torch.float32, device, poison=shape == SHAPES[0] or scale is not None, scale=scale)
 
 
 def test_backward_fp16(device):
     run_backward(SHAPES[0], torch.float16, device)
+
+
+def test_backward_fp16_delta_in_fp32(device):
+    """delta = rowsum(dO ∘ O) is summed from fp32 products. Rows of v sharing a large common part
+    (64 + N(0, 1)) make dP_ij - delta_i = dO_i · (v_j - o_i) a small difference of two ~500-size
+    numbers; the kernel forms dP in fp32 (tl.dot), and fp16 products in delta (ulp 1/16 at 64)
+    would put ~2% errors into dS. Held to fp64 math on the kernel's own fp16 o (o's rounding is
+    the forward's error, not the backward's): dq, dk, dv are fp16, 2**-11 ≈ 5e-4 relative."""
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 16, 16, 64), torch.float16, device, "contiguous"))
+    v = v + 64
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
+    o, lse = _forward(q, k, v)
+    got = _backward(do, q, k, v, o, lse)
+    q64, k64, v64, do64, o64 = (t.double() for t in (q, k, v, do, o))
+    scale = q.shape[-1] ** -0.5
+    p = torch.softmax(q64 @ k64.transpose(-1, -2) * scale, -1)
+    ds = p * (do64 @ v64.transpose(-1, -2) - (do64 * o64).sum(-1, keepdim=True))
+    want = (scale * ds @ k64, scale * ds.transpose(-1, -2) @ q64, p.transpose(-1, -2) @ do64)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, rel=2e-3, name=f"{name}, v = 64 + N(0, 1), fp16")
 
 
 def test_dispatch_and_scale(device):
@@ -209,13 +238,23 @@ def test_dispatch_and_scale(device):
     ((1, 2, 8, 12), torch.float32, torch.float32, "head dim 12 is not a multiple of 8"),
     ((1, 2, 8, 264), torch.float32, torch.float32, "head dim 264 is over the kernel's limit of 256"),
     ((1, 2, 8, 16), torch.float64, torch.float64, "dtype torch.float64"),
-    ((1, 2, 8, 16), torch.float16, torch.float32, "dtypes differ"),
 ])
 def test_explicit_backend_refuses(q_shape, q_dtype, k_dtype, match, device):
     q = torch.randn(q_shape, device=device, dtype=q_dtype)
     k = torch.randn(q_shape, device=device, dtype=k_dtype)
     with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match=match):
         kernels.attention(q, k, k)
+
+
+def test_mixed_dtypes_are_refused_by_the_op_and_named_by_the_check(device):
+    """q fp16 with k, v fp32 outside autocast: the op refuses it for every backend (TypeError),
+    and the triton check, which resolve() and bench read, names it too."""
+    q = torch.randn(1, 2, 8, 16, device=device, dtype=torch.float16)
+    k = torch.randn(1, 2, 8, 16, device=device)
+    with kernels.use(attention="triton"), pytest.raises(TypeError, match="dtypes torch.float16, torch.float32"):
+        kernels.attention(q, k, k)
+    if device.type == "cuda" or attention_module.interpreting():
+        assert "dtypes differ" in attention_module._triton_check(q, k, k)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's limit")
@@ -274,6 +313,17 @@ def test_a_head_spanning_2_31_elements_is_refused(device):
             else:
                 with pytest.raises(kernels.BackendUnsupported, match=r"spans 2147483663 elements within a head"):
                     kernels.attention(q, k, v)
+
+
+def test_an_out_spanning_2_31_elements_in_a_head_is_refused():
+    """out is indexed within a head in 32 bits like q: a (1, 1, 9, 16) fp16 out with a row stride
+    of 2**28 spans 2**31 + 15 elements and is refused by name before any launch. Its storage is
+    4 GiB of host memory, allocated and never touched: nothing may write to it (with the check
+    gone the kernel's 32-bit offsets would wrap, a segfault)."""
+    q = torch.randn(1, 1, 9, 16, dtype=torch.float16)
+    out = torch.empty(2**31 + 64, dtype=torch.float16).as_strided(q.shape, (0, 0, 2**28, 1))
+    with pytest.raises(ValueError, match=r"out\(1, 1, 9, 16\) .* spans 2147483663 elements within a head"):
+        attention_triton(q, q, q, out=out)
 
 
 def test_tensor_scale_of_several_elements_is_refused_by_name(device):
@@ -346,9 +396,10 @@ def test_alignment_hint_needs_every_stride_aligned():
     assert _align(contiguous) == _align(unet) == _align(contiguous, unet) == 8
     assert _align(torch.empty(2, 8, 77, 40)) == 4  # fp32: 4 elements to 16 bytes
     rows_44 = torch.empty(2, 8, 77, 44, dtype=f16)[..., :40]  # row stride 44 = 88 bytes
+    rows_only = torch.empty(2, 8, 80, 44, dtype=f16)[:, :, :77, :40]  # row 44; head 3520 and batch aligned
     heads_44 = torch.empty(2, 77, 8, 44, dtype=f16)[..., :40].transpose(1, 2)  # head stride 44, row 352
     batch_odd = torch.empty(2 * 8 * 77 * 40 + 4, dtype=f16)[:-4].as_strided((2, 8, 77, 40), (8 * 77 * 40 + 4, 77 * 40, 40, 1))
-    for bad in (rows_44, heads_44, batch_odd):
+    for bad in (rows_44, rows_only, heads_44, batch_odd):
         assert _align(contiguous, bad) == 1, bad.stride()
     one_batch = torch.empty(8 * 77 * 40, dtype=f16).as_strided((1, 8, 77, 40), (3, 77 * 40, 40, 1))
     assert _align(one_batch) == 8
@@ -717,6 +768,15 @@ def test_grid_limit_is_inclusive():
     assert "65536" in attention_module._triton_check(q, q, q)
 
 
+def test_lse_row_limit_is_exclusive():
+    """lse rows (B·H·Lq) are indexed in 32 bits: 2**31 - 1 are taken, 2**31 refused (expanded
+    views: nothing is allocated)."""
+    q = torch.zeros(1, 1, 1, 8).expand(1, 1, 2**31 - 1, 8)
+    assert attention_module._triton_check(q, q[:, :, :4], q[:, :, :4]) is None
+    q = torch.zeros(1, 1, 1, 8).expand(1, 1, 2**31, 8)
+    assert "B·H·Lq = 2147483648 rows of lse" in (attention_module._triton_check(q, q[:, :, :4], q[:, :, :4]) or "")
+
+
 def test_no_keys_is_refused():
     q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 0, 16)
     with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="no keys"):
@@ -764,13 +824,29 @@ def test_plan_reads_the_row_of_the_real_head_dim(kind):
         assert attention_module._plan(kind, d, torch.float16)[3:] == want, (kind, d)
 
 
+def _spy_align(monkeypatch, *names):
+    """Record the ALIGN of each launch through the Launchers ``names`` (_FWD passes it as its last
+    argument, _DKDV and _DQ in meta)."""
+    seen = []
+    for name in names:
+        real = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name, lambda grid, key, ptrs, args, meta, real=real: (
+            seen.append(meta.get("ALIGN", args[-1])), real(grid, key, ptrs, args, meta)))
+    return seen
+
+
+def test_fp32_dots_are_ieee():
+    """fp32 inputs take IEEE fp32 dots, not TF32 (a 10-bit mantissa: ~1e-3 relative error against
+    TOL's 2e-5). The interpreter's dot ignores the precision, so only the plan shows it."""
+    for kind in sorted(attention_module.CONFIGS):
+        for d in (16, 40, 80):
+            assert attention_module._plan(kind, d, torch.float32)[2] == "ieee", (kind, d)
+
+
 def test_align_hint_sees_out(monkeypatch):
     """ALIGN (a load/store alignment hint; the interpreter ignores it, so no numeric test sees it)
     is the largest power of two dividing every row stride and base of q, k, v *and* out."""
-    seen = []
-    real = attention_module._FWD
-    monkeypatch.setattr(attention_module, "_FWD", lambda grid, key, ptrs, args, meta: (
-        seen.append(args[-1]), real(grid, key, ptrs, args, meta)))
+    seen = _spy_align(monkeypatch, "_FWD")
     attention_module._ALIGNS.clear()
     q, k, v = (t.detach() for t in make_qkv((1, 2, 9, 9, 40), torch.float32, "cpu", "contiguous"))
     out = torch.empty(1, 2, 9, 42)[..., :40]  # row stride 42 fp32 = 168 bytes: 8-byte aligned only
@@ -778,6 +854,37 @@ def test_align_hint_sees_out(monkeypatch):
         attention_triton(q, k, v, out=out)
     assert_close(out, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="o in a strided out")
     assert seen == [attention_module._align(q, k, v, out)] and seen[0] < attention_module._align(q, k, v), seen
+
+
+def test_align_cache_keys_on_the_batch(monkeypatch):
+    """The forward caches ALIGN by strides, sizes *and batch*: a batch stride of 3 fp32 (12 bytes)
+    is never used at batch 1 (hint 4) but is at batch 2 (hint 1). Same strides, head count and
+    lengths both times, so a cache keyed without the batch would replay the first hint."""
+    seen = _spy_align(monkeypatch, "_FWD")
+    attention_module._ALIGNS.clear()
+    h, lq, d = 8, 9, 40
+    buf = torch.randn(h * lq * d + 3, generator=torch.Generator().manual_seed(0))
+    for b in (1, 2):
+        q = buf.as_strided((b, h, lq, d), (3, lq * d, d, 1))  # batch 2: the samples overlap, read-only
+        out = torch.full((b, h, lq, d), float("nan"))
+        with torch.no_grad():
+            attention_triton(q, q, q, out=out)
+        assert_close(out, attention_fp64(q, q, q), rel=TOL[torch.float32]["rel"], name=f"o, batch {b}")
+    assert seen == [4, 1], seen
+
+
+def test_backward_align_hint_sees_do(monkeypatch):
+    """The backward's ALIGN covers dO (the upstream gradient, in whatever layout the caller made
+    it) as well as q, k, v: a dO with rows of 42 fp32 (8-byte aligned only) drops it to 1 in
+    both backward kernels, where contiguous q, k, v alone would give 4."""
+    seen = _spy_align(monkeypatch, "_DKDV", "_DQ")
+    q, k, v = make_qkv((1, 2, 9, 9, 40), torch.float32, "cpu", "contiguous")
+    do = torch.randn(1, 2, 9, 42, generator=torch.Generator().manual_seed(1))[..., :40]
+    got = torch.autograd.grad(attention_triton(q, k, v), (q, k, v), do)
+    want = torch.autograd.grad(attention_fp64(q, k, v), (q, k, v), do.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, rel=TOL[torch.float32]["rel"], name=f"{name}, dO rows of 42")
+    assert attention_module._align(q, k, v) == 4 and seen == [1, 1], seen
 
 
 def test_bare_config_is_the_forwards_only(monkeypatch):

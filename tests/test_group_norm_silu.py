@@ -66,8 +66,12 @@ def _inputs(shape, dtype, device, affine=True, channels_last=False, seed=0):
 
 
 def _torch(x, w, b, groups, activation, dtype=None, eps=1e-5):
-    """Plain torch in ``dtype`` (None: x's), upcast inputs for the fp64 reference."""
+    """Plain torch in ``dtype`` (None: x's), upcast inputs for the fp64 reference. A bias without
+    weight goes in with a weight of ones (exact), as torch 2.13's group_norm backward fails on a
+    bias alone ("tensor does not have a device")."""
     cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    if w is None and b is not None:
+        w = torch.ones_like(b)
     y = F.group_norm(cast(x), groups, cast(w), cast(b), eps)
     return F.silu(y) if activation == "silu" else y
 
@@ -117,20 +121,23 @@ def _check_forward(x, w, b, groups, activation, config=None):
            x.dtype, f"y {x.dtype}")
 
 
-def _check_backward(x, w, b, groups, activation, config=None):
-    """dx, dweight, dbias each against fp64 autograd under one shared random upstream gradient."""
+def _check_backward(x, w, b, groups, activation, config=None, wrt="xwb"):
+    """dx, dweight, dbias each against fp64 autograd under one shared random upstream gradient;
+    ``wrt``: which of x, w, b require grad in the kernel's call (the others are constants)."""
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
-    ins = _leaves(x, w, b)
+    given = [n for n, t in zip("xwb", (x, w, b)) if t is not None and n in wrt]
+    ins = [None if t is None else t.detach().clone().requires_grad_(n in wrt) for n, t in zip("xwb", (x, w, b))]
     with _only_path(config):
         y = group_norm_silu_triton(*ins, groups, 1e-5, activation, config=config)
-    got = torch.autograd.grad(y, [t for t in ins if t is not None], dy)
+    got = torch.autograd.grad(y, [t for n, t in zip("xwb", ins) if n in given], dy)
     same = _leaves(x, w, b)
     torch_grads = torch.autograd.grad(_torch(*same, groups, activation),
-                                      [t for t in same if t is not None], dy)
+                                      [t for n, t in zip("xwb", same) if n in given], dy)
     ref = _leaves(*(None if t is None else t.double() for t in (x, w, b)))
-    ref_grads = torch.autograd.grad(_torch(*ref, groups, activation), [t for t in ref if t is not None],
+    ref_grads = torch.autograd.grad(_torch(*ref, groups, activation), [t for n, t in zip("xwb", ref) if n in given],
                                     dy.double())
-    for name, g, t, r in zip(("dx", "dweight", "dbias"), got, torch_grads, ref_grads):
+    names = [{"x": "dx", "w": "dweight", "b": "dbias"}[n] for n in given]
+    for name, g, t, r in zip(names, got, torch_grads, ref_grads):
         assert g.dtype == x.dtype and g.shape == r.shape, f"{name}: {g.dtype}{tuple(g.shape)}"
         _check(g, t, r, x.dtype, f"{name} {x.dtype}")
 
@@ -387,10 +394,12 @@ def test_invalid_inputs_raise():
 def test_out_must_not_share_memory_with_the_inputs(device):
     """Each program of the one-launch path re-reads its whole group, and autograd keeps x: in place
     would read the output back as input. Refused by name; out of another device or shape too."""
-    x, w = torch.randn(2, 64, 3, 4, device=device), torch.randn(64, device=device)
-    for name, out in (("x", x), ("x", x.view(-1).view(2, 64, 3, 4)), ("weight", w.expand(3, 4, 2, 64).permute(2, 3, 0, 1))):
+    x = torch.randn(2, 64, 3, 4, device=device)
+    w, b = torch.randn(64, device=device), torch.randn(64, device=device)
+    for name, out in (("x", x), ("x", x.view(-1).view(2, 64, 3, 4)), ("weight", w.expand(3, 4, 2, 64).permute(2, 3, 0, 1)),
+                      ("bias", b.expand(3, 4, 2, 64).permute(2, 3, 0, 1))):
         with pytest.raises(ValueError, match=f"out overlaps {name}"):
-            group_norm_silu_triton(x, w, None, 32, out=out)
+            group_norm_silu_triton(x, w, b, 32, out=out)
     with pytest.raises(ValueError, match=r"on meta, x is torch.float32\(2, 64, 3, 4\) on cpu"):
         group_norm_silu_triton(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
 
@@ -439,6 +448,17 @@ def test_a_sample_spanning_2_31_elements_is_refused():
     with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported,
                                                               match="spans 2147483649 elements within a sample"):
         kernels.group_norm_silu(x, None, None, 3)
+
+
+def test_an_out_spanning_2_31_elements_in_a_sample_is_refused():
+    """out is indexed within a sample in 32 bits like x: a (1, 9, 1, 2) fp16 out with a channel
+    stride of 2**28 spans 2**31 + 1 elements and is refused by name before any launch. Its storage
+    is 4 GiB of host memory, allocated and never touched: nothing may write to it (with the check
+    gone the kernels' 32-bit offsets would wrap, a segfault)."""
+    x = torch.randn(1, 9, 1, 2, dtype=torch.float16)
+    out = torch.empty(2**31 + 64, dtype=torch.float16).as_strided(x.shape, (0, 2**28, 2, 1))
+    with pytest.raises(ValueError, match=r"out\(1, 9, 1, 2\) .* spans 2147483649 elements within a sample"):
+        group_norm_silu_triton(x, None, None, 3, out=out)
 
 
 def test_edited_tuning_constants_take_effect_after_clear_caches(monkeypatch):
@@ -572,6 +592,58 @@ def test_eps_and_activation_are_part_of_the_cached_plan():
     for eps, act in ((1e-5, "silu"), (0.5, "silu"), (0.5, None)):
         assert_close(group_norm_silu_triton(x, w, b, 8, eps, act), _torch(x, w, b, 8, act, torch.float64, eps),
                      name=f"eps {eps} activation {act}", **TOL[torch.float32])
+
+
+def test_out_strides_are_part_of_the_cached_plan():
+    """Same x, a channels_last out after a call that made its own (contiguous) y: the cached plan
+    must not replay the first call's y strides."""
+    x, w, b = _inputs((2, 32, 5, 3), torch.float32, "cpu")
+    want = _torch(x, w, b, 8, "silu", torch.float64)
+    assert_close(group_norm_silu_triton(x, w, b, 8), want, name="y, no out", **TOL[torch.float32])
+    out = torch.full_like(x, float("nan")).to(memory_format=torch.channels_last)
+    group_norm_silu_triton(x, w, b, 8, out=out)
+    assert_close(out, want, name="y in a channels_last out", **TOL[torch.float32])
+
+
+def test_weight_or_bias_alone():
+    """weight without bias and bias without weight (each loaded only when given), in turn on one
+    shape, so a cached plan of one combination must not serve another."""
+    x, w, b = _inputs((1, 32, 4, 5), torch.float32, "cpu")
+    for ww, bb in ((w, b), (w, None), (None, b), (None, None)):
+        name = f"y, weight {'given' if ww is not None else 'None'}, bias {'given' if bb is not None else 'None'}"
+        assert_close(group_norm_silu_triton(x, ww, bb, 8), _torch(x, ww, bb, 8, "silu", torch.float64),
+                     name=name, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("affine, wrt", [
+    ("weight", "xw"),  # no bias: the backward must not load one
+    ("bias", "xb"),  # no weight: bias still shifts SiLU's input, so it enters dx
+    ("both", "w"),  # only weight requires grad: dweight is computed, and only it
+    ("both", "b"),  # only bias requires grad: autograd is recorded for it alone
+])
+def test_backward_with_one_affine_param(affine, wrt, device):
+    """Gradients when only one affine parameter is given, or only one requires grad: each is
+    loaded only when given, and its gradient computed (and autograd recorded) when it is wanted."""
+    x, w, b = _inputs((1, 32, 4, 5), torch.float32, device)
+    _check_backward(x, None if affine == "bias" else w, None if affine == "weight" else b, 8, "silu", wrt=wrt)
+
+
+def test_reference_backward_with_bias_alone(device):
+    """The reference backend takes a bias without weight, forward and backward (torch 2.13's own
+    group_norm backward fails on it; the reference passes a weight of ones), against GroupNorm
+    written out in fp64."""
+    x, _, b = _inputs((2, 32, 5, 3), torch.float32, device)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ins = _leaves(x, b)
+    y = kernels.group_norm_silu_reference(ins[0], None, ins[1], 8)
+    got = torch.autograd.grad(y, ins, dy)
+    x64, b64 = _leaves(x.double(), b.double())
+    g = x64.reshape(2, 8, -1)
+    xhat = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()).reshape(x.shape)
+    y64 = F.silu(xhat + b64[:, None, None])
+    assert_close(y, y64, name="reference y, bias alone", **TOL[torch.float32])
+    for name, g_, w_ in zip(("dx", "dbias"), got, torch.autograd.grad(y64, (x64, b64), dy.double())):
+        assert_close(g_, w_, name=f"reference {name}, bias alone", **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("path", PATHS)

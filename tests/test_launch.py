@@ -118,7 +118,8 @@ def test_a_different_specialisation_is_dispatched(fake, change):
         assert launcher.direct == 1, change
 
 
-@pytest.mark.parametrize("why", ["disabled", "pre_run_hook", "launch_hook", "compiling", "swapped", "options"])
+@pytest.mark.parametrize("why", ["disabled", "pre_run_hook", "launch_hook", "launch_exit_hook", "stages_hook",
+                                 "compiling", "swapped", "options"])
 def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
     launcher, jit, _ = fake
     x, y = torch.zeros(64), torch.zeros(64)
@@ -133,6 +134,10 @@ def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
         jit.pre_run_hooks.append(lambda *a, **k: None)
     elif why == "launch_hook":  # a profiler's hook in Triton's chain
         monkeypatch.setattr(_launch._knobs.runtime.launch_enter_hook, "calls", [lambda metadata: None])
+    elif why == "launch_exit_hook":  # the direct call passes no exit hook either
+        monkeypatch.setattr(_launch._knobs.runtime.launch_exit_hook, "calls", [lambda metadata: None])
+    elif why == "stages_hook":  # Triton 3.9's custom compile stages, part of its own cache key
+        monkeypatch.setattr(_launch._knobs.runtime, "add_stages_inspection_hook", lambda *a: None, raising=False)
     elif why == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     else:  # a test spy or bench.sm90's offline compile in the kernel's place
@@ -156,12 +161,13 @@ def test_nothing_is_kept_from_a_hooked_or_keyless_launch(fake, monkeypatch):
 
 
 def test_cache_is_bounded(fake, monkeypatch):
+    """At most MAX_KEYS launch keys after every launch, not only after the one that empties it."""
     launcher, jit, _ = fake
     monkeypatch.setattr(_launch, "MAX_KEYS", 3)
     x, y = torch.zeros(64), torch.zeros(64)
     for n in range(5):
         call(launcher, x, y, n=n)
-    assert len(launcher.cache) <= 3
+        assert len(launcher.cache) <= 3, (n, len(launcher.cache))
 
 
 def test_tritons_launch_convention_is_the_one_read():
@@ -195,6 +201,14 @@ def test_direct_launches_match_tritons_real_dispatch_on_cpu():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["cases"] >= 30 and result["direct"] >= result["cases"], result
     assert not result["mismatches"], json.dumps(result["mismatches"], indent=1)
+
+
+@pytest.mark.parametrize("value, off", [("0", True), ("", True), (" 0 ", True), ("1", False)])
+def test_env_var_turns_direct_launches_off(monkeypatch, value, off):
+    """SDLAB_FAST_LAUNCH=0, or set but empty (as a shell's `VAR= cmd` leaves it), turns direct
+    launches off by name; 1 leaves the other reasons to decide."""
+    monkeypatch.setenv(_launch.ENV_VAR, value)
+    assert (_launch._unsupported() == f"{_launch.ENV_VAR}=0") is off, _launch._unsupported()
 
 
 def test_off_under_the_interpreter():

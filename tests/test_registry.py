@@ -309,12 +309,21 @@ def test_view_helpers():
     assert registry.overlaps_itself(x[:, :1].expand(2, 3, 4, 5))
     assert registry.overlaps_itself(torch.randn(10).as_strided((3, 4), (2, 1)))  # a sliding window
     assert registry.same_view(x, x.view(2, 3, 4, 5)) and not registry.same_view(x[:, :, 1:], x[:, :, :-1])
+    assert not registry.same_view(x[0, 0, :, :4], x[0, 0, :, :4].t())  # one pointer and shape, other strides
     assert registry.max_offset(x) == x.numel() - 1 and registry.max_offset(x, 1) == 59
     assert registry.max_offset(x.transpose(2, 3)) == x.numel() - 1 and registry.fits_int32(x)
     assert registry.overlaps(x[0], x[0, 1:]) and not registry.overlaps(x[0], x[1])  # one storage, apart
     assert not registry.overlaps(x, x.clone())
     assert registry._reason_kind("scale -1.0 is not > 0") == registry._reason_kind("scale 2e-3 is not > 0")
     assert registry._reason_kind("dtype torch.float16") != registry._reason_kind("dtype torch.float64")
+
+
+def test_fits_int32_boundary():
+    """fits_int32 takes a largest offset of 2**31 - 1 and refuses 2**31, on views of a storage over
+    2 GiB (its shortcut for smaller ones answers before counting). Meta tensors: nothing is allocated."""
+    buf = torch.empty(2**31 + 64, dtype=torch.float16, device="meta")  # 4 GiB, on paper
+    assert registry.fits_int32(buf.as_strided((2,), (2**31 - 1,)))
+    assert not registry.fits_int32(buf.as_strided((2,), (2**31,)))
 
 
 def _bad_op_calls():

@@ -108,6 +108,19 @@ def test_optional_terms_may_be_absent(device):
     assert_close(tri[0], ref[0], rel=1e-6, name="prev")
 
 
+def test_terms_with_a_zero_coefficient_are_skipped(device):
+    """The contract skips the eps, D1 and noise terms when c2, c3, sigma are 0, rather than adding
+    0 x term: an inf noise and prev_x0, and b_d = 0 (eps = 0 / 0), must not reach prev (0 x inf is
+    NaN) in either backend, whatever tensors are passed."""
+    d = inputs((1, 4, 7, 9), device)
+    inf = torch.full_like(d["x"], float("inf"))
+    k = StepCoefficients(a_x=1.0, a_o=-0.5, a_d=0.8, b_d=0.0, c0=0.9, c1=0.1)
+    ref, tri = both(dict(d, noise=inf, prev_x0=inf), k, cfg=False, mask=False)
+    x0 = (d["x"].double() - 0.5 * d["model_output"].double()) / 0.8
+    assert_close(ref[0], 0.9 * x0 + 0.1 * d["x"].double(), rel=1e-6, name="reference prev vs fp64 c0 x0 + c1 x")
+    assert_close(tri[0], ref[0], rel=1e-6, name="prev, inf noise and prev_x0, eps 0 / 0")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_poisoned_outputs_are_fully_written(shape, device):
     d = inputs(shape, device)
@@ -302,6 +315,22 @@ def test_out_may_be_an_input_itself_but_not_a_shifted_view_of_one(device):
             assert_close(prev, ref[0], rel=1e-6, name=f"prev into buf[0], {backend}")
 
 
+@pytest.mark.parametrize("o_name, name", [
+    ("out", "known"),  # the RePaint inputs, read after the step's own terms
+    ("out", "mask"),
+    ("out_x0", "x"),  # x0 is written after prev: a shifted out_x0 over x races too
+])
+def test_a_shifted_output_over_any_input_is_refused(o_name, name, device):
+    """The rule above holds for every output and every input the kernel reads: out / out_x0 one
+    element into an input's buffer is refused, naming both."""
+    shape = (1, 4, 7, 9)
+    d = inputs(shape, device, mask="full")
+    buf = torch.cat([d[name].flatten(), d[name].flatten()[:1]])
+    d[name] = buf[:-1].view(shape)
+    with kernels.use(scheduler_step="triton"), pytest.raises(ValueError, match=f"{o_name} overlaps {name} but is not"):
+        call(d, ALL_TERMS, return_x0=True, **{o_name: buf[1:].view(shape)})
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's limit")
 def test_interpreter_refuses_bf16():
     """The interpreter stores fp32 -> bf16 by truncation (a GPU rounds to nearest even), which put
@@ -331,13 +360,18 @@ def test_strided_mask_and_non_contiguous_known(device):
     assert_close(tri[0], ref[0], rel=1e-6, name="prev, strided mask and transposed known")
 
 
-@pytest.mark.parametrize("which", ["noise", "prev_x0", "model_output_uncond"])
+@pytest.mark.parametrize("which", ["noise", "prev_x0", "model_output_uncond", "out", "out_x0"])
 def test_non_contiguous_side_inputs_are_refused(which, device):
-    """Same values in another layout: the flat-indexing kernel refuses, naming the input."""
+    """Same values in another layout (for out and out_x0, NaN-poisoned buffers): the flat-indexing
+    kernel refuses, naming the tensor."""
     d = inputs((1, 4, 6, 6), device)
-    d[which] = d[which].transpose(2, 3).contiguous().transpose(2, 3)
+    outs = {}
+    if which in ("out", "out_x0"):
+        outs[which] = torch.full_like(d["x"], float("nan")).transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        d[which] = d[which].transpose(2, 3).contiguous().transpose(2, 3)
     with kernels.use(scheduler_step="triton"), pytest.raises(BackendUnsupported, match=f"{which} is not contiguous"):
-        call(d, ALL_TERMS, mask=False)
+        call(d, ALL_TERMS, mask=False, return_x0=True, **outs)
 
 
 def test_int32_bound_counts_the_last_block():
