@@ -74,8 +74,9 @@ class StepCoefficients:
 def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out=None, out_x0=None):
     if not isinstance(coeffs, StepCoefficients):
         raise TypeError(f"scheduler_step: coeffs must be StepCoefficients, got {type(coeffs).__name__}")
-    check_floating("scheduler_step", ("mask",), x=x, model_output=model_output, model_output_uncond=model_output_uncond,
-                   noise=noise, prev_x0=prev_x0, mask=mask, known=known, out=out, out_x0=out_x0)
+    check_floating("scheduler_step", ("mask",), x=x, model_output=model_output,
+                   model_output_uncond=model_output_uncond, noise=noise, prev_x0=prev_x0, mask=mask, known=known,
+                   out=out, out_x0=out_x0)
     for name, t in (("model_output", model_output), ("model_output_uncond", model_output_uncond),
                     ("noise", noise), ("prev_x0", prev_x0), ("out", out), ("out_x0", out_x0)):
         if t is not None and t.shape != x.shape:

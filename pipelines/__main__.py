@@ -259,7 +259,8 @@ def versions() -> dict:
 
 
 def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str = "--kernels") -> list[Path]:
-    """Run ``job``, write ``NNNN-<command>-s<seed>.png`` + ``.json`` per image; return the PNG paths.
+    """Run ``job``, write ``NNNN-<command>-s<seed>.png`` + ``.json`` per image into ``out`` (made and
+    checked by :func:`prepare_out` first); return the PNG paths.
     Everything that can be checked without the model is, before it is built; ``kernels_source``
     ("--kernels", "SDLAB_KERNELS" or "sidecar") is where ``job["kernels"]`` came from, for messages."""
     import torch
@@ -283,7 +284,6 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
     accepted = set(inspect.signature(fn).parameters)
     kwargs = {k: v for k, v in job["params"].items() if k in accepted}
     positional = [images[k] for k in ("image", "mask") if k in images]
-    prepare_out(out)
     try:
         with kernel_scope(spec):
             kernels.describe(job["model"]["device"])  # a ValueError naming the item, for a bad spec
@@ -302,7 +302,6 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
     describe = attribute(describe, spec, kernels_source)
     dispatches = {f"{op}/{b}": n - before.get((op, b), 0) for (op, b), n in sorted(after.items())
                   if n != before.get((op, b), 0)}
-    out.mkdir(parents=True, exist_ok=True)
     index, written = _next_index(out), []
     replay_params = {**job["params"], **{k: v for k, v in result.params.items() if k in job["params"]}}
     for i, image in enumerate(result.images):

@@ -119,13 +119,17 @@ def randn(shape, generator: torch.Generator, device: torch.device, dtype: torch.
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def initial_noise(latents, shape, generator, device, dtype) -> torch.Tensor:
-    """The caller's ``latents`` (checked) or fresh N(0, I) noise of ``shape``."""
+def initial_noise(latents, shape, generator, device, dtype, *, used: bool = True) -> torch.Tensor:
+    """The caller's ``latents`` (checked) or fresh N(0, I) noise of ``shape``. ``used=False``
+    (strength 0, no step to run): given latents are still checked, and a warning says they are unused."""
     if latents is None:
         return randn(shape, generator, device, dtype)
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be a tensor of shape {tuple(shape)} (batch, latent channels, H/8, W/8), got {got}")
+    if not used:
+        warnings.warn("latents are unused: strength=0 runs no step (the result is the VAE round trip of the image)",
+                      UserWarning, stacklevel=4)
     return latents.to(device=device, dtype=dtype)
 
 

@@ -6,8 +6,6 @@ is noise up to the schedule's √ᾱ_T (≈ 0.07 of the image remains with SD's 
 diffusers); strength 0 runs no step and returns the VAE round trip of the image."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .common import (PipelineResult, check_strength, denoise, encode_image, expand_batch, initial_noise, load_image,
@@ -23,8 +21,9 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
     """Transform ``image`` following ``prompt``.
 
     image: a PIL image (or list, one per prompt) or a float tensor in [0, 1] of shape (3, H, W) or
-    (N, 3, H, W), channels first (an HWC array is refused, not guessed); the output size is the image's unless height/width are given (then the image must have that size,
-    or ``resize=True``). strength in [0, 1]: how much noise is added (the fraction of ``steps`` run).
+    (N, 3, H, W), channels first (an HWC array is refused, not guessed); the output size is the
+    image's unless height/width are given (then the image must have that size, or ``resize=True``).
+    strength in [0, 1]: how much noise is added (the fraction of ``steps`` run).
     latents: the (B, 4, H/8, W/8) unit-variance noise added to the image latents, instead of drawing it.
     Other options as :func:`pipelines.txt2img`. Randomness order: VAE posterior sample, then noise.
     """
@@ -40,9 +39,7 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
         noise = initial_noise(latents, z0.shape, s.generator, s.device, s.dtype)
         x = s.sched.add_noise(z0, noise, timesteps[0])
     elif latents is not None:  # strength 0 uses no noise, but a wrong shape is still the caller's error
-        initial_noise(latents, z0.shape, None, s.device, s.dtype)
-        warnings.warn("latents are unused: strength=0 runs no step (the result is the VAE round trip of the image)",
-                      UserWarning, stacklevel=3)
+        initial_noise(latents, z0.shape, None, s.device, s.dtype, used=False)
     x, calls = denoise(model, s.sched, x, s.context, plain_plan(timesteps), cfg_scale=s.cfg_scale,
                        generator=s.generator, progress=progress, desc="img2img")
     return s.result(x, calls, strength=strength, height=height, width=width, resize=resize)

@@ -74,7 +74,8 @@ def _check_variant(model, variant: str, sampler) -> None:
 
 @torch.inference_mode()
 def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: float = 1.0,
-            jump_length: int | None = None, jump_n_sample: int | None = None, paste_back: bool = False, negative_prompt=None,
+            jump_length: int | None = None, jump_n_sample: int | None = None, paste_back: bool = False,
+            negative_prompt=None,
             cfg_scale: float = 7.5, steps: int = 50, sampler: str | None = None, seed: int | None = None,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
             height: int | None = None, width: int | None = None, resize: bool = False, batch_size: int = 1,
@@ -133,10 +134,8 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     z0 = batched(encode_image(model, pixels, s.generator)) if variant != "unet9" or strength < 1 else None
     shape = s.latent_shape(height, width)
     # strength 0 (no plan) uses no noise, but given latents of a wrong shape are still an error
-    noise = initial_noise(latents, shape, s.generator, s.device, s.dtype) if plan or latents is not None else None
-    if not plan and latents is not None:
-        warnings.warn("latents are unused: strength=0 runs no step (the result is the VAE round trip of the image)",
-                      UserWarning, stacklevel=3)
+    noise = (initial_noise(latents, shape, s.generator, s.device, s.dtype, used=bool(plan))
+             if plan or latents is not None else None)
     mask_lat = batched(F.interpolate(mask_px, size=shape[-2:]))  # nearest, as diffusers
     extra = known = None
     if variant == "unet9":
