@@ -370,7 +370,7 @@ def within_error(err: float, base_err: float, dtype: str) -> bool:
 
 def max_errors(out: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
     """(max |out - oracle|, max |out - oracle| / max |oracle|): the normwise relative error of
-    tests/numerics.py, which stays meaningful where the oracle crosses zero."""
+    kernels.testing, which stays meaningful where the oracle crosses zero."""
     a = out.detach().to(oracle.device, torch.float64)
     diff = (a - oracle).abs().max().item()
     return diff, diff / max(oracle.abs().max().item(), 1e-30)

@@ -25,16 +25,26 @@ that all exceed a limit warns once.
 
 ``compile`` is available for every op without registration: ``torch.compile`` of the reference.
 Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
+
+Research backends. Besides the built-in names (:class:`Backend`), ``register`` takes any new name
+(lower case, ``[a-z][a-z0-9_]*``), so a variant of a kernel plugs in next to the others and is
+switched, counted, checked and benchmarked like them; the default never picks one.
+:func:`load_plugin` imports a module or a ``.py`` file that registers some (the CLIs' ``--plugin``),
+and :mod:`kernels.testing` holds each op's equivalence cases for its tests.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
+import importlib.util
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -57,6 +67,10 @@ class Backend(str, Enum):
         return self.value
 
 
+BackendName = Backend | str  # a built-in Backend, or a research backend's registered name
+_NAME = re.compile(r"[a-z][a-z0-9_]*")  # research backends: no '-', ':' or '@', which the benchmarks' names use
+
+
 class BackendUnsupported(RuntimeError):
     """An explicitly chosen backend cannot take this input."""
 
@@ -68,34 +82,76 @@ class _Impl:
     compile_dynamic: bool | None = False  # the reference's torch.compile(dynamic=...) for ``compile``
 
 
-_OPS: dict[str, dict[Backend, _Impl]] = {}
+_OPS: dict[str, dict[BackendName, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
 _WARNED: set[tuple[str, str]] = set()  # (op, reason with its numbers masked): see _reason_kind
-_GLOBAL: dict[str, Backend] = {}
-_SCOPES: list[dict[str, Backend]] = []  # each open kernels.use()'s own choices, innermost last
-_ENV_CACHE: dict[str, dict[str, Backend]] = {}
-_FNS: dict[tuple[str, Backend], Callable] = {}  # implementation() memo: dispatch is hot
+_GLOBAL: dict[str, BackendName] = {}
+_SCOPES: list[dict[str, BackendName]] = []  # each open kernels.use()'s own choices, innermost last
+_ENV_CACHE: dict[str, dict[str, BackendName]] = {}
+_FNS: dict[tuple[str, BackendName], Callable] = {}  # implementation() memo: dispatch is hot
+_PLUGINS: dict[str, dict[str, list[str]]] = {}  # plugin module name -> {op: [backends it registered]}
 
 
-def register(op: str, backend: Backend | str, *, check: Callable[..., str | None] | None = None,
-             compile_dynamic: bool | None = False):
+def register(op: str, backend: BackendName, *, check: Callable[..., str | None] | None = None,
+             compile_dynamic: bool | None = False, replace: bool = False):
     """Decorator: make ``fn`` the ``backend`` implementation of ``op``.
 
-    ``check(*args, **kwargs)`` returns ``None`` when the backend can take the input, or a short
-    reason ("head dim 12 is not a multiple of 8") when it cannot. ``compile_dynamic`` (reference
-    only): ``torch.compile``'s ``dynamic`` for the ``compile`` backend. False (one graph per
-    shape and per value of every float argument) suits ops called with a few fixed floats; None
-    lets a float that changes become a graph input after one recompile (e.g. per-step coefficients).
+    ``backend`` is a built-in :class:`Backend` or a new name for a research backend (lower case,
+    ``[a-z][a-z0-9_]*``, e.g. ``"fa_poly_exp"``), which is chosen only explicitly (``use``,
+    ``set_backend``, ``SDLAB_KERNELS``). ``check(*args, **kwargs)`` returns ``None`` when the
+    backend can take the input, or a short reason ("head dim 12 is not a multiple of 8") when it
+    cannot. ``compile_dynamic`` (reference only): ``torch.compile``'s ``dynamic`` for the ``compile``
+    backend. False (one graph per shape and per value of every float argument) suits ops called with
+    a few fixed floats; None lets a float that changes become a graph input after one recompile
+    (e.g. per-step coefficients). Registering a pair that exists raises unless ``replace=True``
+    (e.g. re-running a notebook cell).
     """
-    backend = Backend(backend)
+    backend = _canonical(backend, registering=True)
 
     def deco(fn: Callable) -> Callable:
+        if backend in _OPS.get(op, {}) and not replace:
+            raise ValueError(f"op {op!r} already has a {str(backend)!r} backend "
+                             f"({_OPS[op][backend].fn.__module__}.{_OPS[op][backend].fn.__qualname__}); "
+                             f"pass replace=True to replace it")
         _OPS.setdefault(op, {})[backend] = _Impl(fn, check, compile_dynamic)
-        _ENV_CACHE.clear()  # "triton" means "every op that has it": recompute
-        _FNS.clear()
+        _registry_changed()
         return fn
 
     return deco
+
+
+def unregister(op: str, backend: BackendName) -> None:
+    """Remove a research backend of ``op`` (the built-in ones stay). A scope, ``set_backend`` or
+    ``SDLAB_KERNELS`` still naming it then fails at the next call with the valid names."""
+    b = _canonical(backend)
+    if isinstance(b, Backend):
+        raise ValueError(f"{str(b)!r} is a built-in backend; only research backends can be unregistered")
+    if b not in _impls(op):
+        raise ValueError(f"op {op!r} has no {b!r} backend; valid: {', '.join(backends(op))}")
+    del _OPS[op][b]
+    _registry_changed()
+
+
+def _registry_changed() -> None:
+    _ENV_CACHE.clear()  # "triton" means "every op that has it": recompute
+    _FNS.clear()
+
+
+def _canonical(backend: BackendName, registering: bool = False) -> BackendName:
+    """The Backend member for a built-in name (any case: "Triton" is triton, in code as in
+    SDLAB_KERNELS), else the lower-case name; a name that no backend could have is a ValueError."""
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"a backend name is a str, not {type(backend).__name__} ({backend!r})")
+    name = backend.strip().lower()
+    if name in Backend._value2member_map_:
+        return Backend(name)
+    if not _NAME.fullmatch(name):
+        kind = "research backend name" if registering else "backend"
+        raise ValueError(f"invalid {kind} {backend!r}: names are [a-z][a-z0-9_]* (built-in: "
+                         f"{', '.join(b.value for b in Backend)})")
+    return name
 
 
 def ops() -> list[str]:
@@ -105,9 +161,17 @@ def ops() -> list[str]:
 def backends(op: str) -> list[str]:
     """Backends ``op`` can be switched to (``compile`` is derived from ``reference``)."""
     impls = _impls(op)
-    names = [b.value for b in impls]
+    names = [str(b) for b in impls]
     if Backend.REFERENCE in impls and Backend.COMPILE not in impls:
         names.append(Backend.COMPILE.value)
+    return names
+
+
+def all_backends() -> list[str]:
+    """Every backend name some op has: the built-in ones, then research backends as registered."""
+    names = [b.value for b in Backend]
+    for op in ops():
+        names += [b for b in backends(op) if b not in names]
     return names
 
 
@@ -117,32 +181,36 @@ def _impls(op: str) -> dict[Backend, _Impl]:
     return _OPS[op]
 
 
-def _backend(backend: Backend | str) -> Backend:
-    """A backend for every op (``use("triton")``), or an error listing the valid names."""
+def _backend(backend: BackendName) -> BackendName:
+    """A backend for every op that has it (``use("triton")``), or an error listing the valid names."""
     try:
-        return Backend(_lower(backend))
+        b = _canonical(backend)
     except ValueError:
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(b.value for b in Backend)}") from None
+        b = None
+    if b is None or str(b) not in all_backends():
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(all_backends())}") from None
+    return b
 
 
-def _lower(backend: Backend | str) -> Backend | str:
-    """Backend names are lower case; "Triton" means triton, in code as in SDLAB_KERNELS."""
-    return backend.lower() if isinstance(backend, str) and not isinstance(backend, Backend) else backend
-
-
-def _validate(op: str, backend: Backend | str) -> Backend:
+def _validate(op: str, backend: BackendName) -> BackendName:
     try:
-        b = Backend(_lower(backend))
+        b = _canonical(backend)
     except ValueError:
         raise ValueError(
             f"unknown backend {backend!r} for op {op!r}; valid: {', '.join(backends(op))}"
         ) from None
-    if b.value not in backends(op):
-        raise ValueError(f"op {op!r} has no {b.value!r} backend; valid: {', '.join(backends(op))}")
+    if str(b) not in backends(op):
+        raise ValueError(f"op {op!r} has no {str(b)!r} backend; valid: {', '.join(backends(op))}")
     return b
 
 
-def _parse_env(value: str) -> dict[str, Backend]:
+def validate(op: str, backend: BackendName) -> str:
+    """The name of ``op``'s backend ``backend`` ("Triton" -> "triton"), or a ValueError listing
+    the valid ones: for tools that check a choice before using it."""
+    return str(_validate(op, backend))
+
+
+def _parse_env(value: str) -> dict[str, BackendName]:
     """``"triton"`` -> every op that has it; ``"a=x,b=y"`` -> per op. Cached per value (dispatch is
     hot); the result is shared between calls, treat it as read-only."""
     if value not in _ENV_CACHE:
@@ -150,19 +218,17 @@ def _parse_env(value: str) -> dict[str, Backend]:
     return _ENV_CACHE[value]
 
 
-def _parse_env_uncached(value: str) -> dict[str, Backend]:
+def _parse_env_uncached(value: str) -> dict[str, BackendName]:
     value = value.strip().lower()  # op and backend names are lower case: "TRITON" means triton
     if not value:
         return {}
     if "=" not in value:
         name = value.strip(" ,")  # "triton," as "a=x," is fine
-        b = Backend(name) if name in Backend._value2member_map_ else None
-        if b is None:
+        if name not in all_backends():
             hint = f" ({name!r} is an op: write {name}=<backend>)" if name in _OPS else ""
-            raise ValueError(
-                f"{ENV_VAR}={value!r}: unknown backend{hint}; valid: {', '.join(x.value for x in Backend)}"
-            )
-        return {op: b for op in ops() if b.value in backends(op)}
+            raise ValueError(f"{ENV_VAR}={value!r}: unknown backend{hint}; valid: {', '.join(all_backends())}")
+        b = _canonical(name)
+        return {op: b for op in ops() if name in backends(op)}
     out = {}
     for item in filter(str.strip, value.split(",")):  # "a=x," and "a=x, b=y" are fine
         op, sep, backend = item.strip().partition("=")
@@ -177,7 +243,7 @@ def _parse_env_uncached(value: str) -> dict[str, Backend]:
     return out
 
 
-def _choice(op: str) -> tuple[Backend | None, str]:
+def _choice(op: str) -> tuple[BackendName | None, str]:
     """The explicit backend for ``op`` and where it came from, or (None, '')."""
     for scope in reversed(_SCOPES):
         if op in scope:
@@ -298,6 +364,7 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
+    """Never a research backend: those run only when chosen."""
     impls = _impls(op)
     if Backend.TRITON not in impls:
         return Backend.REFERENCE, "default (no triton backend)"
@@ -309,13 +376,13 @@ def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
     return Backend.TRITON, "default (CUDA input, triton imports)"
 
 
-def resolve(op: str, *args, **kwargs) -> tuple[Backend, str]:
+def resolve(op: str, *args, **kwargs) -> tuple[BackendName, str]:
     """The backend that would run ``op(*args, **kwargs)`` now, and why (a query: it warns of no
     fallback, and leaves the one-time warning to the call that falls back)."""
     return _resolve(op, args, kwargs, None)
 
 
-def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tuple[Backend, str]:
+def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tuple[BackendName, str]:
     """:func:`resolve`; a fallback warning points ``stacklevel`` frames up (at the user's call),
     or is not given when ``stacklevel`` is None."""
     impls = _impls(op)
@@ -324,7 +391,7 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
         impl = impls.get(chosen)
         reason = impl.check(*args, **kwargs) if impl is not None and impl.check else None
         if reason:
-            raise BackendUnsupported(f"{op}: backend {chosen.value!r} (from {source}) cannot run this input: {reason}")
+            raise BackendUnsupported(f"{op}: backend {str(chosen)!r} (from {source}) cannot run this input: {reason}")
         return chosen, source
     x = _first_tensor(args, kwargs)
     backend, source = _default(op, None if x is None else x.device)
@@ -349,7 +416,7 @@ def _reason_kind(reason: str) -> str:
     return _NUMBER.sub("#", reason)
 
 
-def implementation(op: str, backend: Backend | str) -> Callable:
+def implementation(op: str, backend: BackendName) -> Callable:
     """The function registered for (op, backend); ``compile`` is built lazily from the reference."""
     fn = _FNS.get((op, backend))
     if fn is not None:
@@ -362,7 +429,7 @@ def implementation(op: str, backend: Backend | str) -> Callable:
         ref = impls[Backend.REFERENCE]
         fn = torch.compile(ref.fn, dynamic=ref.compile_dynamic)
     else:
-        raise ValueError(f"op {op!r} has no {backend.value!r} backend")
+        raise ValueError(f"op {op!r} has no {str(backend)!r} backend")
     _FNS[(op, backend)] = fn
     return fn
 
@@ -376,7 +443,7 @@ def dispatch(op: str, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def use(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
+def use(backend: BackendName | None = None, /, **per_op: BackendName) -> Iterator[None]:
     """Scope a backend choice: ``use("triton")`` for all ops, ``use(attention="sdpa")`` per op."""
     cleared = [op for op, b in per_op.items() if b is None]
     if cleared:
@@ -392,22 +459,22 @@ def use(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Ite
                 break
 
 
-def _choices(backend: Backend | str | None, per_op: dict) -> dict[str, Backend | None]:
+def _choices(backend: BackendName | None, per_op: dict) -> dict[str, BackendName | None]:
     """Validate a use() / set_backend() request whole before anything changes: {op: backend}
     (None: clear, for set_backend)."""
-    choice: dict[str, Backend | None] = {}
+    choice: dict[str, BackendName | None] = {}
     if backend is not None:
         b = _backend(backend)
-        choice.update({op: b for op in ops() if b.value in backends(op)})
+        choice.update({op: b for op in ops() if str(b) in backends(op)})
         if not choice:
-            raise ValueError(f"no op has a {b.value!r} backend")
+            raise ValueError(f"no op has a {str(b)!r} backend")
     for op, b in per_op.items():
         _impls(op)
         choice[op] = None if b is None else _validate(op, b)
     return choice
 
 
-def set_backend(backend: Backend | str | None = None, /, **per_op: Backend | str | None) -> None:
+def set_backend(backend: BackendName | None = None, /, **per_op: BackendName | None) -> None:
     """Process-wide choice; ``None`` clears (back to env var / default). All or nothing: an
     invalid name changes no op."""
     if backend is None and not per_op:
@@ -428,11 +495,78 @@ def describe(device: str | torch.device | None = None) -> str:
         chosen, source = _choice(op)
         if chosen is None:
             chosen, source = _default(op, device)
-        lines.append(f"{op:16s} -> {chosen.value:9s} ({source}); backends: {', '.join(backends(op))}")
+        lines.append(f"{op:16s} -> {str(chosen):9s} ({source}); backends: {', '.join(backends(op))}")
     from . import _launch  # (imports this module)
 
     lines.append(f"triton launches: {_launch.mode()} (kernels/_launch.py)")
     return "\n".join(lines)
+
+
+def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
+    """Import ``spec``, a module name (``my_kernels.attention``) or a ``.py`` file, for the research
+    backends it registers; returns {op: [backends]} that it registered (and are still registered).
+    It is imported once per module name or file path (a file as module ``sdlab_plugin_<stem>``):
+    naming it again returns the same backends and re-registers nothing; ``reload=True`` unloads it
+    first (:func:`unload_plugin`) and imports it afresh, e.g. after editing the file."""
+    name, path = _plugin_module(spec)
+    if reload:
+        unload_plugin(spec)
+    if name not in _PLUGINS:
+        before = {op: set(backends(op)) for op in ops()}
+        imported_here = name not in sys.modules
+        _import_plugin(spec, name, path)
+        added = {op: [b for b in backends(op) if b not in before.get(op, ())] for op in ops()}
+        if not imported_here:  # imported before, elsewhere: its backends are the functions it defines
+            added = {op: [str(b) for b, impl in _OPS[op].items() if impl.fn.__module__ == name] for op in ops()}
+        _PLUGINS[name] = {op: names for op, names in added.items() if names}
+    return {op: kept for op, names in _PLUGINS[name].items() if (kept := [b for b in names if b in backends(op)])}
+
+
+def unload_plugin(spec: str) -> None:
+    """Unregister the backends ``spec`` registered and forget its module, so loading it again
+    imports it afresh. Nothing happens for a plugin that was never loaded."""
+    name, _ = _plugin_module(spec)
+    for op, names in _PLUGINS.pop(name, {}).items():
+        for b in names:
+            if op in _OPS and b in _OPS[op]:
+                unregister(op, b)
+    sys.modules.pop(name, None)
+
+
+def _plugin_module(spec: str) -> tuple[str, Path | None]:
+    """(module name, file path or None) of a plugin spec."""
+    if not spec.endswith(".py"):
+        return spec, None
+    path = Path(spec).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"plugin {spec}: no such file")
+    name = "sdlab_plugin_" + re.sub(r"\W", "_", path.stem)
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() != path:
+        raise ValueError(f"plugin {spec}: module name {name} is taken by {loaded.__file__}; rename the file")
+    return name, path
+
+
+def _import_plugin(spec: str, name: str, path: Path | None) -> None:
+    if path is not None:
+        if name in sys.modules:
+            return
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return
+    try:
+        importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        if e.name is None or not spec.startswith(e.name):  # a module the plugin imports is missing
+            raise
+        raise ModuleNotFoundError(f"plugin {spec!r}: no module {e.name!r} on sys.path (a file? give its "
+                                  f"path, ending in .py)", name=e.name) from None
 
 
 def counts() -> dict[tuple[str, str], int]:

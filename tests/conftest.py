@@ -11,6 +11,21 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--sdlab-plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                     help="import a module or .py file that registers research backends; "
+                          "tests/test_conformance.py then holds them to every op's equivalence cases")
+
+
+def pytest_configure(config):
+    if config.getoption("--sdlab-plugin"):
+        import kernels
+
+        for spec in config.getoption("--sdlab-plugin"):
+            if not kernels.load_plugin(spec):
+                raise pytest.UsageError(f"--sdlab-plugin {spec}: it registered no backend")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -34,3 +49,24 @@ def _fresh_kernel_choice():
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+PLUGIN = """
+import kernels
+
+@kernels.register("attention", "plugin_attention")
+def plugin_attention(q, k, v, scale=None, causal=False):
+    return kernels.attention_reference(q, k, v, scale, causal)
+"""
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    """A research-backend plugin file registering attention's 'plugin_attention' (the reference
+    under another name); unregistered and forgotten afterwards, so each test loads it afresh."""
+    import kernels
+
+    path = tmp_path / "plugin_kernels.py"
+    path.write_text(PLUGIN)
+    yield path
+    kernels.unload_plugin(str(path))

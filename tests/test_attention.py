@@ -14,18 +14,14 @@ import torch
 import kernels
 from kernels.attention import (AttentionConfig, _backward, _forward, attention_reference, attention_triton,
                                split_head_dim)
-from numerics import assert_close, assert_within_torch_error
+from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
 
 # dtype -> how the kernel is judged against fp64: fp32 by max-normalised relative error (TF32 off),
 # half precision by flash-attention's rule: at most 2x torch's own error in that dtype + atol
 # (atol ~ 2 ulp at |x| = 0.3).
-TOL = {
-    torch.float32: dict(rel=2e-5),
-    torch.float16: dict(factor=2.0, atol=5e-4),
-    torch.bfloat16: dict(factor=2.0, atol=4e-3),
-}
+TOL = TOLERANCES["attention"]
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.gpu, id="bf16")  # interpreter's tl.dot: bf16 bits as uint16
 SHAPES = [  # (B, H, Lq, Lkv, D)
     (1, 2, 37, 77, 40),  # SD1.5 cross-attn: D 40 (padded to 64), 77 text keys, ragged Lq

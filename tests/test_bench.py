@@ -218,10 +218,17 @@ def test_repeated_values_run_once(tmp_path):
     (["ops", "--list-shapes", "--ops", "softmax"], "unknown op 'softmax'"),  # validated before listing
     (["pipelines", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["pipelines", "--batch", "-1"], "--batch must be >= 1, got -1"),
+    (["ops", "--plugin", "no_such_pkg"], "no module 'no_such_pkg'"),
+    (["ops", "--plugin", "{tmp}/empty_plugin.py"], "it registered no backend"),
+    (["ops", "--backends", "plugin_attention"], "unknown backend 'plugin_attention'"),  # no --plugin
+    (["pipelines", "--variants", "attention=nope"], "op 'attention' has no 'nope' backend; valid: reference"),
+    (["pipelines", "--variants", "attention=sdpa+attention=reference"], "op 'attention' is named twice"),
+    (["pipelines", "--variants", "attention="], "expected op=backend items"),
 ])
-def test_bad_values_are_parser_errors(argv, needle, capsys):
+def test_bad_values_are_parser_errors(argv, needle, capsys, tmp_path):
+    (tmp_path / "empty_plugin.py").write_text("import kernels\n")
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        main([a.format(tmp=tmp_path) for a in argv])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
@@ -623,3 +630,17 @@ def test_tune_masked_tail_sweeps_the_split(tmp_path):
     rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.self", "--masked-tail"],
                     tmp_path)
     assert rc == 0 and all(r["status"] == "ok" for r in _rows(data, suite="tune")), data["rows"]
+
+
+def test_plugin_backends_get_op_rows_and_pipeline_variants(tmp_path, plugin_file):
+    """A research backend from --plugin is timed and checked like the built-in ones (ops), and runs
+    as an op=backend variant, the other ops on reference (UNet step)."""
+    rc, data = _run(["ops", "--quick", "--no-plot", "--ops", "attention", "--backends", "reference",
+                     "plugin_attention", "--plugin", str(plugin_file)], tmp_path / "ops")
+    rows = _rows(data, backend="plugin_attention")
+    assert rc == 0 and rows and all(r["status"] == "ok" and r["max_abs_err"] is not None for r in rows), rows
+    assert data["env"]["plugins"] == {str(plugin_file): {"attention": ["plugin_attention"]}}
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference",
+                     "attention=plugin_attention", "--plugin", str(plugin_file)], tmp_path / "pipe")
+    row, = _rows(data, backend="attention=plugin_attention")
+    assert rc == 0 and row["status"] == "ok" and row["latent_max_abs_diff"] == 0, row

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import sdcore
 from sdcore import SDConfig, StableDiffusion, checkpoint
 from sdcore.checkpoint import CheckpointError, detect_config
-from numerics import assert_close
+from kernels.testing import assert_close
 
 REL = 1e-5  # fp32 outputs of the same weights through diffusers/transformers vs sdcore
 

@@ -7,7 +7,7 @@ import torch
 import transformers
 from diffusers.loaders import single_file_utils as dsf
 
-from numerics import assert_close
+from kernels.testing import assert_close
 from sdcore.clip import TextEncoder
 from sdcore.config import SDConfig, TextEncoderConfig
 from sdcore.convert import clip as conv

@@ -21,14 +21,10 @@ from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_BLOCK_C, MAX
                                      PROGRAMS_PER_SM, SINGLE_PASS_MAX_GROUP, SINGLE_PASS_STATS_READS,
                                      group_norm_silu_triton, launch_config)
 from kernels import registry
-from numerics import assert_close, assert_within_torch_error
+from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error
 
 # dtype -> tolerance: fp32 by max relative error vs fp64; half precision by the 2x-torch rule
-TOL = {
-    torch.float32: dict(rel=1e-5),
-    torch.float16: dict(factor=2.0, atol=1e-3),
-    torch.bfloat16: dict(factor=2.0, atol=1e-2),
-}
+TOL = TOLERANCES["group_norm_silu"]
 
 CPU_CASES = [  # (shape, groups, channels_last, affine, activation)
     ((1, 96, 7, 9), 32, False, True, "silu"),  # 3 channels per group, HW = 63 not a power of two

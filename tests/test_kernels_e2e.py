@@ -10,7 +10,7 @@ import torch
 
 import kernels
 import pipelines
-from numerics import assert_close
+from kernels.testing import assert_close
 from sdcore import SDConfig, StableDiffusion
 from sdcore.schedulers import make_scheduler
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import pipelines
 import sdcore
-from numerics import describe_diff
+from kernels.testing import describe_diff
 from pipelines.common import encode_image, image_to_tensor
 from pipelines.inpaint import Renoise, Step, repaint_plan
 from sdcore.schedulers import repaint_timesteps
@@ -420,6 +420,27 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
     assert main(["replay", str(pngs[0].with_suffix(".json")), "--no-progress", "--out", str(tmp_path / "b")]) == 0
     again = sorted((tmp_path / "b").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again[0])))
+
+
+def test_cli_plugin_backend_runs_and_replays(tmp_path, plugin_file, capsys):
+    """--plugin makes a research backend nameable by --kernels; the sidecar records the plugin, so a
+    replay (a fresh registry here) loads it again."""
+    import kernels
+    from pipelines.__main__ import main
+
+    base = ["txt2img", "--preset", "tiny", "--prompt", "a", "--steps", "1", "--seed", "1", "--height", "64",
+            "--width", "64", "--device", "cpu", "--no-progress", "--plugin", str(plugin_file)]
+    assert main([*base, "--kernels", "attention=plugin_attention", "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    side = json.loads(sidecar.read_text())
+    assert side["plugins"] == [str(plugin_file)] and side["kernel_dispatches"].get("attention/plugin_attention")
+    kernels.unload_plugin(str(plugin_file))
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
+    assert np.array_equal(first, second)
+    with pytest.raises(SystemExit):
+        main([*base, "--kernels", "attention=plugin_x", "--out", str(tmp_path / "c")])
+    assert "has no 'plugin_x' backend" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_replay_takes_the_recorded_backends_not_the_environment(tmp_path, monkeypatch):

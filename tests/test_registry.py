@@ -431,7 +431,7 @@ def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
 
 def test_compile_backend_runs_and_matches_reference():
     """`compile` = torch.compile of the reference (inductor, CPU here): same function, fp32."""
-    from numerics import assert_close
+    from kernels.testing import assert_close
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 64, 5, 7, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)

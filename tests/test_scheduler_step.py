@@ -10,7 +10,7 @@ import kernels
 from kernels import BackendUnsupported, StepCoefficients
 from sdcore.config import SchedulerConfig
 from sdcore.schedulers import PREDICTION_TYPES, make_scheduler, x0_eps_coefficients
-from numerics import assert_close, assert_within_torch_error
+from kernels.testing import assert_close, assert_within_torch_error
 
 SHAPES = [
     (1, 4, 7, 9),  # HW not a power of two, one partial block

@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdcore.config import SchedulerConfig  # noqa: E402
 from sdcore.schedulers import make_scheduler, repaint_timesteps  # noqa: E402
-from numerics import assert_close, max_rel_err  # noqa: E402
+from kernels.testing import assert_close, max_rel_err  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)  # small SD-like latent: 4 channels, batch 2
 REL = 1e-6  # fp32: the same formulas with the same float32 coefficients

@@ -11,7 +11,7 @@ from sdcore.convert.unet import (config_from_diffusers, config_to_diffusers, dif
                                  ldm_to_diffusers)
 from sdcore.layers import GroupNorm
 from sdcore.unet import BasicTransformerBlock, UNetModel
-from numerics import assert_close, assert_within_torch_error
+from kernels.testing import assert_close, assert_within_torch_error
 
 try:  # the oracle; tests that do not compare against it run without it
     from diffusers import UNet2DConditionModel

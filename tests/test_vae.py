@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 import kernels
-from numerics import assert_close
+from kernels.testing import assert_close
 from sdcore.config import SDConfig, VAEConfig
 from sdcore.convert.vae import config_from_diffusers, config_to_diffusers, diffusers_to_ldm, ldm_to_diffusers
 from sdcore.vae import AutoencoderKL

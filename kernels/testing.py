@@ -1,0 +1,291 @@
+"""Equivalence checks for any backend of an op: the cases and tolerances the built-in Triton
+kernels are held to, for a research backend's own tests (and the comparison helpers the project's
+tests use).
+
+    import pytest
+    from kernels import testing
+
+    @pytest.mark.parametrize("case", testing.cases("attention"), ids=str)
+    def test_my_attention(case):
+        testing.check(case, "my_attention")      # pytest.skip where the backend's check refuses
+
+Each case is a shape with a reason (head dim 40 over 77 keys, 3 channels per group on 7 x 9 pixels,
+a RePaint mask broadcast over channels...) and a dtype. :func:`check` runs the op through the
+switch with that backend chosen explicitly, so the op's input checks and the backend's own
+``check`` run as in a pipeline, asserts that the backend ran, and judges the output against an
+fp64 oracle, the op's reference on fp64 copies of the inputs:
+  fp32: max |got - oracle| / max |oracle| <= ``TOLERANCES[op][fp32]["rel"]`` (attention: TF32 off);
+  fp16 / bf16: |got - oracle| <= factor x |torch - oracle| + atol, elementwise maxima, where torch is
+  the reference in the same dtype (flash-attention's rule: at most 2x torch's own rounding error).
+``scheduler_step``'s contract is fp32 math whatever the dtype, so its oracle is the reference on the
+same inputs, to about one rounding of the output dtype. ``backward=True`` cases compare dx, dweight,
+dbias (dq, dk, dv) under one random upstream gradient, the same way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, *HALF)
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# op -> dtype -> how a backend is judged: fp32 by max-normalised relative error against fp64,
+# half precision by the 2x-torch rule (atol ~ 2 ulp at the outputs' scale)
+TOLERANCES = {
+    "attention": {torch.float32: dict(rel=2e-5), torch.float16: dict(factor=2.0, atol=5e-4),
+                  torch.bfloat16: dict(factor=2.0, atol=4e-3)},
+    "group_norm_silu": {torch.float32: dict(rel=1e-5), torch.float16: dict(factor=2.0, atol=1e-3),
+                        torch.bfloat16: dict(factor=2.0, atol=1e-2)},
+    # against the fp32-math reference on the same inputs: an FMA contraction or one rounding apart
+    "scheduler_step": {torch.float32: dict(rel=1e-6), torch.float16: dict(rel=1e-3),
+                       torch.bfloat16: dict(rel=8e-3)},
+}
+GRAD_REL_HALF = 1e-2  # backward in 16-bit: the gradients' max-normalised error against fp64
+
+
+# ------------------------------------------------------------------------------ comparisons
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in fp64."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def describe_diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (a - e).abs()
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    return (f"shape {tuple(a.shape)}: max abs err {diff.max().item():.3e} at {idx} "
+            f"(got {a[idx].item():.6g}, want {e[idx].item():.6g}); max rel err {max_rel_err(a, e):.3e}; "
+            f"nan in result: {bool(torch.isnan(a).any())}")
+
+
+def assert_close(actual, expected, *, rtol: float = 0.0, atol: float = 0.0, rel: float | None = None,
+                 name: str = "tensor") -> None:
+    """Elementwise |a - e| <= atol + rtol |e|, or (with ``rel``) max-normalised relative error."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert not torch.isnan(a).any() or torch.isnan(e).any(), f"{name}: NaN in result. " + describe_diff(a, e)
+    if rel is not None:
+        err = max_rel_err(a, e)
+        assert err <= rel, f"{name}: max rel err {err:.3e} > {rel:.1e}. " + describe_diff(a, e)
+    else:
+        ok = (a - e).abs() <= atol + rtol * e.abs()
+        assert bool(ok.all()), (f"{name}: {int((~ok).sum())} of {ok.numel()} elements outside "
+                                f"atol={atol:.1e} rtol={rtol:.1e}. " + describe_diff(a, e))
+
+
+def assert_within_torch_error(kernel_out, torch_out, reference, *, factor: float = 2.0,
+                              atol: float = 1e-3, name: str = "tensor") -> None:
+    """flash-attention's rule for half precision: the kernel's error against a high-precision
+    reference is at most ``factor`` x the error of the plain torch op in the same dtype, + atol."""
+    assert kernel_out.shape == reference.shape, f"{name}: shape {tuple(kernel_out.shape)} != {tuple(reference.shape)}"
+    ref = reference.detach().double().cpu()
+    k_err = (kernel_out.detach().double().cpu() - ref).abs().max().item()
+    t_err = (torch_out.detach().double().cpu() - ref).abs().max().item()
+    assert k_err <= factor * t_err + atol, (
+        f"{name}: kernel max abs err {k_err:.3e} > {factor} x torch's {t_err:.3e} + {atol:.1e}. "
+        + describe_diff(kernel_out, reference))
+
+
+# ------------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class Case:
+    """One input of ``op``: ``make(generator, dtype)`` builds (args, kwargs) on the CPU."""
+    op: str
+    name: str
+    reason: str
+    dtype: torch.dtype
+    make: Callable = field(repr=False, compare=False)
+    backward: bool = False
+    grads: tuple[str, ...] = ()  # names of the inputs whose gradients are compared (backward cases)
+
+    def __str__(self) -> str:
+        return f"{self.op}-{self.name}-{_SHORT[self.dtype]}{'-bwd' if self.backward else ''}"
+
+
+def _attention(b, h, lq, lkv, d, blhd=False, **kw):
+    def make(g, dtype):
+        def t(n):
+            if blhd:  # the UNet's (B, L, H, D) activations viewed as (B, H, L, D): strided heads
+                return torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
+            return torch.randn(b, h, n, d, generator=g).to(dtype)
+        return (t(lq), t(lkv), t(lkv)), dict(kw)
+    return make
+
+
+def _group_norm(shape, groups, channels_last=False, affine=True, activation="silu", offset=0.0):
+    def make(g, dtype):
+        x = (torch.randn(shape, generator=g) + offset).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        w = (1 + 0.1 * torch.randn(c, generator=g)).to(dtype) if affine else None
+        bias = (0.1 * torch.randn(c, generator=g)).to(dtype) if affine else None
+        return (x, w, bias, groups), dict(eps=1e-5, activation=activation)
+    return make
+
+
+def _step(shape, coeffs, *, cfg=False, noise=False, mask=False, prev_x0=False):
+    from .scheduler_step import StepCoefficients
+
+    def make(g, dtype):
+        def t(s=shape):
+            return torch.randn(s, generator=g).to(dtype)
+        kw = dict(return_x0=True)
+        if cfg:
+            kw.update(model_output_uncond=t(), guidance_scale=7.5)
+        if noise:
+            kw["noise"] = t()
+        if prev_x0:
+            kw["prev_x0"] = t()
+        if mask:  # 1 = known pixels, one mask for the four latent channels
+            kw["mask"] = (torch.rand((shape[0], 1, *shape[2:]), generator=g) > 0.5).to(dtype)
+            kw["known"] = t()
+        return (t(), t(), StepCoefficients(**coeffs)), kw
+    return make
+
+
+def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
+    """op -> (name, reason, make, the inputs that take gradients; () for forward only)."""
+    ab = math.sqrt(0.5)  # a DDIM step at alpha_bar = 0.5 to 0.6, epsilon prediction
+    ddim = dict(a_x=1.0, a_o=-ab, a_d=ab, b_x=1.0, b_o=0.0, b_0=-ab, b_d=ab, c0=math.sqrt(0.6),
+                c2=math.sqrt(0.4))
+    qkv, xwb = ("q", "k", "v"), ("x", "weight", "bias")
+    return {
+        "attention": [
+            ("d40-77x77", "SD 1.5's head dim 40 over CLIP's 77 tokens: neither a power of two", _attention(1, 2, 77, 77, 40), qkv),
+            ("d40-37x77", "cross-attention: ragged queries over 77 text keys, batch 2 (CFG)", _attention(2, 2, 37, 77, 40), qkv),
+            ("d64-64x64", "SD 2's head dim 64 at power-of-two lengths", _attention(1, 3, 64, 64, 64), qkv),
+            ("d80-33x45", "head dim 80 (SD 1.5's second level), odd lengths", _attention(1, 2, 33, 45, 80), qkv),
+            ("d160-16x21", "head dim 160 (SD 1.5's deepest level)", _attention(1, 1, 16, 21, 160), ()),
+            ("d40-blhd", "the UNet's (B, L, H, D) activations as a strided (B, H, L, D) view", _attention(2, 2, 24, 30, 40, blhd=True), qkv),
+            ("d64-scale", "a caller's scale, not 1/sqrt(D)", _attention(1, 2, 20, 20, 64, scale=0.3), qkv),
+            ("d64-causal", "the CLIP text encoder's causal mask", _attention(1, 2, 77, 77, 64, causal=True), ()),
+        ],
+        "group_norm_silu": [
+            ("c96-g32-7x9", "3 channels per group, H x W = 63 not a power of two", _group_norm((1, 96, 7, 9), 32), xwb),
+            ("c64-g8-1x1", "H x W = 1, batch 3", _group_norm((3, 64, 1, 1), 8), ()),
+            ("c64-g32-nhwc", "channels_last, batch 2", _group_norm((2, 64, 8, 8), 32, channels_last=True), xwb),
+            ("c40-g4-plain", "no SiLU (the transformer blocks' GroupNorm), 10 channels per group", _group_norm((2, 40, 5, 5), 4, activation=None), xwb),
+            ("c32-g32-noaffine", "no weight or bias", _group_norm((1, 32, 6, 6), 32, affine=False), ("x",)),
+            ("c64-g32-offset", "mean 3, std 1: E[x^2] - E[x]^2 in low precision loses the variance", _group_norm((2, 64, 5, 7), 32, offset=3.0), ()),
+        ],
+        "scheduler_step": [
+            ("ddim-cfg", "DDIM (eta 0) with classifier-free guidance 7.5", _step((2, 4, 9, 7), ddim, cfg=True), ()),
+            ("ddpm-clip-noise", "DDPM: clipped x0 and the noise term",
+             _step((1, 4, 9, 7), dict(a_x=1.0, a_o=-0.6, a_d=0.8, clip=1.0, c0=0.3, c1=0.7, sigma=0.2), noise=True), ()),
+            ("repaint", "RePaint: a (B, 1, h, w) mask broadcast over the 4 channels, with CFG and noise",
+             _step((2, 4, 9, 7), dict(ddim, sigma=0.1), cfg=True, noise=True, mask=True), ()),
+            ("dpmpp-2m", "DPM-Solver++(2M): the previous step's x0 (the D1 term)",
+             _step((1, 4, 9, 7), dict(a_x=1.0, a_o=-0.5, a_d=0.9, c0=0.4, c1=0.6, c3=0.2), prev_x0=True), ()),
+        ],
+    }
+
+
+def cases(op: str, dtypes=DTYPES, backward: bool = False) -> list[Case]:
+    """``op``'s equivalence cases in each of ``dtypes``; ``backward=True``: those of ops with a
+    backward, comparing gradients."""
+    table = _cases()
+    if op not in table:
+        raise ValueError(f"no equivalence cases for op {op!r}; ops with cases: {', '.join(table)}")
+    return [Case(op, name, reason, dt, make, backward, grads) for name, reason, make, grads in table[op]
+            for dt in dtypes if not backward or grads]
+
+
+# ------------------------------------------------------------------------------------ check
+def _to(obj, **kw):
+    """``obj`` with every floating tensor ``.to(**kw)`` (bool masks and other values as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(**kw) if obj.is_floating_point() else obj.to(device=kw.get("device", obj.device))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, **kw) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, **kw) for k, v in obj.items()}
+    return obj
+
+
+def _outputs(out) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(out, tuple):  # scheduler_step: (prev, x0)
+        return [(n, t) for n, t in zip(("prev", "x0"), out) if t is not None]
+    return [("out", out)]
+
+
+def _run(op: str, backend, args, kwargs, grads: tuple[str, ...], upstream_seed: int):
+    """(outputs, gradients by name) of ``op`` on ``backend`` chosen explicitly."""
+    import kernels
+
+    fn = getattr(kernels, op)
+    with kernels.use(**{op: backend}), torch.enable_grad():
+        out = fn(*args, **kwargs)
+    if not grads:
+        return _outputs(out), {}
+    if not out.requires_grad:
+        raise AssertionError(f"{op}: backend {str(backend)!r} returned an output without a graph; it has no backward")
+    g = torch.Generator().manual_seed(upstream_seed)
+    dout = torch.randn(out.shape, generator=g).to(out)
+    inputs = _named_inputs(op, args)
+    got = torch.autograd.grad(out, [inputs[n] for n in grads], dout)
+    return _outputs(out), dict(zip(grads, got))
+
+
+def _named_inputs(op: str, args) -> dict:
+    """The differentiable inputs of ``op`` by name (the positional ones that lead its signature)."""
+    return dict(zip({"attention": ("q", "k", "v"), "group_norm_silu": ("x", "weight", "bias")}[op], args))
+
+
+def check(case: Case, backend: str, device: str | torch.device | None = None, seed: int = 0) -> None:
+    """Run ``case`` on ``backend`` (chosen explicitly) and assert it matches the fp64 oracle within
+    ``TOLERANCES`` (module docstring). A backend whose ``check`` refuses the input skips the test
+    (``pytest.skip``, with the reason). Raises AssertionError naming the output and the error."""
+    import kernels
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(seed)
+    args, kwargs = case.make(g, case.dtype)
+    grads = case.grads if case.backward else ()
+
+    def inputs(dtype=None):
+        a, kw = _to((args, kwargs), device=device, **({"dtype": dtype} if dtype else {}))
+        if grads:  # leaves of their own, so each run's gradients are its own
+            named = _named_inputs(case.op, a)
+            a = tuple(t.detach().requires_grad_(n in grads) if isinstance(t, torch.Tensor) else t
+                      for t, n in zip(a, [*named, *[None] * (len(a) - len(named))]))
+        return a, kw
+
+    chosen = kernels.validate(case.op, backend)  # a ValueError listing the valid names
+    before = kernels.counts().get((case.op, chosen), 0)
+    try:
+        got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1)
+    except kernels.BackendUnsupported as e:
+        import pytest
+
+        pytest.skip(str(e))
+    ran = kernels.counts().get((case.op, chosen), 0) - before
+    assert ran == 1, f"{case}: expected one dispatch to {chosen!r}, counted {ran}"
+
+    exact = case.op == "scheduler_step"  # its contract is fp32 math on the inputs as given
+    want, want_g = _run(case.op, "reference", *inputs(None if exact else torch.float64), grads, seed + 1)
+    same, same_g = _run(case.op, "reference", *inputs(), grads, seed + 1)
+    tol = TOLERANCES[case.op][case.dtype]
+    assert [n for n, _ in got] == [n for n, _ in want], (
+        f"{case}: outputs {[n for n, _ in got]}, the reference returns {[n for n, _ in want]}")
+    for (name, a), (_, e), (_, t) in zip(got, want, same):
+        assert a.dtype == t.dtype, f"{case}: {name} dtype {a.dtype}, the reference returns {t.dtype}"
+        assert a.device == t.device, f"{case}: {name} on {a.device}, the reference's on {t.device}"
+        _judge(a, t, e, tol, f"{case} ({case.reason}): {name}")
+    for name in grads:
+        grad_tol = tol if case.dtype == torch.float32 else dict(rel=GRAD_REL_HALF)
+        _judge(got_g[name], same_g[name], want_g[name], grad_tol, f"{case} ({case.reason}): d{name}")
+
+
+def _judge(got, torch_same, want, tol, name):
+    if "rel" in tol:
+        assert_close(got, want, rel=tol["rel"], name=name)
+    else:
+        assert_within_torch_error(got, torch_same, want, name=name, **tol)

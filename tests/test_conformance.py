@@ -1,0 +1,237 @@
+"""Every backend of every op against the equivalence cases of kernels.testing: the built-in ones
+(triton interpreted on CPU, sdpa) and any research backend a ``--sdlab-plugin`` registered, e.g.
+``pytest tests/test_conformance.py --sdlab-plugin my_kernels.py``. Deliberately wrong research
+backends show the cases catch what they should; the plugin loader and the registry's research
+names are tested here too."""
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import testing
+
+OPS = ("attention", "group_norm_silu", "scheduler_step")
+SKIP = ("reference", "compile")  # the oracle itself; torch.compile of it (minutes of compiling on CPU)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _params(backward: bool):
+    return [pytest.param(b, c, id=f"{b}-{c}") for op in OPS for b in kernels.backends(op) if b not in SKIP
+            for c in testing.cases(op, backward=backward)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,case", _params(False))
+def test_forward(backend, case, device):
+    testing.check(case, backend, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,case", _params(True))
+def test_backward(backend, case, device):
+    testing.check(case, backend, device)
+
+
+# ------------------------------------------------------------------ the cases can fail
+@pytest.fixture
+def research():
+    """Register research backends for one test; removed afterwards."""
+    added = []
+
+    def add(op, name, fn, **kw):
+        kernels.register(op, name, **kw)(fn)
+        added.append((op, name))
+
+    yield add
+    for op, name in added:
+        kernels.unregister(op, name)
+
+
+def _case(op, name, dtype=torch.float32, backward=False):
+    return next(c for c in testing.cases(op, (dtype,), backward) if c.name == name)
+
+
+def test_a_wrong_scale_fails(research):
+    """1% off the softmax scale is far outside fp32's 2e-5."""
+    def off(q, k, v, scale=None, causal=False):
+        return kernels.attention_reference(q, k, v, 1.01 / math.sqrt(q.shape[-1]), causal)
+
+    research("attention", "wrong_scale", off)
+    with pytest.raises(AssertionError, match=r"attention-d64-64x64-fp32 .*max rel err"):
+        testing.check(_case("attention", "d64-64x64"), "wrong_scale", "cpu")
+
+
+def test_an_unbiased_variance_fails(research):
+    """var over n - 1 instead of n: 0.5% at a 189-element group."""
+    def unbiased(x, weight, bias, groups, eps=1e-5, activation="silu"):
+        n, c = x.shape[:2]
+        xg = x.float().reshape(n, groups, -1)
+        y = ((xg - xg.mean(-1, keepdim=True)) / (xg.var(-1, keepdim=True) + eps).sqrt()).reshape(x.shape)
+        y = y * weight.float()[:, None, None] + bias.float()[:, None, None]
+        return (torch.nn.functional.silu(y) if activation == "silu" else y).to(x.dtype)
+
+    research("group_norm_silu", "unbiased", unbiased)
+    with pytest.raises(AssertionError, match="group_norm_silu-c96-g32-7x9-fp32"):
+        testing.check(_case("group_norm_silu", "c96-g32-7x9"), "unbiased", "cpu")
+
+
+def test_a_dropped_noise_term_fails(research):
+    def no_noise(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0, noise=None, *rest):
+        return kernels.scheduler_step_reference(x, model_output, dataclasses.replace(coeffs, sigma=0.0),
+                                                model_output_uncond, guidance_scale, None, *rest)
+
+    research("scheduler_step", "no_noise", no_noise)
+    with pytest.raises(AssertionError, match="prev"):
+        testing.check(_case("scheduler_step", "ddpm-clip-noise"), "no_noise", "cpu")
+
+
+def test_a_half_precision_backend_in_bf16_fails_at_fp16(research):
+    """fp16 in, computed in bf16 (3 mantissa bits fewer), fp16 out: about 8x torch's fp16 error."""
+    def in_bf16(q, k, v, scale=None, causal=False):
+        bf = [t.to(torch.bfloat16) for t in (q, k, v)]
+        return kernels.attention_reference(*bf, scale, causal).to(q.dtype)
+
+    research("attention", "in_bf16", in_bf16)
+    testing.check(_case("attention", "d40-77x77", torch.bfloat16), "in_bf16", "cpu")  # right for bf16
+    with pytest.raises(AssertionError, match="torch's"):
+        testing.check(_case("attention", "d40-77x77", torch.float16), "in_bf16", "cpu")
+
+
+def test_a_forward_only_backend_fails_the_backward_cases(research):
+    research("attention", "no_grad", lambda q, k, v, scale=None, causal=False:
+             kernels.attention_reference(q, k, v, scale, causal).detach())
+    with pytest.raises(AssertionError, match="no backward"):
+        testing.check(_case("attention", "d64-64x64", backward=True), "no_grad", "cpu")
+
+
+def test_a_wrong_gradient_fails(research):
+    class Off(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.01 * g
+
+    def fn(x, weight, bias, groups, eps=1e-5, activation="silu"):
+        return kernels.group_norm_silu_reference(Off.apply(x), weight, bias, groups, eps, activation)
+
+    research("group_norm_silu", "bad_grad", fn)
+    testing.check(_case("group_norm_silu", "c40-g4-plain"), "bad_grad", "cpu")  # the forward is right
+    with pytest.raises(AssertionError, match="dx"):
+        testing.check(_case("group_norm_silu", "c40-g4-plain", backward=True), "bad_grad", "cpu")
+
+
+def test_a_refusing_backend_is_skipped_with_its_reason(research):
+    research("attention", "fp32_only", kernels.attention_reference,
+             check=lambda q, *a, **kw: None if q.dtype == torch.float32 else f"{q.dtype} is not supported")
+    with pytest.raises(pytest.skip.Exception, match="float16 is not supported"):
+        testing.check(_case("attention", "d64-64x64", torch.float16), "fp32_only", "cpu")
+
+
+def test_unknown_op_has_no_cases():
+    with pytest.raises(ValueError, match="ops with cases: attention"):
+        testing.cases("conv2d")
+
+
+# ------------------------------------------------------------------ research backends in the switch
+def test_research_backend_is_switched_counted_and_described(research, monkeypatch):
+    calls = []
+
+    def mine(q, k, v, scale=None, causal=False):
+        calls.append(q.shape)
+        return kernels.attention_reference(q, k, v, scale, causal)
+
+    research("attention", "my_attention", mine)
+    q = torch.randn(1, 2, 5, 8)
+    kernels.attention(q, q, q)
+    assert calls == [], "the default never picks a research backend"
+    with kernels.use(attention="My_Attention"):  # names are case-insensitive, as the built-in ones
+        kernels.attention(q, q, q)
+    monkeypatch.setenv(kernels.ENV_VAR, "attention=my_attention")
+    kernels.attention(q, q, q)
+    monkeypatch.setenv(kernels.ENV_VAR, "my_attention")  # every op that has it
+    assert kernels.resolve("attention", q)[0] == "my_attention"
+    assert kernels.resolve("group_norm_silu", torch.randn(1, 4, 2, 2))[0] == "reference"
+    assert len(calls) == 2 and kernels.counts()[("attention", "my_attention")] == 2
+    assert "my_attention" in kernels.describe() and "my_attention" in kernels.all_backends()
+
+
+@pytest.mark.parametrize("name", ["my-attention", "1st", "a b", "sdpa-flash", "triton@graph", ""])
+def test_research_backend_names_are_checked(name):
+    with pytest.raises(ValueError, match=r"names are \[a-z\]"):
+        kernels.register("attention", name)
+
+
+def test_registering_twice_needs_replace(research):
+    research("attention", "twice", kernels.attention_reference)
+    with pytest.raises(ValueError, match="already has a 'twice' backend.*replace=True"):
+        kernels.register("attention", "twice")(kernels.attention_reference)
+    with pytest.raises(ValueError, match="already has a 'triton' backend"):
+        kernels.register("attention", "triton")(kernels.attention_reference)
+    kernels.register("attention", "twice", replace=True)(kernels.attention_reference)
+
+
+def test_unregister_refuses_built_ins_and_unknown_names(research):
+    with pytest.raises(ValueError, match="built-in"):
+        kernels.unregister("attention", "triton")
+    with pytest.raises(ValueError, match="has no 'nope' backend"):
+        kernels.unregister("attention", "nope")
+    research("attention", "gone", kernels.attention_reference)
+    kernels.unregister("attention", "gone")
+    with pytest.raises(ValueError, match="has no 'gone' backend; valid: reference"):
+        kernels.set_backend(attention="gone")
+    kernels.register("attention", "gone")(kernels.attention_reference)  # so the fixture's unregister finds it
+
+
+# ------------------------------------------------------------------ plugins
+def test_a_plugin_file_registers_once_and_reloads(plugin_file):
+    assert kernels.load_plugin(str(plugin_file)) == {"attention": ["plugin_attention"]}
+    assert kernels.load_plugin(str(plugin_file)) == {"attention": ["plugin_attention"]}  # imported once
+    testing.check(_case("attention", "d40-37x77"), "plugin_attention", "cpu")
+    plugin_file.write_text(plugin_file.read_text().replace("plugin_attention", "plugin_attention_v2"))
+    assert kernels.load_plugin(str(plugin_file), reload=True) == {"attention": ["plugin_attention_v2"]}
+    assert "plugin_attention" not in kernels.backends("attention")
+    kernels.unload_plugin(str(plugin_file))
+    assert "plugin_attention_v2" not in kernels.backends("attention")
+    assert "sdlab_plugin_plugin_kernels" not in kernels.registry._PLUGINS and "sdlab_plugin_plugin_kernels" not in sys.modules
+
+
+def test_plugin_errors_name_the_plugin(tmp_path):
+    with pytest.raises(FileNotFoundError, match="plugin .*nope.py: no such file"):
+        kernels.load_plugin(str(tmp_path / "nope.py"))
+    with pytest.raises(ModuleNotFoundError, match="plugin 'no_such_pkg.kernels': no module 'no_such_pkg'.*\\.py"):
+        kernels.load_plugin("no_such_pkg.kernels")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import kernels\nraise RuntimeError('half-written plugin')\n")
+    with pytest.raises(RuntimeError, match="half-written plugin"):
+        kernels.load_plugin(str(broken))
+    assert "sdlab_plugin_broken" not in sys.modules  # a fixed file can be loaded again
+
+
+def test_pytest_option_runs_the_plugins_backends_through_the_cases(plugin_file):
+    """``--sdlab-plugin`` adds the plugin's backend to this file's parametrisation."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "--sdlab-plugin", str(plugin_file), "-k", "plugin_attention and d40-37x77 and fp32",
+                          "-m", "not gpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]  # fwd, bwd
+
+
+def test_the_readme_example_plugin_passes_the_attention_cases(tmp_path):
+    """README's research-backend example, run as its docs say: every attention case, fwd and bwd."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- research-backend-example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "upcast_softmax.py"
+    path.write_text(block)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "--sdlab-plugin", str(path), "-k", "upcast_softmax", "-m", "not gpu"],
+                         capture_output=True, text=True, timeout=300)
+    n = len(testing.cases("attention")) + len(testing.cases("attention", backward=True))
+    assert out.returncode == 0 and f"{n} passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
