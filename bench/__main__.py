@@ -49,6 +49,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="torch device to benchmark on: cpu, cuda or cuda:<index> of a GPU torch sees "
                         "(default: cuda if available, else cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (my_kernels.attention) or a .py file that registers research backends "
+                        "with kernels.register, before anything else (repeatable): ops rows then time them "
+                        "next to the built-in ones, and pipelines take them as op=backend variants")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU only: torch.set_num_threads (default: torch's choice; 1 with --quick, "
                         "which keeps CPU timings stable on a shared machine)")
@@ -66,7 +70,8 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
                         "kernel launched through Triton's own dispatch every call (host cost side by side); "
                         "compile = torch.compile "
                         "of the reference; sdpa = torch's SDPA choice; sdpa-flash / sdpa-efficient / "
-                        "sdpa-cudnn / sdpa-math = SDPA pinned with torch.nn.attention.sdpa_kernel")
+                        "sdpa-cudnn / sdpa-math = SDPA pinned with torch.nn.attention.sdpa_kernel; any research "
+                        "backend a --plugin registered, by its name")
     g.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help=f"dtypes ({', '.join(common.DTYPES)}; default: fp16 bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--shapes", nargs="+", metavar="CASE",
@@ -124,7 +129,10 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="kernel settings to run (default: all of reference, triton, triton:<op> for each "
                         "op, and the UNet-step-only compile, diffusers-sdpa, reference@graph, triton@graph, "
-                        "triton-dispatch: all-triton with every launch through Triton's own dispatch)")
+                        "triton-dispatch: all-triton with every launch through Triton's own dispatch); also "
+                        "OP=BACKEND[+OP=BACKEND...]: those ops on those backends (e.g. a --plugin's), every "
+                        "other op on reference, e.g. attention=my_attention or "
+                        "attention=my_attention+group_norm_silu=triton")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +207,12 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         bad("preset", [args.preset], pipelines.preset_names())
     if getattr(args, "variants", None) is not None:
         args.variants = _split(parser, "variants", args.variants, pipelines.variant_names())
-        bad("variant", args.variants, pipelines.variant_names())
+        for v in args.variants:
+            try:
+                pipelines.pins(v.removesuffix(pipelines.GRAPH_SUFFIX))
+            except ValueError as e:
+                parser.error(str(e))
+        bad("variant", [v for v in args.variants if "=" not in v], pipelines.variant_names())
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     for name in ("steps", "repeats", "batch", "rounds"):
@@ -227,6 +240,22 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--out {args.out}: cannot write there: {why}")
 
 
+def _load_plugins(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict[str, list[str]]]:
+    """{spec: {op: [backends it registered]}}; a plugin that fails to import or registers nothing is
+    a usage error."""
+    import kernels
+
+    loaded = {}
+    for spec in specs:
+        try:
+            loaded[spec] = kernels.load_plugin(spec)
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            parser.error(str(e) if spec in str(e) else f"--plugin {spec}: {e}")
+        if not loaded[spec]:
+            parser.error(f"--plugin {spec}: it registered no backend (kernels.register(op, name))")
+    return loaded
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -237,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite is None:
         parser.print_help()
         return 0
+    args.plugins = _load_plugins(args.suite_parser, args.plugin)  # before _validate: their backends are valid names
     _validate(args.suite_parser, args)
     if getattr(args, "list_shapes", False):
         from . import ops
@@ -258,6 +288,7 @@ def run(args) -> int:
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     env = common.environment(device)
+    env["plugins"] = args.plugins  # {spec: {op: [backends]}}: research backends in these rows
     out_dir = args.out or common.default_out_dir(env, quick=args.quick)
     why = None if args.out is not None else common.unwritable(out_dir)  # an explicit --out: checked in _validate
     if why:

@@ -1,7 +1,9 @@
 """Pipeline benchmarks: each pipeline x kernel setting, and the UNet step on its own.
 
 Kernel settings ("variants"): ``reference`` (every op on its torch reference), ``triton`` (every op
-that has a Triton backend on it), ``triton:<op>`` (that op alone on Triton). The UNet step section
+that has a Triton backend on it), ``triton:<op>`` (that op alone on Triton), ``op=backend[+...]``
+(those ops on those backends, e.g. a research backend from ``--plugin``, the rest on reference;
+with ``@graph`` appended, UNet step only, replayed from a CUDA graph). The UNet step section
 adds baselines carrying the same weights: ``compile`` (torch.compile of the reference UNet),
 ``diffusers-sdpa`` (diffusers' UNet2DConditionModel with SDPA attention, converted with
 ``sdcore.convert.unet``), ``reference@graph`` / ``triton@graph`` (replayed from a CUDA graph) and
@@ -79,6 +81,27 @@ def variant_names() -> list[str]:
     return ["reference", "triton", *(f"triton:{op}" for op in KERNEL_OPS), *UNET_BASELINES]
 
 
+def pins(variant: str) -> dict[str, str] | None:
+    """{op: backend} of an ``op=backend[+op=backend...]`` variant (a research backend against the
+    rest on reference), or None for the named variants; a ValueError names a bad op or backend."""
+    if "=" not in variant:
+        return None
+    import kernels
+
+    out = {}
+    for item in variant.split("+"):
+        op, _, backend = (s.strip() for s in item.partition("="))
+        if not op or not backend:
+            raise ValueError(f"variant {variant!r}: expected op=backend items joined by '+', got {item!r}")
+        if op in out:
+            raise ValueError(f"variant {variant!r}: op {op!r} is named twice")
+        try:
+            out[op] = kernels.validate(op, backend)
+        except ValueError as e:
+            raise ValueError(f"variant {variant!r}: {e}") from None
+    return out
+
+
 @dataclass
 class Options:
     preset: str
@@ -147,6 +170,10 @@ def kernel_scope(variant: str, device: torch.device):
     ops = kernels.ops()
     if variant == "reference":
         return kernels.use(**{op: "reference" for op in ops}), "", []
+    pinned = pins(variant)
+    if pinned is not None:  # chosen explicitly, so a refused input skips the row (no fallback)
+        return (kernels.use(**{**{op: "reference" for op in ops}, **pinned}), "",
+                [op for op, b in pinned.items() if b == "triton"])
     if variant == "triton":
         want = [op for op in ops if "triton" in kernels.backends(op)]
         if not want:
@@ -449,7 +476,7 @@ def _result_parts(res):
 def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    variants = [v for v in opts.variants if v not in UNET_BASELINES]
+    variants = [v for v in opts.variants if v not in UNET_BASELINES and not v.endswith(GRAPH_SUFFIX)]
     rows: list[dict] = []
     bar = tqdm(total=len(opts.pipelines) * len(variants), desc="pipelines", disable=not progress, leave=False)
     # pipelines on the inpainting model last, so each model is built once
@@ -493,7 +520,7 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
         scope, note, triton_ops = kernel_scope(variant, device)
     except Skip as e:
         return skipped_row(env, str(e), backend=variant, **base)
-    if variant != "reference" and interpreting():
+    if triton_ops and interpreting():
         note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
     import kernels
 
@@ -662,7 +689,7 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
     if opts.interpreted_skip(v):
         raise Skip(opts.interpreted_skip(v))
     _, note, triton_ops = kernel_scope(v, device)  # raises Skip for an unknown op
-    if v != "reference" and interpreting():
+    if triton_ops and interpreting():
         note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
     return (lambda: kernel_scope(v, device)[0]), step, note, triton_ops
 

@@ -105,6 +105,7 @@ def job_from_args(args) -> dict:
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None, "preset": args.preset,
                       "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
             "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
+            "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugin],
             "inputs": {k: {"path": str(Path(v).resolve()), "sha256": sha256(_existing(k, Path(v)))}
                        for k, v in inputs.items()},
             "params": params}
@@ -139,6 +140,9 @@ def read_sidecar(path: Path) -> dict:
     if data["params"].get("seed") is None:
         raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     job = {k: data[k] for k in SIDECAR_KEYS}
+    job["plugins"] = data.get("plugins", [])  # sidecars before research backends have none
+    if not (isinstance(job["plugins"], list) and all(isinstance(p, str) for p in job["plugins"])):
+        raise ValueError(f"{path}: not a sidecar ('plugins' is not a list of module names and files)")
     if job["command"] == "inpaint" and job["params"].get("variant") != "repaint":
         # older sidecars record the CLI's jump defaults for every variant; only repaint used them
         job["params"] = {**job["params"], "jump_length": None, "jump_n_sample": None}
@@ -272,6 +276,9 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
     from .common import check_backends
 
     spec = job["kernels"]
+    for plugin in job["plugins"]:  # before the spec is read: it may name their backends
+        if not kernels.load_plugin(plugin):
+            warnings.warn(f"--plugin {plugin} registered no backend")
     job["model"]["device"] = resolve_device(job["model"]["device"])
     dtype = getattr(torch, parse_dtype(job["model"]["dtype"]))
     images = {}
@@ -309,7 +316,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
         image.save(out / f"{stem}.png")
         sidecar = {
             "image": f"{stem}.png", "batch_index": i, "command": job["command"], "model": job["model"],
-            "kernels": job["kernels"], "inputs": job["inputs"], "params": replay_params,
+            "kernels": job["kernels"], "plugins": job["plugins"], "inputs": job["inputs"], "params": replay_params,
             "result": {"params": result.params, "unet_calls": result.unet_calls},
             "kernel_backends": describe, "kernel_dispatches": dispatches, "versions": versions(),
             "reproduce": f"python -m pipelines replay {stem}.json --out DIR",
@@ -353,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"reference for inputs it cannot take, else reference. Ops and backends: {ops}. An "
                             "explicit attention=triton cannot run SD's VAE (one 512-wide head, over the kernel's "
                             "256). Default: $SDLAB_KERNELS, else every op's default")
+        g.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                       help="import a module or .py file that registers research backends (kernels.register) "
+                            "before the run, so --kernels can name them, e.g. --plugin my_attention.py --kernels "
+                            "attention=my_attention (repeatable; the sidecar records it for replay)")
         g = p.add_argument_group("generation")
         g.add_argument("--prompt", default="", help="text prompt (default empty)")
         g.add_argument("--negative-prompt", default=None,
@@ -449,7 +460,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             job = job_from_args(args)
             source = "--kernels" if args.kernels is not None else KERNELS_ENV
         written = run_job(job, out, progress=not args.no_progress, kernels_source=source)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
+    except (ValueError, ImportError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
         remove_if_empty(out, created)
         parser.exit(2, f"{parser.prog} {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
