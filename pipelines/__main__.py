@@ -106,6 +106,8 @@ def job_from_args(args) -> dict:
                       "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
             "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugin],
+            "plugin_sha256": {str(Path(p).resolve()): sha256(Path(p)) for p in args.plugin
+                              if p.endswith(".py") and Path(p).is_file()},
             "inputs": {k: {"path": str(Path(v).resolve()), "sha256": sha256(_existing(k, Path(v)))}
                        for k, v in inputs.items()},
             "params": params}
@@ -143,6 +145,7 @@ def read_sidecar(path: Path) -> dict:
     job["plugins"] = data.get("plugins", [])  # sidecars before research backends have none
     if not (isinstance(job["plugins"], list) and all(isinstance(p, str) for p in job["plugins"])):
         raise ValueError(f"{path}: not a sidecar ('plugins' is not a list of module names and files)")
+    job["plugin_sha256"] = data.get("plugin_sha256") or {}
     if job["command"] == "inpaint" and job["params"].get("variant") != "repaint":
         # older sidecars record the CLI's jump defaults for every variant; only repaint used them
         job["params"] = {**job["params"], "jump_length": None, "jump_n_sample": None}
@@ -277,6 +280,10 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
 
     spec = job["kernels"]
     for plugin in job["plugins"]:  # before the spec is read: it may name their backends
+        recorded = job.get("plugin_sha256", {}).get(plugin)
+        if recorded and Path(plugin).is_file() and sha256(Path(plugin)) != recorded:
+            warnings.warn(f"plugin {plugin} changed since the sidecar was written (sha256 differs): "
+                          "its backends may give other results")
         if not kernels.load_plugin(plugin):
             warnings.warn(f"--plugin {plugin} registered no backend")
     job["model"]["device"] = resolve_device(job["model"]["device"])
@@ -316,7 +323,8 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
         image.save(out / f"{stem}.png")
         sidecar = {
             "image": f"{stem}.png", "batch_index": i, "command": job["command"], "model": job["model"],
-            "kernels": job["kernels"], "plugins": job["plugins"], "inputs": job["inputs"], "params": replay_params,
+            "kernels": job["kernels"], "plugins": job["plugins"], "plugin_sha256": job.get("plugin_sha256", {}),
+            "inputs": job["inputs"], "params": replay_params,
             "result": {"params": result.params, "unet_calls": result.unet_calls},
             "kernel_backends": describe, "kernel_dispatches": dispatches, "versions": versions(),
             "reproduce": f"python -m pipelines replay {stem}.json --out DIR",

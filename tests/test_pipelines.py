@@ -438,6 +438,10 @@ def test_cli_plugin_backend_runs_and_replays(tmp_path, plugin_file, capsys):
     assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
     first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
     assert np.array_equal(first, second)
+    kernels.unload_plugin(str(plugin_file))
+    plugin_file.write_text(plugin_file.read_text() + "\n# edited\n")
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    assert "changed since the sidecar was written" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--kernels", "attention=plugin_x", "--out", str(tmp_path / "c")])
     assert "has no 'plugin_x' backend" in capsys.readouterr().err and not (tmp_path / "c").exists()
