@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -505,7 +506,7 @@ def describe(device: str | torch.device | None = None) -> str:
 def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     """Import ``spec``, a module name (``my_kernels.attention``) or a ``.py`` file, for the research
     backends it registers; returns {op: [backends]} that it registered (and are still registered).
-    It is imported once per module name or file path (a file as module ``sdlab_plugin_<stem>``):
+    It is imported once per module name or file path (a file as module ``sdlab_plugin_<stem>_<hash>``):
     naming it again returns the same backends and re-registers nothing; ``reload=True`` unloads it
     first (:func:`unload_plugin`) and imports it afresh, e.g. after editing the file."""
     name, path = _plugin_module(spec)
@@ -540,11 +541,8 @@ def _plugin_module(spec: str) -> tuple[str, Path | None]:
     path = Path(spec).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"plugin {spec}: no such file")
-    name = "sdlab_plugin_" + re.sub(r"\W", "_", path.stem)
-    loaded = sys.modules.get(name)
-    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() != path:
-        raise ValueError(f"plugin {spec}: module name {name} is taken by {loaded.__file__}; rename the file")
-    return name, path
+    # the path's hash keeps two plugins of one file name in different folders apart
+    return f"sdlab_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}", path
 
 
 def _import_plugin(spec: str, name: str, path: Path | None) -> None:

@@ -284,8 +284,8 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
         if recorded and Path(plugin).is_file() and sha256(Path(plugin)) != recorded:
             warnings.warn(f"plugin {plugin} changed since the sidecar was written (sha256 differs): "
                           "its backends may give other results")
-        if not kernels.load_plugin(plugin):
-            warnings.warn(f"--plugin {plugin} registered no backend")
+        if not kernels.load_plugin(plugin):  # as bench and pytest's --sdlab-plugin: an error, not a no-op
+            raise ValueError(f"--plugin {plugin}: it registered no backend (kernels.register(op, name))")
     job["model"]["device"] = resolve_device(job["model"]["device"])
     dtype = getattr(torch, parse_dtype(job["model"]["dtype"]))
     images = {}

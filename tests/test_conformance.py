@@ -199,7 +199,8 @@ def test_a_plugin_file_registers_once_and_reloads(plugin_file):
     assert "plugin_attention" not in kernels.backends("attention")
     kernels.unload_plugin(str(plugin_file))
     assert "plugin_attention_v2" not in kernels.backends("attention")
-    assert "sdlab_plugin_plugin_kernels" not in kernels.registry._PLUGINS and "sdlab_plugin_plugin_kernels" not in sys.modules
+    module, _ = kernels.registry._plugin_module(str(plugin_file))
+    assert module not in kernels.registry._PLUGINS and module not in sys.modules
 
 
 def test_plugin_errors_name_the_plugin(tmp_path):
@@ -211,7 +212,11 @@ def test_plugin_errors_name_the_plugin(tmp_path):
     broken.write_text("import kernels\nraise RuntimeError('half-written plugin')\n")
     with pytest.raises(RuntimeError, match="half-written plugin"):
         kernels.load_plugin(str(broken))
-    assert "sdlab_plugin_broken" not in sys.modules  # a fixed file can be loaded again
+    twin = tmp_path / "twin"  # the same file name in another folder is another plugin
+    twin.mkdir()
+    (twin / "broken.py").write_text("import kernels\n")
+    assert kernels.load_plugin(str(twin / "broken.py")) == {}
+    assert kernels.registry._plugin_module(str(broken))[0] not in sys.modules  # a fixed file can load again
 
 
 def test_pytest_option_runs_the_plugins_backends_through_the_cases(plugin_file):

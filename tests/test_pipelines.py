@@ -445,6 +445,11 @@ def test_cli_plugin_backend_runs_and_replays(tmp_path, plugin_file, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--kernels", "attention=plugin_x", "--out", str(tmp_path / "c")])
     assert "has no 'plugin_x' backend" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    empty = tmp_path / "empty_plugin.py"
+    empty.write_text("import kernels\n")
+    with pytest.raises(SystemExit):
+        main([*base[:-1], str(empty), "--out", str(tmp_path / "e")])
+    assert "it registered no backend" in capsys.readouterr().err
 
 
 def test_replay_takes_the_recorded_backends_not_the_environment(tmp_path, monkeypatch):
