@@ -76,6 +76,8 @@ CASES: dict[str, list[Case]] = {
         _attn("unet15.attn.cross1", 2, 8, 1024, 77, 80, "level-1 cross-attention"),
         _attn("unet15.attn.self2", 2, 8, 256, 256, 160, "level-2 self-attention, head dim 160"),
         _attn("unet15.attn.mid", 2, 8, 64, 64, 160, "mid block: 64 tokens, launch-bound"),
+        _attn("unet15@640.attn.self0", 2, 8, 6400, 6400, 40,
+              "SD 1.5 at 640 px: 80x80 latent, under LONG_KV (8192): places that cut"),
         _attn("unet15@768.attn.self0", 2, 8, 9216, 9216, 40, "SD 1.5 at 768 px: 96x96 latent"),
         _attn("sd21.attn.self0", 2, 5, 9216, 9216, 64, "SD 2.1 at 768 px: head dim 64, 5 heads"),
         _attn("sd21.attn.cross0", 2, 5, 9216, 77, 64, "SD 2.1 cross-attention (context 1024 -> 5x64)"),
