@@ -133,10 +133,11 @@ class _TensorFile:
         safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
         torch_kind = (None if safetensors else "zip" if head[:2] == b"PK" else "legacy pickle"
                       if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else None)
-        if torch_kind and path.suffix == ".safetensors":  # torch.load reads every *.safetensors path as safetensors
+        if torch_kind and path.suffix == ".safetensors":  # the name promises no pickle: do not unpickle it
             raise CheckpointError(f"{path}: looks like a torch checkpoint ({torch_kind} format, as torch.save "
-                                  "writes), not safetensors; torch.load reads every path ending in .safetensors "
-                                  "as safetensors, so rename it to .ckpt to load it")
+                                  "writes), not safetensors; a .safetensors name promises a file that runs no "
+                                  "code when loaded, and a torch checkpoint is a pickle, so it is not loaded "
+                                  "as one: rename it to .ckpt if you trust where it came from")
         if torch_kind or (not safetensors and path.suffix in (".ckpt", ".pt", ".pth", ".bin")):
             self._open_torch(mmap=torch_kind == "zip")  # only zip-format files can be memory-mapped
         else:
