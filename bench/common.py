@@ -306,6 +306,7 @@ ROW_KEYS = (
     "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",
     "peak_mem_mib", "peak_mem_kind", "latent_max_abs_diff", "psnr_db", "diff_vs",
     "scheduler_calls", "scheduler_ms_est", "scheduler_share",
+    "breakdown",  # UNet step with --breakdown: bench.breakdown.Breakdown.as_dict()
     # environment, copied into every row so rows can be concatenated across runs
     "device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date",
 )
@@ -506,6 +507,11 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                     + (f" Timed in {rounds} interleaved rounds, each visiting every variant once in a "
                        "rotated order: UNet ms/step is the median of a row's round medians." if rounds > 1 else ""),
                     "", markdown_table(sel, PIPELINE_COLUMNS), ""]
+            split = {r["backend"]: r["breakdown"] for r in sel if r.get("breakdown")}
+            if split:
+                from .breakdown import SECTION, render
+
+                out += [SECTION, "", render(split), ""]
     return "\n".join(out)
 
 

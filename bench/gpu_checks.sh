@@ -45,7 +45,8 @@ for stage in $stages; do
             > "$out/tune.log" 2>&1 ;;
     tune-bwd) "$py" -m bench tune --ops attention.backward --shapes 'unet15.attn.self0*' unet15.attn.self1 \
                 unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
-    unet) "$py" -m bench pipelines --preset sd15 --unet-only --no-progress --out "$out/unet" > "$out/unet.log" 2>&1 ;;
+    unet) "$py" -m bench pipelines --preset sd15 --unet-only --breakdown --no-progress --out "$out/unet" \
+            > "$out/unet.log" 2>&1 ;;
     pipelines) "$py" -m bench pipelines --preset sd15 --steps 20 --variants reference triton triton:group_norm_silu \
                  triton:attention triton:scheduler_step --no-progress --out "$out/pipelines" > "$out/pipelines.log" 2>&1 ;;
     repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --repeats 1 --pipelines repaint unet9 blend \

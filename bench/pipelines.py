@@ -117,6 +117,7 @@ class Options:
     quick: bool
     rounds: int = 1
     explicit_variants: bool = False
+    breakdown: bool = False
 
     @classmethod
     def from_args(cls, args, dtype: torch.dtype) -> "Options":
@@ -130,7 +131,8 @@ class Options:
                    steps=args.steps or (2 if quick else 50), batch=args.batch,
                    repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
                    unet_only=args.unet_only, variants=variants, quick=quick,
-                   rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None)
+                   rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None,
+                   breakdown=args.breakdown)
 
     def interpreted_skip(self, variant: str) -> str | None:
         """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
@@ -781,6 +783,10 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
             s["reps"] += timing.reps or 0
             bar.update()
     bar.close()
+    if opts.breakdown:
+        for v in tqdm([v for v in order if v not in done], desc="unet step breakdown", disable=not progress,
+                      leave=False):
+            _split_step(ready[v], v, device, runs=1 if opts.quick or (slow and v.startswith("triton")) else 3)
     rows: list[dict] = []
     ref_out = ready["reference"]["out"] if "reference" in ready and "reference" not in done else None
     for v in opts.variants:
@@ -797,13 +803,29 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
                        reps=s["reps"] or None, rounds=len(s["medians"]),
                        host_ms=statistics.median(s["hosts"]) if s["hosts"] else None,
                        unet_ms_per_step=median, unet_calls=1, peak_mem_mib=s["peak"],
-                       peak_mem_kind=s["peak_kind"], **base)
+                       peak_mem_kind=s["peak_kind"], breakdown=s.get("breakdown"), **base)
         if v != "reference" and ref_out is not None:
             row["latent_max_abs_diff"] = (s["out"] - ref_out).abs().max().item()
             row["diff_vs"] = "all-reference UNet output, same dtype"
         rows.append(row)
     add_speedups(rows, ("suite", "preset", "dtype"))
     return rows
+
+
+def _split_step(s: dict, v: str, device: torch.device, runs: int) -> None:
+    """--breakdown: one variant's step split per op by the profiler (bench.breakdown), into
+    ``s["breakdown"]``, or why not into its note. Run after the timing, so it times nothing."""
+    from .breakdown import op_breakdown
+
+    if v == "compile" or v.endswith(GRAPH_SUFFIX):
+        why = "a compiled graph" if v == "compile" else "one CUDA graph launch"
+        s["note"] = "; ".join(filter(None, [s["note"], f"no breakdown: the profiler sees {why}, not the ops"]))
+        return
+    try:
+        with torch.inference_mode(), s["scope"]():
+            s["breakdown"] = op_breakdown(s["fn"], device, runs=runs).as_dict()
+    except Exception as e:  # the timing stands; say why its split is missing
+        s["note"] = "; ".join(filter(None, [s["note"], f"no breakdown: {describe_exception(e)}"]))
 
 
 def cuda_graph(fn, device: torch.device, warmup: int = 3):

@@ -16,6 +16,7 @@ variants from a file, and :mod:`kernels.testing` for the equivalence cases every
 """
 from .registry import (
     ENV_VAR,
+    PROFILER_RANGE,
     Backend,
     BackendUnsupported,
     all_backends,
@@ -40,8 +41,8 @@ from .attention import attention, attention_reference
 from .scheduler_step import StepCoefficients, scheduler_step, scheduler_step_reference
 
 __all__ = [
-    "ENV_VAR", "Backend", "BackendUnsupported", "all_backends", "attention", "attention_reference", "backends",
-    "counts", "describe", "dispatch", "group_norm_silu", "group_norm_silu_reference",
+    "ENV_VAR", "PROFILER_RANGE", "Backend", "BackendUnsupported", "all_backends", "attention", "attention_reference",
+    "backends", "counts", "describe", "dispatch", "group_norm_silu", "group_norm_silu_reference",
     "implementation", "load_plugin", "ops", "register", "reset_counts", "resolve", "set_backend", "unload_plugin",
     "unregister", "use", "validate",
     "StepCoefficients", "scheduler_step", "scheduler_step_reference",

@@ -83,6 +83,7 @@ class _Impl:
     compile_dynamic: bool | None = False  # the reference's torch.compile(dynamic=...) for ``compile``
 
 
+PROFILER_RANGE = "sdlab.{op}[{backend}]"  # the torch.profiler range of one dispatched call
 _OPS: dict[str, dict[BackendName, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
 _WARNED: set[tuple[str, str]] = set()  # (op, reason with its numbers masked): see _reason_kind
@@ -436,11 +437,18 @@ def implementation(op: str, backend: BackendName) -> Callable:
 
 
 def dispatch(op: str, *args, **kwargs):
-    """Run ``op`` on the backend :func:`resolve` picks (a few microseconds of host time)."""
+    """Run ``op`` on the backend :func:`resolve` picks (a few microseconds of host time). Under
+    ``torch.profiler`` each eager call is a range named ``sdlab.<op>[<backend>]`` (PROFILER_RANGE),
+    which holds the kernels it launched: ``bench.breakdown`` reads them."""
     backend, _ = _resolve(op, args, kwargs, 4)  # _resolve < dispatch < kernels.<op> < the caller
-    if not torch.compiler.is_compiling():  # counts are of eager dispatches
-        _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
-    return implementation(op, backend)(*args, **kwargs)
+    fn = implementation(op, backend)
+    if torch.compiler.is_compiling():  # counts and ranges are of eager dispatches
+        return fn(*args, **kwargs)
+    _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
+    if torch.autograd._profiler_enabled():  # ~35 ns when off
+        with torch.profiler.record_function(PROFILER_RANGE.format(op=op, backend=str(backend))):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 @contextlib.contextmanager
