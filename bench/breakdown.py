@@ -11,16 +11,18 @@ Triton kernels it launched and the aten ops' kernels under it); on a CPU, the op
     b = op_breakdown(lambda: unet(x, t, ctx), torch.device("cuda"), runs=3)
     print(render({"triton": b}))
 
-The parts sum to the time the device was busy (the CPU ops' time), which is a step's time only when
-nothing waits for the host: in a host-bound eager step the gaps between kernels are in no part, and
-``wall_ms`` (the profiled call's own time, profiler overhead included) shows how large they are.
+The parts sum to the kernels' durations (the CPU ops' time), which is a step's time only when nothing
+waits for the host and no two kernels overlap (streams): in a host-bound eager step the gaps between
+kernels are in no part, and ``wall_ms`` (the profiled call's own time, profiler overhead included)
+shows how large they are. The ranges are function-scope events, as Inductor's around its Triton
+launches, so the profiler links a Triton kernel launched directly inside one to it; a kernel linked
+to no CPU event still counts, as ``unlinked kernels``.
 Calls the switch does not see are not ranges: a ``torch.compile``d graph (its fused kernels land in
 ``other``) or a CUDA graph replay (one launch).
 """
 from __future__ import annotations
 
 import re
-import string
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,9 +34,7 @@ import kernels
 
 from .common import synchronize
 
-# PROFILER_RANGE ("sdlab.{op}[{backend}]") as a pattern with named groups
-_RANGE = re.compile("".join(re.escape(text) + (f"(?P<{name}>[^][]+)" if name else "")
-                            for text, name, _, _ in string.Formatter().parse(kernels.PROFILER_RANGE)) + "$")
+_RANGE = re.compile(r"sdlab\.(?P<op>[^][]+)\[(?P<backend>[^][]+)\]$")  # kernels.PROFILER_RANGE
 
 # Time outside the switch's ranges: the outermost torch op above it that one of these prefixes names.
 TORCH_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -93,8 +93,9 @@ def attribute(events: Iterable, basis: str, runs: int = 1) -> Breakdown:
     out = Breakdown(basis=basis, runs=runs)
     device_us = linked_us = 0.0
     for e in events:
-        if e.device_type != DeviceType.CPU:  # a kernel itself: counted where it is linked
-            device_us += e.self_device_time_total if basis == "device" else 0.0
+        if e.device_type != DeviceType.CPU:  # a kernel itself, counted where it is linked; or a
+            if basis == "device" and not e.is_user_annotation:  # record_function's span on the GPU
+                device_us += e.self_device_time_total
             continue
         top, outer, torch_op, node = e, None, None, e
         while node is not None:  # the outermost wins: a switched op calling another is one op
@@ -115,7 +116,9 @@ def attribute(events: Iterable, basis: str, runs: int = 1) -> Breakdown:
         us = getattr(e, attr) or 0.0
         linked_us += us
         out.ms[part] = out.ms.get(part, 0.0) + us / 1e3 / runs
-        if e is outer and part != OTHER:  # "other" is many small things: no count worth reading
+        # "other" is many small things, no count worth reading; a switched op called by another
+        # (none is today) would count as part of its caller, not as a call of its own
+        if e is outer and part != OTHER:
             out.calls[part] = out.calls.get(part, 0.0) + 1 / runs
     if device_us - linked_us > 1e-6 * device_us:
         out.ms[UNLINKED] = (device_us - linked_us) / 1e3 / runs
@@ -139,6 +142,9 @@ def op_breakdown(fn: Callable[[], object], device: torch.device, *, runs: int = 
         synchronize(device)
         wall = (time.perf_counter() - start) * 1e3 / runs
     out = attribute(prof.events(), "device" if cuda else "cpu", runs)
+    if cuda and not out.total_ms:
+        raise RuntimeError("the profiler recorded no kernel time on the GPU (is CUPTI available to this "
+                           "process?); the split would be empty")
     out.wall_ms = wall
     return out
 

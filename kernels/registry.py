@@ -84,6 +84,11 @@ class _Impl:
 
 
 PROFILER_RANGE = "sdlab.{op}[{backend}]"  # the torch.profiler range of one dispatched call
+# A function-scope range, as Inductor opens around its Triton launches: the profiler links a kernel
+# to the innermost function-scope event open at its launch, so a Triton kernel launched with no aten
+# op between belongs to its range (record_function's user-scope ranges get kernels only as
+# device-side annotations, which no CPU event holds).
+_profiler_range = getattr(torch._C._profiler, "_RecordFunctionFast", None) or torch.profiler.record_function
 _OPS: dict[str, dict[BackendName, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
 _WARNED: set[tuple[str, str]] = set()  # (op, reason with its numbers masked): see _reason_kind
@@ -446,7 +451,7 @@ def dispatch(op: str, *args, **kwargs):
         return fn(*args, **kwargs)
     _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
     if torch.autograd._profiler_enabled():  # ~35 ns when off
-        with torch.profiler.record_function(PROFILER_RANGE.format(op=op, backend=str(backend))):
+        with _profiler_range(PROFILER_RANGE.format(op=op, backend=str(backend))):
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)
 

@@ -12,7 +12,8 @@ import kernels
 import sdcore
 from bench import pipelines as bench_pipelines
 from bench.__main__ import main
-from bench.breakdown import OTHER, SECTION, UNLINKED, attribute, op_breakdown, render
+from bench.breakdown import _RANGE, OTHER, SECTION, UNLINKED, attribute, op_breakdown, render
+from kernels import registry
 
 
 @dataclass(eq=False)
@@ -24,6 +25,7 @@ class Ev:
     dev: float = 0.0  # self device µs (kernels linked to this op)
     parent: "Ev | None" = None
     device_type: DeviceType = DeviceType.CPU
+    is_user_annotation: bool = False
     children: list = field(default_factory=list)
 
     @property
@@ -58,7 +60,8 @@ def _events():
       (the outermost range takes it all: one op, not two);
     - aten::linear over aten::addmm (one matmul call);
     - a user's range over aten::conv2d over the cudnn op (conv: the outermost categorised op);
-    - aten::add (other); and kernels, 2 µs of which are linked to no CPU op."""
+    - aten::add (other); and kernels, 2 µs of which are linked to no CPU op, and the GPU-side span
+      of a user's record_function range (gpu_user_annotation), which is no kernel."""
     roots = [
         Ev("sdlab.attention[triton]", cpu=10, dev=50).add(Ev("aten::empty", cpu=1)),
         Ev("sdlab.group_norm_silu[reference]", cpu=4).add(
@@ -70,7 +73,8 @@ def _events():
     ]
     events = list(_walk(*roots))
     kernels_ = [Ev("kernel", dev=d, device_type=DeviceType.CUDA) for d in (50, 30, 7, 40, 60, 3, 2)]
-    return events + kernels_
+    span = Ev("my_block", dev=60, device_type=DeviceType.CUDA, is_user_annotation=True)
+    return events + kernels_ + [span]
 
 
 def test_attribute_gives_each_event_to_its_outermost_op_on_the_device():
@@ -97,22 +101,29 @@ def test_attribute_refuses_an_unknown_basis():
         attribute([], "gpu")
 
 
+def test_range_pattern_reads_the_registrys_range_names():
+    m = _RANGE.match(kernels.PROFILER_RANGE.format(op="attention", backend="my_attention"))
+    assert m and m["op"] == "attention" and m["backend"] == "my_attention", _RANGE.pattern
+
+
 def test_dispatch_opens_a_range_only_under_the_profiler(monkeypatch):
     opened = []
-    real = torch.profiler.record_function
+    real = registry._profiler_range
 
     def spy(name, *a, **k):
         opened.append(name)
         return real(name, *a, **k)
 
-    monkeypatch.setattr(torch.profiler, "record_function", spy)
+    monkeypatch.setattr(registry, "_profiler_range", spy)
     x, w = torch.randn(1, 8, 3, 5), torch.ones(8)
     kernels.group_norm_silu(x, w, w, 4)
     assert opened == [], f"a range was opened with no profiler running: {opened}"
     with torch.profiler.profile() as prof, kernels.use(group_norm_silu="triton"):
         kernels.group_norm_silu(x, w, w, 4)
     assert opened == ["sdlab.group_norm_silu[triton]"], opened
-    assert any(e.name == "sdlab.group_norm_silu[triton]" for e in prof.events())
+    (rng,) = [e for e in prof.events() if e.name == "sdlab.group_norm_silu[triton]"]
+    # a function-scope event, which the profiler links kernels to (a user annotation gets none)
+    assert not rng.is_user_annotation, "the range is a record_function user annotation"
 
 
 @pytest.fixture(scope="module")
