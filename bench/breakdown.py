@@ -3,8 +3,8 @@
 Under ``torch.profiler`` every call dispatched through :mod:`kernels` is a range named
 ``sdlab.<op>[<backend>]`` (:data:`kernels.PROFILER_RANGE`). :func:`op_breakdown` profiles a callable
 and gives each event's self time to the outermost such range above it, or, outside every range, to
-a category of the torch op at the top of its stack (convolutions, matmuls, torch's own attention and
-norms, everything else). On a CUDA device the time is the kernels' device time (a range holds the
+the category of the outermost torch op above it that has one (convolutions, matmuls, torch's own
+attention and norms), else to ``other``. On a CUDA device the time is the kernels' device time (a range holds the
 Triton kernels it launched and the aten ops' kernels under it); on a CPU, the ops' self CPU time.
 
     from bench.breakdown import op_breakdown, render
@@ -113,7 +113,8 @@ def attribute(events: Iterable, basis: str, runs: int = 1) -> Breakdown:
         else:  # the outermost categorised torch op (aten::linear over aten::mm), else "other"
             outer = torch_op or top
             part = torch_category(outer.name)
-        us = getattr(e, attr) or 0.0
+        # a user's record_function range holds only its own GPU-side span, if anything: no kernel
+        us = 0.0 if basis == "device" and e.is_user_annotation else getattr(e, attr) or 0.0
         linked_us += us
         out.ms[part] = out.ms.get(part, 0.0) + us / 1e3 / runs
         # "other" is many small things, no count worth reading; a switched op called by another
