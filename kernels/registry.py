@@ -84,10 +84,10 @@ class _Impl:
 
 
 PROFILER_RANGE = "sdlab.{op}[{backend}]"  # the torch.profiler range of one dispatched call
-# A function-scope range, as Inductor opens around its Triton launches: the profiler links a kernel
-# to the innermost function-scope event open at its launch, so a Triton kernel launched with no aten
-# op between belongs to its range (record_function's user-scope ranges get kernels only as
-# device-side annotations, which no CPU event holds).
+# A function-scope range, as Inductor opens around its Triton launches: torch's profiler links a
+# kernel to the innermost function-scope event open at its launch (read in its source, not yet seen
+# on a GPU here), so a Triton kernel launched with no aten op between should belong to its range;
+# record_function's user-scope ranges get kernels only as device-side annotations.
 _profiler_range = getattr(torch._C._profiler, "_RecordFunctionFast", None) or torch.profiler.record_function
 _OPS: dict[str, dict[BackendName, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
