@@ -2,9 +2,11 @@
 
 Triton's pip wheel ships NVIDIA's ``ptxas`` and ``cuobjdump``, so the exact specialisation a call
 would launch on an H100 can be compiled on any machine: registers per thread, spilled bytes,
-shared memory, and the SASS instruction mix (e.g. whether tile loads became 16-byte ``LDGSTS``
-cp.async copies or 2-byte ``LDG`` loads). It catches what the interpreter cannot: a kernel that
-does not compile for sm_90, register spills, or lost vectorisation. Speed still needs a GPU.
+shared memory, the SASS instruction mix (e.g. whether tile loads became 16-byte ``LDGSTS``
+cp.async copies or 2-byte ``LDG`` loads), and the instructions of the innermost loop (per thread
+and tile; with the warps per SM, a bound on the issue rate). It catches what the interpreter
+cannot: a kernel that does not compile for sm_90, register spills, or lost vectorisation. Speed
+still needs a GPU.
 
     python -m bench.sm90                     # every kernel (forward and backward) at SD 1.5 shapes
 
@@ -39,6 +41,17 @@ class Compiled:
     num_stages: int
     sass: collections.Counter = field(repr=False)  # opcode (without modifiers) -> count
     global_loads: collections.Counter = field(repr=False)  # LDG / LDGSTS with modifiers, e.g. LDG.E.128
+    loops: tuple = field(default=(), repr=False)  # innermost loops' bodies: one Counter (opcode -> count) each
+
+    @property
+    def loop(self) -> collections.Counter:
+        """The longest innermost loop's body (opcode -> count), from its label to its back-branch:
+        per thread, the cost of one tile of a streaming kernel. Empty if the kernel has no loop."""
+        return max(self.loops, key=lambda body: sum(body.values()), default=collections.Counter())
+
+    @property
+    def loop_instructions(self) -> int:
+        return sum(self.loop.values())
 
     @property
     def ctas_per_sm(self) -> int:
@@ -59,9 +72,13 @@ class Compiled:
     def summary(self) -> str:
         ops = " ".join(f"{k}={self.sass.get(k, 0)}" for k in ("HGMMA", "LDGSTS", "LDG", "STG", "MUFU", "FFMA"))
         loads = " ".join(f"{k}={v}" for k, v in sorted(self.global_loads.items()))
+        loop = ""
+        if self.loops:
+            mix = " ".join(f"{k}={v}" for k, v in self.loop.most_common(6))
+            loop = f"; inner loop {self.loop_instructions} instructions ({mix})"
         return (f"{self.kernel}: {self.registers} regs, {self.spill_bytes} B spilled, {self.shared_bytes} B shared, "
                 f"{self.num_warps} warps, {self.num_stages} stages, {self.ctas_per_sm} programs/SM; {ops}; "
-                f"loads: {loads}")
+                f"loads: {loads}{loop}")
 
 
 def _toolchain():
@@ -129,6 +146,30 @@ def capture(module_name: str, *kernel_names: str):
             m.interpreting = saved_interp
 
 
+# get_sass lines: "<scheduling control, e.g. 02:-:1:Y:4>\t[@predicate ]OPCODE.MODIFIERS operands;"
+_INSTRUCTION = re.compile(r"^[^\t\n]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(.*);", re.M)
+_LABEL = re.compile(r"^\s*([.\w]+):\s*$")
+
+
+def inner_loops(sass: str) -> list[collections.Counter]:
+    """The innermost loops of a get_sass listing: for each branch back to an earlier label, with no
+    other such branch inside its span, the opcode counts of the instructions from the label to the
+    branch. Labels and instructions are read as Triton's ``get_sass`` prints them."""
+    ops, labels = [], {}
+    for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        ins = _INSTRUCTION.match(line)
+        if ins:
+            ops.append((ins.group(1).split(".")[0], ins.group(2).split()))
+    spans = [(labels[args[-1]], i) for i, (op, args) in enumerate(ops)
+             if op == "BRA" and args and args[-1] in labels and labels[args[-1]] < i]
+    inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [collections.Counter(op for op, _ in ops[a:b + 1]) for a, b in inner]
+
+
 def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -138,14 +179,14 @@ def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     sass = get_sass(kernel.asm["cubin"])
-    # get_sass lines: "<scheduling control>\t[@predicate ]OPCODE.MODIFIERS operands;"
-    full = re.findall(r"^[-0-9a-f:]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass, re.M)
+    full = [m.group(1) for m in _INSTRUCTION.finditer(sass)]
     if not full:
         raise RuntimeError("bench.sm90: no SASS instructions recognised; has get_sass changed its format?")
     md = kernel.metadata
     return Compiled(name, regs, stack, md.shared, md.num_warps, md.num_stages,
                     collections.Counter(op.split(".")[0] for op in full),
-                    collections.Counter(op for op in full if op.split(".")[0] in ("LDG", "LDGSTS")))
+                    collections.Counter(op for op in full if op.split(".")[0] in ("LDG", "LDGSTS")),
+                    tuple(inner_loops(sass)))
 
 
 def sd15_calls():
@@ -261,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in found:
             records.append(dict(case=label, kernel=c.kernel, registers=c.registers, spill_bytes=c.spill_bytes,
                                 shared_bytes=c.shared_bytes, ctas_per_sm=c.ctas_per_sm, narrow_loads=c.narrow_loads,
-                                global_loads=dict(c.global_loads), hgmma=c.sass.get("HGMMA", 0)))
+                                global_loads=dict(c.global_loads), hgmma=c.sass.get("HGMMA", 0),
+                                loop_instructions=c.loop_instructions,
+                                loop_mix=dict(c.loop)))
             if not as_json:
                 print(f"{label}: {c.summary()}")
     if as_json:

@@ -70,3 +70,39 @@ def test_group_norm_tile_loads_are_16_bytes(compiled):
         wide = sum(n for op, n in rec["global_loads"].items() if op.endswith(".128"))
         assert wide >= 1, f"{rec['kernel']}: no 16-byte loads: {rec['global_loads']}"
         assert rec["narrow_loads"] <= 8, f"{rec['kernel']}: {rec['global_loads']}"
+
+
+def test_attention_inner_loop_is_the_key_block_loop(compiled):
+    """The per-tile cost that README's arithmetic uses: the D 40 forward's innermost loop is the
+    key-block loop, with both wgmma matmuls and its 32 exp2 per thread (a 128 x 64 score tile over
+    8 warps) plus the 2 of the rescale factor."""
+    rec = next(r for r in compiled if r["case"] == "attention D40 self 4096" and r["kernel"] == "_attn_fwd_kernel")
+    mix = rec["loop_mix"]
+    assert rec["loop_instructions"] == sum(mix.values()) > 0, rec
+    assert mix.get("HGMMA", 0) >= 2 and mix.get("MUFU", 0) == 34, f"inner loop of {rec['case']}: {mix}"
+
+
+SASS = """\
+--:-:-:-:1\tIMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28];
+LBB0:
+--:-:-:Y:4\tFADD R2, R2, 1;
+LBB1:
+02:-:1:-:2\tMUFU.EX2 R3, R2;
+--:-:-:Y:1\t@!P0 BRA LBB1;
+--:-:-:-:1\tFMUL R4, R3, R3;
+--:-:-:-:5\t@P1 BRA LBB0;
+--:-:-:-:1\tBRA LBB2;
+LBB2:
+--:-:-:-:1\tEXIT;
+LBB3:
+--:-:-:Y:0\tBRA LBB3;
+"""
+
+
+def test_inner_loops_reads_only_innermost_back_branches():
+    """Offline, no compile: of two nested loops only the inner one (2 instructions, one of them on a
+    yield-flagged line); a forward branch and the trailing branch-to-itself are no loops."""
+    from bench.sm90 import inner_loops
+
+    loops = inner_loops(SASS)
+    assert loops == [{"MUFU": 1, "BRA": 1}], loops
