@@ -23,6 +23,7 @@ after stripping ``cond_stage_model.``:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -257,6 +258,10 @@ class TextEncoder(nn.Module):
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         clip_skip = cfg.clip_skip if clip_skip is None else clip_skip
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral):
+            raise TypeError(f"clip_skip must be an int (a layer count: 1 = last layer), got "
+                            f"{type(clip_skip).__name__} {clip_skip!r}")
+        clip_skip = int(clip_skip)
         if not 1 <= clip_skip <= cfg.layers:
             raise ValueError(f"clip_skip must be in [1, {cfg.layers}] (1 = last layer), got {clip_skip}")
         return clip_skip

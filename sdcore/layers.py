@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.registry import autocast_dtype
 
 
 class GroupNorm(nn.GroupNorm):
@@ -42,3 +43,17 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     split = lambda t: t.unflatten(-1, (heads, d)).transpose(1, 2)  # noqa: E731
     out = kernels.attention(split(q), split(k), split(v), causal=causal)
     return out.transpose(1, 2).reshape(b, lq, c)
+
+
+def takes_dtype(t: torch.Tensor, model_dtype: torch.dtype) -> bool:
+    """Whether a model with ``model_dtype`` weights takes ``t``: the same dtype, or, under
+    ``torch.autocast`` on t's device, autocast's dtype, which its convolutions and matmuls return
+    (latents encoded under autocast) and cast to anyway. Autocast leaves fp64 alone, so an fp64
+    model takes fp64 only."""
+    return t.dtype == model_dtype or (model_dtype != torch.float64 and t.dtype == autocast_dtype(t.device.type))
+
+
+def autocast_note(t: torch.Tensor) -> str:
+    """For an error message: " (or autocast's <dtype>)" when autocast is on for t's device."""
+    dt = autocast_dtype(t.device.type)
+    return f" (or autocast's {dt})" if dt is not None else ""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import GroupNorm, multi_head_attention
+from .layers import GroupNorm, autocast_note, multi_head_attention, takes_dtype
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -281,14 +281,16 @@ class UNetModel(nn.Module):
         b = x.shape[0]
         if b == 0:
             raise ValueError(f"UNet got an empty batch: x{tuple(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"UNet got an empty latent: x{tuple(x.shape)}")
         if context.dim() != 3 or context.shape[-1] != cfg.context_dim or context.shape[1] == 0:
             raise ValueError(f"UNet expects context of shape (B, L >= 1, {cfg.context_dim}), got {tuple(context.shape)}")
         if context.shape[0] != b:
             raise ValueError(f"batch mismatch: x has {b} samples, context {context.shape[0]}")
         dtype = self.out[-1].weight.dtype
-        if x.dtype != dtype or context.dtype != dtype:
+        if not (takes_dtype(x, dtype) and takes_dtype(context, dtype)):
             raise TypeError(f"UNet: x ({x.dtype}) and context ({context.dtype}) must have the model's dtype "
-                            f"{dtype}; convert them (or the model) first")
+                            f"{dtype}{autocast_note(x)}; convert them (or the model) first")
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(b)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .layers import GroupNorm, multi_head_attention
+from .layers import GroupNorm, autocast_note, multi_head_attention, takes_dtype
 
 # LDM places attention blocks (``attn_resolutions``) by the side length a level's feature maps
 # have for ``ddconfig.resolution``-sized inputs. That is 256 in every SD config; VAEConfig has no
@@ -192,15 +192,27 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std · eps, eps = torch.randn(generator=generator) in the mean's dtype.
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """mean + std · eps, eps = torch.randn(generator=generator) in the mean's dtype; a list of
+        generators draws sample i's eps from generator i.
 
         eps is drawn on the generator's device and moved to the mean's (as diffusers'
-        ``randn_tensor`` does), so a seeded generator gives diffusers' ``latent_dist.sample``.
+        ``randn_tensor`` does), so seeded generators give diffusers' ``latent_dist.sample``.
         """
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        shape, dtype = self.mean.shape, self.mean.dtype
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"DiagonalGaussian.sample: a list of generators needs one torch.Generator per "
+                                 f"sample ({shape[0]}), got {[type(g).__name__ for g in generator]}")
+            eps = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype)
+                             .to(self.mean.device) for g in generator])
+        elif generator is None or isinstance(generator, torch.Generator):
+            device = generator.device if generator is not None else self.mean.device
+            eps = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(self.mean.device)
+        else:
+            raise TypeError(f"DiagonalGaussian.sample: generator must be a torch.Generator, a list of them (one per "
+                            f"sample) or None, got {type(generator).__name__}")
+        return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -239,13 +251,16 @@ class AutoencoderKL(nn.Module):
     def _check(self, what: str, x: torch.Tensor, channels: int, multiple: int) -> None:
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"AutoencoderKL.{what}: expected (B, {channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"AutoencoderKL.{what}: empty {'image' if what == 'encode' else 'latent'}: "
+                             f"{tuple(x.shape)}")
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f"AutoencoderKL.{what}: H and W must be multiples of {multiple} "
                              f"(2^{len(self.cfg.ch_mult) - 1} downsamplings), got {tuple(x.shape[2:])}")
         dtype = self.quant_conv.weight.dtype
-        if x.dtype != dtype:
-            raise TypeError(f"AutoencoderKL.{what}: input dtype {x.dtype} != the model's {dtype}; "
-                            f"convert one of them (images as floats in [-1, 1])")
+        if not takes_dtype(x, dtype):
+            raise TypeError(f"AutoencoderKL.{what}: input dtype {x.dtype} != the model's {dtype}"
+                            f"{autocast_note(x)}; convert one of them (images as floats in [-1, 1])")
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """(B, in_channels, H, W) in [-1, 1] -> q(z|x) over (B, embed_dim, H/f, W/f) unscaled latents."""

@@ -239,6 +239,10 @@ def test_bad_inputs():
     for clip_skip in (0, cfg.layers + 1):
         with pytest.raises(ValueError, match="clip_skip"):
             model(ids, clip_skip=clip_skip)
+    for clip_skip in (1.5, 2.0, True):  # 1.5 matched no layer: encode returned hidden_states=None
+        for call in (model, model.encode):
+            with pytest.raises(TypeError, match=rf"clip_skip must be an int .*got \w+ {clip_skip!r}"):
+                call(ids, clip_skip=clip_skip)
     with pytest.raises(ValueError, match="kind"):
         TextEncoder(cfg.replace(kind="t5"))
     with pytest.raises(ValueError, match="activation"):

@@ -247,6 +247,29 @@ def test_input_errors():
         unet(x[:0], t[:0], context[:0])
     with pytest.raises(ValueError, match=r"L >= 1.*got \(2, 0, 32\)"):
         unet(x, t, context[:, :0])
+    with pytest.raises(ValueError, match=r"empty latent: x\(2, 4, 0, 16\)"):
+        unet(x[:, :, :0], t, context)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            TypeError, match=r"x \(torch.float16\).*torch.float32 \(or autocast's torch.bfloat16\)"):
+        unet(x.half(), t, context)
+
+
+@needs_diffusers
+def test_autocast_matches_diffusers():
+    """Under CPU bf16 autocast the UNet takes latents in autocast's dtype (as vae.encode returns them
+    there) with an fp32 context, as diffusers' does; both against the fp32 output, ours at most 2x
+    diffusers' error (+ 1e-2: bf16 keeps 8 bits)."""
+    cfg = _unet_cfg("tiny")
+    theirs = _diffusers_unet(cfg)
+    ours = _ours_from(theirs, cfg)
+    x, t, context = _inputs(cfg, 2, 8, 8, 7)
+    with torch.no_grad():
+        want = theirs(x, t, encoder_hidden_states=context).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(x.bfloat16(), t, context)
+            torch_out = theirs(x.bfloat16(), t, encoder_hidden_states=context).sample
+    assert got.dtype == torch_out.dtype, (got.dtype, torch_out.dtype)
+    assert_within_torch_error(got, torch_out, want, atol=1e-2, name="tiny UNet under bf16 autocast")
 
 
 def test_channel_mult_must_start_with_1():

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 import kernels
-from kernels.testing import assert_close
+from kernels.testing import assert_close, assert_within_torch_error
 from sdcore.config import SDConfig, VAEConfig
 from sdcore.convert.vae import config_from_diffusers, config_to_diffusers, diffusers_to_ldm, ldm_to_diffusers
 from sdcore.vae import AutoencoderKL
@@ -77,6 +77,16 @@ def test_sample_matches_diffusers_and_reparameterisation():
     assert torch.equal(got, post.mean + post.std * eps), "sample() is not mean + std * randn(generator)"
     assert torch.equal(post.mode(), post.mean)
     assert not torch.equal(got, post.sample(torch.Generator().manual_seed(8))), "generator ignored"
+    # one generator per sample, as diffusers' randn_tensor takes them
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    got = post.sample(gens())
+    assert_close(got, ref.sample(gens()), rel=FP32_REL, name="sample with a list of generators vs diffusers")
+    assert torch.equal(got[1:], post.mean[1:] + post.std[1:] * torch.randn(
+        post.mean[1:].shape, generator=torch.Generator().manual_seed(4))), "sample 1 not drawn from generator 1"
+    with pytest.raises(ValueError, match=r"one torch.Generator per sample \(2\), got \['Generator'\]"):
+        post.sample(gens()[:1])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of them .* got int"):
+        post.sample(7)
 
 
 def test_logvar_clamped_like_diffusers():
@@ -257,11 +267,32 @@ def test_conversion_shape_error():
     ("encode", torch.zeros(1, 3, 32, 32, dtype=torch.float64), TypeError, "dtype"),
     ("decode", torch.zeros(1, 3, 4, 4), ValueError, r"\(B, 4, H, W\)"),
     ("decode", torch.zeros(1, 4, 4, 4, dtype=torch.float16), TypeError, "dtype"),
+    ("encode", torch.zeros(1, 3, 0, 32), ValueError, r"empty image: \(1, 3, 0, 32\)"),
+    ("decode", torch.zeros(1, 4, 4, 0), ValueError, r"empty latent: \(1, 4, 4, 0\)"),
 ])
 def test_input_errors(method, x, error, match):
     model = AutoencoderKL(TINY)
     with pytest.raises(error, match=match):
         getattr(model, method)(x)
+
+
+def test_autocast_matches_diffusers():
+    """Under CPU bf16 autocast, forward (encode, then decode of the bf16 latents encode returns
+    there) runs as diffusers' does; both against the fp32 output, ours at most 2x diffusers' error
+    (+ 1e-2: bf16 keeps 8 bits). Outside autocast a bf16 input stays an error (test_input_errors)."""
+    ours, theirs = _pair(TINY_ATTN)
+    images = _images((1, 3, 32, 32))
+    with torch.no_grad():
+        want = theirs(images).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, posterior = ours(images)
+            torch_out = theirs(images).sample
+        assert posterior.mean.dtype == torch.bfloat16, posterior.mean.dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+                TypeError, match=r"torch.float16 != the model's torch.float32 \(or autocast's torch.bfloat16\)"):
+            ours.decode(posterior.mean.half())
+    assert got.dtype == torch_out.dtype, (got.dtype, torch_out.dtype)
+    assert_within_torch_error(got, torch_out, want, atol=1e-2, name="tiny VAE forward under bf16 autocast")
 
 
 def _expected_dispatches(cfg: VAEConfig) -> tuple[int, int]:
