@@ -58,9 +58,18 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def check_strength(strength) -> float:
+def check_strength(strength, steps) -> float:
+    """strength in [0, 1]; above 0 it must leave at least one of ``steps`` to run (strength_start),
+    or the pipeline would quietly return the VAE round trip of the image (diffusers raises too)."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] (0 = keep the image, 1 = pure noise), got {strength!r}")
+    if strength > 0 and isinstance(steps, int) and steps >= 1 and strength_start(steps, strength) == steps:
+        least = math.ceil(1 / strength)
+        while strength_start(least, strength) == least:  # float rounding of least · strength
+            least += 1
+        raise ValueError(f"strength={strength} with steps={steps} runs no step (the last int(steps * strength) = 0 "
+                         f"timesteps run); use steps >= {least} at this strength, or strength=0 for the VAE round "
+                         "trip of the image")
     return float(strength)
 
 
@@ -392,9 +401,7 @@ def make_sampler(model, sampler: str | None, eta: float | None):
     check_choice("sampler", name, SAMPLERS)
     if eta is not None and name != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only (sampler is {name!r})")
-    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf):
-        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
-    overrides = {"eta": float(eta)} if eta is not None else {}
+    overrides = {"eta": eta} if eta is not None else {}  # the scheduler checks it
     sched = make_scheduler(name, model.config.scheduler, **overrides)
     return sched, name, (sched.options.get("eta") if name == "ddim" else None)
 

@@ -27,7 +27,7 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
     latents: the (B, 4, H/8, W/8) unit-variance noise added to the image latents, instead of drawing it.
     Other options as :func:`pipelines.txt2img`. Randomness order: VAE posterior sample, then noise.
     """
-    strength = check_strength(strength)
+    strength = check_strength(strength, steps)
     s = setup(model, prompt, pipeline="img2img", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
               latents=latents)

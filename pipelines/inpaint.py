@@ -95,7 +95,7 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     blend, or strength < 1), noise, masked-image posterior sample (unet9), then the sampler's.
     """
     _check_variant(model, variant, sampler)
-    strength = check_strength(strength)
+    strength = check_strength(strength, steps)
     if variant == "repaint":
         jump_length = check_int("jump_length", 10 if jump_length is None else jump_length, 1)
         jump_n_sample = check_int("jump_n_sample", 10 if jump_n_sample is None else jump_n_sample, 1)
@@ -120,6 +120,9 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     T = s.sched.config.num_train_timesteps
     if variant == "repaint":
         plan = repaint_plan(steps, jump_length, jump_n_sample, T, strength)
+        for op in plan:  # an error a step would raise (a DDIM eta too large for it) before any step runs
+            if isinstance(op, Step):
+                s.sched.check_levels(op.t, op.prev_t)
         first_t = plan[0].t if plan else None
         levels = steps - strength_start(steps, strength)
         if jump_n_sample > 1 and levels and not any(isinstance(op, Renoise) for op in plan):

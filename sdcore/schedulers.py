@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,6 +315,12 @@ class Scheduler:
     def _after_step(self, x0) -> None:
         pass
 
+    def check_levels(self, t, prev_t: int) -> None:
+        """Raise now the ValueError that ``step(..., t, ..., prev_t=prev_t)`` would raise, running
+        nothing: a caller stepping between its own levels (RePaint) checks its plan before sampling,
+        e.g. for a DDIM eta too large for one of its steps. ddpm / ddim, whose steps take any levels."""
+        self._coefficients(t, prev_t)
+
     def _coefficients(self, t, prev_t) -> tuple[StepCoefficients, bool, torch.Tensor | None]:
         raise NotImplementedError
 
@@ -357,6 +364,27 @@ class DDIMScheduler(Scheduler):
     name = "ddim"
     OPTIONS = {"eta": 0.0, "use_clipped_model_output": False}
 
+    def __init__(self, config: SchedulerConfig, **options):
+        super().__init__(config, **options)
+        eta = self.options["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta < math.inf:
+            raise ValueError(f"ddim: eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), "
+                             f"got {eta!r}")
+        self.options["eta"] = float(eta)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """As the base; then every step's coefficients, so that an eta too large for one of them
+        (eta > 1 can be) is refused before the first step runs, not in the middle of sampling. The
+        schedule set before stays in place then."""
+        before = {k: getattr(self, k, None) for k in ("timesteps", "_ts", "_index", "num_inference_steps")}
+        super().set_timesteps(num_inference_steps)
+        try:
+            for t in self._ts:
+                self.check_levels(t, None)
+        except ValueError:
+            self.__dict__.update(before)
+            raise
+
     def _coefficients(self, t, prev_t):
         t = int(t)
         c = self.config
@@ -372,10 +400,20 @@ class DDIMScheduler(Scheduler):
         if c.clip_sample and self.options["use_clipped_model_output"]:  # ε = (x - √ᾱ x0c)/√(1-ᾱ)
             pred.update(b_x=1.0, b_o=0.0, b_0=float(-sa), b_d=float(sb))
         eta = self.options["eta"]
-        std = F32(eta) * np.sqrt((bp / bt) * (F32(1) - a / ap))
+        unit = (bp / bt) * (F32(1) - a / ap)  # s² at η = 1
+        std = F32(eta) * np.sqrt(unit)
+        direction = F32(1) - ap - std**2  # the weight of ε, squared: 1 - ᾱ_{t'} - s²
+        if direction < 0:  # s² > 1 - ᾱ_{t'} at η = √((1 - ᾱ_t) / (1 - ᾱ_t/ᾱ_{t'})) >= 1, or rounding
+            eta_max = math.sqrt(float(bp) / float(unit))
+            if eta > eta_max * (1 + 1e-5):
+                raise ValueError(f"ddim: eta={eta} is too large for the step t={t} -> {prev_t}: the noise s "
+                                 f"exceeds sqrt(1 - alpha_bar_prev), leaving sqrt(1 - alpha_bar_prev - s^2) "
+                                 f"(the direction to x_t) no real value; this step takes eta <= {eta_max:.6g}, "
+                                 "and eta <= 1 suits every step")
+            direction = F32(0)  # rounding at η ≈ its bound: e.g. η = 1 on the cosine schedule's first step
         k = StepCoefficients(
             **pred, clip=c.clip_sample_range if c.clip_sample else None,
-            c0=float(np.sqrt(ap)), c2=float(np.sqrt(F32(1) - ap - std**2)),
+            c0=float(np.sqrt(ap)), c2=float(np.sqrt(direction)),
             sigma=float(std) if eta > 0 else 0.0)
         return k, eta > 0, None
 
@@ -398,6 +436,9 @@ class _SigmaScheduler(Scheduler):
         if prev_t is not None:
             raise ValueError(f"{self.name} walks its own sigma table; prev_t= is only for ddpm / ddim")
         return super().step(*args, **kwargs)
+
+    def check_levels(self, t, prev_t):
+        raise ValueError(f"{self.name} walks its own sigma table; steps between chosen levels are for ddpm / ddim")
 
     def _noise_coefficients(self, t) -> tuple[float, float]:  # t: one of self.timesteps
         return self._sigma_noise(self._step_index(t))
@@ -436,6 +477,11 @@ class EulerAncestralScheduler(_SigmaScheduler):
     def _sigma_noise(self, i):
         """x = z0 + σ_t ε (σ space: the sampler's x is not scaled by √ᾱ)."""
         return 1.0, float(self.sigmas[i])
+
+    def undo_step(self, *args, **kwargs):
+        raise ValueError(f"{self.name}: undo_step (RePaint's jump back) re-noises a variance-preserving sample, "
+                         f"x = √ᾱ z0 + √(1 - ᾱ) ε, and {self.name}'s is in σ space (x = z0 + σε); use ddpm or "
+                         "ddim, RePaint's samplers")
 
     def _coefficients(self, t, prev_t):
         i = self._step_index(t)

@@ -292,7 +292,7 @@ def test_generator_and_seed_recorded(tiny):
 def test_resize_rounds_down(tiny, image):
     r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=70, width=44, resize=True, cfg_scale=1.0)
     assert r.images[0].size == (40, 64) and tuple(r.latents.shape) == (1, 4, 8, 5)  # to multiples of 8
-    r = pipelines.img2img(tiny, image.resize((70, 70)), "a", steps=1, seed=0, resize=True, cfg_scale=1.0)
+    r = pipelines.img2img(tiny, image.resize((70, 70)), "a", strength=1.0, steps=1, seed=0, resize=True, cfg_scale=1.0)
     assert r.images[0].size == (64, 64)
 
 
@@ -321,7 +321,8 @@ def _errors(tiny, tiny9, image, mask):
         "txt2img with 9ch": (lambda: pipelines.txt2img(tiny9, "a", steps=1), "takes 9 channels"),
         "strength < 0": (lambda: pipelines.img2img(tiny, image, "a", strength=-0.1, steps=1), "strength must be"),
         "strength > 1": (lambda: i(strength=1.5), "strength must be"),
-        "image tensor in [-1, 1]": (lambda: pipelines.img2img(tiny, torch.rand(1, 3, 64, 64) * 2 - 1, "a", steps=1),
+        "image tensor in [-1, 1]": (lambda: pipelines.img2img(tiny, torch.rand(1, 3, 64, 64) * 2 - 1, "a",
+                                                              strength=1.0, steps=1),
                                     "pass (x + 1) / 2"),
         "unet9 on 4ch": (lambda: i(variant="unet9"), "needs the 9-channel"),
         "repaint on 9ch": (lambda: i(tiny9, variant="repaint"), "takes 9 channels: use variant='unet9'"),
@@ -335,10 +336,10 @@ def _errors(tiny, tiny9, image, mask):
         "mask above 1": (lambda: i(mask=torch.cat([torch.zeros(32, 64), torch.full((32, 64), 5.0)])),
                          "mask values must be in [0, 1] (1 = repaint), got min 0, max 5"),
         # channels-last tensors are named as such, not read as 3-pixel-wide images
-        "image HWC": (lambda: pipelines.img2img(tiny, torch.rand(64, 64, 3), "a", steps=1),
+        "image HWC": (lambda: pipelines.img2img(tiny, torch.rand(64, 64, 3), "a", strength=1.0, steps=1),
                       "image tensors must be (3, H, W) or (N, 3, H, W), channels first, float in [0, 1]; got shape "
                       "(64, 64, 3) (channels last, as numpy/PIL arrays: pass x.permute(2, 0, 1))"),
-        "image NHWC": (lambda: pipelines.img2img(tiny, torch.rand(2, 64, 64, 3), "a", steps=1),
+        "image NHWC": (lambda: pipelines.img2img(tiny, torch.rand(2, 64, 64, 3), "a", strength=1.0, steps=1),
                        "got shape (2, 64, 64, 3) (channels last, as numpy/PIL arrays: pass x.permute(0, 3, 1, 2))"),
         "inpaint image HWC": (lambda: pipelines.inpaint(tiny, torch.rand(64, 64, 3), mask, "a", steps=1),
                               "image tensors must be (3, H, W) or (N, 3, H, W)"),
@@ -354,13 +355,26 @@ def _errors(tiny, tiny9, image, mask):
                                    "variant='unet9' does not resample"),
         "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
         "mask nan": (lambda: i(mask=torch.full((1, 1, 64, 64), float("nan"))), "mask tensor has 4096 NaN or infinite"),
-        "image nan": (lambda: pipelines.img2img(tiny, torch.full((1, 3, 64, 64), float("nan")), "a", steps=1),
+        "image nan": (lambda: pipelines.img2img(tiny, torch.full((1, 3, 64, 64), float("nan")), "a", strength=1.0,
+                                                steps=1),
                       "image tensor has 12288 NaN or infinite values"),
         "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
         "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (1 = no guidance), "
                                                              "got nan"),
         "cfg_scale inf": (lambda: t(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         "eta nan": (lambda: t(eta=float("nan")), "eta must be a finite number >= 0"),
+        # above 1, DDIM's direction weight sqrt(1 - ᾱ' - s²) can have no real value: NaN images before
+        "eta too large": (lambda: t(eta=1.5, sampler="ddim", steps=50), "ddim: eta=1.5 is too large for the step"),
+        "eta too large, RePaint": (lambda: pipelines.inpaint(tiny, image, mask, "a", steps=50, sampler="ddim",
+                                                             eta=1.5, jump_n_sample=1),
+                                   "ddim: eta=1.5 is too large for the step"),
+        # int(steps * strength) = 0 ran no step and returned the VAE round trip, silently
+        "strength runs no step": (lambda: pipelines.img2img(tiny, image, "a", strength=0.2, steps=4),
+                                  "strength=0.2 with steps=4 runs no step (the last int(steps * strength) = 0 "
+                                  "timesteps run); use steps >= 5 at this strength"),
+        "blend strength runs no step": (lambda: i(variant="blend", strength=0.1), "use steps >= 10"),
+        "repaint strength runs no step": (lambda: pipelines.inpaint(tiny, image, mask, "a", strength=0.05, steps=10),
+                                          "strength=0.05 with steps=10 runs no step"),
         # SD's leading spacing with steps_offset=1 puts t = 1000 outside the 1000 training timesteps
         "1000 ddim steps": (lambda: t(steps=1000, sampler="ddim"), "ddim: steps=1000 with timestep_spacing='leading' "
                             "and steps_offset=1 gives timesteps outside [0, 1000): [1000] (num_train_timesteps=1000); "

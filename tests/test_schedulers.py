@@ -1,6 +1,8 @@
 """sdcore.schedulers against diffusers (the oracle): timesteps, every step, 50-step trajectories,
 add_noise, RePaint's timestep sequence, and the error messages. All fp32 on the CPU, reference
 backend of kernels.scheduler_step (the conftest default without CUDA)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -296,6 +298,44 @@ def test_cfg_inside_step_equals_combined_output():
     got = s.step(cond, t, x, model_output_uncond=uncond, guidance_scale=7.5).prev_sample
     want = s.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
     assert_close(got, want, rel=1e-6, name="CFG in step")
+
+
+def test_ddim_eta_checked_before_sampling():
+    """DDIM's direction weight sqrt(1 - ᾱ' - s²) is real for every step at eta <= 1 (s² <= 1 - ᾱ'
+    there), rounding aside; above 1 a step can leave it none, which used to give NaN images. Such an
+    eta is refused by set_timesteps, naming the step and its bound; eta = 1 on the cosine schedule's
+    one trailing step (ᾱ_999 ≈ 0, where the fp32 difference rounded below 0) now samples."""
+    cfg = SchedulerConfig()
+    for bad in (-0.5, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=rf"ddim: eta must be a finite number >= 0 .*got {re.escape(repr(bad))}"):
+            make_scheduler("ddim", cfg, eta=bad)
+    s = make_scheduler("ddim", cfg, eta=1.5)
+    with pytest.raises(ValueError, match=r"ddim: eta=1.5 is too large for the step t=\d+ -> \d+: .*this step "
+                                         r"takes eta <= 1\.\d+, and eta <= 1 suits every step"):
+        s.set_timesteps(50)
+    s = make_scheduler("ddim", cfg, eta=1.5)
+    with pytest.raises(ValueError, match=r"eta=1.5 is too large for the step t=41 -> 21"):
+        s.step(torch.zeros(SHAPE), 41, torch.zeros(SHAPE), prev_t=21)
+    s = make_scheduler("ddim", cfg, eta=1.05)  # the bound is per step: 55 steps take it, 50 do not
+    s.set_timesteps(55)
+    with pytest.raises(ValueError, match=r"eta=1.05 is too large for the step t=21 -> 1"):
+        s.set_timesteps(50)
+    assert (s.num_inference_steps, len(s.timesteps)) == (55, 55), "the 55-step schedule stays after the error"
+    s = make_scheduler("ddim", SchedulerConfig(beta_schedule="cosine", timestep_spacing="trailing",
+                                               set_alpha_to_one=False), eta=1)
+    assert s.options["eta"] == 1.0 and isinstance(s.options["eta"], float)
+    s.set_timesteps(1)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    out = s.step(torch.zeros(SHAPE), int(s.timesteps[0]), x, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out.prev_sample).all(), out.prev_sample
+
+
+def test_undo_step_refused_in_sigma_space():
+    """undo_step re-noises x = √ᾱ z0 + √(1-ᾱ) ε; Euler-a's x = z0 + σε would get the wrong scale."""
+    s = make_scheduler("euler_a", SchedulerConfig())
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"euler_a: undo_step .* σ space .* use ddpm or ddim"):
+        s.undo_step(torch.zeros(SHAPE), 401, 701)
 
 
 def test_errors_name_the_valid_values():
