@@ -658,10 +658,14 @@ def _forward(x, weight, bias, out, plan, y_dtype=None):
 
 class _GroupNormSiLU(torch.autograd.Function):
     """Triton forward (saves per-group mean, rstd) and Triton backward (dx, dweight, dbias); under
-    create_graph=True the backward is recomputed through the reference (kernels._autograd)."""
+    create_graph=True the backward is recomputed through the reference (kernels._autograd).
+
+    ``out`` comes first: when it is a view, autograd rebases the written tensor's history through
+    CopySlices, which takes the Function's first input to be the tensor written in place (last,
+    dx went to the base's history and x got none). Its old values do not reach y: gradient 0."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out, plan, eps, y_dtype):
+    def forward(ctx, out, x, weight, bias, plan, eps, y_dtype):
         if out is not None:
             ctx.mark_dirty(out)
         y, stats = _forward(x, weight, bias, out, plan, y_dtype)
@@ -675,8 +679,8 @@ class _GroupNormSiLU(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
             act = "silu" if ctx.plan.silu else None
             grads = reference_grads(lambda *xwb: group_norm_silu_reference(*xwb, ctx.plan.groups, ctx.eps, act),
-                                    (x, weight, bias), ctx.needs_input_grad[:3], dy)
-            return (*grads, None, None, None, None)
+                                    (x, weight, bias), ctx.needs_input_grad[1:4], dy)
+            return (_out_grad(ctx, dy), *grads, None, None, None)
         cfg, groups = ctx.plan.bwd_cfg, ctx.plan.groups
         n, c = x.shape[:2]
         h, w = _spatial_hw(x)
@@ -698,9 +702,14 @@ class _GroupNormSiLU(torch.autograd.Function):
         flags["CHUNKS_P2"] = next_power_of_2(cfg.chunks)
         tensors = (x, dy, dx, w_ptr, b_ptr, stats, part)
         _BWD_DX(grid, (ints, *flags.values()), tensors, (*tensors, *ints), flags)
-        dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None
+        dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+        return _out_grad(ctx, dy), dx, dweight, dbias, None, None, None
+
+
+def _out_grad(ctx, dy):
+    """The gradient of what ``out`` held before it was overwritten: none of it reaches y."""
+    return torch.zeros_like(dy) if ctx.needs_input_grad[0] else None
 
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
@@ -796,7 +805,7 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
     if grad:
-        return _GroupNormSiLU.apply(x, weight, bias, out, plan, eps, y_dtype)
+        return _GroupNormSiLU.apply(out, x, weight, bias, plan, eps, y_dtype)
     return _forward(x, weight, bias, out, plan, y_dtype)[0]  # no autograd overhead, no stats
 
 

@@ -136,6 +136,8 @@ def unregister(op: str, backend: BackendName) -> None:
     if b not in _impls(op):
         raise ValueError(f"op {op!r} has no {b!r} backend; valid: {', '.join(backends(op))}")
     del _OPS[op][b]
+    if not _OPS[op]:  # an op that research backends alone had (a plugin's own op) goes with the last
+        del _OPS[op]
     _registry_changed()
 
 
@@ -370,9 +372,13 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if t.dtype == dt else t.to(dt) for t, dt in zip(tensors, autocast_dtypes(*tensors)))
 
 
-def _default(op: str, device: torch.device | None) -> tuple[Backend, str]:
-    """Never a research backend: those run only when chosen."""
+def _default(op: str, device: torch.device | None) -> tuple[Backend | None, str]:
+    """Never a research backend: those run only when chosen. None for an op registered with
+    research backends alone (no reference to fall back to)."""
     impls = _impls(op)
+    if Backend.REFERENCE not in impls:
+        return None, (f"no default: {op!r} has no reference backend; choose one of {', '.join(backends(op))} "
+                      f"(kernels.use({op}=...), set_backend or SDLAB_KERNELS)")
     if Backend.TRITON not in impls:
         return Backend.REFERENCE, "default (no triton backend)"
     if device is None or device.type != "cuda":
@@ -402,6 +408,8 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
         return chosen, source
     x = _first_tensor(args, kwargs)
     backend, source = _default(op, None if x is None else x.device)
+    if backend is None:
+        raise ValueError(f"{op}: {source}")
     impl = impls[backend]
     reason = impl.check(*args, **kwargs) if impl.check else None
     if reason:
@@ -509,6 +517,7 @@ def describe(device: str | torch.device | None = None) -> str:
         chosen, source = _choice(op)
         if chosen is None:
             chosen, source = _default(op, device)
+            chosen = "none" if chosen is None else chosen
         lines.append(f"{op:16s} -> {str(chosen):9s} ({source}); backends: {', '.join(backends(op))}")
     from . import _launch  # (imports this module)
 
@@ -528,7 +537,18 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     if name not in _PLUGINS:
         before = {op: set(backends(op)) for op in ops()}
         imported_here = name not in sys.modules
-        _import_plugin(spec, name, path)
+        try:
+            _import_plugin(spec, name, path)
+        except BaseException:  # keep no half of a plugin: what it registered before failing goes too
+            for op in ops():
+                if op not in before:  # an op the plugin added, built-in backend names and all
+                    del _OPS[op]
+                    continue
+                for b in backends(op):
+                    if b not in before[op]:
+                        unregister(op, b)
+            _registry_changed()
+            raise
         added = {op: [b for b in backends(op) if b not in before.get(op, ())] for op in ops()}
         if not imported_here:  # imported before, elsewhere: its backends are the functions it defines
             added = {op: [str(b) for b, impl in _OPS[op].items() if impl.fn.__module__ == name] for op in ops()}
@@ -538,9 +558,12 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
 
 def unload_plugin(spec: str) -> None:
     """Unregister the backends ``spec`` registered and forget its module, so loading it again
-    imports it afresh. Nothing happens for a plugin that was never loaded."""
+    imports it afresh. Nothing happens for a plugin that was never loaded (its module, if imported
+    otherwise, stays)."""
     name, _ = _plugin_module(spec)
-    for op, names in _PLUGINS.pop(name, {}).items():
+    if name not in _PLUGINS:
+        return
+    for op, names in _PLUGINS.pop(name).items():
         for b in names:
             if op in _OPS and b in _OPS[op]:
                 unregister(op, b)

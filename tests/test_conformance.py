@@ -219,6 +219,39 @@ def test_plugin_errors_name_the_plugin(tmp_path):
     assert kernels.registry._plugin_module(str(broken))[0] not in sys.modules  # a fixed file can load again
 
 
+def test_a_plugin_that_fails_leaves_nothing_registered(tmp_path):
+    """A plugin that raises after registering: its backends (and an op of its own) go with it, so
+    the fixed file loads, with or without reload=True. unload_plugin of a module never loaded as
+    a plugin leaves sys.modules alone."""
+    path = tmp_path / "half.py"
+    body = ("import kernels\n"
+            "@kernels.register('attention', 'half_attention')\n"
+            "def a(q, k, v, scale=None, causal=False):\n    return kernels.attention_reference(q, k, v, scale, causal)\n"
+            "@kernels.register('half_op', 'half_only')\n"
+            "def b(x):\n    return x\n")
+    path.write_text(body + "raise RuntimeError('fails after registering')\n")
+    with pytest.raises(RuntimeError, match="fails after registering"):
+        kernels.load_plugin(str(path))
+    assert "half_attention" not in kernels.backends("attention") and "half_op" not in kernels.ops()
+    path.write_text(body)
+    try:
+        assert kernels.load_plugin(str(path), reload=True) == {"attention": ["half_attention"],
+                                                                "half_op": ["half_only"]}
+        # an op with research backends alone has no default: its calls say which to choose
+        with pytest.raises(ValueError, match=r"half_op: no default: 'half_op' has no reference backend; choose one "
+                                             r"of half_only"):
+            kernels.dispatch("half_op", torch.ones(2))
+        assert "half_op          -> none" in kernels.describe("cpu")
+        with kernels.use(half_op="half_only"):
+            assert torch.equal(kernels.dispatch("half_op", torch.ones(2)), torch.ones(2))
+    finally:
+        kernels.unload_plugin(str(path))
+    assert "half_op" not in kernels.ops(), "an op left without backends stays listed"
+    import json  # noqa: F401  (a module imported otherwise)
+    kernels.unload_plugin("json")
+    assert "json" in sys.modules, "unload_plugin dropped a module it never loaded"
+
+
 def test_pytest_option_runs_the_plugins_backends_through_the_cases(plugin_file):
     """``--sdlab-plugin`` adds the plugin's backend to this file's parametrisation."""
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,

@@ -373,6 +373,27 @@ def test_double_backward_matches_reference(device):
     assert_close(dws[0], dws[1].double(), rel=1e-5, name="d|dx|^2/dweight")
 
 
+def test_backward_into_a_view_out(device):
+    """out= a channel slice of a buffer with history (a concat target): autograd rebases the buffer
+    through CopySlices, which reads the Function's first input as the tensor written. x's gradient
+    (and weight's) must equal the reference's; the overwritten slice's old values get 0, the rest of
+    the buffer 1. With out= passed last, x got no gradient and the slice got dx."""
+    x, w, b = _leaves(*_inputs((2, 8, 3, 5), torch.float32, device))
+    z = torch.randn(2, 16, 3, 5, device=device, requires_grad=True)
+    buf = z * 1.0
+    y = group_norm_silu_triton(x, w, b, 4, out=buf[:, :8])
+    assert y.data_ptr() == buf.data_ptr()
+    (buf * torch.arange(1.0, 3.0, device=device).view(2, 1, 1, 1)).sum().backward()
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    (kernels.group_norm_silu_reference(xr, wr, br, 4) * torch.arange(1.0, 3.0, device=device).double().view(2, 1, 1, 1)
+     ).sum().backward()
+    assert x.grad is not None, "x got no gradient through a view out="
+    for name, got, want in (("dx", x.grad, xr.grad), ("dweight", w.grad, wr.grad), ("dbias", b.grad, br.grad)):
+        assert_close(got, want, rel=1e-5, name=f"{name} through out=buf[:, :8]")
+    assert torch.equal(z.grad[:, :8], torch.zeros_like(z.grad[:, :8])), "the overwritten slice's gradient is not 0"
+    assert torch.equal(z.grad[:, 8:], torch.arange(1.0, 3.0, device=device).view(2, 1, 1, 1).expand(2, 8, 3, 5))
+
+
 def test_invalid_inputs_raise():
     x = torch.randn(1, 30, 4, 4)
     with pytest.raises(ValueError, match=r"30.*groups=32"):
