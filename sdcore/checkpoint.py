@@ -207,11 +207,7 @@ class _ShardedFile:
 
     def __init__(self, index: Path):
         self.path = index
-        try:
-            raw = json.loads(index.read_text())
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{index}: not a readable JSON file: {e}") from e
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        weight_map = _json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(
                 isinstance(v, str) and v for v in weight_map.values()):
             raise CheckpointError(f"{index}: no weight_map of key -> shard file name")
@@ -244,22 +240,33 @@ class _ShardedFile:
         return f" (in {self._where[key].path.name})" if key in self._where else ""
 
 
+def _json_object(path: Path, what: str = "") -> dict:
+    """A JSON file's top-level object (a config, a shard index); else a CheckpointError naming it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object{' ' + what if what else ''}")
+    return raw
+
+
 def _weights_file(folder: Path, stem: str) -> _TensorFile | _ShardedFile:
-    """The component's weights: one file, else a shard index (diffusers' and transformers' names,
-    fp16 variant included)."""
-    names = [f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors"]
-    if stem == "model":  # transformers' name for .bin weights
-        names[1] = "pytorch_model.bin"
-    for name in names:
-        if (folder / name).is_file():
-            return _TensorFile(folder / name)
-    indexes = [n.replace(".fp16.safetensors", ".safetensors.index.fp16.json") if ".fp16." in n
-               else n + ".index.json" for n in names]
-    for name in indexes:
-        if (folder / name).is_file():
-            return _ShardedFile(folder / name)
-    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)}, and the sharded "
-                          f"{', '.join(indexes)})")
+    """The component's weights, as diffusers' and transformers' ``from_pretrained`` without a
+    variant look for them: one file, else a shard index (safetensors before .bin); only when neither
+    is there, the fp16 variant (diffusers' ``variant="fp16"`` names), so a folder holding both
+    loads the full-precision weights."""
+    bin_stem = "pytorch_model" if stem == "model" else stem  # transformers' name for .bin weights
+    full = [f"{stem}.safetensors", f"{bin_stem}.bin"]
+    full_idx = [f"{stem}.safetensors.index.json", f"{bin_stem}.bin.index.json"]
+    fp16 = [f"{stem}.fp16.safetensors", f"{bin_stem}.fp16.bin"]
+    fp16_idx = [f"{stem}.safetensors.index.fp16.json", f"{bin_stem}.bin.index.fp16.json"]
+    for names, kind in ((full, _TensorFile), (full_idx, _ShardedFile), (fp16, _TensorFile), (fp16_idx, _ShardedFile)):
+        for name in names:
+            if (folder / name).is_file():
+                return kind(folder / name)
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(full + fp16)}, and the sharded "
+                          f"{', '.join(full_idx + fp16_idx)})")
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -328,7 +335,7 @@ class DiffusersFolder:
             if not cfg_path.is_file():
                 raise CheckpointError(f"{path}: missing {sub}/config.json")
             try:
-                self.configs[comp] = _convert(conv).config_from_diffusers(json.loads(cfg_path.read_text()))
+                self.configs[comp] = _convert(conv).config_from_diffusers(_json_object(cfg_path))
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{cfg_path}: cannot read this config: {e}") from e
             self.files[comp] = _weights_file(path / sub, stem)
@@ -341,7 +348,7 @@ class DiffusersFolder:
             sched = sched.replace(prediction_type=prediction_type)
         unet, vae = self.configs["unet"], self.configs["vae"]
         cfg_path = self.path / "unet" / "config.json"
-        sample = json.loads(cfg_path.read_text()).get("sample_size", 64)
+        sample = _json_object(cfg_path).get("sample_size", 64)
         if isinstance(sample, list) and len(sample) == 2 and sample[0] == sample[1]:
             sample = sample[0]  # diffusers also takes (height, width); sdcore's image_size is square
         if isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0:
@@ -428,12 +435,7 @@ def scheduler_from_diffusers(path: Path) -> SchedulerConfig:
                       f"{default.num_train_timesteps} steps, {default.prediction_type} prediction, "
                       f"{default.timestep_spacing} spacing, sampler {default.sampler}", stacklevel=4)
         return default
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object of scheduler fields")
+    raw = _json_object(path, "of scheduler fields")
     cls = raw.get("_class_name")
     if not isinstance(cls, str) or cls not in _CLASS_DEFAULTS:
         warnings.warn(f"{path}: _class_name {cls!r} is not a scheduler class whose defaults sdcore knows "

@@ -90,11 +90,14 @@ def default_bpe_path() -> Path:
         "CLIPTokenizer.from_folder(path) (a diffusers `tokenizer/` folder: vocab.json + merges.txt).")
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(raw, dict):  # every tokenizer file sdcore reads is an object
+        raise ValueError(f"{path}: holds a JSON {type(raw).__name__}, not an object")
+    return raw
 
 
 def _read_pad_token(folder: Path) -> str | None:
@@ -287,6 +290,9 @@ class CLIPTokenizer:
             return cls(*args)
         except ValueError as e:
             raise ValueError(f"{folder}: {e}") from e
+        except Exception as e:  # the tokenizers library's own (a merges.txt cut short: a plain Exception)
+            raise ValueError(f"{folder}: cannot build a BPE tokenizer from its vocabulary and merges "
+                             f"(vocab.json and merges.txt, or tokenizer.json): {type(e).__name__}: {e}") from e
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (its
@@ -311,6 +317,9 @@ class CLIPTokenizer:
             added_json.write_text(json.dumps(beyond, indent=2, ensure_ascii=False), encoding="utf-8")
         else:
             added_json.unlink(missing_ok=True)  # a stale one would add tokens this tokenizer lacks
+        # a stale tokenizer.json (transformers 5 writes only that) would be read before these files,
+        # by transformers and for its added tokens by from_folder: another tokenizer than this one
+        (folder / "tokenizer.json").unlink(missing_ok=True)
 
     # --- use ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[str]:

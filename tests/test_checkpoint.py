@@ -752,6 +752,56 @@ def test_fp16_variant_weight_files_load(tiny, saved, tmp_path):
     assert_same_weights(dict(sdcore.load(d).state_dict()), dict(tiny.state_dict()))
 
 
+def test_full_precision_weights_win_over_the_fp16_variant(tiny, saved, tmp_path):
+    """A hub folder holding both: the fp32 shards load, not the lone fp16 file beside them (it won
+    before, rounding every weight quietly), as diffusers' from_pretrained without a variant picks;
+    an fp16 `.bin` variant alone loads too (diffusers' save_pretrained(variant="fp16",
+    safe_serialization=False))."""
+    d = tmp_path / "d"
+    shutil.copytree(saved["diffusers"], d)
+    unet = d / "unet"
+    sd = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    _shard(unet / "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+           ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"])
+    save_file({k: v.half() for k, v in sd.items()}, str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+    assert_same_weights(dict(sdcore.load(d).state_dict()), dict(tiny.state_dict()))
+
+    v = tmp_path / "v"
+    shutil.copytree(saved["diffusers"], v)
+    path = v / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(path)), v / "unet" / "diffusion_pytorch_model.fp16.bin")
+    path.unlink()
+    assert_same_weights(dict(sdcore.load(v).state_dict()), dict(tiny.state_dict()))
+
+
+def test_folder_files_that_are_not_what_they_claim_are_named(saved, tmp_path):
+    """A config.json holding a list, a tokenizer_config.json holding a list and a merges.txt whose
+    last line names a token the vocabulary lacks (as a cut download leaves): each error names the file (an AttributeError or the
+    tokenizers library's bare Exception before). Saving a tokenizer over a folder removes a
+    stale tokenizer.json, which transformers 5 reads first."""
+    from sdcore.tokenizer import CLIPTokenizer
+
+    for rel, text, match in (("unet/config.json", "[]", r"unet/config\.json: holds a JSON list, not an object"),
+                             ("tokenizer/tokenizer_config.json", "[]",
+                              r"tokenizer_config\.json: holds a JSON list, not an object")):
+        d = tmp_path / rel.split("/")[0]
+        shutil.copytree(saved["diffusers"], d)
+        (d / rel).write_text(text)
+        with pytest.raises((CheckpointError, ValueError), match=match):
+            sdcore.load(d)
+    tok = tmp_path / "tok"
+    shutil.copytree(saved["diffusers"] / "tokenizer", tok)
+    merges = (tok / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (tok / "merges.txt").write_text("\n".join(merges[:50] + [merges[50][:2] + "x< y"]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tok: cannot build a BPE tokenizer from its vocabulary and merges"):
+        CLIPTokenizer.from_folder(tok)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(saved["diffusers"] / "tokenizer", fresh)
+    (fresh / "tokenizer.json").write_text("{}")
+    CLIPTokenizer.from_folder(fresh).save(fresh)
+    assert not (fresh / "tokenizer.json").exists(), "a stale tokenizer.json survived the save"
+
+
 def test_read_error_names_the_file_and_key(saved):
     """A tensor that cannot be read (truncated file, I/O error) is named, with its file."""
     from safetensors import SafetensorError
