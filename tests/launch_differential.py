@@ -147,7 +147,7 @@ for shape, groups, dtype in [((2, 320, 32, 32), 32, torch.float16), ((1, 64, 7, 
     y, stats = gn._forward(x, w, bias, None, plan)
 
     class Ctx:
-        saved_tensors, needs_input_grad = (x, w, bias, stats), (True, True, True)
+        saved_tensors, needs_input_grad = (x, w, bias, stats), (False, True, True, True)  # (out, x, weight, bias)
 
     Ctx.plan, Ctx.eps = plan, 1e-5
     dy = rand(*shape, dtype=dtype)
