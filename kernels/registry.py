@@ -537,16 +537,12 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     if name not in _PLUGINS:
         before = {op: set(backends(op)) for op in ops()}
         imported_here = name not in sys.modules
+        registry = {op: dict(impls) for op, impls in _OPS.items()}
         try:
             _import_plugin(spec, name, path)
-        except BaseException:  # keep no half of a plugin: what it registered before failing goes too
-            for op in ops():
-                if op not in before:  # an op the plugin added, built-in backend names and all
-                    del _OPS[op]
-                    continue
-                for b in backends(op):
-                    if b not in before[op]:
-                        unregister(op, b)
+        except BaseException:  # keep no half of a plugin: the registry goes back to what it was
+            _OPS.clear()
+            _OPS.update(registry)
             _registry_changed()
             raise
         added = {op: [b for b in backends(op) if b not in before.get(op, ())] for op in ops()}

@@ -334,8 +334,9 @@ class DiffusersFolder:
             cfg_path = path / sub / "config.json"
             if not cfg_path.is_file():
                 raise CheckpointError(f"{path}: missing {sub}/config.json")
+            raw = _json_object(cfg_path)
             try:
-                self.configs[comp] = _convert(conv).config_from_diffusers(_json_object(cfg_path))
+                self.configs[comp] = _convert(conv).config_from_diffusers(raw)
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{cfg_path}: cannot read this config: {e}") from e
             self.files[comp] = _weights_file(path / sub, stem)

@@ -781,10 +781,10 @@ def test_folder_files_that_are_not_what_they_claim_are_named(saved, tmp_path):
     stale tokenizer.json, which transformers 5 reads first."""
     from sdcore.tokenizer import CLIPTokenizer
 
-    for rel, text, match in (("unet/config.json", "[]", r"unet/config\.json: holds a JSON list, not an object"),
+    for rel, text, match in (("unet/config.json", "[]", r"d/unet/config\.json: holds a JSON list, not an object$"),
                              ("tokenizer/tokenizer_config.json", "[]",
                               r"tokenizer_config\.json: holds a JSON list, not an object")):
-        d = tmp_path / rel.split("/")[0]
+        d = tmp_path / rel.split("/")[0] / "d"
         shutil.copytree(saved["diffusers"], d)
         (d / rel).write_text(text)
         with pytest.raises((CheckpointError, ValueError), match=match):
