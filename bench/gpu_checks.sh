@@ -4,7 +4,12 @@
 # bench/results/. Each stage writes under OUTDIR and a failing stage does not stop the next.
 #
 #   bash bench/gpu_checks.sh OUTDIR                    # all stages
-#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: tests ops tune unet pipelines repaint250 tune-bwd split
+#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: gluon tests ops tune unet pipelines repaint250 tune-bwd split
+#
+# `gluon` runs first: the Gluon sm_90 attention research backend (kernels/attention_sm90.py), never
+# yet run on a GPU, gets its `gpu` tests in a process of its own (a fault there poisons the CUDA
+# context, so the `tests` stage leaves that file out), then, if they pass, its op timings next to
+# the Triton kernel and every SDPA backend at the attention shapes SD 1.5 and 2.1 call.
 #
 # `split` (not in the default list) tries the 40 = 32 + 16 attention head split, which crashed an
 # H100 with Triton 3.6 before the alignment hint; a crash poisons the CUDA context, so it runs in
@@ -23,10 +28,10 @@
 # PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copied tree (its
 # .git absent or stale) names its commit for the results in SDLAB_GIT_COMMIT (git rev-parse HEAD here).
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [gluon|tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
 shift
 py=${PYTHON:-python}
-stages=${*:-tests ops tune unet pipelines repaint250 tune-bwd}
+stages=${*:-gluon tests ops tune unet pipelines repaint250 tune-bwd}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 "$py" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
@@ -36,7 +41,12 @@ status=0
 for stage in $stages; do
   echo "== $stage"
   case $stage in
-    tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
+    gluon) "$py" -m pytest -q -m gpu tests/test_attention_sm90.py -p no:cacheprovider 2>&1 | tee "$out/gluon-tests.log" \
+             && "$py" -m bench ops --ops attention --plugin kernels.attention_sm90 --shapes unet15.attn \
+                  unet15@768.attn.self0 sd21 --backends reference triton sdpa-flash sdpa-cudnn sdpa-efficient gluon_sm90 \
+                  --no-progress --out "$out/ops-gluon" > "$out/ops-gluon.log" 2>&1 ;;
+    tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" --ignore tests/test_attention_sm90.py -p no:cacheprovider \
+             2>&1 | tee "$out/gpu-tests.log" ;;
     split) "$py" -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \
              && "$py" -m bench tune --ops attention --shapes 'unet15.attn.self0*' unet15.attn.cross0 --masked-tail \
                   --no-progress --out "$out/tune-split" > "$out/tune-split.log" 2>&1 ;;
@@ -51,7 +61,7 @@ for stage in $stages; do
                  triton:attention triton:scheduler_step --no-progress --out "$out/pipelines" > "$out/pipelines.log" 2>&1 ;;
     repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --repeats 1 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
-    *) echo "unknown stage '$stage'; stages: tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage'; stages: gluon tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
   esac
   rc=$?
   echo "== $stage: exit $rc"

@@ -10,6 +10,9 @@ still needs a GPU.
 
     python -m bench.sm90                     # every kernel (forward and backward) at SD 1.5 shapes
 
+The research backend kernels/attention_sm90.py (Gluon) is compiled too: it cannot run under the
+interpreter, so this is the one place a machine without a GPU checks it.
+
 Uses Triton internals (the JIT binder, ``ASTSource``); written against Triton 3.9, it raises
 :class:`Unavailable` where they differ.
 """
@@ -42,6 +45,7 @@ class Compiled:
     sass: collections.Counter = field(repr=False)  # opcode (without modifiers) -> count
     global_loads: collections.Counter = field(repr=False)  # LDG / LDGSTS with modifiers, e.g. LDG.E.128
     loops: tuple = field(default=(), repr=False)  # innermost loops' bodies: one Counter (opcode -> count) each
+    loop_mufu_in_flight: int = 0  # the longest inner loop's MUFU issued under an in-flight wgmma (mufu_in_flight)
 
     @property
     def loop(self) -> collections.Counter:
@@ -75,7 +79,8 @@ class Compiled:
         loop = ""
         if self.loops:
             mix = " ".join(f"{k}={v}" for k, v in self.loop.most_common(6))
-            loop = f"; inner loop {self.loop_instructions} instructions ({mix})"
+            loop = (f"; inner loop {self.loop_instructions} instructions ({mix}), "
+                    f"{self.loop_mufu_in_flight} MUFU under an in-flight wgmma")
         return (f"{self.kernel}: {self.registers} regs, {self.spill_bytes} B spilled, {self.shared_bytes} B shared, "
                 f"{self.num_warps} warps, {self.num_stages} stages, {self.ctas_per_sm} programs/SM; {ops}; "
                 f"loads: {loads}{loop}")
@@ -126,7 +131,10 @@ def capture(module_name: str, *kernel_names: str):
                     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
                 except (AttributeError, TypeError) as e:
                     raise Unavailable(f"Triton's JIT internals differ from 3.9's: {e}") from None
-                k = compile_(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+                source = ASTSource
+                if getattr(fn, "is_gluon", lambda: False)():  # a @gluon.jit kernel builds its IR its own way
+                    from triton.experimental.gluon._runtime import GluonASTSource as source
+                k = compile_(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
                 found.append(_inspect(fn.__name__, k, get_sass, bin_dir))
             return launch
 
@@ -151,10 +159,10 @@ _INSTRUCTION = re.compile(r"^[^\t\n]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-
 _LABEL = re.compile(r"^\s*([.\w]+):\s*$")
 
 
-def inner_loops(sass: str) -> list[collections.Counter]:
-    """The innermost loops of a get_sass listing: for each branch back to an earlier label, with no
-    other such branch inside its span, the opcode counts of the instructions from the label to the
-    branch. Labels and instructions are read as Triton's ``get_sass`` prints them."""
+def _inner_bodies(sass: str) -> list[list[tuple[str, list[str]]]]:
+    """The innermost loops of a get_sass listing, each as its (opcode with modifiers, operands) in
+    order: for each branch back to an earlier label, with no other such branch inside its span, the
+    instructions from the label to the branch. Forward branches inside (an if) stay in the body."""
     ops, labels = [], {}
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -163,11 +171,32 @@ def inner_loops(sass: str) -> list[collections.Counter]:
             continue
         ins = _INSTRUCTION.match(line)
         if ins:
-            ops.append((ins.group(1).split(".")[0], ins.group(2).split()))
+            ops.append((ins.group(1), ins.group(2).split()))
     spans = [(labels[args[-1]], i) for i, (op, args) in enumerate(ops)
-             if op == "BRA" and args and args[-1] in labels and labels[args[-1]] < i]
+             if op.split(".")[0] == "BRA" and args and args[-1] in labels and labels[args[-1]] < i]
     inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
-    return [collections.Counter(op for op, _ in ops[a:b + 1]) for a, b in inner]
+    return [ops[a:b + 1] for a, b in inner]
+
+
+def inner_loops(sass: str) -> list[collections.Counter]:
+    """The innermost loops' bodies (see _inner_bodies) as opcode (without modifiers) counts."""
+    return [collections.Counter(op.split(".")[0] for op, _ in body) for body in _inner_bodies(sass)]
+
+
+def mufu_in_flight(body: list[tuple[str, list[str]]]) -> int:
+    """``MUFU`` instructions (exp2 and friends) issued while a wgmma group is in flight: after an
+    ``HGMMA`` and before the ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` that waits for every group. This is
+    the softmax work a warpgroup overlaps with its own matmuls (FlashAttention-3's intra-warpgroup
+    overlap); 0 where each matmul is waited for before the exponentials."""
+    count, in_flight = 0, False
+    for op, args in body:
+        if op.startswith("HGMMA"):
+            in_flight = True
+        elif op.startswith("WARPGROUP.DEPBAR") and args and args[-1].rstrip(",;") in ("0x0", "0"):
+            in_flight = False
+        elif op.startswith("MUFU") and in_flight:
+            count += 1
+    return count
 
 
 def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
@@ -180,13 +209,16 @@ def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     sass = get_sass(kernel.asm["cubin"])
     full = [m.group(1) for m in _INSTRUCTION.finditer(sass)]
+    bodies = _inner_bodies(sass)
+    longest = max(bodies, key=len, default=[])
     if not full:
         raise RuntimeError("bench.sm90: no SASS instructions recognised; has get_sass changed its format?")
     md = kernel.metadata
     return Compiled(name, regs, stack, md.shared, md.num_warps, md.num_stages,
                     collections.Counter(op.split(".")[0] for op in full),
                     collections.Counter(op for op in full if op.split(".")[0] in ("LDG", "LDGSTS")),
-                    tuple(inner_loops(sass)))
+                    tuple(collections.Counter(op.split(".")[0] for op, _ in body) for body in bodies),
+                    mufu_in_flight(longest))
 
 
 def sd15_calls():
@@ -248,6 +280,16 @@ def sd15_calls():
         st.scheduler_step_triton(x, x, coeffs, model_output_uncond=x, guidance_scale=7.5, noise=x, mask=mask,
                                  known=x, return_x0=True)
 
+    def gluon(b, h, lq, lkv, d, dtype=torch.float16):
+        def call():  # the research backend's launch, past its check (which asks for a CUDA device)
+            g = importlib.import_module("kernels.attention_sm90")
+            if g.IMPORT_ERROR:
+                raise Unavailable(g.IMPORT_ERROR)
+            q = torch.empty(b, lq, h, d, dtype=dtype).transpose(1, 2)
+            k = torch.empty(b, lkv, h, d, dtype=dtype).transpose(1, 2)
+            g._forward(q, k, k, store_lse=False)
+        return call
+
     gn_kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel")
     attn_kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     gn_bwd_kernels = (*gn_kernels, "_bwd_reduce_kernel", "_bwd_dx_kernel")
@@ -276,6 +318,10 @@ def sd15_calls():
         ("attention D160 backward 256", "kernels.attention", attn_kernels, attn_bwd(2, 8, 256, 256, 160)),
         ("group_norm_silu backward (2,320,64,64)", "kernels.group_norm_silu", gn_bwd_kernels, gn_bwd((2, 320, 64, 64))),
         ("scheduler_step CFG+DDIM+RePaint (2,4,64,64)", "kernels.scheduler_step", ("_scheduler_step_kernel",), step),
+        ("attention D40 self 4096, gluon_sm90", "kernels.attention_sm90", ("_attn_fwd_sm90_kernel",),
+         gluon(2, 8, 4096, 4096, 40)),
+        ("attention D40 cross 77, gluon_sm90", "kernels.attention_sm90", ("_attn_fwd_sm90_kernel",),
+         gluon(2, 8, 4096, 77, 40)),
     ]
 
 
@@ -304,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                                 shared_bytes=c.shared_bytes, ctas_per_sm=c.ctas_per_sm, narrow_loads=c.narrow_loads,
                                 global_loads=dict(c.global_loads), hgmma=c.sass.get("HGMMA", 0),
                                 loop_instructions=c.loop_instructions,
-                                loop_mix=dict(c.loop)))
+                                loop_mix=dict(c.loop), loop_mufu_in_flight=c.loop_mufu_in_flight))
             if not as_json:
                 print(f"{label}: {c.summary()}")
     if as_json:

@@ -28,13 +28,14 @@ KERNELS = {  # every @triton.jit kernel of kernels/, each compiled at least once
     "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
     "_fused_kernel", "_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel",
     "_scheduler_step_kernel",
+    "_attn_fwd_sm90_kernel",  # the Gluon research backend (kernels/attention_sm90.py)
 }
 
 
 def test_every_kernel_compiles_without_spills(compiled):
     kernels = {rec["kernel"] for rec in compiled}
     assert kernels == KERNELS, f"kernels compiled {sorted(kernels)}, expected {sorted(KERNELS)}"
-    assert len({rec["case"] for rec in compiled}) == 19, sorted({rec["case"] for rec in compiled})
+    assert len({rec["case"] for rec in compiled}) == 21, sorted({rec["case"] for rec in compiled})
     for rec in compiled:
         assert rec["spill_bytes"] == 0, f"{rec['case']} {rec['kernel']}: {rec['spill_bytes']} bytes spilled: {rec}"
         assert rec["registers"] <= 255, rec
@@ -45,7 +46,7 @@ def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
     """16-bit inputs run on tensor cores. Forward: every global load 16 bytes wide, in the UNet's
     (B, L, H, D) layout and in a contiguous (B, H, L, D) one (row stride 40), fp32 too. Backward: 16-byte tile loads too; only the fp32
     lse / delta vectors may load narrower, and no load is a 2-byte scalar (an unvectorised tile)."""
-    attn = [rec for rec in compiled if rec["kernel"].startswith("_attn_")]
+    attn = [rec for rec in compiled if rec["kernel"].startswith("_attn_") and "gluon" not in rec["case"]]
     # 9 forward cases, 5 backward ones of 3 kernels each
     assert len(attn) == 9 + 5 * 3, [(rec["case"], rec["kernel"]) for rec in attn]
     for rec in attn:
@@ -80,6 +81,47 @@ def test_attention_inner_loop_is_the_key_block_loop(compiled):
     mix = rec["loop_mix"]
     assert rec["loop_instructions"] == sum(mix.values()) > 0, rec
     assert mix.get("HGMMA", 0) >= 2 and mix.get("MUFU", 0) == 34, f"inner loop of {rec['case']}: {mix}"
+
+
+def test_gluon_sm90_overlaps_the_softmax_with_its_own_matmul(compiled):
+    """The research kernel's reason to exist, checked in its sm_90 SASS: every exp2 of the key-block
+    loop (32 per thread, plus the 2 of the rescale factor) issues while the P V wgmma is in flight,
+    where the Triton kernel waits for each wgmma before its softmax (0). Also: two programs per SM
+    (two warpgroups each), no spills, every tile load a 16-byte cp.async."""
+    recs = {r["case"]: r for r in compiled if r["kernel"] == "_attn_fwd_sm90_kernel"}
+    assert set(recs) == {"attention D40 self 4096, gluon_sm90", "attention D40 cross 77, gluon_sm90"}, recs
+    for case, rec in recs.items():
+        assert rec["loop_mufu_in_flight"] == rec["loop_mix"].get("MUFU") == 34, f"{case}: {rec}"
+        assert rec["loop_mix"].get("HGMMA", 0) == 8, f"{case}: QK and PV, 4 k-steps each: {rec['loop_mix']}"
+        assert rec["ctas_per_sm"] >= 2 and rec["spill_bytes"] == 0, rec
+        assert rec["narrow_loads"] == 0 and rec["global_loads"], f"{case}: {rec['global_loads']}"
+    triton = next(r for r in compiled if r["case"] == "attention D40 self 4096" and r["kernel"] == "_attn_fwd_kernel")
+    assert triton["loop_mufu_in_flight"] < 34, triton
+
+
+OVERLAP = """\
+LBB0:
+--:-:-:-:1\tHGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT, gsb0 ;
+--:-:-:-:2\tWARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+--:-:-:-:1\tMUFU.EX2 R1, R1 ;
+--:-:-:-:1\tHGMMA.64x64x16.F32 R56, gdesc[UR12], R56, gsb0 ;
+--:-:-:-:1\tMUFU.EX2 R2, R2 ;
+--:-:-:-:1\tMUFU.EX2 R3, R3 ;
+--:-:-:-:2\tWARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+--:-:-:-:1\tMUFU.EX2 R4, R4 ;
+--:-:-:-:2\tWARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+--:-:-:-:1\tMUFU.EX2 R5, R5 ;
+--:-:-:-:5\t@P1 BRA LBB0 ;
+"""
+
+
+def test_mufu_in_flight_counts_between_an_hgmma_and_the_full_wait():
+    """Offline, no compile: a MUFU after a full wait (0x0) is not overlapped; one after an HGMMA
+    is, through a partial wait (0x1), until the full one."""
+    from bench.sm90 import _inner_bodies, mufu_in_flight
+
+    (body,) = _inner_bodies(OVERLAP)
+    assert mufu_in_flight(body) == 3
 
 
 SASS = """\

@@ -1,0 +1,373 @@
+"""Attention forward for Hopper (sm_90) in Gluon, with FlashAttention-3's intra-warpgroup overlap: a
+research backend, ``attention="gluon_sm90"``, registered when this module is imported
+(``import kernels.attention_sm90``, or ``--plugin kernels.attention_sm90`` on the CLIs).
+
+Why it exists. At head dim 40 the exponentials cost a tile as much as its matmuls: per 64 x 64
+tile of scores a warpgroup issues 4,096 ``exp2`` on the SFU (``MUFU``, 16 per cycle per SM) against
+2 x 64³ padded multiply-adds on the tensor cores. kernels/attention.py's FlashAttention-2 loop is
+written in Triton, whose ``tl.dot`` waits for each QK wgmma right after issuing it, so a warpgroup's
+softmax never overlaps its own matmuls (offline sm_90 SASS, bench/results/2026-11-23-sm90-offline/).
+Its D 40 forward measured 2.2-2.4x its issue bound on an H100: latency, not throughput (README,
+"What the unmet targets ask"). Gluon, Triton's tile-level language
+(``triton.experimental.gluon``), exposes wgmma's asynchrony: ``warpgroup_mma(..., is_async=True)``
+issues and returns, ``warpgroup_mma_wait(n)`` waits until at most n groups are in flight (groups
+complete in issue order). That is what this kernel uses.
+
+Schedule (Shah et al. 2024, FlashAttention-3, sec. 3.2 and Alg. 2), with S_i = Q K_iᵀ over key block i:
+
+    S_0 = Q K_0ᵀ (waited);  m, l, P_0 = softmax(S_0);  O = 0
+    for i = 1 .. n - 1:
+        issue S_i = Q K_iᵀ;  issue O += P_{i-1} V_{i-1}
+        wait for S_i (O's group may stay in flight)
+        m', P_i, alpha = softmax(S_i) against m     <- the tensor cores run P_{i-1} V_{i-1} meanwhile
+        l = l · alpha + rowsum P_i;  m = m'
+        wait for O;  O = O · alpha
+    O += P_{n-1} V_{n-1};  o = O / l;  lse2 = m + log2 l
+
+Before the rescale O holds sum_{j < i} P_j V_j against the previous max, so one multiply by
+alpha = exp2(m - m') carries it to the new one, as in FlashAttention-2 (Dao 2023, Alg. 1) whose
+online softmax this is; the scale and log2(e) ride in one FMA per score (kernels/attention.py).
+
+P. The softmax of block i writes P_i to one of two shared-memory buffers (``stmatrix``), and the
+P V of the next step reads it from there. Two things had to hold for the SASS to overlap (offline
+sm_90 compiles, Triton 3.6 and 3.9): the softmax sits in a basic block of its own (a branch on
+``qk_scale > 0``, always true), because within one block ptxas hoisted the wait for P V above the
+exponentials; and P is not in registers, because the exponentials would then write registers the
+in-flight wgmma reads. ``python -m bench.sm90`` counts the ``MUFU`` issued under an in-flight
+wgmma: 34 of 34 per loop step here, 0 in kernels/attention.py's D 40 self-attention loop
+(bench/results/2026-11-23-sm90-offline/gluon-sm90.md).
+
+Loads. K and V blocks stream through STAGES shared-memory buffers by ``cp.async`` (16-byte, masked:
+key rows past Lkv and columns past D arrive as zeros), one commit group per block, issued
+STAGES - 2 blocks ahead: block i - 1's buffer is still read by the P V issued in step i. Every
+warp waits for its own copies, fences them (and its P stores) to the tensor cores' (async) proxy
+and meets the others at a barrier before a wgmma reads the tile; that barrier is also what frees
+a buffer for reuse. Launches go through Triton's own dispatch (tens of microseconds of host time
+per call), so calls shorter than that, such as 77-key cross-attention, time the host.
+The head dim is padded to a power of two (40 -> 64) by the masks, as the Triton kernel pads it.
+Full key blocks run unmasked; Lkv % BLOCK_N keys run as one masked step after them.
+
+Backward: the Triton FlashAttention-2 backward of kernels/attention.py, from this forward's
+log2-domain logsumexp (the same (B, H, Lq) fp32 layout).
+
+Limits (``check`` names each): a CUDA device of compute capability 9.x, Triton with Gluon's Hopper
+ops (3.6 and 3.9 compile this offline), fp16/bf16, head dim a multiple of 8 up to 128, a unit
+stride along D and batch, head and row strides that keep 16-byte alignment, not causal.
+
+Status (2026-11-23): compiled for sm_90 offline only (``python -m bench.sm90`` prints its SASS, and
+tests/test_sm90_compile.py checks the overlap in its loop); it has not run on a GPU. Its numeric
+tests (tests/test_attention_sm90.py) run under ``-m gpu``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import (LOG2E, MAX_GRID_Y, _align, _backward, _offsets_problem, _scale_problem,
+                        attention_reference)
+from ._autograd import reference_grads
+from ._triton import next_power_of_2
+from .registry import BackendUnsupported, autocast_dtypes, autocast_inputs, register
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    # cp.async from global to shared memory: async_load since Triton 3.7 (3.9 refuses the old name)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # a barrier across the program's warps (3.9 / 3.6)
+    IMPORT_ERROR: str | None = None
+except Exception as e:  # no Triton, or an older one without Gluon's Hopper ops
+    IMPORT_ERROR = f"Gluon's Hopper ops do not import ({type(e).__name__}: {e})"
+
+    class _NoGluon:
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    gluon, gl = _NoGluon(), None
+
+NAME = "gluon_sm90"
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128  # D 160 pads to 256: Q, K and V tiles would need 320 KB of shared memory (an SM has 228)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES). 8 warps are two warpgroups of 64 query rows each, sharing
+# K/V tiles. Offline at D 40 (Triton 3.6 / 3.9): 109 / 107 registers, no spills, 112 KB of shared
+# memory (Q 16, K and V 4 x 8 each, P 2 x 16), so two programs fit an SM. Not yet swept on a GPU.
+CONFIG = (128, 64, 8, 4)
+
+
+@gluon.jit
+def _issue_kv(k_bufs, v_bufs, stage, k_ptr, v_ptr, start_n, rows, cols, stride_kn, stride_vn, LKV,
+              HEAD_DIM: gl.constexpr, ALIGN: gl.constexpr):
+    """cp.async K and V rows [start_n, start_n + BLOCK_N) into buffer ``stage``, as one commit group.
+    Rows past LKV and columns past HEAD_DIM are copied as zeros (a masked cp.async zero-fills)."""
+    r = start_n + rows
+    mask = (r < LKV)[:, None] & (cols < HEAD_DIM)[None, :]
+    k_off = gl.multiple_of(r * stride_kn, ALIGN)
+    v_off = gl.multiple_of(r * stride_vn, ALIGN)
+    _async_load(k_bufs.index(stage), k_ptr + k_off[:, None] + cols[None, :], mask)
+    _async_load(v_bufs.index(stage), v_ptr + v_off[:, None] + cols[None, :], mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _landed(PENDING: gl.constexpr):
+    """Wait until at most PENDING copy groups of this thread are in flight, then make every thread's
+    landed tiles visible to the wgmma (async) proxy: fence, then a barrier across the program."""
+    async_copy.wait_group(PENDING)
+    fence_async_shared()
+    _barrier()
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale, start_n, LKV, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+             MASK: gl.constexpr, FIRST: gl.constexpr):
+    """One online-softmax step on a block of raw scores: (p, alpha, m, l). FIRST: no running
+    statistics yet (alpha unused). MASK: keys past LKV score -inf (the last, partial block)."""
+    if MASK:
+        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((keys < LKV)[None, :], s, float("-inf"))
+    if FIRST:
+        m_new = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = m_new  # placeholder: nothing to rescale yet
+        l_i = gl.sum(p, 1)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, cols, stride_kn, stride_vn, LKV,
+          qk_scale, s_zero, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+          ALIGN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, MASK: gl.constexpr):
+    """Key block i: S_i = Q K_iᵀ issued, then O += P_{i-1} V_{i-1} issued; block i's softmax runs
+    while the second is in flight, and writes P_i to the other P buffer (module docstring)."""
+    # block i's copies have landed, and step i - 1's stores of P_{i-1} are visible to wgmma; every
+    # warp is past step i - 1's waits, so the buffers its wgmma read are free
+    _landed(STAGES - 3)
+    # refill the buffer of block i - 2 (step i - 1's P V read it) with block i + STAGES - 2
+    _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n, cols,
+              stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
+    s = warpgroup_mma(q_smem, k_bufs.index(i % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    o = warpgroup_mma(p_bufs.index((i - 1) % 2), v_bufs.index((i - 1) % STAGES), o, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s,))  # groups complete in order: S_i is in, O may still run
+    alpha = m_i
+    # qk_scale > 0 always (host-checked). The branch puts the softmax in a basic block of its own:
+    # ptxas schedules within a block, and in one block it hoisted the wait for O (below) above the
+    # exponentials, serialising them behind the P V they are meant to overlap (offline sm_90 SASS,
+    # Triton 3.6). P goes through shared memory, so no register the in-flight wgmma reads is written.
+    if qk_scale > 0:
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, i * BLOCK_N, LKV, s_layout, BLOCK_N, MASK, False)
+        p_bufs.index(i % 2).store(p.to(p_bufs.dtype))
+    o = warpgroup_mma_wait(0, deps=(o,))
+    o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return o, m_i, l_i
+
+
+@gluon.jit
+def _attn_fwd_sm90_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,  # (B, H, L, D), unit stride along D
+    lse_ptr,  # (B, H, Lq) fp32 contiguous, log2-domain logsumexp of the scaled scores; unused unless STORE_LSE
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H, LQ, LKV,
+    qk_scale,  # scale · log2(e), > 0
+    HEAD_DIM: gl.constexpr,  # D
+    D_PAD: gl.constexpr,  # D rounded up to a power of two >= 16
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,  # K/V buffers, >= 3 (block i - 1's is read while block i's is current)
+    ALIGN: gl.constexpr,  # batch, head and row strides are multiples of this many elements (host-checked)
+    STORE_LSE: gl.constexpr,
+    FIRST_MASKED: gl.constexpr,  # LKV < BLOCK_N: block 0 is the partial one
+    TAIL: gl.constexpr,  # LKV % BLOCK_N != 0 and LKV > BLOCK_N: a masked step after the full blocks
+    s_layout: gl.constexpr,  # wgmma accumulator layouts of S (BLOCK_M x BLOCK_N) and O (BLOCK_M x D_PAD)
+    o_layout: gl.constexpr,
+    load_layout: gl.constexpr,  # 16-byte cp.async tiles
+    q_smem_layout: gl.constexpr,  # NVMMA (swizzled) shared layouts wgmma reads: Q, K / V, P
+    kv_smem_layout: gl.constexpr,
+    p_smem_layout: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = (pid_bh // H).to(gl.int64)
+    h = (pid_bh % H).to(gl.int64)
+    q_ptr += gl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
+    k_ptr += gl.multiple_of(b * stride_kb + h * stride_kh, ALIGN)
+    v_ptr += gl.multiple_of(b * stride_vb + h * stride_vh, ALIGN)
+    o_ptr += gl.multiple_of(b * stride_ob + h * stride_oh, ALIGN)
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D_PAD], q_smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_PAD], kv_smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_PAD], kv_smem_layout)
+    p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_smem_layout)  # P_i in buffer i % 2
+
+    cols = gl.arange(0, D_PAD, layout=gl.SliceLayout(0, load_layout))
+    rows_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, load_layout))
+    rows_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
+    q_off = gl.multiple_of(rows_m * stride_qm, ALIGN)
+    _async_load(q_smem, q_ptr + q_off[:, None] + cols[None, :], (rows_m < LQ)[:, None] & (cols < HEAD_DIM)[None, :])
+    async_copy.commit_group()
+    for j in gl.static_range(STAGES - 1):  # blocks 0 .. STAGES - 2 (rows past LKV arrive as zeros)
+        _issue_kv(k_bufs, v_bufs, j, k_ptr, v_ptr, j * BLOCK_N, rows_n, cols, stride_kn, stride_vn, LKV,
+                  HEAD_DIM, ALIGN)
+
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    o = gl.zeros([BLOCK_M, D_PAD], gl.float32, o_layout)
+    _landed(STAGES - 2)  # q and block 0
+    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, 0, LKV, s_layout, BLOCK_N, FIRST_MASKED, True)
+    p_bufs.index(0).store(p.to(dtype))
+
+    n_full = LKV // BLOCK_N
+    for i in range(1, n_full):
+        o, m_i, l_i = _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, cols,
+                            stride_kn, stride_vn, LKV, qk_scale, s_zero, HEAD_DIM, BLOCK_N, STAGES, ALIGN,
+                            s_layout, o_layout, False)
+    last = 0
+    if TAIL:
+        o, m_i, l_i = _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, n_full, k_ptr, v_ptr, rows_n, cols,
+                            stride_kn, stride_vn, LKV, qk_scale, s_zero, HEAD_DIM, BLOCK_N, STAGES, ALIGN,
+                            s_layout, o_layout, True)
+        last = n_full
+    elif not FIRST_MASKED:
+        last = n_full - 1
+    fence_async_shared()  # the last P stores, before the wgmma reads them
+    _barrier()
+    o = warpgroup_mma(p_bufs.index(last % 2), v_bufs.index(last % STAGES), o, is_async=True)
+    o = warpgroup_mma_wait(0, deps=(o,))
+    async_copy.wait_group(0)  # no copy may still target shared memory when the program exits
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = (o / l_o[:, None]).to(dtype)
+    rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, D_PAD, layout=gl.SliceLayout(0, o_layout))
+    o_off = gl.multiple_of(rows_o * stride_om, ALIGN)
+    gl.store(o_ptr + o_off[:, None] + cols_o[None, :], out,
+             mask=(rows_o < LQ)[:, None] & (cols_o < HEAD_DIM)[None, :])
+    if STORE_LSE:
+        rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + pid_bh * LQ + rows_s, m_i + gl.log2(l_i), mask=rows_s < LQ)
+
+
+def _layouts(block_m: int, block_n: int, d_pad: int, num_warps: int, dtype: torch.dtype) -> tuple:
+    """The kernel's layout constexprs: wgmma accumulators for S and O (m16 x n x k16 instructions,
+    warps stacked along the query rows), P as a register operand, a 16-byte-per-thread cp.async
+    tile, and the swizzled shared layouts wgmma reads."""
+    gl_dtype = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_n, 16])
+    o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, d_pad, 16])
+    across = d_pad // 8  # threads along a row: 8 elements (16 bytes) each
+    load_layout = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // across, across],
+                                   warps_per_cta=[num_warps, 1], order=[1, 0])
+    q_smem = gl.NVMMASharedLayout.get_default_for([block_m, d_pad], gl_dtype)
+    kv_smem = gl.NVMMASharedLayout.get_default_for([block_n, d_pad], gl_dtype)
+    p_smem = gl.NVMMASharedLayout.get_default_for([block_m, block_n], gl_dtype)
+    return s_layout, o_layout, load_layout, q_smem, kv_smem, p_smem
+
+
+def _check(q, k, v, scale=None, causal=False):
+    """None if the kernel can take these inputs, else the reason."""
+    if IMPORT_ERROR:
+        return IMPORT_ERROR
+    if not (q.device == k.device == v.device) or q.device.type != "cuda":
+        return f"inputs on {q.device}, {k.device}, {v.device}; the kernel needs one CUDA device"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major != 9:
+        return f"compute capability {major}.{minor}; the kernel uses Hopper's wgmma (9.x)"
+    return input_problem(q, k, v, scale, causal)
+
+
+def input_problem(q, k, v, scale=None, causal=False) -> str | None:
+    """The limits that do not depend on the device (dtype, head dim, strides, scale): None, or why."""
+    if causal:
+        return "causal attention (the kernel has no causal mask; the triton backend has one)"
+    qd, kd, vd = autocast_dtypes(q, k, v)
+    if qd not in DTYPES or not qd == kd == vd:
+        return f"dtypes {qd}, {kd}, {vd}; the kernel takes q, k, v all float16 or all bfloat16"
+    b, h, lq, d = q.shape
+    if d % 8 or not 0 < d <= MAX_HEAD_DIM:
+        return f"head dim {d} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]"
+    if k.shape[2] == 0:
+        return "no keys (Lkv = 0)"
+    if b * h > MAX_GRID_Y:
+        return f"B·H = {b * h} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            return f"{name} has stride {t.stride(3)} along the head dim; its 16-byte cp.async needs 1"
+        if t.data_ptr() % 16:
+            return f"{name} starts at address {t.data_ptr():#x}, not 16-byte aligned"
+    if _align(q, k, v) == 1:
+        return ("batch, head or row strides of q, k, v are not all multiples of 16 bytes "
+                f"(q {q.stride()}, k {k.stride()}, v {v.stride()}); its 16-byte cp.async needs them")
+    return _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v) or _scale_problem(scale)
+
+
+def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
+    """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
+    b, h, lq, d = q.shape
+    lkv = k.shape[2]
+    block_m, block_n, num_warps, stages = config
+    if stages < 3:
+        raise ValueError(f"config {config}: STAGES must be >= 3 (block i - 1's buffer is read during step i)")
+    d_pad = max(16, next_power_of_2(d))
+    # keeps a dense q's layout (the UNet's (B, L, H, D)), else contiguous: 16-byte strides either way (D % 8 == 0)
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None
+    if o.numel() == 0:
+        return o, lse
+    qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
+    align = 16 // q.element_size()
+    strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
+    _attn_fwd_sm90_kernel[(-(-lq // block_m), b * h)](
+        q, k, v, o, lse if store_lse else q, *strides, h, lq, lkv, qk_scale,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ALIGN=align,
+        STORE_LSE=store_lse, FIRST_MASKED=lkv < block_n, TAIL=lkv > block_n and lkv % block_n != 0,
+        s_layout=(ls := _layouts(block_m, block_n, d_pad, num_warps, q.dtype))[0], o_layout=ls[1],
+        load_layout=ls[2], q_smem_layout=ls[3], kv_smem_layout=ls[4], p_smem_layout=ls[5], num_warps=num_warps)
+    return o, lse
+
+
+class _AttentionSm90Fn(torch.autograd.Function):
+    """This forward (saves lse2), kernels/attention.py's Triton backward; under create_graph=True
+    the backward is recomputed through the reference, as the triton backend's is."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = reference_grads(lambda *qkv: attention_reference(*qkv, ctx.scale),
+                                               (q, k, v), ctx.needs_input_grad[:3], do)
+            return (*grads, None)
+        return (*_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+
+@register("attention", NAME, check=_check, replace=True)
+def attention_gluon_sm90(q, k, v, scale=None, causal=False):
+    """Forward in Gluon with wgmma/softmax overlap (module docstring), backward in Triton."""
+    if why := _check(q, k, v, scale, causal):  # the switch has checked; a direct call has not
+        raise BackendUnsupported(f"attention_gluon_sm90: {why}")
+    q, k, v = autocast_inputs(q, k, v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionSm90Fn.apply(q, k, v, scale)
+    return _forward(q, k, v, scale, store_lse=False)[0]
+

@@ -1,0 +1,160 @@
+"""The Gluon sm_90 attention forward (kernels/attention_sm90.py), a research backend.
+
+Gluon kernels do not run under Triton's interpreter, so on a machine without a GPU this file
+checks the backend's registration and the limits it names; tests/test_sm90_compile.py compiles
+it for sm_90 and checks the overlap in its loop. Its numerics need an H100/H200: ``-m gpu``, fp16
+and bf16, against the fp64 oracle by the rule the built-in kernels are held to (at most 2x torch's
+own error in the same dtype, plus a small atol), with a NaN-poisoned output where it applies."""
+import re
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import testing
+from kernels.attention import attention_reference
+
+NAME = "gluon_sm90"
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    """The module imported (which registers the backend), unregistered afterwards so that the
+    rest of the session sees the built-in backends only."""
+    import kernels.attention_sm90 as module
+    kernels.register("attention", NAME, check=module._check, replace=True)(module.attention_gluon_sm90)
+    yield module
+    kernels.unregister("attention", NAME)
+    sys.modules.pop("kernels.attention_sm90", None)
+
+
+def _qkv(b, h, lq, lkv, d, dtype=torch.float16, device="cpu", layout="unet", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(n):
+        if layout == "unet":  # (B, L, H, D) activations viewed as (B, H, L, D)
+            return torch.randn(b, n, h, d, generator=g).to(device, dtype).transpose(1, 2)
+        return torch.randn(b, h, n, d, generator=g).to(device, dtype)
+    return t(lq), t(lkv), t(lkv)
+
+
+def test_registered_as_a_research_backend(sm90):
+    """Switched like any backend, never the default: a CPU input under the default runs the
+    reference, and choosing it explicitly names what it needs."""
+    assert NAME in kernels.backends("attention")
+    q, k, v = _qkv(1, 2, 16, 16, 40)
+    kernels.reset_counts()
+    kernels.attention(q, k, v)
+    assert kernels.counts()[("attention", "reference")] == 1
+    why = re.escape(sm90.IMPORT_ERROR) if sm90.IMPORT_ERROR else "needs one CUDA device"
+    with kernels.use(attention=NAME), pytest.raises(kernels.BackendUnsupported, match=why):
+        kernels.attention(q, k, v)
+    if sm90.IMPORT_ERROR is None:
+        assert sm90._check(q, k, v) == "inputs on cpu, cpu, cpu; the kernel needs one CUDA device"
+    with pytest.raises(kernels.BackendUnsupported, match=f"attention_gluon_sm90: .*{why}"):
+        sm90.attention_gluon_sm90(q, k, v)  # called directly, past the switch
+
+
+@pytest.mark.parametrize("why, make, expect", [
+    ("the UNet's D 40 view", lambda: _qkv(2, 8, 77, 77, 40), None),
+    ("a contiguous D 64", lambda: _qkv(1, 2, 50, 33, 64, torch.bfloat16, layout="bhld"), None),
+    ("fp32 (no 16-bit wgmma operands)", lambda: _qkv(1, 2, 16, 16, 40, torch.float32), "float16 or all bfloat16"),
+    ("mixed dtypes", lambda: (*_qkv(1, 2, 16, 16, 40)[:2], _qkv(1, 2, 16, 16, 40, torch.bfloat16)[2]),
+     "float16 or all bfloat16"),
+    ("D 12", lambda: _qkv(1, 2, 16, 16, 12), "head dim 12 is not a multiple of 8"),
+    ("D 136, over the register budget", lambda: _qkv(1, 2, 16, 16, 136), "head dim 136 .* \\[8, 128\\]"),
+    ("a strided head dim", lambda: tuple(t.transpose(2, 3) for t in _qkv(1, 2, 16, 16, 16)), "stride \\d+ along the head dim"),
+    ("rows 136 bytes apart", lambda: tuple(t[..., :64] for t in _qkv(1, 2, 16, 16, 68, layout="bhld")),
+     "not all multiples of 16 bytes"),
+    ("q 8 bytes off alignment", lambda: (torch.empty(1 * 2 * 16 * 40 + 4, dtype=torch.float16)[4:].view(1, 2, 16, 40),
+                                         *_qkv(1, 2, 16, 16, 40, layout="bhld")[1:]), "not 16-byte aligned"),
+    ("no keys", lambda: _qkv(1, 2, 16, 0, 40), "no keys"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_input_limits_are_named(sm90, why, make, expect):
+    q, k, v = make()
+    got = sm90.input_problem(q, k, v)
+    if expect is None:
+        assert got is None, f"{why}: refused with {got!r}"
+    else:
+        assert got is not None, f"{why}: accepted"
+        assert re.search(expect, got), f"{why}: {got!r} does not name {expect!r}"
+
+
+def test_causal_and_bad_scales_are_refused(sm90):
+    q, k, v = _qkv(1, 2, 16, 16, 40)
+    assert "causal" in sm90.input_problem(q, k, v, causal=True)
+    assert "not > 0" in sm90.input_problem(q, k, v, scale=0.0)
+    assert "not > 0" in sm90.input_problem(q, k, v, scale=float("nan"))
+
+
+def test_config_needs_three_stages(sm90):
+    q, k, v = _qkv(1, 2, 16, 16, 40)
+    with pytest.raises(ValueError, match="STAGES must be >= 3"):
+        sm90._forward(q, k, v, config=(128, 64, 8, 2))
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def _hopper(device):
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip(f"{torch.cuda.get_device_name(device)} is not sm_90: the kernel uses Hopper's wgmma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", testing.cases("attention", (torch.float16, torch.bfloat16))
+                         + testing.cases("attention", (torch.float16, torch.bfloat16), backward=True), ids=str)
+def test_equivalence_cases_gpu(sm90, case):
+    """The cases every attention backend is held to (the causal one skips with its reason)."""
+    _hopper("cuda")
+    testing.check(case, NAME, "cuda")
+
+
+SD_SHAPES = [  # (B, H, Lq, Lkv, D): why
+    pytest.param((2, 8, 4096, 4096, 40), id="sd15-512px-self-d40"),
+    pytest.param((2, 8, 4096, 77, 40), id="sd15-cross-77-keys"),  # one full block and a masked 13-key one
+    pytest.param((2, 5, 4096, 4096, 64), id="sd21-base-self-d64"),
+    pytest.param((2, 8, 1024, 1024, 80), id="sd15-level2-d80"),  # D padded to 128
+    pytest.param((1, 8, 1000, 33, 40), id="ragged-q-fewer-keys-than-a-block"),  # FIRST_MASKED
+    pytest.param((1, 2, 130, 64, 64), id="exactly-one-key-block"),
+    pytest.param((1, 2, 200, 130, 64), id="two-blocks-and-a-2-key-tail"),
+    pytest.param((3, 3, 77, 1000, 24), id="long-keys-d24"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD_SHAPES)
+@pytest.mark.parametrize("layout", ["unet", "bhld"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_sd_shapes_gpu(sm90, shape, layout, dtype):
+    """Against fp64, within 2x torch's error; the lse it saves for the backward matches the
+    fp64 log2-domain logsumexp (a wrong lse would show only in the gradients)."""
+    _hopper("cuda")
+    b, h, lq, lkv, d = shape
+    q, k, v = _qkv(b, h, lq, lkv, d, dtype, "cuda", layout)
+    with torch.no_grad():
+        got, lse = sm90._forward(q, k, v)
+        torch_out = attention_reference(q, k, v)
+    s = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    want = torch.softmax(s, -1) @ v.double()
+    testing.assert_within_torch_error(got, torch_out, want, name=f"o {shape} {layout} {dtype}")
+    lse_want = torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    testing.assert_close(lse, lse_want, atol=1e-3, name=f"lse2 {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_and_dispatch_gpu(sm90, dtype):
+    """Through the switch, with autograd: the Triton backward from this forward's lse."""
+    _hopper("cuda")
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 333, 333, 40, dtype, "cuda"))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    kernels.reset_counts()
+    with kernels.use(attention=NAME):
+        o = kernels.attention(q, k, v)
+    assert kernels.counts()[("attention", NAME)] == 1
+    got = torch.autograd.grad(o, (q, k, v), do)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(torch.softmax(qd @ kd.transpose(-1, -2) * 40 ** -0.5, -1) @ vd, (qd, kd, vd), do.double())
+    ref = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), do)
+    for name, g, w, t in zip(("dq", "dk", "dv"), got, want, ref):
+        testing.assert_within_torch_error(g, t, w, name=f"{name} {dtype}")
