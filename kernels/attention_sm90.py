@@ -51,8 +51,10 @@ Backward: the Triton FlashAttention-2 backward of kernels/attention.py, from thi
 log2-domain logsumexp (the same (B, H, Lq) fp32 layout).
 
 Limits (``check`` names each): a CUDA device of compute capability 9.x, Triton with Gluon's Hopper
-ops (3.6 and 3.9 compile this offline), fp16/bf16, head dim a multiple of 8 up to 128, a unit
-stride along D and batch, head and row strides that keep 16-byte alignment, not causal.
+ops (3.6 and 3.9 compile this offline), fp16/bf16 (after autocast), head dim a multiple of 8 up
+to 128, a unit stride along D and batch, head and row strides that keep 16-byte alignment (the row
+stride even for one row), B·H·Lq and Lq·D under 2**31, a scale that stays positive and finite in
+fp32 times log2(e), not causal.
 
 Status (2026-11-23): compiled for sm_90 offline only (``python -m bench.sm90`` prints its SASS, and
 tests/test_sm90_compile.py checks the overlap in its loop); it has not run on a GPU. Its numeric
@@ -60,9 +62,10 @@ tests (tests/test_attention_sm90.py) run under ``-m gpu``.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .attention import (LOG2E, MAX_GRID_Y, _align, _backward, _offsets_problem, _scale_problem,
+from .attention import (LOG2E, MAX_GRID_Y, _backward, _offsets_problem, _scale_problem,
                         attention_reference)
 from ._autograd import reference_grads
 from ._triton import next_power_of_2
@@ -304,16 +307,27 @@ def input_problem(q, k, v, scale=None, causal=False) -> str | None:
         return "no keys (Lkv = 0)"
     if b * h > MAX_GRID_Y:
         return f"B·H = {b * h} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
+    if b * h * lq >= 2**31 or lq * d >= 2**31:
+        return f"q{tuple(q.shape)}: the kernel indexes lse (B·H·Lq) and an output head (Lq·D) in 32 bits"
+    vec = 16 // qd.itemsize  # elements per 16 bytes, in the dtype the kernel sees (after autocast)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
             return f"{name} has stride {t.stride(3)} along the head dim; its 16-byte cp.async needs 1"
         if t.data_ptr() % 16:
             return f"{name} starts at address {t.data_ptr():#x}, not 16-byte aligned"
-    if _align(q, k, v) == 1:
-        return ("batch, head or row strides of q, k, v are not all multiples of 16 bytes "
-                f"(q {q.stride()}, k {k.stride()}, v {v.stride()}); its 16-byte cp.async needs them")
-    return _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v) or _scale_problem(scale)
-
+        # batch and head strides of a size-1 dim are multiplied by 0; the row stride is not (masked
+        # rows past L still form addresses), so it must be aligned even for a single row
+        if any(st % vec for n, st in zip(t.shape[:2], t.stride()[:2]) if n > 1) or t.stride(2) % vec:
+            return (f"{name} strides {t.stride()}: batch, head and row strides must be multiples of 16 bytes "
+                    f"({vec} elements of {qd}) for its 16-byte cp.async")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        return "scale is a tensor that requires grad; the kernel takes it as a float (no gradient for it)"
+    if (why := _scale_problem(scale)) is not None:
+        return why
+    qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
+    if not 0 < float(np.float32(qk_scale)) < float("inf"):  # the kernel takes it as fp32 and branches on > 0
+        return f"scale {scale} is 0 or infinite in fp32 once multiplied by log2(e)"
+    return _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v)
 
 def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""

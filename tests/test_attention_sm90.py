@@ -66,10 +66,16 @@ def test_registered_as_a_research_backend(sm90):
     ("D 136, over the register budget", lambda: _qkv(1, 2, 16, 16, 136), "head dim 136 .* \\[8, 128\\]"),
     ("a strided head dim", lambda: tuple(t.transpose(2, 3) for t in _qkv(1, 2, 16, 16, 16)), "stride \\d+ along the head dim"),
     ("rows 136 bytes apart", lambda: tuple(t[..., :64] for t in _qkv(1, 2, 16, 16, 68, layout="bhld")),
-     "not all multiples of 16 bytes"),
+     "strides .* multiples of 16 bytes"),
     ("q 8 bytes off alignment", lambda: (torch.empty(1 * 2 * 16 * 40 + 4, dtype=torch.float16)[4:].view(1, 2, 16, 40),
                                          *_qkv(1, 2, 16, 16, 40, layout="bhld")[1:]), "not 16-byte aligned"),
     ("no keys", lambda: _qkv(1, 2, 16, 0, 40), "no keys"),
+    ("a single query row whose row stride is 88 bytes: masked rows still form addresses",
+     lambda: (torch.empty(96, dtype=torch.float16).as_strided((1, 2, 1, 40), (96, 48, 44, 1)),
+              *_qkv(1, 2, 1, 16, 40, layout="bhld")[1:]), "q strides .* multiples of 16 bytes"),
+    ("B·H·Lq past 2**31 rows of lse (expanded, no memory)",
+     lambda: tuple(torch.empty(1, 1, 1, 8, dtype=torch.float16).expand(8191, 8, 32800, 8) for _ in range(3)),
+     "32 bits"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_input_limits_are_named(sm90, why, make, expect):
     q, k, v = make()
@@ -86,6 +92,21 @@ def test_causal_and_bad_scales_are_refused(sm90):
     assert "causal" in sm90.input_problem(q, k, v, causal=True)
     assert "not > 0" in sm90.input_problem(q, k, v, scale=0.0)
     assert "not > 0" in sm90.input_problem(q, k, v, scale=float("nan"))
+    # positive, but 0 in fp32 once times log2(e): the softmax branch (on qk_scale > 0) would be skipped
+    assert "0 or infinite in fp32" in sm90.input_problem(q, k, v, scale=1e-46)
+    assert "0 or infinite in fp32" in sm90.input_problem(q, k, v, scale=float("inf"))
+    assert "requires grad" in sm90.input_problem(q, k, v, scale=torch.tensor(0.3, requires_grad=True))
+    assert sm90.input_problem(q, k, v, scale=torch.tensor(0.3)) is None
+
+
+def test_alignment_is_checked_in_the_dtype_autocast_hands_the_kernel(sm90):
+    """fp32 q with fp16 k, v under fp16 autocast: the kernel sees fp16, where a row stride of 44
+    elements is 88 bytes. Judged by q's fp32 (4 elements to 16 bytes) it looked aligned."""
+    q = torch.randn(1, 2, 16, 40)
+    k = torch.randn(1, 2, 16, 44, dtype=torch.float16)[..., :40]
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert "multiples of 16 bytes (8 elements of torch.float16)" in sm90.input_problem(q, k, k)
+        assert sm90.input_problem(q, k.contiguous(), k.contiguous()) is None
 
 
 def test_config_needs_three_stages(sm90):
