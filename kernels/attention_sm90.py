@@ -42,7 +42,12 @@ key rows past Lkv and columns past D arrive as zeros), one commit group per bloc
 STAGES - 2 blocks ahead: block i - 1's buffer is still read by the P V issued in step i. Every
 warp waits for its own copies, fences them (and its P stores) to the tensor cores' (async) proxy
 and meets the others at a barrier before a wgmma reads the tile; that barrier is also what frees
-a buffer for reuse. Launches go through Triton's own dispatch (tens of microseconds of host time
+a buffer for reuse. Triton's barrier pass, which cannot tell the buffers apart, adds more CTA
+barriers: a step's loop body holds 4 ``BAR.SYNC`` under Triton 3.6 (one before the P store) and 5
+under 3.9 (one between the two wgmma issues, one after the partial wait), where this code asks for
+one. So the two warpgroups of a program also meet mid-step; the overlap counted above is within
+each warpgroup. If the timing disappoints, these barriers are the first suspect.
+Launches go through Triton's own dispatch (tens of microseconds of host time
 per call), so calls shorter than that, such as 77-key cross-attention, time the host.
 The head dim is padded to a power of two (40 -> 64) by the masks, as the Triton kernel pads it.
 Full key blocks run unmasked; Lkv % BLOCK_N keys run as one masked step after them.
