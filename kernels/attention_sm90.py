@@ -272,8 +272,8 @@ def _attn_fwd_sm90_kernel(
 
 def _layouts(block_m: int, block_n: int, d_pad: int, num_warps: int, dtype: torch.dtype) -> tuple:
     """The kernel's layout constexprs: wgmma accumulators for S and O (m16 x n x k16 instructions,
-    warps stacked along the query rows), P as a register operand, a 16-byte-per-thread cp.async
-    tile, and the swizzled shared layouts wgmma reads."""
+    warps stacked along the query rows), a 16-byte-per-thread cp.async tile, and the swizzled
+    shared layouts wgmma reads (Q, K and V, P)."""
     gl_dtype = gl.float16 if dtype == torch.float16 else gl.bfloat16
     s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_n, 16])
     o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, d_pad, 16])
@@ -333,6 +333,7 @@ def input_problem(q, k, v, scale=None, causal=False) -> str | None:
     if not 0 < float(np.float32(qk_scale)) < float("inf"):  # the kernel takes it as fp32 and branches on > 0
         return f"scale {scale} is 0 or infinite in fp32 once multiplied by log2(e)"
     return _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v)
+
 
 def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
