@@ -178,9 +178,13 @@ def _inner_bodies(sass: str) -> list[list[tuple[str, list[str]]]]:
     return [ops[a:b + 1] for a, b in inner]
 
 
+def _opcode_counts(body: list[tuple[str, list[str]]]) -> collections.Counter:
+    return collections.Counter(op.split(".")[0] for op, _ in body)
+
+
 def inner_loops(sass: str) -> list[collections.Counter]:
     """The innermost loops' bodies (see _inner_bodies) as opcode (without modifiers) counts."""
-    return [collections.Counter(op.split(".")[0] for op, _ in body) for body in _inner_bodies(sass)]
+    return [_opcode_counts(body) for body in _inner_bodies(sass)]
 
 
 def mufu_in_flight(body: list[tuple[str, list[str]]]) -> int:
@@ -217,7 +221,7 @@ def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
     return Compiled(name, regs, stack, md.shared, md.num_warps, md.num_stages,
                     collections.Counter(op.split(".")[0] for op in full),
                     collections.Counter(op for op in full if op.split(".")[0] in ("LDG", "LDGSTS")),
-                    tuple(collections.Counter(op.split(".")[0] for op, _ in body) for body in bodies),
+                    tuple(_opcode_counts(body) for body in bodies),
                     mufu_in_flight(longest))
 
 

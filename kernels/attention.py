@@ -774,11 +774,19 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     if qd == torch.bfloat16 and q.device.type == "cpu":  # here only under TRITON_INTERPRET=1
         return ("bfloat16 under the Triton interpreter: its tl.dot multiplies bf16 bit patterns as "
                 "integers (numpy has no bf16), so results would be garbage; use fp16/fp32 or a GPU")
-    b, h, lq, d = q.shape  # (each .shape builds a torch.Size: read it once on this per-call path)
+    d = q.shape[-1]
     if d == 0 or d % 8:
         return f"head dim {d} is not a multiple of 8"
     if d > 256:
         return f"head dim {d} is over the kernel's limit of 256"
+    return launch_problem(q, k, v, scale)
+
+
+def launch_problem(q, k, v, scale=None) -> str | None:
+    """The limits every attention kernel here shares, whatever its tiles: keys to attend to, B·H on
+    the grid's second axis, 32-bit lse rows and per-head offsets, and a scale taken as a positive
+    float. None, or why not (the Triton backend's check and kernels/attention_sm90.py's call it)."""
+    b, h, lq, _ = q.shape
     if k.shape[-2] == 0:
         return "no keys (Lkv = 0)"
     if b * h > MAX_GRID_Y:

@@ -67,12 +67,12 @@ tests (tests/test_attention_sm90.py) run under ``-m gpu``.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from .attention import (LOG2E, MAX_GRID_Y, _backward, _offsets_problem, _scale_problem,
-                        attention_reference)
-from ._autograd import reference_grads
+from .attention import LOG2E, _AttentionFn, launch_problem
 from ._triton import next_power_of_2
 from .registry import BackendUnsupported, autocast_dtypes, autocast_inputs, register
 
@@ -270,6 +270,7 @@ def _attn_fwd_sm90_kernel(
         gl.store(lse_ptr + pid_bh * LQ + rows_s, m_i + gl.log2(l_i), mask=rows_s < LQ)
 
 
+@functools.lru_cache(maxsize=None)
 def _layouts(block_m: int, block_n: int, d_pad: int, num_warps: int, dtype: torch.dtype) -> tuple:
     """The kernel's layout constexprs: wgmma accumulators for S and O (m16 x n x k16 instructions,
     warps stacked along the query rows), a 16-byte-per-thread cp.async tile, and the swizzled
@@ -305,15 +306,13 @@ def input_problem(q, k, v, scale=None, causal=False) -> str | None:
     qd, kd, vd = autocast_dtypes(q, k, v)
     if qd not in DTYPES or not qd == kd == vd:
         return f"dtypes {qd}, {kd}, {vd}; the kernel takes q, k, v all float16 or all bfloat16"
-    b, h, lq, d = q.shape
+    lq, d = q.shape[2:]
     if d % 8 or not 0 < d <= MAX_HEAD_DIM:
         return f"head dim {d} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]"
-    if k.shape[2] == 0:
-        return "no keys (Lkv = 0)"
-    if b * h > MAX_GRID_Y:
-        return f"B·H = {b * h} programs on the grid's second axis, over CUDA's {MAX_GRID_Y}"
-    if b * h * lq >= 2**31 or lq * d >= 2**31:
-        return f"q{tuple(q.shape)}: the kernel indexes lse (B·H·Lq) and an output head (Lq·D) in 32 bits"
+    if why := launch_problem(q, k, v, scale):
+        return why
+    if lq * d >= 2**31:  # o = empty_like(q) may be contiguous where q was expanded
+        return f"q{tuple(q.shape)}: an output head of Lq·D elements, which the kernel indexes in 32 bits"
     vec = 16 // qd.itemsize  # elements per 16 bytes, in the dtype the kernel sees (after autocast)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
@@ -325,15 +324,10 @@ def input_problem(q, k, v, scale=None, causal=False) -> str | None:
         if any(st % vec for n, st in zip(t.shape[:2], t.stride()[:2]) if n > 1) or t.stride(2) % vec:
             return (f"{name} strides {t.stride()}: batch, head and row strides must be multiples of 16 bytes "
                     f"({vec} elements of {qd}) for its 16-byte cp.async")
-    if isinstance(scale, torch.Tensor) and scale.requires_grad:
-        return "scale is a tensor that requires grad; the kernel takes it as a float (no gradient for it)"
-    if (why := _scale_problem(scale)) is not None:
-        return why
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
     if not 0 < float(np.float32(qk_scale)) < float("inf"):  # the kernel takes it as fp32 and branches on > 0
         return f"scale {scale} is 0 or infinite in fp32 once multiplied by log2(e)"
-    return _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v)
-
+    return None
 
 def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
@@ -351,34 +345,27 @@ def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
     align = 16 // q.element_size()
     strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
+    s_layout, o_layout, load_layout, q_smem, kv_smem, p_smem = _layouts(block_m, block_n, d_pad, num_warps, q.dtype)
     _attn_fwd_sm90_kernel[(-(-lq // block_m), b * h)](
         q, k, v, o, lse if store_lse else q, *strides, h, lq, lkv, qk_scale,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ALIGN=align,
         STORE_LSE=store_lse, FIRST_MASKED=lkv < block_n, TAIL=lkv > block_n and lkv % block_n != 0,
-        s_layout=(ls := _layouts(block_m, block_n, d_pad, num_warps, q.dtype))[0], o_layout=ls[1],
-        load_layout=ls[2], q_smem_layout=ls[3], kv_smem_layout=ls[4], p_smem_layout=ls[5], num_warps=num_warps)
+        s_layout=s_layout, o_layout=o_layout, load_layout=load_layout, q_smem_layout=q_smem,
+        kv_smem_layout=kv_smem, p_smem_layout=p_smem, num_warps=num_warps)
     return o, lse
 
 
-class _AttentionSm90Fn(torch.autograd.Function):
-    """This forward (saves lse2), kernels/attention.py's Triton backward; under create_graph=True
-    the backward is recomputed through the reference, as the triton backend's is."""
+class _AttentionSm90Fn(_AttentionFn):
+    """kernels/attention.py's Function with this forward: it saves the same tensors (lse2 included),
+    so that Function's backward applies unchanged: Triton's FlashAttention-2 kernels, or the
+    reference under create_graph=True."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx, q, k, v, scale, causal, configs):
         o, lse = _forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.causal, ctx.configs = scale, causal, configs
         return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = reference_grads(lambda *qkv: attention_reference(*qkv, ctx.scale),
-                                               (q, k, v), ctx.needs_input_grad[:3], do)
-            return (*grads, None)
-        return (*_backward(do, q, k, v, o, lse, ctx.scale), None)
 
 
 @register("attention", NAME, check=_check, replace=True)
@@ -388,6 +375,6 @@ def attention_gluon_sm90(q, k, v, scale=None, causal=False):
         raise BackendUnsupported(f"attention_gluon_sm90: {why}")
     q, k, v = autocast_inputs(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionSm90Fn.apply(q, k, v, scale)
+        return _AttentionSm90Fn.apply(q, k, v, scale, False, {})  # not causal; the Triton backward's own tiles
     return _forward(q, k, v, scale, store_lse=False)[0]
 

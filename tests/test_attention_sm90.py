@@ -23,7 +23,6 @@ def sm90():
     """The module imported (which registers the backend), unregistered afterwards so that the
     rest of the session sees the built-in backends only."""
     import kernels.attention_sm90 as module
-    kernels.register("attention", NAME, check=module._check, replace=True)(module.attention_gluon_sm90)
     yield module
     kernels.unregister("attention", NAME)
     sys.modules.pop("kernels.attention_sm90", None)
@@ -179,3 +178,18 @@ def test_backward_and_dispatch_gpu(sm90, dtype):
     ref = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), do)
     for name, g, w, t in zip(("dq", "dk", "dv"), got, want, ref):
         testing.assert_within_torch_error(g, t, w, name=f"{name} {dtype}")
+
+
+def test_autograd_function_reuses_the_triton_backward(sm90, monkeypatch):
+    """The Function's wiring on CPU: with the Triton forward (interpreted) standing in for the Gluon
+    one, which saves the same (o, lse2), gradients through _AttentionSm90Fn match the reference's.
+    A mismatch between what forward saves / apply passes and what _AttentionFn.backward returns
+    fails here; the Gluon forward's own numbers need -m gpu."""
+    attention = sys.modules["kernels.attention"]  # (kernels.attention, the attribute, is the op)
+    monkeypatch.setattr(sm90, "_forward", lambda q, k, v, scale=None: attention._forward(q, k, v, scale))
+    q, k, v = (t.float().requires_grad_() for t in _qkv(1, 2, 20, 13, 16, layout="bhld"))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(sm90._AttentionSm90Fn.apply(q, k, v, 0.3, False, {}), (q, k, v), do)
+    want = torch.autograd.grad(attention_reference(q, k, v, 0.3), (q, k, v), do)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        testing.assert_close(g, w, rel=2e-5, name=name)
