@@ -298,28 +298,63 @@ def drop_extras(shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> d
 
 
 # ------------------------------------------------------------------------------------------ reading
+# Two variants of the LDM layout that single files in circulation use, read as the keys and shapes
+# they stand for (the AUTOMATIC1111 web UI and diffusers' single-file loader accept both):
+# - SD 1.x CLIP weights without transformers' ``text_model.`` level
+#   (``cond_stage_model.transformer.encoder.*``), as older transformers' CLIPTextModel named them;
+# - VAE attention projections stored as linear (C, C) weights where LDM has 1x1 convs (C, C, 1, 1),
+#   as diffusers' linear attention layers hold them.
+_CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^cond_stage_model\.transformer\.(?=(?:embeddings|encoder|final_layer_norm)\.)")
+_VAE_ATTN_PROJECTION = re.compile(r"^first_stage_model\.(?:encoder|decoder)\.(?:mid\.attn_1|(?:down|up)\.\d+\.attn\.\d+)"
+                                  r"\.(?:q|k|v|proj_out)\.weight$")
+
+
+def _ldm_names(keys, where) -> dict[str, str]:
+    """LDM key -> the file's key, for files whose CLIP keys lack ``text_model.`` (the rest as is).
+    A file holding one weight under both names is refused: which one the model would get is a guess."""
+    names: dict[str, str] = {}
+    for key in keys:
+        ldm = _CLIP_WITHOUT_TEXT_MODEL.sub("cond_stage_model.transformer.text_model.", key)
+        if ldm in names:
+            first, second = sorted((names[ldm], key))
+            raise CheckpointError(f"{where}: holds {first!r} and {second!r}, two names for one text "
+                                  "encoder weight; keep one")
+        names[ldm] = key
+    return names
+
+
 class SingleFile:
-    """An original (LDM) single-file checkpoint."""
+    """An original (LDM) single-file checkpoint, in either variant above."""
 
     tokenizer_folder = None
 
     def __init__(self, path: Path):
         self.file = _TensorFile(path)
-        identify(self.file.shapes, path)
         self.path = path
+        self._names = _ldm_names(self.file.shapes, path)
+        # linear attention projections, read as 1x1 convs
+        self._as_conv = {k for k, f in self._names.items()
+                         if _VAE_ATTN_PROJECTION.match(k) and len(self.file.shapes[f]) == 2}
+        self._shapes = {k: self.file.shapes[f] + ((1, 1) if k in self._as_conv else ())
+                        for k, f in self._names.items()}
+        identify(self._shapes, path)
 
     def config(self, prediction_type: str | None) -> SDConfig:
-        return detect_config(self.file.shapes, prediction_type=prediction_type, name=self.path.stem,
+        return detect_config(self._shapes, prediction_type=prediction_type, name=self.path.stem,
                              where=self.path, hint=self.file.config_json)
 
     def shapes(self) -> dict[str, tuple]:
-        return dict(self.file.shapes)
+        return dict(self._shapes)
 
     def check_shapes(self, expected: Mapping[str, tuple]) -> None:
         """Nothing to do before :func:`check_state_dict`: the file's keys are the model's."""
 
     def read(self, keys, dtype, device) -> dict[str, torch.Tensor]:
-        return _floating({k: self.file.read(k, dtype, device) for k in keys}, self.path)
+        out = {}
+        for k in keys:
+            t = self.file.read(self._names[k], dtype, device)
+            out[k] = t[:, :, None, None] if k in self._as_conv else t
+        return _floating(out, self.path)
 
 
 class DiffusersFolder:

@@ -835,6 +835,44 @@ def test_only_a_1x1_conv_stands_for_a_linear_weight(saved, tmp_path):
         sdcore.load(d)
 
 
+def _attention_projection(key: str) -> bool:
+    """A VAE attention block's q, k, v or proj_out weight (LDM names)."""
+    return (key.startswith("first_stage_model.") and ".attn" in key
+            and key.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_single_file_variants_load_as_the_ldm_layout(tiny, tmp_path, fmt):
+    """CLIP keys without transformers' text_model. level, and VAE attention projections stored as
+    linear (C, C) weights, load bitwise into the same model as the LDM layout."""
+    sd = tiny.state_dict()
+    clip = "cond_stage_model.transformer.text_model."
+    variant = {k.replace(clip, "cond_stage_model.transformer."): v[:, :, 0, 0] if _attention_projection(k) else v
+               for k, v in sd.items()}
+    assert sum(map(_attention_projection, sd)) >= 8 and sum(k.startswith(clip) for k in sd) > 10  # the test tests something
+    loaded = sdcore.load(_foreign(tmp_path, variant, f"variant.{fmt}"))
+    assert_same_weights(sd, loaded.state_dict())
+    assert loaded.config == tiny.config.replace(name=loaded.config.name)
+
+
+def test_single_file_variant_errors_name_the_keys(tiny, tmp_path):
+    """One CLIP weight under both names is refused, naming both; a linear weight is accepted for a
+    1x1 conv only at an attention projection."""
+    sd = tiny.state_dict()
+    key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    both = dict(sd, **{"cond_stage_model.transformer.final_layer_norm.weight": sd[key].clone()})
+    with pytest.raises(CheckpointError, match=r"both\.safetensors: holds 'cond_stage_model\.transformer\.final_layer_"
+                                              r"norm\.weight' and 'cond_stage_model\.transformer\.text_model\."
+                                              r"final_layer_norm\.weight', two names for one"):
+        sdcore.load(_foreign(tmp_path, both, "both.safetensors"))
+    conv = next(k for k, v in sd.items() if k.startswith("first_stage_model.") and v.shape[2:] == (1, 1)
+                and not _attention_projection(k))
+    flat = dict(sd, **{conv: sd[conv][:, :, 0, 0]})
+    shape = tuple(sd[conv].shape)
+    with pytest.raises(CheckpointError, match=re.escape(f"{conv}: expected {shape}, got {shape[:2]}")):
+        sdcore.load(_foreign(tmp_path, flat, "flat.safetensors"))
+
+
 @pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
 def test_save_tensors_sharing_storage(tmp_path, suffix):
     """Views of one storage (tied or sliced weights) save, each as its own tensor."""
