@@ -14,6 +14,14 @@ Every prompt becomes exactly ``max_length`` ids (77, or a folder's ``model_max_l
 ``<|startoftext|>``, at most ``max_length - 2`` content tokens, ``<|endoftext|>``, then padding:
 ``<|endoftext|>`` for SD 1.x, ``"!"`` (id 0) for SD 2.x.
 Longer prompts are truncated with a warning naming the prompt (index and text) and the tokens dropped.
+``<|startoftext|>`` and ``<|endoftext|>`` written in a prompt are BOS and EOS in any case
+("<|ENDOFTEXT|>" too): OpenAI's tokenizer lower-cases the prompt before it looks for them, and
+transformers 4.x's CLIPTokenizer (slow and fast) marks both ``normalized`` whatever the folder says.
+A folder whose tokenizer.json or ``added_tokens_decoder`` lists them keeps the flags it gives.
+transformers 5 marks them normalized only where a folder's special-token entries say so, and lets a
+plain-string pad token "<|endoftext|>" clear EOS's flag, so it matches "<|ENDOFTEXT|>" as BPE pieces
+in a bare vocab.json + merges.txt folder and in the hub's SD 1.5 one; :meth:`CLIPTokenizer.save`
+writes the flags, so transformers 4.x and 5 read a saved folder as sdcore does.
 As in transformers, the pad token is a special token, so with SD 2's "!" every "!" in a prompt
 becomes id 0 (diffusers' behaviour; OpenCLIP's own tokenizer would merge "!!!" into one token).
 
@@ -222,13 +230,22 @@ class CLIPTokenizer:
         # follow transformers, i.e. what diffusers' SD 2 pipelines feed the text encoder.
         tok.add_tokens([AddedToken(t["content"], **{f: t[f] for f in _FLAGS}) for t in self.added_tokens.values()])
         listed = {t["content"] for t in self.added_tokens.values()}
-        tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys([BOS, EOS, pad_token])
+        tok.add_special_tokens([AddedToken(t, **self._special_flags(t)) for t in dict.fromkeys([BOS, EOS, pad_token])
                                 if t not in listed])
         wrong = [(t["content"], i, tok.token_to_id(t["content"])) for i, t in self.added_tokens.items()
                  if tok.token_to_id(t["content"]) != i]
         if wrong:  # a change in `tokenizers`' numbering, not the caller's input
             raise AssertionError(f"added tokens got other ids than saved (content, saved, got): {wrong[:5]}")
         self._tok = tok
+
+    @staticmethod
+    def _special_flags(token: str) -> dict:
+        """A special token's flags where no added token lists it. BOS and EOS are matched in the
+        normalised (lower-cased) prompt, so "<|ENDOFTEXT|>" is EOS: OpenAI's tokenizer lower-cases
+        before it looks for them, and transformers 4.x's CLIPTokenizer (slow and fast) marks both
+        ``normalized`` whatever the folder says. Another pad token ("!") is matched as written."""
+        return {"special": True, "normalized": token in (BOS, EOS), "lstrip": False, "rstrip": False,
+                "single_word": False}
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -303,13 +320,18 @@ class CLIPTokenizer:
         (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
         (folder / "merges.txt").write_text(
             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
+        # the special tokens with their flags, in both places transformers reads them (as a plain
+        # string, transformers 5 would give them its own default, normalized=False)
+        listed = {t["content"]: t for t in self.added_tokens.values()}
+        flags = {t: listed.get(t) or {"content": t, **self._special_flags(t)} for t in (BOS, EOS, self.pad_token)}
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
                   "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special}
         beyond = {t["content"]: i for i, t in self.added_tokens.items() if t["content"] not in self.vocab}
-        if self.added_tokens:
-            config["added_tokens_decoder"] = {str(i): t for i, t in self.added_tokens.items()}
+        decoder = {self.bos_id: flags[BOS], self.eos_id: flags[EOS], self.pad_id: flags[self.pad_token],
+                   **self.added_tokens}
+        config["added_tokens_decoder"] = {str(i): t for i, t in sorted(decoder.items())}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
                                                       encoding="utf-8")
         added_json = folder / "added_tokens.json"

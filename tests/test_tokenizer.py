@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from tokenizers import AddedToken
 
 from sdcore import tokenizer as tk
 from sdcore.tokenizer import CLIPTokenizer
@@ -157,6 +158,50 @@ def test_save_from_folder_round_trip(bpe_path, tmp_path, pad):
         assert hf.pad_token == pad
         theirs = hf(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         assert torch.equal(theirs, tok(prompts))
+
+
+MARKER_PROMPTS = ["<|ENDOFTEXT|> a", "a <|StartOfText|> b", "x<|EndOfText|>y", "<|startoftext|><|ENDOFTEXT|>!",
+                  "<|endoftext|>"]
+
+
+def _hub_folder(hf_folder, folder, pad):
+    """A tokenizer folder as the hub's SD 1.5 and 2.1 ones are written (transformers 4.x before
+    4.34): vocab.json, merges.txt, and BOS/EOS/UNK as serialised AddedTokens marked normalized."""
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((hf_folder / name).read_bytes())
+    def added(token):
+        return {"__type": "AddedToken", "content": token, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+    special = {"bos_token": added(tk.BOS), "eos_token": added(tk.EOS), "unk_token": added(tk.EOS), "pad_token": pad}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77, "do_lower_case": True,
+                                                              "tokenizer_class": "CLIPTokenizer"}))
+    return folder
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_bos_and_eos_are_found_in_any_case(bpe_path, hf_folder, tmp_path, pad):
+    """OpenAI's tokenizer lower-cases a prompt before it looks for <|startoftext|> and <|endoftext|>,
+    and transformers 4.x's CLIPTokenizer marks both normalized, so "<|ENDOFTEXT|>" is EOS: in the
+    default tokenizer, in a hub-style folder, and in a folder we save, which transformers reads the
+    same. The oracle is transformers 5 told that both are normalized."""
+    flags = dict(lstrip=False, rstrip=False, single_word=False, normalized=True, special=True)
+    bos, eos = AddedToken(tk.BOS, **flags), AddedToken(tk.EOS, **flags)
+    hf = transformers.CLIPTokenizer.from_pretrained(hf_folder, bos_token=bos, eos_token=eos, unk_token=eos,
+                                                    pad_token=eos if pad == tk.EOS else pad)
+    want = hf(MARKER_PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert want[0, :4].tolist() == [49406, 49407, 320, 49407], want[0, :4]  # the oracle itself
+    default = CLIPTokenizer.from_bpe_file(bpe_path, pad_token=pad)
+    hub = CLIPTokenizer.from_folder(_hub_folder(hf_folder, tmp_path / "hub", pad))
+    default.save(tmp_path / "saved")
+    saved = transformers.CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    for name, ids in [("default", default(MARKER_PROMPTS)), ("hub folder", hub(MARKER_PROMPTS)),
+                      ("saved, read by transformers", saved(MARKER_PROMPTS, padding="max_length", max_length=77,
+                                                            return_tensors="pt").input_ids)]:
+        bad = [i for i in range(len(MARKER_PROMPTS)) if not torch.equal(ids[i], want[i])]
+        assert not bad, (f"{name}: {MARKER_PROMPTS[bad[0]]!r}\n got  {ids[bad[0], :8].tolist()}\n want "
+                         f"{want[bad[0], :8].tolist()}")
 
 
 def test_bad_inputs(tmp_path, monkeypatch, bpe_path):
