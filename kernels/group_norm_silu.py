@@ -755,8 +755,10 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
 
 def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
     """Why weight / bias do not fit x, or None: (C,) tensors on x's device, in x's dtype or, with
-    16-bit x, float32 (as torch's group_norm takes them); ``any_dtype``: under autocast, which
-    casts every input of group_norm to fp32."""
+    16-bit x, float32 (as torch's group_norm takes them), one dtype for both; ``any_dtype``: under
+    autocast, which casts every input of group_norm to fp32."""
+    if weight is not None and bias is not None and weight.dtype != bias.dtype and not any_dtype:
+        return f"weight dtype {weight.dtype} and bias dtype {bias.dtype} differ; torch's group_norm takes one dtype"
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue

@@ -344,6 +344,8 @@ def _bad_op_calls():
          "group_norm_silu: x dtype torch.int32 is not floating point"),
         ("gn fp64 x fp32 weight", lambda: kernels.group_norm_silu(x.double(), w, w, 2), ValueError,
          r"weight dtype torch.float32: must be x's \(torch.float64\), or float32 with 16-bit x"),
+        ("gn fp32 weight fp16 bias", lambda: kernels.group_norm_silu(x.half(), w, w.half(), 2), ValueError,
+         "weight dtype torch.float32 and bias dtype torch.float16 differ; torch's group_norm takes one dtype"),
         ("gn weight shape", lambda: kernels.group_norm_silu(x, torch.ones(3), None, 2), ValueError,
          r"weight shape \(3,\) is not \(C,\) = \(4,\)"),
         ("gn meta bias", lambda: kernels.group_norm_silu(x, w, w.to("meta"), 2), ValueError, "bias is on meta, x on cpu"),
