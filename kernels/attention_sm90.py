@@ -39,14 +39,24 @@ wgmma: 34 of 34 per loop step here, 0 in kernels/attention.py's D 40 self-attent
 
 Loads. K and V blocks stream through STAGES shared-memory buffers by ``cp.async`` (16-byte, masked:
 key rows past Lkv and columns past D arrive as zeros), one commit group per block, issued
-STAGES - 2 blocks ahead: block i - 1's buffer is still read by the P V issued in step i. Every
-warp waits for its own copies, fences them (and its P stores) to the tensor cores' (async) proxy
-and meets the others at a barrier before a wgmma reads the tile; that barrier is also what frees
-a buffer for reuse. Triton's barrier pass, which cannot tell the buffers apart, adds more CTA
-barriers: a step's loop body holds 4 ``BAR.SYNC`` under Triton 3.6 (one before the P store) and 5
-under 3.9 (one between the two wgmma issues, one after the partial wait), where this code asks for
-one. So the two warpgroups of a program also meet mid-step; the overlap counted above is within
-each warpgroup. If the timing disappoints, these barriers are the first suspect.
+STAGES - 2 blocks ahead (in step i, after the softmax, block i + STAGES - 2 into block i - 2's
+buffer): block i - 1's buffer is still read by the P V issued in step i. Every warp waits for its
+own copies, meets the others at a barrier, and fences the landed tiles (and its P stores) to the
+tensor cores' (async) proxy before a wgmma reads them; that barrier is also what frees a buffer
+for reuse.
+
+Barriers. Triton's barrier pass adds CTA barriers of its own where it sees a shared-memory hazard;
+it cannot tell the buffers of one allocation apart, and it ignores that a wgmma is asynchronous.
+With the fence after the barrier and the refill after the P store, a step's loop body has 2
+``BAR.SYNC`` under Triton 3.6 (the one asked for, and one before the P store, where the P V in
+flight reads the other P buffer) and 3 under 3.9 (one after each wgmma wait, which 3.9 adds when a
+program has more than one warpgroup); the first version had 4 and 5 (offline sm_90 SASS,
+2026-11-23; tests/test_sm90_compile.py holds the count). So the two warpgroups of a program also
+meet mid-step, before the softmax; the overlap counted above is within each warpgroup. If the
+timing disappoints, these barriers are the first suspect. Constant buffer indices (a loop unrolled
+by STAGES) did not remove the 3.6 ones and took the registers to 184-194, one program per SM;
+distinct allocations for the two P buffers are the remaining route.
+
 Launches go through Triton's own dispatch (tens of microseconds of host time
 per call), so calls shorter than that, such as 77-key cross-attention, time the host.
 The head dim is padded to a power of two (40 -> 64) by the masks, as the Triton kernel pads it.
@@ -123,10 +133,13 @@ def _issue_kv(k_bufs, v_bufs, stage, k_ptr, v_ptr, start_n, rows, cols, stride_k
 @gluon.jit
 def _landed(PENDING: gl.constexpr):
     """Wait until at most PENDING copy groups of this thread are in flight, then make every thread's
-    landed tiles visible to the wgmma (async) proxy: fence, then a barrier across the program."""
+    landed tiles (and P stores) visible to the wgmma (async) proxy: a barrier across the program,
+    then a fence. In this order because Triton's barrier pass puts a barrier right after a cp.async
+    wait unless one follows it already: fence first, and the step had two (offline SASS, 3.6 and 3.9).
+    Barrier, then fence before the wgmma, is also the order Triton's own passes emit."""
     async_copy.wait_group(PENDING)
-    fence_async_shared()
     _barrier()
+    fence_async_shared()
 
 
 @gluon.jit
@@ -159,9 +172,6 @@ def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, 
     # block i's copies have landed, and step i - 1's stores of P_{i-1} are visible to wgmma; every
     # warp is past step i - 1's waits, so the buffers its wgmma read are free
     _landed(STAGES - 3)
-    # refill the buffer of block i - 2 (step i - 1's P V read it) with block i + STAGES - 2
-    _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n, cols,
-              stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
     s = warpgroup_mma(q_smem, k_bufs.index(i % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     o = warpgroup_mma(p_bufs.index((i - 1) % 2), v_bufs.index((i - 1) % STAGES), o, is_async=True)
     s = warpgroup_mma_wait(1, deps=(s,))  # groups complete in order: S_i is in, O may still run
@@ -173,6 +183,12 @@ def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, 
     if qk_scale > 0:
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, i * BLOCK_N, LKV, s_layout, BLOCK_N, MASK, False)
         p_bufs.index(i % 2).store(p.to(p_bufs.dtype))
+        # refill the buffer of block i - 2 (step i - 1's P V read it; every warp has waited for that
+        # since the barrier in _landed) with block i + STAGES - 2. Here, not before the QK wgmma, and
+        # in this block, so that Triton's barrier pass finds its barrier before the P store between
+        # this write and every wgmma read of the buffers (it added one otherwise: Triton 3.6)
+        _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n, cols,
+                  stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
     o = warpgroup_mma_wait(0, deps=(o,))
     o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     return o, m_i, l_i
