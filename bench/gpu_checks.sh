@@ -9,7 +9,8 @@
 # `gluon` runs first: the Gluon sm_90 attention research backend (kernels/attention_sm90.py), never
 # yet run on a GPU, gets its `gpu` tests in a process of its own (a fault there poisons the CUDA
 # context, so the `tests` stage leaves that file out), then, if they pass, its op timings next to
-# the Triton kernel and every SDPA backend at the attention shapes SD 1.5 and 2.1 call.
+# the Triton kernel and every SDPA backend at the attention shapes SD 1.5 and 2.1 call, then a sweep
+# of its configurations (key block, K/V buffers, where the K/V copy is issued) at D 40.
 #
 # `split` (not in the default list) tries the 40 = 32 + 16 attention head split, which crashed an
 # H100 with Triton 3.6 before the alignment hint; a crash poisons the CUDA context, so it runs in
@@ -44,7 +45,9 @@ for stage in $stages; do
     gluon) "$py" -m pytest -q -m gpu tests/test_attention_sm90.py -p no:cacheprovider 2>&1 | tee "$out/gluon-tests.log" \
              && "$py" -m bench ops --ops attention --plugin kernels.attention_sm90 --shapes unet15.attn \
                   unet15@768.attn.self0 sd21 --backends reference triton sdpa-flash sdpa-cudnn sdpa-efficient gluon_sm90 \
-                  --no-progress --out "$out/ops-gluon" > "$out/ops-gluon.log" 2>&1 ;;
+                  --no-progress --out "$out/ops-gluon" > "$out/ops-gluon.log" 2>&1 \
+             && "$py" -m bench tune --ops attention.gluon_sm90 --shapes unet15.attn.self0 unet15.attn.cross0 \
+                  --dtypes fp16 --no-progress --out "$out/tune-gluon" > "$out/tune-gluon.log" 2>&1 ;;
     tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" --ignore tests/test_attention_sm90.py -p no:cacheprovider \
              2>&1 | tee "$out/gpu-tests.log" ;;
     split) "$py" -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \

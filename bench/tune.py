@@ -12,6 +12,10 @@ would be garbage): the candidates call the kernel directly, past the registry's 
 speed-up column is against the default configuration, and the summary names the best eligible
 configuration per case: what to write into the kernel's table after a GPU run.
 
+``attention.gluon_sm90`` sweeps the Gluon research forward (kernels/attention_sm90.py, Hopper
+only): its key block, K/V buffers and where each step issues its K/V copy, against its CONFIG.
+Elsewhere every row is skipped with that backend's reason.
+
 ``attention.backward`` sweeps the two backward kernels (dK/dV, then dQ), one at a time with the
 other on its table row, over the attention shape cases. Each candidate times one backward pass
 (both kernels and the row sums before them) from a forward computed once, and its error is the
@@ -30,7 +34,9 @@ from .common import (DEFAULT_CONFIG as DEFAULT, ERROR_ATOL, Skip, add_speedups, 
                      host_ms, interpreting, make_row, max_errors, skipped_row, time_fn, within_error)
 from .ops import Case, backend_refusal, make_inputs, oracle, select_cases, work
 
-CASE_OP = {"attention": "attention", "attention.backward": "attention", "group_norm_silu": "group_norm_silu"}
+CASE_OP = {"attention": "attention", "attention.backward": "attention", "group_norm_silu": "group_norm_silu",
+           "attention.gluon_sm90": "attention"}
+BACKEND = {"attention.gluon_sm90": "gluon_sm90"}  # the backend a sweep's candidates run; else triton
 TUNABLE = tuple(CASE_OP)  # what --ops takes; CASE_OP names the op whose shape table each sweeps
 DEFAULT_OPS = ("attention", "group_norm_silu")  # inference kernels; the backward sweep is asked for by name
 
@@ -96,10 +102,27 @@ def group_norm_candidates(case: Case, quick: bool, masked_tail: bool = False) ->
     return out
 
 
+def _gluon_sm90():
+    """kernels/attention_sm90.py, imported (which registers its backend, gluon_sm90)."""
+    return importlib.import_module("kernels.attention_sm90")
+
+
+def gluon_sm90_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
+    """The Gluon research forward's (BLOCK_M, BLOCK_N, warps, STAGES, LATE_REFILL): key block and
+    K/V buffers, and where each step issues its K/V copy (after the softmax: fewer barriers; before
+    the QK wgmma: further ahead). 128 query rows in 8 warps (two warpgroups) throughout."""
+    grid = ([64], [3], [True]) if quick else ([64, 128], [3, 4], [True, False])
+    out = [Candidate(DEFAULT, None)]
+    for bn, stages, late in itertools.product(*grid):
+        out.append(Candidate(f"bn{bn} s{stages} {'late' if late else 'early'} refill", (128, bn, 8, stages, late)))
+    return out
+
+
 CANDIDATES: dict[str, Callable[..., list[Candidate]]] = {  # (case, quick, masked_tail) -> candidates
     "attention": attention_candidates,
     "attention.backward": attention_backward_candidates,
     "group_norm_silu": group_norm_candidates,
+    "attention.gluon_sm90": gluon_sm90_candidates,
 }
 
 
@@ -115,6 +138,9 @@ def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor | tu
         with torch.enable_grad():
             o = kernels.implementation("attention", "triton")(*leaves, config=config)
         return lambda: torch.autograd.grad(o, leaves, do, retain_graph=True)
+    if op == "attention.gluon_sm90":  # the launcher, past the backend's autocast and check (asked before)
+        sm90 = _gluon_sm90()
+        return lambda: sm90._forward(*args, store_lse=False, config=config or sm90.CONFIG)[0]
     fn = kernels.implementation(op, "triton")
     if config is None:
         return lambda: fn(*args)
@@ -195,7 +221,10 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
                 args = _inputs(op, case, device, dtype)
                 # the triton check, which _kernel_call goes past: without it an input the kernel cannot
                 # take (bf16 under the interpreter) would give garbage rows marked ok
-                refused = backend_refusal(CASE_OP[op], "triton", args[:3] if op == "attention.backward" else args)
+                if op == "attention.gluon_sm90":
+                    _gluon_sm90()
+                refused = backend_refusal(CASE_OP[op], BACKEND.get(op, "triton"),
+                                          args[:3] if op == "attention.backward" else args)
                 if refused is None:
                     ref64 = _oracle(op, args)
                     ref_err = _errors(_reference_call(op, args)(), ref64)[0]

@@ -38,24 +38,26 @@ wgmma: 34 of 34 per loop step here, 0 in kernels/attention.py's D 40 self-attent
 (bench/results/2026-11-23-sm90-offline/gluon-sm90.md).
 
 Loads. K and V blocks stream through STAGES shared-memory buffers by ``cp.async`` (16-byte, masked:
-key rows past Lkv and columns past D arrive as zeros), one commit group per block, issued
-STAGES - 2 blocks ahead (in step i, after the softmax, block i + STAGES - 2 into block i - 2's
-buffer): block i - 1's buffer is still read by the P V issued in step i. Every warp waits for its
-own copies, meets the others at a barrier, and fences the landed tiles (and its P stores) to the
-tensor cores' (async) proxy before a wgmma reads them; that barrier is also what frees a buffer
-for reuse.
+key rows past Lkv and columns past D arrive as zeros), one commit group per block, issued STAGES - 2
+blocks ahead (in step i, block i + STAGES - 2 into block i - 2's buffer): block i - 1's buffer is
+still read by the P V issued in step i. LATE_REFILL (the default) issues that copy after step i's
+softmax, about STAGES - 3 steps before its first use (with 3 buffers, just before the step that
+reads it); otherwise it goes before step i's QK wgmma, STAGES - 2 steps ahead, at the cost of a
+barrier (below). Every warp waits for its own copies, meets the others at a barrier, and fences the
+landed tiles (and its P stores) to the tensor cores' (async) proxy before a wgmma reads them; that
+barrier is also what frees a buffer for reuse.
 
 Barriers. Triton's barrier pass adds CTA barriers of its own where it sees a shared-memory hazard;
 it cannot tell the buffers of one allocation apart, and it ignores that a wgmma is asynchronous.
-With the fence after the barrier and the refill after the P store, a step's loop body has 2
-``BAR.SYNC`` under Triton 3.6 (the one asked for, and one before the P store, where the P V in
+With the fence after the barrier and the refill after the P store (LATE_REFILL), a step's loop body
+has 2 ``BAR.SYNC`` under Triton 3.6 (the one asked for, and one before the P store, where the P V in
 flight reads the other P buffer) and 3 under 3.9 (one after each wgmma wait, which 3.9 adds when a
-program has more than one warpgroup); the first version had 4 and 5 (offline sm_90 SASS,
-2026-11-23; tests/test_sm90_compile.py holds the count). So the two warpgroups of a program also
-meet mid-step, before the softmax; the overlap counted above is within each warpgroup. If the
-timing disappoints, these barriers are the first suspect. Constant buffer indices (a loop unrolled
-by STAGES) did not remove the 3.6 ones and took the registers to 184-194, one program per SM;
-distinct allocations for the two P buffers are the remaining route.
+program has more than one warpgroup); the first version had 4 and 5 (offline sm_90 SASS, 2026-11-23;
+tests/test_sm90_compile.py holds the count). So the two warpgroups of a program also meet mid-step,
+before the softmax; the overlap counted above is within each warpgroup. If the timing disappoints,
+these barriers are the first suspect. Constant buffer indices (a loop unrolled by STAGES) did not
+remove the 3.6 ones and took the registers to 184-194, one program per SM; distinct allocations for
+the two P buffers are the remaining route.
 
 Launches go through Triton's own dispatch (tens of microseconds of host time
 per call), so calls shorter than that, such as 77-key cross-attention, time the host.
@@ -110,10 +112,13 @@ except Exception as e:  # no Triton, or an older one without Gluon's Hopper ops
 NAME = "gluon_sm90"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # D 160 pads to 256: Q, K and V tiles would need 320 KB of shared memory (an SM has 228)
-# (BLOCK_M, BLOCK_N, num_warps, STAGES). 8 warps are two warpgroups of 64 query rows each, sharing
-# K/V tiles. Offline at D 40 (Triton 3.6 / 3.9): 109 / 107 registers, no spills, 112 KB of shared
-# memory (Q 16, K and V 4 x 8 each, P 2 x 16), so two programs fit an SM. Not yet swept on a GPU.
-CONFIG = (128, 64, 8, 4)
+# (BLOCK_M, BLOCK_N, num_warps, STAGES, LATE_REFILL). 8 warps are two warpgroups of 64 query rows
+# each, sharing K/V tiles. Offline at D 40 (Triton 3.6 / 3.9): 103 / 104 registers, no spills,
+# 112 KB of shared memory (Q 16, K and V 4 x 8 each, P 2 x 16), so two programs fit an SM.
+# LATE_REFILL: issue step i's K/V copy after its softmax (2 barriers per step under Triton 3.6, 3
+# under 3.9) rather than before its QK wgmma (3 and 4, the copy a step further ahead); module
+# docstring, Barriers. Untimed either way: `python -m bench tune --ops attention.gluon_sm90` sweeps it.
+CONFIG = (128, 64, 8, 4, True)
 
 
 @gluon.jit
@@ -166,12 +171,16 @@ def _softmax(s, m_i, l_i, qk_scale, start_n, LKV, s_layout: gl.constexpr, BLOCK_
 @gluon.jit
 def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, cols, stride_kn, stride_vn, LKV,
           qk_scale, s_zero, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-          ALIGN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, MASK: gl.constexpr):
+          ALIGN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, MASK: gl.constexpr,
+          LATE_REFILL: gl.constexpr):
     """Key block i: S_i = Q K_iᵀ issued, then O += P_{i-1} V_{i-1} issued; block i's softmax runs
     while the second is in flight, and writes P_i to the other P buffer (module docstring)."""
     # block i's copies have landed, and step i - 1's stores of P_{i-1} are visible to wgmma; every
     # warp is past step i - 1's waits, so the buffers its wgmma read are free
     _landed(STAGES - 3)
+    if not LATE_REFILL:  # block i + STAGES - 2 issued two steps ahead; Triton's barrier pass adds a barrier
+        _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n,
+                  cols, stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
     s = warpgroup_mma(q_smem, k_bufs.index(i % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     o = warpgroup_mma(p_bufs.index((i - 1) % 2), v_bufs.index((i - 1) % STAGES), o, is_async=True)
     s = warpgroup_mma_wait(1, deps=(s,))  # groups complete in order: S_i is in, O may still run
@@ -183,12 +192,14 @@ def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, 
     if qk_scale > 0:
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, i * BLOCK_N, LKV, s_layout, BLOCK_N, MASK, False)
         p_bufs.index(i % 2).store(p.to(p_bufs.dtype))
-        # refill the buffer of block i - 2 (step i - 1's P V read it; every warp has waited for that
-        # since the barrier in _landed) with block i + STAGES - 2. Here, not before the QK wgmma, and
-        # in this block, so that Triton's barrier pass finds its barrier before the P store between
-        # this write and every wgmma read of the buffers (it added one otherwise: Triton 3.6)
-        _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n, cols,
-                  stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
+        if LATE_REFILL:
+            # refill the buffer of block i - 2 (step i - 1's P V read it; every warp has waited for
+            # that since the barrier in _landed) with block i + STAGES - 2. Here, in this block, Triton's
+            # barrier pass finds its barrier before the P store between this write and every wgmma
+            # read of the buffers; before the QK wgmma it added one (Triton 3.6). The cost: the copy
+            # starts a softmax later, about one step ahead of its use instead of two
+            _issue_kv(k_bufs, v_bufs, (i + STAGES - 2) % STAGES, k_ptr, v_ptr, (i + STAGES - 2) * BLOCK_N, rows_n,
+                      cols, stride_kn, stride_vn, LKV, HEAD_DIM, ALIGN)
     o = warpgroup_mma_wait(0, deps=(o,))
     o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     return o, m_i, l_i
@@ -211,6 +222,7 @@ def _attn_fwd_sm90_kernel(
     STAGES: gl.constexpr,  # K/V buffers, >= 3 (block i - 1's is read while block i's is current)
     ALIGN: gl.constexpr,  # batch, head and row strides are multiples of this many elements (host-checked)
     STORE_LSE: gl.constexpr,
+    LATE_REFILL: gl.constexpr,  # K/V refill after the softmax (fewer barriers) or before the QK wgmma (further ahead)
     FIRST_MASKED: gl.constexpr,  # LKV < BLOCK_N: block 0 is the partial one
     TAIL: gl.constexpr,  # LKV % BLOCK_N != 0 and LKV > BLOCK_N: a masked step after the full blocks
     s_layout: gl.constexpr,  # wgmma accumulator layouts of S (BLOCK_M x BLOCK_N) and O (BLOCK_M x D_PAD)
@@ -259,12 +271,12 @@ def _attn_fwd_sm90_kernel(
     for i in range(1, n_full):
         o, m_i, l_i = _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, cols,
                             stride_kn, stride_vn, LKV, qk_scale, s_zero, HEAD_DIM, BLOCK_N, STAGES, ALIGN,
-                            s_layout, o_layout, False)
+                            s_layout, o_layout, False, LATE_REFILL)
     last = 0
     if TAIL:
         o, m_i, l_i = _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, n_full, k_ptr, v_ptr, rows_n, cols,
                             stride_kn, stride_vn, LKV, qk_scale, s_zero, HEAD_DIM, BLOCK_N, STAGES, ALIGN,
-                            s_layout, o_layout, True)
+                            s_layout, o_layout, True, LATE_REFILL)
         last = n_full
     elif not FIRST_MASKED:
         last = n_full - 1
@@ -349,7 +361,7 @@ def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
     b, h, lq, d = q.shape
     lkv = k.shape[2]
-    block_m, block_n, num_warps, stages = config
+    block_m, block_n, num_warps, stages, late_refill = config
     if stages < 3:
         raise ValueError(f"config {config}: STAGES must be >= 3 (block i - 1's buffer is read during step i)")
     d_pad = max(16, next_power_of_2(d))
@@ -365,7 +377,8 @@ def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     _attn_fwd_sm90_kernel[(-(-lq // block_m), b * h)](
         q, k, v, o, lse if store_lse else q, *strides, h, lq, lkv, qk_scale,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ALIGN=align,
-        STORE_LSE=store_lse, FIRST_MASKED=lkv < block_n, TAIL=lkv > block_n and lkv % block_n != 0,
+        STORE_LSE=store_lse, LATE_REFILL=bool(late_refill), FIRST_MASKED=lkv < block_n,
+        TAIL=lkv > block_n and lkv % block_n != 0,
         s_layout=s_layout, o_layout=o_layout, load_layout=load_layout, q_smem_layout=q_smem,
         kv_smem_layout=kv_smem, p_smem_layout=p_smem, num_warps=num_warps)
     return o, lse

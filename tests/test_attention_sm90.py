@@ -111,7 +111,7 @@ def test_alignment_is_checked_in_the_dtype_autocast_hands_the_kernel(sm90):
 def test_config_needs_three_stages(sm90):
     q, k, v = _qkv(1, 2, 16, 16, 40)
     with pytest.raises(ValueError, match="STAGES must be >= 3"):
-        sm90._forward(q, k, v, config=(128, 64, 8, 2))
+        sm90._forward(q, k, v, config=(128, 64, 8, 2, True))
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -159,6 +159,25 @@ def test_forward_sd_shapes_gpu(sm90, shape, layout, dtype):
     testing.assert_within_torch_error(got, torch_out, want, name=f"o {shape} {layout} {dtype}")
     lse_want = torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
     testing.assert_close(lse, lse_want, atol=1e-3, name=f"lse2 {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD_SHAPES)
+@pytest.mark.parametrize("config", [(128, 64, 8, 4, False), (128, 64, 8, 3, True), (128, 64, 8, 3, False)],
+                         ids=["early-refill", "3-stages", "3-stages-early-refill"])
+def test_forward_other_configs_gpu(sm90, shape, config):
+    """The configurations `bench tune --ops attention.gluon_sm90` sweeps beside the default: the K/V
+    copy before the QK wgmma instead of after the softmax, and 3 buffers (the fewest the ring allows)."""
+    _hopper("cuda")
+    b, h, lq, lkv, d = shape
+    q, k, v = _qkv(b, h, lq, lkv, d, torch.float16, "cuda", "unet")
+    with torch.no_grad():
+        got, lse = sm90._forward(q, k, v, config=config)
+        torch_out = attention_reference(q, k, v)
+    s = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    testing.assert_within_torch_error(got, torch_out, torch.softmax(s, -1) @ v.double(), name=f"o {shape} {config}")
+    lse_want = torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    testing.assert_close(lse, lse_want, atol=1e-3, name=f"lse2 {shape} {config}")
 
 
 @pytest.mark.gpu

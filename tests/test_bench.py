@@ -531,6 +531,22 @@ def test_tune_skips_inputs_the_triton_check_refuses(tmp_path, monkeypatch):
         assert all(r["status"] == "skipped" and "pretend dtype limit" in r["note"] for r in rows), rows
 
 
+def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path):
+    """`bench tune --ops attention.gluon_sm90`: the Gluon forward's grid (key block x buffers x where
+    the K/V copy is issued) beside its default, each row skipped with the gluon_sm90 check's reason
+    on a machine without a Hopper GPU (a GPU run times them: bench/gpu_checks.sh, stage gluon)."""
+    from bench import tune
+
+    cands = tune.gluon_sm90_candidates(None, quick=False)
+    assert cands[0].config is None and len(cands) == 9
+    assert {c.config[4] for c in cands[1:]} == {True, False} and {c.config[3] for c in cands[1:]} == {3, 4}
+    rc, data = _run(["tune", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross"], tmp_path)
+    rows = _rows(data, suite="tune")
+    assert rc == 0 and len(rows) == 9 * len({r["dtype"] for r in rows}), rows
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        assert all(r["status"] == "skipped" and "gluon_sm90" in r["note"] for r in rows), rows
+
+
 def test_tune_bf16_attention_under_the_interpreter_is_skipped(tmp_path):
     """The interpreter's tl.dot cannot do bf16 (errors of 1e8 passed as ok before)."""
     if not common.interpreting():
