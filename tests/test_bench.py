@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import kernels
 from bench import common
 from bench.__main__ import main
 
@@ -540,7 +542,13 @@ def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path):
     cands = tune.gluon_sm90_candidates(None, quick=False)
     assert cands[0].config is None and len(cands) == 9
     assert {c.config[4] for c in cands[1:]} == {True, False} and {c.config[3] for c in cands[1:]} == {3, 4}
-    rc, data = _run(["tune", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross"], tmp_path)
+    imported = "kernels.attention_sm90" in sys.modules
+    try:
+        rc, data = _run(["tune", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross"], tmp_path)
+    finally:  # the sweep imports the plugin, which registers its backend: the rest of the session sees the built-ins
+        if not imported:
+            kernels.unregister("attention", "gluon_sm90")
+            sys.modules.pop("kernels.attention_sm90", None)
     rows = _rows(data, suite="tune")
     assert rc == 0 and len(rows) == 9 * len({r["dtype"] for r in rows}), rows
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
