@@ -299,9 +299,9 @@ def drop_extras(shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> d
 
 # ------------------------------------------------------------------------------------------ reading
 # Two variants of the LDM layout that single files in circulation use, read as the keys and shapes
-# they stand for (the AUTOMATIC1111 web UI and diffusers' single-file loader accept both):
+# they stand for:
 # - SD 1.x CLIP weights without transformers' ``text_model.`` level
-#   (``cond_stage_model.transformer.encoder.*``), as older transformers' CLIPTextModel named them;
+#   (``cond_stage_model.transformer.encoder.*``), as some exporters wrote them;
 # - VAE attention projections stored as linear (C, C) weights where LDM has 1x1 convs (C, C, 1, 1),
 #   as diffusers' linear attention layers hold them.
 _CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^cond_stage_model\.transformer\.(?=(?:embeddings|encoder|final_layer_norm)\.)")

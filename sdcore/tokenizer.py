@@ -320,8 +320,8 @@ class CLIPTokenizer:
         (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
         (folder / "merges.txt").write_text(
             "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
-        # the special tokens with their flags, in both places transformers reads them (as a plain
-        # string, transformers 5 would give them its own default, normalized=False)
+        # the special tokens' flags go in added_tokens_decoder, which transformers 4.x (>= 4.34) and 5
+        # read; from the plain strings alone transformers 5 would mark BOS and EOS normalized=False
         listed = {t["content"]: t for t in self.added_tokens.values()}
         flags = {t: listed.get(t) or {"content": t, **self._special_flags(t)} for t in (BOS, EOS, self.pad_token)}
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
