@@ -185,7 +185,8 @@ def _step(o, m_i, l_i, q_smem, k_bufs, v_bufs, p_bufs, i, k_ptr, v_ptr, rows_n, 
     o = warpgroup_mma(p_bufs.index((i - 1) % 2), v_bufs.index((i - 1) % STAGES), o, is_async=True)
     s = warpgroup_mma_wait(1, deps=(s,))  # groups complete in order: S_i is in, O may still run
     alpha = m_i
-    # qk_scale > 0 always (host-checked). The branch puts the softmax in a basic block of its own:
+    # qk_scale > 0 always (host-checked: the late refill below sits in this branch too, and skipping it
+    # would leave stale K/V buffers). The branch puts the softmax in a basic block of its own:
     # ptxas schedules within a block, and in one block it hoisted the wait for O (below) above the
     # exponentials, serialising them behind the P V they are meant to overlap (offline sm_90 SASS,
     # Triton 3.6). P goes through shared memory, so no register the in-flight wgmma reads is written.

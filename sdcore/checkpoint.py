@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from .config import SchedulerConfig, SDConfig
 from .detect import (COMPONENTS, CONFIG_KEY, CheckpointError, _summary, config_to_json,
                      detect_config, identify)
+from .tokenizer import read_json_object
 
 
 # Training bookkeeping found in original .ckpt files; not part of the inference model.
@@ -242,13 +243,7 @@ class _ShardedFile:
 
 def _json_object(path: Path, what: str = "") -> dict:
     """A JSON file's top-level object (a config, a shard index); else a CheckpointError naming it."""
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object{' ' + what if what else ''}")
-    return raw
+    return read_json_object(path, CheckpointError, what)
 
 
 def _weights_file(folder: Path, stem: str) -> _TensorFile | _ShardedFile:

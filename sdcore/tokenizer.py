@@ -98,13 +98,16 @@ def default_bpe_path() -> Path:
         "CLIPTokenizer.from_folder(path) (a diffusers `tokenizer/` folder: vocab.json + merges.txt).")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, error: type[ValueError] = ValueError, what: str = "") -> dict:
+    """A JSON file's top-level object (every tokenizer, config and shard-index file sdcore reads is
+    one); else ``error`` naming the file (sdcore.checkpoint passes CheckpointError), ``what`` saying
+    what the object should have held."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable JSON file: {e}") from e
-    if not isinstance(raw, dict):  # every tokenizer file sdcore reads is an object
-        raise ValueError(f"{path}: holds a JSON {type(raw).__name__}, not an object")
+        raise error(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: holds a JSON {type(raw).__name__}, not an object{' ' + what if what else ''}")
     return raw
 
 
@@ -112,7 +115,7 @@ def _read_pad_token(folder: Path) -> str | None:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            pad = _read_json(path).get("pad_token")
+            pad = read_json_object(path).get("pad_token")
             if isinstance(pad, dict):  # serialised AddedToken
                 pad = pad.get("content")
             if pad:
@@ -125,7 +128,7 @@ def _read_max_length(folder: Path) -> int | None:
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return None
-    value = _read_json(path).get("model_max_length")
+    value = read_json_object(path).get("model_max_length")
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -160,18 +163,18 @@ def _read_added_tokens(folder: Path) -> dict[int, dict]:
 
     path = folder / "tokenizer.json"
     if path.is_file():
-        for token in _read_json(path).get("added_tokens") or []:
+        for token in read_json_object(path).get("added_tokens") or []:
             add(token.get("id") if isinstance(token, dict) else None, token, path)
     path = folder / "tokenizer_config.json"
     if path.is_file():
-        for tid, token in (_read_json(path).get("added_tokens_decoder") or {}).items():
+        for tid, token in (read_json_object(path).get("added_tokens_decoder") or {}).items():
             add(tid, token, path)
     path = folder / "added_tokens.json"
     if path.is_file():
-        extra = (_read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file()
+        extra = (read_json_object(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file()
                  else {}).get("additional_special_tokens") or []
         extra = {t.get("content") if isinstance(t, dict) else t for t in extra}
-        for content, tid in _read_json(path).items():
+        for content, tid in read_json_object(path).items():
             add(tid, {"content": content, "normalized": content not in extra, "special": content in extra}, path)
     by_content: dict[str, int] = {}
     for tid, (token, path) in sorted(found.items()):
@@ -286,7 +289,7 @@ class CLIPTokenizer:
         max_length = _read_max_length(folder) or default_max_length
         added = _read_added_tokens(folder)
         if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
-            model = _read_json(folder / "tokenizer.json").get("model", {})
+            model = read_json_object(folder / "tokenizer.json").get("model", {})
             if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
                 raise ValueError(f"{folder / 'tokenizer.json'}: not a BPE (CLIP) tokenizer "
                                  f"(model type {model.get('type')!r})")
@@ -296,7 +299,7 @@ class CLIPTokenizer:
         if missing:
             raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder: missing {', '.join(missing)} "
                                     "(and no tokenizer.json)")
-        vocab = _read_json(folder / "vocab.json")
+        vocab = read_json_object(folder / "vocab.json")
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return cls._checked(folder, vocab, merges, pad, max_length, added)
