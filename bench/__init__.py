@@ -3,5 +3,6 @@
 - :mod:`bench.ops`: each op x backend x the shapes SD calls x dtype (the shape tables live there).
 - :mod:`bench.pipelines`: each pipeline x kernel setting, and the UNet step with baselines.
 - :mod:`bench.common`: timing, device ceilings, environment, result rows, JSON / markdown / plots.
-- ``bench/test_bench_ops.py``: the op cases under pytest-benchmark (``pytest bench/ --benchmark-only``).
+- ``bench/test_bench_ops.py``, ``bench/test_bench_pipelines.py``: the op, UNet-step and pipeline cases
+  under pytest-benchmark (``pytest bench/ --benchmark-only``; options in ``bench/conftest.py``).
 """

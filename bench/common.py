@@ -42,7 +42,7 @@ class Skip(Exception):
 
 
 def prepare_environment() -> None:
-    """Run Triton under its interpreter when there is no GPU (as tests/conftest.py does).
+    """Run Triton under its interpreter when there is no GPU (as the root conftest.py does for pytest).
 
     Must be called before ``kernels`` is imported: TRITON_INTERPRET is read when ``@triton.jit``
     functions are defined. Timings of interpreted kernels are flagged in their rows."""
@@ -259,6 +259,19 @@ def tritons_dispatch():
         yield
     finally:
         _launch.ENABLED = saved
+
+
+@contextlib.contextmanager
+def one_thread_on_cpu(device: torch.device):
+    """torch on one thread while CPU timings run (as under ``bench --quick``: two threads on a
+    two-core machine time the noise), restored afterwards; on a GPU device, nothing changes."""
+    saved = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def environment(device: torch.device) -> dict:

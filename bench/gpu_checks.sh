@@ -4,13 +4,17 @@
 # bench/results/. Each stage writes under OUTDIR and a failing stage does not stop the next.
 #
 #   bash bench/gpu_checks.sh OUTDIR                    # all stages
-#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: gluon tests ops tune unet pipelines repaint250 tune-bwd split
+#   bash bench/gpu_checks.sh OUTDIR tests ops          # some: gluon tests ops tune unet pipelines repaint250 tune-bwd split pytest-bench
 #
 # `gluon` runs first: the Gluon sm_90 attention research backend (kernels/attention_sm90.py), never
 # yet run on a GPU, gets its `gpu` tests in a process of its own (a fault there poisons the CUDA
 # context, so the `tests` stage leaves that file out), then, if they pass, its op timings next to
 # the Triton kernel and every SDPA backend at the attention shapes SD 1.5 and 2.1 call, then a sweep
 # of its configurations (key block, K/V buffers, where the K/V copy is issued) at D 40.
+#
+# `pytest-bench` (not in the default list, never yet run on a GPU, time unknown: give it a call of
+# its own) runs the op, UNet-step and pipeline cases under pytest-benchmark (bench/test_bench_*.py),
+# pipelines at 20 steps, without the torch.compile rows (minutes each to compile).
 #
 # `split` (not in the default list) tries the 40 = 32 + 16 attention head split, which crashed an
 # H100 with Triton 3.6 before the alignment hint; a crash poisons the CUDA context, so it runs in
@@ -29,7 +33,7 @@
 # PYTHON names the interpreter (default: python), e.g. PYTHON=.venv/bin/python. A copied tree (its
 # .git absent or stale) names its commit for the results in SDLAB_GIT_COMMIT (git rev-parse HEAD here).
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [gluon|tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split ...]}
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [gluon|tests|ops|tune|unet|pipelines|repaint250|tune-bwd|split|pytest-bench ...]}
 shift
 py=${PYTHON:-python}
 stages=${*:-gluon tests ops tune unet pipelines repaint250 tune-bwd}
@@ -64,7 +68,10 @@ for stage in $stages; do
                  triton:attention triton:scheduler_step --no-progress --out "$out/pipelines" > "$out/pipelines.log" 2>&1 ;;
     repaint250) "$py" -m bench pipelines --preset sd15 --steps 250 --repeats 1 --pipelines repaint unet9 blend \
                   --variants reference triton --no-progress --out "$out/repaint250" > "$out/repaint250.log" 2>&1 ;;
-    *) echo "unknown stage '$stage'; stages: gluon tests ops tune unet pipelines repaint250 tune-bwd split" >&2; exit 2 ;;
+    pytest-bench) "$py" -m pytest -q -p no:cacheprovider bench/ --benchmark-only --sd-steps 20 \
+                    -k "not compile" --benchmark-json "$out/pytest-bench.json" > "$out/pytest-bench.log" 2>&1 ;;
+    *) echo "unknown stage '$stage'; stages: gluon tests ops tune unet pipelines repaint250 tune-bwd split pytest-bench" >&2
+       exit 2 ;;
   esac
   rc=$?
   echo "== $stage: exit $rc"

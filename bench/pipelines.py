@@ -118,6 +118,10 @@ class Options:
     rounds: int = 1
     explicit_variants: bool = False
     breakdown: bool = False
+    # how skip reasons name the quick mode and the way to run a skipped triton variant anyway
+    # (bench/test_bench_pipelines.py says "on CPU" and its --sd-interpreted)
+    quick_name: str = "under --quick"
+    run_anyway: str = "name it with --variants to run it"
 
     @classmethod
     def from_args(cls, args, dtype: torch.dtype) -> "Options":
@@ -138,8 +142,8 @@ class Options:
         """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
         UNet call takes tens of seconds. Naming the variant with --variants runs it anyway."""
         if self.quick and not self.explicit_variants and interpreting() and variant.startswith("triton"):
-            return ("not run under --quick: Triton is interpreted here (TRITON_INTERPRET=1, tens of "
-                    "seconds per tiny UNet call); name it with --variants to run it")
+            return (f"not run {self.quick_name}: Triton is interpreted here (TRITON_INTERPRET=1, tens of "
+                    f"seconds per tiny UNet call); {self.run_anyway}")
         return None
 
 
@@ -475,6 +479,25 @@ def _result_parts(res):
     return latents.detach().float().cpu(), _images_float(images)
 
 
+def pipeline_base(name: str, opts: Options) -> dict:
+    """The fields every row of pipeline ``name`` shares (``shape`` is added by pipeline_setup)."""
+    spec = PIPELINES[name]
+    preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
+                                                                    and not opts.preset.endswith("-inpaint") else ""))
+    return dict(suite="pipelines", op=name, reason=spec.reason, dtype=dtype_name(opts.dtype),
+                steps=opts.steps, batch=opts.batch, preset=preset)
+
+
+def pipeline_setup(spec: PipelineSpec, opts: Options, device: torch.device, base: dict):
+    """(pipeline function, model, image size) of ``spec``; sets ``base["shape"]``. Skip when the
+    pipeline or a fitting model does not exist; other errors propagate."""
+    fn = _pipeline_fn(spec)
+    model = load_model(opts, device, inpaint=spec.inpaint_model)
+    size = _image_size(model, opts)
+    base["shape"] = f"{size}x{size} px, batch {opts.batch}"
+    return fn, model, size
+
+
 def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -483,14 +506,9 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
     bar = tqdm(total=len(opts.pipelines) * len(variants), desc="pipelines", disable=not progress, leave=False)
     # pipelines on the inpainting model last, so each model is built once
     for name in sorted(opts.pipelines, key=lambda n: PIPELINES[n].inpaint_model):
-        spec = PIPELINES[name]
-        preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
-                                                                        and not opts.preset.endswith("-inpaint") else ""))
-        base = dict(suite="pipelines", op=name, reason=spec.reason, dtype=dtype_name(opts.dtype),
-                    steps=opts.steps, batch=opts.batch, preset=preset)
+        spec, base = PIPELINES[name], pipeline_base(name, opts)
         try:
-            fn = _pipeline_fn(spec)
-            model = load_model(opts, device, inpaint=spec.inpaint_model)
+            fn, model, size = pipeline_setup(spec, opts, device, base)
         except Skip as e:
             rows += [skipped_row(env, str(e), backend=v, **base) for v in variants]
             bar.update(len(variants))
@@ -500,12 +518,10 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
                      for v in variants]
             bar.update(len(variants))
             continue
-        size = _image_size(model, opts)
-        base["shape"] = f"{size}x{size} px, batch {opts.batch}"
         baseline = None
         for v in variants:
             bar.set_postfix_str(f"{name} {v}")
-            rows.append(_run_pipeline_variant(spec, fn, model, opts, size, v, device, env, base, baseline))
+            rows.append(run_pipeline_variant(spec, fn, model, opts, size, v, device, env, base, baseline))
             if v == "reference" and rows[-1]["status"] == "ok":
                 baseline = rows[-1].pop("_outputs")
             rows[-1].pop("_outputs", None)
@@ -515,7 +531,19 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
     return rows
 
 
-def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base, baseline) -> dict:
+def repeat_calls(n: int):
+    """The default timer of run_pipeline_variant: call ``once`` ``n`` times."""
+    def repeat(once):
+        for _ in range(n):
+            once()
+    return repeat
+
+
+def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base, baseline, repeat=None) -> dict:
+    """One pipeline row: ``opts.warmup`` untimed runs, then ``repeat(once)`` (default: ``once``
+    called ``opts.repeats`` times; bench/test_bench_pipelines.py passes pytest-benchmark's), where
+    each ``once()`` runs the pipeline and records its time, UNet time and UNet calls. The row keeps
+    the outputs under ``_outputs`` (the caller pops them); ``baseline`` is the all-reference run's."""
     if opts.interpreted_skip(variant):
         return skipped_row(env, opts.interpreted_skip(variant), backend=variant, **base)
     try:
@@ -530,24 +558,29 @@ def _run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, bas
     counts_before = kernels.counts()
     try:
         with scope:
-            outputs, dropped = None, []
+            outputs = None
             for _ in range(opts.warmup):
-                res, dropped = _call(spec, fn, model, opts, size)
-                outputs = _result_parts(res)
+                outputs = _result_parts(_call(spec, fn, model, opts, size)[0])
             synchronize(device)
             _peak_reset(device)
-            times, unet_ms, calls = [], [], []
-            for _ in range(opts.repeats):
+            times, unet_ms, calls, last = [], [], [], {}
+
+            def once():
                 meter.reset()
                 synchronize(device)
                 t0 = time.perf_counter()
-                res, dropped = _call(spec, fn, model, opts, size)
+                last["res"], last["dropped"] = _call(spec, fn, model, opts, size)
                 synchronize(device)
                 times.append(time.perf_counter() - t0)
                 unet_ms.append(meter.total_ms())
                 calls.append(meter.calls)
+
+            (repeat or repeat_calls(opts.repeats))(once)
+            if not times:
+                raise RuntimeError("the timer ran the pipeline no times")
+            dropped = last["dropped"]
             if outputs is None:
-                outputs = _result_parts(res)
+                outputs = _result_parts(last["res"])
     except kernels.BackendUnsupported as e:
         return skipped_row(env, str(e), backend=variant, **base)
     except torch.cuda.OutOfMemoryError as e:
@@ -655,7 +688,7 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
     step = lambda: unet(x, t, ctx)  # noqa: E731
     if v == "compile":
         if opts.quick:
-            raise Skip("not run under --quick: compiling the UNet takes minutes")
+            raise Skip(f"not run {opts.quick_name}: compiling the UNet takes minutes")
         compiled = torch.compile(unet)
         return (lambda: kernels.use(**{op: "reference" for op in kernels.ops()}),
                 lambda: compiled(x, t, ctx), "torch.compile(reference UNet), default mode", [])
@@ -707,6 +740,50 @@ def _variant_error(env: dict, v: str, e: Exception, base: dict) -> dict:
     return make_row(env, status="error", note=describe_exception(e), backend=v, **base)
 
 
+def unet_step_base(opts: Options) -> dict:
+    """The fields every UNet-step row shares (``shape`` is added by unet_step_inputs)."""
+    return dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
+                preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,  # also on rows of a model that fails
+                reason="one denoising step: the UNet on cond + uncond in one batch")
+
+
+def unet_step_inputs(opts: Options, device: torch.device, base: dict):
+    """(unet, its config, x, t, context) of one CFG step at the preset's resolution, seeded; sets
+    ``base["shape"]``. Skip when there is no model."""
+    model = load_model(opts, device)
+    unet, cfg = _unet(model), _unet_config(model)
+    size = _image_size(model, opts) // 8
+    base["shape"] = f"x(2,{cfg.in_channels},{size},{size}) ctx(2,77,{cfg.context_dim})"
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, size, size, generator=g, device=device).to(opts.dtype)
+    t = torch.full((2,), 500, device=device, dtype=torch.long)
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g, device=device).to(opts.dtype)
+    return unet, cfg, x, t, ctx
+
+
+def unet_step_setup(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.device, resident: int = 0) -> dict:
+    """Variant ``v`` of the UNet step made ready and run once: {scope (a context-manager factory),
+    fn, note, out (fp32), peak, peak_kind, and empty timing lists}. Raises Skip (or the error) when
+    it cannot run. ``resident``: bytes allocated before any variant (model and inputs), so the
+    peak counts what this variant holds and uses, not what earlier variants keep alive."""
+    import kernels
+
+    counts_before = kernels.counts()
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    _peak_reset(device)
+    scope, fn, note, triton_ops = _unet_variant(v, unet, x, t, ctx, cfg, opts, device)
+    with torch.inference_mode(), scope():
+        out = fn()
+    out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()
+    peak, peak_kind = _peak(device)
+    if peak is not None:
+        peak += (resident - before) / 2**20
+        peak_kind += " (minus the memory earlier variants keep)"
+    note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
+    return dict(scope=scope, fn=fn, note=note, out=out, peak=peak, peak_kind=peak_kind,
+                medians=[], lows=[], highs=[], reps=0, hosts=[])
+
+
 def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
     """UNet forward at the preset's resolution, batch 2 (CFG), for each variant and baseline.
 
@@ -716,47 +793,22 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
     alike. A row's median is the median of its rounds' medians; p20/p80 are across rounds."""
     from tqdm.auto import tqdm
 
-    base = dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
-                preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,  # also on rows of a model that fails
-                reason="one denoising step: the UNet on cond + uncond in one batch")
+    base = unet_step_base(opts)
     try:
-        model = load_model(opts, device)
-        unet, cfg = _unet(model), _unet_config(model)
-        size = _image_size(model, opts) // 8
+        unet, cfg, x, t, ctx = unet_step_inputs(opts, device, base)
     except Skip as e:
         return [skipped_row(env, str(e), backend=v, **base) for v in opts.variants]
     except Exception as e:
         return [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v, **base)
                 for v in opts.variants]
-    base["shape"] = f"x(2,{cfg.in_channels},{size},{size}) ctx(2,77,{cfg.context_dim})"
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, size, size, generator=g, device=device).to(opts.dtype)
-    t = torch.full((2,), 500, device=device, dtype=torch.long)
-    ctx = torch.randn(2, 77, cfg.context_dim, generator=g, device=device).to(opts.dtype)
-    import kernels
-
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # model + inputs
     done: dict[str, dict] = {}  # variant -> its finished row (skipped / error)
-    ready: dict[str, dict] = {}  # variant -> {scope, fn, note, triton_ops, out, peak, ...}
+    ready: dict[str, dict] = {}  # variant -> {scope, fn, note, out, peak, ...}
     for v in tqdm(opts.variants, desc="unet step setup", disable=not progress, leave=False):
-        counts_before = kernels.counts()
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        _peak_reset(device)
         try:
-            scope, fn, note, triton_ops = _unet_variant(v, unet, x, t, ctx, cfg, opts, device)
-            with torch.inference_mode(), scope():
-                out = fn()
-            out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()
+            ready[v] = unet_step_setup(v, unet, x, t, ctx, cfg, opts, device, resident)
         except Exception as e:
             done[v] = _variant_error(env, v, e, base)
-            continue
-        peak, peak_kind = _peak(device)
-        if peak is not None:  # what this variant holds and uses, not what earlier ones keep alive
-            peak += (resident - before) / 2**20
-            peak_kind += " (minus the memory earlier variants keep)"
-        note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
-        ready[v] = dict(scope=scope, fn=fn, note=note, out=out, peak=peak, peak_kind=peak_kind,
-                        medians=[], lows=[], highs=[], reps=0, hosts=[])
     rounds = opts.rounds
     slow = interpreting() and device.type != "cuda"
     rep_ms = None if opts.quick else max(100, 1000 // rounds)

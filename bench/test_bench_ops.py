@@ -17,8 +17,12 @@ from bench import ops  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = (torch.float16, torch.bfloat16) if CUDA else (torch.float32,)  # as `bench ops` defaults
-if not CUDA:
-    torch.set_num_threads(1)  # as `bench --quick`: two threads on a two-core machine time the noise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with common.one_thread_on_cpu(DEVICE):
+        yield
 
 
 def _params():

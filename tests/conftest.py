@@ -1,29 +1,8 @@
-"""Test setup: Triton runs under its interpreter when there is no GPU, and the `gpu` marker skips
-cleanly without one. TRITON_INTERPRET must be set before any @triton.jit function is defined,
-that is before `kernels` is imported, hence here at the top."""
-import os
-
+"""Test setup: the `gpu` marker skips cleanly without a CUDA device, and every test starts from the
+default backend choice. TRITON_INTERPRET (no GPU) and --sdlab-plugin are set up by the repository's
+root conftest.py, which pytest loads first."""
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-
-def pytest_addoption(parser):
-    parser.addoption("--sdlab-plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                     help="import a module or .py file that registers research backends; "
-                          "tests/test_conformance.py then holds them to every op's equivalence cases")
-
-
-def pytest_configure(config):
-    if config.getoption("--sdlab-plugin"):
-        import kernels
-
-        for spec in config.getoption("--sdlab-plugin"):
-            if not kernels.load_plugin(spec):
-                raise pytest.UsageError(f"--sdlab-plugin {spec}: it registered no backend")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -668,3 +670,67 @@ def test_plugin_backends_get_op_rows_and_pipeline_variants(tmp_path, plugin_file
                      "attention=plugin_attention", "--plugin", str(plugin_file)], tmp_path / "pipe")
     row, = _rows(data, backend="attention=plugin_attention")
     assert rc == 0 and row["status"] == "ok" and row["latent_max_abs_diff"] == 0, row
+
+
+WRONG_PLUGIN = """
+import kernels
+
+@kernels.register("attention", "swapped_kv")
+def swapped_kv(q, k, v, scale=None, causal=False):
+    # wrong on purpose: keys and values swapped (k and v have one shape in every SD attention)
+    return kernels.attention_reference(q, v, k, scale, causal)
+"""
+
+
+def test_pytest_benchmark_cases_time_ops_and_pipelines_and_catch_a_diverging_backend(tmp_path, plugin_file):
+    """``pytest bench/ --benchmark-only``: op and pipeline cases are timed, each pipeline case's
+    bench row lands in extra_info, a research backend runs as --sd-variant op=backend, and one that
+    diverges (keys and values swapped) fails its pipeline case by the PSNR floor."""
+    wrong = tmp_path / "wrong_attention.py"
+    wrong.write_text(WRONG_PLUGIN)
+    bench_dir = Path(__file__).parent.parent / "bench"
+    out_json = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(bench_dir),
+                          "--benchmark-only", "--benchmark-json", str(out_json),
+                          "--sdlab-plugin", str(plugin_file), "--sdlab-plugin", str(wrong),
+                          "--sd-variant", "reference", "--sd-variant", "attention=plugin_attention",
+                          "--sd-variant", "attention=swapped_kv", "--sd-variant", "triton",
+                          "-k", "txt2img or unet_step or scheduler_step-tiny.latent-"],
+                         capture_output=True, text=True, timeout=600)
+    log = out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.returncode == 1 and "1 failed" in out.stdout, log
+    assert "FAILED bench/test_bench_pipelines.py::test_pipeline[txt2img-attention=swapped_kv]" in out.stdout, log
+    assert "dB PSNR from the all-reference run, under 40.0 dB" in out.stdout, log
+    cases = {b["name"]: b for b in json.loads(out_json.read_text())["benchmarks"]}
+    assert {"test_pipeline[txt2img-reference]", "test_pipeline[txt2img-attention=plugin_attention]",
+            "test_unet_step[reference]", "test_unet_step[attention=plugin_attention]",
+            "test_op[scheduler_step-tiny.latent-reference-fp32]", "test_op[scheduler_step-tiny.latent-triton-fp32]"} <= set(cases), sorted(cases)
+    same = cases["test_pipeline[txt2img-attention=plugin_attention]"]["extra_info"]
+    assert same["status"] == "ok" and same["unet_calls"] == 2 and same["latent_max_abs_diff"] == 0, same
+    assert cases["test_unet_step[attention=plugin_attention]"]["extra_info"]["latent_max_abs_diff"] == 0
+    assert "pass --sd-interpreted" in out.stdout, log  # the skipped triton variants say how to run them
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sd-variant", "attention=nope"], "op 'attention' has no 'nope' backend; valid:"),
+    (["--sd-variant", "trition"], "unknown variant 'trition'; valid: reference, triton"),
+    (["--sd-dtype", "fp8"], "--sd-dtype: unknown dtype 'fp8'"),
+    (["--sd-preset", "sd16"], "--sd-preset: unknown preset 'sd16'; valid:"),
+    (["--sd-steps", "0"], "--sd-steps must be >= 1, got 0"),
+    (["--sd-ckpt", "/no/such.safetensors"], "--sd-ckpt /no/such.safetensors: no such file or directory"),
+])
+def test_pytest_benchmark_pipeline_options_are_checked(flags, message):
+    from bench import test_bench_pipelines as tbp
+
+    class Config:
+        def getoption(self, name):
+            given = dict(zip(flags[::2], flags[1::2]))
+            value = given.get(name)
+            if name == "--sd-variant":
+                return [value] if value else []
+            if name == "--sd-steps" and value is not None:
+                return int(value)
+            return False if name == "--sd-interpreted" else value
+
+    with pytest.raises(pytest.UsageError, match=re.escape(message)):
+        tbp.options(Config())
