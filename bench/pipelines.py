@@ -596,7 +596,7 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
     timing = summarize([t * 1e3 for t in times])
     sec = timing.median_ms / 1e3
     try:
-        sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + opts.repeats, sec * 1e3,
+        sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + len(times), sec * 1e3,
                                 (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
                                 calls[-1], opts.dtype, device, opts.quick)
     except Skip as e:

@@ -685,7 +685,8 @@ def swapped_kv(q, k, v, scale=None, causal=False):
 def test_pytest_benchmark_cases_time_ops_and_pipelines_and_catch_a_diverging_backend(tmp_path, plugin_file):
     """``pytest bench/ --benchmark-only``: op and pipeline cases are timed, each pipeline case's
     bench row lands in extra_info, a research backend runs as --sd-variant op=backend, and one that
-    diverges (keys and values swapped) fails its pipeline case by the PSNR floor."""
+    diverges (keys and values swapped) fails its pipeline case by the PSNR floor and its UNet-step
+    case by the relative bound."""
     wrong = tmp_path / "wrong_attention.py"
     wrong.write_text(WRONG_PLUGIN)
     bench_dir = Path(__file__).parent.parent / "bench"
@@ -698,9 +699,11 @@ def test_pytest_benchmark_cases_time_ops_and_pipelines_and_catch_a_diverging_bac
                           "-k", "txt2img or unet_step or scheduler_step-tiny.latent-"],
                          capture_output=True, text=True, timeout=600)
     log = out.stdout[-4000:] + out.stderr[-2000:]
-    assert out.returncode == 1 and "1 failed" in out.stdout, log
+    assert out.returncode == 1 and "2 failed" in out.stdout, log
     assert "FAILED bench/test_bench_pipelines.py::test_pipeline[txt2img-attention=swapped_kv]" in out.stdout, log
     assert "dB PSNR from the all-reference run, under 40.0 dB" in out.stdout, log
+    assert "FAILED bench/test_bench_pipelines.py::test_unet_step[attention=swapped_kv]" in out.stdout, log
+    assert "of its largest value" in out.stdout and "over 0.001" in out.stdout, log
     cases = {b["name"]: b for b in json.loads(out_json.read_text())["benchmarks"]}
     assert {"test_pipeline[txt2img-reference]", "test_pipeline[txt2img-attention=plugin_attention]",
             "test_unet_step[reference]", "test_unet_step[attention=plugin_attention]",
