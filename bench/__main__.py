@@ -137,7 +137,9 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
                         "triton-dispatch: all-triton with every launch through Triton's own dispatch); also "
                         "OP=BACKEND[+OP=BACKEND...]: those ops on those backends (e.g. a --plugin's), every "
                         "other op on reference, e.g. attention=my_attention or "
-                        "attention=my_attention+group_norm_silu=triton")
+                        "attention=my_attention+group_norm_silu=triton; a backend may be a fallback chain, "
+                        "attention=my_attention/triton: the first that takes each call runs it, and the row's "
+                        "note counts the calls per backend")
 
 
 def build_parser() -> argparse.ArgumentParser:

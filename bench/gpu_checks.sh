@@ -10,7 +10,9 @@
 # yet run on a GPU, gets its `gpu` tests in a process of its own (a fault there poisons the CUDA
 # context, so the `tests` stage leaves that file out), then, if they pass, its op timings next to
 # the Triton kernel and every SDPA backend at the attention shapes SD 1.5 and 2.1 call, then a sweep
-# of its configurations (key block, K/V buffers, where the K/V copy is issued) at D 40.
+# of its configurations (key block, K/V buffers, where the K/V copy is issued) at D 40, then the
+# SD 1.5 UNet step with it as the fallback chain gluon_sm90/triton (D 160 is over its limit) and the
+# other ops on triton, next to all-triton and all-reference.
 #
 # `pytest-bench` (not in the default list, never yet run on a GPU, time unknown: give it a call of
 # its own) runs the op, UNet-step and pipeline cases under pytest-benchmark (bench/test_bench_*.py),
@@ -51,7 +53,10 @@ for stage in $stages; do
                   unet15@768.attn.self0 sd21 --backends reference triton sdpa-flash sdpa-cudnn sdpa-efficient gluon_sm90 \
                   --no-progress --out "$out/ops-gluon" > "$out/ops-gluon.log" 2>&1 \
              && "$py" -m bench tune --ops attention.gluon_sm90 --shapes unet15.attn.self0 unet15.attn.cross0 \
-                  --dtypes fp16 --no-progress --out "$out/tune-gluon" > "$out/tune-gluon.log" 2>&1 ;;
+                  --dtypes fp16 --no-progress --out "$out/tune-gluon" > "$out/tune-gluon.log" 2>&1 \
+             && "$py" -m bench pipelines --preset sd15 --unet-only --plugin kernels.attention_sm90 --variants \
+                  reference triton attention=gluon_sm90/triton+group_norm_silu=triton+scheduler_step=triton \
+                  --no-progress --out "$out/unet-gluon" > "$out/unet-gluon.log" 2>&1 ;;
     tests) "$py" -m pytest -q -m gpu -k "not masked_tail_split" --ignore tests/test_attention_sm90.py -p no:cacheprovider \
              2>&1 | tee "$out/gpu-tests.log" ;;
     split) "$py" -m pytest -q -m gpu -k masked_tail_split -p no:cacheprovider 2>&1 | tee "$out/split-tests.log" \

@@ -177,7 +177,7 @@ def kernel_scope(variant: str, device: torch.device):
     if variant == "reference":
         return kernels.use(**{op: "reference" for op in ops}), "", []
     pinned = pins(variant)
-    if pinned is not None:  # chosen explicitly, so a refused input skips the row (no fallback)
+    if pinned is not None:  # chosen explicitly: a refused input skips the row (no fallback but along a chain, a/b)
         return (kernels.use(**{**{op: "reference" for op in ops}, **pinned}), "",
                 [op for op, b in pinned.items() if b == "triton"])
     if variant == "triton":
@@ -212,13 +212,24 @@ def _on_default(want: list[str], pinned: dict):
 
 
 def fallback_note(before: dict, after: dict, ops: list[str]) -> str:
-    """'attention: 2 of 34 calls fell back to reference' for each op of ``ops`` that did."""
+    """'attention: 2 of 34 calls fell back to reference' for each op of ``ops`` (on Triton by the
+    default) that did, and for any other op that ran on more than one backend (a fallback chain,
+    ``attention=gluon_sm90/triton``): 'attention: 30 calls on gluon_sm90, 4 on triton'."""
+    ran: dict[str, dict[str, int]] = {}
+    for (op, backend), n in after.items():
+        if n - before.get((op, backend), 0):
+            ran.setdefault(op, {})[str(backend)] = n - before.get((op, backend), 0)
     parts = []
-    for op in ops:
-        ref = after.get((op, "reference"), 0) - before.get((op, "reference"), 0)
-        tri = after.get((op, "triton"), 0) - before.get((op, "triton"), 0)
-        if ref:
-            parts.append(f"{op}: {ref} of {ref + tri} calls fell back to reference (input the kernel refuses)")
+    for op in sorted(ran):
+        calls = ran[op]
+        if op in ops:
+            if calls.get("reference"):
+                parts.append(f"{op}: {calls['reference']} of {calls['reference'] + calls.get('triton', 0)} calls "
+                             "fell back to reference (input the kernel refuses)")
+        elif len(calls) > 1:
+            ordered = sorted(calls.items(), key=lambda kv: -kv[1])
+            parts.append(f"{op}: {ordered[0][1]} calls on {ordered[0][0]}, "
+                         + ", ".join(f"{n} on {b}" for b, n in ordered[1:]))
     return "; ".join(parts)
 
 

@@ -23,6 +23,12 @@ under the default it falls back to ``reference`` and warns once per op and kind 
 that differ only in their numbers (a scale, a shape, a count) are one kind, so a loop over sizes
 that all exceed a limit warns once.
 
+A choice may be a *fallback chain*, ``"gluon_sm90/triton"`` (or a tuple of names): the first
+backend of the chain whose check takes the input runs; a refused one warns once per op, backend
+and kind of reason, naming the backend that ran instead; when every one refuses, the call raises
+:class:`BackendUnsupported` with each one's reason. It lets a research backend that covers only
+some shapes run a whole pipeline, its other calls on a backend of your choosing, counted apart.
+
 ``compile`` is available for every op without registration: ``torch.compile`` of the reference.
 Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
 
@@ -76,6 +82,21 @@ class BackendUnsupported(RuntimeError):
     """An explicitly chosen backend cannot take this input."""
 
 
+CHAIN_SEP = "/"  # "gluon_sm90/triton": shell-safe, unlike "|" or ">"
+
+
+class Chain(tuple):
+    """One op's backends tried in order, as chosen (``"gluon_sm90/triton"``): the first whose
+    check takes the input runs. Made by :func:`_validate`, so every member is a valid backend."""
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return CHAIN_SEP.join(map(str, self))
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+
 @dataclass
 class _Impl:
     fn: Callable
@@ -91,7 +112,7 @@ PROFILER_RANGE = "sdlab.{op}[{backend}]"  # the torch.profiler range of one disp
 _profiler_range = getattr(torch._C._profiler, "_RecordFunctionFast", None) or torch.profiler.record_function
 _OPS: dict[str, dict[BackendName, _Impl]] = {}
 _COUNTS: collections.Counter = collections.Counter()
-_WARNED: set[tuple[str, str]] = set()  # (op, reason with its numbers masked): see _reason_kind
+_WARNED: set[tuple] = set()  # (op, reason with its numbers masked[, chain member refused]): see _reason_kind
 _GLOBAL: dict[str, BackendName] = {}
 _SCOPES: list[dict[str, BackendName]] = []  # each open kernels.use()'s own choices, innermost last
 _ENV_CACHE: dict[str, dict[str, BackendName]] = {}
@@ -192,6 +213,9 @@ def _impls(op: str) -> dict[Backend, _Impl]:
 
 def _backend(backend: BackendName) -> BackendName:
     """A backend for every op that has it (``use("triton")``), or an error listing the valid names."""
+    if _chain_names(backend) is not None:
+        raise ValueError(f"fallback chain {_chain_text(backend)!r} for every op: a chain names one op's backends, "
+                         f"e.g. use(attention={_chain_text(backend)!r}) or SDLAB_KERNELS='attention={_chain_text(backend)}'")
     try:
         b = _canonical(backend)
     except ValueError:
@@ -201,7 +225,40 @@ def _backend(backend: BackendName) -> BackendName:
     return b
 
 
+def _chain_names(backend) -> list | None:
+    """The members of a fallback chain (a tuple / list, or a str with CHAIN_SEP), else None."""
+    if isinstance(backend, Backend):  # first: dynamo cannot trace `in` on a str enum (implementation())
+        return None
+    if isinstance(backend, (tuple, list)):
+        return list(backend)
+    if isinstance(backend, str) and CHAIN_SEP in backend:
+        return backend.split(CHAIN_SEP)
+    return None
+
+
+def _chain_text(backend) -> str:
+    return CHAIN_SEP.join(map(str, backend)) if isinstance(backend, (tuple, list)) else str(backend)
+
+
+def _validate_chain(op: str, names: list) -> Chain:
+    text = _chain_text(names)
+    if len(names) < 2 or any(isinstance(n, str) and not n.strip() for n in names):
+        raise ValueError(f"fallback chain {text!r} for op {op!r}: name two or more backends, "
+                         f"e.g. 'gluon_sm90{CHAIN_SEP}triton'; valid: {', '.join(backends(op))}")
+    try:
+        chain = Chain(_validate(op, n) for n in names)
+    except ValueError as e:
+        raise ValueError(f"fallback chain {text!r}: {e}") from None
+    twice = sorted({str(b) for b in chain if chain.count(b) > 1})
+    if twice:
+        raise ValueError(f"fallback chain {text!r} for op {op!r} names {', '.join(map(repr, twice))} twice")
+    return chain
+
+
 def _validate(op: str, backend: BackendName) -> BackendName:
+    names = _chain_names(backend)
+    if names is not None:
+        return _validate_chain(op, names)
     try:
         b = _canonical(backend)
     except ValueError:
@@ -233,6 +290,9 @@ def _parse_env_uncached(value: str) -> dict[str, BackendName]:
         return {}
     if "=" not in value:
         name = value.strip(" ,")  # "triton," as "a=x," is fine
+        if CHAIN_SEP in name:
+            raise ValueError(f"{ENV_VAR}={value!r}: a fallback chain names one op's backends, "
+                             f"e.g. 'attention={name}'")
         if name not in all_backends():
             hint = f" ({name!r} is an op: write {name}=<backend>)" if name in _OPS else ""
             raise ValueError(f"{ENV_VAR}={value!r}: unknown backend{hint}; valid: {', '.join(all_backends())}")
@@ -400,6 +460,8 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
     or is not given when ``stacklevel`` is None."""
     impls = _impls(op)
     chosen, source = _choice(op)
+    if type(chosen) is Chain:
+        return _first_taker(op, impls, chosen, source, args, kwargs, stacklevel)
     if chosen is not None:
         impl = impls.get(chosen)
         reason = impl.check(*args, **kwargs) if impl is not None and impl.check else None
@@ -420,6 +482,31 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
                           f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
         return Backend.REFERENCE, f"{source}, fell back: {reason}"
     return backend, source
+
+
+def _first_taker(op: str, impls: dict, chain: Chain, source: str, args: tuple, kwargs: dict,
+                 stacklevel: int | None) -> tuple[BackendName, str]:
+    """The first backend of ``chain`` whose check takes the input; each one refused before it warns
+    once per (op, that backend, kind of reason). Every one refusing raises BackendUnsupported."""
+    refused = []
+    for b in chain:
+        impl = impls.get(b)  # None: compile (of the reference, which takes every input)
+        reason = impl.check(*args, **kwargs) if impl is not None and impl.check else None
+        if not reason:
+            break
+        refused.append((b, reason))
+    else:
+        raise BackendUnsupported(f"{op}: no backend of the fallback chain {str(chain)!r} (from {source}) can run "
+                                 "this input: " + "; ".join(f"{str(b)!r}: {r}" for b, r in refused))
+    if not refused:
+        return b, source
+    for r, reason in refused:
+        kind = (op, _reason_kind(reason), str(r))
+        if stacklevel is not None and kind not in _WARNED:
+            _WARNED.add(kind)
+            warnings.warn(f"{op}: backend {str(r)!r} of the fallback chain {str(chain)!r} (from {source}) cannot "
+                          f"run this input ({reason}); running {str(b)!r}", RuntimeWarning, stacklevel=stacklevel + 1)
+    return b, f"{source}, fell back along the chain: " + "; ".join(f"{str(r)!r}: {why}" for r, why in refused)
 
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?")  # not the digits of a name (float16)

@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "their default: triton on CUDA when Triton imports, with a per-call fallback to "
                             f"reference for inputs it cannot take, else reference. Ops and backends: {ops}. An "
                             "explicit attention=triton cannot run SD's VAE (one 512-wide head, over the kernel's "
-                            "256). Default: $SDLAB_KERNELS, else every op's default")
+                            "256); a fallback chain, attention=triton/reference, runs the first backend that takes "
+                            "each call (warning once per backend and kind of limit). Default: $SDLAB_KERNELS, "
+                            "else every op's default")
         g.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                        help="import a module or .py file that registers research backends (kernels.register) "
                             "before the run, so --kernels can name them, e.g. --plugin my_attention.py --kernels "

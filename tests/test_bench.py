@@ -737,3 +737,33 @@ def test_pytest_benchmark_pipeline_options_are_checked(flags, message):
 
     with pytest.raises(pytest.UsageError, match=re.escape(message)):
         tbp.options(Config())
+
+
+CHAIN_PLUGIN = """
+import kernels
+
+def _upto16(q, k, v, scale=None, causal=False):
+    return None if q.shape[-1] <= 16 else f"head dim {q.shape[-1]} over 16"
+
+@kernels.register("attention", "upto16", check=_upto16)
+def upto16(q, k, v, scale=None, causal=False):
+    return kernels.attention_reference(q, k, v, scale, causal)
+"""
+
+
+def test_a_fallback_chain_variant_counts_each_backends_calls(tmp_path):
+    """A research backend covering some head dims runs a whole UNet step as attention=upto16/sdpa:
+    the row's note counts the calls each backend of the chain took."""
+    path = tmp_path / "upto16.py"
+    path.write_text(CHAIN_PLUGIN)
+    try:
+        with pytest.warns(RuntimeWarning, match="backend 'upto16' of the fallback chain 'upto16/sdpa'"):
+            rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference",
+                             "attention=upto16/sdpa", "--plugin", str(path)], tmp_path / "pipe")
+    finally:
+        kernels.unload_plugin(str(path))
+    row, = _rows(data, backend="attention=upto16/sdpa")
+    assert rc == 0 and row["status"] == "ok", row
+    # the tiny UNet: heads of 16 at 32 channels, of 32 at 64 channels (see attention_head_dims)
+    assert re.fullmatch(r"attention: \d+ calls on (upto16|sdpa), \d+ on (upto16|sdpa)", row["note"]), row["note"]
+    assert row["latent_max_abs_diff"] < 1e-5, row

@@ -682,6 +682,29 @@ def test_explicit_triton_attention_over_the_vae_head_dim_fails_before_denoising(
     assert fake.timesteps == [], f"the UNet ran {len(fake.timesteps)} times before the refusal"
 
 
+def test_a_fallback_chain_runs_the_pipeline_an_explicit_triton_cannot():
+    """attention='triton/reference' runs the whole pipeline: the 320-wide VAE head on the reference,
+    with one warning naming both, the text encoder's attention on Triton, both counted."""
+    import warnings
+
+    import kernels
+
+    device = _triton_runs_here()
+    model = _wide_vae_model().to(device)
+    fake = model.model.diffusion_model = _CountingUNet()
+    kernels.reset_counts()
+    with kernels.use(attention="triton/reference"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipelines.txt2img(model, "a", steps=2, seed=0, cfg_scale=1.0, height=32, width=32)
+    chain = [str(w.message) for w in caught if "fallback chain" in str(w.message)]
+    assert chain == ["attention: backend 'triton' of the fallback chain 'triton/reference' (from kernels.use() "
+                     "scope) cannot run this input (head dim 320 is over the kernel's limit of 256); running "
+                     "'reference'"], chain
+    counts = kernels.counts()
+    assert counts[("attention", "triton")] >= 1 and counts[("attention", "reference")] >= 1, counts
+    assert len(fake.timesteps) == 2 and torch.isfinite(result.latents).all()
+
+
 def test_attention_head_dims_of_the_presets():
     from pipelines.common import attention_head_dims
     from sdcore.config import SDConfig

@@ -2,6 +2,7 @@
 fallback under the default, errors for explicit choices, and counters that show what ran."""
 import contextlib
 import inspect
+import re
 import warnings
 
 import pytest
@@ -414,7 +415,7 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     assert "default (CUDA input" in cuda or registry.triton_available(), cuda
 
 
-@pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}])
+@pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}, {"attention": "sdpa/reference"}])
 def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
     """Dispatch is traceable: the switch costs no graph break (a break per op made the compiled
     SD 1.5 UNet 2x slower than eager on an H100)."""
@@ -491,3 +492,80 @@ def test_host_integer_helpers_match_triton():
     for a in range(0, 300):
         for b in (1, 3, 16, 64, 128):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+# ------------------------------------------------------------------------------ fallback chains
+@pytest.mark.parametrize("how", ["scope", "tuple", "set_backend", "env"])
+def test_a_fallback_chain_runs_the_first_backend_that_takes_the_input(toy_op, monkeypatch, how):
+    """'triton/reference': triton where it can, reference for what it refuses, each refusal kind
+    warned once (naming both backends and the limit), every call counted on the backend that ran."""
+    if how == "env":
+        monkeypatch.setenv(kernels.ENV_VAR, "toy_op=triton/reference")
+    elif how == "set_backend":
+        kernels.set_backend(toy_op="triton/reference")
+    choice = ("triton", "reference") if how == "tuple" else "triton/reference"
+    source = {"env": f"{kernels.ENV_VAR}='toy_op=triton/reference'", "set_backend": "kernels.set_backend()"}.get(
+        how, "kernels.use() scope")
+    with kernels.use(toy_op=choice) if how in ("scope", "tuple") else contextlib.nullcontext():
+        assert registry.resolve("toy_op", torch.ones(1)) == ("triton", source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for dtype in (torch.float32, torch.float64, torch.float64, torch.float16, torch.float32):
+                registry.dispatch("toy_op", torch.ones(1, dtype=dtype))
+        backend, why = registry.resolve("toy_op", torch.ones(1, dtype=torch.float64))
+    assert toy_op == ["triton", "reference", "reference", "reference", "triton"], toy_op
+    assert kernels.counts() == {("toy_op", "triton"): 2, ("toy_op", "reference"): 3}, kernels.counts()
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        f"toy_op: backend 'triton' of the fallback chain 'triton/reference' (from {source}) cannot run this "
+        f"input ({reason}); running 'reference'" for reason in ("fp64 is not supported", "fp16 is not supported")
+    ], messages
+    assert backend == "reference" and why == f"{source}, fell back along the chain: 'triton': fp64 is not supported"
+
+
+def test_a_chain_that_no_backend_can_take_raises_with_every_reason(toy_op):
+    @registry.register("toy_op", "picky", check=lambda x: "picky refuses everything")
+    def picky(x):
+        raise AssertionError("ran a backend that refused")
+
+    with kernels.use(toy_op="picky/triton"), pytest.raises(kernels.BackendUnsupported) as e:
+        registry.dispatch("toy_op", torch.ones(1, dtype=torch.float64))
+    assert str(e.value) == ("toy_op: no backend of the fallback chain 'picky/triton' (from kernels.use() scope) can "
+                            "run this input: 'picky': picky refuses everything; 'triton': fp64 is not supported")
+    assert toy_op == [] and kernels.counts() == {}
+
+
+def test_describe_shows_a_chain(toy_op):
+    with kernels.use(toy_op="triton/reference"):
+        line, = [ln for ln in kernels.describe("cpu").splitlines() if ln.startswith("toy_op")]
+    assert line.startswith("toy_op           -> triton/reference (kernels.use() scope)"), line
+    assert kernels.validate("toy_op", " Triton / reference") == "triton/reference"
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("triton/triton", "fallback chain 'triton/triton' for op 'toy_op' names 'triton' twice"),
+    ("triton/", "fallback chain 'triton/' for op 'toy_op': name two or more backends"),
+    (("triton",), "fallback chain 'triton' for op 'toy_op': name two or more backends"),
+    ("triton/fast", "fallback chain 'triton/fast': op 'toy_op' has no 'fast' backend; valid: reference, triton"),
+    ("triton/sdpa", "op 'toy_op' has no 'sdpa' backend"),
+])
+def test_chain_errors_name_the_problem(toy_op, value, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        kernels.use(toy_op=value).__enter__()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        kernels.set_backend(toy_op=value)
+    assert registry._SCOPES == [] and registry._GLOBAL == {}
+
+
+@pytest.mark.parametrize("call", ["use", "env"])
+def test_a_chain_for_every_op_is_refused(toy_op, monkeypatch, call):
+    """A chain names one op's backends: 'triton/reference' for all ops says how to write it."""
+    if call == "use":
+        with pytest.raises(ValueError, match=re.escape("a chain names one op's backends, e.g. "
+                                                       "use(attention='triton/reference')")):
+            kernels.use("triton/reference").__enter__()
+    else:
+        monkeypatch.setenv(kernels.ENV_VAR, "triton/reference")
+        with pytest.raises(ValueError, match=re.escape("a fallback chain names one op's backends, e.g. "
+                                                       "'attention=triton/reference'")):
+            registry.resolve("toy_op", torch.ones(1))
