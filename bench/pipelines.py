@@ -179,7 +179,7 @@ def kernel_scope(variant: str, device: torch.device):
     pinned = pins(variant)
     if pinned is not None:  # chosen explicitly: a refused input skips the row (no fallback but along a chain, a/b)
         return (kernels.use(**{**{op: "reference" for op in ops}, **pinned}), "",
-                [op for op, b in pinned.items() if b == "triton"])
+                [op for op, b in pinned.items() if "triton" in b.split(kernels.CHAIN_SEP)])
     if variant == "triton":
         want = [op for op in ops if "triton" in kernels.backends(op)]
         if not want:
@@ -222,7 +222,7 @@ def fallback_note(before: dict, after: dict, ops: list[str]) -> str:
     parts = []
     for op in sorted(ran):
         calls = ran[op]
-        if op in ops:
+        if op in ops and set(calls) <= {"triton", "reference"}:
             if calls.get("reference"):
                 parts.append(f"{op}: {calls['reference']} of {calls['reference'] + calls.get('triton', 0)} calls "
                              "fell back to reference (input the kernel refuses)")

@@ -15,6 +15,7 @@ See :mod:`kernels.registry` for how a backend is chosen, :func:`load_plugin` for
 variants from a file, and :mod:`kernels.testing` for the equivalence cases every backend is held to.
 """
 from .registry import (
+    CHAIN_SEP,
     ENV_VAR,
     PROFILER_RANGE,
     Backend,
@@ -41,7 +42,8 @@ from .attention import attention, attention_reference
 from .scheduler_step import StepCoefficients, scheduler_step, scheduler_step_reference
 
 __all__ = [
-    "ENV_VAR", "PROFILER_RANGE", "Backend", "BackendUnsupported", "all_backends", "attention", "attention_reference",
+    "CHAIN_SEP", "ENV_VAR", "PROFILER_RANGE", "Backend", "BackendUnsupported", "all_backends", "attention",
+    "attention_reference",
     "backends", "counts", "describe", "dispatch", "group_norm_silu", "group_norm_silu_reference",
     "implementation", "load_plugin", "ops", "register", "reset_counts", "resolve", "set_backend", "unload_plugin",
     "unregister", "use", "validate",

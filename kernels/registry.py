@@ -21,13 +21,17 @@ A backend may refuse an input (dtype, head dim, device) through its ``check`` fu
 the backend was chosen explicitly (1-3) that raises :class:`BackendUnsupported` naming the limit;
 under the default it falls back to ``reference`` and warns once per op and kind of reason: reasons
 that differ only in their numbers (a scale, a shape, a count) are one kind, so a loop over sizes
-that all exceed a limit warns once.
+that all exceed a limit warns once. While ``torch.compile`` traces, a fallback does not warn: dynamo
+cannot trace ``warnings.warn`` and would break the graph there for good; :func:`resolve` and
+:func:`describe` still say what runs.
 
 A choice may be a *fallback chain*, ``"gluon_sm90/triton"`` (or a tuple of names): the first
 backend of the chain whose check takes the input runs; a refused one warns once per op, backend
 and kind of reason, naming the backend that ran instead; when every one refuses, the call raises
 :class:`BackendUnsupported` with each one's reason. It lets a research backend that covers only
 some shapes run a whole pipeline, its other calls on a backend of your choosing, counted apart.
+Every member but the last must have a ``check`` (one without takes every input, so the rest would
+never run).
 
 ``compile`` is available for every op without registration: ``torch.compile`` of the reference.
 Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
@@ -245,20 +249,26 @@ def _validate_chain(op: str, names: list) -> Chain:
     if len(names) < 2 or any(isinstance(n, str) and not n.strip() for n in names):
         raise ValueError(f"fallback chain {text!r} for op {op!r}: name two or more backends, "
                          f"e.g. 'gluon_sm90{CHAIN_SEP}triton'; valid: {', '.join(backends(op))}")
+    nested = [n for n in names if not isinstance(n, str) or CHAIN_SEP in n]
+    if nested:
+        raise ValueError(f"fallback chain {text!r} for op {op!r}: each member is one backend name, "
+                         f"not {nested[0]!r}")
     try:
-        chain = Chain(_validate(op, n) for n in names)
+        chain = Chain(_validate_one(op, n) for n in names)
     except ValueError as e:
         raise ValueError(f"fallback chain {text!r}: {e}") from None
     twice = sorted({str(b) for b in chain if chain.count(b) > 1})
     if twice:
         raise ValueError(f"fallback chain {text!r} for op {op!r} names {', '.join(map(repr, twice))} twice")
+    impls = _impls(op)
+    for i, b in enumerate(chain[:-1]):
+        if b not in impls or impls[b].check is None:  # compile (of the reference) or a backend without check=
+            raise ValueError(f"fallback chain {text!r} for op {op!r}: {str(b)!r} takes every input (it has no "
+                             f"check), so {', '.join(repr(str(r)) for r in chain[i + 1:])} after it would never run")
     return chain
 
 
-def _validate(op: str, backend: BackendName) -> BackendName:
-    names = _chain_names(backend)
-    if names is not None:
-        return _validate_chain(op, names)
+def _validate_one(op: str, backend: BackendName) -> BackendName:
     try:
         b = _canonical(backend)
     except ValueError:
@@ -268,6 +278,13 @@ def _validate(op: str, backend: BackendName) -> BackendName:
     if str(b) not in backends(op):
         raise ValueError(f"op {op!r} has no {str(b)!r} backend; valid: {', '.join(backends(op))}")
     return b
+
+
+def _validate(op: str, backend: BackendName) -> BackendName:
+    """``op``'s backend ``backend`` as the registry keeps it (a :class:`Backend`, a research name, or
+    a :class:`Chain`), or a ValueError naming the problem and the valid names."""
+    names = _chain_names(backend)
+    return _validate_one(op, backend) if names is None else _validate_chain(op, names)
 
 
 def validate(op: str, backend: BackendName) -> str:
@@ -476,7 +493,7 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
     reason = impl.check(*args, **kwargs) if impl.check else None
     if reason:
         kind = (op, _reason_kind(reason))
-        if stacklevel is not None and kind not in _WARNED:
+        if stacklevel is not None and kind not in _WARNED and not torch.compiler.is_compiling():
             _WARNED.add(kind)
             warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
                           f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
@@ -490,7 +507,10 @@ def _first_taker(op: str, impls: dict, chain: Chain, source: str, args: tuple, k
     once per (op, that backend, kind of reason). Every one refusing raises BackendUnsupported."""
     refused = []
     for b in chain:
-        impl = impls.get(b)  # None: compile (of the reference, which takes every input)
+        impl = impls.get(b)  # None: compile (of the reference, which takes every input), or unregistered since
+        if impl is None and b is not Backend.COMPILE:
+            raise ValueError(f"{op}: the fallback chain {str(chain)!r} (from {source}) names {str(b)!r}, which is no "
+                             f"longer registered; valid: {', '.join(backends(op))}")
         reason = impl.check(*args, **kwargs) if impl is not None and impl.check else None
         if not reason:
             break
@@ -502,7 +522,7 @@ def _first_taker(op: str, impls: dict, chain: Chain, source: str, args: tuple, k
         return b, source
     for r, reason in refused:
         kind = (op, _reason_kind(reason), str(r))
-        if stacklevel is not None and kind not in _WARNED:
+        if stacklevel is not None and kind not in _WARNED and not torch.compiler.is_compiling():
             _WARNED.add(kind)
             warnings.warn(f"{op}: backend {str(r)!r} of the fallback chain {str(chain)!r} (from {source}) cannot "
                           f"run this input ({reason}); running {str(b)!r}", RuntimeWarning, stacklevel=stacklevel + 1)

@@ -259,6 +259,9 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
         return a, kw
 
     chosen = kernels.validate(case.op, backend)  # a ValueError listing the valid names
+    if kernels.CHAIN_SEP in chosen:
+        raise ValueError(f"{case}: check() holds one backend to the case; {chosen!r} is a fallback chain: "
+                         "check each of its backends")
     before = kernels.counts().get((case.op, chosen), 0)
     try:
         got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1)

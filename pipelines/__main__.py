@@ -83,6 +83,22 @@ def attribute(text: str, spec: str | None, source: str) -> str:
     return text.replace(f"{KERNELS_ENV}={spec!r}", label)
 
 
+@contextlib.contextmanager
+def attributed_warnings(spec: str | None, source: str):
+    """Warnings shown meanwhile (a fallback chain's, which name where the choice came from) say
+    ``source`` as :func:`attribute` does, not the ``SDLAB_KERNELS`` that :func:`kernel_scope` sets."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        shown(attribute(str(message), spec, source), category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 # ------------------------------------------------------------------------------------------ jobs
 def job_from_args(args) -> dict:
     """The run as data: what a sidecar stores and ``replay`` reads back."""
@@ -299,7 +315,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
     kwargs = {k: v for k, v in job["params"].items() if k in accepted}
     positional = [images[k] for k in ("image", "mask") if k in images]
     try:
-        with kernel_scope(spec):
+        with kernel_scope(spec), attributed_warnings(spec, kernels_source):
             kernels.describe(job["model"]["device"])  # a ValueError naming the item, for a bad spec
             preset = job["model"].get("preset") if not job["model"].get("ckpt") else None
             # the device and dtype now; a checkpoint's head dims once it is loaded (the pipeline's setup)

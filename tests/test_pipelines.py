@@ -436,6 +436,38 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again[0])))
 
 
+UPTO16 = """
+import kernels
+
+@kernels.register("attention", "upto16",
+                  check=lambda q, k, v, scale=None, causal=False: None if q.shape[-1] <= 16 else "head dim over 16")
+def upto16(q, k, v, scale=None, causal=False):
+    return kernels.attention_reference(q, k, v, scale, causal)
+"""
+
+
+def test_cli_fallback_chain_warns_naming_the_kernels_option(tmp_path, capsys):
+    """--kernels attention=upto16/reference: the chain's warning names --kernels (where the choice
+    came from), not the SDLAB_KERNELS the CLI passes it through; both backends are counted."""
+    import kernels
+    from pipelines.__main__ import main
+
+    plugin = tmp_path / "upto16.py"
+    plugin.write_text(UPTO16)
+    try:
+        assert main(["txt2img", "--preset", "tiny", "--prompt", "a", "--steps", "1", "--seed", "1", "--height", "64",
+                     "--width", "64", "--device", "cpu", "--no-progress", "--plugin", str(plugin), "--kernels",
+                     "attention=upto16/reference", "--out", str(tmp_path / "a")]) == 0
+    finally:
+        kernels.unload_plugin(str(plugin))
+        kernels.registry._WARNED.clear()
+    err = capsys.readouterr().err
+    assert ("warning: attention: backend 'upto16' of the fallback chain 'upto16/reference' (from --kernels "
+            "'attention=upto16/reference') cannot run this input (head dim over 16); running 'reference'") in err, err
+    side = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    assert side["kernel_dispatches"].get("attention/upto16") and side["kernel_dispatches"].get("attention/reference")
+
+
 def test_cli_plugin_backend_runs_and_replays(tmp_path, plugin_file, capsys):
     """--plugin makes a research backend nameable by --kernels; the sidecar records the plugin, so a
     replay (a fresh registry here) loads it again."""

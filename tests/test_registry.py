@@ -415,10 +415,25 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     assert "default (CUDA input" in cuda or registry.triton_available(), cuda
 
 
-@pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}, {"attention": "sdpa/reference"}])
-def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
+@pytest.fixture
+def upto16():
+    """attention's research backend 'upto16': the reference, refusing head dims over 16."""
+    @kernels.register("attention", "upto16",
+                      check=lambda q, k, v, scale=None, causal=False: None if q.shape[-1] <= 16 else
+                      f"head dim {q.shape[-1]} over 16")
+    def upto16(q, k, v, scale=None, causal=False):
+        return kernels.attention_reference(q, k, v, scale, causal)
+
+    yield "upto16"
+    kernels.unregister("attention", "upto16")
+    registry._WARNED.clear()
+
+
+@pytest.mark.parametrize("scope", [{}, {"attention": "sdpa"}, {"attention": "upto16/reference"}])
+def test_torch_compile_traces_the_unet_without_graph_breaks(scope, upto16):
     """Dispatch is traceable: the switch costs no graph break (a break per op made the compiled
-    SD 1.5 UNet 2x slower than eager on an H100)."""
+    SD 1.5 UNet 2x slower than eager on an H100), a fallback chain included, whose first backend
+    refuses the tiny UNet's 32-wide heads (a warning there would break the graph)."""
     import torch._dynamo as dynamo
 
     from sdcore import StableDiffusion
@@ -426,6 +441,7 @@ def test_torch_compile_traces_the_unet_without_graph_breaks(scope):
     unet = StableDiffusion.from_preset("tiny").unet
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     dynamo.reset()
+    kernels.reset_counts()
     with kernels.use(**scope):
         explained = dynamo.explain(unet)(x, torch.tensor([10, 10]), ctx)
     reasons = [str(b.reason)[:200] for b in explained.break_reasons]
@@ -543,6 +559,9 @@ def test_describe_shows_a_chain(toy_op):
 
 
 @pytest.mark.parametrize("value, needle", [
+    ("reference/triton", "'reference' takes every input (it has no check), so 'triton' after it would never run"),
+    ("compile/triton", "'compile' takes every input (it has no check), so 'triton' after it would never run"),
+    ((("triton", "reference"), "reference"), "each member is one backend name, not ('triton', 'reference')"),
     ("triton/triton", "fallback chain 'triton/triton' for op 'toy_op' names 'triton' twice"),
     ("triton/", "fallback chain 'triton/' for op 'toy_op': name two or more backends"),
     (("triton",), "fallback chain 'triton' for op 'toy_op': name two or more backends"),
@@ -569,3 +588,25 @@ def test_a_chain_for_every_op_is_refused(toy_op, monkeypatch, call):
         with pytest.raises(ValueError, match=re.escape("a fallback chain names one op's backends, e.g. "
                                                        "'attention=triton/reference'")):
             registry.resolve("toy_op", torch.ones(1))
+
+
+def test_a_chain_naming_an_unregistered_backend_says_so(toy_op, upto16):
+    """A chain set before its research backend was unregistered fails at the next call (and in
+    resolve, which the pipelines' preflight asks), naming the chain, the backend and the source."""
+    x = torch.ones(1, 1, 4, 40)
+    with kernels.use(attention="upto16/triton"):
+        kernels.unregister("attention", "upto16")
+        with pytest.raises(ValueError, match=re.escape(
+                "attention: the fallback chain 'upto16/triton' (from kernels.use() scope) names 'upto16', which is "
+                "no longer registered; valid: reference, sdpa, triton, compile")):
+            registry.resolve("attention", x, x, x)
+    kernels.register("attention", "upto16")(lambda *a, **k: None)  # for the fixture's unregister
+
+
+def test_the_conformance_check_refuses_a_chain():
+    """kernels.testing.check holds one backend to a case; a chain is refused, saying so."""
+    from kernels import testing
+
+    case = testing.cases("attention")[0]
+    with pytest.raises(ValueError, match="is a fallback chain: check each of its backends"):
+        testing.check(case, "triton/reference", "cpu")
