@@ -218,8 +218,9 @@ def _impls(op: str) -> dict[Backend, _Impl]:
 def _backend(backend: BackendName) -> BackendName:
     """A backend for every op that has it (``use("triton")``), or an error listing the valid names."""
     if _chain_names(backend) is not None:
-        raise ValueError(f"fallback chain {_chain_text(backend)!r} for every op: a chain names one op's backends, "
-                         f"e.g. use(attention={_chain_text(backend)!r}) or SDLAB_KERNELS='attention={_chain_text(backend)}'")
+        text = _chain_text(backend)
+        raise ValueError(f"fallback chain {text!r} for every op: a chain names one op's backends, "
+                         f"e.g. use(attention={text!r}) or SDLAB_KERNELS='attention={text}'")
     try:
         b = _canonical(backend)
     except ValueError:
