@@ -216,10 +216,9 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         args.variants = _split(parser, "variants", args.variants, pipelines.variant_names())
         for v in args.variants:
             try:
-                pipelines.pins(v.removesuffix(pipelines.GRAPH_SUFFIX))
+                pipelines.check_variant(v)
             except ValueError as e:
                 parser.error(str(e))
-        bad("variant", [v for v in args.variants if "=" not in v], pipelines.variant_names())
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     for name in ("steps", "repeats", "batch", "rounds"):

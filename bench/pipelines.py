@@ -102,6 +102,16 @@ def pins(variant: str) -> dict[str, str] | None:
     return out
 
 
+def check_variant(variant: str) -> None:
+    """A ValueError naming what is wrong with ``variant`` (a name of variant_names(), or
+    ``op=backend[+op=backend]`` with an optional @graph), for the CLI and the pytest cases alike."""
+    if "=" in variant:
+        pins(variant.removesuffix(GRAPH_SUFFIX))
+    elif variant not in variant_names():
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(variant_names())}, "
+                         "or op=backend[+op=backend]")
+
+
 @dataclass
 class Options:
     preset: str

@@ -66,12 +66,9 @@ def options(config) -> bp.Options:
     variants = list(dict.fromkeys(get("--sd-variant"))) or bp.variant_names()
     for v in variants:
         try:
-            bp.pins(v.removesuffix(bp.GRAPH_SUFFIX))
+            bp.check_variant(v)
         except ValueError as e:
             raise pytest.UsageError(f"--sd-variant: {e}") from None
-        if "=" not in v and v not in bp.variant_names():
-            raise pytest.UsageError(f"--sd-variant: unknown variant {v!r}; valid: {', '.join(bp.variant_names())}, "
-                                    "or op=backend[+op=backend]")
     _OPTIONS[id(config)] = bp.Options(
         preset=preset or ("sd15" if CUDA else "tiny"), ckpt=Path(ckpt) if ckpt else None,
         pipelines=list(bp.PIPELINES), steps=steps or (50 if CUDA else 2), batch=1, repeats=3 if CUDA else 1,

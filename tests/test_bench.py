@@ -225,6 +225,7 @@ def test_repeated_values_run_once(tmp_path):
     (["ops", "--plugin", "no_such_pkg"], "no module 'no_such_pkg'"),
     (["ops", "--plugin", "{tmp}/empty_plugin.py"], "it registered no backend"),
     (["ops", "--backends", "plugin_attention"], "unknown backend 'plugin_attention'"),  # no --plugin
+    (["pipelines", "--variants", "trition"], "unknown variant 'trition'; valid: reference, triton"),
     (["pipelines", "--variants", "attention=nope"], "op 'attention' has no 'nope' backend; valid: reference"),
     (["pipelines", "--variants", "attention=sdpa+attention=reference"], "op 'attention' is named twice"),
     (["pipelines", "--variants", "attention="], "expected op=backend items"),
