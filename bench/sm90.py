@@ -229,7 +229,7 @@ def sd15_calls():
     """(label, module, kernel names, thunk) for SD 1.5 shapes at 512 px, batch 2, fp16."""
     import torch
 
-    def attn(b, h, lq, lkv, d, dtype=torch.float16, layout="BLHD"):
+    def attn(b, h, lq, lkv, d, dtype=torch.float16, layout="BLHD", config=None):
         def call():
             at = importlib.import_module("kernels.attention")
             if layout == "BLHD":  # the UNet's: heads split off the channels of (B, L, H·D)
@@ -238,7 +238,7 @@ def sd15_calls():
             else:
                 q, k = torch.empty(b, h, lq, d, dtype=dtype), torch.empty(b, h, lkv, d, dtype=dtype)
             with torch.no_grad():
-                at.attention_triton(q, k, k)
+                at.attention_triton(q, k, k, config=config)
         return call
 
     def gn(shape, single, fmt=torch.contiguous_format):
@@ -294,12 +294,15 @@ def sd15_calls():
             g._forward(q, k, k, store_lse=False)
         return call
 
+    resident = importlib.import_module("kernels.attention").AttentionConfig(64, 64, 4, 3, q_blocks=4)  # a tune candidate
     gn_kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel")
     attn_kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     gn_bwd_kernels = (*gn_kernels, "_bwd_reduce_kernel", "_bwd_dx_kernel")
     return [
         ("attention D40 self 4096", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 4096, 40)),
         ("attention D40 cross 77", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 4096, 77, 40)),
+        ("attention D40 cross 77, K/V-resident", "kernels.attention", ("_attn_fwd_resident_kernel",),
+         attn(2, 8, 4096, 77, 40, config=resident)),
         ("attention D80 self 1024", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 1024, 1024, 80)),
         ("attention D160 self 256", "kernels.attention", ("_attn_fwd_kernel",), attn(2, 8, 256, 256, 160)),
         ("group_norm_silu single (2,1280,16,16)", "kernels.group_norm_silu", gn_kernels, gn((2, 1280, 16, 16), True)),

@@ -50,8 +50,10 @@ class Candidate:
 def attention_candidates(case: Case, quick: bool, masked_tail: bool = False) -> list[Candidate]:
     """Forward tiles: queries per program x keys per step x warps x pipeline stages. With
     ``masked_tail``, where the head dim has one (40 = 32 + 16), only the split candidates: the
-    split crashed on an H100 before (Triton 3.6), so it is swept in a run of its own."""
-    from kernels.attention import AttentionConfig, split_head_dim
+    split crashed on an H100 before (Triton 3.6), so it is swept in a run of its own. Over at most
+    SHORT_KV keys, also the K/V-resident forward: query block (4 warps at 64, 8 at 128) x query
+    blocks per program x stages of the query loop."""
+    from kernels.attention import SHORT_KV, AttentionConfig, split_head_dim
 
     grid = ([16, 32], [16], [2], [2]) if quick else ([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
     d = case.params["d"]
@@ -63,6 +65,11 @@ def attention_candidates(case: Case, quick: bool, masked_tail: bool = False) -> 
             continue  # whole sweep's process down (bench/results/2026-11-23-h100/sanitizer-attention.txt)
         label = f"bm{bm} bn{bn} w{warps} s{stages}" + (" split" if split else "")
         out.append(Candidate(label, AttentionConfig(bm, bn, warps, stages, True if split else None)))
+    if case.params["lkv"] <= SHORT_KV and not split:
+        resident = ([(16, 1)], [1, 2], [2]) if quick else ([(64, 4), (128, 8)], [1, 2, 4, 8], [2, 3])
+        for (bm, warps), q_blocks, stages in itertools.product(*resident):
+            out.append(Candidate(f"resident bm{bm} w{warps} s{stages} q{q_blocks}",
+                                 AttentionConfig(bm, 64, warps, stages, q_blocks=q_blocks)))
     return out
 
 

@@ -21,6 +21,10 @@ rides in one FMA per score (as in Triton's fused-attention tutorial):
 The key loop runs over full BLOCK_N blocks with no key masks; the Lkv % BLOCK_N remainder is one
 peeled, masked step, only as wide as it needs (TAIL_N: 16 for the 13 keys of 77 = 64 + 13). Causal
 attention (only the 77-token CLIP encoder) masks every block.
+Over at most SHORT_KV keys, a second forward (AttentionConfig.q_blocks; not the default until
+timed on a GPU) holds the head's keys and values, loaded once per program, while it walks several
+query blocks: with every key in hand the softmax is exact in one pass (m = rowmax, no rescaling),
+and the loop the compiler pipelines is the one over query blocks, prefetching q.
 Backward (Dao 2023, Alg. 2) in Triton, recomputing p = exp2(s · scale · log2(e) - lse2):
     delta = rowsum(dO ∘ O) (torch, fp32);  dV = pᵀ dO;  dP = dO Vᵀ;  dS = p ∘ (dP - delta)
     dK = scale · dSᵀ Q  (one program per key block, looping over query blocks)
@@ -80,7 +84,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # call: sweeps pass an AttentionConfig to attention_triton instead of editing this (read once per
 # kernel, head dim and dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys
 # (cross-attention to 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune
-# apart; its rows are the default ones, as swept. "fwd_long_kv" serves forwards over at least LONG_KV
+# apart; its rows are the default ones, as swept. A fifth value there, Q_BLOCKS, would run the
+# K/V-resident forward (_attn_fwd_resident_kernel, AttentionConfig.q_blocks) instead; it has none
+# until a GPU sweep shows it faster (`bench tune` sweeps it at every case over <= SHORT_KV keys). "fwd_long_kv" serves forwards over at least LONG_KV
 # keys (SD 1.5 at 768 px: 9216 tokens). Its D 40 row pipelines 4 key blocks deep: against the 8-warp
 # 3-stage "fwd" row, 1.05x and 1.06x at 9216 tokens in two sweeps (0.854 vs 0.898 ms, 0.845 vs 0.899),
 # but 0.96x at 4096 tokens and 0.95x at batch 1 (2026-11-23-h100-3/tune-attention-d40-9216.md,
@@ -238,6 +244,57 @@ def _head_ptr(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_heads(q_ptr, k_ptr, v_ptr, o_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+               stride_ob, stride_oh, H, ALIGN: tl.constexpr):
+    """A forward program's (b, h) from grid axis 1: pid_bh and that head's bases of q, k, v and o."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    return (pid_bh, _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN),
+            _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN), _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN),
+            _head_ptr(o_ptr, b, h, stride_ob, stride_oh, ALIGN))
+
+
+@triton.jit
+def _tail_cols(D_HEAD: tl.constexpr, D_TAIL: tl.constexpr):
+    """The tail's column indices D_HEAD .. D_HEAD + D_TAIL - 1; without a tail, the head's, as a
+    placeholder the caller never uses."""
+    if D_TAIL > 0:
+        cols = D_HEAD + tl.arange(0, D_TAIL)
+    else:
+        cols = tl.arange(0, D_HEAD)
+    return cols
+
+
+@triton.jit
+def _load_split(ptr, rows, cols_h, cols_t, stride_r, stride_c, n_rows, HEAD_DIM: tl.constexpr, D_TAIL: tl.constexpr,
+                MASK_H: tl.constexpr, MASK_T: tl.constexpr, ALIGN: tl.constexpr):
+    """A (rows, D) tile as its head columns and its tail columns; without a tail (D_TAIL = 0) the
+    head tile twice, a placeholder the caller never uses."""
+    head = _load_tile(ptr, rows, cols_h, stride_r, stride_c, n_rows, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+    if D_TAIL > 0:
+        tail = _load_tile(ptr, rows, cols_t, stride_r, stride_c, n_rows, HEAD_DIM, MASK_T, ALIGN=ALIGN)
+    else:
+        tail = head
+    return head, tail
+
+
+@triton.jit
+def _fwd_store(o_ptr, lse_ptr, rows_m, cols_h, cols_t, acc_h, acc_t, m_i, l_i, stride_om, stride_od, LQ, pid_bh,
+               HEAD_DIM: tl.constexpr, D_TAIL: tl.constexpr, MASK_H: tl.constexpr, MASK_T: tl.constexpr,
+               STORE_LSE: tl.constexpr, ALIGN: tl.constexpr):
+    """o = acc / l over the head and tail columns and, for the backward, lse2 = m + log2 l."""
+    l_inv = 1.0 / l_i
+    _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H,
+                ALIGN=ALIGN)
+    if D_TAIL > 0:
+        _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T,
+                    ALIGN=ALIGN)
+    if STORE_LSE:
+        tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
+
+
+@triton.jit
 def _attn_fwd_step(
     acc_h,  # (BLOCK_M, D_HEAD) fp32 running output, columns [0, D_HEAD)
     acc_t,  # (BLOCK_M, D_TAIL) fp32 running output of the tail; a placeholder passed through if no tail
@@ -316,29 +373,22 @@ def _attn_fwd_kernel(
     ALIGN: tl.constexpr,  # batch, head and row strides of every tensor are multiples of this (host-checked)
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    q_ptr = _head_ptr(q_ptr, b, h, stride_qb, stride_qh, ALIGN)
-    k_ptr = _head_ptr(k_ptr, b, h, stride_kb, stride_kh, ALIGN)
-    v_ptr = _head_ptr(v_ptr, b, h, stride_vb, stride_vh, ALIGN)
-    o_ptr = _head_ptr(o_ptr, b, h, stride_ob, stride_oh, ALIGN)
+    pid_bh, q_ptr, k_ptr, v_ptr, o_ptr = _fwd_heads(q_ptr, k_ptr, v_ptr, o_ptr, stride_qb, stride_qh, stride_kb,
+                                                    stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, H, ALIGN)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols_h = tl.arange(0, D_HEAD)
+    cols_t = _tail_cols(D_HEAD, D_TAIL)
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM  # padded columns in the head part (D < 16)
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM  # padded columns in the tail (40 = 32 + 16)
     MASK_N: tl.constexpr = TAIL_N > 0  # LKV % BLOCK_N != 0
 
-    q_h = _load_tile(q_ptr, rows_m, cols_h, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_H, ALIGN=ALIGN)
+    q_h, q_t = _load_split(q_ptr, rows_m, cols_h, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, D_TAIL, MASK_H, MASK_T,
+                           ALIGN)
     acc_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
     if D_TAIL > 0:
-        cols_t = D_HEAD + tl.arange(0, D_TAIL)
-        q_t = _load_tile(q_ptr, rows_m, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, MASK_T, ALIGN=ALIGN)
         acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
-    else:  # placeholders the step passes through untouched (dead code once compiled)
-        cols_t = cols_h
-        q_t = q_h
+    else:  # a placeholder the step passes through untouched (dead code once compiled)
         acc_t = acc_h
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -369,14 +419,105 @@ def _attn_fwd_kernel(
                 stride_kn, stride_kd, stride_vn, stride_vd, LKV, qk_scale,
                 HEAD_DIM, D_TAIL, MASK_H, MASK_T, DOT_PRECISION, True, False, ALIGN)
 
-    l_inv = 1.0 / l_i
-    _store_tile(o_ptr, rows_m, cols_h, stride_om, stride_od, LQ, acc_h * l_inv[:, None], HEAD_DIM, MASK_H,
-                ALIGN=ALIGN)
+    _fwd_store(o_ptr, lse_ptr, rows_m, cols_h, cols_t, acc_h, acc_t, m_i, l_i, stride_om, stride_od, LQ, pid_bh,
+               HEAD_DIM, D_TAIL, MASK_H, MASK_T, STORE_LSE, ALIGN)
+
+
+@triton.jit
+def _resident_scores(q_h, q_t, k_h, k_t, rows_n, rows_m, LKV, D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+    """q kᵀ over one resident key block (rows_n), keys past LKV (and, causal, after the query) at -inf."""
+    s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
     if D_TAIL > 0:
-        _store_tile(o_ptr, rows_m, cols_t, stride_om, stride_od, LQ, acc_t * l_inv[:, None], HEAD_DIM, MASK_T,
-                    ALIGN=ALIGN)
-    if STORE_LSE:
-        tl.store(lse_ptr + pid_bh * LQ + rows_m, m_i + tl.log2(l_i), mask=rows_m < LQ)
+        s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+    s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attn_fwd_resident_kernel(
+    q_ptr,  # (B, H, Lq, D), any strides
+    k_ptr,  # (B, H, Lkv, D), any strides
+    v_ptr,  # (B, H, Lkv, D), any strides
+    o_ptr,  # (B, H, Lq, D), any strides; written
+    lse_ptr,  # (B, H, Lq) fp32 contiguous; None unless STORE_LSE
+    stride_qb, stride_qh, stride_qm, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_ob, stride_oh, stride_om, stride_od,  # o strides
+    H,  # heads
+    LQ,  # queries
+    LKV,  # keys, <= KV_HEAD + KV_TAIL
+    qk_scale,  # scale · log2(e), > 0
+    Q_BLOCKS,  # query blocks each program walks
+    HEAD_DIM: tl.constexpr,  # D
+    D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
+    D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    KV_HEAD: tl.constexpr,  # keys of the first resident block: a power of two >= 16 (split_keys)
+    KV_TAIL: tl.constexpr,  # keys of the second, a power of two >= 16, or 0
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
+    CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
+    STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
+    ALIGN: tl.constexpr,  # batch, head and row strides of every tensor are multiples of this (host-checked)
+):
+    """The forward over few keys (cross-attention to 77 text tokens): every key and value of the
+    head is loaded once per program and held, in two blocks (77 = 64 + 13 as 64 + 16 rows), while
+    the program walks Q_BLOCKS blocks of queries. With every key in hand the softmax is exact in
+    one step (no running max to rescale), and the loop over query blocks is what the compiler
+    pipelines (num_stages): the next blocks' queries load while this one computes. The op is
+    memory-bound (q in, o out; k and v are a few KB), which is where that prefetch pays."""
+    pid_s = tl.program_id(0)
+    pid_bh, q_ptr, k_ptr, v_ptr, o_ptr = _fwd_heads(q_ptr, k_ptr, v_ptr, o_ptr, stride_qb, stride_qh, stride_kb,
+                                                    stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, H, ALIGN)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols_h = tl.arange(0, D_HEAD)
+    cols_t = _tail_cols(D_HEAD, D_TAIL)
+    MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
+    MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
+    # the two key blocks, each as head and tail columns; without a second block, placeholders
+    rows_a = tl.arange(0, KV_HEAD)
+    k_ah, k_at = _load_split(k_ptr, rows_a, cols_h, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, D_TAIL, MASK_H,
+                             MASK_T, ALIGN)
+    v_ah, v_at = _load_split(v_ptr, rows_a, cols_h, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H,
+                             MASK_T, ALIGN)
+    if KV_TAIL > 0:
+        rows_b = KV_HEAD + tl.arange(0, KV_TAIL)
+        k_bh, k_bt = _load_split(k_ptr, rows_b, cols_h, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, D_TAIL, MASK_H,
+                                 MASK_T, ALIGN)
+        v_bh, v_bt = _load_split(v_ptr, rows_b, cols_h, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H,
+                                 MASK_T, ALIGN)
+    else:
+        rows_b, k_bh, k_bt, v_bh, v_bt = rows_a, k_ah, k_at, v_ah, v_at
+
+    start = pid_s * Q_BLOCKS * BLOCK_M
+    for start_m in range(start, tl.minimum(LQ, start + Q_BLOCKS * BLOCK_M), BLOCK_M):
+        rows_m = start_m + offs_m
+        q_h, q_t = _load_split(q_ptr, rows_m, cols_h, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, D_TAIL, MASK_H,
+                               MASK_T, ALIGN)
+        s_a = _resident_scores(q_h, q_t, k_ah, k_at, rows_a, rows_m, LKV, D_TAIL, DOT_PRECISION, CAUSAL)
+        m_i = tl.max(s_a, 1)
+        if KV_TAIL > 0:
+            s_b = _resident_scores(q_h, q_t, k_bh, k_bt, rows_b, rows_m, LKV, D_TAIL, DOT_PRECISION, CAUSAL)
+            m_i = tl.maximum(m_i, tl.max(s_b, 1))
+        m_i = m_i * qk_scale  # qk_scale > 0: rowmax(s) · c = rowmax(s · c); key 0 is never masked, so finite
+        p = tl.exp2(s_a * qk_scale - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc_h = tl.dot(p.to(v_ah.dtype), v_ah, input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            acc_t = tl.dot(p.to(v_at.dtype), v_at, input_precision=DOT_PRECISION)
+        else:
+            acc_t = acc_h
+        if KV_TAIL > 0:
+            p = tl.exp2(s_b * qk_scale - m_i[:, None])
+            l_i += tl.sum(p, 1)
+            acc_h = tl.dot(p.to(v_bh.dtype), v_bh, acc_h, input_precision=DOT_PRECISION)
+            if D_TAIL > 0:
+                acc_t = tl.dot(p.to(v_bt.dtype), v_bt, acc_t, input_precision=DOT_PRECISION)
+        _fwd_store(o_ptr, lse_ptr, rows_m, cols_h, cols_t, acc_h, acc_t, m_i, l_i, stride_om, stride_od, LQ, pid_bh,
+                   HEAD_DIM, D_TAIL, MASK_H, MASK_T, STORE_LSE, ALIGN)
 
 
 @triton.jit
@@ -554,6 +695,7 @@ def _attn_bwd_dq_kernel(
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
 _FWD, _DKDV, _DQ = Launcher(_attn_fwd_kernel), Launcher(_attn_bwd_dkdv_kernel), Launcher(_attn_bwd_dq_kernel)
+_FWD_RESIDENT = Launcher(_attn_fwd_resident_kernel)
 
 
 def tail_block(lkv: int, block_n: int) -> int:
@@ -562,6 +704,13 @@ def tail_block(lkv: int, block_n: int) -> int:
     for 3 padded keys at 77 = 64 + 13, where a full one would pay for 51."""
     rest = lkv % block_n
     return min(block_n, max(16, next_power_of_2(rest))) if rest else 0
+
+
+def split_keys(lkv: int) -> tuple[int, int]:
+    """Lkv -> (KV_HEAD, KV_TAIL), the K/V-resident forward's two key blocks: a power of two plus a
+    power-of-two tail, each >= 16 (0 = no tail), split as head dims are: 77 -> (64, 16), 64 -> (64, 0),
+    100 -> (64, 64), 8 -> (16, 0)."""
+    return split_head_dim(lkv, masked_tail=True)
 
 
 def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
@@ -579,9 +728,9 @@ def split_head_dim(d: int, masked_tail: bool | None = None) -> tuple[int, int]:
     return (head, tail) if tail == rest or masked_tail else (2 * head, 0)
 
 
-def _config(kind: str, d: int, element_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from :data:`CONFIGS` for head dim ``d``, or for
-    fp32 from :data:`CONFIGS_FP32` (whose "fwd" serves every forward length)."""
+def _config(kind: str, d: int, element_size: int) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, Q_BLOCKS]) from :data:`CONFIGS` for head dim ``d``,
+    or for fp32 from :data:`CONFIGS_FP32` (whose "fwd" serves every forward length)."""
     table = CONFIGS_FP32["fwd" if kind.startswith("fwd") else kind] if element_size == 4 else CONFIGS[kind]
     return next(c for w, c in sorted(table.items()) if d <= w)
 
@@ -590,7 +739,7 @@ _PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS 
 
 
 def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
-    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel,
+    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages[, Q_BLOCKS]) of one kernel,
     memoised so a launch pays a dict lookup, not the table sort (a plain dict: dynamo warns on
     functools.lru_cache). Keyed on :data:`SPLIT_MASKED_TAIL` too, so flipping it takes effect."""
     key = (kind, d, dtype, SPLIT_MASKED_TAIL)
@@ -612,13 +761,18 @@ class AttentionConfig:
     with a split head dim (80, 160), and block_n=128 at 3 stages faulted there at 160.
     ``split_masked_tail`` overrides :data:`SPLIT_MASKED_TAIL` for that kernel (40 = 32 + 16
     instead of the 64 pad); it crashed on H100 with Triton 3.6 before the alignment hint, so time
-    it apart."""
+    it apart. ``q_blocks`` (forward only, at most :data:`SHORT_KV` keys) runs the K/V-resident
+    forward instead (_attn_fwd_resident_kernel): each program loads every key once and walks
+    q_blocks query blocks of block_m, num_stages pipelining that walk; block_n plays no part there
+    (the keys are split by :func:`split_keys`). Correct under the interpreter and compiled for
+    sm_90 offline; not yet timed on a GPU, so no table row uses it."""
 
-    block_m: int  # queries per program (BLOCK_M)
+    block_m: int  # queries per program (BLOCK_M); per loop step of the K/V-resident forward
     block_n: int  # keys per loop step (BLOCK_N)
     num_warps: int
-    num_stages: int  # software-pipelining depth of the key loop
+    num_stages: int  # software-pipelining depth of the key loop (of the query loop, K/V-resident)
     split_masked_tail: bool | None = None  # None: SPLIT_MASKED_TAIL
+    q_blocks: int | None = None  # None: the streaming kernels; n >= 1: the K/V-resident forward
 
     def __post_init__(self):
         def pow2(x):  # a bool is an int, but not a tile size
@@ -632,6 +786,8 @@ class AttentionConfig:
             ("num_stages", type(self.num_stages) is int and self.num_stages >= 1, "an int >= 1"),
             ("split_masked_tail", self.split_masked_tail is None or type(self.split_masked_tail) is bool,
              "None, True or False"),
+            ("q_blocks", self.q_blocks is None or (type(self.q_blocks) is int and self.q_blocks >= 1),
+             "None or an int >= 1"),
         ):
             if not ok:
                 raise ValueError(f"AttentionConfig.{name} = {getattr(self, name)!r}: must be {rule}")
@@ -641,13 +797,15 @@ KERNELS = ("fwd", "dkdv", "dq")  # the keys of a per-kernel config= mapping
 
 
 def _launch(kind: str, d: int, dtype: torch.dtype, config: AttentionConfig | None) -> tuple:
-    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages) of one launch:
-    the table's plan, with ``config``'s tiles (and head split, if it names one) in its place."""
+    """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages, Q_BLOCKS) of one
+    launch: the table's plan, with ``config``'s tiles (and head split, if it names one) in its
+    place. Q_BLOCKS is None but for a K/V-resident forward."""
     plan = _plan(kind, d, dtype)
     if config is None:
-        return plan
+        return (*plan, None)[:8]
     d_head, d_tail = plan[:2] if config.split_masked_tail is None else split_head_dim(d, config.split_masked_tail)
-    return d_head, d_tail, plan[2], config.block_m, config.block_n, config.num_warps, config.num_stages
+    return (d_head, d_tail, plan[2], config.block_m, config.block_n, config.num_warps, config.num_stages,
+            config.q_blocks)
 
 
 def _per_kernel(config) -> dict:
@@ -662,6 +820,9 @@ def _per_kernel(config) -> dict:
                 raise ValueError(f"config key {kind!r}: the kernels are {', '.join(map(repr, KERNELS))}")
             if not isinstance(c, AttentionConfig):
                 raise TypeError(f"config[{kind!r}] must be an AttentionConfig, not {type(c).__name__}")
+            if kind != "fwd" and c.q_blocks is not None:
+                raise ValueError(f"config[{kind!r}].q_blocks = {c.q_blocks}: only the forward has a K/V-resident "
+                                 "kernel; leave it None")
         return config
     raise TypeError(f"config must be an AttentionConfig, a dict of them keyed by {KERNELS}, or None, "
                     f"not {type(config).__name__}")
@@ -683,7 +844,10 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
     b, h, lq, d = q.shape
     lkv = k.shape[2]
     kind = "fwd_short_kv" if lkv <= SHORT_KV else "fwd_long_kv" if lkv >= LONG_KV else "fwd"
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch(kind, d, q.dtype, config)
+    d_head, d_tail, precision, block_m, block_n, warps, stages, q_blocks = _launch(kind, d, q.dtype, config)
+    if q_blocks is not None and lkv > SHORT_KV:
+        raise ValueError(f"q_blocks = {q_blocks} asks for the K/V-resident forward, which holds every key: it takes "
+                         f"at most SHORT_KV = {SHORT_KV} keys, got Lkv = {lkv}")
     o = torch.empty_like(q) if out is None else out  # empty_like keeps the UNet's (B, L, H, D) layout
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if store_lse else None
     if o.numel() == 0:
@@ -695,10 +859,18 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
         if len(_ALIGNS) >= 4096:
             _ALIGNS.clear()
         align = _ALIGNS[ints, b, q.dtype] = _align(q, k, v, o)  # (ints, b) hold every stride and shape it reads
+    meta = {"num_warps": warps, "num_stages": stages}
+    if q_blocks is not None:
+        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, KV_HEAD, KV_TAIL, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
+        consts = (d, d_head, d_tail, block_m, *split_keys(lkv), precision, causal, store_lse, align)
+        grid = (-(-lq // (block_m * q_blocks)), b * h)
+        _FWD_RESIDENT(grid, (ints, q_blocks, consts, warps, stages), (q, k, v, o, lse),
+                      (q, k, v, o, lse, *ints, qk_scale, q_blocks, *consts), meta)
+        return o, lse
     # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, BLOCK_N, TAIL_N, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
     consts = (d, d_head, d_tail, block_m, block_n, tail_block(lkv, block_n), precision, causal, store_lse, align)
     _FWD((-(-lq // block_m), b * h), (ints, consts, warps, stages), (q, k, v, o, lse),
-         (q, k, v, o, lse, *ints, qk_scale, *consts), {"num_warps": warps, "num_stages": stages})
+         (q, k, v, o, lse, *ints, qk_scale, *consts), meta)
     return o, lse
 
 
@@ -718,14 +890,14 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
     delta = (do.float() * o.float()).sum(-1).contiguous()  # Dao 2023 Alg. 2: D_i = rowsum(dO_i ∘ O_i)
     align = _align(q, k, v, do, dq, dk, dv)
     configs = configs or {}
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dkdv", d, q.dtype, configs.get("dkdv"))
+    d_head, d_tail, precision, block_m, block_n, warps, stages, _ = _launch("dkdv", d, q.dtype, configs.get("dkdv"))
     ints = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), h, lq, lkv)
     meta = dict(HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
                 DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align, num_warps=warps, num_stages=stages)
     tensors = (q, k, v, do, dk, dv, lse, delta)
     _DKDV((-(-lkv // block_n), b * h), (ints, *meta.values()), tensors,
           (*tensors, *ints, scale * LOG2E, scale), meta)
-    d_head, d_tail, precision, block_m, block_n, warps, stages = _launch("dq", d, q.dtype, configs.get("dq"))
+    d_head, d_tail, precision, block_m, block_n, warps, stages, _ = _launch("dq", d, q.dtype, configs.get("dq"))
     ints = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), h, lq, lkv)
     meta = dict(HEAD_DIM=d, D_HEAD=d_head, D_TAIL=d_tail, BLOCK_M=block_m, BLOCK_N=block_n,
                 MASK_N=lkv % block_n != 0, DOT_PRECISION=precision, CAUSAL=causal, ALIGN=align,
@@ -824,7 +996,8 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
                      config: AttentionConfig | dict[str, AttentionConfig] | None = None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
     in place and is forward-only (no autograd). ``config`` overrides :data:`CONFIGS`: an
-    AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel.
+    AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel; a
+    forward's ``q_blocks`` picks the K/V-resident forward (at most SHORT_KV keys).
     Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated.
     Under autocast, q, k, v are cast to its dtype first, as torch's matmul and SDPA take them."""
     q, k, v = autocast_inputs(q, k, v)

@@ -61,7 +61,7 @@ at = importlib.import_module("kernels.attention")
 gn = importlib.import_module("kernels.group_norm_silu")
 st = importlib.import_module("kernels.scheduler_step")
 _launch._DRIVER = (FakeDriver().get_current_device, FakeDriver().get_current_stream)
-LAUNCHERS = (at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP)
+LAUNCHERS = (at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP)
 # the checks see a launchable setup (CPU tensors are otherwise refused before any launch)
 registry = importlib.import_module("kernels.registry")
 for module in (registry, at, gn, st):
@@ -134,6 +134,10 @@ for b, h, lq, lkv, d, dtype, causal in [(2, 8, 64, 77, 40, torch.float16, False)
     compare(f"attention forward {shape}", lambda: at._forward(q, k, v, None, None, causal, None, True))
     compare(f"attention inference {shape}", lambda: at._forward(q, k, v, 0.3, None, causal, None, False))
     compare(f"attention backward {shape}", lambda: at._backward(do, q, k, v, o, lse, None, causal=causal))
+    for q_blocks in (1, 3):  # the K/V-resident forward, whose Q_BLOCKS is a runtime integer
+        resident = at.AttentionConfig(16, 16, 4, 2, q_blocks=q_blocks)
+        compare(f"attention K/V-resident forward q_blocks={q_blocks} {shape}",
+                lambda: at._forward(q, k, v, None, None, causal, resident, True))
 
 for shape, groups, dtype in [((2, 320, 32, 32), 32, torch.float16), ((1, 64, 7, 5), 8, torch.float32),
                              ((2, 1280, 8, 8), 32, torch.bfloat16), ((2, 64, 50), 4, torch.float16)]:

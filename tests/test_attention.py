@@ -483,7 +483,8 @@ def test_key_lengths_default_config(lkv, device):
 
 
 def _spy_launches(monkeypatch, names):
-    """Record (kernel, grid[0], BLOCK_M, BLOCK_N, num_warps, num_stages) of each launch of ``names``."""
+    """Record (kernel, grid[0], BLOCK_M, BLOCK_N, num_warps, num_stages) of each launch of ``names``
+    (Q_BLOCKS in BLOCK_N's place for the K/V-resident forward, which has no key block)."""
     launches = []
     for name in names:
         real = getattr(attention_module, name)
@@ -492,7 +493,8 @@ def _spy_launches(monkeypatch, names):
             def __getitem__(self, grid, real=real, name=name):
                 def launch(*args, **kwargs):
                     named = {**dict(zip(real.arg_names, args)), **kwargs}
-                    launches.append((name, grid[0], *(named[n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))))
+                    block = "BLOCK_N" if "BLOCK_N" in named else "Q_BLOCKS"
+                    launches.append((name, grid[0], *(named[n] for n in ("BLOCK_M", block, "num_warps", "num_stages"))))
                     return real[grid](*args, **kwargs)
                 return launch
 
@@ -584,6 +586,97 @@ def test_inference_writes_no_lse(device, monkeypatch):
     assert_close(lses[-1], torch.logsumexp(s, -1) / math.log(2), rel=1e-6, name="lse2 of the autograd forward")
 
 
+# The K/V-resident forward (AttentionConfig.q_blocks): each program holds every key of its head in
+# two blocks (split_keys) and walks q_blocks query blocks. These key counts put that split everywhere.
+RESIDENT_KEYS = [
+    1,  # one key, in a 16-key block: the softmax is exactly 1, o = v
+    13,  # fewer keys than one 16-key block
+    64,  # a power of two: one block, no tail block
+    77,  # SD's text context: 64 + 13 keys held as 64 + 16
+    100,  # 64 + 36, held as 64 + 64
+    128,  # SHORT_KV, the most it takes: one 128-key block
+]
+RESIDENT = AttentionConfig(16, 16, 1, 2, q_blocks=2)
+
+
+def test_split_keys():
+    cases = {1: (16, 0), 13: (16, 0), 16: (16, 0), 17: (16, 16), 64: (64, 0), 77: (64, 16), 100: (64, 64),
+             128: (128, 0)}
+    assert {n: attention_module.split_keys(n) for n in cases} == cases
+
+
+@pytest.mark.parametrize("lkv", RESIDENT_KEYS)
+def test_resident_key_lengths(lkv, device):
+    """37 queries in 16-query blocks: 3 blocks, so at q_blocks = 2 the second program walks one,
+    ragged; and 20 queries at D 80 (head + tail columns)."""
+    run_forward((1, 2, 37, lkv, 40), torch.float32, device, config=RESIDENT)
+    run_forward((1, 1, 20, lkv, 80), torch.float32, device, config=RESIDENT)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_resident_forward_shapes(shape, device):
+    """The forward cases above, fp32 and fp16, in the UNet's layout and a contiguous one (the key
+    counts over SHORT_KV are not this kernel's)."""
+    config = AttentionConfig(32, 16, 2, 3, q_blocks=3)
+    run_forward(shape, torch.float32, device, config=config)
+    run_forward(shape, torch.float16, device, layout="contiguous", config=config)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 37, 37, 40), (1, 1, 40, 21, 16)], ids=str)  # CLIP-like; Lq > Lkv
+def test_resident_causal(shape, device):
+    run_forward(shape, torch.float32, device, config=RESIDENT, causal=True)
+
+
+def test_resident_backward(device):
+    """The autograd forward's lse, written by the K/V-resident kernel, drives the backward kernels."""
+    run_backward((1, 2, 37, 77, 40), torch.float32, device, config=RESIDENT)
+    run_backward((1, 1, 20, 21, 80), torch.float32, device, config={"fwd": RESIDENT})
+
+
+@pytest.mark.parametrize("q_blocks", [1, 2, 5])  # 5 is more than the 3 query blocks there are
+def test_resident_grid(q_blocks, device, monkeypatch):
+    """One program per q_blocks query blocks, on the resident kernel only; without q_blocks the
+    streaming kernel runs."""
+    launches = _spy_launches(monkeypatch, ["_attn_fwd_kernel", "_attn_fwd_resident_kernel"])
+    config = AttentionConfig(16, 16, 1, 2, q_blocks=q_blocks)
+    run_forward((1, 2, 37, 77, 40), torch.float32, device, config=config)
+    run_forward((1, 2, 37, 77, 40), torch.float32, device, config=BLOCK_N_32)
+    assert launches == [("_attn_fwd_resident_kernel", -(-3 // q_blocks), 16, q_blocks, 1, 2),
+                        ("_attn_fwd_kernel", 2, 32, 32, 4, 2)], launches
+
+
+def test_resident_row_in_the_table(device, monkeypatch):
+    """A fifth value in a CONFIGS["fwd_short_kv"] row, Q_BLOCKS, makes the K/V-resident forward the
+    default there (how a GPU sweep's winner gets written in); forwards over more keys keep theirs."""
+    rows = {**attention_module.CONFIGS["fwd_short_kv"], 40: (16, 16, 1, 2, 2)}  # the D 40 row
+    monkeypatch.setitem(attention_module.CONFIGS, "fwd_short_kv", rows)
+    monkeypatch.setattr(attention_module, "_PLANS", {})
+    launches = _spy_launches(monkeypatch, ["_attn_fwd_kernel", "_attn_fwd_resident_kernel"])
+    run_forward((1, 2, 37, 77, 40), torch.float16, device)
+    run_forward((1, 2, 37, 130, 40), torch.float16, device)
+    assert launches[0] == ("_attn_fwd_resident_kernel", 2, 16, 2, 1, 2), launches
+    assert [launch[0] for launch in launches[1:]] == ["_attn_fwd_kernel"], launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [AttentionConfig(64, 64, 4, 3, q_blocks=4), AttentionConfig(128, 64, 8, 2, q_blocks=2)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160),
+                                   (2, 5, 9216, 77, 64)], ids=str)  # SD 1.5's cross-attention levels; SD 2.1 at 768 px
+def test_resident_sd_shapes_gpu(shape, config, dtype, device):
+    run_forward(shape, dtype, device, config=config)
+
+
+def test_resident_limits(device):
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 8, 129, 16), torch.float32, device))
+    with pytest.raises(ValueError, match="q_blocks = 2 asks for the K/V-resident forward, which holds every key: "
+                                         "it takes at most SHORT_KV = 128 keys, got Lkv = 129"):
+        attention_triton(q, k, v, config=RESIDENT)
+    with pytest.raises(ValueError, match=re.escape("config['dq'].q_blocks = 2: only the forward has a K/V-resident")):
+        attention_triton(q, k, v, config={"dq": RESIDENT})
+
+
 @pytest.mark.parametrize("field, value", [
     ("block_m", 8),  # below the 16-wide tl.dot minimum
     ("block_n", 48),  # not a power of two
@@ -594,6 +687,9 @@ def test_inference_writes_no_lse(device, monkeypatch):
     ("num_warps", 0),
     ("num_stages", 0),
     ("num_stages", True),  # a bool is not a stage count
+    ("q_blocks", 0),
+    ("q_blocks", 2.0),
+    ("q_blocks", True),
 ])
 def test_bad_config_names_the_field(field, value):
     good = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)

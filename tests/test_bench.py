@@ -659,6 +659,23 @@ def test_tune_masked_tail_sweeps_the_split(tmp_path):
     assert rc == 0 and all(r["status"] == "ok" for r in _rows(data, suite="tune")), data["rows"]
 
 
+def test_tune_sweeps_the_resident_forward_over_few_keys():
+    """Over at most SHORT_KV keys the forward sweep adds K/V-resident candidates (q_blocks set), with
+    4 warps at 64 query rows and 8 at 128; over more keys, and in a --masked-tail run, none."""
+    from bench import ops, tune
+    from kernels.attention import SHORT_KV
+
+    def case(lkv, d=40):
+        return ops.Case("attention", "c", f"B2 H8 Lq4096 Lkv{lkv} D{d}", "test", dict(b=2, h=8, lq=4096, lkv=lkv, d=d))
+
+    resident = [c for c in tune.attention_candidates(case(77), quick=False)[1:] if c.config.q_blocks is not None]
+    assert len(resident) == 16 and all(c.label.startswith("resident") for c in resident), resident
+    assert {(c.config.block_m, c.config.num_warps) for c in resident} == {(64, 4), (128, 8)}, resident
+    assert {c.config.q_blocks for c in resident} == {1, 2, 4, 8}, resident
+    for lkv, masked in ((SHORT_KV + 1, False), (77, True)):
+        assert not any(c.config.q_blocks for c in tune.attention_candidates(case(lkv), False, masked)[1:]), (lkv, masked)
+
+
 def test_plugin_backends_get_op_rows_and_pipeline_variants(tmp_path, plugin_file):
     """A research backend from --plugin is timed and checked like the built-in ones (ops), and runs
     as an op=backend variant, the other ops on reference (UNet step)."""

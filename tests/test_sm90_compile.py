@@ -26,6 +26,7 @@ def compiled():
 
 KERNELS = {  # every @triton.jit kernel of kernels/, each compiled at least once by bench.sm90
     "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+    "_attn_fwd_resident_kernel",  # the K/V-resident forward (AttentionConfig.q_blocks), a tune candidate
     "_fused_kernel", "_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel",
     "_scheduler_step_kernel",
     "_attn_fwd_sm90_kernel",  # the Gluon research backend (kernels/attention_sm90.py)
@@ -35,7 +36,7 @@ KERNELS = {  # every @triton.jit kernel of kernels/, each compiled at least once
 def test_every_kernel_compiles_without_spills(compiled):
     kernels = {rec["kernel"] for rec in compiled}
     assert kernels == KERNELS, f"kernels compiled {sorted(kernels)}, expected {sorted(KERNELS)}"
-    assert len({rec["case"] for rec in compiled}) == 21, sorted({rec["case"] for rec in compiled})
+    assert len({rec["case"] for rec in compiled}) == 22, sorted({rec["case"] for rec in compiled})
     for rec in compiled:
         assert rec["spill_bytes"] == 0, f"{rec['case']} {rec['kernel']}: {rec['spill_bytes']} bytes spilled: {rec}"
         assert rec["registers"] <= 255, rec
@@ -47,8 +48,8 @@ def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
     (B, L, H, D) layout and in a contiguous (B, H, L, D) one (row stride 40), fp32 too. Backward: 16-byte tile loads too; only the fp32
     lse / delta vectors may load narrower, and no load is a 2-byte scalar (an unvectorised tile)."""
     attn = [rec for rec in compiled if rec["kernel"].startswith("_attn_") and "gluon" not in rec["case"]]
-    # 9 forward cases, 5 backward ones of 3 kernels each
-    assert len(attn) == 9 + 5 * 3, [(rec["case"], rec["kernel"]) for rec in attn]
+    # 10 forward cases, 5 backward ones of 3 kernels each
+    assert len(attn) == 10 + 5 * 3, [(rec["case"], rec["kernel"]) for rec in attn]
     for rec in attn:
         where = f"{rec['case']} {rec['kernel']}"
         if "fp32" not in rec["case"]:  # fp32 dots are "ieee": FMA on CUDA cores by design
@@ -56,7 +57,7 @@ def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
         assert not any(".U16" in op for op in rec["global_loads"]), f"{where}: 2-byte loads: {rec['global_loads']}"
         wide = sum(n for op, n in rec["global_loads"].items() if op.endswith(".128"))
         assert wide >= 4, f"{where}: {wide} 16-byte loads: {rec['global_loads']}"
-        if rec["kernel"] == "_attn_fwd_kernel":
+        if rec["kernel"] in ("_attn_fwd_kernel", "_attn_fwd_resident_kernel"):
             assert rec["narrow_loads"] == 0, f"{where}: loads narrower than 16 bytes: {rec['global_loads']}"
 
 
@@ -81,6 +82,16 @@ def test_attention_inner_loop_is_the_key_block_loop(compiled):
     mix = rec["loop_mix"]
     assert rec["loop_instructions"] == sum(mix.values()) > 0, rec
     assert mix.get("HGMMA", 0) >= 2 and mix.get("MUFU", 0) == 34, f"inner loop of {rec['case']}: {mix}"
+
+
+def test_resident_forward_loads_keys_once_and_prefetches_queries(compiled):
+    """The K/V-resident forward's reason to exist, in its SASS: the innermost loop is the walk over
+    query blocks, whose q tiles load as cp.async copies (pipelined ahead, LDGSTS) and whose keys and
+    values were loaded before it (no other global load in the loop), with the QK and PV wgmma in it."""
+    rec = next(r for r in compiled if r["kernel"] == "_attn_fwd_resident_kernel")
+    mix = rec["loop_mix"]
+    assert mix.get("LDGSTS", 0) > 0 and mix.get("LDG", 0) == 0, f"{rec['case']}: inner loop {mix}"
+    assert mix.get("HGMMA", 0) >= 4 and mix.get("STG", 0) > 0, f"{rec['case']}: inner loop {mix}"
 
 
 def test_gluon_sm90_overlaps_the_softmax_with_its_own_matmul(compiled):
