@@ -85,7 +85,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # kernel, head dim and dtype: see _plan). "fwd_short_kv" serves forwards over at most SHORT_KV keys
 # (cross-attention to 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune
 # apart; its rows are the default ones, as swept. A fifth value there, Q_BLOCKS, would run the
-# K/V-resident forward (_attn_fwd_resident_kernel, AttentionConfig.q_blocks) instead; it has none
+# K/V-resident forward (_attn_fwd_resident_kernel, AttentionConfig.q_blocks) instead, for 16-bit
+# inputs (fp32 reads CONFIGS_FP32, whose rows have four values); it has none
 # until a GPU sweep shows it faster (`bench tune` sweeps it at every case over <= SHORT_KV keys). "fwd_long_kv" serves forwards over at least LONG_KV
 # keys (SD 1.5 at 768 px: 9216 tokens). Its D 40 row pipelines 4 key blocks deep: against the 8-warp
 # 3-stage "fwd" row, 1.05x and 1.06x at 9216 tokens in two sweeps (0.854 vs 0.898 ms, 0.845 vs 0.899),
@@ -424,16 +425,43 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, rows, cols_h, cols_t, stride_kn, stride_kd, stride_vn, stride_vd, LKV,
+             HEAD_DIM: tl.constexpr, D_TAIL: tl.constexpr, MASK_H: tl.constexpr, MASK_T: tl.constexpr,
+             ALIGN: tl.constexpr):
+    """One resident key block: k and v rows ``rows``, each as head and tail columns (_load_split)."""
+    k_h, k_t = _load_split(k_ptr, rows, cols_h, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, D_TAIL, MASK_H, MASK_T,
+                           ALIGN)
+    v_h, v_t = _load_split(v_ptr, rows, cols_h, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H, MASK_T,
+                           ALIGN)
+    return k_h, k_t, v_h, v_t
+
+
+@triton.jit
 def _resident_scores(q_h, q_t, k_h, k_t, rows_n, rows_m, LKV, D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     CAUSAL: tl.constexpr):
-    """q kᵀ over one resident key block (rows_n), keys past LKV (and, causal, after the query) at -inf."""
+                     MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr):
+    """q kᵀ over one resident key block (rows_n); keys past LKV (MASK_KEYS: the block has such
+    rows) and, causal, keys after the query at -inf."""
     s = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
     if D_TAIL > 0:
         s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-    s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
+    if MASK_KEYS:
+        s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
     if CAUSAL:
         s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
     return s
+
+
+@triton.jit
+def _resident_block(s, m_i, l_i, acc_h, acc_t, v_h, v_t, qk_scale, D_TAIL: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One resident key block's share of the exact softmax, m_i being the row max over every block:
+    p = exp2(s · c - m), added to l = Σ p and to acc = Σ p v (head and tail columns)."""
+    p = tl.exp2(s * qk_scale - m_i[:, None])
+    l_i += tl.sum(p, 1)
+    acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h, input_precision=DOT_PRECISION)
+    if D_TAIL > 0:
+        acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t, input_precision=DOT_PRECISION)
+    return l_i, acc_h, acc_t
 
 
 @triton.jit
@@ -451,13 +479,15 @@ def _attn_fwd_resident_kernel(
     LQ,  # queries
     LKV,  # keys, <= KV_HEAD + KV_TAIL
     qk_scale,  # scale · log2(e), > 0
-    Q_BLOCKS,  # query blocks each program walks
+    Q_BLOCKS,  # query blocks each program walks (at most as many as there are)
     HEAD_DIM: tl.constexpr,  # D
     D_HEAD: tl.constexpr,  # power-of-two width of the first D columns (>= 16)
     D_TAIL: tl.constexpr,  # power-of-two width (>= 16) covering D - D_HEAD, or 0
     BLOCK_M: tl.constexpr,  # queries per loop step
     KV_HEAD: tl.constexpr,  # keys of the first resident block: a power of two >= 16 (split_keys)
     KV_TAIL: tl.constexpr,  # keys of the second, a power of two >= 16, or 0
+    MASK_KV_HEAD: tl.constexpr,  # LKV < KV_HEAD: the first block has rows past the last key (LKV < 16)
+    MASK_KV_TAIL: tl.constexpr,  # LKV < KV_HEAD + KV_TAIL: the second block does (77 = 64 + 13 in 64 + 16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); ignored for 16-bit inputs
     CAUSAL: tl.constexpr,  # query i sees keys j <= i (the CLIP text encoder)
     STORE_LSE: tl.constexpr,  # write lse for the backward (autograd); inference skips it
@@ -468,7 +498,7 @@ def _attn_fwd_resident_kernel(
     the program walks Q_BLOCKS blocks of queries. With every key in hand the softmax is exact in
     one step (no running max to rescale), and the loop over query blocks is what the compiler
     pipelines (num_stages): the next blocks' queries load while this one computes. The op is
-    memory-bound (q in, o out; k and v are a few KB), which is where that prefetch pays."""
+    memory-bound (q in, o out; k and v are a few KB), which is where that prefetch should pay."""
     pid_s = tl.program_id(0)
     pid_bh, q_ptr, k_ptr, v_ptr, o_ptr = _fwd_heads(q_ptr, k_ptr, v_ptr, o_ptr, stride_qb, stride_qh, stride_kb,
                                                     stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, H, ALIGN)
@@ -477,45 +507,38 @@ def _attn_fwd_resident_kernel(
     cols_t = _tail_cols(D_HEAD, D_TAIL)
     MASK_H: tl.constexpr = D_HEAD > HEAD_DIM
     MASK_T: tl.constexpr = D_HEAD + D_TAIL > HEAD_DIM
-    # the two key blocks, each as head and tail columns; without a second block, placeholders
     rows_a = tl.arange(0, KV_HEAD)
-    k_ah, k_at = _load_split(k_ptr, rows_a, cols_h, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, D_TAIL, MASK_H,
-                             MASK_T, ALIGN)
-    v_ah, v_at = _load_split(v_ptr, rows_a, cols_h, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H,
-                             MASK_T, ALIGN)
+    k_ah, k_at, v_ah, v_at = _load_kv(k_ptr, v_ptr, rows_a, cols_h, cols_t, stride_kn, stride_kd, stride_vn,
+                                      stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H, MASK_T, ALIGN)
     if KV_TAIL > 0:
         rows_b = KV_HEAD + tl.arange(0, KV_TAIL)
-        k_bh, k_bt = _load_split(k_ptr, rows_b, cols_h, cols_t, stride_kn, stride_kd, LKV, HEAD_DIM, D_TAIL, MASK_H,
-                                 MASK_T, ALIGN)
-        v_bh, v_bt = _load_split(v_ptr, rows_b, cols_h, cols_t, stride_vn, stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H,
-                                 MASK_T, ALIGN)
-    else:
+        k_bh, k_bt, v_bh, v_bt = _load_kv(k_ptr, v_ptr, rows_b, cols_h, cols_t, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, LKV, HEAD_DIM, D_TAIL, MASK_H, MASK_T, ALIGN)
+    else:  # placeholders (dead code once compiled)
         rows_b, k_bh, k_bt, v_bh, v_bt = rows_a, k_ah, k_at, v_ah, v_at
 
-    start = pid_s * Q_BLOCKS * BLOCK_M
+    start = pid_s * Q_BLOCKS * BLOCK_M  # < LQ + BLOCK_M: the host clamps Q_BLOCKS to the blocks there are
     for start_m in range(start, tl.minimum(LQ, start + Q_BLOCKS * BLOCK_M), BLOCK_M):
         rows_m = start_m + offs_m
         q_h, q_t = _load_split(q_ptr, rows_m, cols_h, cols_t, stride_qm, stride_qd, LQ, HEAD_DIM, D_TAIL, MASK_H,
                                MASK_T, ALIGN)
-        s_a = _resident_scores(q_h, q_t, k_ah, k_at, rows_a, rows_m, LKV, D_TAIL, DOT_PRECISION, CAUSAL)
+        s_a = _resident_scores(q_h, q_t, k_ah, k_at, rows_a, rows_m, LKV, D_TAIL, DOT_PRECISION, MASK_KV_HEAD, CAUSAL)
         m_i = tl.max(s_a, 1)
         if KV_TAIL > 0:
-            s_b = _resident_scores(q_h, q_t, k_bh, k_bt, rows_b, rows_m, LKV, D_TAIL, DOT_PRECISION, CAUSAL)
+            s_b = _resident_scores(q_h, q_t, k_bh, k_bt, rows_b, rows_m, LKV, D_TAIL, DOT_PRECISION, MASK_KV_TAIL,
+                                   CAUSAL)
             m_i = tl.maximum(m_i, tl.max(s_b, 1))
         m_i = m_i * qk_scale  # qk_scale > 0: rowmax(s) · c = rowmax(s · c); key 0 is never masked, so finite
-        p = tl.exp2(s_a * qk_scale - m_i[:, None])
-        l_i = tl.sum(p, 1)
-        acc_h = tl.dot(p.to(v_ah.dtype), v_ah, input_precision=DOT_PRECISION)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_h = tl.zeros((BLOCK_M, D_HEAD), dtype=tl.float32)
         if D_TAIL > 0:
-            acc_t = tl.dot(p.to(v_at.dtype), v_at, input_precision=DOT_PRECISION)
-        else:
+            acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
+        else:  # a placeholder, passed through untouched
             acc_t = acc_h
+        l_i, acc_h, acc_t = _resident_block(s_a, m_i, l_i, acc_h, acc_t, v_ah, v_at, qk_scale, D_TAIL, DOT_PRECISION)
         if KV_TAIL > 0:
-            p = tl.exp2(s_b * qk_scale - m_i[:, None])
-            l_i += tl.sum(p, 1)
-            acc_h = tl.dot(p.to(v_bh.dtype), v_bh, acc_h, input_precision=DOT_PRECISION)
-            if D_TAIL > 0:
-                acc_t = tl.dot(p.to(v_bt.dtype), v_bt, acc_t, input_precision=DOT_PRECISION)
+            l_i, acc_h, acc_t = _resident_block(s_b, m_i, l_i, acc_h, acc_t, v_bh, v_bt, qk_scale, D_TAIL,
+                                                DOT_PRECISION)
         _fwd_store(o_ptr, lse_ptr, rows_m, cols_h, cols_t, acc_h, acc_t, m_i, l_i, stride_om, stride_od, LQ, pid_bh,
                    HEAD_DIM, D_TAIL, MASK_H, MASK_T, STORE_LSE, ALIGN)
 
@@ -732,7 +755,11 @@ def _config(kind: str, d: int, element_size: int) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages[, Q_BLOCKS]) from :data:`CONFIGS` for head dim ``d``,
     or for fp32 from :data:`CONFIGS_FP32` (whose "fwd" serves every forward length)."""
     table = CONFIGS_FP32["fwd" if kind.startswith("fwd") else kind] if element_size == 4 else CONFIGS[kind]
-    return next(c for w, c in sorted(table.items()) if d <= w)
+    row = next(c for w, c in sorted(table.items()) if d <= w)
+    if len(row) != 4 and not (len(row) == 5 and kind == "fwd_short_kv" and element_size == 2):
+        raise ValueError(f"attention launch table row {row} for {kind!r}, head dim {d}: rows are (BLOCK_M, BLOCK_N, "
+                         "num_warps, num_stages); only CONFIGS['fwd_short_kv'] rows may add Q_BLOCKS")
+    return row
 
 
 _PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS at run time
@@ -861,8 +888,12 @@ def _forward(q, k, v, scale=None, out=None, causal=False, config=None, store_lse
         align = _ALIGNS[ints, b, q.dtype] = _align(q, k, v, o)  # (ints, b) hold every stride and shape it reads
     meta = {"num_warps": warps, "num_stages": stages}
     if q_blocks is not None:
-        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, KV_HEAD, KV_TAIL, DOT_PRECISION, CAUSAL, STORE_LSE, ALIGN
-        consts = (d, d_head, d_tail, block_m, *split_keys(lkv), precision, causal, store_lse, align)
+        q_blocks = min(q_blocks, -(-lq // block_m))  # no program walks past the last block (int32 starts)
+        kv_head, kv_tail = split_keys(lkv)
+        # HEAD_DIM, D_HEAD, D_TAIL, BLOCK_M, KV_HEAD, KV_TAIL, MASK_KV_HEAD, MASK_KV_TAIL, DOT_PRECISION,
+        # CAUSAL, STORE_LSE, ALIGN
+        consts = (d, d_head, d_tail, block_m, kv_head, kv_tail, lkv < kv_head, lkv < kv_head + kv_tail, precision,
+                  causal, store_lse, align)
         grid = (-(-lq // (block_m * q_blocks)), b * h)
         _FWD_RESIDENT(grid, (ints, q_blocks, consts, warps, stages), (q, k, v, o, lse),
                       (q, k, v, o, lse, *ints, qk_scale, q_blocks, *consts), meta)

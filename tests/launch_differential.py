@@ -169,6 +169,21 @@ compare("scheduler_step CFG + RePaint, bool mask",
         lambda: st.scheduler_step_triton(latent, eps, coeffs, eps * 0.5, 7.5, None, None, mask, latent, True))
 compare("scheduler_step plain, int guidance", lambda: st.scheduler_step_triton(latent, eps, coeffs, None, 1))
 
+# the K/V-resident forward at two q_blocks on the same inputs, the cache kept between them: Q_BLOCKS
+# is a runtime integer (3 and 16 specialise apart: 16 is divisible by 16), so the key must hold it
+q, k = rand(1, 512, 2, 40).transpose(1, 2), rand(1, 2, 77, 40)  # 512 queries: 32 blocks of 16
+_launch.ENABLED = True
+for launcher in LAUNCHERS:
+    launcher.clear()
+for q_blocks in (3, 16):
+    resident = at.AttentionConfig(16, 16, 4, 2, q_blocks=q_blocks)
+    want = record(lambda: at._forward(q, k, k, None, None, False, resident, False), False)
+    record(lambda: at._forward(q, k, k, None, None, False, resident, False), True)
+    got = record(lambda: at._forward(q, k, k, None, None, False, resident, False), True)
+    CASES.append(f"attention K/V-resident forward, q_blocks {q_blocks} after 3, cache kept")
+    if differences(want, got):
+        MISMATCHES.append({"case": CASES[-1], "differences": differences(want, got)[:8]})
+
 # retuning GroupNorm at run time: the same inputs now launch other tiles; the launch cache must not
 # hand back the kernel compiled for the old ones
 x = rand(2, 320, 32, 32)

@@ -635,13 +635,14 @@ def test_resident_backward(device):
 
 @pytest.mark.parametrize("q_blocks", [1, 2, 5])  # 5 is more than the 3 query blocks there are
 def test_resident_grid(q_blocks, device, monkeypatch):
-    """One program per q_blocks query blocks, on the resident kernel only; without q_blocks the
-    streaming kernel runs."""
+    """One program per q_blocks query blocks, on the resident kernel only, q_blocks clamped to the
+    blocks there are (one launch key for all such values, no start offset past Lq); without
+    q_blocks the streaming kernel runs."""
     launches = _spy_launches(monkeypatch, ["_attn_fwd_kernel", "_attn_fwd_resident_kernel"])
     config = AttentionConfig(16, 16, 1, 2, q_blocks=q_blocks)
     run_forward((1, 2, 37, 77, 40), torch.float32, device, config=config)
     run_forward((1, 2, 37, 77, 40), torch.float32, device, config=BLOCK_N_32)
-    assert launches == [("_attn_fwd_resident_kernel", -(-3 // q_blocks), 16, q_blocks, 1, 2),
+    assert launches == [("_attn_fwd_resident_kernel", -(-3 // q_blocks), 16, min(q_blocks, 3), 1, 2),
                         ("_attn_fwd_kernel", 2, 32, 32, 4, 2)], launches
 
 
@@ -656,6 +657,26 @@ def test_resident_row_in_the_table(device, monkeypatch):
     run_forward((1, 2, 37, 130, 40), torch.float16, device)
     assert launches[0] == ("_attn_fwd_resident_kernel", 2, 16, 2, 1, 2), launches
     assert [launch[0] for launch in launches[1:]] == ["_attn_fwd_kernel"], launches
+
+
+def test_resident_row_max_spans_both_key_blocks(device):
+    """The row max is taken over both resident blocks: with key 70 of 77 (second block) scoring
+    about 230 in log2 units for every query, a max over the first block alone would overflow exp2
+    (inf, then NaN). The lse must name that key's score too."""
+    q, k, v = (t.detach().clone() for t in make_qkv((1, 2, 37, 77, 40), torch.float32, device))
+    q[..., 0] = 4.0
+    k[:, :, 70, 0] = 250.0
+    o, lse = attention_module._forward(q, k, v, None, None, False, RESIDENT, True)
+    assert_close(o, attention_fp64(q, k, v), rel=TOL[torch.float32]["rel"], name="o, a dominant key in block 2")
+    s = q.double() @ k.double().transpose(-1, -2) * 40 ** -0.5
+    assert_close(lse, torch.logsumexp(s, -1) / math.log(2), rel=1e-6, name="lse2, a dominant key in block 2")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_resident_masked_tail_split(causal, device):
+    """The K/V-resident forward with the 40 = 32 + 16 head split (8 masked tail columns)."""
+    config = AttentionConfig(16, 16, 1, 2, split_masked_tail=True, q_blocks=2)
+    run_forward((1, 2, 37, 77 if not causal else 37, 40), torch.float32, device, config=config, causal=causal)
 
 
 @pytest.mark.gpu

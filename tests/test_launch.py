@@ -251,14 +251,17 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
             grads = torch.autograd.grad((o.float().sum() + y.float().sum()), (q, k, v, x))
             step = kernels.scheduler_step(lat, eps, coeffs, model_output_uncond=eps * 0.5, guidance_scale=7.5)
         y2 = gn.group_norm_silu_triton(x2, w, b, 32, config=two_pass)
+        with torch.no_grad():
+            o2 = at.attention_triton(q, k, v, config=at.AttentionConfig(64, 64, 4, 3, q_blocks=4))  # K/V-resident
         torch.cuda.synchronize()
-        return (o, y, *grads, step[0], y2)
+        return (o, y, *grads, step[0], y2, o2)
 
     monkeypatch.setattr(_launch, "ENABLED", False)
     want = run_all()
     monkeypatch.setattr(_launch, "ENABLED", True)
     # (2, 320, 32, 32): groups of 10 x 1024 elements take the one-launch forward
-    launchers = [at._FWD, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP]
+    launchers = [at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE,
+                 gn._BWD_DX, st._STEP]
     for launcher in launchers:
         launcher.clear()
     run_all()  # through Triton's dispatch, which fills the caches
@@ -266,5 +269,5 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
     got = run_all()
     for launcher, n in zip(launchers, before):
         assert launcher.direct > n, f"{launcher.name} did not launch directly"
-    for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev", "y two-pass"), want, got):
+    for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev", "y two-pass", "o resident"), want, got):
         assert torch.equal(a, b_), f"{name}: direct launch differs from Triton's dispatch by {(a - b_).abs().max()}"
