@@ -27,8 +27,9 @@
 # configurations each, compiled once), unet ~90 s, pipelines ~220 s, repaint250 ~470 s (2410 UNet
 # calls per RePaint run, hence --repeats 1). tune's cases: SD 1.5's at 512 px and SD 2.1's
 # attention (D 64, 9216 tokens); at those over <= 128 keys, 16 more candidates, the K/V-resident
-# forward's (never yet timed, so the stage's time with them is unknown). pipelines also runs the UNet-step suite for its
-# variants, so it names the kernel settings only; the unet stage has the baselines (compile: minutes).
+# forward's (never yet timed, so the stage's time with them is unknown). pipelines also runs the
+# UNet-step suite for its variants, so it names the kernel settings only; the unet stage has the
+# baselines (compile: minutes).
 # tune-bwd sweeps the attention backward (36 candidates per shape, one kernel varied at a time) at
 # the three self-attention levels, level 0 also at batch 1 (`self0*`: a full case name alone selects
 # only that case): ~140 s on an H100; its D 80 / 160 rows are host-noisy there. split sweeps the D 40
@@ -65,8 +66,8 @@ for stage in $stages; do
              && "$py" -m bench tune --ops attention --shapes 'unet15.attn.self0*' unet15.attn.cross0 --masked-tail \
                   --no-progress --out "$out/tune-split" > "$out/tune-split.log" 2>&1 ;;
     ops) "$py" -m bench ops --no-progress --out "$out/ops" > "$out/ops.log" 2>&1 ;;
-    tune) "$py" -m bench tune --ops attention group_norm_silu --shapes unet15. sd21.attn. --no-progress --out "$out/tune" \
-            > "$out/tune.log" 2>&1 ;;
+    tune) "$py" -m bench tune --ops attention group_norm_silu --shapes unet15. sd21.attn. --no-progress \
+            --out "$out/tune" > "$out/tune.log" 2>&1 ;;
     tune-bwd) "$py" -m bench tune --ops attention.backward --shapes 'unet15.attn.self0*' unet15.attn.self1 \
                 unet15.attn.self2 --no-progress --out "$out/tune-bwd" > "$out/tune-bwd.log" 2>&1 ;;
     unet) "$py" -m bench pipelines --preset sd15 --unet-only --breakdown --no-progress --out "$out/unet" \

@@ -294,7 +294,8 @@ def sd15_calls():
             g._forward(q, k, k, store_lse=False)
         return call
 
-    resident = importlib.import_module("kernels.attention").AttentionConfig(64, 64, 4, 3, q_blocks=4)  # a tune candidate
+    # the K/V-resident forward at one of its tune candidates
+    resident = importlib.import_module("kernels.attention").AttentionConfig(64, 64, 4, 3, q_blocks=4)
     gn_kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel")
     attn_kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     gn_bwd_kernels = (*gn_kernels, "_bwd_reduce_kernel", "_bwd_dx_kernel")

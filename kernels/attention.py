@@ -86,13 +86,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (cross-attention to 77 text tokens: memory-bound, one or two key blocks), which a sweep may tune
 # apart; its rows are the default ones, as swept. A fifth value there, Q_BLOCKS, would run the
 # K/V-resident forward (_attn_fwd_resident_kernel, AttentionConfig.q_blocks) instead, for 16-bit
-# inputs (fp32 reads CONFIGS_FP32, whose rows have four values); it has none
-# until a GPU sweep shows it faster (`bench tune` sweeps it at every case over <= SHORT_KV keys). "fwd_long_kv" serves forwards over at least LONG_KV
-# keys (SD 1.5 at 768 px: 9216 tokens). Its D 40 row pipelines 4 key blocks deep: against the 8-warp
-# 3-stage "fwd" row, 1.05x and 1.06x at 9216 tokens in two sweeps (0.854 vs 0.898 ms, 0.845 vs 0.899),
-# but 0.96x at 4096 tokens and 0.95x at batch 1 (2026-11-23-h100-3/tune-attention-d40-9216.md,
-# -lengths.md). No length between 4096 and 9216 was timed: 8192 is where the cut sits, not a
-# measured crossover.
+# inputs (fp32 reads CONFIGS_FP32, whose rows have four values). No row has one until a GPU sweep
+# shows it faster (`bench tune` sweeps it at every case over <= SHORT_KV keys). "fwd_long_kv" serves
+# forwards over at least LONG_KV keys (SD 1.5 at 768 px: 9216 tokens). Its D 40 row pipelines 4 key
+# blocks deep: against the 8-warp 3-stage "fwd" row, 1.05x and 1.06x at 9216 tokens in two sweeps
+# (0.854 vs 0.898 ms, 0.845 vs 0.899), but 0.96x at 4096 tokens and 0.95x at batch 1
+# (2026-11-23-h100-3/tune-attention-d40-9216.md, -lengths.md). No length between 4096 and 9216 was
+# timed: 8192 is where the cut sits, not a measured crossover.
 SHORT_KV = 128
 LONG_KV = 8192
 CONFIGS = {

@@ -61,7 +61,8 @@ at = importlib.import_module("kernels.attention")
 gn = importlib.import_module("kernels.group_norm_silu")
 st = importlib.import_module("kernels.scheduler_step")
 _launch._DRIVER = (FakeDriver().get_current_device, FakeDriver().get_current_stream)
-LAUNCHERS = (at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX, st._STEP)
+LAUNCHERS = (at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX,
+             st._STEP)
 # the checks see a launchable setup (CPU tensors are otherwise refused before any launch)
 registry = importlib.import_module("kernels.registry")
 for module in (registry, at, gn, st):

@@ -681,8 +681,8 @@ def test_resident_masked_tail_split(causal, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("config", [AttentionConfig(64, 64, 4, 3, q_blocks=4), AttentionConfig(128, 64, 8, 2, q_blocks=2)],
-                         ids=str)
+@pytest.mark.parametrize("config", [AttentionConfig(64, 64, 4, 3, q_blocks=4),
+                                    AttentionConfig(128, 64, 8, 2, q_blocks=2)], ids=str)
 @pytest.mark.parametrize("shape", [(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160),
                                    (2, 5, 9216, 77, 64)], ids=str)  # SD 1.5's cross-attention levels; SD 2.1 at 768 px
 def test_resident_sd_shapes_gpu(shape, config, dtype, device):

@@ -673,7 +673,8 @@ def test_tune_sweeps_the_resident_forward_over_few_keys():
     assert {(c.config.block_m, c.config.num_warps) for c in resident} == {(64, 4), (128, 8)}, resident
     assert {c.config.q_blocks for c in resident} == {1, 2, 4, 8}, resident
     for lkv, masked in ((SHORT_KV + 1, False), (77, True)):
-        assert not any(c.config.q_blocks for c in tune.attention_candidates(case(lkv), False, masked)[1:]), (lkv, masked)
+        candidates = tune.attention_candidates(case(lkv), False, masked)[1:]
+        assert not any(c.config.q_blocks for c in candidates), (lkv, masked)
 
 
 def test_plugin_backends_get_op_rows_and_pipeline_variants(tmp_path, plugin_file):
