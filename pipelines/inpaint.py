@@ -37,16 +37,16 @@ def repaint_plan(steps: int, jump_length: int, jump_n_sample: int, num_train_tim
                  strength: float = 1.0) -> list[Step | Renoise]:
     """RePaint's schedule as loop operations. The sample's level after an entry t is t - T//steps:
     a descent t -> a :class:`Step` at t to t - T//steps; a rise p -> t a :class:`Renoise` from
-    p - T//steps to t - T//steps (level -1 = clean). ``strength`` < 1 starts at the first visit of
-    the level the strength picks (the walk reaches each level first on its monotone descent)."""
+    p - T//steps to t - T//steps (level -1 = clean). ``strength`` < 1 runs the walk over the lowest
+    ``int(steps * strength)`` levels of the same grid: it starts at the level the strength picks,
+    and no jump re-noises above it, as strength caps the noise in SDEdit and img2img."""
     from sdcore.schedulers import repaint_timesteps
 
-    seq = repaint_timesteps(steps, jump_length, jump_n_sample, num_train_timesteps)
     ratio = num_train_timesteps // min(num_train_timesteps, steps)
-    start = strength_start(steps, strength)
-    if start == steps:
+    levels = min(steps - strength_start(steps, strength), num_train_timesteps)
+    if levels == 0:
         return []
-    seq = seq[seq.index((steps - 1 - start) * ratio):]
+    seq = repaint_timesteps(levels, jump_length, jump_n_sample, levels * ratio)
     plan: list[Step | Renoise] = []
     for i, t in enumerate(seq):
         level = max(t - ratio, -1)
@@ -124,12 +124,13 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
             if isinstance(op, Step):
                 s.sched.check_levels(op.t, op.prev_t)
         first_t = plan[0].t if plan else None
-        levels = steps - strength_start(steps, strength)
+        levels = steps - strength_start(steps, strength)  # the walk's levels (repaint_plan)
         if jump_n_sample > 1 and levels and not any(isinstance(op, Renoise) for op in plan):
-            # (the walk's first jump is at its bottom, so any strength keeps it when steps > jump_length)
-            warnings.warn(f"RePaint does no resampling: jump_length={jump_length} needs steps > {jump_length}, got "
-                          f"steps={steps}, so jump_n_sample={jump_n_sample} has no effect; use jump_length < {steps} "
-                          "(or more steps), or jump_n_sample=1 to turn resampling off", UserWarning, stacklevel=3)
+            walked = (f"steps > {jump_length}, got steps={steps}" if levels == steps else
+                      f"int(steps * strength) > {jump_length}, got {levels} (steps={steps}, strength={strength})")
+            warnings.warn(f"RePaint does no resampling: jump_length={jump_length} needs {walked}, so "
+                          f"jump_n_sample={jump_n_sample} has no effect; use jump_length < {levels} (or more steps), "
+                          "or jump_n_sample=1 to turn resampling off", UserWarning, stacklevel=3)
     else:
         timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
         plan, first_t = plain_plan(timesteps), (timesteps[0] if timesteps else None)

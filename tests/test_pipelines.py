@@ -201,10 +201,14 @@ def test_repaint_schedule_equals_diffusers():
 
 
 def test_repaint_plan_with_strength_starts_at_its_level():
-    full = repaint_plan(10, 2, 2, strength=1.0)
     half = repaint_plan(10, 2, 2, strength=0.5)  # 5 of 10 levels: start at t = 4 * 100
     assert half[0] == Step(400, prev_t=300, known_t=300)
-    assert half == full[len(full) - len(half):]
+    # the whole walk over those 5 levels (jumps from levels 0 and 2), on the 10-step grid
+    assert half == repaint_plan(5, 2, 2, num_train_timesteps=500)
+    assert sum(isinstance(op, Renoise) for op in half) == 2 * 2  # two jumps of two levels, one Renoise a level
+    # no jump re-noises above the start: the full walk's jumps from levels 4 and 6 would reach t = 600 and 800
+    top = max(max(op.t, op.prev_t) if isinstance(op, Step) else op.t_to for op in half)
+    assert top == 400, f"the walk at strength 0.5 re-noises up to t = {top}, above its start t = 400"
     assert repaint_plan(10, 2, 2, strength=0.0) == []
 
 
@@ -649,14 +653,20 @@ def test_repaint_without_a_jump_warns(tiny, image, mask):
         r = pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=4, jump_n_sample=3, cfg_scale=1.0, seed=0)
     assert r.unet_calls == 4
     with pytest.warns(UserWarning, match=r"jump_length=10 needs steps > 10, got steps=8"):  # the API's defaults
-        pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, cfg_scale=1.0, seed=0)
+        pipelines.inpaint(tiny, image, mask, "a", steps=8, cfg_scale=1.0, seed=0)
+    # strength < 1 walks the levels it starts below: 4 of 8 here, too few for a jump of 4
+    with pytest.warns(UserWarning, match=r"jump_length=4 needs int\(steps \* strength\) > 4, got 4 \(steps=8, "
+                                         r"strength=0.5\), so jump_n_sample=2 has no effect; use jump_length < 4"):
+        pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, jump_length=4, jump_n_sample=2,
+                          cfg_scale=1.0, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a walk with jumps (at any strength), or resampling off: nothing to say
         assert pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=2, jump_n_sample=2, cfg_scale=1.0,
                                  seed=0).unet_calls == _repaint_calls_formula(4, 2, 2)
-        half = pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, jump_length=4, jump_n_sample=2,
+        half = pipelines.inpaint(tiny, image, mask, "a", steps=8, strength=0.5, jump_length=2, jump_n_sample=2,
                                  cfg_scale=1.0, seed=0)
-        assert half.unet_calls > 4, f"{half.unet_calls} UNet calls: the jump at the bottom of the walk was lost"
+        assert half.unet_calls == _repaint_calls_formula(4, 2, 2), \
+            f"{half.unet_calls} UNet calls: the jump at the bottom of the walk was lost"
         pipelines.inpaint(tiny, image, mask, "a", steps=4, jump_length=4, jump_n_sample=1, cfg_scale=1.0, seed=0)
 
 
