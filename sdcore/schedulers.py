@@ -487,13 +487,14 @@ class EulerAncestralScheduler(_SigmaScheduler):
         i = self._step_index(t)
         s, s_to = self.sigmas[i], self.sigmas[i + 1]
         pt = self.config.prediction_type
+        s, s_to = float(s), float(s_to)  # float64 from here, each coefficient rounded to fp32 once, by the step:
+        # σ_down = √(σ'² - σ_up²) cancels in fp32, and x0 of a v-prediction cancels as σ nears 1
         if pt == "epsilon":  # x0 = x - σ out
-            a_x, a_o = 1.0, float(-s)
+            a_x, a_o = 1.0, -s
         elif pt == "v_prediction":  # x0 = x/(σ²+1) - σ/√(σ²+1) out
-            a_x, a_o = float(1 / (s**2 + F32(1))), float(-s / np.sqrt(s**2 + F32(1)))
+            a_x, a_o = 1 / (s**2 + 1), -s / math.sqrt(s**2 + 1)
         else:
             a_x, a_o = 0.0, 1.0
-        s, s_to = float(s), float(s_to)  # float64 from here: σ_down = √(σ'² - σ_up²) cancels in fp32
         up = math.sqrt(s_to**2 * (s**2 - s_to**2) / s**2)
         ratio = (s_to / s) ** 2  # σ_down/σ, as σ_down = σ'²/σ exactly
         k = StepCoefficients(a_x=a_x, a_o=a_o, c0=1.0 - ratio, c1=ratio, sigma=up)

@@ -94,10 +94,16 @@ def test_logvar_clamped_like_diffusers():
     with torch.no_grad():  # huge moments, both signs: logvar far outside (-30, 20) before clamping
         for m in (ours, theirs):
             m.quant_conv.weight.mul_(1e4)
-        post, ref = ours.encode(_images((1, 3, 32, 32))), theirs.encode(_images((1, 3, 32, 32))).latent_dist
+        images = _images((1, 3, 32, 32))
+        post, ref = ours.encode(images), theirs.encode(images).latent_dist
+        raw = ours.quant_conv(ours.encoder(images)).chunk(2, dim=1)[1]
     assert post.logvar.min().item() == -30.0 and post.logvar.max().item() == 20.0, (
         f"logvar range [{post.logvar.min().item()}, {post.logvar.max().item()}] not clamped to [-30, 20]")
-    assert_close(post.logvar, ref.logvar, rel=FP32_REL, name="clamped logvar")
+    # A clamp never widens a difference: the bound is the unclamped one, relative to the raw logvar's
+    # size (1e4 times the weights: the few values left in range are sums that cancel, whose fp32
+    # rounding differs with the CPU's convolution kernels, by 7.6e-4 on an AVX2 CPU).
+    scale = raw.abs().max().item()
+    assert_close(post.logvar, ref.logvar, atol=FP32_REL * scale, name=f"clamped logvar (raw up to {scale:.3g})")
     assert torch.isfinite(post.std).all() and torch.isfinite(post.sample(torch.Generator().manual_seed(0))).all()
 
 
