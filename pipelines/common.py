@@ -505,6 +505,7 @@ class Setup:
     batch_size: int
     cfg_scale: float
     steps: int
+    strength: float
     generator: torch.Generator
     sched: Any
     context: torch.Tensor
@@ -513,6 +514,11 @@ class Setup:
     @property
     def batch(self) -> int:
         return len(self.prompts) * self.batch_size
+
+    @property
+    def timesteps(self) -> list:
+        """The sampler's timesteps that run: the last ``int(steps * strength)`` (diffusers' ``get_timesteps``)."""
+        return self.sched.timesteps.tolist()[strength_start(self.steps, self.strength):]
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         f = size_multiple(self.model.config)  # the VAE's downsampling
@@ -532,10 +538,12 @@ class Setup:
 def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: float = 7.5, steps: int = 50,
           sampler: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
           batch_size: int = 1, clip_skip: int | None = None, eta: float | None = None,
-          latents: torch.Tensor | None = None, unet_channels: int | None = 4, own_levels: bool = False) -> Setup:
+          latents: torch.Tensor | None = None, unet_channels: int | None = 4, own_levels: bool = False,
+          strength: float = 1.0) -> Setup:
     """Check the options every pipeline takes, make the generator and the sampler with its ``steps``
     timesteps set (``own_levels``: not set, the caller steps between its own levels with ``prev_t``,
-    as RePaint), encode the prompt."""
+    as RePaint; ``strength``: the last ``int(steps * strength)`` of them run, :attr:`Setup.timesteps`),
+    encode the prompt."""
     prompts = as_prompts(prompt)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
@@ -560,7 +568,9 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the {sched.config.num_train_timesteps} training timesteps")
     if not own_levels:
-        sched.set_timesteps(steps)  # a ValueError for schedules that leave [0, T) (e.g. 1000 leading steps)
+        # a ValueError for schedules that leave [0, T) (e.g. 1000 leading steps), or a DDIM eta a step that
+        # runs cannot take
+        sched.set_timesteps(steps, first_step=strength_start(steps, strength))
     generator, seed = make_generator(seed, generator, device)
     context = encode_prompt(model, prompts, negative_prompt, batch_size, guided, clip_skip)
     params = dict(pipeline=pipeline, model=model.config.name, prompt=prompt if isinstance(prompt, str) else prompts,
@@ -568,4 +578,5 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
                   eta=eta, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
                   latents="given" if latents is not None else None, dtype=str(dtype).removeprefix("torch."),
                   device=str(device))
-    return Setup(model, device, dtype, prompts, batch_size, float(cfg_scale), steps, generator, sched, context, params)
+    return Setup(model, device, dtype, prompts, batch_size, float(cfg_scale), steps, strength, generator, sched,
+                 context, params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .common import (PipelineResult, check_strength, denoise, encode_image, expand_batch, initial_noise, load_image,
-                     plain_plan, setup, strength_start)
+                     plain_plan, setup)
 
 
 @torch.inference_mode()
@@ -30,9 +30,9 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
     strength = check_strength(strength, steps)
     s = setup(model, prompt, pipeline="img2img", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents)
+              latents=latents, strength=strength)
     pixels, (height, width) = load_image(model, image, height, width, resize)
-    timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
+    timesteps = s.timesteps
     z0 = expand_batch(encode_image(model, pixels, s.generator), len(s.prompts), s.batch_size)
     x = z0
     if timesteps:

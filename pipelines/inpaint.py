@@ -108,7 +108,7 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
         raise TypeError(f"paste_back must be a bool, got {paste_back!r}")
     s = setup(model, prompt, pipeline="inpaint", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents, unet_channels=None, own_levels=variant == "repaint")
+              latents=latents, unet_channels=None, own_levels=variant == "repaint", strength=strength)
     pixels, (height, width) = load_image(model, image, height, width, resize)
     mask_px = mask_to_tensor(mask, (height, width), pixels.shape[0], resize)
     n = max(pixels.shape[0], mask_px.shape[0])
@@ -132,7 +132,7 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
                           f"jump_n_sample={jump_n_sample} has no effect; use jump_length < {levels} (or more steps), "
                           "or jump_n_sample=1 to turn resampling off", UserWarning, stacklevel=3)
     else:
-        timesteps = s.sched.timesteps.tolist()[strength_start(steps, strength):]
+        timesteps = s.timesteps
         plan, first_t = plain_plan(timesteps), (timesteps[0] if timesteps else None)
 
     z0 = batched(encode_image(model, pixels, s.generator)) if variant != "unet9" or strength < 1 else None

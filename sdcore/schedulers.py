@@ -204,7 +204,10 @@ class Scheduler:
         self.num_inference_steps: int | None = None
 
     # --- timesteps
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
+        """The sampling schedule of ``num_inference_steps`` steps. ``first_step``: the index of the
+        first step the caller runs (img2img's strength skips those before it); only the steps from
+        there on are checked for an option a step cannot take (a DDIM eta above 1)."""
         T = self.config.num_train_timesteps
         if isinstance(num_inference_steps, (int, np.integer)) and num_inference_steps > T:
             raise ValueError(f"num_inference_steps={num_inference_steps} > num_train_timesteps={T}")
@@ -372,14 +375,14 @@ class DDIMScheduler(Scheduler):
                              f"got {eta!r}")
         self.options["eta"] = float(eta)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """As the base; then every step's coefficients, so that an eta too large for one of them
-        (eta > 1 can be) is refused before the first step runs, not in the middle of sampling. The
-        schedule set before stays in place then."""
+    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
+        """As the base; then the coefficients of every step that runs (from ``first_step``), so that
+        an eta too large for one of them (eta > 1 can be) is refused before the first step runs, not
+        in the middle of sampling. The schedule set before stays in place then."""
         before = {k: getattr(self, k, None) for k in ("timesteps", "_ts", "_index", "num_inference_steps")}
         super().set_timesteps(num_inference_steps)
         try:
-            for t in self._ts:
+            for t in self._ts[first_step:]:
                 self.check_levels(t, None)
         except ValueError:
             self.__dict__.update(before)
@@ -459,7 +462,7 @@ class EulerAncestralScheduler(_SigmaScheduler):
 
     name = "euler_a"
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
         super().set_timesteps(num_inference_steps)
         c = self.config
         ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
@@ -510,7 +513,7 @@ class DPMSolverPP2MScheduler(_SigmaScheduler):
     name = "dpmpp_2m"
     _keeps_x0 = True
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
         c = self.config
         T = c.num_train_timesteps
         super().set_timesteps(num_inference_steps)

@@ -140,6 +140,20 @@ def test_img2img_strength_zero_is_vae_round_trip(tiny, image):
     assert torch.equal(r.latents, z0), describe_diff(r.latents, z0)
 
 
+@pytest.mark.parametrize("run", [
+    lambda m, im, **kw: pipelines.img2img(m, im, "x", **kw),
+    lambda m, im, **kw: pipelines.inpaint(m, im, Image.new("L", im.size, 255), "x", variant="blend", **kw),
+], ids=["img2img", "blend"])
+def test_ddim_eta_checked_on_the_steps_that_run(tiny, image, run):
+    """strength 0.1 of 10 steps runs t = 1 only, which takes eta up to 1.41; the skipped step
+    t = 101 -> 1 takes less, and refused eta 1.2 before any step ran."""
+    kw = dict(steps=10, sampler="ddim", eta=1.2, seed=0, cfg_scale=1.0)
+    r = run(tiny, image, strength=0.1, **kw)
+    assert r.unet_calls == 1 and torch.isfinite(r.latents).all()
+    with pytest.raises(ValueError, match=r"ddim: eta=1.2 is too large for the step t=101 -> 1"):
+        run(tiny, image, strength=0.2, **kw)
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_unet9_inpaint_matches_diffusers(tiny9, inpaint9_pipe, image, mask, strength):
     ours = pipelines.inpaint(tiny9, image, mask, "a cat", variant="unet9", strength=strength, cfg_scale=4.0,

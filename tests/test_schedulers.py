@@ -345,6 +345,10 @@ def test_ddim_eta_checked_before_sampling():
     with pytest.raises(ValueError, match=r"eta=1.05 is too large for the step t=21 -> 1"):
         s.set_timesteps(50)
     assert (s.num_inference_steps, len(s.timesteps)) == (55, 55), "the 55-step schedule stays after the error"
+    s.set_timesteps(50, first_step=49)  # img2img's strength skips t = 21 -> 1: only the steps that run count
+    assert s.num_inference_steps == 50
+    with pytest.raises(ValueError, match=r"eta=1.05 is too large for the step t=21 -> 1"):
+        s.set_timesteps(50, first_step=48)
     s = make_scheduler("ddim", SchedulerConfig(beta_schedule="cosine", timestep_spacing="trailing",
                                                set_alpha_to_one=False), eta=1)
     assert s.options["eta"] == 1.0 and isinstance(s.options["eta"], float)
