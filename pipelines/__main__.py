@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         resize += " instead of failing"
         g.add_argument("--resize", action="store_true", help=resize)
         g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
-        g.add_argument("--clip-skip", type=int, default=None, help="text encoder layer from the end: 1 = last (default: model's)")
+        g.add_argument("--clip-skip", type=int, default=None,
+                       help="text encoder layer from the end: 1 = last, 2 = penultimate; diffusers' clip_skip k "
+                            "is k + 1 here (default: the model's)")
         if from_image:
             strength = 0.8 if command == "img2img" else 1.0
             g = p.add_argument_group("input")

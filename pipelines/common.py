@@ -155,7 +155,8 @@ def encode_prompt(model, prompts: list[str], negative_prompt, batch_size: int, g
                   clip_skip: int | None) -> torch.Tensor:
     """Context for the UNet, (B, 77, D) or with CFG (2B, 77, D) = [negatives; prompts], each prompt
     repeated ``batch_size`` times in place (diffusers' ``num_images_per_prompt`` order). One text
-    encoder call for both halves. ``clip_skip``: 1 = last layer (None: the model's default)."""
+    encoder call for both halves. ``clip_skip``: 1 = last layer, diffusers' ``clip_skip`` + 1 (None: the
+    model's default)."""
     negatives = None
     if guided:
         negatives = [""] * len(prompts) if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")

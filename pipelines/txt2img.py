@@ -29,7 +29,9 @@ def txt2img(model, prompt, *, negative_prompt=None, cfg_scale: float = 7.5, step
     (scaled by the sampler's ``init_noise_sigma``) instead of drawing it.
     height, width: default ``model.config.image_size``; multiples of the model's size multiple
     (the VAE downsampling: 8 for SD), else an error, or rounded down with ``resize=True``.
-    clip_skip: 1 = the text encoder's last layer (None = the model's default).
+    clip_skip: 1 = the text encoder's last layer, 2 = the one before (None = the model's default). This
+    counts layers as A1111's "Clip skip" does; diffusers' ``clip_skip`` counts the layers skipped, so
+    its ``clip_skip=k`` is ``k + 1`` here.
     progress: show a tqdm bar.
     """
     s = setup(model, prompt, pipeline="txt2img", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
