@@ -3,7 +3,8 @@ mask conversion, the VAE round trip with the scaling factor, and THE denoising l
 
 Conventions (the public API documents them once, here):
 
-- **Images in**: a PIL image (any mode, converted to RGB), a list of them, or a float tensor in
+- **Images in**: a PIL image (any mode, converted to RGB; 16-bit grayscale, "I;16", over its full
+  range rather than clipped at 255), a list of them, or a float tensor in
   [0, 1] of shape (3, H, W) or (N, 3, H, W), channels first -- the layout and range torchvision
   uses. Tensors in [-1, 1] and channels-last (H, W, 3) tensors are refused (with the fix) rather
   than guessed.
@@ -209,6 +210,24 @@ def image_size(image) -> tuple[int, int]:
                     f"got {type(first).__name__}")
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale (a 16-bit PNG opens as "I;16")
+
+
+def _pil_samples(im):
+    """(image, full scale): RGB over 255, or 16-bit grayscale as mode "F" over 65535, whose samples
+    convert("RGB") would clip at 255 (a black-to-white ramp came out 98% white). Modes "I" (32-bit
+    integers) beyond 255 and "F" have no known full scale: an error, with the way out."""
+    if im.mode in _SIXTEEN_BIT:
+        return im.convert("F"), 65535.0
+    if im.mode in ("I", "F"):
+        lo, hi = im.getextrema()
+        if im.mode == "F" or lo < 0 or hi > 255:
+            raise ValueError(f"image of PIL mode {im.mode!r} with values in [{lo:.6g}, {hi:.6g}]: its full scale is "
+                             "unknown; pass a float tensor in [0, 1] (16-bit samples / 65535, say), or an 8- or "
+                             "16-bit image")
+    return im.convert("RGB"), 255.0
+
+
 def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
     """PIL / list of PIL / float tensor in [0, 1] -> float32 (N, 3, H, W) in [0, 1] on the CPU,
     resized to ``size`` (H, W) only when ``resize`` (PIL: Lanczos as diffusers; tensors: bilinear
@@ -222,13 +241,16 @@ def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
     if all(isinstance(im, Image.Image) for im in items):
         arrays = []
         for im in items:
-            im = im.convert("RGB")
+            im, full = _pil_samples(im)
             if (im.height, im.width) != size:
                 if not resize:
                     raise ValueError(f"image is {im.height}x{im.width} (HxW) but the output is {size[0]}x{size[1]}; "
                                      "pass matching height/width or resize=True")
                 im = im.resize((size[1], size[0]), resample=Image.LANCZOS)
-            arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+            a = np.asarray(im, dtype=np.float32) / full
+            if a.ndim == 2:  # 16-bit grayscale, as convert("RGB") repeats L: Lanczos may overshoot, as 8 bits clip
+                a = np.repeat(a.clip(0.0, 1.0)[..., None], 3, axis=2)
+            arrays.append(a)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if len(items) == 1 and isinstance(items[0], torch.Tensor):
         x = items[0]

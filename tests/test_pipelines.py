@@ -133,6 +133,30 @@ def test_img2img_tensor_input_equals_pil(tiny, image):
     assert torch.equal(a.latents, b.latents)
 
 
+def test_sixteen_bit_images_keep_their_range():
+    """A 16-bit grayscale PNG opens as PIL mode "I;16"; convert("RGB") clipped its samples at 255,
+    turning a black-to-white ramp 98% white, silently."""
+    ramp = np.linspace(0, 65535, 16 * 24).round().astype(np.uint16).reshape(16, 24)
+    im = Image.fromarray(ramp)
+    assert im.mode == "I;16"
+    got = image_to_tensor(im, (16, 24), False)
+    want = torch.from_numpy(ramp.astype(np.float32) / 65535).expand(1, 3, 16, 24)
+    assert torch.equal(got, want), describe_diff(got, want)
+    # 8-bit data widened to 16 bits (v * 257) reads as the 8-bit image, resized or not
+    gray8 = Image.fromarray((ramp >> 8).astype(np.uint8))
+    wide = Image.fromarray((ramp >> 8).astype(np.uint16) * 257)
+    for size, resize, atol in (((16, 24), False, 0.0), ((8, 16), True, 1 / 255)):
+        a, b = image_to_tensor(wide, size, resize), image_to_tensor(gray8, size, resize)
+        assert (a - b).abs().max() <= atol + 1e-7 and 0 <= a.min() and a.max() <= 1, describe_diff(a, b)
+    small = Image.fromarray(np.arange(6, dtype=np.int32).reshape(2, 3) * 51)  # mode "I" within 0..255: as L
+    assert torch.allclose(image_to_tensor(small, (2, 3), False)[0, 0], torch.arange(6.0).reshape(2, 3) / 5)
+    for bad, message in ((Image.fromarray(np.full((2, 3), 70000, np.int32)), r"mode 'I' with values in \[70000, "
+                                                                             r"70000\]: its full scale is unknown"),
+                         (Image.fromarray(np.full((2, 3), 0.5, np.float32)), r"mode 'F' with values in \[0.5, 0.5\]")):
+        with pytest.raises(ValueError, match=message):
+            image_to_tensor(bad, (2, 3), False)
+
+
 def test_img2img_strength_zero_is_vae_round_trip(tiny, image):
     r = pipelines.img2img(tiny, image, "x", strength=0.0, steps=4, seed=2)
     z0 = encode_image(tiny, image_to_tensor(image, (SIZE, SIZE), False), torch.Generator().manual_seed(2))
