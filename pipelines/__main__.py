@@ -49,7 +49,33 @@ def git_commit() -> str | None:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks: a checkpoint is gigabytes
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_digests(ckpt: str) -> dict[str, str]:
+    """The sha256 of every file loading ``ckpt`` reads, by its path relative to the checkpoint (a
+    single file: its name): one more read of the weights, about a second per GB."""
+    from sdcore.checkpoint import open_checkpoint
+
+    root = Path(ckpt).resolve()
+    base = root if root.is_dir() else root.parent
+    return {str(p.relative_to(base)): sha256(p) for p in open_checkpoint(root).paths()}
+
+
+def check_checkpoint(model: dict) -> None:
+    """A replay's checkpoint must hold what the sidecar's run loaded (sidecars before the digests
+    were recorded are not checked)."""
+    recorded = model.get("ckpt_sha256")
+    if model.get("ckpt") and recorded:
+        now = checkpoint_digests(model["ckpt"])
+        changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"--ckpt {model['ckpt']} changed since the sidecar was written (sha256 differs, or the "
+                             f"file is new or gone: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})")
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -118,7 +144,8 @@ def job_from_args(args) -> dict:
                       paste_back=args.paste_back)  # jump_*: None unless given (inpaint: 10 for repaint)
         inputs["mask"] = args.mask
     return {"command": args.command,
-            "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None, "preset": args.preset,
+            "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None,
+                      "ckpt_sha256": checkpoint_digests(args.ckpt) if args.ckpt else None, "preset": args.preset,
                       "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
             "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugin],
@@ -155,6 +182,10 @@ def read_sidecar(path: Path) -> dict:
             raise ValueError(f"{path}: not a sidecar (no {key!r} entry)")
         if not isinstance(data[key], kind):
             raise ValueError(f"{path}: not a sidecar ({key!r} is a {type(data[key]).__name__})")
+    _check_sidecar_model(path, data["model"])
+    for name, inp in data["inputs"].items():
+        if not (isinstance(inp, dict) and isinstance(inp.get("path"), str)):
+            raise ValueError(f"{path}: not a sidecar (input {name!r} has no 'path' string)")
     if data["params"].get("seed") is None:
         raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     job = {k: data[k] for k in SIDECAR_KEYS}
@@ -166,6 +197,29 @@ def read_sidecar(path: Path) -> dict:
         # older sidecars record the CLI's jump defaults for every variant; only repaint used them
         job["params"] = {**job["params"], "jump_length": None, "jump_n_sample": None}
     return job
+
+
+def _check_sidecar_model(path: Path, model: dict) -> None:
+    """The sidecar's "model" entry: a dtype, a device (or null) and a checkpoint or a known preset."""
+    from sdcore.config import PRESETS
+
+    for key, kinds, what in (("dtype", str, "a string"), ("device", (str, type(None)), "a string or null"),
+                             ("ckpt", (str, type(None)), "a path or null"), ("preset", (str, type(None)),
+                                                                             "a preset name or null")):
+        if not isinstance(model.get(key), kinds):
+            have = f"{type(model[key]).__name__} {model[key]!r}" if key in model else "missing"
+            raise ValueError(f"{path}: not a sidecar ('model' entry {key!r} must be {what}: {have})")
+    digests = model.get("ckpt_sha256")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+        raise ValueError(f"{path}: not a sidecar ('model' entry 'ckpt_sha256' must map file names to digests)")
+    if not model.get("ckpt"):
+        if model.get("preset") not in PRESETS:
+            raise ValueError(f"{path}: 'model' names neither a checkpoint nor a known preset (preset "
+                             f"{model.get('preset')!r}; known presets: {', '.join(sorted(PRESETS))})")
+        if not isinstance(model.get("model_seed", 0), int) or isinstance(model.get("model_seed"), bool):
+            raise ValueError(f"{path}: not a sidecar ('model' entry 'model_seed' must be an int: "
+                             f"{model['model_seed']!r})")
 
 
 def _existing(name: str, path: Path) -> Path:
@@ -481,6 +535,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         created = prepare_out(out)  # before anything else: a bad --out costs nothing
         if args.command == "replay":
             job = read_sidecar(Path(args.sidecar))
+            check_checkpoint(job["model"])
             if args.device:
                 job["model"]["device"] = args.device
             source = "sidecar"
@@ -488,9 +543,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             job = job_from_args(args)
             source = "--kernels" if args.kernels is not None else KERNELS_ENV
         written = run_job(job, out, progress=not args.no_progress, kernels_source=source)
-    except (ValueError, ImportError, FileNotFoundError, KeyError) as e:  # KeyError: an unknown preset in a sidecar
+    except (ValueError, ImportError, FileNotFoundError) as e:
         remove_if_empty(out, created)
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
         remove_if_empty(out, created)
         default = ('with "kernels": null in the sidecar' if args.command == "replay"

@@ -115,6 +115,9 @@ class _TensorFile:
     ``torch.load(weights_only=True, mmap=True)`` (a top-level ``"state_dict"`` is unwrapped).
     """
 
+    def paths(self) -> list[Path]:
+        return [self.path]
+
     def __init__(self, path: Path):
         self.path = path
         if not path.is_file():
@@ -205,6 +208,9 @@ class _ShardedFile:
     index gives it (a key in two shards, or in none, would otherwise be loaded by chance)."""
 
     config_json = None
+
+    def paths(self) -> list[Path]:  # the index, then its shards
+        return [self.path] + [shard.path for shard in self._shards.values()]
 
     def __init__(self, index: Path):
         self.path = index
@@ -323,6 +329,9 @@ class SingleFile:
 
     tokenizer_folder = None
 
+    def paths(self) -> list[Path]:
+        return [self.path]
+
     def __init__(self, path: Path):
         self.file = _TensorFile(path)
         self.path = path
@@ -372,6 +381,16 @@ class DiffusersFolder:
             self.files[comp] = _weights_file(path / sub, stem)
         tok = path / "tokenizer"
         self.tokenizer_folder = tok if tok.is_dir() else None
+
+    def paths(self) -> list[Path]:
+        """What loading reads: the configs, the weights chosen (an index and its shards), the
+        scheduler's config and the tokenizer's files."""
+        out = [self.path / name for name in ("model_index.json", "scheduler/scheduler_config.json")]
+        for comp, (sub, _, _) in _DIFFUSERS.items():
+            out += [self.path / sub / "config.json", *self.files[comp].paths()]
+        if self.tokenizer_folder is not None:
+            out += sorted(p for p in self.tokenizer_folder.iterdir() if p.is_file())
+        return [p for p in out if p.is_file()]
 
     def config(self, prediction_type: str | None) -> SDConfig:
         sched = scheduler_from_diffusers(self.path / "scheduler" / "scheduler_config.json")

@@ -560,10 +560,50 @@ def test_replay_takes_the_recorded_backends_not_the_environment(tmp_path, monkey
     assert np.array_equal(first, second)
 
 
+def _sidecar(**model) -> str:
+    """A sidecar's JSON with ``model`` over a tiny preset's entry (a key set to ... is dropped)."""
+    entry = {k: v for k, v in {"ckpt": None, "preset": "tiny", "model_seed": 0, "dtype": "float32", "device": "cpu",
+                               **model}.items() if v is not ...}
+    return json.dumps({"command": "txt2img", "model": entry, "kernels": None, "inputs": {}, "params": {"seed": 1}})
+
+
+@pytest.mark.parametrize("layout, weights", [("ldm", "tiny.safetensors"),
+                                             ("diffusers", "unet/diffusion_pytorch_model.safetensors")])
+def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
+    """The sidecar records the sha256 of every file the checkpoint loads from; a replay after the
+    weights changed under the same path ran other weights and exited 0, silently."""
+    from pipelines.__main__ import main
+
+    ckpt = tmp_path / ("tiny.safetensors" if layout == "ldm" else "tiny")
+    sdcore.StableDiffusion.from_preset("tiny", seed=0).save(ckpt, layout=layout)
+    assert main(["txt2img", "--ckpt", str(ckpt), "--prompt", "a", "--steps", "1", "--seed", "1", "--height", "64",
+                 "--width", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    digests = json.loads(sidecar.read_text())["model"]["ckpt_sha256"]
+    assert weights in digests and (layout == "ldm") == (len(digests) == 1), digests
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    other = sdcore.StableDiffusion.from_preset("tiny", seed=1)
+    other.save(tmp_path / "other" if layout == "diffusers" else ckpt, layout=layout)
+    if layout == "diffusers":  # one component's weights replaced, the rest as they were
+        (ckpt / weights).write_bytes((tmp_path / "other" / weights).read_bytes())
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--ckpt {ckpt} changed since the sidecar was written (sha256 differs, or the " \
+        f"file is new or gone: {weights})" in err, err
+
+
 @pytest.mark.parametrize("content, message", [
     ("[1, 2]", "not a sidecar (a JSON list, not an object)"),
     ("{\"results\": []}", "not a sidecar (no 'command' entry)"),
     ("{not json", "not a JSON sidecar"),
+    # each used to end as a bare KeyError's key ("error: dtype"), naming neither file nor entry
+    (_sidecar(dtype=...), "not a sidecar ('model' entry 'dtype' must be a string: missing)"),
+    (_sidecar(device=3), "not a sidecar ('model' entry 'device' must be a string or null: int 3)"),
+    (_sidecar(preset="sd99"), "'model' names neither a checkpoint nor a known preset (preset 'sd99'; known presets: "),
+    (_sidecar(model_seed="0"), "not a sidecar ('model' entry 'model_seed' must be an int: '0')"),
+    (_sidecar().replace('"inputs": {}', '"inputs": {"image": {"sha256": "0"}}'),
+     "not a sidecar (input 'image' has no 'path' string)"),
 ])
 def test_replay_of_a_file_that_is_not_a_sidecar(tmp_path, capsys, content, message):
     from pipelines.__main__ import main
