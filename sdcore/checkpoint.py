@@ -253,21 +253,26 @@ def _json_object(path: Path, what: str = "") -> dict:
 
 
 def _weights_file(folder: Path, stem: str) -> _TensorFile | _ShardedFile:
-    """The component's weights, as diffusers' and transformers' ``from_pretrained`` without a
-    variant look for them: one file, else a shard index (safetensors before .bin); only when neither
-    is there, the fp16 variant (diffusers' ``variant="fp16"`` names), so a folder holding both
-    loads the full-precision weights."""
+    """The component's weights, in the order ``from_pretrained`` without a variant looks for them:
+    transformers' (the text encoder, ``stem`` "model") takes one ``model.safetensors``, then its
+    shard index, then ``pytorch_model.bin``, then its index; diffusers' (the UNet and VAE) the
+    safetensors shard index, then one ``.safetensors``, then one ``.bin`` (its index last, which
+    diffusers reads only when told not to use safetensors). Only when none is there, the fp16 variant
+    in the same order (diffusers' ``variant="fp16"`` names), so a folder holding both loads the
+    full-precision weights."""
     bin_stem = "pytorch_model" if stem == "model" else stem  # transformers' name for .bin weights
-    full = [f"{stem}.safetensors", f"{bin_stem}.bin"]
-    full_idx = [f"{stem}.safetensors.index.json", f"{bin_stem}.bin.index.json"]
-    fp16 = [f"{stem}.fp16.safetensors", f"{bin_stem}.fp16.bin"]
-    fp16_idx = [f"{stem}.safetensors.index.fp16.json", f"{bin_stem}.bin.index.fp16.json"]
-    for names, kind in ((full, _TensorFile), (full_idx, _ShardedFile), (fp16, _TensorFile), (fp16_idx, _ShardedFile)):
-        for name in names:
-            if (folder / name).is_file():
-                return kind(folder / name)
-    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(full + fp16)}, and the sharded "
-                          f"{', '.join(full_idx + fp16_idx)})")
+    sf, sf_idx, pt, pt_idx = ("{}.safetensors", "{}.safetensors.index{}.json", "{}.bin", "{}.bin.index{}.json")
+    order = (sf, sf_idx, pt, pt_idx) if stem == "model" else (sf_idx, sf, pt, pt_idx)
+    names = []
+    for variant in ("", ".fp16"):
+        for form in order:
+            base = bin_stem if form in (pt, pt_idx) else stem
+            names.append(form.format(base, variant) if form.endswith(".json") else
+                         form.format(base + variant))
+    for name in names:
+        if (folder / name).is_file():
+            return (_ShardedFile if name.endswith(".json") else _TensorFile)(folder / name)
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
 
 
 # --------------------------------------------------------------------------------------- validation

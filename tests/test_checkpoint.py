@@ -1087,6 +1087,21 @@ def test_sharded_weights_load(saved, tiny, tmp_path, fmt):
     assert_same_weights(sdcore.load(folder).state_dict(), tiny.state_dict())
 
 
+def test_weight_file_precedence_is_the_libraries_own(saved, tiny, tmp_path):
+    """Where a component's folder holds two forms of its weights, the one its library loads wins:
+    transformers takes model.safetensors shards before pytorch_model.bin, diffusers takes the
+    safetensors shards before one .safetensors (sdcore took the .bin and the single file)."""
+    folder = _copy(saved, tmp_path)
+    for sub, stem, other in (("text_encoder", "model", "pytorch_model.bin"),
+                             ("unet", "diffusion_pytorch_model", "diffusion_pytorch_model.safetensors")):
+        path = folder / sub / f"{stem}.safetensors"
+        decoy = {k: v + 1 for k, v in load_file(str(path)).items()}
+        _shard(path, f"{stem}.safetensors.index.json", [f"{stem}-0000{i}-of-00002.safetensors" for i in (1, 2)])
+        save_file(decoy, str(folder / sub / other)) if other.endswith(".safetensors") else \
+            torch.save(decoy, folder / sub / other)
+    assert_same_weights(sdcore.load(folder).state_dict(), tiny.state_dict())
+
+
 def test_sharded_weights_errors_name_the_index_and_shard(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     unet = folder / "unet"
