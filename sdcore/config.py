@@ -33,6 +33,10 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5  # GroupNorm eps of the ResBlocks and the final out.0 (transformers use 1e-6, as LDM)
     time_embed_dim: int | None = None  # default 4 * model_channels
+    # diffusers' flag for q·kᵀ in fp32 (SD 2.1's folder sets it), kept for the round trip to a folder.
+    # Not acted on: the triton and SDPA backends keep scores in fp32 whatever it says; the reference
+    # rounds them to the input dtype, as diffusers' attention without it
+    upcast_attention: bool = False
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer with ``channels`` channels."""
@@ -143,7 +147,7 @@ _TINY_TEXT = TextEncoderConfig(width=32, layers=2, heads=4, intermediate=64, pro
 PRESETS: dict[str, SDConfig] = {
     "sd15": _SD1,
     "sd15-inpaint": _SD1.replace(name="sd15-inpaint", unet=UNetConfig(in_channels=9)),
-    "sd21": SDConfig("sd21", unet=_SD2_UNET, text_encoder=_SD2_TEXT,
+    "sd21": SDConfig("sd21", unet=_SD2_UNET.replace(upcast_attention=True), text_encoder=_SD2_TEXT,  # as its hub folder
                      scheduler=SchedulerConfig(prediction_type="v_prediction"), image_size=768),
     "sd21-base": SDConfig("sd21-base", unet=_SD2_UNET, text_encoder=_SD2_TEXT),
     # Same structure, small enough for CPU tests: 3 UNet levels (attention on the first two,
@@ -152,7 +156,8 @@ PRESETS: dict[str, SDConfig] = {
     "tiny-inpaint": SDConfig("tiny-inpaint", unet=_TINY_UNET.replace(in_channels=9), vae=_TINY_VAE,
                              text_encoder=_TINY_TEXT, image_size=64),
     "tiny-sd2": SDConfig("tiny-sd2",
-                         unet=_TINY_UNET.replace(num_head_channels=8, use_linear_in_transformer=True),
+                         unet=_TINY_UNET.replace(num_head_channels=8, use_linear_in_transformer=True,
+                                                 upcast_attention=True),  # as sd21, whose stand-in it is
                          vae=_TINY_VAE,
                          text_encoder=_SD2_TEXT.replace(width=32, layers=3, heads=4, intermediate=64,
                                                         projection_dim=32),

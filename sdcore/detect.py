@@ -43,7 +43,7 @@ COMPONENTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
 CONFIG_KEY = "sdcore_config"  # safetensors metadata / .ckpt entry holding SDConfig as JSON
 # Config fields that shapes cannot tell, per component (text: projection_dim too for kind "clip",
 # whose single file has no projection).
-_FREE = {"unet": ("num_heads", "num_head_channels", "norm_groups", "norm_eps"),
+_FREE = {"unet": ("num_heads", "num_head_channels", "norm_groups", "norm_eps", "upcast_attention"),
          "vae": ("norm_groups", "norm_eps", "scaling_factor", "logvar_clamp"),
          "text_encoder": ("heads", "act", "layer_norm_eps", "clip_skip", "pad_token", "eos_token_id")}
 
@@ -62,10 +62,14 @@ def identify(keys, where) -> None:
     """Raise a CheckpointError saying what the checkpoint looks like unless it is an SD 1.x/2.x
     single file with all three components."""
     keys = list(keys)
-    sdxl = [k for k in keys if k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb."))]
+    sdxl = [k for k in keys if k.startswith("conditioner.embedders.")]
     if sdxl:
         raise CheckpointError(f"{where} looks like an SDXL checkpoint ({sdxl[0]}); sdcore loads "
                               "SD 1.x/2.x only")
+    label = [k for k in keys if k.startswith("model.diffusion_model.label_emb.")]
+    if label:  # SDXL's has its conditioner too, caught above
+        raise CheckpointError(f"{where} has a class-conditioned UNet ({label[0]}: e.g. SD 2.x unCLIP's image "
+                              "embedding); sdcore's UNet is conditioned on text only (SD 1.x/2.x)")
     lora = [k for k in keys if k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k
             or ".lora_up." in k or "lora_A" in k or "lora_B" in k]
     if lora:
@@ -141,7 +145,7 @@ def _detect_unet(s: Mapping[str, tuple], te_kind: str, where) -> UNetConfig:
         return cfg.replace(num_heads=8, num_head_channels=-1)
     if cfg.context_dim == 1024:  # SD 2.x: 64 channels per head
         return cfg.replace(num_head_channels=64)
-    known = _match(cfg, ("num_heads", "num_head_channels"), lambda c: c.unet)
+    known = _match(cfg, ("num_heads", "num_head_channels", "upcast_attention"), lambda c: c.unet)
     if known is not None:
         return known
     guess = cfg.replace(num_heads=8, num_head_channels=-1) if te_kind == "clip" else cfg.replace(num_head_channels=64)
@@ -301,6 +305,8 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
         warnings.warn(f"{where}: SD 2.x checkpoint loaded as epsilon-prediction; 768-v models (e.g. "
                       "SD 2.1 768) need prediction_type='v_prediction'", stacklevel=4)
     sched = SchedulerConfig(prediction_type=prediction_type or "epsilon")
+    # set as in SD 2.x 768-v's hub folder, whose config diffusers' single-file loader takes for such a file
+    unet = unet.replace(upcast_attention=text.kind == "openclip" and sched.prediction_type == "v_prediction")
     same = [c for c in PRESETS.values() if (c.unet, c.vae, c.text_encoder) == (unet, vae, text)]
     same.sort(key=lambda c: c.scheduler.prediction_type != sched.prediction_type)
     image_size = same[0].image_size if same else (768 if sched.prediction_type == "v_prediction" else 512)

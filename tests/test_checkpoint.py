@@ -220,6 +220,7 @@ def test_foreign_file_detection(tmp_path, fmt):
     with pytest.warns(UserWarning, match="768-v models .* need prediction_type='v_prediction'"):
         eps = sdcore.load(path)
     assert eps.config.scheduler.prediction_type == "epsilon"
+    assert not eps.config.unet.upcast_attention  # set for 768-v files only, as their hub folders (tiny-sd2: below)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         v = sdcore.load(path, prediction_type="v_prediction")
@@ -598,8 +599,12 @@ def test_ckpt_with_python_objects_is_refused(tmp_path):
 @pytest.mark.parametrize("keys, message", [
     (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
       "model.diffusion_model.input_blocks.0.0.weight"], "looks like an SDXL checkpoint"),
-    (["model.diffusion_model.label_emb.0.0.weight", "first_stage_model.encoder.conv_in.weight"],
+    (["model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.1.model.ln_final.weight"],
      "looks like an SDXL checkpoint"),
+    # SD 2.x unCLIP: an SD 2 file whose UNet also takes an image embedding (it was called SDXL)
+    (["model.diffusion_model.label_emb.0.0.weight", "cond_stage_model.model.ln_final.weight",
+      "first_stage_model.encoder.conv_in.weight"], r"has a class-conditioned UNet \(model\.diffusion_model\."
+                                                   r"label_emb\.0\.0\.weight: e\.g\. SD 2\.x unCLIP"),
     (["encoder.conv_in.weight", "decoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight"],
      "looks like a standalone VAE"),
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "looks like a LoRA"),
@@ -1051,12 +1056,35 @@ def test_unet_per_block_lists(saved, tiny, tmp_path, key):
     ("vae", {"shift_factor": 0.1}, r"shift_factor=0\.1 is not supported"),
     ("vae", {"latent_channels": 4.0}, r"latent_channels must be an integer >= 1, got 4\.0"),
     ("text_encoder", {"num_attention_heads": 5}, r"hidden_size=32 is not divisible by num_attention_heads=5"),
+    # a bare TypeError or ZeroDivisionError while the model was built, or (-2) a load that failed in attention
+    ("unet", {"attention_head_dim": "2"}, r"attention_head_dim must be a head count >= 1, or one per block \(3\), "
+                                          r"got '2'"),
+    ("unet", {"attention_head_dim": 0}, r"attention_head_dim must be a head count >= 1, .*got 0"),
+    ("unet", {"attention_head_dim": -2}, r"attention_head_dim must be a head count >= 1, .*got -2"),
+    ("unet", {"attention_head_dim": [2, 2]}, r"or one per block \(3\), got \[2, 2\]"),
+    ("unet", {"attention_head_dim": 3}, r"attention_head_dim=3 does not split block_out_channels=\[32, 64, 64\] "
+                                        r"into equal heads: 32 channels into 3, 64 channels into 3"),
+    # the string "false" read as true, then 14 proj_in/proj_out shape mismatches
+    ("unet", {"use_linear_projection": "false"}, r"use_linear_projection must be true or false, got 'false'"),
+    ("unet", {"upcast_attention": 1}, r"upcast_attention must be true or false, got 1"),
 ])
 def test_bad_config_values_name_the_file_and_option(saved, tmp_path, sub, changes, message):
     folder = _copy(saved, tmp_path)
     path = _edit_config(folder, sub, **changes)
     with pytest.raises(CheckpointError, match=rf"{path}: cannot read this config: .*{message}"):
         sdcore.load(folder)
+
+
+def test_upcast_attention_survives_a_folder_round_trip(saved, tmp_path):
+    """SD 2.1's folder sets upcast_attention (diffusers then takes q·kᵀ in fp32, against NaN in fp16);
+    a folder sdcore wrote back dropped it, so diffusers ran that UNet without."""
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, "unet", upcast_attention=True)
+    sd = sdcore.load(folder)
+    assert sd.config.unet.upcast_attention is True
+    sd.save(tmp_path / "again", layout="diffusers")
+    assert json.loads((tmp_path / "again" / "unet" / "config.json").read_text())["upcast_attention"] is True
+    assert sdcore.load(saved["diffusers"]).config.unet.upcast_attention is False
 
 
 def _shard(path, index_name, shard_names, fmt="safetensors"):

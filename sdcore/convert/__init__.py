@@ -38,6 +38,15 @@ def config_int(config: Mapping[str, Any], key: str, default: Any = _MISSING, *, 
     return value
 
 
+def config_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``config[key]`` (or ``default``) as a bool; ValueError naming the option for anything else
+    (a string "false" would read as true)."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def config_float(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> float:
     """``config[key]`` (or ``default``) as a finite float > 0; ValueError naming the option otherwise."""
     value = config.get(key, default)

@@ -14,7 +14,7 @@ import torch
 
 from ..config import UNetConfig
 from ..unet import check_channel_mult
-from . import check_groups, config_channels, config_float, config_int
+from . import check_groups, config_bool, config_channels, config_float, config_int
 
 # ResBlock parameters: diffusers name -> LDM name (relative to the block).
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -138,6 +138,7 @@ def config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict
         "downsample_padding": 1,
         "mid_block_scale_factor": 1,
         "center_input_sample": False,
+        "upcast_attention": cfg.upcast_attention,
     }
     if sample_size is not None:
         out["sample_size"] = sample_size
@@ -158,9 +159,10 @@ _SUPPORTED = {
     "addition_time_embed_dim": (None,), "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
 }
-# Accepted and not acted on: ``upcast_attention`` (SD 2.1: q·kᵀ in fp32). The triton backend and
-# SDPA's fused kernels (flash, memory-efficient, cuDNN) keep scores in fp32 registers anyway; the
-# reference rounds scaled scores to the input dtype, as diffusers' AttnProcessor without upcast.
+# Kept, not acted on: ``upcast_attention`` (SD 2.1: q·kᵀ in fp32; UNetConfig.upcast_attention). The
+# triton backend and SDPA's fused kernels (flash, memory-efficient, cuDNN) keep scores in fp32
+# registers anyway; the reference rounds scaled scores to the input dtype, as diffusers' AttnProcessor
+# without upcast.
 
 
 def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
@@ -188,7 +190,16 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     check_groups(groups, channels)
     time_embed_dim = config.get("time_embedding_dim")
 
-    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    key = "num_attention_heads" if config.get("num_attention_heads") else "attention_head_dim"
+    heads = config.get(key, 8)
+    counts = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    if len(counts) != len(channels) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in counts):
+        raise ValueError(f"{key} must be a head count >= 1, or one per block ({len(channels)}), got {heads!r}")
+    used = [(c, h) for c, h, a in zip(channels, counts, attn) if a] + [(channels[-1], counts[-1])]  # + the middle
+    split = list(dict.fromkeys(f"{c} channels into {h}" for c, h in used if c % h))
+    if split:
+        raise ValueError(f"{key}={heads!r} does not split block_out_channels={channels!r} into equal heads: "
+                         f"{', '.join(split)}")
     num_heads, num_head_channels = _heads_from_diffusers(heads, channels, attn)
     return UNetConfig(
         in_channels=config_int(config, "in_channels", 4),
@@ -201,10 +212,11 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         num_head_channels=num_head_channels,
         transformer_depth=config_int(config, "transformer_layers_per_block", 1, blocks=len(down)),
         context_dim=config_int(config, "cross_attention_dim", 1280, blocks=len(down)),
-        use_linear_in_transformer=config.get("use_linear_projection", False),
+        use_linear_in_transformer=config_bool(config, "use_linear_projection", False),
         norm_groups=groups,
         norm_eps=config_float(config, "norm_eps", 1e-5),
         time_embed_dim=None if time_embed_dim is None else config_int(config, "time_embedding_dim"),
+        upcast_attention=config_bool(config, "upcast_attention", False),
     )
 
 
