@@ -193,6 +193,9 @@ def read_sidecar(path: Path) -> dict:
     if not (isinstance(job["plugins"], list) and all(isinstance(p, str) for p in job["plugins"])):
         raise ValueError(f"{path}: not a sidecar ('plugins' is not a list of module names and files)")
     job["plugin_sha256"] = data.get("plugin_sha256") or {}
+    result = data.get("result") if isinstance(data.get("result"), dict) else {}
+    job["recorded"] = {"versions": data.get("versions") if isinstance(data.get("versions"), dict) else {},
+                       "unet_calls": result.get("unet_calls")}  # what the run gave, to compare the replay with
     if job["command"] == "inpaint" and job["params"].get("variant") != "repaint":
         # older sidecars record the CLI's jump defaults for every variant; only repaint used them
         job["params"] = {**job["params"], "jump_length": None, "jump_n_sample": None}
@@ -220,6 +223,17 @@ def _check_sidecar_model(path: Path, model: dict) -> None:
         if not isinstance(model.get("model_seed", 0), int) or isinstance(model.get("model_seed"), bool):
             raise ValueError(f"{path}: not a sidecar ('model' entry 'model_seed' must be an int: "
                              f"{model['model_seed']!r})")
+
+
+def check_code(recorded: dict) -> None:
+    """Warn when the sidecar was written by another sdlab (version or git commit): a fix since may
+    change the output, so the replay need not be bit-exact."""
+    now = {"sdlab": sdlab_version(), "git_commit": git_commit()}
+    changed = [f"{k} {recorded[k]} -> {now[k]}" for k in now
+               if recorded.get(k) is not None and now[k] is not None and recorded[k] != now[k]]
+    if changed:
+        warnings.warn(f"the sidecar was written by other code ({', '.join(changed)}): the output may differ from "
+                      "the recorded run's")
 
 
 def _existing(name: str, path: Path) -> Path:
@@ -384,6 +398,10 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
             raise type(e)(attribute(str(e), spec, kernels_source)) from e
         raise
     describe = attribute(describe, spec, kernels_source)
+    recorded_calls = job.get("recorded", {}).get("unet_calls")
+    if recorded_calls is not None and recorded_calls != result.unet_calls:
+        warnings.warn(f"this replay made {result.unet_calls} UNet calls where the recorded run made {recorded_calls}: "
+                      "the schedule changed since, and the output with it")
     dispatches = {f"{op}/{b}": n - before.get((op, b), 0) for (op, b), n in sorted(after.items())
                   if n != before.get((op, b), 0)}
     index, written = _next_index(out), []
@@ -536,6 +554,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.command == "replay":
             job = read_sidecar(Path(args.sidecar))
             check_checkpoint(job["model"])
+            check_code(job["recorded"]["versions"])
             if args.device:
                 job["model"]["device"] = args.device
             source = "sidecar"

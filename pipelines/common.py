@@ -541,6 +541,8 @@ class Setup:
     @property
     def timesteps(self) -> list:
         """The sampler's timesteps that run: the last ``int(steps * strength)`` (diffusers' ``get_timesteps``)."""
+        if self.sched.timesteps is None:
+            raise RuntimeError("setup(..., own_levels=True) sets no timesteps: the caller steps between its own levels")
         return self.sched.timesteps.tolist()[strength_start(self.steps, self.strength):]
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:

@@ -42,8 +42,10 @@ def repaint_plan(steps: int, jump_length: int, jump_n_sample: int, num_train_tim
     and no jump re-noises above it, as strength caps the noise in SDEdit and img2img."""
     from sdcore.schedulers import repaint_timesteps
 
-    ratio = num_train_timesteps // min(num_train_timesteps, steps)
-    levels = min(steps - strength_start(steps, strength), num_train_timesteps)
+    if steps > num_train_timesteps:
+        raise ValueError(f"steps={steps} exceeds the {num_train_timesteps} training timesteps")
+    ratio = num_train_timesteps // steps
+    levels = steps - strength_start(steps, strength)
     if levels == 0:
         return []
     seq = repaint_timesteps(levels, jump_length, jump_n_sample, levels * ratio)

@@ -222,6 +222,12 @@ def _openclip_clip_skip(cfg: TextEncoderConfig, has_projection: bool) -> tuple[T
         "is cut after SD 2's penultimate layer) lack it, so its last layer is the one to use")
 
 
+def _upcast(text: TextEncoderConfig, sched: SchedulerConfig) -> bool:
+    """diffusers' upcast_attention for a file that does not say: set for an SD 2.x v-prediction
+    model, as in SD 2.1 768-v's hub folder, whose config diffusers' single-file loader takes for it."""
+    return text.kind == "openclip" and sched.prediction_type == "v_prediction"
+
+
 def config_to_json(config: SDConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
@@ -289,8 +295,12 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
             warnings.warn(f"{where}: ignoring unreadable {CONFIG_KEY} metadata ({e!r})", stacklevel=4)
         else:
             if _agrees(config, unet, vae, text):
-                return config if prediction_type is None else config.replace(
-                    scheduler=config.scheduler.replace(prediction_type=prediction_type))
+                if prediction_type is not None:
+                    config = config.replace(scheduler=config.scheduler.replace(prediction_type=prediction_type))
+                if "upcast_attention" not in json.loads(hint)["unet"]:  # written before sdcore kept the flag
+                    config = config.replace(unet=config.unet.replace(
+                        upcast_attention=_upcast(config.text_encoder, config.scheduler)))
+                return config
             warnings.warn(f"{where}: its {CONFIG_KEY} metadata does not match the weights; using the "
                           "architecture detected from the shapes", stacklevel=4)
     if unet.num_heads == _UNKNOWN or text.heads == _UNKNOWN:
@@ -305,9 +315,9 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
         warnings.warn(f"{where}: SD 2.x checkpoint loaded as epsilon-prediction; 768-v models (e.g. "
                       "SD 2.1 768) need prediction_type='v_prediction'", stacklevel=4)
     sched = SchedulerConfig(prediction_type=prediction_type or "epsilon")
-    # set as in SD 2.x 768-v's hub folder, whose config diffusers' single-file loader takes for such a file
-    unet = unet.replace(upcast_attention=text.kind == "openclip" and sched.prediction_type == "v_prediction")
-    same = [c for c in PRESETS.values() if (c.unet, c.vae, c.text_encoder) == (unet, vae, text)]
+    unet = unet.replace(upcast_attention=_upcast(text, sched))
+    same = [c for c in PRESETS.values()  # the flag is no part of the architecture
+            if (c.unet, c.vae, c.text_encoder) == (unet.replace(upcast_attention=c.unet.upcast_attention), vae, text)]
     same.sort(key=lambda c: c.scheduler.prediction_type != sched.prediction_type)
     image_size = same[0].image_size if same else (768 if sched.prediction_type == "v_prediction" else 512)
     return SDConfig(same[0].name if same else name, unet=unet, vae=vae, text_encoder=text,

@@ -1075,6 +1075,35 @@ def test_bad_config_values_name_the_file_and_option(saved, tmp_path, sub, change
         sdcore.load(folder)
 
 
+def test_upcast_attention_null_reads_as_false(saved, tmp_path):
+    """diffusers' checkpoint converter writes "upcast_attention": null unless told; its models read it
+    as false, and such folders loaded until the flag was checked as a bool."""
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, "unet", upcast_attention=None, use_linear_projection=None)
+    assert sdcore.load(folder).config.unet.upcast_attention is False
+
+
+def test_upcast_attention_of_files_that_do_not_say(tmp_path):
+    """An SD 2 v-prediction single file sets it as the 768-v hub folder, also one sdcore wrote before
+    it kept the flag (its config metadata lacks the field); an epsilon one does not, and still reads
+    as the tiny-sd2 preset whose shapes it has."""
+    from sdcore.detect import CONFIG_KEY
+
+    sd2 = StableDiffusion.from_preset("tiny-sd2", seed=2)
+    path = tmp_path / "sd2.safetensors"
+    sd2.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta[CONFIG_KEY])
+    del config["unet"]["upcast_attention"]
+    save_file(state, str(path), metadata={**meta, CONFIG_KEY: json.dumps(config)})
+    assert sdcore.load(path).config.unet.upcast_attention is True
+    foreign = _foreign(tmp_path, dict(sd2.state_dict()), "foreign.safetensors")
+    with pytest.warns(UserWarning, match="768-v models"):
+        eps = sdcore.load(foreign)
+    assert (eps.config.name, eps.config.image_size, eps.config.unet.upcast_attention) == ("tiny-sd2", 64, False)
+
+
 def test_upcast_attention_survives_a_folder_round_trip(saved, tmp_path):
     """SD 2.1's folder sets upcast_attention (diffusers then takes q·kᵀ in fp32, against NaN in fp16);
     a folder sdcore wrote back dropped it, so diffusers ran that UNet without."""

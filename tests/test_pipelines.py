@@ -248,6 +248,8 @@ def test_repaint_plan_with_strength_starts_at_its_level():
     top = max(max(op.t, op.prev_t) if isinstance(op, Step) else op.t_to for op in half)
     assert top == 400, f"the walk at strength 0.5 re-noises up to t = {top}, above its start t = 400"
     assert repaint_plan(10, 2, 2, strength=0.0) == []
+    with pytest.raises(ValueError, match="steps=1500 exceeds the 1000 training timesteps"):
+        repaint_plan(1500, 10, 2, strength=0.8)
 
 
 class _CountingUNet(torch.nn.Module):
@@ -565,6 +567,27 @@ def _sidecar(**model) -> str:
     entry = {k: v for k, v in {"ckpt": None, "preset": "tiny", "model_seed": 0, "dtype": "float32", "device": "cpu",
                                **model}.items() if v is not ...}
     return json.dumps({"command": "txt2img", "model": entry, "kernels": None, "inputs": {}, "params": {"seed": 1}})
+
+
+def test_replay_warns_when_the_code_or_the_schedule_changed(tmp_path, capsys):
+    """A fix since the run (a RePaint walk, a coefficient's rounding) changes the output: replay says
+    so when the sidecar names another commit, and when the UNet calls differ from the recorded ones."""
+    from pipelines.__main__ import git_commit, main
+
+    assert main(["txt2img", "--preset", "tiny", "--prompt", "a", "--steps", "2", "--seed", "1", "--height", "64",
+                 "--width", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    data = json.loads(sidecar.read_text())
+    data["versions"]["git_commit"] = "0" * 40
+    data["result"]["unet_calls"] = 5
+    sidecar.write_text(json.dumps(data))
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    if git_commit():  # a source tree (CI's clean clone is one)
+        assert f"the sidecar was written by other code (git_commit {'0' * 40} -> " in err, err
+    assert "this replay made 2 UNet calls where the recorded run made 5: the schedule changed since" in err, err
 
 
 @pytest.mark.parametrize("layout, weights", [("ldm", "tiny.safetensors"),

@@ -52,8 +52,11 @@ def fake_model(seed=0):
 def fp64_truth(name, cfg, steps):
     """diffusers' scheduler computing in float64: its float32 tables (ᾱ, σ, ...) widened after
     set_timesteps, so each coefficient is exact for them, and its step noise drawn in float32 and
-    widened, so that it sees what the float32 runs draw from the same seed. (euler_a and dpmpp_2m
-    round the sample they are given to float32, then compute in float64.) Two float32 runs that round
+    widened, so that it sees what the float32 runs draw from the same seed. Not all of it: euler_a and
+    dpmpp_2m cast the sample to float32 inside step(), so their terms in the sample alone (x/(σ²+1) of
+    a v-prediction's x0, (σ_t/σ_s)·x) stay fp32, and the free trajectory is rounded to fp32 each step:
+    up to 2.7e-7 from a scheduler kept in float64 throughout (euler_a's v-prediction x0), a quarter of
+    REL. ddpm and ddim are float64 throughout. Two float32 runs that round
     a coefficient apart drift apart over 50 steps by more than either is from this truth: by up to
     2.2e-6 where each was within 1.8e-6 of it, on an AVX2 CPU. diffusers takes √ᾱ as torch's
     pow(ᾱ, 0.5), which is not correctly rounded, and where depends on the CPU: it differs from sqrt

@@ -39,9 +39,11 @@ def config_int(config: Mapping[str, Any], key: str, default: Any = _MISSING, *, 
 
 
 def config_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    """``config[key]`` (or ``default``) as a bool; ValueError naming the option for anything else
-    (a string "false" would read as true)."""
-    value = config.get(key, default)
+    """``config[key]`` as a bool, ``default`` when absent or null (diffusers' own checkpoint converter
+    writes ``"upcast_attention": null``, which its models read as false); ValueError naming the
+    option for anything else (a string "false" would read as true)."""
+    value = config.get(key)
+    value = default if value is None else value
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false, got {value!r}")
     return value
