@@ -115,9 +115,6 @@ class _TensorFile:
     ``torch.load(weights_only=True, mmap=True)`` (a top-level ``"state_dict"`` is unwrapped).
     """
 
-    def paths(self) -> list[Path]:
-        return [self.path]
-
     def __init__(self, path: Path):
         self.path = path
         if not path.is_file():
@@ -146,6 +143,9 @@ class _TensorFile:
             self._open_torch(mmap=torch_kind == "zip")  # only zip-format files can be memory-mapped
         else:
             self._open_safetensors()
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
     def _open_safetensors(self):
         try:
@@ -209,9 +209,6 @@ class _ShardedFile:
 
     config_json = None
 
-    def paths(self) -> list[Path]:  # the index, then its shards
-        return [self.path] + [shard.path for shard in self._shards.values()]
-
     def __init__(self, index: Path):
         self.path = index
         weight_map = _json_object(index).get("weight_map")
@@ -237,6 +234,9 @@ class _ShardedFile:
             raise CheckpointError(f"{index} does not match its shards: " + "; ".join(problems))
         self._where = {k: self._shards[v] for k, v in weight_map.items()}
         self.shapes = {k: f.shapes[k] for k, f in self._where.items()}
+
+    def paths(self) -> list[Path]:  # the index, then its shards
+        return [self.path] + [shard.path for shard in self._shards.values()]
 
     def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self._where[key].read(key, dtype, device)
@@ -334,9 +334,6 @@ class SingleFile:
 
     tokenizer_folder = None
 
-    def paths(self) -> list[Path]:
-        return [self.path]
-
     def __init__(self, path: Path):
         self.file = _TensorFile(path)
         self.path = path
@@ -347,6 +344,9 @@ class SingleFile:
         self._shapes = {k: self.file.shapes[f] + ((1, 1) if k in self._as_conv else ())
                         for k, f in self._names.items()}
         identify(self._shapes, path)
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
     def config(self, prediction_type: str | None) -> SDConfig:
         return detect_config(self._shapes, prediction_type=prediction_type, name=self.path.stem,
