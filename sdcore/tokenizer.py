@@ -112,14 +112,21 @@ def read_json_object(path: Path, error: type[ValueError] = ValueError, what: str
 
 
 def _read_pad_token(folder: Path) -> str | None:
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / name
-        if path.is_file():
-            pad = read_json_object(path).get("pad_token")
-            if isinstance(pad, dict):  # serialised AddedToken
-                pad = pad.get("content")
-            if pad:
-                return pad
+    """The pad token as transformers reads it: a tokenizer_config.json with ``added_tokens_decoder``
+    (what transformers >= 4.34 and sdcore write) is whole, and its ``pad_token`` (or none) wins;
+    only a legacy config without it lets special_tokens_map.json's override it."""
+    config_path = folder / "tokenizer_config.json"
+    config = read_json_object(config_path) if config_path.is_file() else {}
+    sources = [config]
+    map_path = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and map_path.is_file():
+        sources.insert(0, read_json_object(map_path))
+    for source in sources:
+        pad = source.get("pad_token")
+        if isinstance(pad, dict):  # serialised AddedToken
+            pad = pad.get("content")
+        if pad:
+            return pad
     return None
 
 
@@ -281,7 +288,8 @@ class CLIPTokenizer:
         """From a diffusers ``tokenizer/`` folder: vocab.json + merges.txt, or only tokenizer.json
         (what transformers >= 5 ``save_pretrained`` writes; vocab and merges are inside), with the
         added tokens of any of tokenizer.json / tokenizer_config.json / added_tokens.json. The pad
-        token comes from ``pad_token``, else special_tokens_map.json / tokenizer_config.json, else
+        token comes from ``pad_token``, else the folder's as transformers reads it (tokenizer_config.json;
+        special_tokens_map.json first only where that config lacks ``added_tokens_decoder``), else
         ``<|endoftext|>``; ``max_length`` from tokenizer_config.json's ``model_max_length``, else
         (absent, or transformers' int(1e30) for "no limit") ``default_max_length``."""
         folder = Path(path)

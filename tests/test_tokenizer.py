@@ -160,6 +160,31 @@ def test_save_from_folder_round_trip(bpe_path, tmp_path, pad):
         assert torch.equal(theirs, tok(prompts))
 
 
+@pytest.mark.parametrize("decoder", [True, False], ids=["added_tokens_decoder", "legacy-config"])
+@pytest.mark.parametrize("in_map, in_config", [("!", tk.EOS), (tk.EOS, "!"), ("!", None)])
+def test_pad_token_read_as_transformers_reads_it(bpe_path, tmp_path, decoder, in_map, in_config):
+    """A tokenizer_config.json with added_tokens_decoder (transformers >= 4.34, and our save()) is
+    read alone: special_tokens_map.json's pad token counts only beside a legacy config. Folders
+    whose two files disagree pad as transformers pads them."""
+    CLIPTokenizer.from_bpe_file(bpe_path).save(tmp_path)
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "added_tokens_decoder" in config  # what save() writes
+    special["pad_token"] = in_map
+    config.pop("pad_token", None)
+    if in_config is not None:
+        config["pad_token"] = in_config
+    if not decoder:
+        config.pop("added_tokens_decoder")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.pad_token == hf.pad_token, (ours.pad_token, hf.pad_token)
+    want = hf(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ours(["a cat"]), want), (ours(["a cat"])[0, :6], want[0, :6])
+
+
 MARKER_PROMPTS = ["<|ENDOFTEXT|> a", "a <|StartOfText|> b", "x<|EndOfText|>y", "<|startoftext|><|ENDOFTEXT|>!",
                   "<|endoftext|>"]
 
