@@ -546,14 +546,15 @@ def save_diffusers(folder, config: SDConfig, state_dict: Mapping[str, torch.Tens
     folder = Path(folder)
     classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                "text_encoder": ("transformers", "CLIPTextModel")}
+    # Every component's config first: one diffusers cannot express is refused before a file is written.
+    cfg_jsons = {comp: dict(_convert(conv).config_to_diffusers(getattr(config, comp)))
+                 for comp, (_, _, conv) in _DIFFUSERS.items()}
+    cfg_jsons["unet"]["sample_size"] = config.image_size // 2 ** (len(config.vae.ch_mult) - 1)
     for comp, (sub, stem, conv) in _DIFFUSERS.items():
         prefix, cfg = COMPONENTS[comp], getattr(config, comp)
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         (folder / sub).mkdir(parents=True, exist_ok=True)
-        cfg_json = dict(_convert(conv).config_to_diffusers(cfg))
-        if comp == "unet":
-            cfg_json["sample_size"] = config.image_size // 2 ** (len(config.vae.ch_mult) - 1)
-        (folder / sub / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True))
+        (folder / sub / "config.json").write_text(json.dumps(cfg_jsons[comp], indent=2, sort_keys=True))
         save_file(_detached(_convert(conv).ldm_to_diffusers(sd, cfg)), str(folder / sub / f"{stem}.safetensors"),
                   metadata={"format": "pt"})
     sched = config.scheduler

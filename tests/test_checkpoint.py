@@ -907,6 +907,21 @@ def test_unet_whose_first_level_is_wider_than_model_channels_is_refused(tiny):
         detect_config(shapes, where="f.safetensors")
 
 
+def test_vae_diffusers_cannot_express_is_refused_before_anything_is_written(tmp_path):
+    """A VAE whose first level widens its conv_in (LDM builds ch_mult (2, 2, 4), and a single file
+    round-trips it) has no diffusers AutoencoderKL: save(layout="diffusers") refuses it by name, and
+    leaves no half-written folder (the UNet was saved before the VAE was refused)."""
+    cfg = SDConfig.preset("tiny")
+    cfg = cfg.replace(vae=cfg.vae.replace(ch_mult=(2, 2, 4, 4)))
+    model = StableDiffusion.from_config(cfg, seed=0)
+    with pytest.raises(ValueError, match=r"ch_mult\[0\] == 1.*ch_mult=\(2, 2, 4, 4\).*ch=64, ch_mult=\(1, 1, 2, 2\)"):
+        model.save(tmp_path / "folder", layout="diffusers")
+    assert not (tmp_path / "folder").exists() or not any((tmp_path / "folder").iterdir())
+    model.save(tmp_path / "one.safetensors")
+    again = sdcore.load(tmp_path / "one.safetensors")
+    assert again.config.vae == cfg.vae
+
+
 def test_missing_detection_key_is_named(tiny):
     shapes = {k: tuple(v.shape) for k, v in tiny.state_dict().items() if k != "model.diffusion_model.out.2.weight"}
     with pytest.raises(CheckpointError, match=r"key 'model\.diffusion_model\.out\.2\.weight' is missing"):

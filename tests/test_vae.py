@@ -190,6 +190,7 @@ def test_config_from_diffusers_rejects(change, match):
     ({"norm_eps": 1e-5}, "norm_eps"),
     ({"embed_dim": 8}, "embed_dim"),
     ({"double_z": False}, "double_z"),
+    ({"ch_mult": (2, 2, 4)}, r"ch_mult\[0\] == 1.*ch=64, ch_mult=\(1, 1, 2\)"),  # LDM builds it; diffusers cannot
 ])
 def test_config_to_diffusers_rejects(change, match):
     with pytest.raises(ValueError, match=match):

@@ -161,6 +161,12 @@ def config_to_diffusers(cfg: VAEConfig) -> dict:
     for name, value in _DIFFUSERS_FIXED.items():
         if getattr(cfg, name) != value:
             raise ValueError(f"diffusers' AutoencoderKL fixes {name}={value}; this config has {getattr(cfg, name)}")
+    if cfg.ch_mult[0] != 1:  # LDM's first ResBlock widens ch to ch * ch_mult[0]; diffusers' conv_in is that wide
+        mult = tuple(cfg.ch_mult)
+        hint = (f"; the same widths as ch={cfg.ch * mult[0]}, ch_mult={tuple(m // mult[0] for m in mult)} have "
+                f"other weights (conv_in is wider)" if all(m % mult[0] == 0 for m in mult) else "")
+        raise ValueError(f"diffusers' AutoencoderKL has ch_mult[0] == 1 (conv_in is block_out_channels[0] wide); "
+                         f"this config has ch_mult={mult}{hint}; save it as a single file")
     if cfg.z_channels != cfg.embed_dim:
         raise ValueError(f"diffusers' AutoencoderKL has z_channels == embed_dim (latent_channels); "
                          f"this config has {cfg.z_channels} != {cfg.embed_dim}")
