@@ -128,6 +128,22 @@ def test_hub_configs():
     assert conv.config_to_diffusers(text_cfg("sd21"))["num_hidden_layers"] == 23
 
 
+@pytest.mark.parametrize("architecture", ["CLIPTextModelWithProjection", "CLIPTextModel"])
+def test_config_without_projection_dim_reads_as_transformers(architecture):
+    """A config.json that leaves projection_dim out gets transformers' CLIPTextConfig default (512,
+    whatever hidden_size is) where the model has a projection; a plain CLIPTextModel has none."""
+    hf_cfg = conv.config_to_diffusers(text_cfg("tiny-sd2", clip_skip=1), with_projection=True)
+    hf_cfg = {**hf_cfg, "architectures": [architecture]}
+    hf_cfg.pop("projection_dim")
+    theirs = transformers.CLIPTextConfig.from_dict(hf_cfg)
+    ours = conv.config_from_diffusers(hf_cfg)
+    if architecture == "CLIPTextModelWithProjection":
+        projection = transformers.CLIPTextModelWithProjection(theirs).text_projection.weight
+        assert ours.projection_dim == projection.shape[0] == theirs.projection_dim == 512, (ours, projection.shape)
+    else:
+        assert ours.projection_dim == 0, ours
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])
 def test_round_trips_exact(preset):
     cfg = text_cfg(preset, clip_skip=1)

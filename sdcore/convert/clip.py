@@ -229,7 +229,10 @@ def config_from_diffusers(config_json: dict) -> TextEncoderConfig:
     width, heads = config_int(c, "hidden_size", 512), config_int(c, "num_attention_heads", 8)
     if width % heads:  # transformers' CLIPAttention refuses it at construction
         raise ValueError(f"hidden_size={width} is not divisible by num_attention_heads={heads}")
-    projection = config_int(c, "projection_dim", width) if (kind == "clip" or with_projection) else 0
+    # transformers' CLIPTextConfig default is 512 whatever the width; a plain CLIPTextModel has no
+    # projection, and then the value only sizes the LDM-layout head sdcore keeps for OpenAI CLIP.
+    projection = (config_int(c, "projection_dim", 512) if with_projection
+                  else config_int(c, "projection_dim", width) if kind == "clip" else 0)
     return TextEncoderConfig(
         kind=kind, vocab_size=config_int(c, "vocab_size", 49408),
         max_length=config_int(c, "max_position_embeddings", 77), width=width,
