@@ -743,6 +743,9 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
         return f"x is on {x.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 set before importing kernels)"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # here only under TRITON_INTERPRET=1
+        return ("bfloat16 under the Triton interpreter: it truncates fp32 to bf16 where a GPU rounds to "
+                "nearest, so outputs would be up to 1 ulp off the reference's; use fp16/fp32 or a GPU")
     if not 2 <= x.dim() <= 4:
         return f"x has {x.dim()} dims; triton takes (N, C), (N, C, L) or (N, C, H, W)"
     if x.shape[0] and x.numel() // x.shape[0] >= 2**31:  # offsets within a sample are 32-bit

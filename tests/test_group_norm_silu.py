@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -344,10 +345,9 @@ def test_mixed_precision_fp32_weights(device, dtype):
     x, w, b = _inputs((2, 32, 5, 3), torch.float32, device)
     x = x.to(dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    with kernels.use(group_norm_silu="triton"):
-        ins = _leaves(x, w, b)
-        y = kernels.group_norm_silu(*ins, 8)
-        got = torch.autograd.grad(y, ins, dy)
+    ins = _leaves(x, w, b)
+    y = group_norm_silu_triton(*ins, 8, 1e-5, "silu")  # direct: the switch refuses bf16 in the interpreter
+    got = torch.autograd.grad(y, ins, dy)
     same = _leaves(x, w, b)
     y_torch = _torch(*same, 8, "silu")
     torch_grads = torch.autograd.grad(y_torch, same, dy)
@@ -360,6 +360,18 @@ def test_mixed_precision_fp32_weights(device, dtype):
                                    (dtype, torch.float32, torch.float32)):
         assert g.dtype == want == t.dtype, f"{name}: {g.dtype}, torch gives {t.dtype}"
         assert_within_torch_error(g, t, r, name=f"{name} {dtype} w fp32", **TOL[dtype])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's limit")
+def test_interpreter_refuses_bf16_through_the_switch():
+    """The interpreter stores fp32 -> bf16 by truncation where a GPU rounds to nearest: every output
+    up to 1 ulp off, twice the rounding error (1008 of 1008 elements truncated, max error 0.0139
+    against 0.0078 rounded). Refused by name, as attention and scheduler_step refuse it; the kernels'
+    bf16 code paths still run here when called directly, held to a tolerance that allows it."""
+    x, w, b = _inputs((1, 32, 3, 5), torch.bfloat16, torch.device("cpu"))
+    with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported,
+                                                              match="bfloat16 under the Triton interpreter"):
+        kernels.group_norm_silu(x, w, b, 8)
 
 
 def test_double_backward_matches_reference(device):
