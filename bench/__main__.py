@@ -312,10 +312,11 @@ def run(args) -> int:
     if "pipelines" in suites:
         pipe_dtype = common.parse_dtype(args.dtype) if args.dtype else (
             torch.float16 if device.type == "cuda" else torch.float32)
-    ceil_dtypes = list(dict.fromkeys([*(op_dtypes or []), *([pipe_dtype] if pipe_dtype else [])]))
     print(f"[bench] {env['device_name']} · torch {env['torch']} · triton {env['triton']}"
           f"{' · TRITON_INTERPRET=1' if env['triton_interpret'] else ''}", file=sys.stderr)
-    ceilings = None if suites == ["tune"] else common.measure_ceilings(device, ceil_dtypes, quick=args.quick)
+    # Only op rows are divided by the ceilings; a pipelines-only run into a directory holding op rows
+    # keeps the ceilings those rows were divided by.
+    ceilings = common.measure_ceilings(device, op_dtypes, quick=args.quick) if "ops" in suites else None
 
     if "ops" in suites:
         from . import ops

@@ -318,7 +318,7 @@ ROW_KEYS = (
     # pipelines
     "preset", "steps", "batch", "seconds_per_image", "images_per_s", "unet_ms_per_step", "unet_calls",
     "peak_mem_mib", "peak_mem_kind", "latent_max_abs_diff", "psnr_db", "diff_vs",
-    "scheduler_calls", "scheduler_ms_est", "scheduler_share",
+    "scheduler_calls", "scheduler_ms_est", "scheduler_gpu_ms_est", "scheduler_host_ms_est", "scheduler_share",
     "breakdown",  # UNet step with --breakdown: bench.breakdown.Breakdown.as_dict()
     # environment, copied into every row so rows can be concatenated across runs
     "device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date",
@@ -479,7 +479,7 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
            ""]
     if ceilings:
         mm = ", ".join(f"{k} {_fmt(v)}" for k, v in ceilings.get("matmul_tflops", {}).items())
-        out += [f"Device ceilings measured in this run: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
+        out += [f"Device ceilings, measured in the run of the ops rows: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
                 f"(read + written); matmul n={ceilings.get('matmul_n')} TFLOP/s: {mm or 'n/a'}.", ""]
     op_rows = [r for r in rows if r["suite"] == "ops"]
     if op_rows:

@@ -617,9 +617,12 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
     timing = summarize([t * 1e3 for t in times])
     sec = timing.median_ms / 1e3
     try:
+        from pipelines.common import make_sampler  # the sampler the pipeline ran (the model's default)
+
         sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + len(times), sec * 1e3,
                                 (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
-                                calls[-1], opts.dtype, device, opts.quick)
+                                calls[-1], opts.dtype, device, opts.quick,
+                                sampler_traffic(make_sampler(model, None, None)[0], opts.steps))
     except Skip as e:
         sched = {}
         note = "; ".join(filter(None, [note, f"scheduler share not estimated: {e}"]))
@@ -643,41 +646,65 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
 _STEP_MS: dict[tuple, float] = {}
 
 
+def sampler_traffic(sched, steps: int) -> tuple[bool, bool]:
+    """(noise, prev_x0): whether the denoising updates of scheduler ``sched`` (the pipelines run the
+    model's default one) read a noise tensor (DDPM, Euler a, DDIM with eta > 0) and the previous x0
+    (DPM++ 2M), so that the launch scheduler_share times reads what the pipeline's launches read."""
+    sched.set_timesteps(steps)
+    coeffs, draws_noise, _ = sched._coefficients(sched.timesteps[0], None)
+    return bool(draws_noise and coeffs.sigma != 0.0), bool(sched._keeps_x0 and steps > 1)
+
+
 def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
-                    masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool) -> dict:
+                    masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool,
+                    traffic: tuple[bool, bool] = (False, False)) -> dict:
     """How much of one pipeline run the scheduler update takes, estimated without syncing inside
-    the loop: scheduler_step launches per run (per backend) x that launch's time, the op timed in
+    the loop: scheduler_step launches per run (per backend) x that launch's cost, the op timed in
     isolation in this same run at the run's latent shape. Before fusion (`reference`) vs after
     (`triton`) is the comparison the RePaint benchmark asks for. ``steps`` of the launches are
-    denoising updates (one per UNet call), timed with CFG and, for RePaint/blend, the mask blend;
-    the rest are RePaint's jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each),
-    timed as that re-noise. The per-step noising of the known region is plain torch outside
-    scheduler_step: in the run's time, not in this share."""
+    denoising updates (one per UNet call), timed with CFG, the sampler's ``traffic`` (noise,
+    prev_x0: :func:`sampler_traffic`) and, for RePaint/blend, the mask blend; the rest are RePaint's
+    jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each), timed as that
+    re-noise. The per-step noising of the known region is plain torch outside scheduler_step: in
+    the run's time, not in this share.
+
+    A launch costs its GPU time where the GPU is the bottleneck and its host time (enqueueing it)
+    where the host is, as in an eager loop of small launches: on CUDA each launch is priced at the
+    larger of the two, and both sums are kept (``scheduler_gpu_ms_est``, ``scheduler_host_ms_est``)."""
     from .ops import _step, backend_callable, make_inputs
 
-    def launch_ms(backend: str, renoise: bool) -> float:
-        key = (backend, latent_shape, masked, renoise, dtype, device.type)
+    noise, prev_x0 = traffic
+
+    def launch_ms(backend: str, renoise: bool) -> tuple[float, float]:
+        key = (backend, latent_shape, masked, renoise, noise, prev_x0, dtype, device.type)
         if key not in _STEP_MS:
             case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked and not renoise,
-                         renoise=renoise)
+                         renoise=renoise, noise=noise, prev_x0=prev_x0)
             args, kwargs = make_inputs(case, device, dtype)
             fn, ctx, _ = backend_callable("scheduler_step", backend, args, kwargs, device)
             with ctx():
-                _STEP_MS[key] = time_fn(fn, device, quick=quick).median_ms
+                gpu = time_fn(fn, device, quick=quick).median_ms
+                _STEP_MS[key] = (gpu, host_ms(fn, device) if device.type == "cuda" else gpu)
         return _STEP_MS[key]
 
     per_backend = {b: (counts_after.get(("scheduler_step", b), 0) - counts_before.get(("scheduler_step", b), 0))
                    / runs for (op, b) in counts_after if op == "scheduler_step"}
     per_backend = {b: n for b, n in per_backend.items() if n > 0}
-    est = 0.0
+    est = {"gpu": 0.0, "host": 0.0, "max": 0.0}
     for backend, calls in per_backend.items():  # one backend per run: all its launches go one way
         denoise = min(calls, steps)
-        est += denoise * launch_ms(backend, False)
-        if calls > denoise:
-            est += (calls - denoise) * launch_ms(backend, True)
+        for n, renoise in ((denoise, False), (calls - denoise, True)):
+            if n > 0:
+                gpu, host = launch_ms(backend, renoise)
+                est["gpu"] += n * gpu
+                est["host"] += n * host
+                est["max"] += n * max(gpu, host)
     calls = sum(per_backend.values())
-    return dict(scheduler_calls=calls, scheduler_ms_est=est if calls else None,
-                scheduler_share=est / run_ms if calls and run_ms > 0 else None)
+    if not calls:
+        return dict(scheduler_calls=0, scheduler_ms_est=None, scheduler_gpu_ms_est=None,
+                    scheduler_host_ms_est=None, scheduler_share=None)
+    return dict(scheduler_calls=calls, scheduler_ms_est=est["max"], scheduler_gpu_ms_est=est["gpu"],
+                scheduler_host_ms_est=est["host"], scheduler_share=est["max"] / run_ms if run_ms > 0 else None)
 
 
 # -------------------------------------------------------------------------------- UNet step
@@ -701,9 +728,10 @@ def _diffusers_unet(unet, cfg, device, dtype):
     return d
 
 
-def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.device):
+def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.device, dunet=None):
     """(scope factory, fn, note, ops meant to run Triton) of one UNet-step variant, or Skip. The
-    factory makes a fresh context manager per timing round; ``fn`` runs one step inside it."""
+    factory makes a fresh context manager per timing round; ``fn`` runs one step inside it.
+    ``dunet``: the diffusers baseline's model, when the caller built it already."""
     import kernels
 
     step = lambda: unet(x, t, ctx)  # noqa: E731
@@ -739,7 +767,7 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
         return (scope, step, "; ".join(filter(None, [note, "every launch through Triton's dispatch, as "
                                                      "SDLAB_FAST_LAUNCH=0"])), triton_ops)
     if v == "diffusers-sdpa":
-        dunet = _diffusers_unet(unet, cfg, device, opts.dtype)
+        dunet = dunet if dunet is not None else _diffusers_unet(unet, cfg, device, opts.dtype)
         return (contextlib.nullcontext, lambda: dunet(x, t, encoder_hidden_states=ctx, return_dict=False)[0],
                 "diffusers UNet2DConditionModel, AttnProcessor2_0 (SDPA), same weights", [])
     if opts.interpreted_skip(v):
@@ -790,9 +818,13 @@ def unet_step_setup(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.d
     import kernels
 
     counts_before = kernels.counts()
+    # The diffusers baseline's copy of the weights stands in for the UNet's own, which ``resident``
+    # counts already: built before the window opens, so its peak holds one copy of the weights, as
+    # every other variant's (a CUDA graph's pool, by contrast, is that variant's own memory).
+    dunet = _diffusers_unet(unet, cfg, device, opts.dtype) if v == "diffusers-sdpa" else None
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     _peak_reset(device)
-    scope, fn, note, triton_ops = _unet_variant(v, unet, x, t, ctx, cfg, opts, device)
+    scope, fn, note, triton_ops = _unet_variant(v, unet, x, t, ctx, cfg, opts, device, dunet)
     with torch.inference_mode(), scope():
         out = fn()
     out = (out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)).float()

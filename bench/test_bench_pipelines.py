@@ -35,6 +35,8 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 # sd15, bench/results/2026-11-23-h100-2/): 58-61 dB after 20 steps, 51.7 dB after 250 RePaint steps.
 # On the tiny preset (CPU, 2 steps) a correct backend (sdpa) gets 37.5-42.8 dB in bf16, and one with
 # keys and values swapped 18-22 dB in every dtype. The floors catch a kernel that diverges, not rounding.
+# Their limit: on CPU img2img runs one UNet call (2 steps at strength 0.75), where a scheduler_step
+# that drops CFG got 37.7 dB in bf16, over the floor; txt2img, repaint, blend and unet9 fail it.
 MIN_PSNR_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 28.0}
 # The UNet step's output against the all-reference one: max |diff| / max |reference|. On the tiny
 # preset (CPU) sdpa differs by 9e-7 (fp32), 2.2e-3 (fp16), 2.1e-2 (bf16), and swapped keys and values

@@ -308,6 +308,37 @@ def test_unet_only_keeps_earlier_pipeline_rows(tmp_path):
     assert len(_rows(data, suite="unet_step", backend="reference")) == 1, data["rows"]
 
 
+def test_a_pipelines_run_keeps_the_ceilings_of_the_op_rows_it_keeps(tmp_path):
+    """`bench ops` then `bench pipelines` into one directory: the file's ceilings stay those the op
+    rows were divided by (the pipelines run measured and wrote its own, which its rows never use),
+    so every kept row's % of peak still checks against the file."""
+    _run(["ops", "--quick", "--no-plot", "--ops", "group_norm_silu", "--shapes", "tiny.res",
+          "--backends", "reference"], tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())["ceilings"]
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference"], tmp_path)
+    assert rc == 0 and data["ceilings"] == first, (first, data["ceilings"])
+    ops_rows = _rows(data, suite="ops")
+    assert ops_rows and all(math.isclose(r["frac_of_peak"], r["gbps"] / data["ceilings"]["copy_gbps"])
+                            for r in ops_rows), ops_rows
+
+
+def test_diffusers_baseline_weights_are_not_in_its_peak(tmp_path, monkeypatch):
+    """The diffusers-sdpa UNet-step row's peak window opens after its model (a second copy of the
+    weights, standing in for the UNet's own that ``resident`` counts) is built: on an H100 its peak
+    read 3862 MiB, one 1639 MiB weight copy above the triton row's. The order is what a CPU can see."""
+    from bench import pipelines as bp
+
+    events = []
+    real_build, real_reset = bp._diffusers_unet, bp._peak_reset
+    monkeypatch.setattr(bp, "_diffusers_unet", lambda *a: events.append("build") or real_build(*a))
+    monkeypatch.setattr(bp, "_peak_reset", lambda device: events.append("peak window") or real_reset(device))
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--rounds", "1",
+                     "--variants", "reference", "diffusers-sdpa"], tmp_path)
+    row, = _rows(data, suite="unet_step", backend="diffusers-sdpa")
+    assert rc == 0 and row["status"] == "ok", row
+    assert events.count("build") == 1 and events[events.index("build") + 1] == "peak window", events
+
+
 def test_unet_step_rounds_interleave_variants(tmp_path, monkeypatch):
     """`--rounds 3` times every variant once per round, in an order rotated by one each round (host
     drift lands on all variants alike); a row is the median of its round medians."""
@@ -455,20 +486,49 @@ def test_pipelines_quick(tmp_path):
 
 def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
     """10 launches in a run with 7 UNet calls: 7 masked CFG updates and 3 re-noises (undo_step),
-    each at its own measured time; and the re-noise case is the launch undo_step makes."""
+    each at its own measured cost, the larger of its GPU and host time (a host-bound eager loop pays
+    the host's); and the re-noise case is the launch undo_step makes."""
     from bench import pipelines as bp
     from bench.ops import _step, make_inputs
 
     shape, cpu = (1, 4, 8, 8), torch.device("cpu")
-    monkeypatch.setattr(bp, "_STEP_MS", {("reference", shape, True, False, torch.float32, "cpu"): 2.0,
-                                         ("reference", shape, True, True, torch.float32, "cpu"): 0.5})
+    key = lambda renoise: ("reference", shape, True, renoise, False, False, torch.float32, "cpu")  # noqa: E731
+    monkeypatch.setattr(bp, "_STEP_MS", {key(False): (2.0, 0.25), key(True): (0.5, 1.5)})  # (GPU, host) ms
     got = bp.scheduler_share({}, {("scheduler_step", "reference"): 20}, 2, 100.0, shape, True, 7,
-                             torch.float32, cpu, True)
-    assert got == dict(scheduler_calls=10, scheduler_ms_est=7 * 2.0 + 3 * 0.5, scheduler_share=0.155), got
+                             torch.float32, cpu, True, (False, False))
+    assert got == dict(scheduler_calls=10, scheduler_ms_est=7 * 2.0 + 3 * 1.5, scheduler_gpu_ms_est=7 * 2.0 + 3 * 0.5,
+                       scheduler_host_ms_est=7 * 0.25 + 3 * 1.5, scheduler_share=0.185), got
     args, _ = make_inputs(_step("r", shape, "", renoise=True), cpu, torch.float32)
     x, eps, coeffs, uncond, _, noise, prev_x0, mask, known = args
     assert eps is x and noise is not None and uncond is prev_x0 is mask is known is None
     assert coeffs.c1 > 0 and coeffs.sigma > 0 and coeffs.c0 == coeffs.c2 == 0
+
+
+@pytest.mark.parametrize("sampler, eta, traffic", [
+    ("ddim", 0.0, (False, False)), ("ddim", 0.5, (True, False)), ("ddpm", None, (True, False)),
+    ("euler_a", None, (True, False)), ("dpmpp_2m", None, (False, True)),
+])
+def test_scheduler_share_times_the_launch_the_sampler_makes(sampler, eta, traffic):
+    """The stand-in denoising update reads what the pipeline's sampler hands scheduler_step: noise
+    only where it draws some (the default DDIM eta 0 draws none), prev_x0 for DPM++ 2M; the masked
+    case of `bench ops` keeps RePaint's DDPM noise."""
+    from bench import pipelines as bp
+    from bench.ops import _step, backend_callable, make_inputs
+    from sdcore import SDConfig
+    from sdcore.schedulers import make_scheduler
+
+    sched = make_scheduler(sampler, SDConfig.preset("tiny").scheduler, **({} if eta is None else {"eta": eta}))
+    got = bp.sampler_traffic(sched, 4)
+    assert got == traffic, (sampler, eta, got)
+    args, _ = make_inputs(_step("s", (1, 4, 8, 8), "", mask=True, noise=got[0], prev_x0=got[1]), "cpu", torch.float32)
+    _, _, coeffs, _, _, noise, prev_x0, mask, known = args
+    assert (noise is not None, prev_x0 is not None, mask is not None) == (*traffic, True)
+    assert (coeffs.sigma != 0) == traffic[0] and (coeffs.c3 != 0) == traffic[1], coeffs
+    fn, ctx, _ = backend_callable("scheduler_step", "reference", args, {}, torch.device("cpu"))
+    with ctx():
+        fn()  # a launch the op takes
+    default, _ = make_inputs(_step("m", (1, 4, 8, 8), "", mask=True), "cpu", torch.float32)
+    assert default[5] is not None and default[6] is None  # bench ops' RePaint case: DDPM noise
 
 
 def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch):
@@ -699,6 +759,23 @@ def swapped_kv(q, k, v, scale=None, causal=False):
     # wrong on purpose: keys and values swapped (k and v have one shape in every SD attention)
     return kernels.attention_reference(q, v, k, scale, causal)
 """
+
+
+def test_an_inaccurate_op_row_is_an_error_without_a_speed_up(tmp_path):
+    """`bench ops` with a wrong research backend: its row is an error naming its error, and carries no
+    speed-up in the JSON or the table (it was flagged after the speed-ups were added, and kept one)."""
+    wrong = tmp_path / "wrong_attention.py"
+    wrong.write_text(WRONG_PLUGIN)
+    try:
+        rc, data = _run(["ops", "--quick", "--no-plot", "--ops", "attention", "--shapes", "tiny.self",
+                         "--backends", "reference", "swapped_kv", "--plugin", str(wrong)], tmp_path / "ops")
+    finally:
+        kernels.unload_plugin(str(wrong))
+    row, = _rows(data, backend="swapped_kv")
+    assert row["status"] == "error" and row["note"].startswith("inaccurate: max abs error"), row
+    assert row["speedup_vs_reference"] is None, row
+    line, = [ln for ln in (tmp_path / "ops" / "results.md").read_text().splitlines() if "| swapped_kv |" in ln]
+    assert "x |" not in line.split("| error")[0], line  # no speed-up cell
 
 
 def test_pytest_benchmark_cases_time_ops_and_pipelines_and_catch_a_diverging_backend(tmp_path, plugin_file):
