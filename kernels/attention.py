@@ -146,8 +146,8 @@ def attention_reference(q, k, v, scale=None, causal=False):
     scores from one ``baddbmm`` with ``alpha=scale`` in the input dtype, softmax in fp32 (fp64
     stays fp64). The scale is applied to the GEMM's accumulator before rounding, so a raw q·k
     beyond fp16's 65504 whose scaled score fits does not overflow (it did when the scale came
-    after an fp16 matmul). A tensor ``scale`` (one that wants a gradient, or one per head) is
-    applied after, in fp32.
+    after an fp16 matmul). A tensor ``scale`` (one that wants a gradient, or one per head,
+    shaped (B|1, H|1, 1, 1)) is applied after, in fp32.
 
     ``causal``: query i sees keys j <= i (top-left aligned, as SDPA's ``is_causal``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -165,9 +165,19 @@ def attention_reference(q, k, v, scale=None, causal=False):
     return torch.matmul(s.softmax(dim=-1).to(v.dtype), v)
 
 
-@register("attention", Backend.SDPA)
+def _sdpa_check(q, k, v, scale=None, causal=False):
+    """SDPA takes its scale as a Python float: no gradient for it, and one number."""
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        return "scale is a tensor that requires grad; SDPA takes it as a float (no gradient for it)"
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        return f"scale is a tensor of {scale.numel()} elements; SDPA takes one number"
+    return None
+
+
+@register("attention", Backend.SDPA, check=_sdpa_check)
 def attention_sdpa(q, k, v, scale=None, causal=False):
     """torch's fused ``scaled_dot_product_attention`` (it picks flash / mem-efficient / cuDNN / math)."""
+    scale = float(scale) if isinstance(scale, torch.Tensor) else scale  # one element (_sdpa_check)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
 
@@ -1074,4 +1084,12 @@ def attention(q, k, v, scale=None, causal=False):
     if not (scale is None or isinstance(scale, torch.Tensor)
             or (isinstance(scale, numbers.Real) and not isinstance(scale, bool))):
         raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")
+    if isinstance(scale, torch.Tensor):  # it multiplies the (B, H, Lq, Lkv) scores
+        (b, h), shape = q.shape[:2], tuple(scale.shape)
+        one = scale.numel() == 1 and scale.dim() <= 4
+        per_head = scale.dim() == 4 and shape[2:] == (1, 1) and shape[0] in (1, b) and shape[1] in (1, h)
+        if not (one or per_head):
+            raise ValueError(f"attention: a tensor scale is one number or one per batch entry and head, shaped "
+                             f"(B|1, H|1, 1, 1) = ({b}|1, {h}|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got "
+                             f"shape {shape}")
     return dispatch("attention", q, k, v, scale, causal)

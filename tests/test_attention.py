@@ -322,10 +322,37 @@ def test_an_out_spanning_2_31_elements_in_a_head_is_refused():
         attention_triton(q, q, q, out=out)
 
 
-def test_tensor_scale_of_several_elements_is_refused_by_name(device):
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_tensor_scale_of_several_elements_is_refused_by_name(device, backend):
+    """One scale per head, (1, H, 1, 1): the reference takes it; the kernels and SDPA take one number."""
     q, k, v = make_qkv((1, 2, 8, 8, 16), torch.float32, device)
-    with kernels.use(attention="triton"), pytest.raises(kernels.BackendUnsupported, match="tensor of 2 elements"):
-        kernels.attention(q, k, v, torch.tensor([0.5, 0.25]))
+    per_head = torch.tensor([0.5, 0.25], device=device).view(1, 2, 1, 1)
+    with kernels.use(attention=backend), pytest.raises(kernels.BackendUnsupported, match="tensor of 2 elements"):
+        kernels.attention(q, k, v, per_head)
+    with kernels.use(attention="reference"):
+        got = kernels.attention(q, k, v, per_head)
+    for i, s in enumerate((0.5, 0.25)):
+        assert_close(got[:, i], attention_reference(q, k, v, s)[:, i], rel=1e-6, name=f"head {i} at scale {s}")
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 2, 1), (1, 2, 1, 7), (3, 2, 1, 1), (1, 1, 1, 1, 1)])
+def test_tensor_scale_that_does_not_broadcast_per_head_is_refused(device, shape):
+    """A (H,) scale would broadcast over the key axis, silently wrong where Lkv == H (Lkv = 2 here):
+    a tensor scale is one number or (B|1, H|1, 1, 1), else a ValueError naming the shape."""
+    q, k, v = make_qkv((1, 2, 8, 2, 16), torch.float32, device)
+    scale = torch.full(shape, 0.5, device=device)
+    with kernels.use(attention="reference"), pytest.raises(ValueError, match=re.escape(
+            f"(B|1, H|1, 1, 1) = (1|1, 2|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got shape {shape}")):
+        kernels.attention(q, k, v, scale)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "sdpa"])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1, 1)])
+def test_one_element_tensor_scale_is_taken_by_every_backend(device, backend, shape):
+    q, k, v = make_qkv((1, 2, 8, 7, 16), torch.float32, device)
+    with kernels.use(attention=backend):
+        got = kernels.attention(q, k, v, torch.full(shape, 0.3, device=device))
+    assert_close(got, attention_reference(q, k, v, 0.3), rel=2e-5, name=f"{backend}, scale shaped {shape}")
 
 
 def test_tensor_scale_that_requires_grad_is_not_taken(device):
