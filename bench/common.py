@@ -571,7 +571,9 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
         try:
             old = json.loads(json_path.read_text())
             kept = [r for r in old.get("rows", []) if r.get("suite") not in suites]
-            ceilings = merge_ceilings(old.get("ceilings"), ceilings) if kept else ceilings or old.get("ceilings")
+            # ceilings belong to op rows: an earlier run's stay only beside the op rows kept with them
+            earlier = old.get("ceilings") if any(r.get("suite") == "ops" for r in kept) else None
+            ceilings = merge_ceilings(earlier, ceilings)
         except (ValueError, OSError):
             kept = []
     all_rows = kept + rows

@@ -616,16 +616,23 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
     note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
     timing = summarize([t * 1e3 for t in times])
     sec = timing.median_ms / 1e3
-    try:
-        from pipelines.common import make_sampler  # the sampler the pipeline ran (the model's default)
+    from pipelines.common import make_sampler, strength_start  # the sampler the pipeline ran (the default)
 
-        sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + len(times), sec * 1e3,
-                                (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
-                                calls[-1], opts.dtype, device, opts.quick,
-                                sampler_traffic(make_sampler(model, None, None)[0], opts.steps))
-    except Skip as e:
-        sched = {}
-        note = "; ".join(filter(None, [note, f"scheduler share not estimated: {e}"]))
+    sched, why = {}, None
+    try:
+        first = strength_start(opts.steps, STRENGTH) if spec.function == "img2img" else 0
+        traffic = sampler_traffic(make_sampler(model, None, None)[0], opts.steps, first)
+    except ValueError as e:  # a step count its schedule refuses (RePaint walks its own levels, up to T)
+        why = f"its sampler's {opts.steps}-step schedule: {e}"
+    else:
+        try:
+            sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + len(times), sec * 1e3,
+                                    (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
+                                    calls[-1], opts.dtype, device, opts.quick, traffic)
+        except Skip as e:
+            why = str(e)
+    if why:
+        note = "; ".join(filter(None, [note, f"scheduler share not estimated: {why}"]))
     peak, peak_kind = _peak(device)
     row = make_row(env, status="ok", note=note, backend=variant, median_ms=timing.median_ms,
                    p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
@@ -646,36 +653,44 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
 _STEP_MS: dict[tuple, float] = {}
 
 
-def sampler_traffic(sched, steps: int) -> tuple[bool, bool]:
-    """(noise, prev_x0): whether the denoising updates of scheduler ``sched`` (the pipelines run the
-    model's default one) read a noise tensor (DDPM, Euler a, DDIM with eta > 0) and the previous x0
-    (DPM++ 2M), so that the launch scheduler_share times reads what the pipeline's launches read."""
-    sched.set_timesteps(steps)
-    coeffs, draws_noise, _ = sched._coefficients(sched.timesteps[0], None)
-    return bool(draws_noise and coeffs.sigma != 0.0), bool(sched._keeps_x0 and steps > 1)
+def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, bool], int]:
+    """How many of the denoising updates scheduler ``sched`` runs (``steps`` from ``first_step``, as
+    img2img's strength starts) read a noise tensor (DDPM, Euler a, DDIM with eta > 0; not where σ is
+    0) and the previous x0 (DPM++ 2M past its first-order steps), per kind (noise, prev_x0): so that
+    scheduler_share times launches that read what the pipeline's read. The pipelines run the model's
+    default sampler; a ValueError where that schedule cannot take ``steps``."""
+    sched.set_timesteps(steps, first_step=first_step)
+    kinds: dict[tuple[bool, bool], int] = {}
+    for t in sched.timesteps.tolist()[first_step:]:
+        coeffs, draws_noise, prev_x0 = sched._coefficients(t, None)
+        kind = (bool(draws_noise and coeffs.sigma != 0.0), prev_x0 is not None)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        sched._after_step(torch.zeros(()))  # the state a step leaves (DPM++ 2M keeps its x0)
+    return kinds
 
 
 def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
                     masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool,
-                    traffic: tuple[bool, bool] = (False, False)) -> dict:
+                    traffic: dict[tuple[bool, bool], int] | None = None) -> dict:
     """How much of one pipeline run the scheduler update takes, estimated without syncing inside
     the loop: scheduler_step launches per run (per backend) x that launch's cost, the op timed in
     isolation in this same run at the run's latent shape. Before fusion (`reference`) vs after
     (`triton`) is the comparison the RePaint benchmark asks for. ``steps`` of the launches are
-    denoising updates (one per UNet call), timed with CFG, the sampler's ``traffic`` (noise,
-    prev_x0: :func:`sampler_traffic`) and, for RePaint/blend, the mask blend; the rest are RePaint's
-    jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each), timed as that
-    re-noise. The per-step noising of the known region is plain torch outside scheduler_step: in
-    the run's time, not in this share.
+    denoising updates (one per UNet call), timed with CFG, with what the sampler's updates read
+    (``traffic``: :func:`sampler_traffic`'s kinds, shared out over the ``steps`` in proportion;
+    default: neither noise nor prev_x0) and, for RePaint/blend, the mask blend; the rest are
+    RePaint's jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each), timed as
+    that re-noise. The per-step noising of the known region is plain torch outside scheduler_step:
+    in the run's time, not in this share.
 
     A launch costs its GPU time where the GPU is the bottleneck and its host time (enqueueing it)
     where the host is, as in an eager loop of small launches: on CUDA each launch is priced at the
     larger of the two, and both sums are kept (``scheduler_gpu_ms_est``, ``scheduler_host_ms_est``)."""
     from .ops import _step, backend_callable, make_inputs
 
-    noise, prev_x0 = traffic
+    traffic = traffic or {(False, False): 1}
 
-    def launch_ms(backend: str, renoise: bool) -> tuple[float, float]:
+    def launch_ms(backend: str, renoise: bool, noise: bool = False, prev_x0: bool = False) -> tuple[float, float]:
         key = (backend, latent_shape, masked, renoise, noise, prev_x0, dtype, device.type)
         if key not in _STEP_MS:
             case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked and not renoise,
@@ -690,12 +705,15 @@ def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: 
     per_backend = {b: (counts_after.get(("scheduler_step", b), 0) - counts_before.get(("scheduler_step", b), 0))
                    / runs for (op, b) in counts_after if op == "scheduler_step"}
     per_backend = {b: n for b, n in per_backend.items() if n > 0}
+    total = sum(traffic.values())
     est = {"gpu": 0.0, "host": 0.0, "max": 0.0}
     for backend, calls in per_backend.items():  # one backend per run: all its launches go one way
         denoise = min(calls, steps)
-        for n, renoise in ((denoise, False), (calls - denoise, True)):
+        launches = [(denoise * n / total, (False, *kind)) for kind, n in traffic.items()]
+        launches.append((calls - denoise, (True, False, False)))
+        for n, kind in launches:
             if n > 0:
-                gpu, host = launch_ms(backend, renoise)
+                gpu, host = launch_ms(backend, *kind)
                 est["gpu"] += n * gpu
                 est["host"] += n * host
                 est["max"] += n * max(gpu, host)

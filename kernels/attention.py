@@ -165,7 +165,7 @@ def attention_reference(q, k, v, scale=None, causal=False):
     return torch.matmul(s.softmax(dim=-1).to(v.dtype), v)
 
 
-def _sdpa_check(q, k, v, scale=None, causal=False):
+def _sdpa_check(q, k=None, v=None, scale=None, causal=False):
     """SDPA takes its scale as a Python float: no gradient for it, and one number."""
     if isinstance(scale, torch.Tensor) and scale.requires_grad:
         return "scale is a tensor that requires grad; SDPA takes it as a float (no gradient for it)"
@@ -1086,9 +1086,8 @@ def attention(q, k, v, scale=None, causal=False):
         raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")
     if isinstance(scale, torch.Tensor):  # it multiplies the (B, H, Lq, Lkv) scores
         (b, h), shape = q.shape[:2], tuple(scale.shape)
-        one = scale.numel() == 1 and scale.dim() <= 4
-        per_head = scale.dim() == 4 and shape[2:] == (1, 1) and shape[0] in (1, b) and shape[1] in (1, h)
-        if not (one or per_head):
+        full = (1,) * (4 - len(shape)) + shape  # as broadcasting aligns it: (H, 1, 1) is per head too
+        if not (len(shape) <= 4 and full[2:] == (1, 1) and full[0] in (1, b) and full[1] in (1, h)):
             raise ValueError(f"attention: a tensor scale is one number or one per batch entry and head, shaped "
                              f"(B|1, H|1, 1, 1) = ({b}|1, {h}|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got "
                              f"shape {shape}")

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from .config import SchedulerConfig, SDConfig
 from .detect import (COMPONENTS, CONFIG_KEY, CheckpointError, _summary, config_to_json,
                      detect_config, identify)
-from .tokenizer import read_json_object
+from .tokenizer import MissingTokenizer, read_json_object
 
 
 # Training bookkeeping found in original .ckpt files; not part of the inference model.
@@ -546,7 +546,9 @@ def save_diffusers(folder, config: SDConfig, state_dict: Mapping[str, torch.Tens
     folder = Path(folder)
     classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                "text_encoder": ("transformers", "CLIPTextModel")}
-    # Every component's config first: one diffusers cannot express is refused before a file is written.
+    # Every component's config first, and the tokenizer: what cannot be saved is refused before a file is written.
+    if isinstance(tokenizer, MissingTokenizer):
+        raise FileNotFoundError(f"{folder}: not written, the model has no tokenizer to save: {tokenizer.reason}")
     cfg_jsons = {comp: dict(_convert(conv).config_to_diffusers(getattr(config, comp)))
                  for comp, (_, _, conv) in _DIFFUSERS.items()}
     cfg_jsons["unet"]["sample_size"] = config.image_size // 2 ** (len(config.vae.ch_mult) - 1)

@@ -335,7 +335,7 @@ def test_tensor_scale_of_several_elements_is_refused_by_name(device, backend):
         assert_close(got[:, i], attention_reference(q, k, v, s)[:, i], rel=1e-6, name=f"head {i} at scale {s}")
 
 
-@pytest.mark.parametrize("shape", [(2,), (1, 2, 1), (1, 2, 1, 7), (3, 2, 1, 1), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("shape", [(2,), (2, 1), (1, 2, 1), (1, 2, 1, 7), (3, 2, 1, 1), (1, 1, 1, 1, 1)])
 def test_tensor_scale_that_does_not_broadcast_per_head_is_refused(device, shape):
     """A (H,) scale would broadcast over the key axis, silently wrong where Lkv == H (Lkv = 2 here):
     a tensor scale is one number or (B|1, H|1, 1, 1), else a ValueError naming the shape."""
@@ -344,6 +344,20 @@ def test_tensor_scale_that_does_not_broadcast_per_head_is_refused(device, shape)
     with kernels.use(attention="reference"), pytest.raises(ValueError, match=re.escape(
             f"(B|1, H|1, 1, 1) = (1|1, 2|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got shape {shape}")):
         kernels.attention(q, k, v, scale)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1), (1, 2, 1, 1), (3, 2, 1, 1), (3, 1, 1, 1)])
+def test_per_head_and_per_batch_tensor_scales_are_taken(device, shape):
+    """Any shape that broadcasts as (B|1, H|1, 1, 1), (H, 1, 1) too, scales each entry's scores."""
+    q, k, v = make_qkv((3, 2, 8, 7, 16), torch.float32, device)
+    scale = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device) + 0.1
+    with kernels.use(attention="reference"):
+        got = kernels.attention(q, k, v, scale)
+    full = scale.expand(3, 2, 1, 1)
+    for i in range(3):
+        for j in range(2):
+            want = attention_reference(q[i:i + 1, j:j + 1], k[i:i + 1, j:j + 1], v[i:i + 1, j:j + 1], full[i, j].item())
+            assert_close(got[i:i + 1, j:j + 1], want, rel=1e-6, name=f"entry {i}, head {j}, scale shaped {shape}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "sdpa"])

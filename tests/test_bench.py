@@ -320,6 +320,14 @@ def test_a_pipelines_run_keeps_the_ceilings_of_the_op_rows_it_keeps(tmp_path):
     ops_rows = _rows(data, suite="ops")
     assert ops_rows and all(math.isclose(r["frac_of_peak"], r["gbps"] / data["ceilings"]["copy_gbps"])
                             for r in ops_rows), ops_rows
+    # ceilings an earlier run left with no op rows (as pipelines runs wrote them) are not kept
+    other = tmp_path / "other"
+    _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference"], other)
+    stale = json.loads((other / "results.json").read_text())
+    (other / "results.json").write_text(json.dumps({**stale, "ceilings": first}))
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference"], other)
+    assert rc == 0 and data["ceilings"] is None, data["ceilings"]
+    assert "Device ceilings" not in (other / "results.md").read_text()
 
 
 def test_diffusers_baseline_weights_are_not_in_its_peak(tmp_path, monkeypatch):
@@ -495,7 +503,7 @@ def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
     key = lambda renoise: ("reference", shape, True, renoise, False, False, torch.float32, "cpu")  # noqa: E731
     monkeypatch.setattr(bp, "_STEP_MS", {key(False): (2.0, 0.25), key(True): (0.5, 1.5)})  # (GPU, host) ms
     got = bp.scheduler_share({}, {("scheduler_step", "reference"): 20}, 2, 100.0, shape, True, 7,
-                             torch.float32, cpu, True, (False, False))
+                             torch.float32, cpu, True, {(False, False): 3})
     assert got == dict(scheduler_calls=10, scheduler_ms_est=7 * 2.0 + 3 * 1.5, scheduler_gpu_ms_est=7 * 2.0 + 3 * 0.5,
                        scheduler_host_ms_est=7 * 0.25 + 3 * 1.5, scheduler_share=0.185), got
     args, _ = make_inputs(_step("r", shape, "", renoise=True), cpu, torch.float32)
@@ -504,31 +512,55 @@ def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
     assert coeffs.c1 > 0 and coeffs.sigma > 0 and coeffs.c0 == coeffs.c2 == 0
 
 
-@pytest.mark.parametrize("sampler, eta, traffic", [
-    ("ddim", 0.0, (False, False)), ("ddim", 0.5, (True, False)), ("ddpm", None, (True, False)),
-    ("euler_a", None, (True, False)), ("dpmpp_2m", None, (False, True)),
+@pytest.mark.parametrize("sampler, eta, first, traffic", [
+    ("ddim", 0.0, 0, {(False, False): 4}), ("ddim", 0.5, 0, {(True, False): 4}),
+    ("ddpm", None, 0, {(True, False): 4}),  # leading spacing ends at t = 1, which draws (t = 0 would not)
+    ("euler_a", None, 0, {(True, False): 3, (False, False): 1}),  # nor does the last step (sigma_up 0)
+    ("dpmpp_2m", None, 0, {(False, False): 2, (False, True): 2}),  # first and last steps are first order
+    ("euler_a", None, 3, {(False, False): 1}),  # img2img running only the last step
+    ("dpmpp_2m", None, 2, {(False, False): 2}),  # a run's first step and the last are first order
 ])
-def test_scheduler_share_times_the_launch_the_sampler_makes(sampler, eta, traffic):
-    """The stand-in denoising update reads what the pipeline's sampler hands scheduler_step: noise
-    only where it draws some (the default DDIM eta 0 draws none), prev_x0 for DPM++ 2M; the masked
-    case of `bench ops` keeps RePaint's DDPM noise."""
+def test_scheduler_share_times_the_launches_the_sampler_makes(sampler, eta, first, traffic):
+    """The stand-in denoising updates read what the pipeline's sampler hands scheduler_step over the
+    steps that run (4 here, from ``first`` as img2img's strength starts): noise only where it draws
+    some (the default DDIM eta 0 draws none), prev_x0 for DPM++ 2M past its first-order steps."""
     from bench import pipelines as bp
     from bench.ops import _step, backend_callable, make_inputs
     from sdcore import SDConfig
     from sdcore.schedulers import make_scheduler
 
     sched = make_scheduler(sampler, SDConfig.preset("tiny").scheduler, **({} if eta is None else {"eta": eta}))
-    got = bp.sampler_traffic(sched, 4)
-    assert got == traffic, (sampler, eta, got)
-    args, _ = make_inputs(_step("s", (1, 4, 8, 8), "", mask=True, noise=got[0], prev_x0=got[1]), "cpu", torch.float32)
-    _, _, coeffs, _, _, noise, prev_x0, mask, known = args
-    assert (noise is not None, prev_x0 is not None, mask is not None) == (*traffic, True)
-    assert (coeffs.sigma != 0) == traffic[0] and (coeffs.c3 != 0) == traffic[1], coeffs
-    fn, ctx, _ = backend_callable("scheduler_step", "reference", args, {}, torch.device("cpu"))
-    with ctx():
-        fn()  # a launch the op takes
+    got = bp.sampler_traffic(sched, 4, first)
+    assert got == traffic, (sampler, eta, first, got)
+    for noise, prev_x0 in got:
+        args, _ = make_inputs(_step("s", (1, 4, 8, 8), "", mask=True, noise=noise, prev_x0=prev_x0), "cpu",
+                              torch.float32)
+        _, _, coeffs, _, _, n, p, mask, known = args
+        assert (n is not None, p is not None, mask is not None) == (noise, prev_x0, True)
+        assert (coeffs.sigma != 0) == noise and (coeffs.c3 != 0) == prev_x0, coeffs
+        fn, ctx, _ = backend_callable("scheduler_step", "reference", args, {}, torch.device("cpu"))
+        with ctx():
+            fn()  # a launch the op takes
     default, _ = make_inputs(_step("m", (1, 4, 8, 8), "", mask=True), "cpu", torch.float32)
     assert default[5] is not None and default[6] is None  # bench ops' RePaint case: DDPM noise
+
+
+def test_scheduler_share_not_estimated_where_the_sampler_refuses_the_steps(tmp_path, monkeypatch):
+    """RePaint takes up to T steps over its own levels; the default sampler's schedule refuses T
+    leading steps. The row says the share was not estimated and why; the run goes on (it aborted
+    with a ValueError, writing nothing). The refusal is real; the run fakes it (1000 steps take long)."""
+    from bench import pipelines as bp
+    from sdcore import SDConfig
+    from sdcore.schedulers import make_scheduler
+
+    with pytest.raises(ValueError, match="timesteps outside") as refused:
+        bp.sampler_traffic(make_scheduler("ddim", SDConfig.preset("tiny").scheduler), 1000)
+    monkeypatch.setattr(bp, "sampler_traffic", lambda *a: (_ for _ in ()).throw(refused.value))
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--pipelines", "repaint", "--variants", "reference"],
+                    tmp_path)
+    row, = _rows(data, suite="pipelines", op="repaint")
+    assert rc == 0 and row["status"] == "ok" and row["scheduler_share"] is None, row
+    assert "scheduler share not estimated: its sampler's 2-step schedule: ddim: steps=1000" in row["note"], row
 
 
 def test_tune_quick_sweeps_configs_and_rejects_wrong_ones(tmp_path, monkeypatch):

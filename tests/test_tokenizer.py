@@ -281,6 +281,20 @@ def test_model_builds_without_a_vocabulary(monkeypatch):
         sd.tokenizer(["a cat"])
 
 
+def test_diffusers_save_without_a_tokenizer_writes_nothing(monkeypatch, tmp_path):
+    """A diffusers folder needs its tokenizer: without one, save refuses before writing any
+    component (it wrote unet/, vae/, text_encoder/ and scheduler/, then failed at tokenizer/)."""
+    import sdcore
+
+    monkeypatch.setattr(tk, "default_bpe_path", lambda: (_ for _ in ()).throw(FileNotFoundError("no vocabulary")))
+    with pytest.warns(UserWarning, match="built without a tokenizer"):
+        sd = sdcore.StableDiffusion.from_preset("tiny")
+    with pytest.raises(FileNotFoundError, match="not written, the model has no tokenizer to save: no vocabulary"):
+        sd.save(tmp_path / "folder", layout="diffusers")
+    assert not (tmp_path / "folder").exists() or not any((tmp_path / "folder").rglob("*")), \
+        sorted((tmp_path / "folder").rglob("*"))
+
+
 def test_merges_without_a_version_header(bpe_path, tmp_path):
     """Some exporters write merges.txt without the `#version` line: the first merge is kept."""
     tok = CLIPTokenizer.from_bpe_file(bpe_path)
