@@ -650,7 +650,7 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
     return row
 
 
-_STEP_MS: dict[tuple, float] = {}
+_STEP_MS: dict[tuple, tuple[float, float]] = {}  # launch kind -> (GPU ms, host ms)
 
 
 def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, bool], int]:
@@ -671,26 +671,23 @@ def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, 
 
 def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
                     masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool,
-                    traffic: dict[tuple[bool, bool], int] | None = None) -> dict:
+                    traffic: dict[tuple[bool, bool], int]) -> dict:
     """How much of one pipeline run the scheduler update takes, estimated without syncing inside
     the loop: scheduler_step launches per run (per backend) x that launch's cost, the op timed in
     isolation in this same run at the run's latent shape. Before fusion (`reference`) vs after
     (`triton`) is the comparison the RePaint benchmark asks for. ``steps`` of the launches are
     denoising updates (one per UNet call), timed with CFG, with what the sampler's updates read
-    (``traffic``: :func:`sampler_traffic`'s kinds, shared out over the ``steps`` in proportion;
-    default: neither noise nor prev_x0) and, for RePaint/blend, the mask blend; the rest are
-    RePaint's jumps back up (``undo_step``, re-noising x_{t'} to x_t: one launch each), timed as
-    that re-noise. The per-step noising of the known region is plain torch outside scheduler_step:
-    in the run's time, not in this share.
+    (``traffic``: :func:`sampler_traffic`'s kinds, shared out over the ``steps`` in proportion)
+    and, for RePaint/blend, the mask blend; the rest are RePaint's jumps back up (``undo_step``,
+    re-noising x_{t'} to x_t: one launch each), timed as that re-noise. The per-step noising of the
+    known region is plain torch outside scheduler_step: in the run's time, not in this share.
 
     A launch costs its GPU time where the GPU is the bottleneck and its host time (enqueueing it)
     where the host is, as in an eager loop of small launches: on CUDA each launch is priced at the
     larger of the two, and both sums are kept (``scheduler_gpu_ms_est``, ``scheduler_host_ms_est``)."""
     from .ops import _step, backend_callable, make_inputs
 
-    traffic = traffic or {(False, False): 1}
-
-    def launch_ms(backend: str, renoise: bool, noise: bool = False, prev_x0: bool = False) -> tuple[float, float]:
+    def launch_ms(backend: str, renoise: bool, noise: bool, prev_x0: bool) -> tuple[float, float]:
         key = (backend, latent_shape, masked, renoise, noise, prev_x0, dtype, device.type)
         if key not in _STEP_MS:
             case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked and not renoise,
