@@ -226,7 +226,9 @@ def _inspect(name, kernel, get_sass, bin_dir) -> Compiled:
 
 
 def sd15_calls():
-    """(label, module, kernel names, thunk) for SD 1.5 shapes at 512 px, batch 2, fp16."""
+    """(label, module, kernel names, thunk) for SD 1.5 shapes at 512 px, batch 2, fp16. The thunks
+    call the switch's entries (_attention_triton, ...), past the checks: CPU tensors stand in for
+    CUDA ones here, which the public functions would refuse."""
     import torch
 
     def attn(b, h, lq, lkv, d, dtype=torch.float16, layout="BLHD", config=None):
@@ -238,7 +240,7 @@ def sd15_calls():
             else:
                 q, k = torch.empty(b, h, lq, d, dtype=dtype), torch.empty(b, h, lkv, d, dtype=dtype)
             with torch.no_grad():
-                at.attention_triton(q, k, k, config=config)
+                at._attention_triton(q, k, k, config=config)
         return call
 
     def gn(shape, single, fmt=torch.contiguous_format):
@@ -248,14 +250,14 @@ def sd15_calls():
             w = torch.empty(shape[1], dtype=torch.float16)
             cfg = gn.launch_config(tuple(shape), 32, torch.float16, gn.H100_SMS, single_pass=single)
             with torch.no_grad():
-                gn.group_norm_silu_triton(x, w, w, 32, config=cfg)
+                gn._group_norm_silu_triton(x, w, w, 32, config=cfg)
         return call
 
     def attn_bwd(b, h, lq, lkv, d, dtype=torch.float16):
         def call():
             at = importlib.import_module("kernels.attention")
             q, k, v = (torch.empty(b, n, h, d, dtype=dtype).transpose(1, 2).requires_grad_() for n in (lq, lkv, lkv))
-            at.attention_triton(q, k, v).backward(torch.empty(b, h, lq, d, dtype=dtype))  # dO: row stride d
+            at._attention_triton(q, k, v).backward(torch.empty(b, h, lq, d, dtype=dtype))  # dO: row stride d
         return call
 
     def causal(b, h, n, d):
@@ -263,7 +265,7 @@ def sd15_calls():
             at = importlib.import_module("kernels.attention")
             q = torch.empty(b, n, h, d, dtype=torch.float16).transpose(1, 2)
             with torch.no_grad():
-                at.attention_triton(q, q, q, causal=True)
+                at._attention_triton(q, q, q, causal=True)
         return call
 
     def gn_bwd(shape):
@@ -272,7 +274,7 @@ def sd15_calls():
             x = torch.empty(shape, dtype=torch.float16, requires_grad=True)
             w = torch.empty(shape[1], dtype=torch.float16, requires_grad=True)
             cfg = gn.launch_config(tuple(shape), 32, torch.float16, gn.H100_SMS)  # the tiling an H100 gets
-            gn.group_norm_silu_triton(x, w, w, 32, config=cfg).backward(torch.empty(shape, dtype=torch.float16))
+            gn._group_norm_silu_triton(x, w, w, 32, config=cfg).backward(torch.empty(shape, dtype=torch.float16))
         return call
 
     def step():
@@ -281,7 +283,7 @@ def sd15_calls():
         mask = torch.empty(1, 1, 64, 64, dtype=torch.float16)
         coeffs = st.StepCoefficients(a_x=1.0, a_o=-0.5, clip=1.0, b_x=1.0, b_0=-1.0, b_d=0.5, c0=0.4, c1=0.6,
                                      c2=0.1, sigma=0.05)  # DDIM, eta > 0, x0 clipped: every term on
-        st.scheduler_step_triton(x, x, coeffs, model_output_uncond=x, guidance_scale=7.5, noise=x, mask=mask,
+        st._scheduler_step_triton(x, x, coeffs, model_output_uncond=x, guidance_scale=7.5, noise=x, mask=mask,
                                  known=x, return_x0=True)
 
     def gluon(b, h, lq, lkv, d, dtype=torch.float16):

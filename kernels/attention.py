@@ -63,7 +63,7 @@ from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, dispatch,
-                       fits_int32, interpreting, max_offset, overlaps, overlaps_itself, register, same_view,
+                       fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
                        triton_available)
 
 LOG2E = math.log2(math.e)
@@ -167,7 +167,7 @@ def attention_reference(q, k, v, scale=None, causal=False):
 
 def _sdpa_check(q, k=None, v=None, scale=None, causal=False):
     """SDPA takes its scale as a Python float: no gradient for it, and one number."""
-    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
         return "scale is a tensor that requires grad; SDPA takes it as a float (no gradient for it)"
     if isinstance(scale, torch.Tensor) and scale.numel() != 1:
         return f"scale is a tensor of {scale.numel()} elements; SDPA takes one number"
@@ -1008,7 +1008,7 @@ def launch_problem(q, k, v, scale=None) -> str | None:
         return f"B·H·Lq = {b * h * lq} rows of lse, which the kernels index in 32 bits"
     if why := _offsets_problem("q", q) or _offsets_problem("k", k) or _offsets_problem("v", v):
         return why
-    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
         return "scale is a tensor that requires grad; the kernel takes it as a float (no gradient for it)"
     return _scale_problem(scale)
 
@@ -1032,15 +1032,26 @@ def _scale_problem(scale) -> str | None:
     return None
 
 
-@register("attention", Backend.TRITON, check=_triton_check)
 def attention_triton(q, k, v, scale=None, causal=False, out=None,
                      config: AttentionConfig | dict[str, AttentionConfig] | None = None):
     """FlashAttention-2 in Triton, forward and backward; ``out=`` (shape and dtype of q) is written
-    in place and is forward-only (no autograd). ``config`` overrides :data:`CONFIGS`: an
-    AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq": AttentionConfig} per kernel; a
-    forward's ``q_blocks`` picks the K/V-resident forward (at most SHORT_KV keys).
-    Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is allocated.
-    Under autocast, q, k, v are cast to its dtype first, as torch's matmul and SDPA take them."""
+    in place and is forward-only (no autograd: under grad mode, out must not require grad). ``config``
+    overrides :data:`CONFIGS`: an AttentionConfig for the forward, or {"fwd" / "dkdv" / "dq":
+    AttentionConfig} per kernel; a forward's ``q_blocks`` picks the K/V-resident forward (at most
+    SHORT_KV keys). Without autograd (grad disabled, no input requiring grad, or ``out=``) no lse is
+    allocated. Under autocast, q, k, v are cast to its dtype first, as torch's matmul and SDPA take them.
+
+    Called directly, it checks what :func:`attention` and the switch check: a bad argument is a
+    TypeError / ValueError, an input past the kernel's limits (head dim, device, no keys, ...)
+    BackendUnsupported. The switch calls :func:`_attention_triton`, having made both checks."""
+    _check_args(q, k, v, scale)
+    refuse("attention", Backend.TRITON, _triton_check(q, k, v, scale, causal))
+    return _attention_triton(q, k, v, scale, causal, out, config)
+
+
+@register("attention", Backend.TRITON, check=_triton_check)
+def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
+    """:func:`attention_triton` past its argument checks (the switch has made them)."""
     q, k, v = autocast_inputs(q, k, v)
     configs = _per_kernel(config)
     if _scale_problem(scale):
@@ -1064,15 +1075,25 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     if overlaps(out, q) and not same_view(out, q):  # each program reads its q rows, then writes them
         raise ValueError(f"out overlaps q but is not q itself (out at {out.data_ptr()} strides {out.stride()}, "
                          f"q at {q.data_ptr()} strides {q.stride()}); only out=q (or memory q, k, v do not use) is safe")
-    if grad:
-        raise ValueError("attention_triton(out=...) does not record autograd; call it without out=")
-    return _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)[0]
+    if grad or (torch.is_grad_enabled() and out.requires_grad):  # its old values would keep their history
+        raise ValueError("attention_triton(out=...) does not record autograd (an input or out requires grad); "
+                         "call it without out=, or under torch.no_grad()")
+    _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)
+    torch.autograd.graph.increment_version(out)  # written through its pointer: autograd sees an in-place write
+    return out
 
 
 def attention(q, k, v, scale=None, causal=False):
     """softmax(q kᵀ · scale) v over the last two dims; q: (B, H, Lq, D), k, v: (B, H, Lkv, D).
 
     ``causal=True`` lets query i see keys j <= i only (top-left aligned; the CLIP text encoder)."""
+    _check_args(q, k, v, scale)
+    return dispatch("attention", q, k, v, scale, causal)
+
+
+def _check_args(q, k, v, scale):
+    """What every backend needs (TypeError / ValueError naming the argument): the op's checks, and
+    attention_triton's when called directly."""
     check_floating("attention", q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, H, L, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
@@ -1091,4 +1112,4 @@ def attention(q, k, v, scale=None, causal=False):
             raise ValueError(f"attention: a tensor scale is one number or one per batch entry and head, shaped "
                              f"(B|1, H|1, 1, 1) = ({b}|1, {h}|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got "
                              f"shape {shape}")
-    return dispatch("attention", q, k, v, scale, causal)
+

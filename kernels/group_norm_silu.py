@@ -70,7 +70,7 @@ from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtype, check_floating, dispatch, fits_int32, interpreting, max_offset,
-                       overlaps, overlaps_itself, register, triton_available)
+                       overlaps, overlaps_itself, refuse, register, triton_available)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -670,16 +670,23 @@ class _GroupNormSiLU(torch.autograd.Function):
             ctx.mark_dirty(out)
         y, stats = _forward(x, weight, bias, out, plan, y_dtype)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.plan, ctx.eps = plan, eps
+        ctx.plan, ctx.eps, ctx.fp32_out = plan, eps, y.dtype == torch.float32 != x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[1:4]):  # only out was in a graph (its old values get 0)
+            return _out_grad(ctx, dy), None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
             act = "silu" if ctx.plan.silu else None
-            grads = reference_grads(lambda *xwb: group_norm_silu_reference(*xwb, ctx.plan.groups, ctx.eps, act),
-                                    (x, weight, bias), ctx.needs_input_grad[1:4], dy)
+
+            def reference(x, weight, bias):  # in the precision the kernel wrote y (fp32 for 16-bit x: out=, autocast)
+                if ctx.fp32_out:
+                    x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+                return group_norm_silu_reference(x, weight, bias, ctx.plan.groups, ctx.eps, act)
+
+            grads = reference_grads(reference, (x, weight, bias), ctx.needs_input_grad[1:4], dy)
             return (_out_grad(ctx, dy), *grads, None, None, None)
         cfg, groups = ctx.plan.bwd_cfg, ctx.plan.groups
         n, c = x.shape[:2]
@@ -774,15 +781,27 @@ def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
     return None
 
 
-@register("group_norm_silu", Backend.TRITON, check=_check_triton)
 def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu", *, out=None,
                            config: LaunchConfig | None = None):
-    """The fused kernels; ``out`` (x's shape, x's dtype or float32) receives y; ``config``
+    """The fused kernels; ``out`` (x's shape, x's dtype or float32) receives y, in place as torch's
+    in-place ops do (autograd sees the write; what out held gets gradient 0); ``config``
     overrides tiling and path (``launch_config(..., single_pass=True/False)`` forces one).
 
     y has x's dtype, except under CUDA autocast, where it is float32 as torch's group_norm gives
     there (autocast runs it in fp32): the kernel then reads 16-bit x and writes fp32, which equals
-    normalising x.float() (statistics are fp32 either way) without the cast's extra pass."""
+    normalising x.float() (statistics are fp32 either way) without the cast's extra pass.
+
+    Called directly, it checks what :func:`group_norm_silu` and the switch check: a bad argument is
+    a TypeError / ValueError, an input the kernels cannot take (device, dtype, size)
+    BackendUnsupported. The switch calls :func:`_group_norm_silu_triton`, having made both checks."""
+    groups = _check_args(x, weight, bias, groups, eps, activation)
+    refuse("group_norm_silu", Backend.TRITON, _check_triton(x, weight, bias, groups, eps, activation))
+    return _group_norm_silu_triton(x, weight, bias, groups, eps, activation, out=out, config=config)
+
+
+@register("group_norm_silu", Backend.TRITON, check=_check_triton)
+def _group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu", *, out=None, config=None):
+    """:func:`group_norm_silu_triton` past its argument checks (the switch has made them)."""
     y_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
     if out is not None:
         if out.shape != x.shape or out.dtype not in (x.dtype, torch.float32) or out.device != x.device:
@@ -801,17 +820,23 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
                              "within a sample; the kernels index a sample in 32 bits (below 2**31): pass a contiguous out")
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad))
+    # out in a graph (a view of a tensor that requires grad): the write must be recorded too
+    tracked = grad or (out is not None and out.requires_grad and torch.is_grad_enabled())
     if x.numel() == 0:  # nothing to launch; under autograd the reference keeps the graph (zero grads)
-        if grad:
-            return group_norm_silu_reference(x, weight, bias, groups, eps, activation)
+        if tracked:
+            y = group_norm_silu_reference(x, weight, bias, groups, eps, activation)
+            return y.to(y_dtype) if out is None else out.copy_(y)
         return torch.empty_like(x, dtype=y_dtype) if out is None else out
     # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
     weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
-    if grad:
+    if tracked:
         return _GroupNormSiLU.apply(out, x, weight, bias, plan, eps, y_dtype)
-    return _forward(x, weight, bias, out, plan, y_dtype)[0]  # no autograd overhead, no stats
+    y = _forward(x, weight, bias, out, plan, y_dtype)[0]  # no autograd overhead, no stats
+    if out is not None:  # written through its pointer: autograd sees an in-place write
+        torch.autograd.graph.increment_version(out)
+    return y
 
 
 def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
@@ -819,19 +844,32 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
 
     x: (N, C, *spatial), NCHW or channels_last; weight, bias: (C,) or None.
     """
+    groups = _check_args(x, weight, bias, groups, eps, activation)
+    return dispatch("group_norm_silu", x, weight, bias, groups, eps, activation)
+
+
+def _check_args(x, weight, bias, groups, eps, activation) -> int:
+    """What every backend needs (TypeError / ValueError naming the argument), made by the op and by
+    group_norm_silu_triton called directly; returns ``groups`` as an int (numpy integers too, as
+    torch's group_norm takes them)."""
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"group_norm_silu: groups must be a positive int, got {groups!r}")
-    groups = int(groups)  # numpy integers too, as torch's group_norm takes them
     check_floating("group_norm_silu", x=x, weight=weight, bias=bias)
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x{tuple(x.shape)} needs (N, C, *spatial) dims")
     if x.shape[1] % groups:
         raise ValueError(f"group_norm_silu: {x.shape[1]} channels of x{tuple(x.shape)} "
                          f"not divisible by groups={groups}")
-    if why := _params_problem(x, weight, bias, any_dtype=autocast_dtype(x.device.type) is not None):
+    if why := _params_problem(x, weight, bias, any_dtype=_autocast_casts(x)):
         raise ValueError(f"group_norm_silu: {why}")
     if not (isinstance(eps, numbers.Real) and eps >= 0):  # a negative eps gives NaN where a group is flat
         raise ValueError(f"group_norm_silu: eps must be a number >= 0, got {eps!r}")
-    return dispatch("group_norm_silu", x, weight, bias, groups, eps, activation)
+    return int(groups)
+
+
+def _autocast_casts(x) -> bool:
+    """Whether autocast hands group_norm fp32 inputs here: CUDA's does (group_norm is on its fp32
+    list), CPU's leaves its inputs as they are."""
+    return x.device.type == "cuda" and autocast_dtype("cuda") is not None

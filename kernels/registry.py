@@ -86,6 +86,13 @@ class BackendUnsupported(RuntimeError):
     """An explicitly chosen backend cannot take this input."""
 
 
+def refuse(op: str, backend: BackendName, reason: str | None) -> None:
+    """For a backend's function called directly, past the switch (``attention_triton(...)``):
+    raise what choosing it explicitly would, when its check gave a ``reason``."""
+    if reason:
+        raise BackendUnsupported(f"{op}: backend {str(backend)!r} (called directly) cannot run this input: {reason}")
+
+
 CHAIN_SEP = "/"  # "gluon_sm90/triton": shell-safe, unlike "|" or ">"
 
 

@@ -48,7 +48,7 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import (Backend, check_floating, dispatch, interpreting, overlaps, register, same_view,
+from .registry import (Backend, check_floating, dispatch, interpreting, overlaps, refuse, register, same_view,
                        triton_available)
 
 
@@ -71,7 +71,13 @@ class StepCoefficients:
     sigma: float = 0.0
 
 
-def _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out=None, out_x0=None):
+def _check_args(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0, noise=None, prev_x0=None,
+                mask=None, known=None, return_x0=False, out=None, out_x0=None):
+    """What every backend needs (TypeError / ValueError naming the argument), made by the op and by
+    scheduler_step_triton called directly."""
+    if model_output_uncond is None and guidance_scale != 1.0:
+        raise ValueError(f"scheduler_step: guidance_scale={guidance_scale} needs model_output_uncond "
+                         "(without it there is nothing to guide)")
     if not isinstance(coeffs, StepCoefficients):
         raise TypeError(f"scheduler_step: coeffs must be StepCoefficients, got {type(coeffs).__name__}")
     check_floating("scheduler_step", ("mask",), x=x, model_output=model_output,
@@ -142,10 +148,8 @@ def scheduler_step(x, model_output, coeffs: StepCoefficients, *, model_output_un
     mask, known: broadcastable to x (mask (B, 1, h, w) is the usual RePaint mask, 1 = keep ``known``);
     out / out_x0: optional preallocated outputs (x's shape and dtype), e.g. NaN-poisoned in tests.
     """
-    _validate(x, model_output, coeffs, model_output_uncond, noise, prev_x0, mask, known, out, out_x0)
-    if model_output_uncond is None and guidance_scale != 1.0:
-        raise ValueError(f"scheduler_step: guidance_scale={guidance_scale} needs model_output_uncond "
-                         "(without it there is nothing to guide)")
+    _check_args(x, model_output, coeffs, model_output_uncond, guidance_scale, noise, prev_x0, mask, known,
+                return_x0, out, out_x0)
     return dispatch("scheduler_step", x, model_output, coeffs, model_output_uncond, float(guidance_scale),
                     noise, prev_x0, mask, known, bool(return_x0), out, out_x0)
 
@@ -230,6 +234,8 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
     tensors = (x, model_output, model_output_uncond, noise, prev_x0, mask, known)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "an input requires grad and the Triton step has no backward (the reference has autograd)"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, out_x0)):
+        return "out or out_x0 requires grad (it is in a graph) and the Triton step records no autograd"
     if x.numel() > 2**31 - 1 - BLOCK:  # pid * BLOCK + arange(BLOCK) is 32-bit
         return f"{x.numel()} elements exceed the kernel's int32 indexing (at most {2**31 - 1 - BLOCK})"
     if mask is not None and x.dim() < 2:
@@ -250,13 +256,28 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
     return None
 
 
-@register("scheduler_step", Backend.TRITON, check=_triton_check)
 def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0,
                           noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
                           out=None, out_x0=None):
     """One launch, flat over the elements of x; returns (prev, x0 or None) in x's dtype. A bool
     mask, or a mask / known that is neither contiguous nor a plain broadcast, is first copied into
-    a layout the kernel reads (one more small launch); the pipelines pass the canonical layouts."""
+    a layout the kernel reads (one more small launch); the pipelines pass the canonical layouts.
+
+    Called directly, it checks what :func:`scheduler_step` and the switch check: a bad argument is
+    a TypeError / ValueError, an input the kernel cannot take BackendUnsupported. The switch calls
+    :func:`_scheduler_step_triton`, having made both checks."""
+    args = (x, model_output, coeffs, model_output_uncond, guidance_scale, noise, prev_x0, mask, known,
+            return_x0, out, out_x0)
+    _check_args(*args)
+    refuse("scheduler_step", Backend.TRITON, _triton_check(*args))
+    return _scheduler_step_triton(*args)
+
+
+@register("scheduler_step", Backend.TRITON, check=_triton_check)
+def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0,
+                           noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
+                           out=None, out_x0=None):
+    """:func:`scheduler_step_triton` past its argument checks (the switch has made them)."""
     for o_name, o in (("out", out), ("out_x0", out_x0)) if out is not None or out_x0 is not None else ():
         # program i reads block i of each input, then writes it: in place is safe, shifted is not
         for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
@@ -289,6 +310,8 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
                                 k.b_x, k.b_o, k.b_0, k.b_d, k.c0, k.c1, k.c2, k.c3, k.sigma)))
     _STEP((cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars),
           {"FLAGS": flags, "BLOCK": BLOCK})
+    if out is not None or out_x0 is not None:  # written through their pointers: autograd sees in-place writes
+        torch.autograd.graph.increment_version([t for t in (out, out_x0 if return_x0 else None) if t is not None])
     return prev, x0
 
 

@@ -379,6 +379,19 @@ def test_tensor_scale_that_requires_grad_is_not_taken(device):
     assert attention_module._triton_check(q, k, v, scale=torch.tensor(0.3)) is None  # no grad: a float will do
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_learnable_scale_is_taken_where_no_gradient_flows(device, backend, mode):
+    """A scale that requires grad (an nn.Parameter) is a float to the kernel when grad mode is off:
+    it was refused under no_grad / inference_mode too, so a model with a learnable temperature
+    fell back to the reference (default) or raised (explicit) at inference."""
+    q, k, v = make_qkv((1, 2, 8, 8, 16), torch.float32, device)
+    scale = torch.nn.Parameter(torch.tensor(0.3, device=device))
+    with mode(), kernels.use(attention=backend):
+        got = kernels.attention(q, k, v, scale=scale)
+    assert_close(got, attention_fp64(q, k, v, 0.3), rel=2e-5, name=f"{backend} under {mode.__name__}")
+
+
 def test_grid_limit_on_batch_times_heads(device):
     q = torch.zeros(1, 1, 8, 16, device=device).expand(4097, 16, 8, 16)  # B·H = 65552 > 65535
     assert "B·H = 65552 programs on the grid's second axis, over CUDA's 65535" in attention_module._triton_check(q, q, q)
@@ -768,7 +781,7 @@ def test_config_and_scale_arguments(device):
     with pytest.raises(TypeError, match=r"config\['dq'\] must be an AttentionConfig, not tuple"):
         attention_triton(q, k, v, config={"dq": (16, 16, 1, 2)})
     for bad in (-0.5, 0.0, float("nan")):  # scale 0 would make masked scores -inf * 0 = NaN
-        with pytest.raises(ValueError, match=f"scale {bad} is not > 0"):
+        with pytest.raises(kernels.BackendUnsupported, match=f"scale {bad} is not > 0"):  # the reference takes it
             attention_triton(q, k, v, scale=bad)
         assert f"scale {bad} is not > 0" in attention_module._triton_check(q, k, v, bad)
 

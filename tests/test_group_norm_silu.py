@@ -20,7 +20,10 @@ import triton
 import kernels
 from kernels.group_norm_silu import (H100_SMS, INTERPRETER_SMS, MAX_BLOCK_C, MAX_TILE, MAX_WARPS, MIN_CHUNK,
                                      PROGRAMS_PER_SM, SINGLE_PASS_MAX_GROUP, SINGLE_PASS_STATS_READS,
-                                     group_norm_silu_triton, launch_config)
+                                     launch_config)
+# the switch's entry, past group_norm_silu_triton's checks: its bf16 code paths run under the interpreter
+# here (the checks refuse that: see test_interpreter_refuses_bf16_through_the_switch)
+from kernels.group_norm_silu import _group_norm_silu_triton as triton_gn
 from kernels import registry
 from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error
 
@@ -112,7 +115,7 @@ def _check(got, torch_same_dtype, want_fp64, dtype, name):
 def _check_forward(x, w, b, groups, activation, config=None):
     out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element fails
     with _only_path(config):
-        y = group_norm_silu_triton(x, w, b, groups, 1e-5, activation, out=out, config=config)
+        y = triton_gn(x, w, b, groups, 1e-5, activation, out=out, config=config)
     assert y.data_ptr() == out.data_ptr()
     _check(y, _torch(x, w, b, groups, activation), _torch(x, w, b, groups, activation, torch.float64),
            x.dtype, f"y {x.dtype}")
@@ -125,7 +128,7 @@ def _check_backward(x, w, b, groups, activation, config=None, wrt="xwb"):
     given = [n for n, t in zip("xwb", (x, w, b)) if t is not None and n in wrt]
     ins = [None if t is None else t.detach().clone().requires_grad_(n in wrt) for n, t in zip("xwb", (x, w, b))]
     with _only_path(config):
-        y = group_norm_silu_triton(*ins, groups, 1e-5, activation, config=config)
+        y = triton_gn(*ins, groups, 1e-5, activation, config=config)
     got = torch.autograd.grad(y, [t for n, t in zip("xwb", ins) if n in given], dy)
     same = _leaves(x, w, b)
     torch_grads = torch.autograd.grad(_torch(*same, groups, activation),
@@ -163,7 +166,7 @@ def test_heuristic_single_pass_forward_backward(device):
 
 def test_output_keeps_memory_format(device):
     x, w, b = _inputs((2, 32, 5, 3), torch.float32, device, channels_last=True)
-    y = group_norm_silu_triton(x, w, b, 8)
+    y = triton_gn(x, w, b, 8)
     assert y.stride() == x.stride() and y.is_contiguous(memory_format=torch.channels_last), y.stride()
 
 
@@ -346,7 +349,7 @@ def test_mixed_precision_fp32_weights(device, dtype):
     x = x.to(dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ins = _leaves(x, w, b)
-    y = group_norm_silu_triton(*ins, 8, 1e-5, "silu")  # direct: the switch refuses bf16 in the interpreter
+    y = triton_gn(*ins, 8, 1e-5, "silu")  # past the checks, which refuse bf16 in the interpreter
     got = torch.autograd.grad(y, ins, dy)
     same = _leaves(x, w, b)
     y_torch = _torch(*same, 8, "silu")
@@ -367,7 +370,8 @@ def test_interpreter_refuses_bf16_through_the_switch():
     """The interpreter stores fp32 -> bf16 by truncation where a GPU rounds to nearest: every output
     up to 1 ulp off, twice the rounding error (1008 of 1008 elements truncated, max error 0.0139
     against 0.0078 rounded). Refused by name, as attention and scheduler_step refuse it; the kernels'
-    bf16 code paths still run here when called directly, held to a tolerance that allows it."""
+    bf16 code paths still run here through the switch's entry (triton_gn), held to a tolerance that
+    allows it."""
     x, w, b = _inputs((1, 32, 3, 5), torch.bfloat16, torch.device("cpu"))
     with kernels.use(group_norm_silu="triton"), pytest.raises(kernels.BackendUnsupported,
                                                               match="bfloat16 under the Triton interpreter"):
@@ -378,11 +382,58 @@ def test_double_backward_matches_reference(device):
     """create_graph=True: gradients recomputed through the reference, differentiable again."""
     x, w, b = _leaves(*_inputs((2, 32, 5, 3), torch.float32, device))
     dws = []
-    for fn in (group_norm_silu_triton, kernels.group_norm_silu_reference):
+    for fn in (triton_gn, kernels.group_norm_silu_reference):
         (dx,) = torch.autograd.grad(fn(x, w, b, 8, 1e-5, "silu").square().sum(), (x,), create_graph=True)
         dws.append(torch.autograd.grad(dx.square().sum(), (w,))[0])
     assert dws[1].abs().max() > 0.1, "the test needs a non-trivial second derivative"
     assert_close(dws[0], dws[1].double(), rel=1e-5, name="d|dx|^2/dweight")
+
+
+def test_double_backward_keeps_an_fp32_out_in_fp32(device):
+    """16-bit x written to an fp32 out (what CUDA autocast asks for): under create_graph=True the
+    gradients are recomputed through the reference, which must run in fp32 as the kernel did. It ran
+    in x's dtype, and the first-order dweight came out ~1800x less accurate (0.011 against 6e-6)."""
+    x, w, _ = _inputs((2, 8, 5, 5), torch.float32, device)
+    x = x.half()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    x64, w64 = _leaves(x.double(), w.double())
+    y64 = _torch(x64, w64, None, 4, "silu")
+    want = torch.autograd.grad((y64 * y64 * g.double()).sum(), (x64, w64))
+    for create_graph in (False, True):
+        xx, ww = _leaves(x, w)
+        y = triton_gn(xx, ww, None, 4, out=torch.empty(x.shape, device=device))
+        got = torch.autograd.grad((y * y * g).sum(), (xx, ww), create_graph=create_graph)
+        assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
+        # dx is fp16 (x's dtype): one fp16 rounding of an fp32-accurate gradient
+        assert_close(got[0], want[0], rel=1e-3, name=f"dx, create_graph={create_graph}")
+        assert_close(got[1], want[1], rel=1e-5, name=f"dweight, create_graph={create_graph}")
+
+
+def test_out_in_a_graph_is_written_as_torch_writes_in_place(device):
+    """out= a slice of a buffer with history while x, weight, bias need no gradient: the write is
+    recorded all the same (CopySlices, a version bump), so the overwritten values get gradient 0.
+    It went unrecorded: they kept passing their old gradient (6.8 where torch gives 0)."""
+    x, w, b = _inputs((2, 8, 3, 5), torch.float32, device)
+    z = torch.randn(2, 16, 3, 5, device=device, requires_grad=True)
+    buf = z * 2.0
+    version = buf._version
+    triton_gn(x, w, b, 4, out=buf[:, 4:12])
+    assert buf._version > version and buf.grad_fn.name().endswith("CopySlices"), buf.grad_fn
+    assert_close(buf[:, 4:12], _torch(x, w, b, 4, "silu", torch.float64), rel=1e-5, name="y in out")
+    (buf * 3.0).sum().backward()
+    want = torch.full_like(z, 6.0)
+    want[:, 4:12] = 0.0
+    assert torch.equal(z.grad, want), f"gradient of the buffer behind out: {z.grad[:, ::4, 0, 0]}"
+
+
+def test_cpu_autocast_does_not_excuse_mismatched_weights():
+    """CPU autocast, unlike CUDA's, leaves group_norm's inputs as they are: a weight of another dtype
+    is the op's ValueError naming it there, not torch's "mixed dtype (CPU)" from inside the reference."""
+    x, w, b = _inputs((2, 8, 5, 5), torch.float32, torch.device("cpu"))
+    for backend in ("reference", "triton"):
+        with torch.autocast("cpu", dtype=torch.float16), kernels.use(group_norm_silu=backend):
+            with pytest.raises(ValueError, match=r"weight dtype torch.float16: must be x's \(torch.float32\)"):
+                kernels.group_norm_silu(x, w.half(), b.half(), 4)
 
 
 def test_backward_into_a_view_out(device):
@@ -393,7 +444,7 @@ def test_backward_into_a_view_out(device):
     x, w, b = _leaves(*_inputs((2, 8, 3, 5), torch.float32, device))
     z = torch.randn(2, 16, 3, 5, device=device, requires_grad=True)
     buf = z * 1.0
-    y = group_norm_silu_triton(x, w, b, 4, out=buf[:, :8])
+    y = triton_gn(x, w, b, 4, out=buf[:, :8])
     assert y.data_ptr() == buf.data_ptr()
     (buf * torch.arange(1.0, 3.0, device=device).view(2, 1, 1, 1)).sum().backward()
     xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -428,16 +479,16 @@ def test_out_must_not_share_memory_with_the_inputs(device):
     for name, out in (("x", x), ("x", x.view(-1).view(2, 64, 3, 4)), ("weight", w.expand(3, 4, 2, 64).permute(2, 3, 0, 1)),
                       ("bias", b.expand(3, 4, 2, 64).permute(2, 3, 0, 1))):
         with pytest.raises(ValueError, match=f"out overlaps {name}"):
-            group_norm_silu_triton(x, w, b, 32, out=out)
+            triton_gn(x, w, b, 32, out=out)
     with pytest.raises(ValueError, match=r"on meta, x is torch.float32\(2, 64, 3, 4\) on cpu"):
-        group_norm_silu_triton(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
+        triton_gn(x.cpu(), None, None, 32, out=torch.empty(2, 64, 3, 4, device="meta"))
 
 
 def test_out_that_repeats_elements_is_refused(device):
     """An expanded out (stride 0 over the batch) would have two programs write one element."""
     x = torch.randn(2, 64, 3, 4, device=device)
     with pytest.raises(ValueError, match="several indices"):
-        group_norm_silu_triton(x, None, None, 32, out=torch.empty(1, 64, 3, 4, device=device).expand(2, 64, 3, 4))
+        triton_gn(x, None, None, 32, out=torch.empty(1, 64, 3, 4, device=device).expand(2, 64, 3, 4))
 
 
 @pytest.mark.parametrize("shape, groups", [
@@ -458,13 +509,13 @@ def test_config_made_for_another_shape_is_refused():
     sample's y stayed uninitialised); each broken invariant is named."""
     x, w, b = _inputs((2, 32, 5, 3), torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"rows = 8, not N \* groups = 16"):
-        group_norm_silu_triton(x, w, b, 8, config=launch_config((1, 32, 5, 3), 8, x.dtype, INTERPRETER_SMS))
+        triton_gn(x, w, b, 8, config=launch_config((1, 32, 5, 3), 8, x.dtype, INTERPRETER_SMS))
     cfg = launch_config(x.shape, 8, x.dtype, INTERPRETER_SMS, single_pass=False)
     for change, needle in ((dict(s_chunks=cfg.s_chunks + 1), "s_chunks"), (dict(block_s=3), "block_s = 3 is not a power"),
                            (dict(even_s=True, block_s=2, s_chunk=2, s_chunks=8), "even_s, but H \\* W = 15"),
                            (dict(c_blocks=cfg.c_blocks + 1), "c_blocks")):
         with pytest.raises(ValueError, match=needle):
-            group_norm_silu_triton(x, w, b, 8, config=dataclasses.replace(cfg, **change))
+            triton_gn(x, w, b, 8, config=dataclasses.replace(cfg, **change))
 
 
 @pytest.mark.skipif(not kernels.registry.interpreting(), reason="CPU tensors reach the kernel check only interpreted")
@@ -487,7 +538,7 @@ def test_an_out_spanning_2_31_elements_in_a_sample_is_refused():
     x = torch.randn(1, 9, 1, 2, dtype=torch.float16)
     out = torch.empty(2**31 + 64, dtype=torch.float16).as_strided(x.shape, (0, 2**28, 2, 1))
     with pytest.raises(ValueError, match=r"out\(1, 9, 1, 2\) .* spans 2147483649 elements within a sample"):
-        group_norm_silu_triton(x, None, None, 3, out=out)
+        triton_gn(x, None, None, 3, out=out)
 
 
 def test_edited_tuning_constants_take_effect_after_clear_caches(monkeypatch):
@@ -505,7 +556,7 @@ def test_edited_tuning_constants_take_effect_after_clear_caches(monkeypatch):
 def test_empty_input_keeps_autograd(device):
     x = torch.randn(0, 64, 3, 3, device=device, requires_grad=True)
     w = torch.randn(64, device=device, requires_grad=True)
-    y = group_norm_silu_triton(x, w, w, 32)
+    y = triton_gn(x, w, w, 32)
     assert y.shape == x.shape and y.requires_grad
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
@@ -583,7 +634,7 @@ def test_fp32_out_from_16bit_x(single_pass, dtype, device):
     config = _config(x, 32, single_pass)
     out = torch.full(x.shape, float("nan"), device=device)  # fp32, poisoned
     with _only_path(config):
-        y = group_norm_silu_triton(x, w, b, 32, 1e-5, "silu", out=out, config=config)
+        y = triton_gn(x, w, b, 32, 1e-5, "silu", out=out, config=config)
     assert y is out and y.dtype == torch.float32
     assert_close(y, _torch(x, w, b, 32, "silu", torch.float64), name=f"fp32 y from {dtype} x", **TOL[torch.float32])
 
@@ -591,7 +642,7 @@ def test_fp32_out_from_16bit_x(single_pass, dtype, device):
 def test_out_dtype_must_be_x_or_fp32(device):
     x, w, b = _inputs((1, 32, 3, 5), torch.float16, device)
     with pytest.raises(ValueError, match=r"x's dtype or float32"):
-        group_norm_silu_triton(x, w, b, 8, out=torch.empty(x.shape, dtype=torch.bfloat16, device=device))
+        triton_gn(x, w, b, 8, out=torch.empty(x.shape, dtype=torch.bfloat16, device=device))
 
 
 @pytest.mark.gpu
@@ -619,7 +670,7 @@ def test_eps_and_activation_are_part_of_the_cached_plan():
     """Same shape, other eps or activation: the cached launch plan must not replay the first's."""
     x, w, b = _inputs((1, 32, 4, 4), torch.float32, "cpu")
     for eps, act in ((1e-5, "silu"), (0.5, "silu"), (0.5, None)):
-        assert_close(group_norm_silu_triton(x, w, b, 8, eps, act), _torch(x, w, b, 8, act, torch.float64, eps),
+        assert_close(triton_gn(x, w, b, 8, eps, act), _torch(x, w, b, 8, act, torch.float64, eps),
                      name=f"eps {eps} activation {act}", **TOL[torch.float32])
 
 
@@ -628,9 +679,9 @@ def test_out_strides_are_part_of_the_cached_plan():
     must not replay the first call's y strides."""
     x, w, b = _inputs((2, 32, 5, 3), torch.float32, "cpu")
     want = _torch(x, w, b, 8, "silu", torch.float64)
-    assert_close(group_norm_silu_triton(x, w, b, 8), want, name="y, no out", **TOL[torch.float32])
+    assert_close(triton_gn(x, w, b, 8), want, name="y, no out", **TOL[torch.float32])
     out = torch.full_like(x, float("nan")).to(memory_format=torch.channels_last)
-    group_norm_silu_triton(x, w, b, 8, out=out)
+    triton_gn(x, w, b, 8, out=out)
     assert_close(out, want, name="y in a channels_last out", **TOL[torch.float32])
 
 
@@ -640,7 +691,7 @@ def test_weight_or_bias_alone():
     x, w, b = _inputs((1, 32, 4, 5), torch.float32, "cpu")
     for ww, bb in ((w, b), (w, None), (None, b), (None, None)):
         name = f"y, weight {'given' if ww is not None else 'None'}, bias {'given' if bb is not None else 'None'}"
-        assert_close(group_norm_silu_triton(x, ww, bb, 8), _torch(x, ww, bb, 8, "silu", torch.float64),
+        assert_close(triton_gn(x, ww, bb, 8), _torch(x, ww, bb, 8, "silu", torch.float64),
                      name=name, **TOL[torch.float32])
 
 
@@ -681,7 +732,7 @@ def test_eps_inside_the_square_root(path):
     x, w, b = _inputs((1, 96, 7, 9), torch.float32, "cpu")
     x = (x - 1.5) * 1e-3  # std 3e-3, mean ~0
     config = _config(x, 32, PATHS[path])
-    assert_close(group_norm_silu_triton(x, w, b, 32, config=config), _torch(x, w, b, 32, "silu", torch.float64),
+    assert_close(triton_gn(x, w, b, 32, config=config), _torch(x, w, b, 32, "silu", torch.float64),
                  name=f"low-variance x, {path}", **TOL[torch.float32])
 
 
@@ -691,7 +742,7 @@ def test_even_tiles_with_uneven_statistics_tiles():
     x, w, b = _inputs((1, 8, 12, 16), torch.float32, "cpu")
     cfg = _config(x, 2)
     assert cfg.single_pass and cfg.even_s and not cfg.stats_even_s, cfg
-    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
+    assert_close(triton_gn(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
 
 
 def test_two_pass_partial_last_channel_block():
@@ -700,7 +751,7 @@ def test_two_pass_partial_last_channel_block():
     x, w, b = _inputs((1, 24, 5, 7), torch.float32, "cpu")
     cfg = launch_config(x.shape, 2, x.dtype, INTERPRETER_SMS, max_block_c=8, single_pass=False)
     assert cfg.c_blocks == 2, cfg
-    assert_close(group_norm_silu_triton(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
+    assert_close(triton_gn(x, w, b, 2, config=cfg), _torch(x, w, b, 2, "silu", torch.float64), name="y", **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -711,7 +762,7 @@ def test_width_slice_keeps_h_and_w_apart(path):
     x = x[..., :3]
     out = torch.full((2, 16, 5, 5), float("nan"))[..., :3]
     config = _config(x, 4, PATHS[path])
-    y = group_norm_silu_triton(x, w, b, 4, config=config, out=out)
+    y = triton_gn(x, w, b, 4, config=config, out=out)
     assert_close(y, _torch(x, w, b, 4, "silu", torch.float64), name=f"sliced x and out, {path}", **TOL[torch.float32])
 
 
@@ -722,7 +773,7 @@ def test_backward_takes_the_two_pass_split(monkeypatch):
     grids = []
     real = gn._BWD_REDUCE
     monkeypatch.setattr(gn, "_BWD_REDUCE", lambda grid, *a: (grids.append(grid), real(grid, *a)))
-    group_norm_silu_triton(x.requires_grad_(), w, b, 2).sum().backward()
+    triton_gn(x.requires_grad_(), w, b, 2).sum().backward()
     assert grids == [_config(x, 2, single_pass=False).grid], grids
 
 
