@@ -1112,4 +1112,3 @@ def _check_args(q, k, v, scale):
             raise ValueError(f"attention: a tensor scale is one number or one per batch entry and head, shaped "
                              f"(B|1, H|1, 1, 1) = ({b}|1, {h}|1, 1, 1) to scale the (B, H, Lq, Lkv) scores; got "
                              f"shape {shape}")
-

@@ -407,4 +407,3 @@ def attention_gluon_sm90(q, k, v, scale=None, causal=False):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionSm90Fn.apply(q, k, v, scale, False, {})  # not causal; the Triton backward's own tiles
     return _forward(q, k, v, scale, store_lse=False)[0]
-
