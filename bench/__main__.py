@@ -36,12 +36,19 @@ def _split(parser: argparse.ArgumentParser, flag: str, values: list[str], valid:
     return out
 
 
+def _path(value: str) -> Path:
+    """A path option's value: an empty string (``--out "$UNSET"``) is refused, not read as "."."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(value)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
     g.add_argument("--quick", action="store_true",
                    help="CPU smoke run: tiny shapes, tiny preset, few steps, short timing; "
                         "torch.compile rows are skipped")
-    g.add_argument("--out", type=Path, default=None,
+    g.add_argument("--out", type=_path, default=None,
                    help="output directory (default: bench/results/<date>-<device-slug>/; with --quick "
                         "out/bench-quick/<date>-<device-slug>/, ignored by git)")
     g.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
@@ -104,13 +111,13 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None,
                    help=f"random-weight model preset (default: sd15 on CUDA, tiny on CPU); one of "
                         f"{', '.join(pipelines.preset_names())}")
-    g.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to load with sdcore.load instead")
+    g.add_argument("--ckpt", type=_path, default=None, help="a checkpoint to load with sdcore.load instead")
     g.add_argument("--pipelines", nargs="+", metavar="NAME",
                    help=f"pipelines to run (default: all: {', '.join(pipelines.PIPELINES)}); "
                         "repaint / unet9 / blend are the inpaint variants; unet9 uses the preset's "
                         "-inpaint model")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; 2 with --quick)")
-    g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--batch", type=int, default=None, help="images per prompt (default 1)")
     g.add_argument("--repeats", type=int, default=None,
                    help="timed runs per pipeline, after one untimed warm-up run (default 3; with --quick "
                         "1, and no warm-up)")
@@ -224,16 +231,29 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
     for name in ("steps", "repeats", "batch", "rounds"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "ckpt", None) is not None and not args.ckpt.exists():
-        parser.error(f"--ckpt {args.ckpt}: no such file or directory")
     # flags that would be silently ignored: say so instead
     if getattr(args, "ckpt", None) is not None and getattr(args, "preset", None) is not None:
         parser.error(f"--ckpt {args.ckpt} and --preset {args.preset}: give one (the checkpoint is the model)")
-    if getattr(args, "unet_only", False) and getattr(args, "pipelines", None) is not None:
-        parser.error("--unet-only runs the UNet step alone; --pipelines would be ignored (drop one)")
+    if getattr(args, "ckpt", None) is not None:  # read now (headers, configs): a bad one is not N error rows
+        if not args.ckpt.exists():
+            parser.error(f"--ckpt {args.ckpt}: no such file or directory")
+        from sdcore import checkpoint
+        from sdcore.detect import CheckpointError
+
+        try:
+            checkpoint.open_checkpoint(args.ckpt).config(None)
+        except (CheckpointError, OSError) as e:
+            parser.error(f"--ckpt {e}" if str(e).startswith(str(args.ckpt)) else f"--ckpt {args.ckpt}: {e}")
+    if getattr(args, "unet_only", False):  # one CFG step (batch 2), timed in --rounds
+        for flag, value in (("--pipelines", args.pipelines), ("--steps", args.steps), ("--batch", args.batch),
+                            ("--repeats", args.repeats)):
+            if value is not None:
+                parser.error(f"--unet-only runs the UNet step alone (batch 2, timed in --rounds); {flag} applies to "
+                             "the pipeline rows and would be ignored (drop one)")
     tuned = getattr(args, "ops", None)
-    if getattr(args, "masked_tail", False) and tuned is not None and not any(o.startswith("attention") for o in tuned):
-        parser.error(f"--masked-tail sweeps attention's head-dim split; --ops {' '.join(tuned)} has no attention")
+    if getattr(args, "masked_tail", False) and tuned is not None and "attention" not in tuned:
+        parser.error(f"--masked-tail sweeps the attention forward's head-dim split; --ops {' '.join(tuned)} has "
+                     "no attention (attention.backward and attention.gluon_sm90 have no split to sweep)")
     try:
         args.device = common.pick_device(args.device)
     except ValueError as e:
@@ -255,8 +275,8 @@ def _load_plugins(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str
     for spec in specs:
         try:
             loaded[spec] = kernels.load_plugin(spec)
-        except (ImportError, FileNotFoundError, ValueError) as e:
-            parser.error(str(e) if spec in str(e) else f"--plugin {spec}: {e}")
+        except Exception as e:  # whatever its code raises: one line naming the plugin and where
+            parser.error(f"--{kernels.registry.plugin_error(spec, e)}")
         if not loaded[spec]:
             parser.error(f"--plugin {spec}: it registered no backend (kernels.register(op, name))")
     return loaded

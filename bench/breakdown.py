@@ -126,13 +126,14 @@ def attribute(events: Iterable, basis: str, runs: int = 1) -> Breakdown:
     return out
 
 
-def op_breakdown(fn: Callable[[], object], device: torch.device, *, runs: int = 3) -> Breakdown:
+def op_breakdown(fn: Callable[[], object], device: torch.device | str, *, runs: int = 3) -> Breakdown:
     """Profile ``runs`` calls of ``fn`` (warm it up first: compiles and first-call work would
-    count) and split their time into parts, per call."""
+    count) on ``device`` ("cuda", torch.device) and split their time into parts, per call."""
     from torch.profiler import ProfilerActivity, profile
 
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    device = torch.device(device)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)

@@ -142,7 +142,7 @@ class Options:
         # the baseline every row is compared with runs first, wherever it was listed
         variants = ["reference", *(v for v in variants if v != "reference")]
         return cls(preset=preset, ckpt=args.ckpt, pipelines=args.pipelines or list(PIPELINES),
-                   steps=args.steps or (2 if quick else 50), batch=args.batch,
+                   steps=args.steps or (2 if quick else 50), batch=args.batch or 1,
                    repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
                    unet_only=args.unet_only, variants=variants, quick=quick,
                    rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None,

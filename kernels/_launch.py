@@ -51,10 +51,19 @@ CHECKED = ((3, 6), (3, 9))
 MAX_KEYS = 4096  # launch keys kept per kernel; the cache is emptied when full
 
 
+# SDLAB_FAST_LAUNCH's values: TRITON_INTERPRET's words; set but empty (a shell's `VAR= cmd`) is off
+OFF, ON = ("0", "false", "off", "no", "n", ""), ("1", "true", "on", "yes", "y")
+
+
 def _unsupported() -> str | None:
-    """Why direct launches are off in this process, or None."""
-    if os.environ.get(ENV_VAR, "1").strip() in ("0", ""):
+    """Why direct launches are off in this process, or None. A value of SDLAB_FAST_LAUNCH that is
+    neither on nor off is a ValueError naming it (importing kernels reads it)."""
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value in OFF:
         return f"{ENV_VAR}=0"
+    if value not in ON:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 0 (or false, off, no) to launch every kernel "
+                         "through Triton's dispatch, 1 (true, on, yes; the default) for direct launches")
     if IMPORT_ERROR:
         return IMPORT_ERROR
     if interpreting():

@@ -802,6 +802,9 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
 @register("group_norm_silu", Backend.TRITON, check=_check_triton)
 def _group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu", *, out=None, config=None):
     """:func:`group_norm_silu_triton` past its argument checks (the switch has made them)."""
+    if config is not None and not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig (launch_config(x.shape, groups, x.dtype, ...) makes one), "
+                        f"not {type(config).__name__}")
     y_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
     if out is not None:
         if out.shape != x.shape or out.dtype not in (x.dtype, torch.float32) or out.device != x.device:

@@ -52,6 +52,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -626,7 +627,10 @@ def set_backend(backend: BackendName | None = None, /, **per_op: BackendName | N
 
 def describe(device: str | torch.device | None = None) -> str:
     """What each op resolves to for an input on ``device`` (default: cuda if present) and why."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"describe: device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {e}") from None
     lines = []
     for op in ops():
         chosen, source = _choice(op)
@@ -665,6 +669,22 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
             added = {op: [str(b) for b, impl in _OPS[op].items() if impl.fn.__module__ == name] for op in ops()}
         _PLUGINS[name] = {op: names for op, names in added.items() if names}
     return {op: kept for op, names in _PLUGINS[name].items() if (kept := [b for b in names if b in backends(op)])}
+
+
+def plugin_error(spec: str, e: BaseException) -> str:
+    """One line for a command line: plugin ``spec``, what loading it raised, and the line that
+    raised it (its own file's, where it is one), in place of a traceback through importlib."""
+    text = str(e)
+    if text.startswith("plugin "):  # load_plugin's own (no such file or module): it names the plugin
+        return text
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f"{e.filename}:{e.lineno}"
+    else:
+        path = Path(spec).resolve() if spec.endswith(".py") else None
+        frames = traceback.extract_tb(e.__traceback__)
+        frame = ([f for f in frames if path is not None and Path(f.filename) == path] or frames or [None])[-1]
+        where = f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
+    return f"plugin {spec}: loading it raised {type(e).__name__}: {text} (at {where})"
 
 
 def unload_plugin(spec: str) -> None:

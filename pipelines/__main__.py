@@ -23,6 +23,16 @@ import warnings
 from pathlib import Path
 
 COMMANDS = ("txt2img", "img2img", "inpaint")
+INPUTS = {"txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask")}  # the images each command reads
+_KINDS = {"a string": (str,), "a string or null": (str, type(None)), "a number": (int, float),
+          "a number or null": (int, float, type(None)), "an integer": (int,), "an integer or null": (int, type(None)),
+          "true or false": (bool,)}
+PARAM_KINDS = {  # what the CLI records in a sidecar's "params" (null: the option was left to its default)
+    "prompt": "a string", "negative_prompt": "a string or null", "cfg_scale": "a number", "steps": "an integer",
+    "sampler": "a string or null", "eta": "a number or null", "seed": "an integer", "height": "an integer or null",
+    "width": "an integer or null", "resize": "true or false", "batch_size": "an integer",
+    "clip_skip": "an integer or null", "strength": "a number", "variant": "a string",
+    "jump_length": "an integer or null", "jump_n_sample": "an integer or null", "paste_back": "true or false"}
 DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar records
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
@@ -143,10 +153,14 @@ def job_from_args(args) -> dict:
         params.update(variant=args.variant, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
                       paste_back=args.paste_back)  # jump_*: None unless given (inpaint: 10 for repaint)
         inputs["mask"] = args.mask
+    if args.ckpt and args.model_seed is not None:
+        raise ValueError(f"--model-seed {args.model_seed} seeds a --preset's random weights; --ckpt {args.ckpt} has "
+                         "its own: leave --model-seed out")
+    model_seed = None if args.ckpt else 0 if args.model_seed is None else args.model_seed
     return {"command": args.command,
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None,
                       "ckpt_sha256": checkpoint_digests(args.ckpt) if args.ckpt else None, "preset": args.preset,
-                      "model_seed": args.model_seed, "dtype": args.dtype, "device": args.device},
+                      "model_seed": model_seed, "dtype": args.dtype, "device": args.device},
             "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugin],
             "plugin_sha256": {str(Path(p).resolve()): sha256(Path(p)) for p in args.plugin
@@ -183,9 +197,20 @@ def read_sidecar(path: Path) -> dict:
         if not isinstance(data[key], kind):
             raise ValueError(f"{path}: not a sidecar ({key!r} is a {type(data[key]).__name__})")
     _check_sidecar_model(path, data["model"])
+    command = data["command"]
+    if command not in COMMANDS:
+        raise ValueError(f"{path}: not a sidecar (command {command!r}; known: {', '.join(COMMANDS)})")
+    if sorted(data["inputs"]) != sorted(INPUTS[command]):
+        raise ValueError(f"{path}: not a sidecar ({command} reads the inputs {list(INPUTS[command])}, the sidecar "
+                         f"has {sorted(data['inputs'])})")
     for name, inp in data["inputs"].items():
         if not (isinstance(inp, dict) and isinstance(inp.get("path"), str)):
             raise ValueError(f"{path}: not a sidecar (input {name!r} has no 'path' string)")
+    for name, value in data["params"].items():  # the ranges are the pipeline's to check, with its messages
+        want = PARAM_KINDS.get(name)
+        if want is not None and (not isinstance(value, _KINDS[want])
+                                 or (isinstance(value, bool) and want != "true or false")):
+            raise ValueError(f"{path}: 'params' entry {name!r} must be {want}, got {type(value).__name__} {value!r}")
     if data["params"].get("seed") is None:
         raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     job = {k: data[k] for k in SIDECAR_KEYS}
@@ -237,6 +262,8 @@ def check_code(recorded: dict) -> None:
 
 
 def _existing(name: str, path: Path) -> Path:
+    if path.is_dir():
+        raise ValueError(f"--{name} {path}: a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"--{name} {path}: no such file")
     return path
@@ -276,6 +303,13 @@ def parse_dtype(name: str) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: fp32/float32, fp16/float16, bf16/bfloat16")
     return name
+
+
+def _path_arg(value: str) -> str:
+    """A path option's value: an empty string (``--out "$UNSET"``) is refused, not read as "."."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return value
 
 
 def _dtype_arg(name: str) -> str:
@@ -368,7 +402,11 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
         if recorded and Path(plugin).is_file() and sha256(Path(plugin)) != recorded:
             warnings.warn(f"plugin {plugin} changed since the sidecar was written (sha256 differs): "
                           "its backends may give other results")
-        if not kernels.load_plugin(plugin):  # as bench and pytest's --sdlab-plugin: an error, not a no-op
+        try:
+            loaded = kernels.load_plugin(plugin)
+        except Exception as e:  # whatever its code raises: one line naming the plugin and where
+            raise ValueError(f"--{kernels.registry.plugin_error(plugin, e)}") from e
+        if not loaded:  # as bench and pytest's --sdlab-plugin: an error, not a no-op
             raise ValueError(f"--plugin {plugin}: it registered no backend (kernels.register(op, name))")
     job["model"]["device"] = resolve_device(job["model"]["device"])
     dtype = getattr(torch, parse_dtype(job["model"]["dtype"]))
@@ -442,10 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
         from_image = command != "txt2img"
         g = p.add_argument_group("model")
         src = g.add_mutually_exclusive_group(required=True)
-        src.add_argument("--ckpt", metavar="PATH", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+        src.add_argument("--ckpt", type=_path_arg, metavar="PATH", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
         src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                          help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
-        g.add_argument("--model-seed", type=int, default=0, metavar="N", help="weight seed for --preset (default 0)")
+        g.add_argument("--model-seed", type=int, default=None, metavar="N",
+                       help="weight seed for --preset (default 0); a --ckpt has its own weights")
         g.add_argument("--dtype", type=_dtype_arg, default="float32", metavar="DTYPE",
                        help="model dtype: fp32/float32 (default), fp16/float16, bf16/bfloat16")
         g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -496,15 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
         if from_image:
             strength = 0.8 if command == "img2img" else 1.0
             g = p.add_argument_group("input")
-            g.add_argument("--image", required=True, metavar="PATH", help="input image (PNG/JPEG)")
+            g.add_argument("--image", type=_path_arg, required=True, metavar="PATH", help="input image (PNG/JPEG)")
             g.add_argument("--strength", type=float, default=strength,
                            help=f"noise level to start from, 0 = keep the image, 1 = pure noise (default {strength})")
         if command == "inpaint":
-            g.add_argument("--mask", required=True, metavar="PATH",
+            g.add_argument("--mask", type=_path_arg, required=True, metavar="PATH",
                            help="mask image, white = repaint; a colour or palette image is read as its luminance")
             add_inpainting(p.add_argument_group("inpainting"))
         g = p.add_argument_group("output")
-        g.add_argument("--out", required=True, metavar="DIR",
+        g.add_argument("--out", type=_path_arg, required=True, metavar="DIR",
                        help="directory for the PNGs and JSON sidecars (created; checked before any work)")
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -528,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="re-run the generation a JSON sidecar describes",
                        description="Re-run a sidecar's generation (same model, kernels, parameters, seed, device).")
-    p.add_argument("sidecar", metavar="SIDECAR", help="a JSON sidecar written next to a PNG")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("sidecar", type=_path_arg, metavar="SIDECAR", help="a JSON sidecar written next to a PNG")
+    p.add_argument("--out", type=_path_arg, required=True, metavar="DIR",
                    help="directory for the re-generated PNGs and sidecars (created; checked before any work)")
     p.add_argument("--device", default=None, help="override the recorded device (results may then differ)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -8,7 +8,7 @@ Conventions (the public API documents them once, here):
   [0, 1] of shape (3, H, W) or (N, 3, H, W), channels first -- the layout and range torchvision
   uses. Tensors in [-1, 1] and channels-last (H, W, 3) tensors are refused (with the fix) rather
   than guessed.
-- **Masks**: a PIL image of mode "L" or "1", or a tensor (H, W), (1, H, W) or (N|1, 1, H, W) in
+- **Masks**: a PIL image of mode "L" or "1" (or 16-bit grayscale, over its full range), or a tensor (H, W), (1, H, W) or (N|1, 1, H, W) in
   [0, 1]; **1 (white) = the region to repaint**, as diffusers. Masks are binarised at 0.5 and
   downsampled to the latent size by nearest interpolation, exactly as diffusers'
   ``StableDiffusionInpaintPipeline`` does.
@@ -213,10 +213,11 @@ def image_size(image) -> tuple[int, int]:
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale (a 16-bit PNG opens as "I;16")
 
 
-def _pil_samples(im):
-    """(image, full scale): RGB over 255, or 16-bit grayscale as mode "F" over 65535, whose samples
-    convert("RGB") would clip at 255 (a black-to-white ramp came out 98% white). Modes "I" (32-bit
-    integers) beyond 255 and "F" have no known full scale: an error, with the way out."""
+def _pil_samples(im, convert: str = "RGB"):
+    """(image, full scale): ``convert`` (RGB; L for a mask) over 255, or 16-bit grayscale as mode "F"
+    over 65535, whose samples convert("RGB") would clip at 255 (a black-to-white ramp came out 98%
+    white). Modes "I" (32-bit integers) beyond 255 and "F" have no known full scale: an error, with
+    the way out."""
     if im.mode in _SIXTEEN_BIT:
         return im.convert("F"), 65535.0
     if im.mode in ("I", "F"):
@@ -225,7 +226,7 @@ def _pil_samples(im):
             raise ValueError(f"image of PIL mode {im.mode!r} with values in [{lo:.6g}, {hi:.6g}]: its full scale is "
                              "unknown; pass a float tensor in [0, 1] (16-bit samples / 65535, say), or an 8- or "
                              "16-bit image")
-    return im.convert("RGB"), 255.0
+    return im.convert(convert), 255.0
 
 
 def image_to_tensor(image, size: tuple[int, int], resize: bool) -> torch.Tensor:
@@ -292,15 +293,15 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
 
     Image = _pil()
     if isinstance(mask, Image.Image):
-        if mask.mode not in ("L", "1"):
-            raise ValueError(f"mask must be single-channel (PIL mode 'L' or '1'), got mode {mask.mode!r}; "
-                             "convert it with mask.convert('L')")
-        m = mask.convert("L")
+        if mask.mode not in ("L", "1", "I", "F", *_SIXTEEN_BIT):
+            raise ValueError(f"mask must be single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode "
+                             f"{mask.mode!r}; convert it with mask.convert('L')")
+        m, full = _pil_samples(mask, convert="L")  # 16-bit: over 65535, as images are read
         if (m.height, m.width) != size:
             if not resize:
                 raise ValueError(f"mask is {m.height}x{m.width} (HxW) but the image is {size[0]}x{size[1]}")
             m = m.resize((size[1], size[0]), resample=Image.NEAREST)
-        t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
+        t = torch.from_numpy(np.asarray(m, dtype=np.float32) / full)[None, None]
     elif isinstance(mask, torch.Tensor):
         t = mask.detach()
         shape = tuple(t.shape)

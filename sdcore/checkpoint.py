@@ -170,9 +170,9 @@ class _TensorFile:
             raise CheckpointError(f"{self.path}: holds Python objects besides tensors ({found.group(1)}), "
                                   "which are never unpickled (weights_only=True); keep the state dict "
                                   "only, or convert it to .safetensors") from e
-        except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+        except Exception as e:  # torch's unpickler on garbage: KeyError, IndexError, EOFError, RuntimeError, ...
             raise CheckpointError(f"{self.path}: not a readable torch checkpoint "
-                                  f"(truncated or corrupt?): {e}") from e
+                                  f"(truncated or corrupt?): {type(e).__name__}: {e}") from e
         if isinstance(obj, Mapping) and isinstance(obj.get(CONFIG_KEY), str):
             self.config_json = obj[CONFIG_KEY]
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -125,8 +125,12 @@ def test_backend_refusing_the_input_is_a_skipped_row(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,needle", [
     (["pipelines", "--ckpt", "README.md", "--preset", "tiny"], "give one"),
-    (["pipelines", "--unet-only", "--pipelines", "txt2img"], "--pipelines would be ignored"),
+    (["pipelines", "--unet-only", "--pipelines", "txt2img"], "--pipelines applies to the pipeline rows"),
+    (["pipelines", "--unet-only", "--batch", "4"], "--batch applies to the pipeline rows and would be ignored"),
+    (["pipelines", "--unet-only", "--steps", "7"], "--steps applies to the pipeline rows"),
+    (["pipelines", "--unet-only", "--repeats", "9"], "--repeats applies to the pipeline rows"),
     (["tune", "--masked-tail", "--ops", "group_norm_silu"], "has no attention"),
+    (["tune", "--masked-tail", "--ops", "attention.backward"], "attention.backward and attention.gluon_sm90 have no"),
 ])
 def test_flags_that_would_be_ignored_are_errors(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -229,12 +233,24 @@ def test_repeated_values_run_once(tmp_path):
     (["pipelines", "--variants", "attention=nope"], "op 'attention' has no 'nope' backend; valid: reference"),
     (["pipelines", "--variants", "attention=sdpa+attention=reference"], "op 'attention' is named twice"),
     (["pipelines", "--variants", "attention="], "expected op=backend items"),
+    (["ops", "--out", ""], "argument --out: an empty path"),  # `--out "$UNSET"` wrote into the working directory
+    (["pipelines", "--ckpt", " "], "argument --ckpt: an empty path"),
+    # read before the run: a folder that is no model made every row an error, over the earlier results
+    (["pipelines", "--ckpt", "{tmp}"], "--ckpt {tmp}: a folder but not a diffusers pipeline (no model_index.json)"),
+    (["pipelines", "--ckpt", "README.md"], "--ckpt README.md: not a readable safetensors file"),
+    (["pipelines", "--ckpt", "{tmp}/junk.ckpt"], "--ckpt {tmp}/junk.ckpt: not a readable torch checkpoint (truncated "
+                                                "or corrupt?): KeyError"),  # was a bare KeyError from torch
+    (["ops", "--plugin", "{tmp}/raising_plugin.py"],
+     "--plugin {tmp}/raising_plugin.py: loading it raised RuntimeError: boom (at {tmp}/raising_plugin.py:2)"),
 ])
 def test_bad_values_are_parser_errors(argv, needle, capsys, tmp_path):
     (tmp_path / "empty_plugin.py").write_text("import kernels\n")
+    (tmp_path / "raising_plugin.py").write_text("import kernels\nraise RuntimeError('boom')\n")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk\n")
     with pytest.raises(SystemExit) as exc:
         main([a.format(tmp=tmp_path) for a in argv])
-    assert exc.value.code == 2 and needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle.format(tmp=tmp_path) in err and "Traceback" not in err, err
 
 
 def test_out_that_is_a_file_fails_before_running(tmp_path, capsys):
@@ -444,14 +460,24 @@ def test_sm90_help_and_unknown_flags_compile_nothing(capsys, monkeypatch):
     assert exc.value.code == 2 and "unrecognized arguments: --jsn" in capsys.readouterr().err
 
 
-def test_failed_ckpt_rows_name_the_checkpoint(tmp_path):
-    """A --ckpt that does not load: every row (UNet step and pipeline) names it, not the preset."""
-    ckpt = tmp_path / "junk.ckpt"
-    ckpt.write_bytes(b"junk\n")
+def test_failed_ckpt_rows_name_the_checkpoint(tmp_path, monkeypatch):
+    """A --ckpt that is read before the run but then fails to load (a junk file is a usage error
+    before it: see test_bad_values_are_parser_errors): every row (UNet step and pipeline) names it,
+    not the preset."""
+    import sdcore
+
+    ckpt = tmp_path / "tiny.safetensors"
+    sdcore.StableDiffusion.from_preset("tiny").save(ckpt)
+
+    def fails(path, **_):
+        raise sdcore.CheckpointError(f"{path}: pretend its tensor data is truncated")
+
+    monkeypatch.setattr(sdcore, "load", fails)
     rc, data = _run(["pipelines", "--quick", "--no-plot", "--ckpt", str(ckpt), "--pipelines", "txt2img",
                      "--variants", "reference"], tmp_path / "out")
     assert rc == 1 and {r["suite"] for r in data["rows"]} == {"unet_step", "pipelines"}, data["rows"]
-    assert all(r["preset"] == "junk.ckpt" and r["status"] in ("error", "skipped") for r in data["rows"]), data["rows"]
+    assert all(r["preset"] == "tiny.safetensors" and r["status"] in ("error", "skipped") and "pretend" in r["note"]
+               for r in data["rows"]), data["rows"]
 
 
 def test_host_ms_counts_issue_time_per_call():

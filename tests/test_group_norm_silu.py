@@ -516,6 +516,9 @@ def test_config_made_for_another_shape_is_refused():
                            (dict(c_blocks=cfg.c_blocks + 1), "c_blocks")):
         with pytest.raises(ValueError, match=needle):
             triton_gn(x, w, b, 8, config=dataclasses.replace(cfg, **change))
+    for bad in ("foo", {"block_c": 16}):  # an AttributeError, and a bare "unhashable type", before
+        with pytest.raises(TypeError, match=f"config must be a LaunchConfig .*, not {type(bad).__name__}"):
+            triton_gn(x, w, b, 8, config=bad)
 
 
 @pytest.mark.skipif(not kernels.registry.interpreting(), reason="CPU tensors reach the kernel check only interpreted")

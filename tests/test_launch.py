@@ -203,12 +203,20 @@ def test_direct_launches_match_tritons_real_dispatch_on_cpu():
     assert not result["mismatches"], json.dumps(result["mismatches"], indent=1)
 
 
-@pytest.mark.parametrize("value, off", [("0", True), ("", True), (" 0 ", True), ("1", False)])
+@pytest.mark.parametrize("value, off", [("0", True), ("", True), (" 0 ", True), ("false", True), ("OFF", True),
+                                        ("no", True), ("1", False), ("true", False), ("Yes", False)])
 def test_env_var_turns_direct_launches_off(monkeypatch, value, off):
-    """SDLAB_FAST_LAUNCH=0, or set but empty (as a shell's `VAR= cmd` leaves it), turns direct
-    launches off by name; 1 leaves the other reasons to decide."""
+    """SDLAB_FAST_LAUNCH=0 (false, off, no: TRITON_INTERPRET's words), or set but empty (as a shell's
+    `VAR= cmd` leaves it), turns direct launches off by name; 1 leaves the other reasons to decide.
+    "false" used to leave them on."""
     monkeypatch.setenv(_launch.ENV_VAR, value)
     assert (_launch._unsupported() == f"{_launch.ENV_VAR}=0") is off, _launch._unsupported()
+
+
+def test_env_var_of_another_value_is_an_error(monkeypatch):
+    monkeypatch.setenv(_launch.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="SDLAB_FAST_LAUNCH='fast': use 0 .* 1 "):
+        _launch._unsupported()
 
 
 def test_off_under_the_interpreter():

@@ -18,7 +18,7 @@ from PIL import Image
 import pipelines
 import sdcore
 from kernels.testing import describe_diff
-from pipelines.common import encode_image, image_to_tensor
+from pipelines.common import encode_image, image_to_tensor, mask_to_tensor
 from pipelines.inpaint import Renoise, Step, repaint_plan
 from sdcore.schedulers import repaint_timesteps
 
@@ -155,6 +155,19 @@ def test_sixteen_bit_images_keep_their_range():
                          (Image.fromarray(np.full((2, 3), 0.5, np.float32)), r"mode 'F' with values in \[0.5, 0.5\]")):
         with pytest.raises(ValueError, match=message):
             image_to_tensor(bad, (2, 3), False)
+
+
+def test_sixteen_bit_masks_are_read_over_their_range():
+    """A 16-bit grayscale mask (PIL "I;16", as a 16-bit PNG opens) was refused as "not single-channel";
+    it is read over 65535 as 16-bit images are, so 0/65535 gives the 8-bit mask's 0/1, and a sample
+    just under half scale stays below the 0.5 threshold."""
+    bits = np.array([[0, 65535, 32767], [32768, 65535, 0]], dtype=np.uint16)
+    got = mask_to_tensor(Image.fromarray(bits), (2, 3), 1, False)
+    want = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])[None, None]
+    assert torch.equal(got, want), describe_diff(got, want)
+    assert torch.equal(mask_to_tensor(Image.fromarray((bits >> 8).astype(np.uint8)), (2, 3), 1, False), want)
+    with pytest.raises(ValueError, match=r"mode 'I' with values in \[70000, 70000\]"):
+        mask_to_tensor(Image.fromarray(np.full((2, 3), 70000, np.int32)), (2, 3), 1, False)
 
 
 def test_img2img_strength_zero_is_vae_round_trip(tiny, image):
@@ -373,7 +386,7 @@ def _errors(tiny, tiny9, image, mask):
         "blend on 9ch": (lambda: i(tiny9, variant="blend"), "takes 9 channels: use variant='unet9'"),
         "unknown variant": (lambda: i(variant="sdxl"), "known: repaint, unet9, blend"),
         "repaint with euler_a": (lambda: i(sampler="euler_a"), "needs sampler ddpm or ddim"),
-        "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")), "single-channel (PIL mode 'L' or '1'), got mode 'RGB'"),
+        "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")), "single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode 'RGB'"),
         "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
         # a mask of 5 would extrapolate the blend: refused with the range found
@@ -604,6 +617,7 @@ def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
     sidecar = next((tmp_path / "a").glob("*.json"))
     digests = json.loads(sidecar.read_text())["model"]["ckpt_sha256"]
     assert weights in digests and (layout == "ldm") == (len(digests) == 1), digests
+    assert json.loads(sidecar.read_text())["model"]["model_seed"] is None  # the checkpoint's weights, not a seed's
     assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
     other = sdcore.StableDiffusion.from_preset("tiny", seed=1)
     other.save(tmp_path / "other" if layout == "diffusers" else ckpt, layout=layout)
@@ -626,7 +640,18 @@ def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
     (_sidecar(preset="sd99"), "'model' names neither a checkpoint nor a known preset (preset 'sd99'; known presets: "),
     (_sidecar(model_seed="0"), "not a sidecar ('model' entry 'model_seed' must be an int: '0')"),
     (_sidecar().replace('"inputs": {}', '"inputs": {"image": {"sha256": "0"}}'),
+     "not a sidecar (txt2img reads the inputs [], the sidecar has ['image'])"),
+    (_sidecar().replace('"inputs": {}', '"inputs": {"image": {"sha256": "0"}}').replace('"txt2img"', '"img2img"'),
      "not a sidecar (input 'image' has no 'path' string)"),
+    # each used to end in a traceback (AttributeError, TypeError) from inside the run
+    (_sidecar().replace('"txt2img"', '"foo"'), "not a sidecar (command 'foo'; known: txt2img, img2img, inpaint)"),
+    (_sidecar().replace('"txt2img"', '"img2img"'), "not a sidecar (img2img reads the inputs ['image'], the "
+                                                    "sidecar has [])"),
+    (_sidecar().replace('"seed": 1', '"seed": 1, "prompt": 5'), "'params' entry 'prompt' must be a string, got int 5"),
+    (_sidecar().replace('"seed": 1', '"seed": 1, "steps": true'),
+     "'params' entry 'steps' must be an integer, got bool True"),
+    (_sidecar().replace('"seed": 1', '"seed": 1, "cfg_scale": "7.5"'),
+     "'params' entry 'cfg_scale' must be a number, got str '7.5'"),
 ])
 def test_replay_of_a_file_that_is_not_a_sidecar(tmp_path, capsys, content, message):
     from pipelines.__main__ import main
@@ -664,7 +689,12 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         "1000 steps": (["txt2img", "--steps", "1000", "--sampler", "ddpm"], "steps=1000 with timestep_spacing="),
         "missing image": (["img2img", "--image", str(tmp_path / "nothing.png")],
                           f"--image {tmp_path / 'nothing.png'}: no such file"),
+        "image folder": (["img2img", "--image", str(tmp_path)], f"--image {tmp_path}: a directory, not an image file"),
+        "empty image": (["img2img", "--image", ""], "argument --image: an empty path"),
+        "raising plugin": (["txt2img", "--plugin", str(tmp_path / "boom.py")], f"--plugin {tmp_path / 'boom.py'}: "
+                           f"loading it raised RuntimeError: boom (at {tmp_path / 'boom.py'}:2)"),
     }
+    (tmp_path / "boom.py").write_text("import kernels\nraise RuntimeError('boom')\n")
     if not torch.cuda.is_available():
         bad["no cuda"] = (["txt2img", "--device", "cuda"], "--device cuda: not available on this machine")
     for case, (args, message) in bad.items():
@@ -673,6 +703,16 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, \
             f"{case}: exit {e.value.code}, stderr {err!r} lacks {message!r}"
+    for args, message in (  # options the model and the output path take, without --preset
+            (["--preset", "tiny", "--out", ""], "argument --out: an empty path"),  # wrote into the working directory
+            (["--ckpt", "", "--out", str(tmp_path)], "argument --ckpt: an empty path"),  # read as no --ckpt at all
+            # a checkpoint has its own weights: the seed was ignored, and recorded in the sidecar as if it counted
+            (["--ckpt", str(tmp_path / "notimg.png"), "--model-seed", "5", "--out", str(tmp_path)],
+             f"--model-seed 5 seeds a --preset's random weights; --ckpt {tmp_path / 'notimg.png'} has its own")):
+        with pytest.raises(SystemExit) as e:
+            main(["txt2img", "--steps", "1", "--no-progress", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
     with pytest.raises(SystemExit) as e:  # refused before any work, not after the generation
         main(["txt2img", "--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "mask.png")])
     assert e.value.code == 2 and f"--out {tmp_path / 'mask.png'}: exists and is not a directory" in capsys.readouterr().err
@@ -980,7 +1020,7 @@ def test_cli_jump_options_with_another_variant_are_refused(tmp_path, image, mask
 
 
 # ------------------------------------------------------------------------ CLI, sidecar contents
-def _sidecar(folder):
+def _written_sidecar(folder):
     return json.loads(next(folder.glob("*.json")).read_text())
 
 
@@ -993,18 +1033,18 @@ def test_cli_sidecar_names_where_the_backends_came_from(tmp_path, monkeypatch, c
             "--device", "cpu", "--no-progress", "--cfg-scale", "1"]
     monkeypatch.delenv("SDLAB_KERNELS", raising=False)
     assert main(base + ["--kernels", "scheduler_step=reference", "--out", str(tmp_path / "a")]) == 0
-    a = _sidecar(tmp_path / "a")
+    a = _written_sidecar(tmp_path / "a")
     assert "scheduler_step   -> reference (--kernels 'scheduler_step=reference')" in a["kernel_backends"], \
         a["kernel_backends"]
     monkeypatch.setenv("SDLAB_KERNELS", "attention=reference")
     assert main(base + ["--out", str(tmp_path / "b")]) == 0
-    b = _sidecar(tmp_path / "b")
+    b = _written_sidecar(tmp_path / "b")
     assert b["kernels"] == "attention=reference"
     assert "attention        -> reference (SDLAB_KERNELS='attention=reference')" in b["kernel_backends"], \
         b["kernel_backends"]
     replay = ["replay", str(next((tmp_path / "a").glob("*.json"))), "--no-progress", "--out", str(tmp_path / "c")]
     assert main(replay) == 0
-    c = _sidecar(tmp_path / "c")
+    c = _written_sidecar(tmp_path / "c")
     assert "(the sidecar's \"kernels\": 'scheduler_step=reference')" in c["kernel_backends"], c["kernel_backends"]
     for side in (a, b, c):
         assert "kernels.use() scope" not in side["kernel_backends"], side["kernel_backends"]
