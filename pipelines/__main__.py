@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
         from_image = command != "txt2img"
         g = p.add_argument_group("model")
         src = g.add_mutually_exclusive_group(required=True)
-        src.add_argument("--ckpt", type=_path_arg, metavar="PATH", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+        src.add_argument("--ckpt", type=_path_arg, metavar="PATH",
+                         help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
         src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                          help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
         g.add_argument("--model-seed", type=int, default=None, metavar="N",

@@ -8,8 +8,9 @@ Conventions (the public API documents them once, here):
   [0, 1] of shape (3, H, W) or (N, 3, H, W), channels first -- the layout and range torchvision
   uses. Tensors in [-1, 1] and channels-last (H, W, 3) tensors are refused (with the fix) rather
   than guessed.
-- **Masks**: a PIL image of mode "L" or "1" (or 16-bit grayscale, over its full range), or a tensor (H, W), (1, H, W) or (N|1, 1, H, W) in
-  [0, 1]; **1 (white) = the region to repaint**, as diffusers. Masks are binarised at 0.5 and
+- **Masks**: a PIL image of mode "L" or "1" (or 16-bit grayscale, over its full range), or a
+  tensor (H, W), (1, H, W) or (N|1, 1, H, W) in [0, 1]; **1 (white) = the region to repaint**, as
+  diffusers. Masks are binarised at 0.5 and
   downsampled to the latent size by nearest interpolation, exactly as diffusers'
   ``StableDiffusionInpaintPipeline`` does.
 - **Latents**: the UNet's (scaled) latents, ``z = vae.encode(x).sample() * scaling_factor``;

@@ -386,7 +386,8 @@ def _errors(tiny, tiny9, image, mask):
         "blend on 9ch": (lambda: i(tiny9, variant="blend"), "takes 9 channels: use variant='unet9'"),
         "unknown variant": (lambda: i(variant="sdxl"), "known: repaint, unet9, blend"),
         "repaint with euler_a": (lambda: i(sampler="euler_a"), "needs sampler ddpm or ddim"),
-        "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")), "single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode 'RGB'"),
+        "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")),
+                         "single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode 'RGB'"),
         "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
         # a mask of 5 would extrapolate the blend: refused with the range found
