@@ -37,10 +37,9 @@ def _split(parser: argparse.ArgumentParser, flag: str, values: list[str], valid:
 
 
 def _path(value: str) -> Path:
-    """A path option's value: an empty string (``--out "$UNSET"``) is refused, not read as "."."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("an empty path")
-    return Path(value)
+    from pipelines.common import path_arg
+
+    return Path(path_arg(value))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -287,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]
     common.prepare_environment()  # before anything imports kernels
+    from pipelines.common import import_kernels
+
+    import_kernels("python -m bench")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.suite is None:

@@ -675,7 +675,8 @@ def plugin_error(spec: str, e: BaseException) -> str:
     """One line for a command line: plugin ``spec``, what loading it raised, and the line that
     raised it (its own file's, where it is one), in place of a traceback through importlib."""
     text = str(e)
-    if text.startswith("plugin "):  # load_plugin's own (no such file or module): it names the plugin
+    own = text.startswith((f"plugin {spec}:", f"plugin {spec!r}:"))  # load_plugin's: no such file, no such module
+    if own and isinstance(e, (FileNotFoundError, ModuleNotFoundError)):
         return text
     if isinstance(e, SyntaxError) and e.filename:
         where = f"{e.filename}:{e.lineno}"

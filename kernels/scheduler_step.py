@@ -234,7 +234,8 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
     tensors = (x, model_output, model_output_uncond, noise, prev_x0, mask, known)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "an input requires grad and the Triton step has no backward (the reference has autograd)"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, out_x0)):
+    written = (out, out_x0 if return_x0 else None)  # out_x0 is written only when x0 is returned
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in written):
         return "out or out_x0 requires grad (it is in a graph) and the Triton step records no autograd"
     if x.numel() > 2**31 - 1 - BLOCK:  # pid * BLOCK + arange(BLOCK) is 32-bit
         return f"{x.numel()} elements exceed the kernel's int32 indexing (at most {2**31 - 1 - BLOCK})"

@@ -206,14 +206,16 @@ def read_sidecar(path: Path) -> dict:
     for name, inp in data["inputs"].items():
         if not (isinstance(inp, dict) and isinstance(inp.get("path"), str)):
             raise ValueError(f"{path}: not a sidecar (input {name!r} has no 'path' string)")
+    if data["params"].get("seed") is None:
+        raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     for name, value in data["params"].items():  # the ranges are the pipeline's to check, with its messages
         want = PARAM_KINDS.get(name)
         if want is not None and (not isinstance(value, _KINDS[want])
                                  or (isinstance(value, bool) and want != "true or false")):
             raise ValueError(f"{path}: 'params' entry {name!r} must be {want}, got {type(value).__name__} {value!r}")
-    if data["params"].get("seed") is None:
-        raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     job = {k: data[k] for k in SIDECAR_KEYS}
+    if job["model"].get("ckpt"):  # sidecars before 2026-11-24 record the CLI's default seed beside a checkpoint
+        job["model"] = {**job["model"], "model_seed": None}
     job["plugins"] = data.get("plugins", [])  # sidecars before research backends have none
     if not (isinstance(job["plugins"], list) and all(isinstance(p, str) for p in job["plugins"])):
         raise ValueError(f"{path}: not a sidecar ('plugins' is not a list of module names and files)")
@@ -303,13 +305,6 @@ def parse_dtype(name: str) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: fp32/float32, fp16/float16, bf16/bfloat16")
     return name
-
-
-def _path_arg(value: str) -> str:
-    """A path option's value: an empty string (``--out "$UNSET"``) is refused, not read as "."."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("an empty path")
-    return value
 
 
 def _dtype_arg(name: str) -> str:
@@ -466,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import kernels
 
-    from .common import SAMPLERS
+    from .common import SAMPLERS, path_arg
     from .inpaint import VARIANTS
 
     ops = "; ".join(f"{op} ({'|'.join(kernels.backends(op))})" for op in kernels.ops())
@@ -480,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         from_image = command != "txt2img"
         g = p.add_argument_group("model")
         src = g.add_mutually_exclusive_group(required=True)
-        src.add_argument("--ckpt", type=_path_arg, metavar="PATH",
+        src.add_argument("--ckpt", type=path_arg, metavar="PATH",
                          help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
         src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
                          help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
@@ -536,15 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
         if from_image:
             strength = 0.8 if command == "img2img" else 1.0
             g = p.add_argument_group("input")
-            g.add_argument("--image", type=_path_arg, required=True, metavar="PATH", help="input image (PNG/JPEG)")
+            g.add_argument("--image", type=path_arg, required=True, metavar="PATH", help="input image (PNG/JPEG)")
             g.add_argument("--strength", type=float, default=strength,
                            help=f"noise level to start from, 0 = keep the image, 1 = pure noise (default {strength})")
         if command == "inpaint":
-            g.add_argument("--mask", type=_path_arg, required=True, metavar="PATH",
+            g.add_argument("--mask", type=path_arg, required=True, metavar="PATH",
                            help="mask image, white = repaint; a colour or palette image is read as its luminance")
             add_inpainting(p.add_argument_group("inpainting"))
         g = p.add_argument_group("output")
-        g.add_argument("--out", type=_path_arg, required=True, metavar="DIR",
+        g.add_argument("--out", type=path_arg, required=True, metavar="DIR",
                        help="directory for the PNGs and JSON sidecars (created; checked before any work)")
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -568,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="re-run the generation a JSON sidecar describes",
                        description="Re-run a sidecar's generation (same model, kernels, parameters, seed, device).")
-    p.add_argument("sidecar", type=_path_arg, metavar="SIDECAR", help="a JSON sidecar written next to a PNG")
-    p.add_argument("--out", type=_path_arg, required=True, metavar="DIR",
+    p.add_argument("sidecar", type=path_arg, metavar="SIDECAR", help="a JSON sidecar written next to a PNG")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR",
                    help="directory for the re-generated PNGs and sidecars (created; checked before any work)")
     p.add_argument("--device", default=None, help="override the recorded device (results may then differ)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -577,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .common import import_kernels
+
+    import_kernels("python -m pipelines")
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():

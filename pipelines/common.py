@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -294,9 +295,9 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
 
     Image = _pil()
     if isinstance(mask, Image.Image):
-        if mask.mode not in ("L", "1", "I", "F", *_SIXTEEN_BIT):
-            raise ValueError(f"mask must be single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode "
-                             f"{mask.mode!r}; convert it with mask.convert('L')")
+        if mask.mode not in ("L", "1", *_SIXTEEN_BIT):  # not "I"/"F": a 0/1 int mask over 255 would be empty
+            raise ValueError(f"mask must be a single-channel 8- or 16-bit image (PIL mode 'L', '1' or 'I;16'), got "
+                             f"mode {mask.mode!r}; convert it with mask.convert('L')")
         m, full = _pil_samples(mask, convert="L")  # 16-bit: over 65535, as images are read
         if (m.height, m.width) != size:
             if not resize:
@@ -607,3 +608,23 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
                   device=str(device))
     return Setup(model, device, dtype, prompts, batch_size, float(cfg_scale), steps, strength, generator, sched,
                  context, params)
+
+
+# ------------------------------------------------------------ command lines (python -m pipelines / bench)
+def path_arg(value: str) -> str:
+    """argparse type of a path option: an empty string (``--out "$UNSET"``) is refused, not read as "."."""
+    if not value.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path")
+    return value
+
+
+def import_kernels(prog: str) -> None:
+    """``import kernels`` for a command line, before its parser is built: a bad setting read at
+    import (SDLAB_FAST_LAUNCH) is one error line and exit 2, as a bad option is, not a traceback."""
+    try:
+        import kernels  # noqa: F401
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -170,6 +170,8 @@ class _TensorFile:
             raise CheckpointError(f"{self.path}: holds Python objects besides tensors ({found.group(1)}), "
                                   "which are never unpickled (weights_only=True); keep the state dict "
                                   "only, or convert it to .safetensors") from e
+        except MemoryError:  # the machine's limit, not the file's fault
+            raise
         except Exception as e:  # torch's unpickler on garbage: KeyError, IndexError, EOFError, RuntimeError, ...
             raise CheckpointError(f"{self.path}: not a readable torch checkpoint "
                                   f"(truncated or corrupt?): {type(e).__name__}: {e}") from e

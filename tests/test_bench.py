@@ -242,11 +242,14 @@ def test_repeated_values_run_once(tmp_path):
                                                 "or corrupt?): KeyError"),  # was a bare KeyError from torch
     (["ops", "--plugin", "{tmp}/raising_plugin.py"],
      "--plugin {tmp}/raising_plugin.py: loading it raised RuntimeError: boom (at {tmp}/raising_plugin.py:2)"),
+    (["ops", "--plugin", "{tmp}/gpu_plugin.py"],  # its own message begins as load_plugin's do
+     "--plugin {tmp}/gpu_plugin.py: loading it raised RuntimeError: plugin needs sm_90 (at {tmp}/gpu_plugin.py:2)"),
 ])
 def test_bad_values_are_parser_errors(argv, needle, capsys, tmp_path):
     (tmp_path / "empty_plugin.py").write_text("import kernels\n")
     (tmp_path / "raising_plugin.py").write_text("import kernels\nraise RuntimeError('boom')\n")
     (tmp_path / "junk.ckpt").write_bytes(b"junk\n")
+    (tmp_path / "gpu_plugin.py").write_text("import kernels\nraise RuntimeError('plugin needs sm_90')\n")
     with pytest.raises(SystemExit) as exc:
         main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err

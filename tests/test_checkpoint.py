@@ -566,6 +566,22 @@ def test_truncated_legacy_torch_file_is_called_corrupt(tiny, tmp_path):
         sdcore.load(path)
 
 
+def test_unreadable_torch_files_are_checkpoint_errors_but_memory_is_not(tmp_path, monkeypatch):
+    """Whatever torch's unpickler raises on garbage (a KeyError for these bytes) names the file as
+    unreadable; it was a bare KeyError. Running out of memory is the machine's limit, not the file's."""
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"junk\n")
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt: not a readable torch checkpoint .*: KeyError"):
+        sdcore.load(junk)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        sdcore.load(junk)
+
+
 def test_safetensors_header_length_starting_with_pk(tmp_path):
     """A safetensors file whose 8-byte header length happens to begin with the bytes "PK" (a zip's
     signature) is still read as safetensors."""

@@ -99,3 +99,35 @@ def test_out_in_a_graph_is_refused_where_the_write_cannot_be_recorded(op, device
         buf = z * 1.0
         _writes_into_out(op, device)(buf)
     assert buf._version > 0
+
+
+def test_out_x0_that_is_not_written_is_not_refused(device):
+    """out_x0 is written only when return_x0: unwritten, it may be in a graph (the reference ignores it)."""
+    x = _t(1, 4, 3, 5, device=device)
+    z = torch.randn(1, 4, 3, 5, device=device, requires_grad=True)
+    prev, x0 = step_module.scheduler_step_triton(x, x * 0.5, STEP, out_x0=z * 1.0)
+    want, _ = kernels.scheduler_step_reference(x, x * 0.5, STEP)
+    assert x0 is None and torch.equal(prev, want)
+
+
+def test_direct_calls_with_out_and_config_give_the_references_values(device):
+    """The public functions, past their checks, with the arguments only they take (out=, config=)."""
+    from kernels.testing import assert_close
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 40, generator=g).to(device) for n in (19, 77, 77))
+    out = torch.full_like(q, float("nan"))
+    got = attention_module.attention_triton(q, k, v, out=out, config=attention_module.AttentionConfig(16, 16, 1, 2))
+    assert got is out
+    assert_close(got, kernels.attention_reference(*(t.double() for t in (q, k, v))), rel=2e-5, name="attention")
+    x = torch.randn(2, 12, 5, 3, generator=g).to(device)
+    w, b = torch.randn(12, generator=g).to(device), torch.randn(12, generator=g).to(device)
+    out = torch.full_like(x, float("nan"))
+    config = gn_module.launch_config(tuple(x.shape), 4, x.dtype, gn_module.INTERPRETER_SMS, single_pass=False)
+    got = gn_module.group_norm_silu_triton(x, w, b, 4, out=out, config=config)
+    assert got is out
+    assert_close(got, kernels.group_norm_silu_reference(x.double(), w.double(), b.double(), 4), rel=1e-5,
+                 name="group_norm_silu")
+    out = torch.full_like(x, float("nan"))
+    prev, _ = step_module.scheduler_step_triton(x, x * 0.5, STEP, out=out)
+    assert prev is out and torch.equal(prev, kernels.scheduler_step_reference(x, x * 0.5, STEP)[0])

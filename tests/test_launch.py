@@ -219,6 +219,18 @@ def test_env_var_of_another_value_is_an_error(monkeypatch):
         _launch._unsupported()
 
 
+@pytest.mark.parametrize("cli", ["pipelines", "bench"])
+def test_env_var_of_another_value_is_one_line_from_the_command_lines(cli):
+    """Read when kernels is imported, before a parser exists: one error line and exit 2, as a bad
+    option gives (it was a 21-line traceback)."""
+    env = {**os.environ, _launch.ENV_VAR: "maybe"}
+    r = subprocess.run([sys.executable, "-m", cli, "--help"], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"python -m {cli}: error: SDLAB_FAST_LAUNCH='maybe': use 0 (or false, off, no) to launch every kernel "
+        "through Triton's dispatch, 1 (true, on, yes; the default) for direct launches"), (r.returncode, r.stderr)
+
+
 def test_off_under_the_interpreter():
     """CPU test runs use the interpreter, where there is nothing to launch directly."""
     from kernels.registry import interpreting

@@ -166,8 +166,9 @@ def test_sixteen_bit_masks_are_read_over_their_range():
     want = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])[None, None]
     assert torch.equal(got, want), describe_diff(got, want)
     assert torch.equal(mask_to_tensor(Image.fromarray((bits >> 8).astype(np.uint8)), (2, 3), 1, False), want)
-    with pytest.raises(ValueError, match=r"mode 'I' with values in \[70000, 70000\]"):
-        mask_to_tensor(Image.fromarray(np.full((2, 3), 70000, np.int32)), (2, 3), 1, False)
+    # a 32-bit integer mask has no known full scale: 0/1 read over 255 was an empty mask, silently
+    with pytest.raises(ValueError, match=r"8- or 16-bit image \(PIL mode 'L', '1' or 'I;16'\), got mode 'I'"):
+        mask_to_tensor(Image.fromarray((bits > 0).astype(np.int32)), (2, 3), 1, False)
 
 
 def test_img2img_strength_zero_is_vae_round_trip(tiny, image):
@@ -387,7 +388,7 @@ def _errors(tiny, tiny9, image, mask):
         "unknown variant": (lambda: i(variant="sdxl"), "known: repaint, unet9, blend"),
         "repaint with euler_a": (lambda: i(sampler="euler_a"), "needs sampler ddpm or ddim"),
         "mask RGB PIL": (lambda: i(mask=mask.convert("RGB")),
-                         "single-channel (PIL mode 'L', '1' or 16-bit grayscale 'I;16'), got mode 'RGB'"),
+                         "single-channel 8- or 16-bit image (PIL mode 'L', '1' or 'I;16'), got mode 'RGB'"),
         "mask 3 channels": (lambda: i(mask=torch.zeros(1, 3, 64, 64)), "single-channel: (H, W), (1, H, W) or (N, 1, H, W)"),
         "mask out of range": (lambda: i(mask=torch.full((1, 1, 64, 64), 2.0)), "must be in [0, 1]"),
         # a mask of 5 would extrapolate the blend: refused with the range found
@@ -619,7 +620,10 @@ def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
     digests = json.loads(sidecar.read_text())["model"]["ckpt_sha256"]
     assert weights in digests and (layout == "ldm") == (len(digests) == 1), digests
     assert json.loads(sidecar.read_text())["model"]["model_seed"] is None  # the checkpoint's weights, not a seed's
+    old = json.loads(sidecar.read_text())  # as sidecars before 2026-11-24 recorded it: the CLI's default seed
+    sidecar.write_text(json.dumps({**old, "model": {**old["model"], "model_seed": 0}}))
     assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert _written_sidecar(tmp_path / "b")["model"]["model_seed"] is None
     other = sdcore.StableDiffusion.from_preset("tiny", seed=1)
     other.save(tmp_path / "other" if layout == "diffusers" else ckpt, layout=layout)
     if layout == "diffusers":  # one component's weights replaced, the rest as they were
@@ -646,6 +650,7 @@ def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
      "not a sidecar (input 'image' has no 'path' string)"),
     # each used to end in a traceback (AttributeError, TypeError) from inside the run
     (_sidecar().replace('"txt2img"', '"foo"'), "not a sidecar (command 'foo'; known: txt2img, img2img, inpaint)"),
+    (_sidecar().replace('"seed": 1', '"seed": null'), "no seed recorded; the run cannot be reproduced"),
     (_sidecar().replace('"txt2img"', '"img2img"'), "not a sidecar (img2img reads the inputs ['image'], the "
                                                     "sidecar has [])"),
     (_sidecar().replace('"seed": 1', '"seed": 1, "prompt": 5'), "'params' entry 'prompt' must be a string, got int 5"),
