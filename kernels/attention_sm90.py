@@ -84,9 +84,9 @@ import functools
 import numpy as np
 import torch
 
-from .attention import LOG2E, _AttentionFn, launch_problem
+from .attention import LOG2E, _AttentionFn, _check_args, launch_problem
 from ._triton import next_power_of_2
-from .registry import BackendUnsupported, autocast_dtypes, autocast_inputs, register
+from .registry import autocast_dtypes, autocast_inputs, refuse, register
 
 try:
     from triton.experimental import gluon
@@ -398,11 +398,17 @@ class _AttentionSm90Fn(_AttentionFn):
         return o
 
 
-@register("attention", NAME, check=_check, replace=True)
 def attention_gluon_sm90(q, k, v, scale=None, causal=False):
-    """Forward in Gluon with wgmma/softmax overlap (module docstring), backward in Triton."""
-    if why := _check(q, k, v, scale, causal):  # the switch has checked; a direct call has not
-        raise BackendUnsupported(f"attention_gluon_sm90: {why}")
+    """Forward in Gluon with wgmma/softmax overlap (module docstring), backward in Triton. Called
+    directly, it checks what kernels.attention and the switch check, as attention_triton does."""
+    _check_args(q, k, v, scale)
+    refuse("attention", NAME, _check(q, k, v, scale, causal))
+    return _attention_gluon_sm90(q, k, v, scale, causal)
+
+
+@register("attention", NAME, check=_check, replace=True)
+def _attention_gluon_sm90(q, k, v, scale=None, causal=False):
+    """:func:`attention_gluon_sm90` past its argument checks (the switch has made them)."""
     q, k, v = autocast_inputs(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionSm90Fn.apply(q, k, v, scale, False, {})  # not causal; the Triton backward's own tiles

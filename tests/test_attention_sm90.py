@@ -51,8 +51,10 @@ def test_registered_as_a_research_backend(sm90):
         kernels.attention(q, k, v)
     if sm90.IMPORT_ERROR is None:
         assert sm90._check(q, k, v) == "inputs on cpu, cpu, cpu; the kernel needs one CUDA device"
-    with pytest.raises(kernels.BackendUnsupported, match=f"attention_gluon_sm90: .*{why}"):
+    with pytest.raises(kernels.BackendUnsupported, match=f"'{NAME}' \\(called directly\\).*{why}"):
         sm90.attention_gluon_sm90(q, k, v)  # called directly, past the switch
+    with pytest.raises(ValueError, match="attention shape mismatch"):  # the op's checks too: k/v of another batch
+        sm90.attention_gluon_sm90(q, k[:0], v[:0])
 
 
 @pytest.mark.parametrize("why, make, expect", [
