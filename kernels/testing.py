@@ -189,11 +189,16 @@ def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
 
 
 def cases(op: str, dtypes=DTYPES, backward: bool = False) -> list[Case]:
-    """``op``'s equivalence cases in each of ``dtypes``; ``backward=True``: those of ops with a
-    backward, comparing gradients."""
+    """``op``'s equivalence cases in each of ``dtypes`` (an iterable of fp32/fp16/bf16);
+    ``backward=True``: those comparing gradients (none for ``scheduler_step``, which has no backward)."""
     table = _cases()
     if op not in table:
         raise ValueError(f"no equivalence cases for op {op!r}; ops with cases: {', '.join(table)}")
+    dtypes = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+    bad = [dt for dt in dtypes if dt not in _SHORT]
+    if bad:
+        raise ValueError(f"equivalence cases come in {', '.join(map(str, DTYPES))}; got {', '.join(map(str, bad))}"
+                         " (the fp64 oracle is what the cases are judged against)")
     return [Case(op, name, reason, dt, make, backward, grads) for name, reason, make, grads in table[op]
             for dt in dtypes if not backward or grads]
 

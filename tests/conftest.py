@@ -49,3 +49,18 @@ def plugin_file(tmp_path):
     path.write_text(PLUGIN)
     yield path
     kernels.unload_plugin(str(path))
+
+
+@pytest.fixture
+def norm_eps_mismatches():
+    """``check(ours, theirs, key_map)`` -> (norms compared, mismatches): every GroupNorm and
+    LayerNorm of our model against the diffusers module its weight converts to (``key_map``: our
+    key -> diffusers key). An eps is invisible to oracle tests at O(1) activations (1e-6 against
+    1e-5 moves them ~1e-6), so it is compared as what it is: a constant of each norm."""
+    def check(ours: torch.nn.Module, theirs: torch.nn.Module, key_map: dict) -> tuple[int, list[str]]:
+        pairs = [(name, key_map[f"{name}.weight"].removesuffix(".weight")) for name, m in ours.named_modules()
+                 if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        bad = [f"{name} eps {ours.get_submodule(name).eps:g} != diffusers' {path} eps {theirs.get_submodule(path).eps:g}"
+               for name, path in pairs if ours.get_submodule(name).eps != theirs.get_submodule(path).eps]
+        return len(pairs), bad
+    return check

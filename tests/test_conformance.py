@@ -139,6 +139,13 @@ def test_unknown_op_has_no_cases():
         testing.cases("conv2d")
 
 
+def test_cases_take_the_three_dtypes_only():
+    """An fp64 case would be judged against itself; a single dtype is taken as one."""
+    with pytest.raises(ValueError, match="got torch.float64"):
+        testing.cases("attention", dtypes=(torch.float64,))
+    assert {c.dtype for c in testing.cases("attention", dtypes=torch.float16)} == {torch.float16}
+
+
 # ------------------------------------------------------------------ research backends in the switch
 def test_research_backend_is_switched_counted_and_described(research, monkeypatch):
     calls = []

@@ -95,21 +95,43 @@ def mask():
 
 
 # ------------------------------------------------------------------------------ vs diffusers
-@pytest.mark.parametrize("cfg_scale, batch_size, eta", [
-    (5.0, 2, 0.0),  # CFG with a negative prompt, 2 images per prompt, deterministic DDIM
-    (1.0, 1, 1.0),  # no guidance; DDIM eta=1 draws step noise from the shared generator
+def _assert_images(ours: list, pipe, latents: torch.Tensor, what: str) -> None:
+    """Our PIL images against diffusers' own decode of its latents (its scaling factor, its
+    postprocess to [0, 1], x 255 rounded): the decode half of the pipeline, which latent-only
+    comparisons never reach. One 8-bit level of slack: the latents sit ~1e-5 apart."""
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    want = (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round()
+    got = np.stack([np.asarray(im, dtype=np.float64) for im in ours])
+    assert got.shape == want.shape, f"{what}: images {got.shape}, diffusers {want.shape}"
+    err = np.abs(got - want).max()
+    assert err <= 1, f"{what}: decoded images differ from diffusers' by up to {err:.0f} of 255"
+
+
+@pytest.mark.parametrize("cfg_scale, batch_size, eta, sampler", [
+    (5.0, 2, 0.0, "ddim"),  # CFG with a negative prompt, 2 images per prompt, deterministic DDIM
+    (1.0, 1, 1.0, "ddim"),  # no guidance; DDIM eta=1 draws step noise from the shared generator
+    # Euler ancestral: the given latents scaled by init_noise_sigma (3.1 at t = 667), noise at every step
+    (5.0, 1, None, "euler_a"),
 ])
-def test_txt2img_matches_diffusers(tiny, sd_pipe, cfg_scale, batch_size, eta):
+def test_txt2img_matches_diffusers(tiny, sd_pipe, cfg_scale, batch_size, eta, sampler):
     noise = torch.randn(batch_size, 4, 8, 8, generator=_gen(5))
     negative = "blurry" if cfg_scale != 1 else None  # unused (and warned about) without guidance
+    pipe = sd_pipe
+    if sampler != "ddim":
+        pipe = type(sd_pipe)(**dict(sd_pipe.components, scheduler=_oracle("EulerAncestralDiscreteScheduler")
+                                    .from_config(sd_pipe.scheduler.config)))
+        pipe.set_progress_bar_config(disable=True)
     ours = pipelines.txt2img(tiny, "a red bicycle", negative_prompt=negative, cfg_scale=cfg_scale, steps=3,
-                             latents=noise, batch_size=batch_size, eta=eta, seed=3, height=SIZE, width=SIZE)
-    theirs = sd_pipe("a red bicycle", negative_prompt="blurry", guidance_scale=cfg_scale, num_inference_steps=3,
-                     latents=noise, num_images_per_prompt=batch_size, eta=eta, generator=_gen(3), height=SIZE,
-                     width=SIZE, output_type="latent").images
-    _assert_latents(ours.latents, theirs, "txt2img")
+                             latents=noise, batch_size=batch_size, eta=eta, seed=3, height=SIZE, width=SIZE,
+                             sampler=sampler)
+    theirs = pipe("a red bicycle", negative_prompt="blurry", guidance_scale=cfg_scale, num_inference_steps=3,
+                  latents=noise, num_images_per_prompt=batch_size, generator=_gen(3), height=SIZE, width=SIZE,
+                  output_type="latent", **({} if eta is None else {"eta": eta})).images
+    _assert_latents(ours.latents, theirs, f"txt2img {sampler}")
     assert ours.unet_calls == 3
     assert len(ours.images) == batch_size and ours.images[0].size == (SIZE, SIZE)
+    _assert_images(ours.images, pipe, theirs, f"txt2img {sampler}")
 
 
 @pytest.mark.parametrize("strength, runs", [(0.5, 2), (1.0, 4)])  # int(4 * strength) steps run
@@ -169,6 +191,17 @@ def test_sixteen_bit_masks_are_read_over_their_range():
     # a 32-bit integer mask has no known full scale: 0/1 read over 255 was an empty mask, silently
     with pytest.raises(ValueError, match=r"8- or 16-bit image \(PIL mode 'L', '1' or 'I;16'\), got mode 'I'"):
         mask_to_tensor(Image.fromarray((bits > 0).astype(np.int32)), (2, 3), 1, False)
+
+
+def test_mask_threshold_is_diffusers_binarize():
+    """A soft tensor mask is binarised at 0.5 inclusive (0.5 repaints), as diffusers' mask processor
+    does; PIL masks never land on 0.5 exactly (127/255, 128/255), so only a tensor shows it."""
+    soft = torch.tensor([0.0, 0.49, 0.5, 0.51, 1.0]).reshape(1, 1, 1, 5)
+    got = mask_to_tensor(soft, (1, 5), 1, False)
+    processor = pytest.importorskip("diffusers.image_processor", reason="diffusers (the oracle) is not installed")
+    want = processor.VaeImageProcessor(do_binarize=True).binarize(soft.clone())
+    assert torch.equal(got, want), f"binarised {got.flatten().tolist()}, diffusers {want.flatten().tolist()}"
+    assert got.flatten().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
 def test_img2img_strength_zero_is_vae_round_trip(tiny, image):

@@ -97,6 +97,14 @@ def test_matches_diffusers(preset, batch, h, w, tokens):
 
 
 @needs_diffusers
+@pytest.mark.parametrize("preset", TINY)
+def test_every_norm_eps_matches_diffusers(preset, norm_eps_mismatches):
+    cfg = _unet_cfg(preset)
+    n, bad = norm_eps_mismatches(UNetModel(cfg), _diffusers_unet(cfg), key_map(cfg))
+    assert n >= 10 and not bad, f"{n} norms compared; {len(bad)} differ: " + "; ".join(bad[:5])
+
+
+@needs_diffusers
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["sd15", "sd15-inpaint", "sd21"])
 def test_matches_diffusers_full_size(preset):

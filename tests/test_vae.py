@@ -15,8 +15,9 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 import kernels
 from kernels.testing import assert_close, assert_within_torch_error
 from sdcore.config import SDConfig, VAEConfig
-from sdcore.convert.vae import config_from_diffusers, config_to_diffusers, diffusers_to_ldm, ldm_to_diffusers
-from sdcore.vae import AutoencoderKL
+from sdcore.convert.vae import (config_from_diffusers, config_to_diffusers, diffusers_to_ldm, key_map,
+                                ldm_to_diffusers)
+from sdcore.vae import AutoencoderKL, DiagonalGaussian
 
 TINY = SDConfig.preset("tiny").vae
 SD15 = SDConfig.preset("sd15").vae
@@ -60,6 +61,13 @@ def test_matches_diffusers(cfg, shape):
     _compare(ours, theirs, _images(shape))
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_ATTN], ids=["tiny", "tiny-attn"])
+def test_every_norm_eps_matches_diffusers(cfg, norm_eps_mismatches):
+    ours, theirs = _pair(cfg)
+    n, bad = norm_eps_mismatches(ours, theirs, key_map(cfg))
+    assert n >= 10 and not bad, f"{n} norms compared; {len(bad)} differ: " + "; ".join(bad[:5])
+
+
 @pytest.mark.slow
 def test_matches_diffusers_sd15():
     ours, theirs = _pair(SD15)
@@ -87,6 +95,22 @@ def test_sample_matches_diffusers_and_reparameterisation():
         post.sample(gens()[:1])
     with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of them .* got int"):
         post.sample(7)
+
+
+def test_kl_matches_diffusers_and_the_closed_form():
+    """KL(q(z|x) || N(0, I)) per sample: diffusers' ``DiagonalGaussianDistribution.kl`` and
+    torch.distributions' Normal-to-Normal KL in fp64, summed over (C, H, W)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    moments = torch.randn(3, 8, 5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = DiagonalGaussian(moments).kl()
+    mean, logvar = moments.chunk(2, dim=1)
+    q, p = torch.distributions.Normal(mean, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    want = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
+    assert got.shape == (3,), f"one KL per sample, got shape {tuple(got.shape)}"
+    assert_close(got, want, rel=1e-12, name="KL vs torch.distributions")
+    assert_close(got, DiagonalGaussianDistribution(moments).kl(), rel=1e-12, name="KL vs diffusers")
+    assert DiagonalGaussian(torch.zeros(1, 8, 2, 2)).kl().item() == 0.0, "KL(N(0, I) || N(0, I)) is 0"
 
 
 def test_logvar_clamped_like_diffusers():
