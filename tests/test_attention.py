@@ -786,16 +786,20 @@ def test_config_and_scale_arguments(device):
         assert f"scale {bad} is not > 0" in attention_module._triton_check(q, k, v, bad)
 
 
-def test_double_backward_matches_reference(device):
+@pytest.mark.parametrize("causal, lq", [(False, 9), (True, 11)])  # causal: square, as CLIP's
+def test_double_backward_matches_reference(device, causal, lq):
     """create_graph=True (a gradient penalty): the Triton backward is recomputed differentiably
-    through the reference, so d(|dq|^2)/dv equals the reference's, not a silent zero."""
-    q, k, v = make_qkv((1, 2, 9, 11, 16), torch.float32, device)
-    dvs = []
+    through the reference, with the call's scale and mask, so dq and d(|dq|^2)/dv equal the
+    reference's, not a silent zero."""
+    q, k, v = make_qkv((1, 2, lq, 11, 16), torch.float32, device)
+    dqs, dvs = [], []
     for fn in (attention_triton, attention_reference):
-        (dq,) = torch.autograd.grad(fn(q, k, v, 0.3).sum(), (q,), create_graph=True)
+        (dq,) = torch.autograd.grad(fn(q, k, v, 0.3, causal).sum(), (q,), create_graph=True)
+        dqs.append(dq)
         dvs.append(torch.autograd.grad(dq.square().sum(), (v,))[0])
     assert dvs[1].abs().max() > 0.1, "the test needs a non-trivial second derivative"
-    assert_close(dvs[0], dvs[1].double(), rel=1e-5, name="d|dq|^2/dv")
+    assert_close(dqs[0], dqs[1].double(), rel=1e-5, name=f"dq, causal={causal}")
+    assert_close(dvs[0], dvs[1].double(), rel=1e-5, name=f"d|dq|^2/dv, causal={causal}")
 
 
 def test_fp16_raw_scores_beyond_fp16_range(device):
@@ -950,15 +954,18 @@ def test_no_keys_is_refused():
         kernels.attention(q, k, k)
 
 
-def test_only_v_requires_grad():
-    """Autograd is recorded when any one of q, k, v requires grad (here v alone)."""
-    q, k, v = (t.detach() for t in make_qkv((1, 2, 19, 21, 16), torch.float32, "cpu"))
-    v.requires_grad_()
-    o = attention_triton(q, k, v)
-    assert o.requires_grad
-    (dv,) = torch.autograd.grad(o.sum(), (v,))
-    (want,) = torch.autograd.grad(attention_fp64(q, k, v).sum(), (v,))
-    assert_close(dv, want, rel=TOL[torch.float32]["rel"], name="dv, only v requiring grad")
+@pytest.mark.parametrize("which", range(3), ids=["q", "k", "v"])
+def test_one_input_requires_grad(which):
+    """Autograd is recorded when any one of q, k, v requires grad, and that gradient is right."""
+    qkv = [t.detach() for t in make_qkv((1, 2, 19, 21, 16), torch.float32, "cpu")]
+    qkv[which].requires_grad_()
+    o = attention_triton(*qkv)
+    assert o.requires_grad, f"no graph with only {'qkv'[which]} requiring grad"
+    (got,) = torch.autograd.grad(o.sum(), (qkv[which],))
+    leaf = qkv[which].detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_fp64(*[leaf if i == which else t for i, t in enumerate(qkv)]).sum(),
+                                  (leaf,))
+    assert_close(got, want, rel=TOL[torch.float32]["rel"], name=f"d{'qkv'[which]}, only it requiring grad")
 
 
 def test_backward_without_queries_zeroes_dk_dv():

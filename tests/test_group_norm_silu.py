@@ -37,6 +37,7 @@ CPU_CASES = [  # (shape, groups, channels_last, affine, activation)
     ((1, 40, 6, 5), 4, False, False, "silu"),  # weight and bias None, batch 1
     ((2, 20, 4, 6), 5, False, True, None),  # plain GroupNorm (SD's norms without SiLU)
     ((2, 12, 10), 3, False, True, "silu"),  # 3-D (N, C, L), as in 1-D convs / attention blocks
+    ((4, 32), 8, False, True, "silu"),  # 2-D (N, C): one position per channel, 4 per group
 ]
 
 PATHS = {"single-pass": True, "two-pass": False}  # LaunchConfig.single_pass, forced via config=
@@ -203,7 +204,7 @@ def test_forward_backward_half(device, dtype, single_pass):
 
 @pytest.mark.parametrize("single_pass", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("shape, groups, channels_last, affine, activation",
-                         [CPU_CASES[i] for i in (0, 2, 3, 4)])
+                         [CPU_CASES[i] for i in (0, 2, 3, 4, 6)])
 def test_backward_fp32(device, shape, groups, channels_last, affine, activation, single_pass):
     """After either forward path (a forced config's tiles are the backward's too)."""
     x, w, b = _inputs(shape, torch.float32, device, affine, channels_last)
@@ -378,35 +379,61 @@ def test_interpreter_refuses_bf16_through_the_switch():
         kernels.group_norm_silu(x, w, b, 8)
 
 
-def test_double_backward_matches_reference(device):
+@pytest.mark.parametrize("eps, activation", [(1e-5, "silu"), (0.5, None)])  # the recomputation takes both
+def test_double_backward_matches_reference(device, eps, activation):
     """create_graph=True: gradients recomputed through the reference, differentiable again."""
     x, w, b = _leaves(*_inputs((2, 32, 5, 3), torch.float32, device))
-    dws = []
+    dxs, dws = [], []
     for fn in (triton_gn, kernels.group_norm_silu_reference):
-        (dx,) = torch.autograd.grad(fn(x, w, b, 8, 1e-5, "silu").square().sum(), (x,), create_graph=True)
+        (dx,) = torch.autograd.grad(fn(x, w, b, 8, eps, activation).square().sum(), (x,), create_graph=True)
+        dxs.append(dx)
         dws.append(torch.autograd.grad(dx.square().sum(), (w,))[0])
     assert dws[1].abs().max() > 0.1, "the test needs a non-trivial second derivative"
-    assert_close(dws[0], dws[1].double(), rel=1e-5, name="d|dx|^2/dweight")
+    assert_close(dxs[0], dxs[1].double(), rel=1e-5, name=f"dx, eps {eps}, activation {activation}")
+    assert_close(dws[0], dws[1].double(), rel=1e-5, name=f"d|dx|^2/dweight, eps {eps}, activation {activation}")
+
+
+@pytest.mark.parametrize("eps, shape", [
+    (0.5, (2, 32, 5, 3)),  # ~5% of the groups' variance (9): an eps dropped or misplaced shows at once
+    (0.0, (4, 32)),  # torch takes eps = 0; 2-D (N, C), which the triton check takes too
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_any_eps_through_the_switch(device, backend, eps, shape):
+    """Forward and backward at an eps other than torch's default, which every other test uses,
+    through the switch (the op's and the backend's checks), against fp64 F.group_norm at that eps."""
+    x, w, b = _leaves(*_inputs(shape, torch.float32, device))
+    with kernels.use(group_norm_silu=backend):
+        y = kernels.group_norm_silu(x, w, b, 8, eps, "silu")
+    assert kernels.counts() == {("group_norm_silu", backend): 1}, kernels.counts()
+    ref = _leaves(*(t.double() for t in (x, w, b)))
+    want = _torch(*ref, 8, "silu", eps=eps)
+    assert_close(y, want, name=f"y, eps {eps}", **TOL[torch.float32])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    for name, g, r in zip(("dx", "dweight", "dbias"), torch.autograd.grad(y, (x, w, b), dy.float()),
+                          torch.autograd.grad(want, ref, dy)):
+        assert_close(g, r, name=f"{name}, eps {eps}", **TOL[torch.float32])
 
 
 def test_double_backward_keeps_an_fp32_out_in_fp32(device):
     """16-bit x written to an fp32 out (what CUDA autocast asks for): under create_graph=True the
     gradients are recomputed through the reference, which must run in fp32 as the kernel did. It ran
     in x's dtype, and the first-order dweight came out ~1800x less accurate (0.011 against 6e-6)."""
-    x, w, _ = _inputs((2, 8, 5, 5), torch.float32, device)
+    x, w, b = _inputs((2, 8, 5, 5), torch.float32, device)
     x = x.half()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    x64, w64 = _leaves(x.double(), w.double())
-    y64 = _torch(x64, w64, None, 4, "silu")
-    want = torch.autograd.grad((y64 * y64 * g.double()).sum(), (x64, w64))
+    x64, w64, b64 = _leaves(x.double(), w.double(), b.double())
+    y64 = _torch(x64, w64, b64, 4, "silu")
+    want = torch.autograd.grad((y64 * y64 * g.double()).sum(), (x64, w64, b64))
     for create_graph in (False, True):
-        xx, ww = _leaves(x, w)
-        y = triton_gn(xx, ww, None, 4, out=torch.empty(x.shape, device=device))
-        got = torch.autograd.grad((y * y * g).sum(), (xx, ww), create_graph=create_graph)
-        assert got[0].dtype == torch.float16 and got[1].dtype == torch.float32
-        # dx is fp16 (x's dtype): one fp16 rounding of an fp32-accurate gradient
+        xx, ww, bb = _leaves(x, w, b)
+        y = triton_gn(xx, ww, bb, 4, out=torch.empty(x.shape, device=device))
+        got = torch.autograd.grad((y * y * g).sum(), (xx, ww, bb), create_graph=create_graph)
+        assert [t.dtype for t in got] == [torch.float16, torch.float32, torch.float32], [t.dtype for t in got]
+        # dx is fp16 (x's dtype): one fp16 rounding of an fp32-accurate gradient; dweight and dbias
+        # fp32-accurate (a dbias rounded through fp16 on the way was 2.6e-4 off)
         assert_close(got[0], want[0], rel=1e-3, name=f"dx, create_graph={create_graph}")
         assert_close(got[1], want[1], rel=1e-5, name=f"dweight, create_graph={create_graph}")
+        assert_close(got[2], want[2], rel=1e-5, name=f"dbias, create_graph={create_graph}")
 
 
 def test_out_in_a_graph_is_written_as_torch_writes_in_place(device):

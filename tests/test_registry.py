@@ -242,9 +242,14 @@ def test_set_backend_is_all_or_nothing(toy_op):
     assert registry._choice("toy_op") == (None, ""), registry._GLOBAL
 
 
-def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch):
-    """The default's fallback warning names the line that called the op, not library code."""
-    monkeypatch.setattr(registry, "_default", lambda op, x: (kernels.Backend.TRITON, "default (test)"))
+@pytest.mark.parametrize("how", ["default", "chain"])
+def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch, how):
+    """The fallback warning names the line that called the op, not library code: the default's,
+    and a fallback chain's (warned one frame deeper in the registry)."""
+    if how == "default":
+        monkeypatch.setattr(registry, "_default", lambda op, x: (kernels.Backend.TRITON, "default (test)"))
+    else:
+        kernels.set_backend(toy_op="triton/reference")
 
     def public_op(x):  # as kernels.attention / group_norm_silu wrap dispatch
         return registry.dispatch("toy_op", x)
@@ -253,8 +258,8 @@ def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch):
         warnings.simplefilter("always")
         line = inspect.currentframe().f_lineno + 1  # the call below, not public_op's body
         public_op(torch.ones(1, dtype=torch.float64))
-    (w,) = [w for w in caught if "falling back" in str(w.message)]
-    assert (w.filename, w.lineno) == (__file__, line), f"warning attributed to {w.filename}:{w.lineno}"
+    (w,) = [w for w in caught if "cannot run this input" in str(w.message)]
+    assert (w.filename, w.lineno) == (__file__, line), f"{how} warning attributed to {w.filename}:{w.lineno}"
 
 
 def test_kernels_import_and_run_without_triton():
@@ -272,6 +277,8 @@ y = kernels.group_norm_silu(x, torch.ones(32), torch.zeros(32), 8)
 q = torch.randn(1, 2, 7, 16)
 o = kernels.attention(q, q, q)
 assert kernels.registry.triton_available().startswith("triton does not import"), kernels.registry.triton_available()
+ops = [ln for ln in kernels.describe("cuda").splitlines() if ln.split()[0] in kernels.ops()]
+assert len(ops) == 3 and all(" -> reference (default (triton does not import" in ln for ln in ops), ops  # CUDA too
 with kernels.use(attention="triton"):
     try:
         kernels.attention(q, q, q)
@@ -551,6 +558,22 @@ def test_a_chain_that_no_backend_can_take_raises_with_every_reason(toy_op):
     assert str(e.value) == ("toy_op: no backend of the fallback chain 'picky/triton' (from kernels.use() scope) can "
                             "run this input: 'picky': picky refuses everything; 'triton': fp64 is not supported")
     assert toy_op == [] and kernels.counts() == {}
+
+
+def test_each_refusing_backend_of_a_chain_warns_once(toy_op):
+    """Two backends of one chain refusing for the same reason are two warnings, one naming each:
+    the warned-once key holds the backend as well as the kind of reason."""
+    @registry.register("toy_op", "picky", check=lambda x: "fp64 is not supported" if x.dtype == torch.float64 else None)
+    def picky(x):
+        raise AssertionError("ran a backend that refused")
+
+    with kernels.use(toy_op="picky/triton/reference"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            registry.dispatch("toy_op", torch.ones(1, dtype=torch.float64))
+    refused = [re.search(r"backend '(\w+)' of the fallback chain", str(w.message)).group(1) for w in caught]
+    assert refused == ["picky", "triton"], [str(w.message) for w in caught]
+    assert toy_op == ["reference", "reference"]
 
 
 def test_describe_shows_a_chain(toy_op):

@@ -10,13 +10,14 @@ import kernels
 from kernels import BackendUnsupported, StepCoefficients
 from sdcore.config import SchedulerConfig
 from sdcore.schedulers import PREDICTION_TYPES, make_scheduler, x0_eps_coefficients
-from kernels.testing import assert_close, assert_within_torch_error
+from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error, describe_diff
 
 SHAPES = [
     (1, 4, 7, 9),  # HW not a power of two, one partial block
     (3, 4, 5, 5),  # batch 3, 300 elements
     (1, 4, 23, 29),  # 2668 elements: several blocks plus a masked tail
 ]
+TOL_HALF = TOLERANCES["scheduler_step"][torch.float16]["rel"]  # about one fp16 rounding, max-normalised
 ALL_TERMS = StepCoefficients(a_x=0.9, a_o=-0.4, a_d=0.7, clip=None, b_x=0.3, b_o=0.8, b_0=-0.2, b_d=0.6,
                              c0=0.5, c1=0.4, c2=0.3, c3=0.2, sigma=0.1)
 
@@ -391,3 +392,16 @@ def test_clip_at_zero_is_a_clip(device):
     assert torch.equal(ref[1], torch.zeros_like(ref[1]))
     assert_close(tri[1], ref[1], rel=1e-6, name="x0, clip 0")
     assert_close(tri[0], ref[0], rel=1e-6, name="prev, clip 0")
+
+
+def test_half_inputs_are_computed_in_fp32(device):
+    """The contract is fp32 math whatever the dtype: the reference on fp16 inputs is, bit for bit,
+    the reference on their fp32 copies rounded once to fp16 (a term computed in fp16 first, such as
+    c1 x, rounds twice), and the kernel is within about one fp16 rounding of that."""
+    d = inputs((2, 4, 7, 9), device, torch.float16)
+    want = call({n: t.float() for n, t in d.items()}, ALL_TERMS, return_x0=True)
+    ref, tri = both(d, ALL_TERMS, return_x0=True)
+    for name, r, t, w in zip(("prev", "x0"), ref, tri, want):
+        assert r.dtype == t.dtype == torch.float16, (name, r.dtype, t.dtype)
+        assert torch.equal(r, w.half()), f"reference {name}, fp16 inputs: " + describe_diff(r, w.half())
+        assert_close(t, w, rel=TOL_HALF, name=f"triton {name}, fp16 inputs")
