@@ -465,7 +465,7 @@ def best_configs(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], columns) -> str:
-    lines = ["| " + " | ".join(t for t, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(t.replace("|", "\\|") for t, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k, t) for t, k in columns) + " |" for r in rows]
     return "\n".join(lines)
 

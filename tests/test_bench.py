@@ -924,3 +924,37 @@ def test_a_fallback_chain_variant_counts_each_backends_calls(tmp_path):
     # the tiny UNet: heads of 16 at 32 channels, of 32 at 64 channels (see attention_head_dims)
     assert re.fullmatch(r"attention: \d+ calls on (upto16|sdpa), \d+ on (upto16|sdpa)", row["note"]), row["note"]
     assert row["latent_max_abs_diff"] < 1e-5, row
+
+
+def _md_cells(line: str) -> list[str]:
+    """The cells of one GitHub-flavoured markdown table row: split on unescaped pipes."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+@pytest.mark.parametrize("columns", ["OPS_COLUMNS", "PIPELINE_COLUMNS"])
+def test_markdown_cells_sit_under_their_headers(columns):
+    """One row of known values rendered and read back as GitHub reads it: header, delimiter and
+    row have one cell per column (the title 'max |Δ| latents' was unescaped: 19 header cells for
+    17 columns, so the committed tables did not render), and each value is under its title in
+    that column's unit (% x 100, host ms shown in µs, speed-up with an x)."""
+    env = common.environment(torch.device("cpu"))
+    row = common.make_row(env, suite="ops", op="attention", case="c", shape="(1|2)", dtype="fp16", backend="triton",
+                          status="ok", note="a | b", median_ms=1.5, p20_ms=1.25, p80_ms=1.75, host_ms=0.02,
+                          gbps=321.0, tflops=45.6, frac_of_peak=0.4, frac_of_copy=0.55, speedup_vs_reference=1.23,
+                          max_abs_err=3e-3, max_rel_err=4e-4, steps=7, seconds_per_image=2.5, images_per_s=0.4,
+                          unet_ms_per_step=33.0, unet_calls=14, scheduler_ms_est=0.75, scheduler_share=0.125,
+                          peak_mem_mib=2048.0, latent_max_abs_diff=6e-3, psnr_db=41.5, preset="tiny")
+    header, delimiter, line = common.markdown_table([row], getattr(common, columns)).splitlines()
+    titles, cells = _md_cells(header), _md_cells(line)
+    n = len(getattr(common, columns))
+    assert len(titles) == len(cells) == n and delimiter.count("---") == n, (titles, cells)
+    got = dict(zip(titles, cells))
+    want = {"op": "attention", "pipeline": "attention", "shape": "(1|2)", "median ms": "1.5", "p20–p80 ms": "1.25–1.75",
+            "host µs": "20", "GB/s": "321", "TFLOP/s": "45.6", "% of peak": "40.0", "% of copy": "55.0",
+            "speed-up": "1.23x", "max abs err": "3.00e-03", "max rel err": "4.00e-04", "steps": "7",
+            "s/image": "2.5", "images/s": "0.4", "UNet ms/step": "33", "host ms/step": "0.02", "UNet calls": "14",
+            "scheduler ms (est.)": "0.75", "scheduler share": "12.5 %", "peak MiB": "2048",
+            "max |Δ| latents": "6.00e-03", "PSNR dB": "41.5", "status / note": "ok: a | b"}
+    wrong = {t: (got[t], want[t]) for t in titles if t in want and got[t] != want[t]}
+    assert not wrong, f"{columns}: title -> (cell, expected): {wrong}"
+    assert set(titles) - set(want) <= {"case", "dtype", "backend", "kernels", "preset"}, set(titles) - set(want)
