@@ -297,9 +297,10 @@ def test_tokenizer_argument(saved, tmp_path):
     assert loaded.tokenizer.pad_token == "!" and loaded.config.text_encoder.pad_token == "!"
 
 
-def test_prediction_type_argument_wins(saved):
-    assert sdcore.load(saved["diffusers"], prediction_type="v_prediction").config.scheduler.prediction_type \
-        == "v_prediction"
+@pytest.mark.parametrize("layout", ["diffusers", "safetensors", "ckpt"])  # the files carry sdcore metadata
+def test_prediction_type_argument_wins(saved, layout):
+    assert sdcore.load(saved[layout], prediction_type="v_prediction").config.scheduler.prediction_type \
+        == "v_prediction", f"the {layout} file's recorded prediction type won over the argument"
     with pytest.raises(ValueError, match="unknown prediction_type"):
         sdcore.load(saved["diffusers"], prediction_type="x0")
 
@@ -951,18 +952,46 @@ def test_mixed_keys_are_not_called_a_standalone_vae(tmp_path):
         sdcore.load(path)
 
 
-def test_stale_config_metadata_yields_to_the_weights(tmp_path):
-    """A file whose sdcore_config metadata names another architecture than its weights: the
-    weights win, with a warning."""
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_stale_config_metadata_yields_to_the_weights(tmp_path, part):
+    """A file whose sdcore_config metadata names another architecture than its weights (a UNet
+    with 4 input channels for a 9-channel one; a VAE twice as wide): the weights win, with a
+    warning, whichever model the metadata gets wrong."""
     from sdcore.detect import config_to_json
 
-    inpaint = StableDiffusion.from_preset("tiny-inpaint", seed=1)
+    model = StableDiffusion.from_preset("tiny-inpaint" if part == "unet" else "tiny", seed=1)
+    stale = SDConfig.preset("tiny")
+    if part == "vae":
+        stale = stale.replace(vae=stale.vae.replace(ch=2 * stale.vae.ch))
     path = tmp_path / "stale.safetensors"
-    save_file({k: v.contiguous() for k, v in inpaint.state_dict().items()}, str(path),
-              metadata={"format": "pt", "sdcore_config": config_to_json(SDConfig.preset("tiny"))})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": "pt", "sdcore_config": config_to_json(stale)})
     with pytest.warns(UserWarning, match="metadata does not match the weights"):
         loaded = sdcore.load(path)
-    assert loaded.config == SDConfig.preset("tiny-inpaint")
+    assert loaded.config == model.config
+
+
+def test_a_vae_without_double_z_is_detected():
+    """double_z=False (the encoder's conv_out gives z channels, no log-variance half), which no
+    preset has, is read from the weights' shapes."""
+    cfg = SDConfig.preset("tiny")
+    cfg = cfg.replace(vae=cfg.vae.replace(double_z=False))
+    shapes = {k: tuple(v.shape) for k, v in StableDiffusion.skeleton(cfg).state_dict().items()}
+    assert detect_config(shapes).vae.double_z is False
+
+
+@pytest.mark.parametrize("cls, sampler", list(checkpoint._SAMPLERS.items()))
+def test_every_mapped_diffusers_scheduler_class_names_its_sampler(tmp_path, cls, sampler):
+    """scheduler_config.json's class picks our sampler, and every sampler of sdcore.schedulers has
+    a diffusers class (one without would load as the default, ddim, unsaid)."""
+    from sdcore.checkpoint import scheduler_from_diffusers
+
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"_class_name": cls}))
+    assert scheduler_from_diffusers(path).sampler == sampler
+    from sdcore.schedulers import SCHEDULERS
+
+    assert set(checkpoint._SAMPLERS.values()) == set(SCHEDULERS), "a sampler without its diffusers class"
 
 
 # ------------------------------------------------------- folders written by other tools, and their errors

@@ -422,3 +422,27 @@ def test_bad_model_max_length_names_the_file(bpe_path, tmp_path, value):
     path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": value}))
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: model_max_length must be an integer >= 3"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_an_added_phrase_matches_across_any_whitespace(hf_folder, tmp_path):
+    """An added token with a space in it ("cat toy") matches "cat   toy" and "cat\\ttoy" too, as in
+    transformers: the whitespace normaliser runs before added tokens are matched."""
+    hf = transformers.CLIPTokenizer.from_pretrained(hf_folder)
+    assert hf.add_tokens(["cat toy"]) == 1
+    hf.save_pretrained(tmp_path / "hf")
+    prompts = ["a cat toy", "a cat   toy", "a cat\ttoy", "a cattoy"]
+    want = hf(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    got = CLIPTokenizer.from_folder(tmp_path / "hf")(prompts)
+    assert torch.equal(got, want), f"ours {got[:, :6].tolist()}\ntheirs {want[:, :6].tolist()}"
+    assert want[1, 2].item() == 49408, f"the oracle split the phrase: {want[1, :6].tolist()}"
+
+
+def test_saving_over_a_folder_removes_its_stale_added_tokens(hf_added, tmp_path):
+    """A tokenizer without added tokens saved where one with them was: the folder reads back
+    without them (an added_tokens.json left behind would bring '<cat-toy>' back as id 49408)."""
+    hf_added.save_pretrained(tmp_path / "hf")
+    CLIPTokenizer.from_folder(tmp_path / "hf").save(tmp_path / "tok")
+    CLIPTokenizer.default().save(tmp_path / "tok")
+    back = CLIPTokenizer.from_folder(tmp_path / "tok")
+    assert back.max_id == 49407 and "<cat-toy>" not in {t["content"] for t in back.added_tokens.values()}, (
+        back.max_id, back.added_tokens)
