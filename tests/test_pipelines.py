@@ -1194,3 +1194,173 @@ def test_cli_warns_in_one_line_when_repaint_cannot_resample(tmp_path, image, mas
     want = ("python -m pipelines inpaint: warning: RePaint does no resampling: jump_length=10 needs steps > 10, "
             "got steps=2, so jump_n_sample=10 has no effect")
     assert want in err and err.count("warning:") == 1, f"stderr {err!r} lacks one {want!r}"
+
+
+# ------------------------------------------------- CLI and image loading: mutation-review pins
+_TINY_CLI = ["--preset", "tiny", "--prompt", "a", "--steps", "2", "--cfg-scale", "1", "--height", "64", "--width",
+             "64", "--device", "cpu", "--no-progress"]
+
+
+def test_cli_sampler_is_recorded_and_run(tmp_path):
+    """--sampler reaches the job's params: the sidecar's params.sampler and the pipeline's own
+    result.params.sampler are both euler_a (left out, the run silently used the model's ddim and
+    the sidecar recorded no sampler); a --preset run records model_seed 0, the CLI's default."""
+    from pipelines.__main__ import main
+
+    assert main(["txt2img", *_TINY_CLI, "--seed", "4", "--sampler", "euler_a", "--out", str(tmp_path / "a")]) == 0
+    side = _written_sidecar(tmp_path / "a")
+    assert side["params"].get("sampler") == "euler_a", f"sidecar params.sampler: {side['params'].get('sampler')!r}"
+    assert side["result"]["params"].get("sampler") == "euler_a", \
+        f"result.params.sampler (what ran): {side['result']['params'].get('sampler')!r}, want 'euler_a'"
+    assert side["model"]["model_seed"] == 0, f"--preset without --model-seed recorded {side['model']['model_seed']!r}"
+
+
+def test_cli_drawn_seed_is_recorded_and_replays(tmp_path):
+    """Without --seed the pipeline draws one; the sidecar's params take it from result.params (an
+    int, the same as result.params.seed), so replay runs it again to an identical PNG (the bare job
+    params recorded seed null, which replay refuses)."""
+    from pipelines.__main__ import main
+
+    assert main(["txt2img", *_TINY_CLI, "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    side = json.loads(sidecar.read_text())
+    seed = side["params"].get("seed")
+    assert isinstance(seed, int) and not isinstance(seed, bool), f"sidecar params.seed {seed!r} is not an int"
+    assert seed == side["result"]["params"]["seed"], (seed, side["result"]["params"]["seed"])
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    first, second = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in "ab")
+    assert np.array_equal(first, second), "replay of a drawn-seed run differs from the run"
+
+
+def test_cli_defaults():
+    """The parser's documented defaults: img2img --strength 0.8 (inpaint 1.0), --cfg-scale 7.5,
+    --steps 50, --model-seed None (the job then records model_seed 0 for a --preset)."""
+    from pipelines.__main__ import build_parser, job_from_args
+
+    parser = build_parser()
+    img = parser.parse_args(["img2img", "--preset", "tiny", "--image", "x.png", "--out", "o"])
+    assert img.strength == 0.8, f"img2img --strength default {img.strength!r}, want 0.8"
+    inp = parser.parse_args(["inpaint", "--preset", "tiny", "--image", "x.png", "--mask", "m.png", "--out", "o"])
+    assert inp.strength == 1.0, f"inpaint --strength default {inp.strength!r}, want 1.0"
+    txt = parser.parse_args(["txt2img", "--preset", "tiny", "--out", "o"])
+    for args in (img, inp, txt):
+        assert (args.cfg_scale, args.steps, args.model_seed) == (7.5, 50, None), \
+            f"{args.command}: cfg_scale {args.cfg_scale!r}, steps {args.steps!r}, model_seed {args.model_seed!r}"
+    job = job_from_args(txt)
+    assert job["model"]["model_seed"] == 0, f"--preset job records model_seed {job['model']['model_seed']!r}, want 0"
+    assert job["params"]["cfg_scale"] == 7.5 and job["params"]["steps"] == 50, job["params"]
+
+
+def test_replay_refuses_a_checkpoint_with_a_new_file(tmp_path, capsys):
+    """A file added to a diffusers folder since the sidecar (tokenizer/added_tokens.json, which the
+    loader reads) changes what loads: replay refuses with exit 2 naming the file as new or gone
+    (comparing only the recorded files missed it)."""
+    from pipelines.__main__ import main
+
+    ckpt = tmp_path / "tiny"
+    sdcore.StableDiffusion.from_preset("tiny", seed=0).save(ckpt, layout="diffusers")
+    assert main(["txt2img", "--ckpt", str(ckpt), "--prompt", "a", "--steps", "1", "--seed", "1", "--height", "64",
+                 "--width", "64", "--cfg-scale", "1", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    added = "tokenizer/added_tokens.json"
+    assert added not in json.loads(sidecar.read_text())["model"]["ckpt_sha256"]
+    (ckpt / added).write_text(json.dumps({"a</w>": 320}))
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--ckpt {ckpt} changed since the sidecar was written (sha256 differs, or the " \
+        f"file is new or gone: {added})" in err, err
+
+
+def test_replay_device_overrides_the_recorded_one(tmp_path):
+    """replay --device cpu runs a sidecar recorded on a device this machine lacks (cuda:7): exit 0,
+    and the new sidecar records cpu (ignored, the replay failed on cuda:7)."""
+    from pipelines.__main__ import main
+
+    assert main(["txt2img", *_TINY_CLI, "--seed", "1", "--out", str(tmp_path / "a")]) == 0
+    sidecar = next((tmp_path / "a").glob("*.json"))
+    data = json.loads(sidecar.read_text())
+    data["model"]["device"] = "cuda:7"
+    sidecar.write_text(json.dumps(data))
+    assert main(["replay", str(sidecar), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    assert _written_sidecar(tmp_path / "b")["model"]["device"] == "cpu"
+
+
+def test_replay_keeps_the_recorded_repaint_jumps(tmp_path):
+    """A repaint sidecar's jump_length 3 / jump_n_sample 2 are read back as recorded (only the other
+    variants' old defaults are dropped to None)."""
+    from pipelines.__main__ import read_sidecar
+
+    side = {"command": "inpaint", "model": {"ckpt": None, "preset": "tiny", "dtype": "float32", "device": "cpu"},
+            "kernels": None, "inputs": {"image": {"path": "i.png"}, "mask": {"path": "m.png"}},
+            "params": {"seed": 1, "variant": "repaint", "jump_length": 3, "jump_n_sample": 2}}
+    (tmp_path / "s.json").write_text(json.dumps(side))
+    params = read_sidecar(tmp_path / "s.json")["params"]
+    assert (params["jump_length"], params["jump_n_sample"]) == (3, 2), \
+        f"repaint jumps read back as ({params['jump_length']!r}, {params['jump_n_sample']!r}), want (3, 2)"
+    side["params"]["variant"] = "blend"
+    (tmp_path / "s.json").write_text(json.dumps(side))
+    params = read_sidecar(tmp_path / "s.json")["params"]
+    assert (params["jump_length"], params["jump_n_sample"]) == (None, None), params
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_cli_reads_an_alpha_mask_as_its_luminance(tmp_path, mode):
+    """An editor's RGBA or LA mask export is opened as mode "L" (its luminance), which mask_to_tensor
+    takes; left as RGBA/LA it was refused as not single-channel."""
+    from pipelines.__main__ import open_image
+
+    lum = np.zeros((8, 8), np.uint8)
+    lum[2:6, 1:5] = 255
+    chans = [lum, lum, lum] if mode == "RGBA" else [lum]
+    Image.fromarray(np.stack([*chans, np.full((8, 8), 255, np.uint8)], axis=-1), mode).save(tmp_path / "m.png")
+    m = open_image("mask", tmp_path / "m.png")
+    assert m.mode == "L", f"{mode} mask opened as mode {m.mode!r}, want 'L'"
+    got = mask_to_tensor(m, (8, 8), 1, False)
+    want = torch.from_numpy(lum.astype(np.float32) / 255)[None, None]
+    assert torch.equal(got, want), describe_diff(got, want)
+
+
+def test_big_endian_sixteen_bit_images_are_read_over_65535():
+    """A big-endian 16-bit image (PIL mode "I;16B") reads as the same tensor as its "I;16" twin:
+    samples over 65535, not clipped at 255."""
+    ramp = np.linspace(0, 65535, 4 * 6).round().astype(np.uint16).reshape(4, 6)
+    big, little = Image.fromarray(ramp.astype(">u2")), Image.fromarray(ramp)
+    assert (big.mode, little.mode) == ("I;16B", "I;16")
+    want = torch.from_numpy(ramp.astype(np.float32) / 65535).expand(1, 3, 4, 6)
+    assert torch.equal(image_to_tensor(little, (4, 6), False), want)
+    got = image_to_tensor(big, (4, 6), False)
+    assert torch.equal(got, want), "I;16B read otherwise than I;16: " + describe_diff(got, want)
+
+
+def test_image_resize_is_lanczos():
+    """image_to_tensor(resize=True) on a PIL image is PIL's Lanczos resize to (W, H), over 255, exactly
+    (diffusers' resample)."""
+    rgb = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8), "RGB")
+    got = image_to_tensor(rgb, (8, 8), True)
+    want = torch.from_numpy(np.asarray(rgb.resize((8, 8), Image.LANCZOS), dtype=np.float32) / 255)
+    want = want.permute(2, 0, 1)[None]
+    assert torch.equal(got, want), "resize is not PIL's LANCZOS: " + describe_diff(got, want)
+
+
+def test_mask_resize_is_nearest():
+    """mask_to_tensor(resize=True) on a PIL mask is PIL's NEAREST resize, then >= 0.5: a 16x16
+    checkerboard resized to 8x8 is exactly that (a smoothing resample gives 0.5 everywhere)."""
+    board = Image.fromarray(((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8), "L")
+    got = mask_to_tensor(board, (8, 8), 1, True)
+    near = torch.from_numpy(np.asarray(board.resize((8, 8), Image.NEAREST), dtype=np.float32) / 255)[None, None]
+    want = (near >= 0.5).float()
+    assert torch.equal(got, want), "mask resize is not NEAREST: " + describe_diff(got, want)
+
+
+def test_sixteen_bit_resize_stays_in_range():
+    """A 16-bit 0|65535 step edge resized to (8, 12) stays within [0, 1] (Lanczos overshoots at the
+    edge; 8-bit images clip there, 16-bit ones are clipped too)."""
+    step = np.zeros((16, 16), np.uint16)
+    step[:, 8:] = 65535
+    got = image_to_tensor(Image.fromarray(step), (8, 12), True)
+    assert got.shape == (1, 3, 8, 12)
+    lo, hi = float(got.min()), float(got.max())
+    assert lo >= 0.0 and hi <= 1.0, f"resized 16-bit image spans [{lo!r}, {hi!r}], outside [0, 1]"
+    assert lo == 0.0 and hi == 1.0, (lo, hi)
