@@ -58,9 +58,9 @@ def norm_eps_mismatches():
     key -> diffusers key). An eps is invisible to oracle tests at O(1) activations (1e-6 against
     1e-5 moves them ~1e-6), so it is compared as what it is: a constant of each norm."""
     def check(ours: torch.nn.Module, theirs: torch.nn.Module, key_map: dict) -> tuple[int, list[str]]:
-        pairs = [(name, key_map[f"{name}.weight"].removesuffix(".weight")) for name, m in ours.named_modules()
+        pairs = [(name, m, key_map[f"{name}.weight"].removesuffix(".weight")) for name, m in ours.named_modules()
                  if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
-        bad = [f"{name} eps {ours.get_submodule(name).eps:g} != diffusers' {path} eps {theirs.get_submodule(path).eps:g}"
-               for name, path in pairs if ours.get_submodule(name).eps != theirs.get_submodule(path).eps]
+        bad = [f"{name} eps {m.eps:g} != diffusers' {path} eps {theirs.get_submodule(path).eps:g}"
+               for name, m, path in pairs if m.eps != theirs.get_submodule(path).eps]
         return len(pairs), bad
     return check

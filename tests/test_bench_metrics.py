@@ -289,7 +289,7 @@ def test_best_configs_picks_the_fastest_ok_row():
     a second case has its own winner."""
     rows = [_row("a", 2.0, suite="tune"), _row("b", 1.0, suite="tune"), _row("c", 3.0, suite="tune"),
             _row("wrong", 0.5, status="error", suite="tune"), _row("d", 5.0, suite="tune", case="other")]
-    best = {(r["case"]): r["backend"] for r in common.best_configs(rows)}
+    best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
     assert best == {"c": "b", "other": "d"}, f"best configs {best}, expected the 1 ms row 'b' for case c"
 
 
@@ -414,14 +414,12 @@ def batch2_rows():
         opts = bp.Options(preset="tiny", ckpt=None, pipelines=["txt2img", "img2img"], steps=4, batch=2,
                           repeats=1, warmup=1, dtype=torch.float32, unet_only=False, variants=["reference"],
                           quick=False)
-        t0 = time.perf_counter()
         with common.one_thread_on_cpu(CPU):  # as bench --quick: two threads on a shared 2-core host thrash
             rows = bp.run_pipelines(opts, CPU, {}, progress=False)
-        took = time.perf_counter() - t0
     finally:
         mp.undo()
         bp._MODELS.clear()
-    return {r["op"]: r for r in rows}, took
+    return {r["op"]: r for r in rows}
 
 
 def test_pipeline_rows_count_images_and_unet_calls_per_run(batch2_rows):
@@ -429,7 +427,7 @@ def test_pipeline_rows_count_images_and_unet_calls_per_run(batch2_rows):
     count calls per run, not per image: txt2img 4 steps -> 4, img2img at strength 0.75 -> 3.
     UNet ms/step = the meter's 12 ms per run / UNet calls: 3.0 and 4.0 (per step of the schedule
     would give 3.0 for both; the run's total 12)."""
-    rows, _ = batch2_rows
+    rows = batch2_rows
     expected = {"txt2img": (4, 3.0), "img2img": (3, 4.0)}
     for op, (calls, per_step) in expected.items():
         r = rows[op]
@@ -446,9 +444,7 @@ def test_pipeline_rows_count_images_and_unet_calls_per_run(batch2_rows):
 def test_scheduler_calls_per_run_leave_the_warm_up_out(batch2_rows):
     """The dispatch counters span the warm-up run and the timed one; divided by both runs, the
     scheduler's calls per run equal one run's UNet calls (one update per step), not twice that."""
-    rows, took = batch2_rows
-    if took > 60:
-        pytest.skip(f"the batch-2 pipeline run took {took:.0f} s")
+    rows = batch2_rows
     for op in ("txt2img", "img2img"):
         r = rows[op]
         assert r["scheduler_calls"] == r["unet_calls"], \
