@@ -40,7 +40,7 @@ from .registry import interpreting
 
 try:
     from triton import knobs as _knobs
-except ImportError:  # no Triton, or one without a knobs module: direct launches stay off
+except Exception:  # no Triton (any import error, as _triton.py takes it), or one without knobs: stay off
     _knobs = None
 
 ENV_VAR = "SDLAB_FAST_LAUNCH"

@@ -291,3 +291,180 @@ def test_direct_launches_match_tritons_dispatch_gpu(monkeypatch):
         assert launcher.direct > n, f"{launcher.name} did not launch directly"
     for name, a, b_ in zip(("o", "y", "dq", "dk", "dv", "dx", "prev", "y two-pass", "o resident"), want, got):
         assert torch.equal(a, b_), f"{name}: direct launch differs from Triton's dispatch by {(a - b_).abs().max()}"
+
+
+# ------------------------------------------------------------------ found by mutation testing
+# Each test below failed against a small plausible edit of kernels/_launch.py that every test above
+# let through (see the docstrings); they run on the CPU in well under a second each (one subprocess).
+def test_mode_reports_how_kernels_launch(monkeypatch):
+    """bench rows and describe() print mode(): it follows ENABLED (bench sets it False to time
+    Triton's own dispatch), not only why direct launches were off at import."""
+    monkeypatch.setattr(_launch, "WHY_OFF", None)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    assert _launch.mode() == "direct once compiled", _launch.mode()
+    monkeypatch.setattr(_launch, "ENABLED", False)  # off by hand, with nothing against it
+    assert _launch.mode() == "Triton's dispatch (ENABLED set False)", _launch.mode()
+    monkeypatch.setattr(_launch, "WHY_OFF", "TRITON_INTERPRET=1")
+    assert _launch.mode() == "Triton's dispatch (TRITON_INTERPRET=1)", _launch.mode()
+
+
+@pytest.mark.parametrize("version, has_knobs, on", [
+    ("3.6.0", True, True), ("3.9.1", True, True), ("3.6.0+git8a1b2c3", True, True),  # a source build
+    ("3.7.0", True, False), ("3.10.0", True, False), ("4.6.0", True, False), ("3.5.1", True, False),
+    ("3.6rc1", True, False),  # unparsable (minor "6rc1"): off, not an error importing kernels
+    ("3.9.0", False, False),  # no knobs module: direct launches stay off
+])
+def test_direct_launches_only_on_the_triton_releases_read(monkeypatch, version, has_knobs, on):
+    """CHECKED names the releases whose launch convention _launch.py copies (3.6 and 3.9, not the
+    range between); the major and minor both count. The other reasons are taken out of the way:
+    no env var, no interpreter, Triton imports."""
+    monkeypatch.delenv(_launch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "IMPORT_ERROR", None)
+    monkeypatch.setattr(_launch, "triton", type("FakeTriton", (), {"__version__": version})())
+    monkeypatch.setattr(_launch, "_knobs", object() if has_knobs else None)
+    why = _launch._unsupported()
+    want = None if on else f"Triton {version}: direct launches are checked for 3.6, 3.9 only"
+    assert why == want, (version, has_knobs, why)
+
+
+def test_kernels_import_when_importing_triton_raises_something_else(tmp_path):
+    """A broken Triton install can raise other than ImportError on import (a RuntimeError for a
+    missing CUDA library): _triton.py takes any exception as "Triton does not import", and so must
+    everything after it. _launch.py's own `from triton import knobs` caught ImportError only, so
+    `import kernels` raised there. Run without TRITON_INTERPRET, so that the version check would be
+    reached if the import error were not taken first."""
+    code = """
+import sys
+class BrokenTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise RuntimeError("libcuda.so.1: cannot open shared object file")
+sys.meta_path.insert(0, BrokenTriton())
+import torch, kernels
+from kernels import _launch, registry
+why = registry.triton_available()
+assert why == "triton does not import (RuntimeError: libcuda.so.1: cannot open shared object file)", why
+assert _launch.WHY_OFF == why and not _launch.ENABLED and not registry.interpreting(), (_launch.WHY_OFF, _launch.ENABLED)
+last = kernels.describe("cuda").splitlines()[-1]
+assert last == f"triton launches: Triton's dispatch ({why}) (kernels/_launch.py)", last
+q = torch.randn(1, 2, 7, 16)
+assert torch.equal(kernels.attention(q, q, q), kernels.attention_reference(q, q, q))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _launch.ENV_VAR)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("offset", [2, 4, 8])
+def test_a_pointer_any_bytes_off_16_is_another_specialisation(fake, offset):
+    """Triton specialises a pointer on 16-byte alignment: one 8 bytes past a 16-byte boundary is
+    aligned to 8, but must not be answered with the kernel compiled for an aligned one (it may use
+    16-byte vector loads). fp16 views shifted by offset / 2 elements of an aligned buffer."""
+    launcher, jit, _ = fake
+    base = torch.zeros(64 + 8, dtype=torch.float16)
+    y = torch.zeros(64, dtype=torch.float16)
+    assert base.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0, "torch's allocations are 16-byte aligned"
+    x = base[offset // 2:][:64]
+    assert x.data_ptr() % 16 == offset, (x.data_ptr() % 16, offset)
+    call(launcher, base[:64], y)
+    call(launcher, x, y)
+    assert len(jit.dispatched) == 2 and launcher.direct == 0, (offset, len(jit.dispatched), launcher.direct)
+
+
+@pytest.mark.parametrize("grid, padded", [((5,), (5, 1, 1)), ((3, 2), (3, 2, 1)), ((3, 2, 4), (3, 2, 4))])
+def test_a_grid_of_one_to_three_dims_is_launched_whole(fake, grid, padded):
+    """JITFunction.run pads a grid to 3 dims with 1s; a 3-D grid's last dim must reach the kernel
+    (no kernel here launches one yet: a 1-D and a 2-D one do)."""
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y, grid=grid)
+    call(launcher, x, y, grid=grid)
+    assert launcher.direct == 1 and jit.compiled.runs[0][:3] == padded, (grid, jit.compiled.runs)
+
+
+def test_a_direct_launch_uses_the_current_devices_stream(fake):
+    """On a second GPU the launch goes to that device's current stream, not device 0's."""
+    launcher, jit, device = fake
+    device[0] = 1
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    call(launcher, x, y)
+    assert launcher.direct == 1 and jit.compiled.runs[0][3] == STREAM + 1, (hex(STREAM + 1), jit.compiled.runs)
+
+
+class _Future:
+    """Triton 3.9's AsyncCompileMode: kernel[grid](...) returns a future of the compiled kernel."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def result(self):
+        return self.compiled
+
+
+def test_an_async_compile_future_is_kept_as_its_compiled_kernel(fake):
+    launcher, jit, _ = fake
+    compiled = FakeCompiled()
+    jit.compiled = _Future(compiled)
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    call(launcher, x, y)
+    assert launcher.direct == 1 and len(jit.dispatched) == 1, (launcher.direct, len(jit.dispatched))
+    assert len(compiled.runs) == 1 and compiled.runs[0][4] == "cu-function", compiled.runs
+
+
+def test_a_launch_that_returns_no_compiled_kernel_is_not_kept(fake):
+    """Where Triton's dispatch returns no compiled kernel (None, or one without packed metadata),
+    there is nothing to launch directly: every launch goes through Triton, none raises."""
+    launcher, jit, _ = fake
+    jit.compiled = None
+    x, y = torch.zeros(64), torch.zeros(64)
+    for _ in range(3):
+        call(launcher, x, y)
+    assert launcher.cache == {} and launcher.direct == 0 and len(jit.dispatched) == 3, launcher.cache
+
+
+@pytest.mark.parametrize("hook", ["launch_enter_hook", "launch_exit_hook"])
+def test_a_plain_function_as_launch_hook_takes_tritons_path(fake, monkeypatch, hook):
+    """A hook set as a plain function (not appended to Triton's HookChain) counts as set too."""
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    monkeypatch.setattr(_launch._knobs.runtime, hook, lambda metadata: None)
+    call(launcher, x, y)
+    assert launcher.direct == 0 and jit.compiled.runs == [] and len(jit.dispatched) == 2, hook
+
+
+@pytest.mark.parametrize("knob, value", [("instrumentation_mode", "consan"), ("fpsan_homomorphic_casts", True)])
+def test_a_compile_option_knob_set_after_the_first_launch_compiles_another_kernel(fake, monkeypatch, knob, value):
+    """Every knob JITFunction.run reads into the compile options is part of the launch key, not only
+    TRITON_DEBUG: a launch after it changed goes through Triton (which compiles another kernel)."""
+    launcher, jit, _ = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    call(launcher, x, y)
+    assert getattr(_launch._knobs.compilation, knob, None) != value, (knob, value)
+    # raising=False: a Triton without the fpsan knob (before 3.9) reads as None there
+    monkeypatch.setattr(_launch._knobs.compilation, knob, value, raising=False)
+    call(launcher, x, y)
+    assert launcher.direct == 0 and len(jit.dispatched) == 2, (knob, launcher.direct, len(jit.dispatched))
+
+
+def test_the_driver_is_bound_on_first_use(monkeypatch):
+    """_DRIVER is Triton's active driver's (current device, current stream) getters, looked up on
+    first use (a CPU process never initialises CUDA) and then kept in their place."""
+    import triton.runtime
+
+    class Active:
+        def get_current_device(self):
+            return 3
+
+        def get_current_stream(self, device):
+            return 0x7000 + device
+
+    monkeypatch.setattr(triton.runtime, "driver", type("Driver", (), {"active": Active()})())
+    monkeypatch.setattr(_launch, "_DRIVER", _launch._LazyDriver())
+    assert (_launch._device(), _launch._stream(2)) == (3, 0x7002), (_launch._device(), _launch._stream(2))
+    assert isinstance(_launch._DRIVER, tuple) and len(_launch._DRIVER) == 2, _launch._DRIVER
