@@ -25,6 +25,18 @@ def _fresh_kernel_choice():
     kernels.set_backend()
 
 
+@pytest.fixture(scope="session")
+def image():
+    """A smooth 64 x 64 RGB test image (no flat regions, so the VAE sees structure), for the
+    pipeline tests (test_pipelines.py, test_inpaint.py)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.meshgrid(np.linspace(0, 1, 64), np.linspace(0, 1, 64), indexing="ij")
+    rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6.28 * (xx + yy))], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -79,14 +79,6 @@ def inpaint9_pipe(tiny9, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image():
-    """A smooth RGB test image (no flat regions, so the VAE sees structure)."""
-    yy, xx = np.meshgrid(np.linspace(0, 1, SIZE), np.linspace(0, 1, SIZE), indexing="ij")
-    rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6.28 * (xx + yy))], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
-
-
-@pytest.fixture(scope="module")
 def mask():
     """White (repaint) rectangle not aligned to the 8-px latent grid on one side."""
     m = np.zeros((SIZE, SIZE), np.uint8)
