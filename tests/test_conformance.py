@@ -108,18 +108,23 @@ def test_a_forward_only_backend_fails_the_backward_cases(research):
         testing.check(_case("attention", "d64-64x64", backward=True), "no_grad", "cpu")
 
 
-def test_a_wrong_gradient_fails(research):
+def _grad_off(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t`` unchanged in the forward; its gradient multiplied by ``factor`` in the backward."""
     class Off(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
-            return x
+            return x.view_as(x)
 
         @staticmethod
         def backward(ctx, g):
-            return 1.01 * g
+            return factor * g
 
+    return Off.apply(t)
+
+
+def test_a_wrong_gradient_fails(research):
     def fn(x, weight, bias, groups, eps=1e-5, activation="silu"):
-        return kernels.group_norm_silu_reference(Off.apply(x), weight, bias, groups, eps, activation)
+        return kernels.group_norm_silu_reference(_grad_off(x, 1.01), weight, bias, groups, eps, activation)
 
     research("group_norm_silu", "bad_grad", fn)
     testing.check(_case("group_norm_silu", "c40-g4-plain"), "bad_grad", "cpu")  # the forward is right
@@ -144,6 +149,65 @@ def test_cases_take_the_three_dtypes_only():
     with pytest.raises(ValueError, match="got torch.float64"):
         testing.cases("attention", dtypes=(torch.float64,))
     assert {c.dtype for c in testing.cases("attention", dtypes=torch.float16)} == {torch.float16}
+
+
+def test_every_backward_case_compares_gradients():
+    """A ``-bwd`` case without gradient inputs would re-run the forward check under a backward name."""
+    for op in OPS:
+        bwd = testing.cases(op, backward=True)
+        assert all(c.backward and c.grads for c in bwd), [str(c) for c in bwd if not c.grads]
+        assert {c.name for c in bwd} == {c.name for c in testing.cases(op) if c.grads}, op
+    assert testing.cases("scheduler_step", backward=True) == [], "the step has no backward"
+
+
+def test_a_backend_dtype_other_than_the_references_fails(research):
+    """fp16 in, fp32 out (exact values): the output dtype is part of an op's contract."""
+    def fp32_out(x, weight, bias, groups, eps=1e-5, activation="silu"):
+        return kernels.group_norm_silu_reference(x.float(), weight.float(), bias.float(), groups, eps, activation)
+
+    research("group_norm_silu", "fp32_out", fp32_out)
+    with pytest.raises(AssertionError, match="out dtype torch.float32, the reference returns torch.float16"):
+        testing.check(_case("group_norm_silu", "c96-g32-7x9", torch.float16), "fp32_out", "cpu")
+
+
+def test_check_fails_when_the_backend_did_not_run(research, monkeypatch):
+    """If the switch ignored the choice, the reference would be judged against itself and pass."""
+    import contextlib
+
+    research("group_norm_silu", "never_runs", kernels.group_norm_silu_reference)
+    monkeypatch.setattr(kernels, "use", lambda **kw: contextlib.nullcontext())
+    with pytest.raises(AssertionError, match="expected one dispatch to 'never_runs', counted 0"):
+        testing.check(_case("group_norm_silu", "c96-g32-7x9"), "never_runs", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_gradient_3_percent_off_fails(research, dtype):
+    """16-bit gradients are held to GRAD_REL_HALF = 1e-2 of the fp64 ones: 3% off must fail, exact
+    (the reference's) must pass."""
+    research("attention", "exact_grad", kernels.attention_reference)
+    research("attention", "dq_off", lambda q, *a, **kw: kernels.attention_reference(_grad_off(q, 1.03), *a, **kw))
+    case = _case("attention", "d64-64x64", dtype, backward=True)
+    testing.check(case, "exact_grad", "cpu")
+    with pytest.raises(AssertionError, match=f"{case} .*: dq: max rel err"):
+        testing.check(case, "dq_off", "cpu")
+
+
+def test_assert_close_rtol_is_per_element():
+    """rtol scales each element's own |expected|: a tiny element 100% off fails beside a large one."""
+    want = torch.tensor([1000.0, 1e-3])
+    testing.assert_close(want * (1 + 5e-3), want, rtol=1e-2)
+    with pytest.raises(AssertionError, match="1 of 2 elements outside atol=0.0e\\+00 rtol=1.0e-02"):
+        testing.assert_close(torch.tensor([1000.0, 2e-3]), want, rtol=1e-2)
+
+
+def test_within_torch_error_adds_atol_once():
+    """|kernel - ref| <= factor x |torch - ref| + atol, at its boundary: torch 1e-3 off, factor 2,
+    atol 1e-3 allow 3e-3; 3.5e-3 fails (it would pass as factor x (torch error + atol) = 4e-3)."""
+    ref = torch.zeros(3, dtype=torch.float64)
+    torch_out = torch.tensor([1e-3, 0.0, 0.0])
+    testing.assert_within_torch_error(torch.tensor([0.0, 2.9e-3, 0.0]), torch_out, ref, factor=2.0, atol=1e-3)
+    with pytest.raises(AssertionError, match="kernel max abs err 3.500e-03 > 2.0 x torch's 1.000e-03"):
+        testing.assert_within_torch_error(torch.tensor([0.0, 3.5e-3, 0.0]), torch_out, ref, factor=2.0, atol=1e-3)
 
 
 # ------------------------------------------------------------------ research backends in the switch
