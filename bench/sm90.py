@@ -34,6 +34,11 @@ class Unavailable(RuntimeError):
     """This Triton cannot compile for sm_90 offline (internals moved, or no ptxas)."""
 
 
+def wide_load(op: str) -> bool:
+    """A 16-byte global load: a .128 modifier anywhere in its name (LDG.E.128, LDG.E.128.CONSTANT)."""
+    return "128" in op.split(".")[1:]
+
+
 @dataclass
 class Compiled:
     kernel: str
@@ -71,7 +76,7 @@ class Compiled:
     @property
     def narrow_loads(self) -> int:
         """Global loads narrower than 16 bytes (no .128 modifier): unvectorised tile loads."""
-        return sum(n for op, n in self.global_loads.items() if not op.endswith(".128"))
+        return sum(n for op, n in self.global_loads.items() if not wide_load(op))
 
     def summary(self) -> str:
         ops = " ".join(f"{k}={self.sass.get(k, 0)}" for k in ("HGMMA", "LDGSTS", "LDG", "STG", "MUFU", "FFMA"))

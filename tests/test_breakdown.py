@@ -189,3 +189,45 @@ def test_graphs_are_not_split_and_say_why(variant):
     s = {"note": "", "scope": None, "fn": None}
     bench_pipelines._split_step(s, variant, torch.device("cpu"), runs=1)
     assert "breakdown" not in s and "no breakdown: the profiler sees" in s["note"], s
+
+
+def test_torch_attention_keeps_the_matmuls_and_softmax_under_it():
+    """Outside every switched op the outermost categorised torch op takes the time: SDPA's math path
+    (its bmm and softmax) is torch attention, not matmul; one call of it."""
+    sdpa = Ev("aten::scaled_dot_product_attention", cpu=1).add(
+        Ev("aten::_scaled_dot_product_attention_math", cpu=1).add(Ev("aten::bmm", cpu=4), Ev("aten::_softmax", cpu=2),
+                                                                 Ev("aten::bmm", cpu=4)))
+    b = attribute(list(_walk(sdpa)), "cpu")
+    got = {k: v * 1e3 for k, v in b.ms.items()}
+    assert got == pytest.approx({"torch attention": 12.0}), f"parts (µs) {got}: the bmm went to another part"
+    assert b.calls == pytest.approx({"torch attention": 1.0}), b.calls
+
+
+def test_kernels_all_linked_leave_no_unlinked_part():
+    """Every kernel linked to a CPU op: no `unlinked kernels` part (nor column), not even a 0 one."""
+    op = Ev("aten::addmm", cpu=3, dev=40)
+    b = attribute([op, Ev("kernel", dev=40, device_type=DeviceType.CUDA)], "device")
+    assert b.ms == pytest.approx({"matmul": 40e-3}), b.ms
+
+
+def test_render_columns_ops_then_other_switched_ops_then_torch_categories_then_the_rest():
+    """Columns: the registry's ops in its order, then other ranges (a plugin's op), torch's
+    categories in TORCH_CATEGORIES' order, other, unlinked kernels; each once. The wall column is
+    the profiled call's own time, and a row read back from JSON keeps it."""
+    b = attribute(_events(), "device", runs=2)
+    b.ms["my_op"] = 0.004  # a range of an op the registry does not know
+    b.wall_ms = 0.5
+    table = render({"triton": b, "from json": json.loads(json.dumps(b.as_dict()))})
+    lines = table.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    want = ["variant", "time", "attention", "group_norm_silu", "my_op", "conv", "matmul", OTHER, UNLINKED,
+            "attributed ms", "wall ms"]
+    assert head == want, f"columns {head}, expected {want}"
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[-2:] == ["0.1", "0.5"], f"attributed / wall ms {cells[-2:]}, expected 0.1 (sum), 0.5: {line}"
+
+
+def test_op_breakdown_refuses_fewer_than_one_run():
+    with pytest.raises(ValueError, match="runs must be >= 1, got 0"):
+        op_breakdown(lambda: None, "cpu", runs=0)

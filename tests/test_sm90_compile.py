@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.sm90 import wide_load
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,7 +57,7 @@ def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
         if "fp32" not in rec["case"]:  # fp32 dots are "ieee": FMA on CUDA cores by design
             assert rec["hgmma"] > 0, f"{where}: no wgmma (HGMMA) instructions: {rec}"
         assert not any(".U16" in op for op in rec["global_loads"]), f"{where}: 2-byte loads: {rec['global_loads']}"
-        wide = sum(n for op, n in rec["global_loads"].items() if op.endswith(".128"))
+        wide = sum(n for op, n in rec["global_loads"].items() if wide_load(op))
         assert wide >= 4, f"{where}: {wide} 16-byte loads: {rec['global_loads']}"
         if rec["kernel"] in ("_attn_fwd_kernel", "_attn_fwd_resident_kernel"):
             assert rec["narrow_loads"] == 0, f"{where}: loads narrower than 16 bytes: {rec['global_loads']}"
@@ -69,7 +71,7 @@ def test_group_norm_tile_loads_are_16_bytes(compiled):
     assert {rec["kernel"] for rec in gn} == {"_fused_kernel", "_stats_kernel", "_apply_kernel",
                                             "_bwd_reduce_kernel", "_bwd_dx_kernel"}, gn
     for rec in gn:
-        wide = sum(n for op, n in rec["global_loads"].items() if op.endswith(".128"))
+        wide = sum(n for op, n in rec["global_loads"].items() if wide_load(op))
         assert wide >= 1, f"{rec['kernel']}: no 16-byte loads: {rec['global_loads']}"
         assert rec["narrow_loads"] <= 8, f"{rec['kernel']}: {rec['global_loads']}"
 
