@@ -15,7 +15,7 @@ import os
 import platform
 import re
 import subprocess
-import time
+import types
 
 import pytest
 import torch
@@ -212,19 +212,33 @@ def test_time_fn_on_cuda_maps_do_bench_quantiles_to_median_p20_p80(monkeypatch):
         f"do_bench asked {asked[0]} -> Timing {t}; expected median 2, p20 1, p80 3"
 
 
-def test_time_fn_on_cpu_reports_milliseconds():
-    """A call sleeping 2 ms times at about 2 ms on the CPU path (in µs it would read ~2000)."""
-    t = common.time_fn(lambda: time.sleep(2e-3), CPU, min_reps=3, warmup_ms=0, rep_ms=0)
-    assert 1.9 <= t.median_ms < 15.0, f"time_fn median {t.median_ms} ms for a 2 ms sleep"
+def _fake_clock(monkeypatch, module, per_call_ms):
+    """``module.time.perf_counter`` replaced by a clock that only the returned function advances, by
+    ``per_call_ms[i]`` at its i-th call (the last value after that): timings exact on any host."""
+    clock, calls = [0.0], []
+
+    def fn():
+        clock[0] += per_call_ms[min(len(calls), len(per_call_ms) - 1)] * 1e-3
+        calls.append(1)
+
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return fn, calls
 
 
-def test_host_ms_divides_each_sample_by_its_calls():
-    """host_ms is per call: 20 back-to-back calls of a 2 ms sleep per sample give about 2 ms (not the
-    40 ms of the whole sample). The upper bound leaves a busy 2-core host 2x headroom."""
-    n = []
-    ms = common.host_ms(lambda: (n.append(1), time.sleep(2e-3)), CPU, calls=20, samples=3)
-    assert len(n) == 60, f"expected 3 samples x 20 calls, got {len(n)} calls"
-    assert 1.9 <= ms < 4.0, f"host_ms {ms:.3f} ms per call for a 2 ms sleep called 20 times per sample"
+def test_time_fn_on_cpu_reports_milliseconds(monkeypatch):
+    """Calls taking 2 ms time at 2 ms on the CPU path (in µs it would read 2000, in s 0.002)."""
+    fn, _ = _fake_clock(monkeypatch, common, [2.0])
+    t = common.time_fn(fn, CPU, min_reps=3, warmup_ms=0, rep_ms=0)
+    assert t.median_ms == pytest.approx(2.0, rel=1e-9), f"time_fn median {t.median_ms} ms for 2 ms calls"
+
+
+def test_host_ms_divides_each_sample_by_its_calls(monkeypatch):
+    """host_ms is per call, the median over samples: three samples of 20 calls taking 2, 5 and then
+    3 ms each give 3 ms (not a sample's 60 ms, nor the mean)."""
+    fn, calls = _fake_clock(monkeypatch, common, [2.0] * 20 + [5.0] * 20 + [3.0] * 20)
+    ms = common.host_ms(fn, CPU, calls=20, samples=3)
+    assert len(calls) == 60, f"expected 3 samples x 20 calls, got {len(calls)} calls"
+    assert ms == pytest.approx(3.0, rel=1e-9), f"host_ms {ms} ms per call; samples of 2, 5 and 3 ms per call"
 
 
 # ----------------------------------------------------------------------------- ceilings
@@ -467,10 +481,11 @@ def test_unet_step_peak_adds_the_memory_resident_before_the_variant(monkeypatch)
 
 
 # ---------------------------------------------------------------------------- breakdown
-def test_op_breakdown_wall_ms_is_per_run():
-    """op_breakdown's wall_ms is one run's time: a 10 ms sleep profiled over 3 runs gives about
-    10 ms (the 3 runs together would be >= 30); the upper bound leaves room for profiler overhead."""
-    from bench.breakdown import op_breakdown
+def test_op_breakdown_wall_ms_is_per_run(monkeypatch):
+    """op_breakdown's wall_ms is one run's time: a 10 ms call profiled over 3 runs gives 10 ms (the 3
+    runs together are 30)."""
+    from bench import breakdown
 
-    b = op_breakdown(lambda: time.sleep(10e-3), CPU, runs=3)
-    assert 9.5 <= b.wall_ms < 20.0, f"wall_ms {b.wall_ms} for a 10 ms call profiled 3 times"
+    fn, calls = _fake_clock(monkeypatch, breakdown, [10.0])
+    b = breakdown.op_breakdown(fn, CPU, runs=3)
+    assert b.wall_ms == pytest.approx(10.0, rel=1e-9), f"wall_ms {b.wall_ms} for a 10 ms call profiled 3 times"
