@@ -89,16 +89,32 @@ def test_a_dropped_noise_term_fails(research):
         testing.check(_case("scheduler_step", "ddpm-clip-noise"), "no_noise", "cpu")
 
 
-def test_a_half_precision_backend_in_bf16_fails_at_fp16(research):
+@pytest.mark.parametrize("op, case", [("attention", "d40-77x77"), ("group_norm_silu", "c96-g32-7x9")])
+def test_a_half_precision_backend_in_bf16_fails_at_fp16(research, op, case):
     """fp16 in, computed in bf16 (3 mantissa bits fewer), fp16 out: about 8x torch's fp16 error."""
-    def in_bf16(q, k, v, scale=None, causal=False):
-        bf = [t.to(torch.bfloat16) for t in (q, k, v)]
-        return kernels.attention_reference(*bf, scale, causal).to(q.dtype)
+    reference = getattr(kernels, f"{op}_reference")
 
-    research("attention", "in_bf16", in_bf16)
-    testing.check(_case("attention", "d40-77x77", torch.bfloat16), "in_bf16", "cpu")  # right for bf16
+    def in_bf16(*args, **kwargs):
+        bf = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) else a for a in args]
+        return reference(*bf, **kwargs).to(args[0].dtype)
+
+    research(op, "in_bf16", in_bf16)
+    testing.check(_case(op, case, torch.bfloat16), "in_bf16", "cpu")  # right for bf16
     with pytest.raises(AssertionError, match="torch's"):
-        testing.check(_case("attention", "d40-77x77", torch.float16), "in_bf16", "cpu")
+        testing.check(_case(op, case, torch.float16), "in_bf16", "cpu")
+
+
+def test_a_backend_that_raises_fails_rather_than_skips(research):
+    """Only the backend's own refusal (BackendUnsupported) skips a case; any other error is a failure."""
+    def broken(q, k, v, scale=None, causal=False):
+        raise RuntimeError("illegal memory access")
+
+    research("attention", "broken", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        try:
+            testing.check(_case("attention", "d64-64x64"), "broken", "cpu")
+        except pytest.skip.Exception as e:  # a skip would report this test as skipped, not failed
+            pytest.fail(f"a backend's error was turned into a skip: {e}")
 
 
 def test_a_forward_only_backend_fails_the_backward_cases(research):
@@ -160,6 +176,46 @@ def test_every_backward_case_compares_gradients():
     assert testing.cases("scheduler_step", backward=True) == [], "the step has no backward"
 
 
+def test_the_cases_build_what_their_reasons_say():
+    """A case whose input lost its point (the offset, the layout, the strided view, the broadcast
+    mask) would still pass every backend, testing nothing it claims."""
+    def inputs(op, name):
+        case = _case(op, name)
+        return case.make(torch.Generator().manual_seed(0), torch.float32)
+
+    (x, *_), _ = inputs("group_norm_silu", "c64-g32-offset")
+    assert abs(x.mean().item() - 3.0) < 0.2 and abs(x.std().item() - 1.0) < 0.2, (x.mean(), x.std())
+    (x, *_), _ = inputs("group_norm_silu", "c64-g32-nhwc")
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(), x.stride()
+    (x, w, b, _), kw = inputs("group_norm_silu", "c32-g32-noaffine")
+    assert w is None and b is None, (w, b)
+    assert inputs("group_norm_silu", "c40-g4-plain")[1]["activation"] is None
+    (q, k, v), _ = inputs("attention", "d40-blhd")
+    b_, h, lq, d = q.shape  # a (B, L, H, D) buffer viewed as (B, H, L, D): heads D apart, tokens H * D
+    assert q.stride() == (lq * h * d, d, h * d, 1) and k.stride()[1:] == (d, h * d, 1), (q.stride(), k.stride())
+    assert inputs("attention", "d64-causal")[1] == dict(causal=True)
+    assert inputs("attention", "d64-scale")[1] == dict(scale=0.3)
+    (x, _, _), kw = inputs("scheduler_step", "repaint")
+    assert kw["mask"].shape == (x.shape[0], 1, *x.shape[2:]) and set(kw["mask"].unique().tolist()) == {0.0, 1.0}, \
+        kw["mask"].shape
+    assert {"model_output_uncond", "noise", "known"} <= set(kw), sorted(kw)
+
+
+def test_the_oracle_runs_in_fp64(monkeypatch):
+    """fp32 cases are judged against the reference on fp64 copies: against an fp32 reference, an fp32
+    kernel's error would be measured against another fp32 rounding."""
+    seen = []
+    run = testing._run
+
+    def spy(op, backend, args, kwargs, *rest):
+        seen.append((str(backend), args[0].dtype))
+        return run(op, backend, args, kwargs, *rest)
+
+    monkeypatch.setattr(testing, "_run", spy)
+    testing.check(_case("group_norm_silu", "c96-g32-7x9"), "reference", "cpu")
+    assert ("reference", torch.float64) in seen, seen
+
+
 def test_a_backend_dtype_other_than_the_references_fails(research):
     """fp16 in, fp32 out (exact values): the output dtype is part of an op's contract."""
     def fp32_out(x, weight, bias, groups, eps=1e-5, activation="silu"):
@@ -168,6 +224,16 @@ def test_a_backend_dtype_other_than_the_references_fails(research):
     research("group_norm_silu", "fp32_out", fp32_out)
     with pytest.raises(AssertionError, match="out dtype torch.float32, the reference returns torch.float16"):
         testing.check(_case("group_norm_silu", "c96-g32-7x9", torch.float16), "fp32_out", "cpu")
+
+
+def test_a_missing_output_fails(research):
+    """The step asked for x0 (return_x0=True) returns (prev, None): a right prev must not hide it."""
+    def no_x0(*args, **kwargs):
+        return kernels.scheduler_step_reference(*args, **kwargs)[0], None
+
+    research("scheduler_step", "no_x0", no_x0)
+    with pytest.raises(AssertionError, match=r"outputs \['prev'\], the reference returns \['prev', 'x0'\]"):
+        testing.check(_case("scheduler_step", "ddim-cfg"), "no_x0", "cpu")
 
 
 def test_check_fails_when_the_backend_did_not_run(research, monkeypatch):
