@@ -29,7 +29,8 @@
 # attention (D 64, 9216 tokens); at those over <= 128 keys, 16 more candidates, the K/V-resident
 # forward's (never yet timed, so the stage's time with them is unknown). pipelines also runs the
 # UNet-step suite for its variants, so it names the kernel settings only; the unet stage has the
-# baselines (compile: minutes).
+# baselines (compile: minutes; ~90 s was before triton@compile, a second compile of the UNet, whose
+# time is not yet measured; so is tests/test_compile.py's one sd15 compile in the tests stage).
 # tune-bwd sweeps the attention backward (36 candidates per shape, one kernel varied at a time) at
 # the three self-attention levels, level 0 also at batch 1 (`self0*`: a full case name alone selects
 # only that case): ~140 s on an H100; its D 80 / 160 rows are host-noisy there. split sweeps the D 40

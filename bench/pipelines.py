@@ -5,6 +5,8 @@ that has a Triton backend on it), ``triton:<op>`` (that op alone on Triton), ``o
 (those ops on those backends, e.g. a research backend from ``--plugin``, the rest on reference;
 with ``@graph`` appended, UNet step only, replayed from a CUDA graph). The UNet step section
 adds baselines carrying the same weights: ``compile`` (torch.compile of the reference UNet),
+``triton@compile`` (torch.compile of the UNet with every op on triton: Inductor compiles the rest
+around the kernels, which run as ``torch.ops.sdlab`` ops),
 ``diffusers-sdpa`` (diffusers' UNet2DConditionModel with SDPA attention, converted with
 ``sdcore.convert.unet``), ``reference@graph`` / ``triton@graph`` (replayed from a CUDA graph) and
 ``triton-dispatch`` (all-triton with every launch through Triton's own dispatch, as with
@@ -68,7 +70,10 @@ KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
 # CUDA graph (no host overhead: the GPU time of the kernels alone, for comparison with eager).
 GRAPH_SUFFIX = "@graph"
 # triton-dispatch: all-triton with every launch through Triton's own dispatch (kernels/_launch.py off)
-UNET_BASELINES = ("compile", "diffusers-sdpa", "reference" + GRAPH_SUFFIX, "triton" + GRAPH_SUFFIX, TRITON_DISPATCH)
+# triton@compile: torch.compile of the UNet with every op on triton (Inductor around the torch.ops.sdlab ops)
+COMPILE_TRITON = "triton@compile"
+UNET_BASELINES = ("compile", COMPILE_TRITON, "diffusers-sdpa", "reference" + GRAPH_SUFFIX, "triton" + GRAPH_SUFFIX,
+                  TRITON_DISPATCH)
 
 
 def preset_names() -> list[str]:
@@ -750,12 +755,18 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
     import kernels
 
     step = lambda: unet(x, t, ctx)  # noqa: E731
-    if v == "compile":
+    if v in ("compile", COMPILE_TRITON):
         if opts.quick:
             raise Skip(f"not run {opts.quick_name}: compiling the UNet takes minutes")
-        compiled = torch.compile(unet)
-        return (lambda: kernels.use(**{op: "reference" for op in kernels.ops()}),
-                lambda: compiled(x, t, ctx), "torch.compile(reference UNet), default mode", [])
+        base = "reference" if v == "compile" else "triton"
+        _, note, triton_ops = kernel_scope(base, device)
+        if triton_ops and interpreting():
+            note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
+        compiled = torch.compile(unet)  # traced on its first call, inside the scope (dynamo guards on it)
+        what = ("torch.compile(reference UNet), default mode" if v == "compile" else
+                "torch.compile(UNet), default mode, the Triton kernels as torch.ops.sdlab ops")
+        return ((lambda: kernel_scope(base, device)[0]), lambda: compiled(x, t, ctx),
+                "; ".join(filter(None, [what, note])), triton_ops)
     if v.endswith(GRAPH_SUFFIX):
         if device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
@@ -937,8 +948,8 @@ def _split_step(s: dict, v: str, device: torch.device, runs: int) -> None:
     ``s["breakdown"]``, or why not into its note. Run after the timing, so it times nothing."""
     from .breakdown import op_breakdown
 
-    if v == "compile" or v.endswith(GRAPH_SUFFIX):
-        why = "a compiled graph" if v == "compile" else "one CUDA graph launch"
+    if v in ("compile", COMPILE_TRITON) or v.endswith(GRAPH_SUFFIX):
+        why = "one CUDA graph launch" if v.endswith(GRAPH_SUFFIX) else "a compiled graph"
         s["note"] = "; ".join(filter(None, [s["note"], f"no breakdown: the profiler sees {why}, not the ops"]))
         return
     try:

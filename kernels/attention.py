@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, dispatch,
+from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, counted, dispatch,
                        fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
                        triton_available)
 
@@ -777,8 +777,7 @@ _PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS 
 
 def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
     """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages[, Q_BLOCKS]) of one kernel,
-    memoised so a launch pays a dict lookup, not the table sort (a plain dict: dynamo warns on
-    functools.lru_cache). Keyed on :data:`SPLIT_MASKED_TAIL` too, so flipping it takes effect."""
+    memoised so a launch pays a dict lookup, not the table sort. Keyed on :data:`SPLIT_MASKED_TAIL` too, so flipping it takes effect."""
     key = (kind, d, dtype, SPLIT_MASKED_TAIL)
     plan = _PLANS.get(key)
     if plan is None:
@@ -969,6 +968,56 @@ class _AttentionFn(torch.autograd.Function):
         return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal, configs=ctx.configs), None, None, None)
 
 
+# ---- torch.compile: the Triton backend as two opaque ops, sdlab::attention and its backward ----
+# As for group_norm_silu (see its _op): while torch.compile traces, the Triton backend calls these,
+# so dynamo sees one op with a shape function, and the compiled graph runs the eager launches above,
+# counted as triton calls. A tensor scale becomes a float there (a graph break, as .item() is).
+
+@torch.library.custom_op("sdlab::attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, float? scale, bool causal, bool save_lse) "
+                                "-> (Tensor, Tensor)")
+def _op(q, k, v, scale, causal, save_lse):
+    """(o, lse2): o in q's layout; lse2 (B, H, Lq) fp32 if ``save_lse``, else empty."""
+    return counted("attention", Backend.TRITON, _op_forward, q, k, v, scale, causal, save_lse)
+
+
+def _op_forward(q, k, v, scale, causal, save_lse):
+    o, lse = _forward(q, k, v, scale, None, causal, None, save_lse)
+    return o, q.new_empty(0, dtype=torch.float32) if lse is None else lse
+
+
+@_op.register_fake
+def _op_fake(q, k, v, scale, causal, save_lse):
+    lse = q.new_empty(q.shape[:3] if save_lse else (0,), dtype=torch.float32)
+    return torch.empty_like(q), lse  # as _forward
+
+
+@torch.library.custom_op("sdlab::attention_backward", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float? scale, "
+                                "bool causal) -> (Tensor, Tensor, Tensor)")
+def _op_backward(do, q, k, v, o, lse, scale, causal):
+    return _backward(do, q, k, v, o, lse, scale, causal=causal)
+
+
+@_op_backward.register_fake
+def _op_backward_fake(do, q, k, v, o, lse, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # as _backward
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, scale, causal, _ = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _op_grad(ctx, do, _):
+    grads = torch.ops.sdlab.attention_backward(do, *ctx.saved_tensors, ctx.scale, ctx.causal)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
+
+
+_op.register_autograd(_op_grad, setup_context=_op_setup)
+
+
 def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     """None if the Triton kernel can take these inputs, else the reason."""
     if not (q.device == k.device == v.device):
@@ -1052,12 +1101,18 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
 @register("attention", Backend.TRITON, check=_triton_check)
 def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
     """:func:`attention_triton` past its argument checks (the switch has made them)."""
+    if (out is not None or config is not None) and torch.compiler.is_compiling():
+        # a write into the caller's memory (checked for overlaps) or a sweep's tiles: an eager call,
+        # run outside the graph (as in group_norm_silu)
+        return torch.compiler.disable(_attention_triton)(q, k, v, scale, causal, out, config)
     q, k, v = autocast_inputs(q, k, v)
     configs = _per_kernel(config)
     if _scale_problem(scale):
         raise ValueError(_scale_problem(scale))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
+        if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op)
+            return torch.ops.sdlab.attention(q, k, v, None if scale is None else float(scale), causal, grad)[0]
         if grad:
             return _AttentionFn.apply(q, k, v, scale, causal, configs)
         return _forward(q, k, v, scale, None, causal, configs.get("fwd"), False)[0]  # inference: no lse
@@ -1081,6 +1136,8 @@ def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
     _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)
     torch.autograd.graph.increment_version(out)  # written through its pointer: autograd sees an in-place write
     return out
+
+
 
 
 def attention(q, k, v, scale=None, causal=False):

@@ -35,6 +35,9 @@ never run).
 
 ``compile`` is available for every op without registration: ``torch.compile`` of the reference.
 Every dispatch is counted per (op, backend), so tests and benchmarks can see which code ran.
+Under ``torch.compile`` of a model, the built-in Triton backends trace as ``torch.ops.sdlab`` custom
+ops (each kernel file defines its own), which count through :func:`counted` when the compiled graph
+runs them.
 
 Research backends. Besides the built-in names (:class:`Backend`), ``register`` takes any new name
 (lower case, ``[a-z][a-z0-9_]*``), so a variant of a kernel plugs in next to the others and is
@@ -430,8 +433,11 @@ def max_offset(t: torch.Tensor, start_dim: int = 0) -> int:
 
 def fits_int32(t: torch.Tensor, start_dim: int = 0) -> bool:
     """Whether :func:`max_offset` of t is below 2**31. Fast for the usual case, a storage under
-    2 GiB, whose elements no view can span 2**31 of (this runs on every dispatch)."""
-    return t.untyped_storage().nbytes() < 2**31 or max_offset(t, start_dim) < 2**31
+    2 GiB, whose elements no view can span 2**31 of (this runs on every dispatch; dynamo cannot
+    trace the storage, so under torch.compile the offset is computed)."""
+    if not torch.compiler.is_compiling() and t.untyped_storage().nbytes() < 2**31:
+        return True
+    return max_offset(t, start_dim) < 2**31
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -561,7 +567,8 @@ def implementation(op: str, backend: BackendName) -> Callable:
         fn = torch.compile(ref.fn, dynamic=ref.compile_dynamic)
     else:
         raise ValueError(f"op {op!r} has no {str(backend)!r} backend")
-    _FNS[(op, backend)] = fn
+    if not torch.compiler.is_compiling():  # a memo write while tracing is a side effect dynamo replays
+        _FNS[(op, backend)] = fn
     return fn
 
 
@@ -571,8 +578,15 @@ def dispatch(op: str, *args, **kwargs):
     which holds the kernels it launched: ``bench.breakdown`` reads them."""
     backend, _ = _resolve(op, args, kwargs, 4)  # _resolve < dispatch < kernels.<op> < the caller
     fn = implementation(op, backend)
-    if torch.compiler.is_compiling():  # counts and ranges are of eager dispatches
+    if torch.compiler.is_compiling():  # counts and ranges are of calls that run, not of tracing
         return fn(*args, **kwargs)
+    return counted(op, backend, fn, *args, **kwargs)
+
+
+def counted(op: str, backend: BackendName, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` counted as a call of ``op`` on ``backend`` and, under the profiler,
+    inside its ``sdlab.<op>[<backend>]`` range: what :func:`dispatch` does for an eager call, and
+    what the Triton backends' ops do when a compiled graph runs them (``torch.ops.sdlab.*``)."""
     _COUNTS[(op, backend)] += 1  # Backend is a str enum: the key equals (op, "triton")
     if torch.autograd._profiler_enabled():  # ~35 ns when off
         with _profiler_range(PROFILER_RANGE.format(op=op, backend=str(backend))):
@@ -736,7 +750,8 @@ def _import_plugin(spec: str, name: str, path: Path | None) -> None:
 
 
 def counts() -> dict[tuple[str, str], int]:
-    """Dispatches so far per (op, backend)."""
+    """Calls so far per (op, backend): eager dispatches, and the Triton backends' runs inside
+    compiled graphs (their ``torch.ops.sdlab`` ops count when they run, not when traced)."""
     return {(op, str(b)): n for (op, b), n in _COUNTS.items()}
 
 

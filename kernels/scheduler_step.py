@@ -48,8 +48,8 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import (Backend, check_floating, dispatch, interpreting, overlaps, refuse, register, same_view,
-                       triton_available)
+from .registry import (Backend, check_floating, counted, dispatch, interpreting, overlaps, refuse, register,
+                       same_view, triton_available)
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,15 @@ def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gu
                            noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
                            out=None, out_x0=None):
     """:func:`scheduler_step_triton` past its argument checks (the switch has made them)."""
+    if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launch (see _op)
+        if out is not None or out_x0 is not None:  # writes into the caller's memory: an eager call, outside the graph
+            eager = torch.compiler.disable(_scheduler_step_triton)
+            return eager(x, model_output, coeffs, model_output_uncond, guidance_scale, noise, prev_x0, mask, known,
+                         return_x0, out, out_x0)
+        prev, x0 = torch.ops.sdlab.scheduler_step(x, model_output, model_output_uncond, noise, prev_x0, mask, known,
+                                                  float(guidance_scale), _scalars(coeffs), coeffs.clip is not None,
+                                                  return_x0)
+        return prev, x0 if return_x0 else None
     for o_name, o in (("out", out), ("out_x0", out_x0)) if out is not None or out_x0 is not None else ():
         # program i reads block i of each input, then writes it: in place is safe, shifted is not
         for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
@@ -318,3 +327,33 @@ def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gu
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
 _STEP = Launcher(_scheduler_step_kernel)
+
+
+# ---- torch.compile: the Triton backend as one opaque op, sdlab::scheduler_step ----
+# As for group_norm_silu (see its _op): while torch.compile traces, the Triton backend calls this, so
+# dynamo sees one op with a shape function, and the compiled graph runs the launch above, counted as
+# a triton call. The 13 coefficients travel as a list of floats (clip: a flag and its value).
+
+def _scalars(k: StepCoefficients) -> list[float]:
+    return [float(v) for v in (k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip, k.b_x, k.b_o, k.b_0, k.b_d,
+                               k.c0, k.c1, k.c2, k.c3, k.sigma)]
+
+
+@torch.library.custom_op(
+    "sdlab::scheduler_step", mutates_args=(),
+    schema="(Tensor x, Tensor model_output, Tensor? model_output_uncond, Tensor? noise, Tensor? prev_x0, "
+           "Tensor? mask, Tensor? known, float guidance_scale, float[] coeffs, bool clip, bool return_x0) "
+           "-> (Tensor, Tensor)")
+def _op(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guidance_scale, coeffs, clip, return_x0):
+    """(prev, x0): x0 empty unless ``return_x0``; ``coeffs`` in StepCoefficients' field order."""
+    a_x, a_o, a_d, clip_value, *rest = coeffs
+    k = StepCoefficients(a_x, a_o, a_d, clip_value if clip else None, *rest)
+    prev, x0 = counted("scheduler_step", Backend.TRITON, _scheduler_step_triton, x, model_output, k,
+                       model_output_uncond, guidance_scale, noise, prev_x0, mask, known, return_x0)
+    return prev, x.new_empty(0) if x0 is None else x0
+
+
+@_op.register_fake
+def _op_fake(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guidance_scale, coeffs, clip,
+             return_x0):
+    return torch.empty_like(x), torch.empty_like(x) if return_x0 else x.new_empty(0)  # as _scheduler_step_triton

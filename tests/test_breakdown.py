@@ -184,7 +184,7 @@ def test_without_breakdown_rows_have_none(tmp_path):
     assert SECTION.splitlines()[0] not in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.parametrize("variant", ["compile", "triton@graph"])
+@pytest.mark.parametrize("variant", ["compile", "triton@compile", "triton@graph"])
 def test_graphs_are_not_split_and_say_why(variant):
     s = {"note": "", "scope": None, "fn": None}
     bench_pipelines._split_step(s, variant, torch.device("cpu"), runs=1)

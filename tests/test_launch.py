@@ -148,8 +148,8 @@ def test_tritons_dispatch_whenever_direct_is_unsafe(fake, monkeypatch, why):
 
 
 def test_nothing_is_kept_from_a_hooked_or_keyless_launch(fake, monkeypatch):
-    """A launch made while a profiler hook is set, or with key None (e.g. a plan built while
-    torch.compile traced), goes through Triton and leaves nothing in the cache."""
+    """A launch made while a profiler hook is set, or with key None (a caller asking for Triton's
+    dispatch), goes through Triton and leaves nothing in the cache."""
     launcher, jit, _ = fake
     x, y = torch.zeros(64), torch.zeros(64)
     with monkeypatch.context() as m:
