@@ -136,6 +136,26 @@ def test_compiled_triton_ops_run_the_kernels_and_match_the_reference():
         assert_close(g, w, rel=1e-5, name=f"compiled triton {name}")
 
 
+def test_dynamic_shapes_trace_once_for_every_size():
+    """torch.compile(dynamic=True): the ops' shape functions take symbolic sizes, so new latent
+    sizes and token counts reuse one graph (the input checks guard on ranges, not on values)."""
+    from torch._dynamo.utils import counters
+
+    def f(x, w, b, q, k, v):
+        return kernels.group_norm_silu(x, w, b, 2), kernels.attention(q, k, v)
+
+    w, b = _randn(8), _randn(8)
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    counters.clear()
+    with kernels.use("triton"):
+        for hw, lq in ((3, 9), (5, 11), (4, 6)):  # odd and even sides and query counts
+            x, q, k = _randn(1, 8, hw, hw + 1), _randn(1, 2, lq, 16), _randn(1, 2, 7, 16)
+            y, o = compiled(x, w, b, q, k, k)
+            assert_close(y, kernels.group_norm_silu_reference(x, w, b, 2), rel=1e-5, name=f"group_norm_silu {hw}")
+            assert_close(o, kernels.attention_reference(q, k, k), rel=1e-5, name=f"attention Lq={lq}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_export_holds_one_op_per_call_and_runs_nothing():
     """torch.export (strict: dynamo, any graph break fails) of a UNet with every op on triton: one
     sdlab op per GroupNorm and attention call the eager reference makes, and no kernel runs while
