@@ -728,7 +728,7 @@ def _out_grad(ctx, dy):
 # op with a shape function (register_fake), not the plan cache, the direct launches and the
 # autograd.Function, and the compiled graph calls the op, which runs the eager code above and counts
 # as a triton call (kernels.counts) inside its profiler range. What that costs: the dispatcher's
-# call into Python per op and run (a few us of host time; none under CUDA graphs, i.e.
+# call into Python per op and run (host time, not yet timed; none under CUDA graphs, i.e.
 # torch.compile(mode="reduce-overhead")). Double backward under torch.compile is AOTAutograd's limit.
 
 @torch.library.custom_op(
