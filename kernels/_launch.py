@@ -23,8 +23,8 @@ specialise as an integer). A key of None launches through Triton's dispatch, unc
 knobs are those Triton reads into compile options on each call (debug, instrumentation).
 
 Triton's own dispatch runs instead (always correct, just slower) when: the interpreter runs,
-torch.compile is tracing a launch (the built-in ops hide theirs from it behind ``torch.ops.sdlab``
-ops; a research backend's launch traced by dynamo is wrapped by it instead), a launch or pre-run hook is set (e.g.
+torch.compile is tracing a launch (the built-in ops hide theirs behind ``torch.ops.sdlab`` ops;
+dynamo wraps a research backend's launch it traces itself), a launch or pre-run hook is set (e.g.
 profilers), ``SDLAB_FAST_LAUNCH=0`` was set before import (or :data:`ENABLED` is set False), or
 the Triton version is not one whose launch convention was read for this (:data:`CHECKED`).
 Not re-checked on direct launches: edits to module globals a kernel reads (Triton raises on

@@ -777,7 +777,8 @@ _PLANS: dict[tuple, tuple] = {}  # _plan() memo; clear it after editing CONFIGS 
 
 def _plan(kind: str, d: int, dtype: torch.dtype) -> tuple:
     """(D_HEAD, D_TAIL, DOT_PRECISION, BLOCK_M, BLOCK_N, num_warps, num_stages[, Q_BLOCKS]) of one kernel,
-    memoised so a launch pays a dict lookup, not the table sort. Keyed on :data:`SPLIT_MASKED_TAIL` too, so flipping it takes effect."""
+    memoised so a launch pays a dict lookup, not the table sort. Keyed on :data:`SPLIT_MASKED_TAIL`
+    too, so flipping it takes effect."""
     key = (kind, d, dtype, SPLIT_MASKED_TAIL)
     plan = _PLANS.get(key)
     if plan is None:
@@ -1136,8 +1137,6 @@ def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
     _forward(q, k, v, scale, out, causal, configs.get("fwd"), False)
     torch.autograd.graph.increment_version(out)  # written through its pointer: autograd sees an in-place write
     return out
-
-
 
 
 def attention(q, k, v, scale=None, causal=False):

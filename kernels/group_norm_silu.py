@@ -919,8 +919,6 @@ def _group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu"
     return y
 
 
-
-
 def group_norm_silu(x, weight, bias, groups, eps=1e-5, activation="silu"):
     """GroupNorm over (C/groups, H, W) per sample, affine, then SiLU when ``activation="silu"``.
 
