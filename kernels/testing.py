@@ -19,7 +19,9 @@ fp64 oracle, the op's reference on fp64 copies of the inputs:
   the reference in the same dtype (flash-attention's rule: at most 2x torch's own rounding error).
 ``scheduler_step``'s contract is fp32 math whatever the dtype, so its oracle is the reference on the
 same inputs, to about one rounding of the output dtype. ``backward=True`` cases compare dx, dweight,
-dbias (dq, dk, dv) under one random upstream gradient, the same way.
+dbias (dq, dk, dv) under one random upstream gradient, the same way. ``check(..., compiled=True)``
+does all this with the op inside ``torch.compile`` (fullgraph), for a backend meant to run in
+compiled models.
 """
 from __future__ import annotations
 
@@ -221,11 +223,15 @@ def _outputs(out) -> list[tuple[str, torch.Tensor]]:
     return [("out", out)]
 
 
-def _run(op: str, backend, args, kwargs, grads: tuple[str, ...], upstream_seed: int):
-    """(outputs, gradients by name) of ``op`` on ``backend`` chosen explicitly."""
+def _run(op: str, backend, args, kwargs, grads: tuple[str, ...], upstream_seed: int, compiled: bool = False):
+    """(outputs, gradients by name) of ``op`` on ``backend`` chosen explicitly; ``compiled``: the op
+    inside ``torch.compile(fullgraph=True, backend="aot_eager")``, traced afresh."""
     import kernels
 
     fn = getattr(kernels, op)
+    if compiled:  # fresh caches: no graph from another case, no recompile limit to fall back to eager at
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
     with kernels.use(**{op: backend}), torch.enable_grad():
         out = fn(*args, **kwargs)
     if not grads:
@@ -244,10 +250,17 @@ def _named_inputs(op: str, args) -> dict:
     return dict(zip({"attention": ("q", "k", "v"), "group_norm_silu": ("x", "weight", "bias")}[op], args))
 
 
-def check(case: Case, backend: str, device: str | torch.device | None = None, seed: int = 0) -> None:
+def check(case: Case, backend: str, device: str | torch.device | None = None, seed: int = 0,
+          compiled: bool = False) -> None:
     """Run ``case`` on ``backend`` (chosen explicitly) and assert it matches the fp64 oracle within
     ``TOLERANCES`` (module docstring). A backend whose ``check`` refuses the input skips the test
-    (``pytest.skip``, with the reason). Raises AssertionError naming the output and the error."""
+    (``pytest.skip``, with the reason). Raises AssertionError naming the output and the error.
+
+    ``compiled=True`` runs the backend's op inside ``torch.compile(fullgraph=True,
+    backend="aot_eager")``, held to the same tolerances: a graph break is an error there, and
+    AOTAutograd runs the graph (and its backward) as traced on fake tensors, so a shape function
+    that disagrees with the kernel shows. It resets dynamo's caches first (every compiled function
+    in the process retraces)."""
     import kernels
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -269,13 +282,18 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
                          "check each of its backends")
     before = kernels.counts().get((case.op, chosen), 0)
     try:
-        got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1)
+        got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1, compiled)
     except kernels.BackendUnsupported as e:
         import pytest
 
         pytest.skip(str(e))
     ran = kernels.counts().get((case.op, chosen), 0) - before
-    assert ran == 1, f"{case}: expected one dispatch to {chosen!r}, counted {ran}"
+    if compiled:  # a backend traced into the graph is not a dispatch: the switch must resolve to it
+        with kernels.use(**{case.op: backend}):
+            resolved = kernels.resolve(case.op, *inputs()[0], **inputs()[1])[0]
+        assert resolved == chosen and ran in (0, 1), f"{case}: compiled, resolved to {resolved!r}, counted {ran}"
+    else:
+        assert ran == 1, f"{case}: expected one dispatch to {chosen!r}, counted {ran}"
 
     exact = case.op == "scheduler_step"  # its contract is fp32 math on the inputs as given
     same, same_g = _run(case.op, "reference", *inputs(), grads, seed + 1)

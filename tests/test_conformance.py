@@ -36,6 +36,25 @@ def test_backward(backend, case, device):
     testing.check(case, backend, device)
 
 
+def _compiled_params(backward: bool):
+    """fp32 on CPU (each case a fresh trace, and Triton interpreted); every dtype on CUDA."""
+    devices = (("cpu", (torch.float32,), ()), ("cuda", testing.DTYPES, pytest.mark.gpu))
+    return [pytest.param(b, c, d, id=f"{b}-{c}-{d}", marks=marks) for op in OPS for b in kernels.backends(op)
+            if b not in SKIP for d, dtypes, marks in devices for c in testing.cases(op, dtypes, backward=backward)]
+
+
+@pytest.mark.parametrize("backend,case,device", _compiled_params(False))
+def test_forward_compiled(backend, case, device):
+    """Every backend inside torch.compile (fullgraph, AOTAutograd): the Triton ones as their
+    torch.ops.sdlab ops, sdpa and research backends traced into the graph."""
+    testing.check(case, backend, device, compiled=True)
+
+
+@pytest.mark.parametrize("backend,case,device", _compiled_params(True))
+def test_backward_compiled(backend, case, device):
+    testing.check(case, backend, device, compiled=True)
+
+
 # ------------------------------------------------------------------ the cases can fail
 @pytest.fixture
 def research():
@@ -53,6 +72,19 @@ def research():
 
 def _case(op, name, dtype=torch.float32, backward=False):
     return next(c for c in testing.cases(op, (dtype,), backward) if c.name == name)
+
+
+def test_a_graph_break_fails_compiled(research):
+    """A backend that reads a value back to the host (a graph break) passes eager and fails compiled."""
+    def host_read(q, k, v, scale=None, causal=False):
+        s = q.abs().max().tolist() * 0 + (q.shape[-1] ** -0.5 if scale is None else scale)  # a host read
+        return kernels.attention_reference(q, k, v, s, causal)
+
+    research("attention", "host_read", host_read)
+    case = _case("attention", "d64-64x64")
+    testing.check(case, "host_read", "cpu")
+    with pytest.raises(Exception, match="tolist"):  # dynamo's Unsupported, naming the call
+        testing.check(case, "host_read", "cpu", compiled=True)
 
 
 def test_a_wrong_scale_fails(research):
