@@ -289,8 +289,9 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
         pytest.skip(str(e))
     ran = kernels.counts().get((case.op, chosen), 0) - before
     if compiled:  # a backend traced into the graph is not a dispatch: the switch must resolve to it
+        args_now, kwargs_now = inputs()
         with kernels.use(**{case.op: backend}):
-            resolved = kernels.resolve(case.op, *inputs()[0], **inputs()[1])[0]
+            resolved = kernels.resolve(case.op, *args_now, **kwargs_now)[0]
         assert resolved == chosen and ran in (0, 1), f"{case}: compiled, resolved to {resolved!r}, counted {ran}"
     else:
         assert ran == 1, f"{case}: expected one dispatch to {chosen!r}, counted {ran}"

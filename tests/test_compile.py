@@ -8,6 +8,7 @@ against the real outputs', autograd registration, AOTAutograd), on the layouts t
 (channels_last, the (B, L, H, D) view of q) and on each optional input left out. The compiled
 runs use the interpreter on CPU: every kernel runs for real, on small odd shapes."""
 import collections
+import itertools
 import warnings
 
 import pytest
@@ -23,9 +24,11 @@ OPCHECK = {"test_schema": "SUCCESS", "test_autograd_registration": "SUCCESS", "t
            "test_aot_dispatch_dynamic": "SUCCESS"}
 
 
-def _randn(*shape, grad=False, dtype=torch.float32, seed=[0]):
-    seed[0] += 1
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0])).to(dtype)
+_SEEDS = itertools.count(1)  # a fresh seed per tensor: inputs differ from each other, runs repeat
+
+
+def _randn(*shape, grad=False, dtype=torch.float32):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(next(_SEEDS))).to(dtype)
     return t.requires_grad_(grad)
 
 
