@@ -426,11 +426,13 @@ def test_pytest_option_runs_the_plugins_backends_through_the_cases(plugin_file):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "--sdlab-plugin", str(plugin_file), "-k", "plugin_attention and d40-37x77 and fp32",
                           "-m", "not gpu"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]  # fwd, bwd
+    # fwd, bwd, and each under torch.compile
+    assert out.returncode == 0 and "4 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def test_the_readme_example_plugin_passes_the_attention_cases(tmp_path):
-    """README's research-backend example, run as its docs say: every attention case, fwd and bwd."""
+    """README's research-backend example, run as its docs say: every attention case, fwd and bwd,
+    and the fp32 ones under torch.compile."""
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -441,4 +443,5 @@ def test_the_readme_example_plugin_passes_the_attention_cases(tmp_path):
                           "--sdlab-plugin", str(path), "-k", "upcast_softmax", "-m", "not gpu"],
                          capture_output=True, text=True, timeout=300)
     n = len(testing.cases("attention")) + len(testing.cases("attention", backward=True))
+    n += len(testing.cases("attention", (torch.float32,))) + len(testing.cases("attention", (torch.float32,), True))
     assert out.returncode == 0 and f"{n} passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
