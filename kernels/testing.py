@@ -282,6 +282,9 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
                          "check each of its backends")
     before = kernels.counts().get((case.op, chosen), 0)
     try:
+        if compiled:  # resolved eagerly first: a refusal raised while dynamo traces would not be a skip
+            with kernels.use(**{case.op: backend}):
+                resolved = kernels.resolve(case.op, *inputs()[0], **inputs()[1])[0]
         got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1, compiled)
     except kernels.BackendUnsupported as e:
         import pytest
@@ -289,9 +292,6 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
         pytest.skip(str(e))
     ran = kernels.counts().get((case.op, chosen), 0) - before
     if compiled:  # a backend traced into the graph is not a dispatch: the switch must resolve to it
-        args_now, kwargs_now = inputs()
-        with kernels.use(**{case.op: backend}):
-            resolved = kernels.resolve(case.op, *args_now, **kwargs_now)[0]
         assert resolved == chosen and ran in (0, 1), f"{case}: compiled, resolved to {resolved!r}, counted {ran}"
     else:
         assert ran == 1, f"{case}: expected one dispatch to {chosen!r}, counted {ran}"

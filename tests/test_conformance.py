@@ -87,6 +87,16 @@ def test_a_graph_break_fails_compiled(research):
         testing.check(case, "host_read", "cpu", compiled=True)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_refused_input_skips_with_the_reason(research, compiled):
+    """A backend whose check refuses the case skips it, compiled as in eager (under dynamo the
+    refusal would surface as a tracing error, so it is asked first)."""
+    research("attention", "upto16", lambda q, k, v, scale=None, causal=False: kernels.attention_reference(q, k, v),
+             check=lambda q, k, v, scale=None, causal=False: f"head dim {q.shape[-1]} over 16")
+    with pytest.raises(pytest.skip.Exception, match="head dim 64 over 16"):
+        testing.check(_case("attention", "d64-64x64"), "upto16", "cpu", compiled=compiled)
+
+
 def test_a_wrong_scale_fails(research):
     """1% off the softmax scale is far outside fp32's 2e-5."""
     def off(q, k, v, scale=None, causal=False):
