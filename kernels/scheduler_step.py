@@ -274,6 +274,13 @@ def scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gui
     return _scheduler_step_triton(*args)
 
 
+def _scalars(k: StepCoefficients) -> list[float]:
+    """The coefficients in StepCoefficients' field order, as the kernel takes them: floats (an int would
+    make Triton compile, and the direct launch expect, an int), clip 0.0 when there is none (FLAGS says)."""
+    return [float(v) for v in (k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip, k.b_x, k.b_o, k.b_0, k.b_d,
+                               k.c0, k.c1, k.c2, k.c3, k.sigma)]
+
+
 @register("scheduler_step", Backend.TRITON, check=_triton_check)
 def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0,
                            noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
@@ -315,9 +322,8 @@ def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gu
     tensors = (x, model_output, x if model_output_uncond is None else model_output_uncond, x if noise is None else noise,
                x if prev_x0 is None else prev_x0, kn, m, prev, prev if x0 is None else x0)
     ints = (N, S, CS, m_sb, m_sc)
-    # floats as floats: an int coefficient would make Triton compile (and the direct launch expect) an int
-    scalars = tuple(map(float, (guidance_scale, k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip,
-                                k.b_x, k.b_o, k.b_0, k.b_d, k.c0, k.c1, k.c2, k.c3, k.sigma)))
+    # floats as floats (see _scalars)
+    scalars = (float(guidance_scale), *_scalars(k))
     _STEP((cdiv(N, BLOCK),), (ints, flags, BLOCK), tensors, (*tensors, *ints, *scalars),
           {"FLAGS": flags, "BLOCK": BLOCK})
     if out is not None or out_x0 is not None:  # written through their pointers: autograd sees in-place writes
@@ -332,12 +338,7 @@ _STEP = Launcher(_scheduler_step_kernel)
 # ---- torch.compile: the Triton backend as one opaque op, sdlab::scheduler_step ----
 # As for group_norm_silu (see its _op): while torch.compile traces, the Triton backend calls this, so
 # dynamo sees one op with a shape function, and the compiled graph runs the launch above, counted as
-# a triton call. The 13 coefficients travel as a list of floats (clip: a flag and its value).
-
-def _scalars(k: StepCoefficients) -> list[float]:
-    return [float(v) for v in (k.a_x, k.a_o, k.a_d, 0.0 if k.clip is None else k.clip, k.b_x, k.b_o, k.b_0, k.b_d,
-                               k.c0, k.c1, k.c2, k.c3, k.sigma)]
-
+# a triton call. The 13 coefficients travel as _scalars' list (clip: a flag and its value).
 
 @torch.library.custom_op(
     "sdlab::scheduler_step", mutates_args=(),

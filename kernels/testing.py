@@ -283,8 +283,9 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
     before = kernels.counts().get((case.op, chosen), 0)
     try:
         if compiled:  # resolved eagerly first: a refusal raised while dynamo traces would not be a skip
+            a, kw = inputs()
             with kernels.use(**{case.op: backend}):
-                resolved = kernels.resolve(case.op, *inputs()[0], **inputs()[1])[0]
+                resolved = kernels.resolve(case.op, *a, **kw)[0]
         got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1, compiled)
     except kernels.BackendUnsupported as e:
         import pytest
