@@ -48,8 +48,8 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import (Backend, check_floating, counted, dispatch, interpreting, overlaps, refuse, register,
-                       same_view, triton_available)
+from .registry import (Backend, check_floating, counted, define_op, dispatch, interpreting, overlaps, refuse,
+                       register, same_view, triton_available)
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,7 @@ def _check_args(x, model_output, coeffs, model_output_uncond=None, guidance_scal
         raise ValueError("scheduler_step: mask and known go together (RePaint blend)")
     if mask is not None:
         for name, t in (("mask", mask), ("known", known)):
-            try:
-                fits = torch.broadcast_shapes(t.shape, x.shape) == x.shape
-            except RuntimeError:
-                fits = False
-            if not fits:
+            if not _broadcasts_to(t.shape, x.shape):
                 raise ValueError(f"scheduler_step: {name}{tuple(t.shape)} does not broadcast to x{tuple(x.shape)}")
 
 
@@ -214,6 +210,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # elements per program
 
 
+def _broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` unchanged (each trailing dim 1 or
+    equal): torch.broadcast_shapes(shape, target) == target, without its ~150 µs of symbolic-shape
+    machinery (torch 2.13, on every RePaint step)."""
+    return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
 def _mask_view(mask, x):
     """``mask`` broadcast to x and viewed as (B, C, S) with unit stride over S (copied if not)."""
     B, C = x.shape[0], x.shape[1]
@@ -286,7 +289,7 @@ def _scheduler_step_triton(x, model_output, coeffs, model_output_uncond=None, gu
                            noise=None, prev_x0=None, mask=None, known=None, return_x0=False,
                            out=None, out_x0=None):
     """:func:`scheduler_step_triton` past its argument checks (the switch has made them)."""
-    if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launch (see _op)
+    if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launch (see _op_impl)
         if out is not None or out_x0 is not None:  # writes into the caller's memory: an eager call, outside the graph
             eager = torch.compiler.disable(_scheduler_step_triton)
             return eager(x, model_output, coeffs, model_output_uncond, guidance_scale, noise, prev_x0, mask, known,
@@ -336,16 +339,12 @@ _STEP = Launcher(_scheduler_step_kernel)
 
 
 # ---- torch.compile: the Triton backend as one opaque op, sdlab::scheduler_step ----
-# As for group_norm_silu (see its _op): while torch.compile traces, the Triton backend calls this, so
+# As for group_norm_silu (see its _op_impl): while torch.compile traces, the Triton backend calls this, so
 # dynamo sees one op with a shape function, and the compiled graph runs the launch above, counted as
 # a triton call. The 13 coefficients travel as _scalars' list (clip: a flag and its value).
 
-@torch.library.custom_op(
-    "sdlab::scheduler_step", mutates_args=(),
-    schema="(Tensor x, Tensor model_output, Tensor? model_output_uncond, Tensor? noise, Tensor? prev_x0, "
-           "Tensor? mask, Tensor? known, float guidance_scale, float[] coeffs, bool clip, bool return_x0) "
-           "-> (Tensor, Tensor)")
-def _op(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guidance_scale, coeffs, clip, return_x0):
+def _op_impl(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guidance_scale, coeffs, clip,
+             return_x0):
     """(prev, x0): x0 empty unless ``return_x0``; ``coeffs`` in StepCoefficients' field order."""
     a_x, a_o, a_d, clip_value, *rest = coeffs
     k = StepCoefficients(a_x, a_o, a_d, clip_value if clip else None, *rest)
@@ -354,7 +353,11 @@ def _op(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guida
     return prev, x.new_empty(0) if x0 is None else x0
 
 
-@_op.register_fake
 def _op_fake(x, model_output, model_output_uncond, noise, prev_x0, mask, known, guidance_scale, coeffs, clip,
              return_x0):
     return torch.empty_like(x), torch.empty_like(x) if return_x0 else x.new_empty(0)  # as _scheduler_step_triton
+
+
+define_op("scheduler_step", "(Tensor x, Tensor model_output, Tensor? model_output_uncond, Tensor? noise, "
+          "Tensor? prev_x0, Tensor? mask, Tensor? known, float guidance_scale, float[] coeffs, bool clip, "
+          "bool return_x0) -> (Tensor, Tensor)", _op_impl, _op_fake)

@@ -1,6 +1,7 @@
 """kernels.scheduler_step: the Triton kernel against the torch reference (interpreter on CPU, the
 real thing under `-m gpu`), its input checks, and its use by sdcore.schedulers."""
 import dataclasses
+import importlib
 import os
 
 import pytest
@@ -11,6 +12,8 @@ from kernels import BackendUnsupported, StepCoefficients
 from sdcore.config import SchedulerConfig
 from sdcore.schedulers import PREDICTION_TYPES, make_scheduler, x0_eps_coefficients
 from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error, describe_diff
+
+scheduler_step_module = importlib.import_module("kernels.scheduler_step")  # kernels.scheduler_step is the op
 
 SHAPES = [
     (1, 4, 7, 9),  # HW not a power of two, one partial block
@@ -200,6 +203,27 @@ def test_contract_errors():
         kernels.scheduler_step(x, o, StepCoefficients(c1=1.0), mask=d["mask"][:, :, :3], known=d["known"])
     with pytest.raises(TypeError, match="StepCoefficients"):
         kernels.scheduler_step(x, o, {"c1": 1.0})
+
+
+@pytest.mark.parametrize("shape, target", [
+    ((2, 1, 8, 8), (2, 4, 8, 8)),  # RePaint's mask
+    ((1, 8), (2, 4, 8, 8)),  # fewer dims: aligned from the right
+    ((2, 4, 8, 8), (2, 4, 8, 8)),
+    ((2, 4, 3, 8), (2, 4, 8, 8)),  # 3 against 8
+    ((2, 4, 8, 8), (2, 1, 8, 8)),  # would widen x's channel dim
+    ((1, 2, 4, 8, 8), (2, 4, 8, 8)),  # more dims than x
+    ((0, 1, 8), (0, 4, 8)),  # empty
+    ((1, 4, 8), (0, 4, 8)),
+    ((), (2, 4)),
+])
+def test_mask_shape_check_is_torchs_broadcast_rule(shape, target):
+    """The op's mask / known check (a plain loop, on every RePaint step) says what
+    torch.broadcast_shapes(shape, x.shape) == x.shape says."""
+    try:
+        want = torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        want = False
+    assert scheduler_step_module._broadcasts_to(torch.Size(shape), torch.Size(target)) == want, (shape, target)
 
 
 # --- the schedulers use the op ---------------------------------------------------------------
