@@ -1,8 +1,8 @@
 """Direct launches (kernels/_launch.py) against Triton's real JITFunction.run, on a CPU.
 
 Run by tests/test_launch.py in a process without TRITON_INTERPRET (so @triton.jit makes real
-JITFunctions). Triton's active driver is replaced by a fake one (device 0, a fixed stream) and its
-compile step by a fake compiled kernel whose ``run`` records its arguments; nothing reaches a GPU.
+JITFunctions). Triton's active driver and compile step are bench.host's stubs (device 0, a fixed
+stream; a compiled kernel whose ``run`` records its arguments here): nothing reaches a GPU.
 Each call of every kernel family is made three times: with direct launches off (what Triton's
 dispatch hands the compiled kernel), then on twice (the first fills the launch cache, the second
 goes direct). The direct launch must pick the same compiled kernel and pass the same arguments
@@ -18,55 +18,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+
+from bench.host import stub_triton  # noqa: E402
 
 RUNS = []  # (compiled kernel, run() arguments) of every launch
-
-
-class FakeDriver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0x5000 + device
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-class FakeCompiled:
-    def __init__(self, key):
-        self.key, self.function, self.packed_metadata = key, ("function", key), ("metadata", key)
-
-    def launch_metadata(self, grid, stream, *args):
-        return {"grid": grid}
-
-    def run(self, *args):
-        RUNS.append((self, args))
-
-
-def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-    compiled = self.device_caches[device][0][key] = FakeCompiled(key)
-    return compiled
-
-
-driver.set_active(FakeDriver())
-JITFunction._do_compile = fake_compile
+stub_triton(on_run=lambda compiled, args: RUNS.append((compiled, args)))  # no GPU; CPU tensors pass the checks
 
 from kernels import _launch  # noqa: E402
 
 at = importlib.import_module("kernels.attention")
 gn = importlib.import_module("kernels.group_norm_silu")
 st = importlib.import_module("kernels.scheduler_step")
-_launch._DRIVER = (FakeDriver().get_current_device, FakeDriver().get_current_stream)
 LAUNCHERS = (at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX,
              st._STEP)
-# the checks see a launchable setup (CPU tensors are otherwise refused before any launch)
-registry = importlib.import_module("kernels.registry")
-for module in (registry, at, gn, st):
-    module.interpreting = lambda: True
 
 
 def record(fn, enabled):
