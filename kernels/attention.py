@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, counted, dispatch,
-                       fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
+from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, counted,
+                       define_op, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
                        triton_available)
 
 LOG2E = math.log2(math.e)
@@ -970,14 +970,11 @@ class _AttentionFn(torch.autograd.Function):
 
 
 # ---- torch.compile: the Triton backend as two opaque ops, sdlab::attention and its backward ----
-# As for group_norm_silu (see its _op): while torch.compile traces, the Triton backend calls these,
+# As for group_norm_silu (see its _op_impl): while torch.compile traces, the Triton backend calls these,
 # so dynamo sees one op with a shape function, and the compiled graph runs the eager launches above,
 # counted as triton calls. A tensor scale becomes a float there (a graph break, as .item() is).
 
-@torch.library.custom_op("sdlab::attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, float? scale, bool causal, bool save_lse) "
-                                "-> (Tensor, Tensor)")
-def _op(q, k, v, scale, causal, save_lse):
+def _op_impl(q, k, v, scale, causal, save_lse):
     """(o, lse2): o in q's layout; lse2 (B, H, Lq) fp32 if ``save_lse``, else empty."""
     return counted("attention", Backend.TRITON, _op_forward, q, k, v, scale, causal, save_lse)
 
@@ -987,20 +984,15 @@ def _op_forward(q, k, v, scale, causal, save_lse):
     return o, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
-@_op.register_fake
 def _op_fake(q, k, v, scale, causal, save_lse):
     lse = q.new_empty(q.shape[:3] if save_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse  # as _forward
 
 
-@torch.library.custom_op("sdlab::attention_backward", mutates_args=(),
-                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float? scale, "
-                                "bool causal) -> (Tensor, Tensor, Tensor)")
 def _op_backward(do, q, k, v, o, lse, scale, causal):
     return _backward(do, q, k, v, o, lse, scale, causal=causal)
 
 
-@_op_backward.register_fake
 def _op_backward_fake(do, q, k, v, o, lse, scale, causal):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # as _backward
 
@@ -1016,7 +1008,10 @@ def _op_grad(ctx, do, _):
     return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
-_op.register_autograd(_op_grad, setup_context=_op_setup)
+define_op("attention_backward", "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float? scale, "
+          "bool causal) -> (Tensor, Tensor, Tensor)", _op_backward, _op_backward_fake)
+define_op("attention", "(Tensor q, Tensor k, Tensor v, float? scale, bool causal, bool save_lse) -> (Tensor, Tensor)",
+          _op_impl, _op_fake, _op_grad, _op_setup)
 
 
 def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
@@ -1112,7 +1107,7 @@ def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
         raise ValueError(_scale_problem(scale))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
-        if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op)
+        if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op_impl)
             return torch.ops.sdlab.attention(q, k, v, None if scale is None else float(scale), causal, grad)[0]
         if grad:
             return _AttentionFn.apply(q, k, v, scale, causal, configs)

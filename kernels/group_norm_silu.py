@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtype, check_floating, counted, dispatch, fits_int32, interpreting,
-                       max_offset, overlaps, overlaps_itself, refuse, register, triton_available)
+from .registry import (Backend, autocast_dtype, check_floating, counted, define_op, dispatch, fits_int32,
+                       interpreting, max_offset, overlaps, overlaps_itself, refuse, register, triton_available)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -620,7 +620,7 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
 
 
 def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
-    """The cached `_Plan` of this call (torch.compile never traces this: it sees the op `_op`)."""
+    """The cached `_Plan` of this call (torch.compile never traces this: it sees torch.ops.sdlab.group_norm_silu)."""
     key = (x.shape, x.stride(), x.dtype, x.get_device(), None if out is None else out.stride(),
            weight is None, bias is None, groups, eps, activation, config, store_stats)
     plan = _PLANS.get(key)
@@ -728,14 +728,11 @@ def _out_grad(ctx, dy):
 # op with a shape function (register_fake), not the plan cache, the direct launches and the
 # autograd.Function, and the compiled graph calls the op, which runs the eager code above and counts
 # as a triton call (kernels.counts) inside its profiler range. What that costs: the dispatcher's
-# call into Python per op and run (host time, not yet timed; none under CUDA graphs, i.e.
-# torch.compile(mode="reduce-overhead")). Double backward under torch.compile is AOTAutograd's limit.
+# call into Python per op and run (host time: registry.define_op, python -m bench.host; none under
+# CUDA graphs, i.e. torch.compile(mode="reduce-overhead")). Double backward under torch.compile is
+# AOTAutograd's limit.
 
-@torch.library.custom_op(
-    "sdlab::group_norm_silu", mutates_args=(),
-    schema="(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu, ScalarType y_dtype, "
-           "bool save_stats) -> (Tensor, Tensor)")
-def _op(x, weight, bias, groups, eps, silu, y_dtype, save_stats):
+def _op_impl(x, weight, bias, groups, eps, silu, y_dtype, save_stats):
     """(y, stats): y of ``y_dtype`` in x's memory format; stats (N * G, 2) fp32 (mean, rstd) if
     ``save_stats``, else (0, 2)."""
     return counted("group_norm_silu", Backend.TRITON, _op_forward, x, weight, bias, groups, eps, silu, y_dtype,
@@ -748,16 +745,11 @@ def _op_forward(x, weight, bias, groups, eps, silu, y_dtype, save_stats):
     return y, x.new_empty((0, 2), dtype=torch.float32) if stats is None else stats
 
 
-@_op.register_fake
 def _op_fake(x, weight, bias, groups, eps, silu, y_dtype, save_stats):
     rows = x.shape[0] * groups if save_stats else 0
     return torch.empty_like(x, dtype=y_dtype), x.new_empty((rows, 2), dtype=torch.float32)  # as _forward
 
 
-@torch.library.custom_op(
-    "sdlab::group_norm_silu_backward", mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor stats, int groups, float eps, bool silu, "
-           "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)")
 def _op_backward(dy, x, weight, bias, stats, groups, eps, silu, need_dweight, need_dbias):
     """(dx, dweight, dbias), the last two empty where not needed."""
     plan = _plan(x, weight, bias, groups, eps, "silu" if silu else None, None, None, True)
@@ -765,7 +757,6 @@ def _op_backward(dy, x, weight, bias, stats, groups, eps, silu, need_dweight, ne
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-@_op_backward.register_fake
 def _op_backward_fake(dy, x, weight, bias, stats, groups, eps, silu, need_dweight, need_dbias):
     def param(p, need):
         return p.new_empty(p.shape) if p is not None and need else x.new_empty(0)
@@ -785,7 +776,12 @@ def _op_grad(ctx, dy, _):
     return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None, None, None
 
 
-_op.register_autograd(_op_grad, setup_context=_op_setup)
+define_op("group_norm_silu_backward",
+          "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor stats, int groups, float eps, bool silu, "
+          "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)", _op_backward, _op_backward_fake)
+define_op("group_norm_silu",
+          "(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu, ScalarType y_dtype, "
+          "bool save_stats) -> (Tensor, Tensor)", _op_impl, _op_fake, _op_grad, _op_setup)
 
 
 # Launches that skip Triton's per-call dispatch once a launch key has been through it (kernels/_launch.py)
@@ -907,7 +903,7 @@ def _group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu"
     # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
     weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
-    if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op)
+    if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op_impl)
         return torch.ops.sdlab.group_norm_silu(x, weight, bias, groups, float(eps), activation == "silu", y_dtype,
                                                grad)[0]
     plan = _plan(x, weight, bias, groups, eps, activation, out, config, grad)
