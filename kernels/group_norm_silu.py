@@ -930,7 +930,9 @@ def _check_args(x, weight, bias, groups, eps, activation) -> int:
     torch's group_norm takes them)."""
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups <= 0:
+    # type(v) is int / float first: an ABC isinstance costs ~0.45 µs, on every call
+    if not (type(groups) is int or (isinstance(groups, numbers.Integral) and not isinstance(groups, bool))) \
+            or groups <= 0:
         raise ValueError(f"group_norm_silu: groups must be a positive int, got {groups!r}")
     check_floating("group_norm_silu", x=x, weight=weight, bias=bias)
     if x.dim() < 2:
@@ -940,7 +942,7 @@ def _check_args(x, weight, bias, groups, eps, activation) -> int:
                          f"not divisible by groups={groups}")
     if why := _params_problem(x, weight, bias, any_dtype=_autocast_casts(x)):
         raise ValueError(f"group_norm_silu: {why}")
-    if not (isinstance(eps, numbers.Real) and eps >= 0):  # a negative eps gives NaN where a group is flat
+    if not ((type(eps) is float or isinstance(eps, numbers.Real)) and eps >= 0):  # a negative eps gives NaN where a group is flat
         raise ValueError(f"group_norm_silu: eps must be a number >= 0, got {eps!r}")
     return int(groups)
 

@@ -490,6 +490,10 @@ def test_invalid_inputs_raise():
         kernels.group_norm_silu(x, None, None, 32)
     with pytest.raises(ValueError, match="groups must be a positive int, got True"):
         kernels.group_norm_silu(x, None, None, True)
+    with pytest.raises(ValueError, match="groups must be a positive int, got 6.0"):
+        kernels.group_norm_silu(x, None, None, 6.0)
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got '1e-5'"):
+        kernels.group_norm_silu(x, None, None, 6, eps="1e-5")
     with pytest.raises(ValueError, match=r"x\(30,\) needs \(N, C, \*spatial\) dims"):
         kernels.group_norm_silu(torch.randn(30), None, None, 6)
     with pytest.raises(ValueError, match="'gelu'"):
