@@ -63,8 +63,8 @@ from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, counted,
-                       define_op, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
-                       triton_available)
+                       define_op, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse,
+                       register, same_view, triton_available)
 
 LOG2E = math.log2(math.e)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
@@ -970,9 +970,9 @@ class _AttentionFn(torch.autograd.Function):
 
 
 # ---- torch.compile: the Triton backend as two opaque ops, sdlab::attention and its backward ----
-# As for group_norm_silu (see its _op_impl): while torch.compile traces, the Triton backend calls these,
-# so dynamo sees one op with a shape function, and the compiled graph runs the eager launches above,
-# counted as triton calls. A tensor scale becomes a float there (a graph break, as .item() is).
+# As for group_norm_silu (see its _op_impl): while torch.compile traces, the Triton backend calls
+# these, so dynamo sees one op with a shape function, and the compiled graph runs the eager launches
+# above, counted as triton calls. A tensor scale becomes a float there (a graph break, as .item() is).
 
 def _op_impl(q, k, v, scale, causal, save_lse):
     """(o, lse2): o in q's layout; lse2 (B, H, Lq) fp32 if ``save_lse``, else empty."""

@@ -620,7 +620,8 @@ def _make_plan(x, has_weight, has_bias, groups, eps, silu, out, config, store_st
 
 
 def _plan(x, weight, bias, groups, eps, activation, out, config, store_stats):
-    """The cached `_Plan` of this call (torch.compile never traces this: it sees torch.ops.sdlab.group_norm_silu)."""
+    """The cached `_Plan` of this call (torch.compile never traces this: it sees
+    torch.ops.sdlab.group_norm_silu)."""
     key = (x.shape, x.stride(), x.dtype, x.get_device(), None if out is None else out.stride(),
            weight is None, bias is None, groups, eps, activation, config, store_stats)
     plan = _PLANS.get(key)
@@ -942,7 +943,8 @@ def _check_args(x, weight, bias, groups, eps, activation) -> int:
                          f"not divisible by groups={groups}")
     if why := _params_problem(x, weight, bias, any_dtype=_autocast_casts(x)):
         raise ValueError(f"group_norm_silu: {why}")
-    if not ((type(eps) is float or isinstance(eps, numbers.Real)) and eps >= 0):  # a negative eps gives NaN where a group is flat
+    # a negative eps gives NaN where a group is flat
+    if not ((type(eps) is float or isinstance(eps, numbers.Real)) and eps >= 0):
         raise ValueError(f"group_norm_silu: eps must be a number >= 0, got {eps!r}")
     return int(groups)
 

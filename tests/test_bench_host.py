@@ -46,7 +46,8 @@ def test_every_layer_is_measured_and_adds_up(measured):
         assert len(r["launch_us"]) == r["launches"], r
         parts = [r["checks_us"], r["switch_us"], r["backend_us"], *r["launch_us"]]
         assert all(p > 0 for p in parts), f"{name}: a layer measured nothing: {r}"
-        assert r["switch_us"] + r["backend_us"] < r["dispatch_us"] < r["call_us"], f"{name}: layers exceed the call: {r}"
+        assert r["switch_us"] + r["backend_us"] < r["dispatch_us"] < r["call_us"], \
+            f"{name}: layers exceed the call: {r}"
         assert sum(r["launch_us"]) < r["backend_us"], f"{name}: launches exceed the backend holding them: {r}"
     mid = records["unet15.mid.res"]
     assert mid["compiled_us"] > 0 and mid["graph_us"] > 0, mid
