@@ -14,16 +14,17 @@ tensors of the UNet's shapes and dtypes. Each call is split into layers, each ti
     backend   the Triton backend called directly (what `bench ops` times): plan, outputs, launches
     launch    one direct launch (kernels/_launch.py): launch key, cache lookup, the stub's run
     compiled  the op in a torch.compile'd graph (Inductor), per call: the dispatcher calling the
-              torch.ops.sdlab op, then the backend's eager launches (README, torch.compile)
+              torch.ops.sdlab op, then the backend's eager launches (README, torch.compile); in
+              brackets, what a one-op graph's call costs besides (guards, Inductor's wrapper)
 
-"dispatch" is kernels.registry.dispatch (switch, count, backend); call - dispatch - ... leave what
-the layers share. Not included: Triton's C launcher and the driver's launch (a few microseconds
-each on a GPU host) and CUDA's caching allocator (the CPU allocator runs here). The numbers are
-this CPU's: compare layers with each other and commits with each other on one machine, and a GPU
-host's figures (`bench ops`'s host µs) with those of the same host.
+The JSON's "dispatch_us" is kernels.registry.dispatch (the switch, the count, the backend), and
+checks = call - dispatch. Not included: Triton's C launcher, the driver's launch, and CUDA's caching
+allocator (the CPU allocator runs here). The numbers are this CPU's: compare layers with each
+other, and commits with each other on one machine; a GPU host's figures (`bench ops`' host µs)
+compare with those of the same host.
 
     python -m bench.host                               # SD 1.5's UNet calls, fp16
-    python -m bench.host --shapes unet15.attn --json   # one JSON list of records
+    python -m bench.host --shapes unet15.attn --json   # one JSON object: the machine, the records
 
 Run it without TRITON_INTERPRET=1 (the interpreter runs no launcher to stub). Do not import it into
 a process that launches real kernels: it replaces Triton's active driver.
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column (its compiles "
                                                                    "take a few seconds per case)")
-    parser.add_argument("--json", action="store_true", help="print one JSON list of records instead of a table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the CPU, versions, the records) "
+                                                             "instead of a table")
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no"):
         parser.error("run without TRITON_INTERPRET=1: under the interpreter Triton runs no launcher to stub "
