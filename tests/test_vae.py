@@ -52,9 +52,9 @@ def _outputs(ours, theirs, images) -> dict[str, tuple[torch.Tensor, torch.Tensor
                 "encode std": (post.std, ref.std), "decode": (ours.decode(z), theirs.decode(z).sample)}
 
 
-def _compare(ours, theirs, images, rel=FP32_REL):
+def _compare(ours, theirs, images):
     for name, (got, want) in _outputs(ours, theirs, images).items():
-        assert_close(got, want, rel=rel, name=name)
+        assert_close(got, want, rel=FP32_REL, name=name)
 
 
 @pytest.mark.parametrize("cfg, shape", [
