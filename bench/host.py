@@ -45,10 +45,16 @@ import torch
 DEFAULT_SHAPES = ("unet15.down0.res", "unet15.down1.res", "unet15.mid.res", "unet15.attn.norm0",
                   "unet15.attn.self0", "unet15.attn.cross0", "unet15.attn.self2", "sd15.latent",
                   "sd15.latent.repaint")
-MODULES = ("kernels.registry", "kernels.attention", "kernels.group_norm_silu", "kernels.scheduler_step")
-LAUNCHERS = {"attention": ("_FWD", "_FWD_RESIDENT", "_DKDV", "_DQ"),
-             "group_norm_silu": ("_FUSED", "_STATS", "_APPLY", "_BWD_REDUCE", "_BWD_DX"),
-             "scheduler_step": ("_STEP",)}
+OPS = ("attention", "group_norm_silu", "scheduler_step")  # the kernel families, one module each
+MODULES = ("kernels.registry", *(f"kernels.{op}" for op in OPS))
+
+
+def launchers(op: str) -> dict:
+    """{global name: Launcher} of kernels.<op>'s module: every kernel it launches directly."""
+    from kernels._launch import Launcher
+
+    module = importlib.import_module(f"kernels.{op}")
+    return {name: v for name, v in vars(module).items() if isinstance(v, Launcher)}
 
 
 class StubDriver:
@@ -123,23 +129,23 @@ def per_call_us(fn, calls: int = 200, samples: int = 15) -> float:
     return statistics.median(times)
 
 
-def public_call(op: str, args: tuple):
-    """``kernels.<op>`` on the positional arguments ``bench.ops.make_inputs`` builds (dispatch order)."""
+def call_op(op: str, args: tuple):
+    """``kernels.<op>`` on the positional arguments ``bench.ops.make_inputs`` builds (dispatch order);
+    returns its output tensor (the step's x_{t-1})."""
     import kernels
 
     if op == "scheduler_step":
         x, out, coeffs, uncond, g, noise, prev_x0, mask, known = args
-        return lambda: kernels.scheduler_step(x, out, coeffs, model_output_uncond=uncond, guidance_scale=g,
-                                              noise=noise, prev_x0=prev_x0, mask=mask, known=known)
-    fn = getattr(kernels, op)
-    return lambda: fn(*args)
+        return kernels.scheduler_step(x, out, coeffs, model_output_uncond=uncond, guidance_scale=g, noise=noise,
+                                      prev_x0=prev_x0, mask=mask, known=known)[0]
+    return getattr(kernels, op)(*args)
 
 
 def _launches(op: str, backend) -> list[tuple]:
     """The (launcher, arguments) of each launch one call of ``backend`` makes."""
     module = importlib.import_module(f"kernels.{op}")
     seen = []
-    originals = {name: getattr(module, name) for name in LAUNCHERS[op]}
+    originals = launchers(op)
 
     class Spy:
         def __init__(self, launcher):
@@ -174,17 +180,10 @@ def _compiled(chained) -> tuple[float, float]:
 
 def _chained(op: str, args: tuple):
     """``n`` -> n calls of kernels.<op>, each on the last one's output (what a graph of n ops runs)."""
-    import kernels
-
     def run(n):
         first = args[0]
         for _ in range(n):
-            if op == "scheduler_step":
-                x, out, coeffs, uncond, g, noise, prev_x0, mask, known = args
-                first, _ = kernels.scheduler_step(first, out, coeffs, model_output_uncond=uncond, guidance_scale=g,
-                                                  noise=noise, prev_x0=prev_x0, mask=mask, known=known)
-            else:
-                first = getattr(kernels, op)(first, *args[1:])
+            first = call_op(op, (first, *args[1:]))
         return first
 
     return run
@@ -200,7 +199,7 @@ def measure(case, dtype: torch.dtype, compiled: bool = True) -> dict:
     op = case.op
     backend = kernels.implementation(op, "triton")
     with torch.no_grad(), kernels.use(**{op: "triton"}):
-        call = public_call(op, args)
+        call = lambda: call_op(op, args)  # noqa: E731
         call()  # the first call compiles (the stub) and fills the plan and launch caches
         launches = _launches(op, lambda: backend(*args))
         rec = dict(case=case.name, op=op, shape=case.shape, dtype=str(dtype).replace("torch.", ""),

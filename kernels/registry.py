@@ -598,14 +598,13 @@ _LIB: torch.library.Library | None = None  # the sdlab namespace of torch.ops, m
 
 
 def define_op(name: str, schema: str, impl: Callable, fake: Callable, backward: Callable | None = None,
-              setup_context: Callable | None = None):
+              setup_context: Callable | None = None) -> None:
     """Define ``torch.ops.sdlab.<name>``, an op a Triton backend calls while torch.compile traces it:
     ``schema`` (what follows the name), ``impl`` for CPU and CUDA tensors, ``fake`` (its shape
     function) and, optionally, its autograd formula (``torch.library.register_autograd``'s). Made
     with torch.library's ``Library`` rather than ``custom_op``, whose wrappers around each call (a
     check that no output aliases an input, a frame that turns dynamo off) cost more host time than
-    the launches they wrap (``python -m bench.host``); a compiled graph calls the op on every run.
-    Returns the op's overload packet."""
+    the launches they wrap (``python -m bench.host``); a compiled graph calls the op on every run."""
     global _LIB
     if _LIB is None:
         _LIB = torch.library.Library("sdlab", "DEF")
@@ -615,7 +614,6 @@ def define_op(name: str, schema: str, impl: Callable, fake: Callable, backward: 
     torch.library.register_fake(f"sdlab::{name}", fake, lib=_LIB)
     if backward is not None:
         torch.library.register_autograd(f"sdlab::{name}", backward, setup_context=setup_context, lib=_LIB)
-    return getattr(torch.ops.sdlab, name)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 
 import torch  # noqa: E402
 
-from bench.host import stub_triton  # noqa: E402
+from bench.host import OPS, launchers, stub_triton  # noqa: E402
 
 RUNS = []  # (compiled kernel, run() arguments) of every launch
 stub_triton(on_run=lambda compiled, args: RUNS.append((compiled, args)))  # no GPU; CPU tensors pass the checks
@@ -29,8 +29,8 @@ from kernels import _launch  # noqa: E402
 at = importlib.import_module("kernels.attention")
 gn = importlib.import_module("kernels.group_norm_silu")
 st = importlib.import_module("kernels.scheduler_step")
-LAUNCHERS = (at._FWD, at._FWD_RESIDENT, at._DKDV, at._DQ, gn._FUSED, gn._STATS, gn._APPLY, gn._BWD_REDUCE, gn._BWD_DX,
-             st._STEP)
+LAUNCHERS = tuple(launcher for op in OPS for launcher in launchers(op).values())
+assert len(LAUNCHERS) >= 10, [launcher.name for launcher in LAUNCHERS]  # 4 attention, 5 GroupNorm, 1 step
 
 
 def record(fn, enabled):

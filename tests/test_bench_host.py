@@ -47,7 +47,6 @@ def test_every_layer_is_measured(measured):
         # timed apart, so only their presence is checked: how they compare depends on the machine's load
         parts = [r["call_us"], r["dispatch_us"], r["switch_us"], r["backend_us"], *r["launch_us"]]
         assert all(0 < p < 1e5 for p in parts), f"{name}: a layer measured nothing (or ran 0.1 s): {r}"
-        assert r["checks_us"] == r["call_us"] - r["dispatch_us"], r
     mid = records["unet15.mid.res"]
     assert mid["compiled_us"] > 0 and mid["graph_us"] > 0, mid
     assert "compiled_us" not in records["unet15.down0.res"], "--no-compiled still compiled"
