@@ -382,8 +382,9 @@ def check_floating(op: str, allow_bool: tuple[str, ...] = (), **tensors: torch.T
 
 
 def triton_available() -> str | None:
-    """None when Triton imports, else why not (tried once, when kernels was imported)."""
-    return _triton.IMPORT_ERROR
+    """None when the Triton backends can run here, else why not: Triton does not import, or, under
+    TRITON_INTERPRET=1, its interpreter fails a probe kernel (tried once, when kernels was imported)."""
+    return _triton.UNAVAILABLE
 
 
 def interpreting() -> bool:

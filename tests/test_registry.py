@@ -293,6 +293,47 @@ print("ok", tuple(y.shape), tuple(o.shape))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_named():
+    """Triton 3.6's interpreter under NumPy >= 2.4 fails every kernel with a loop over a runtime
+    bound (an InterpreterError from deep inside, per kernel). That defect, put back into this
+    Triton's interpreter in a subprocess, makes the Triton backends unavailable with a reason
+    naming the interpreter and NumPy: the default runs the reference, an explicit choice says why."""
+    import subprocess
+    import sys
+
+    code = """
+from triton.runtime import interpreter
+set_attr = interpreter._LangPatchScope.set_attr
+def int_numpy24(a):  # int() of an array as NumPy >= 2.4 does it, whatever NumPy is installed
+    if a.ndim:
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+    return int(a)
+def old_index(self, obj, name, value):  # Triton 3.6's __index__: int() of the handle's array, unsqueezed
+    return set_attr(self, obj, name, (lambda t: int_numpy24(t.handle.data)) if name == "__index__" else value)
+interpreter._LangPatchScope.set_attr = old_index
+import numpy, torch, kernels
+why = kernels.registry.triton_available()
+assert why.startswith("Triton ") and "interpreter cannot run these kernels with NumPy " + numpy.__version__ in why, why
+assert "a probe kernel failed" in why, why
+x = torch.randn(1, 32, 5, 5)
+kernels.group_norm_silu(x, torch.ones(32), torch.zeros(32), 8)  # the default: the reference
+with kernels.use(group_norm_silu="triton"):
+    try:
+        kernels.group_norm_silu(x, torch.ones(32), torch.zeros(32), 8)
+    except kernels.BackendUnsupported as e:
+        assert why in str(e), e
+    else:
+        raise AssertionError("the triton backend ran on an interpreter that fails the probe")
+print("ok")
+"""
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+    if registry.interpreting():  # and the interpreter of this process passes it
+        assert registry.triton_available() is None, registry.triton_available()
+
+
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False),
                                        ("off", False), ("", False)])
 def test_triton_interpret_is_read_as_triton_reads_it(value, on):
