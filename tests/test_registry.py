@@ -308,7 +308,7 @@ def int_numpy24(a):  # int() of an array as NumPy >= 2.4 does it, whatever NumPy
     if a.ndim:
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
     return int(a)
-def old_index(self, obj, name, value):  # Triton 3.6's __index__: int() of the handle's array, unsqueezed
+def old_index(self, obj, name, value):  # Triton 3.6's __index__: int() of the handle's array, not squeezed
     return set_attr(self, obj, name, (lambda t: int_numpy24(t.handle.data)) if name == "__index__" else value)
 interpreter._LangPatchScope.set_attr = old_index
 import numpy, torch, kernels
