@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -137,12 +138,16 @@ def op_breakdown(fn: Callable[[], object], device: torch.device | str, *, runs: 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(runs):
-            fn()
-        synchronize(device)
-        wall = (time.perf_counter() - start) * 1e3 / runs
+    with warnings.catch_warnings():
+        # torch 2.11's profiler warns on its first cycle that it "clears events at the end of each
+        # cycle"; this is one cycle, so every event is kept (torch 2.13 warns only from a second one)
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(runs):
+                fn()
+            synchronize(device)
+            wall = (time.perf_counter() - start) * 1e3 / runs
     out = attribute(prof.events(), "device" if cuda else "cpu", runs)
     if cuda and not out.total_ms:
         raise RuntimeError("the profiler recorded no kernel time on the GPU (is CUPTI available to this "
