@@ -729,21 +729,25 @@ def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: 
 
 # -------------------------------------------------------------------------------- UNet step
 def _diffusers_unet(unet, cfg, device, dtype):
+    """diffusers' UNet2DConditionModel with SDPA attention (AttnProcessor2_0) and ``unet``'s weights."""
     try:
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.utils import logging as diffusers_logging
     except ImportError as e:
         raise Skip(f"diffusers is not installed ({e})") from None
-    try:
-        conv = importlib.import_module("sdcore.convert.unet")
-    except ImportError as e:
-        raise Skip(f"sdcore.convert.unet does not exist yet ({e})") from None
-    for name in ("ldm_to_diffusers", "config_to_diffusers"):
-        if not hasattr(conv, name):
-            raise Skip(f"sdcore.convert.unet.{name} does not exist yet")
+    from sdcore.convert import unet as conv
+
     d = UNet2DConditionModel.from_config(conv.config_to_diffusers(cfg))
     d.load_state_dict(conv.ldm_to_diffusers(unet.state_dict(), cfg), strict=True)
-    d = d.to(device=device, dtype=dtype).eval()
+    # diffusers warns at any .to(dtype) that modules "should be kept in float32", even when it lists none
+    # (SD's UNet has none); the cast is the one the other variants' models get
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        d = d.to(device=device, dtype=dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     d.set_attn_processor(AttnProcessor2_0())
     return d
 
