@@ -559,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command, short, description in (("txt2img", "text to image", "Text to image."),
                                          ("img2img", "image to image (SDEdit)", "Image to image."),
                                          ("inpaint", "repaint a masked region", "Inpainting.")):
-        add_common(sub.add_parser(command, help=short, description=description), command)
+        p = sub.add_parser(command, help=short, description=description)
+        add_common(p, command)
+        p.set_defaults(usage=p.format_usage())  # for _as_flags
 
     p = sub.add_parser("replay", help="re-run the generation a JSON sidecar describes",
                        description="Re-run a sidecar's generation (same model, kernels, parameters, seed, device).")
@@ -571,6 +573,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a keyword argument that a message suggests: right after "pass", "use" or "or"
+_SUGGESTED = re.compile(r"(?:(?<=\bpass )|(?<=\buse )|(?<=\bor ))([a-z][a-z_]*)=(True\b|'[^']*'|[\w.+-]+)")
+
+
+def _as_flags(message: str, usage: str) -> str:
+    """A pipeline's error or warning in the CLI's words: each keyword argument it suggests ("pass
+    resize=True", "use variant='unet9'", "or jump_n_sample=1") as the flag that sets it (``--resize``,
+    ``--variant unet9``, ``--jump-n-sample 1``), where the command has that flag (``usage``: its
+    usage line). What a message reports (``got steps=2``) stays as the pipeline wrote it."""
+    def flag(m: re.Match) -> str:
+        name = "--" + m[1].replace("_", "-")
+        if not re.search(re.escape(name) + r"(?![\w-])", usage):
+            return m[0]
+        return name if m[2] == "True" else f"{name} {m[2].strip(chr(39))}"
+
+    return _SUGGESTED.sub(flag, message).replace("matching height/width", "matching --height/--width")
+
+
+def _in_cli_words(args: argparse.Namespace, message: str) -> str:
+    """``message`` with its keyword arguments as the command's flags; as it is for ``replay``, whose
+    parameters come from the sidecar."""
+    return _as_flags(message, args.usage) if args.command != "replay" else message
+
+
 def main(argv: list[str] | None = None) -> int:
     from .common import import_kernels
 
@@ -579,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *_, **__: print(  # one line each, no source excerpt
-            f"{parser.prog} {args.command}: warning: {message}", file=sys.stderr)
+            f"{parser.prog} {args.command}: warning: {_in_cli_words(args, str(message))}", file=sys.stderr)
         return _main(parser, args)
 
 
@@ -602,7 +628,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         written = run_job(job, out, progress=not args.no_progress, kernels_source=source)
     except (ValueError, ImportError, FileNotFoundError) as e:
         remove_if_empty(out, created)
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+        parser.exit(2, f"{parser.prog} {args.command}: error: {_in_cli_words(args, str(e))}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
         remove_if_empty(out, created)
         default = ('with "kernels": null in the sidecar' if args.command == "replay"

@@ -706,7 +706,15 @@ def test_cli_errors_are_clean(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["txt2img", "--preset", "tiny", "--height", "60", "--steps", "1", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "multiples of 8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "multiples of 8" in err and "pass --resize to round down" in err, err
+    image = tmp_path / "in.png"
+    Image.new("RGB", (48, 40)).save(image)
+    with pytest.raises(SystemExit) as e:  # the library's keywords, as the CLI's flags
+        main(["img2img", "--preset", "tiny", "--image", str(image), "--height", "64", "--steps", "4",
+              "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pass matching --height/--width or --resize" in err, err
     with pytest.raises(SystemExit) as e:
         main(["txt2img", "--preset", "tiny", "--kernels", "attention=nope", "--out", str(tmp_path)])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
@@ -988,6 +996,32 @@ def test_cli_out_without_write_permission(tmp_path, capsys, monkeypatch):
         main(["txt2img", "--preset", "tiny", "--no-progress", "--out", str(locked / "sub")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--out {locked / 'sub'}: cannot create or write" in err, err
+
+
+def test_cli_messages_name_flags_not_keyword_arguments():
+    """The pipelines' errors and warnings suggest keyword arguments ("pass resize=True"); the CLI names
+    the flag that sets each one its command has. The rest stays as written: a name it has no flag for,
+    what a message reports ("got steps=2"), a path, a --kernels spec."""
+    from pipelines.__main__ import _as_flags, build_parser
+
+    usage = build_parser().parse_args(["inpaint", "--preset", "tiny", "--image", "a.png", "--mask", "m.png",
+                                       "--out", "o"]).usage
+    cases = {
+        "got 60x64; pass resize=True to round down": "got 60x64; pass --resize to round down",
+        "pass matching height/width or resize=True": "pass matching --height/--width or --resize",
+        "takes 9 channels: use variant='unet9'": "takes 9 channels: use --variant unet9",
+        "or jump_n_sample=1 to turn resampling off": "or --jump-n-sample 1 to turn resampling off",
+        "use steps >= 2 at this strength, or strength=0 for": "use steps >= 2 at this strength, or --strength 0 for",
+        "jump_length=10 needs steps > 10, got steps=2": "jump_length=10 needs steps > 10, got steps=2",
+        "use fewer steps or timestep_spacing='trailing'": "use fewer steps or timestep_spacing='trailing'",
+        "pass prev_t= explicitly": "pass prev_t= explicitly",
+        "no checkpoint at /tmp/use/steps=2.safetensors": "no checkpoint at /tmp/use/steps=2.safetensors",
+        "--kernels 'attention=flash,steps=1'": "--kernels 'attention=flash,steps=1'",
+    }
+    for message, want in cases.items():
+        assert _as_flags(message, usage) == want, f"{message!r} -> {_as_flags(message, usage)!r}, expected {want!r}"
+    txt2img = build_parser().parse_args(["txt2img", "--preset", "tiny", "--out", "o"]).usage
+    assert _as_flags("use variant='unet9'", txt2img) == "use variant='unet9'", "txt2img has no --variant"
 
 
 def test_cli_failed_run_leaves_no_new_out_directory(tmp_path, capsys):
