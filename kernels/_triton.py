@@ -76,10 +76,15 @@ def _interpreter_problem() -> str | None:
         problem = f"a probe kernel counted {out.item()} loop steps, not 3"
     except Exception as e:
         problem = f"a probe kernel failed ({type(e).__name__}: {e})"
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())  # noqa: E731
-    known = version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4)
     return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with NumPy {np.__version__}: "
-            f"{problem}" + ("; install numpy<2.4, or Triton >= 3.7" if known else ""))
+            f"{problem}" + _known_fix(triton.__version__, np.__version__))
+
+
+def _known_fix(triton_version: str, numpy_version: str) -> str:
+    """The fix, as a clause to append, when these releases are the known failing pair, else ""."""
+    major_minor = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())  # noqa: E731
+    known = major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4)
+    return "; install numpy<2.4, or Triton >= 3.7" if known else ""
 
 
 # Why the Triton backends cannot run here (None: they can): Triton does not import, or its

@@ -334,6 +334,21 @@ print("ok")
         assert registry.triton_available() is None, registry.triton_available()
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, fix", [
+    ("3.6.0", "2.4.1", True),  # the known pair: the H100 machines' Triton with a current NumPy
+    ("2.3.1", "2.4.0rc1", True),
+    ("3.6.0+git1a2b", "2.4.0", True),
+    ("3.7.0", "2.4.1", False),  # Triton 3.7 fixed it
+    ("3.6.0", "2.3.5", False),  # NumPy < 2.4 still converts a 1-element array
+    ("3.6.0", "1.26.4", False),
+])
+def test_the_interpreter_fix_is_offered_for_the_known_pair_only(triton_version, numpy_version, fix):
+    from kernels import _triton
+
+    got = _triton._known_fix(triton_version, numpy_version)
+    assert got == ("; install numpy<2.4, or Triton >= 3.7" if fix else ""), (triton_version, numpy_version, got)
+
+
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False),
                                        ("off", False), ("", False)])
 def test_triton_interpret_is_read_as_triton_reads_it(value, on):
