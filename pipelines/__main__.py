@@ -586,7 +586,8 @@ def _as_flags(message: str, usage: str) -> str:
         name = "--" + m[1].replace("_", "-")
         if not re.search(re.escape(name) + r"(?![\w-])", usage):
             return m[0]
-        return name if m[2] == "True" else f"{name} {m[2].strip(chr(39))}"
+        value = m[2].strip("'")
+        return name if value == "True" else f"{name} {value}"
 
     return _SUGGESTED.sub(flag, message).replace("matching height/width", "matching --height/--width")
 

@@ -2,14 +2,20 @@
 fallback under the default, errors for explicit choices, and counters that show what ran."""
 import contextlib
 import inspect
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
 from kernels import registry
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -265,9 +271,6 @@ def test_fallback_warning_points_at_the_callers_line(toy_op, monkeypatch, how):
 def test_kernels_import_and_run_without_triton():
     """Where Triton does not import, kernels still imports, every op runs on its reference, and an
     explicit triton choice names the import error."""
-    import subprocess
-    import sys
-
     code = """
 import sys, warnings
 sys.modules["triton"] = None  # `import triton` raises ImportError
@@ -289,7 +292,7 @@ with kernels.use(attention="triton"):
 print("ok", tuple(y.shape), tuple(o.shape))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                       cwd=REPO)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
@@ -298,9 +301,6 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named():
     bound (an InterpreterError from deep inside, per kernel). That defect, put back into this
     Triton's interpreter in a subprocess, makes the Triton backends unavailable with a reason
     naming the interpreter and NumPy: the default runs the reference, an explicit choice says why."""
-    import subprocess
-    import sys
-
     code = """
 from triton.runtime import interpreter
 set_attr = interpreter._LangPatchScope.set_attr
@@ -326,9 +326,9 @@ with kernels.use(group_norm_silu="triton"):
         raise AssertionError("the triton backend ran on an interpreter that fails the probe")
 print("ok")
 """
-    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                       cwd=REPO)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
     if registry.interpreting():  # and the interpreter of this process passes it
         assert registry.triton_available() is None, registry.triton_available()
@@ -354,13 +354,10 @@ def test_the_interpreter_fix_is_offered_for_the_known_pair_only(triton_version, 
 def test_triton_interpret_is_read_as_triton_reads_it(value, on):
     """TRITON_INTERPRET=false used to count as interpreting here while Triton compiled for a GPU,
     so CPU inputs passed the checks and crashed in Triton; both now read it alike."""
-    import subprocess
-    import sys
-
     code = "import kernels, triton; print(kernels.registry.interpreting(), triton.knobs.runtime.interpret)"
-    env = dict(__import__("os").environ, TRITON_INTERPRET=value)
+    env = dict(os.environ, TRITON_INTERPRET=value)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                       cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(on), str(on)], r.stdout
 
