@@ -18,6 +18,9 @@ rides in one FMA per score (as in Triton's fused-attention tutorial):
     s_j = q k_jᵀ;  m' = max(m, c · rowmax s_j);  p_j = exp2(c · s_j - m')
     l <- l · exp2(m - m') + rowsum p_j;  acc <- acc · exp2(m - m') + p_j v_j;  m <- m'
     o = acc / l;  lse2 = m + log2 l   (the log2-domain logsumexp, written only for the backward)
+m starts at fp32's lowest finite value, not -inf, so a key block whose every score is -inf (a key
+of -infs) adds p = 0 and leaves the row finite; a row is NaN only if every key scores -inf, as in
+torch. Starting at -inf, exp2(-inf - -inf) made the row NaN whenever one whole block did.
 The key loop runs over full BLOCK_N blocks with no key masks; the Lkv % BLOCK_N remainder is one
 peeled, masked step, only as wide as it needs (TAIL_N: 16 for the 13 keys of 77 = 64 + 13). Causal
 attention (only the 77-token CLIP encoder) masks every block.
@@ -341,12 +344,12 @@ def _attn_fwd_step(
         s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
     if MASK_KEYS:
         s = tl.where(rows_n[None, :] < LKV, s, float("-inf"))
-    if CAUSAL:  # key 0 is always visible, so no row is all -inf after the first block
+    if CAUSAL:
         s = tl.where(rows_n[None, :] <= rows_m[:, None], s, float("-inf"))
     # qk_scale > 0, so rowmax(s) · c = rowmax(s · c): the scale rides in one FMA per score
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+    alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = fp32's lowest) unless it is all -inf
     l_i = l_i * alpha + tl.sum(p, 1)
     v_h = _load_tile(v_ptr, rows_n, cols_h, stride_vn, stride_vd, LKV, HEAD_DIM, MASK_H, MASK_KEYS, ALIGN=ALIGN)
     acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None], input_precision=DOT_PRECISION)
@@ -401,7 +404,8 @@ def _attn_fwd_kernel(
         acc_t = tl.zeros((BLOCK_M, D_TAIL), dtype=tl.float32)
     else:  # a placeholder the step passes through untouched (dead code once compiled)
         acc_t = acc_h
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    # fp32's lowest, not -inf: a block of keys all scoring -inf adds p = 0, not NaN (module docstring)
+    m_i = tl.full((BLOCK_M,), -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     if CAUSAL or D_TAIL > 0:  # every block masked where needed, no peeled last block

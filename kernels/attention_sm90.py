@@ -155,8 +155,8 @@ def _softmax(s, m_i, l_i, qk_scale, start_n, LKV, s_layout: gl.constexpr, BLOCK_
     if MASK:
         keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((keys < LKV)[None, :], s, float("-inf"))
-    if FIRST:
-        m_new = gl.max(s, 1) * qk_scale
+    if FIRST:  # the max floored at fp32's lowest: a block scoring -inf throughout gives p = 0, not NaN
+        m_new = gl.maximum(gl.max(s, 1) * qk_scale, -3.4028234663852886e38)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = m_new  # placeholder: nothing to rescale yet
         l_i = gl.sum(p, 1)

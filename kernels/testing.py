@@ -111,13 +111,17 @@ class Case:
         return f"{self.op}-{self.name}-{_SHORT[self.dtype]}{'-bwd' if self.backward else ''}"
 
 
-def _attention(b, h, lq, lkv, d, blhd=False, **kw):
+def _attention(b, h, lq, lkv, d, blhd=False, inf_keys=0, **kw):
     def make(g, dtype):
         def t(n):
             if blhd:  # the UNet's (B, L, H, D) activations viewed as (B, H, L, D): strided heads
                 return torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
             return torch.randn(b, h, n, d, generator=g).to(dtype)
-        return (t(lq), t(lkv), t(lkv)), dict(kw)
+        q, k, v = t(lq), t(lkv), t(lkv)
+        if inf_keys:  # q > 0, so q . k_j = -inf for the first inf_keys keys
+            q = q.abs() + 0.1
+            k[..., :inf_keys, :] = float("-inf")
+        return (q, k, v), dict(kw)
     return make
 
 
@@ -169,6 +173,8 @@ def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
             ("d40-blhd", "the UNet's (B, L, H, D) activations as a strided (B, H, L, D) view", _attention(2, 2, 24, 30, 40, blhd=True), qkv),
             ("d64-scale", "a caller's scale, not 1/sqrt(D)", _attention(1, 2, 20, 20, 64, scale=0.3), qkv),
             ("d64-causal", "the CLIP text encoder's causal mask", _attention(1, 2, 77, 77, 64, causal=True), ()),
+            ("d40-inf-keys", "128 keys scoring -inf ahead of 22 finite ones: whole key blocks with no finite score, "
+             "where an online softmax's running max is still -inf", _attention(1, 2, 128, 150, 40, inf_keys=128), ()),
         ],
         "group_norm_silu": [
             ("c96-g32-7x9", "3 channels per group, H x W = 63 not a power of two", _group_norm((1, 96, 7, 9), 32), xwb),

@@ -681,6 +681,33 @@ def test_resident_causal(shape, device):
     run_forward(shape, torch.float32, device, config=RESIDENT, causal=True)
 
 
+# numpy's warnings from the interpreter on rows that are NaN by construction: padded query rows
+# (q = 0, and 0 · -inf) and, causal, queries < 32, which see no finite score (as in torch)
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning", "ignore:.* encountered in:RuntimeWarning")
+@pytest.mark.parametrize("config, d, causal", [
+    (None, 40, False),  # the table's tiles (fp32: 32-key blocks), padded head dim
+    (SWEEP[0], 40, False),  # 16-key blocks: two wholly -inf blocks before the first finite score
+    (SWEEP[0], 80, False),  # split head dim 64 + 16
+    (SWEEP[0], 16, True),  # causal: the -inf blocks come before the diagonal
+    (RESIDENT, 40, False),  # K/V-resident: the row max over every key first
+], ids=["table-D40", "16x16-D40", "16x16-D80-split", "16x16-D16-causal", "resident-D40"])
+def test_key_blocks_scoring_minus_inf(config, d, causal, device):
+    """Keys whose every score is -inf (k = -inf against positive q) over whole key blocks, before
+    any finite score: the online softmax's running max stays -inf through them, and exp2(-inf - -inf)
+    would be NaN. torch and SDPA give the softmax over the finite keys; so must the kernel."""
+    b, h, lq, lkv = 1, 2, 37, 50
+    g = torch.Generator().manual_seed(3)
+    q = (torch.rand(b, h, lq, d, generator=g) + 0.1).to(device)  # every q · k_j = -inf where k_j = -inf
+    k, v = (torch.randn(b, h, lkv, d, generator=g).to(device) for _ in range(2))
+    k[..., :32, :] = float("-inf")  # two 16-key blocks, one 32-key block
+    want = attention_fp64(q, k, v, causal=causal)[..., 32:, :] if causal else attention_fp64(q, k, v)
+    out = torch.full_like(q, float("nan"))
+    with torch.no_grad():
+        got = attention_triton(q, k, v, causal=causal, out=out, config=config)
+    got = got[..., 32:, :] if causal else got  # causal: queries < 32 see only -inf keys (NaN, as in torch)
+    assert_close(got, want, rel=TOL[torch.float32]["rel"], name=f"o, 32 keys at -inf, {config} D{d} causal={causal}")
+
+
 def test_resident_backward(device):
     """The autograd forward's lse, written by the K/V-resident kernel, drives the backward kernels."""
     run_backward((1, 2, 37, 77, 40), torch.float32, device, config=RESIDENT)
