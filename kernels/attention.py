@@ -1093,7 +1093,7 @@ def attention_triton(q, k, v, scale=None, causal=False, out=None,
     Called directly, it checks what :func:`attention` and the switch check: a bad argument is a
     TypeError / ValueError, an input past the kernel's limits (head dim, device, no keys, ...)
     BackendUnsupported. The switch calls :func:`_attention_triton`, having made both checks."""
-    _check_args(q, k, v, scale)
+    _check_args(q, k, v, scale, causal)
     refuse("attention", Backend.TRITON, _triton_check(q, k, v, scale, causal))
     return _attention_triton(q, k, v, scale, causal, out, config)
 
@@ -1142,14 +1142,16 @@ def attention(q, k, v, scale=None, causal=False):
     """softmax(q kᵀ · scale) v over the last two dims; q: (B, H, Lq, D), k, v: (B, H, Lkv, D).
 
     ``causal=True`` lets query i see keys j <= i only (top-left aligned; the CLIP text encoder)."""
-    _check_args(q, k, v, scale)
+    _check_args(q, k, v, scale, causal)
     return dispatch("attention", q, k, v, scale, causal)
 
 
-def _check_args(q, k, v, scale):
+def _check_args(q, k, v, scale, causal):
     """What every backend needs (TypeError / ValueError naming the argument): the op's checks, and
     attention_triton's when called directly."""
     check_floating("attention", q=q, k=k, v=v)
+    if not isinstance(causal, bool):  # the reference would take any truthy value ("False" included) as True
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__} {causal!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, H, L, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
@@ -1160,6 +1162,8 @@ def _check_args(q, k, v, scale):
     if not (scale is None or isinstance(scale, torch.Tensor)
             or (isinstance(scale, numbers.Real) and not isinstance(scale, bool))):
         raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")
+    if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # a tensor's values stay on the device
+        raise ValueError(f"attention: scale must be finite, got {scale}")
     if isinstance(scale, torch.Tensor):  # it multiplies the (B, H, Lq, Lkv) scores
         (b, h), shape = q.shape[:2], tuple(scale.shape)
         full = (1,) * (4 - len(shape)) + shape  # as broadcasting aligns it: (H, 1, 1) is per head too

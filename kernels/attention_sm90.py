@@ -401,7 +401,7 @@ class _AttentionSm90Fn(_AttentionFn):
 def attention_gluon_sm90(q, k, v, scale=None, causal=False):
     """Forward in Gluon with wgmma/softmax overlap (module docstring), backward in Triton. Called
     directly, it checks what kernels.attention and the switch check, as attention_triton does."""
-    _check_args(q, k, v, scale)
+    _check_args(q, k, v, scale, causal)
     refuse("attention", NAME, _check(q, k, v, scale, causal))
     return _attention_gluon_sm90(q, k, v, scale, causal)
 

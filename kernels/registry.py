@@ -662,12 +662,17 @@ def set_backend(backend: BackendName | None = None, /, **per_op: BackendName | N
             _GLOBAL[op] = b
 
 
-def describe(device: str | torch.device | None = None) -> str:
-    """What each op resolves to for an input on ``device`` (default: cuda if present) and why."""
+def describe(device: str | int | torch.device | None = None) -> str:
+    """What each op resolves to for an input on ``device`` (default: cuda if present; an int: that
+    CUDA device) and why."""
     try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif isinstance(device, int) and not isinstance(device, bool):  # an index, as torch.device(0)
+            device = f"cuda:{device}"  # named, so it is described on a machine without CUDA too
+        device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"describe: device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {e}") from None
+        raise ValueError(f"describe: device {device!r}: {e} (devices: cpu, cuda, cuda:1, ...)") from None
     lines = []
     for op in ops():
         chosen, source = _choice(op)

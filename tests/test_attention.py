@@ -290,6 +290,23 @@ def test_bad_arguments(device):
             attention_triton(q, k, v, out=torch.empty(1, 1, 8, 16, device=device).expand(1, 2, 8, 16))
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(causal="False"), TypeError, "causal must be a bool, got str 'False'"),  # truthy: the reference masked
+    (dict(causal=1), TypeError, "causal must be a bool, got int 1"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),  # reference NaN, sdpa its default
+    (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
+], ids=["causal-str", "causal-int", "scale-nan", "scale-inf"])
+def test_arguments_no_backend_reads_alike_are_refused_by_the_op(backend, kwargs, error, match, device):
+    """Before dispatch, whichever backend is chosen: backends read these differently (any truthy
+    causal was causal to the reference, a TypeError to SDPA)."""
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 8, 8, 16), torch.float32, device))
+    with kernels.use(attention=backend), pytest.raises(error, match=re.escape(match)):
+        kernels.attention(q, k, v, **kwargs)
+    with pytest.raises(error, match=re.escape(match)):
+        attention_triton(q, k, v, **kwargs)
+
+
 def test_a_head_spanning_2_31_elements_is_refused(device):
     """The kernels index within a head in 32 bits: a (1, 1, 3, 16) view with a row stride of 2**30
     (a 4 GiB storage, allocated but never touched) spans 2**31 elements and is refused by name,

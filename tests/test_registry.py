@@ -473,7 +473,8 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR)
     cuda = next(l for l in kernels.describe("cuda").splitlines() if l.startswith("toy_op"))
     assert "default (CUDA input" in cuda or registry.triton_available(), cuda
-    with pytest.raises(ValueError, match="describe: device 'gpu' is not a torch device"):  # torch's bare RuntimeError
+    assert kernels.describe(0) == kernels.describe("cuda:0")  # an index is a CUDA device, not "none given"
+    with pytest.raises(ValueError, match="describe: device 'gpu': .*cpu, cuda"):  # torch's bare RuntimeError
         kernels.describe("gpu")
 
 
