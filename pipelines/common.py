@@ -61,6 +61,12 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):  # a truthy "no" or 0.0 would flip the option
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_strength(strength, steps) -> float:
     """strength in [0, 1]; above 0 it must leave at least one of ``steps`` to run (strength_start),
     or the pipeline would quietly return the VAE round trip of the image (diffusers raises too)."""
@@ -139,6 +145,10 @@ def initial_noise(latents, shape, generator, device, dtype, *, used: bool = True
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be a tensor of shape {tuple(shape)} (batch, latent channels, H/8, W/8), got {got}")
+    if not latents.is_floating_point():  # unit-variance noise: integers would be cast to a lattice of values
+        raise TypeError(f"latents must be a floating-point tensor (unit-variance noise), got {latents.dtype}")
+    if not torch.isfinite(latents).all():  # one host sync per call; a NaN would decode to a black image
+        raise ValueError(f"latents have {int((~torch.isfinite(latents)).sum())} NaN or infinite values")
     if not used:
         warnings.warn("latents are unused: strength=0 runs no step (the result is the VAE round trip of the image)",
                       UserWarning, stacklevel=4)
@@ -199,7 +209,11 @@ def image_size(image) -> tuple[int, int]:
     """(H, W) of a PIL image, list of them, or tensor, without converting; a tensor's layout is
     checked here, so an HWC tensor is named as such and not read as a 3-pixel-wide image."""
     Image = _pil()
-    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(image, (list, tuple)) and not image:
+        raise ValueError("image is an empty list")
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    if isinstance(first, torch.Tensor) and first.dim() == 4 and first.shape[0] == 0:
+        raise ValueError(f"image tensor of shape {tuple(first.shape)} holds no image (batch 0)")
     if isinstance(first, Image.Image):
         return first.height, first.width
     if isinstance(first, torch.Tensor):
@@ -301,7 +315,8 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
         m, full = _pil_samples(mask, convert="L")  # 16-bit: over 65535, as images are read
         if (m.height, m.width) != size:
             if not resize:
-                raise ValueError(f"mask is {m.height}x{m.width} (HxW) but the image is {size[0]}x{size[1]}")
+                raise ValueError(f"mask is {m.height}x{m.width} (HxW) but the image is {size[0]}x{size[1]}; "
+                                 "pass a mask of the image's size or resize=True")
             m = m.resize((size[1], size[0]), resample=Image.NEAREST)
         t = torch.from_numpy(np.asarray(m, dtype=np.float32) / full)[None, None]
     elif isinstance(mask, torch.Tensor):
@@ -310,6 +325,8 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
         t = t[None, None] if t.dim() == 2 else t[None] if t.dim() == 3 else t
         if t.dim() != 4 or t.shape[1] != 1:
             raise ValueError(f"mask must be single-channel: {MASK_LAYOUTS}, got shape {shape}{_hwc_hint(shape, 1)}")
+        if t.numel() == 0:
+            raise ValueError(f"mask tensor of shape {shape} is empty")
         t = t.float().cpu()
         if not torch.isfinite(t).all():
             raise ValueError(f"mask tensor has {int((~torch.isfinite(t)).sum())} NaN or infinite values")
@@ -318,7 +335,8 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
             raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got min {lo:.3g}, max {hi:.3g}")
         if tuple(t.shape[-2:]) != size:
             if not resize:
-                raise ValueError(f"mask is {t.shape[2]}x{t.shape[3]} (HxW) but the image is {size[0]}x{size[1]}")
+                raise ValueError(f"mask is {t.shape[2]}x{t.shape[3]} (HxW) but the image is {size[0]}x{size[1]}; "
+                                 "pass a mask of the image's size or resize=True")
             t = F.interpolate(t, size=size, mode="nearest")
     else:
         raise TypeError(f"mask must be a PIL image (mode 'L') or a tensor in [0, 1] of shape {MASK_LAYOUTS}, "
@@ -567,12 +585,14 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
           sampler: str | None = None, seed: int | None = None, generator: torch.Generator | None = None,
           batch_size: int = 1, clip_skip: int | None = None, eta: float | None = None,
           latents: torch.Tensor | None = None, unet_channels: int | None = 4, own_levels: bool = False,
-          strength: float = 1.0) -> Setup:
+          strength: float = 1.0, resize: bool = False, progress: bool = False) -> Setup:
     """Check the options every pipeline takes, make the generator and the sampler with its ``steps``
     timesteps set (``own_levels``: not set, the caller steps between its own levels with ``prev_t``,
     as RePaint; ``strength``: the last ``int(steps * strength)`` of them run, :attr:`Setup.timesteps`),
     encode the prompt."""
     prompts = as_prompts(prompt)
+    check_bool("resize", resize)
+    check_bool("progress", progress)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):

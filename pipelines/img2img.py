@@ -30,7 +30,8 @@ def img2img(model, image, prompt, strength: float = 0.8, *, negative_prompt=None
     strength = check_strength(strength, steps)
     s = setup(model, prompt, pipeline="img2img", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents, strength=strength)
+              latents=latents, strength=strength, resize=resize,
+              progress=progress)
     pixels, (height, width) = load_image(model, image, height, width, resize)
     timesteps = s.timesteps
     z0 = expand_batch(encode_image(model, pixels, s.generator), len(s.prompts), s.batch_size)

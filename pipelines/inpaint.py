@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_choice, check_int,
+from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_bool, check_choice, check_int,
                      check_strength, denoise, encode_image, expand_batch, initial_noise, load_image, mask_to_tensor,
                      model_device_dtype, plain_plan, setup, strength_start)
 
@@ -106,11 +106,11 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
             if value is not None:
                 raise ValueError(f"{name}={value!r} applies to variant='repaint' only (RePaint's resampling); "
                                  f"variant={variant!r} does not resample: leave {name} unset")
-    if not isinstance(paste_back, bool):
-        raise TypeError(f"paste_back must be a bool, got {paste_back!r}")
+    check_bool("paste_back", paste_back)
     s = setup(model, prompt, pipeline="inpaint", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents, unet_channels=None, own_levels=variant == "repaint", strength=strength)
+              latents=latents, unet_channels=None, own_levels=variant == "repaint", strength=strength, resize=resize,
+              progress=progress)
     pixels, (height, width) = load_image(model, image, height, width, resize)
     mask_px = mask_to_tensor(mask, (height, width), pixels.shape[0], resize)
     n = max(pixels.shape[0], mask_px.shape[0])

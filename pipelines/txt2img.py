@@ -36,7 +36,8 @@ def txt2img(model, prompt, *, negative_prompt=None, cfg_scale: float = 7.5, step
     """
     s = setup(model, prompt, pipeline="txt2img", negative_prompt=negative_prompt, cfg_scale=cfg_scale, steps=steps,
               sampler=sampler, seed=seed, generator=generator, batch_size=batch_size, clip_skip=clip_skip, eta=eta,
-              latents=latents)
+              latents=latents, resize=resize,
+              progress=progress)
     size = model.config.image_size
     height, width = fit_size(size if height is None else height, size if width is None else width,
                              size_multiple(model.config), resize)

@@ -437,7 +437,24 @@ def _errors(tiny, tiny9, image, mask):
         "jump_length with unet9": (lambda: i(tiny9, variant="unet9", jump_length=10),
                                    "jump_length=10 applies to variant='repaint' only (RePaint's resampling); "
                                    "variant='unet9' does not resample"),
-        "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64"),
+        "mask size": (lambda: i(mask=mask.resize((32, 48))), "mask is 48x32 (HxW) but the image is 64x64; pass a "
+                      "mask of the image's size or resize=True"),
+        "mask tensor size": (lambda: i(mask=torch.zeros(1, 1, 32, 32)), "mask is 32x32 (HxW) but the image is 64x64; "
+                             "pass a mask of the image's size or resize=True"),
+        "mask empty": (lambda: i(mask=torch.zeros(0, 1, 64, 64)), "mask tensor of shape (0, 1, 64, 64) is empty"),
+        "image empty list": (lambda: pipelines.img2img(tiny, [], "a", steps=2), "image is an empty list"),
+        "image batch 0": (lambda: pipelines.img2img(tiny, torch.rand(0, 3, 64, 64), "a", steps=2),
+                          "image tensor of shape (0, 3, 64, 64) holds no image (batch 0)"),
+        # NaN noise decoded to a black image, silently; integer noise was cast
+        "latents nan": (lambda: t(latents=torch.full((1, 4, 8, 8), float("nan"))), "latents have 256 NaN or infinite"),
+        "img2img latents inf": (lambda: pipelines.img2img(tiny, image, "a", steps=2, latents=torch.full(
+            (1, 4, 8, 8), float("inf"))), "latents have 256 NaN or infinite"),
+        "latents int": (lambda: t(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)),
+                        "latents must be a floating-point tensor (unit-variance noise), got torch.int64", TypeError),
+        # a truthy string flipped the option
+        "resize str": (lambda: t(height=63, resize="no"), "resize must be a bool, got str 'no'", TypeError),
+        "progress str": (lambda: i(progress="no"), "progress must be a bool, got str 'no'", TypeError),
+        "paste_back int": (lambda: i(paste_back=1), "paste_back must be a bool, got int 1", TypeError),
         "mask nan": (lambda: i(mask=torch.full((1, 1, 64, 64), float("nan"))), "mask tensor has 4096 NaN or infinite"),
         "image nan": (lambda: pipelines.img2img(tiny, torch.full((1, 3, 64, 64), float("nan")), "a", strength=1.0,
                                                 steps=1),
@@ -475,8 +492,9 @@ ERROR_CASES = list(_errors(None, None, None, None))
 
 @pytest.mark.parametrize("case", ERROR_CASES)
 def test_errors(tiny, tiny9, image, mask, case):
-    fn, message = _errors(tiny, tiny9, image, mask)[case]
-    with pytest.raises(ValueError) as e:
+    """Each case: (call, message[, exception type: ValueError unless named])."""
+    fn, message, *kind = _errors(tiny, tiny9, image, mask)[case]
+    with pytest.raises(*kind or [ValueError]) as e:
         fn()
     assert message in str(e.value), f"{case}: message {str(e.value)!r} lacks {message!r}"
 
