@@ -26,7 +26,10 @@ Architecture detection (single files) reads shapes, never a table of known check
 * Files written by sdcore also carry the full SDConfig as JSON (safetensors metadata / a
   ``"sdcore_config"`` entry in a .ckpt), which supplies what shapes cannot tell (heads, clip_skip,
   scaling factor, schedule), so round trips keep the config; it is used only when its
-  architecture agrees with the detected one.
+  architecture agrees with the detected one. Its other values are checked as a diffusers folder's
+  are (the schedule by :func:`sdcore.schedulers.check_config`, the numbers by the readers in
+  :mod:`sdcore.convert`): a bad one is a CheckpointError naming the file, the entry and the value,
+  not a failure at sampling time.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import warnings
 from collections.abc import Mapping
 
 from .config import PRESETS, SchedulerConfig, SDConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .convert import check_groups, config_bool, config_float, config_int
 
 COMPONENTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
               "text_encoder": "cond_stage_model."}
@@ -240,14 +244,100 @@ def config_from_json(text: str) -> SDConfig:
                     scheduler=fix(SchedulerConfig, raw["scheduler"]), image_size=raw["image_size"])
 
 
-def _agrees(hint: SDConfig, unet: UNetConfig, vae: VAEConfig, text: TextEncoderConfig) -> bool:
-    """Does ``hint`` have the detected architecture, up to the fields shapes cannot tell?"""
+def _agrees(hint: SDConfig, unet: UNetConfig, vae: VAEConfig, text: TextEncoderConfig) -> SDConfig | None:
+    """``hint`` if it has the detected architecture, up to the fields shapes cannot tell, else None.
+    Its architecture fields are then the detected values (equal, but ints where JSON may say 4.0 or
+    true), and only the fields shapes cannot tell come from ``hint``."""
     free = dict(_FREE, text_encoder=_FREE["text_encoder"] + (("projection_dim",) if text.kind == "clip" else ()))
+    merged = {}
     for comp, got in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         want = getattr(hint, comp)
-        if got.replace(**{f: getattr(want, f) for f in free[comp]}) != want:
-            return False
-    return True
+        merged[comp] = got.replace(**{f: getattr(want, f) for f in free[comp]})
+        if merged[comp] != want:
+            return None
+    return hint.replace(**merged)
+
+
+def check_hint(config: SDConfig) -> None:
+    """ValueError naming the field and its value (``"scheduler: unknown prediction_type 'v'; ..."``,
+    ``"image_size must be an integer >= 8, got -64"``) for a value of sdcore's config metadata that the
+    shapes did not check: the name, the fields of :data:`_FREE` (and a CLIP projection_dim), the
+    schedule and the image size. The same checks as a diffusers folder's configs: the readers of
+    :mod:`sdcore.convert` for the numbers, :func:`sdcore.schedulers.check_config` for the schedule."""
+    from .convert.clip import diffusers_layers
+    from .schedulers import check_config
+
+    def part(name: str | None, check) -> None:
+        try:
+            check()
+        except ValueError as e:
+            if name is None:
+                raise
+            raise ValueError(f"{name}: {e}") from e
+
+    def check_name():
+        if not isinstance(config.name, str):
+            raise ValueError(f"name must be a string, got {config.name!r}")
+
+    def check_unet():
+        u, raw = config.unet, dataclasses.asdict(config.unet)
+        channels = [m * u.model_channels for m in u.channel_mult]
+        check_groups(config_int(raw, "norm_groups"), channels, "norm_groups")
+        config_float(raw, "norm_eps")
+        config_bool(raw, "upcast_attention", None)
+        if u.num_head_channels != -1:
+            config_int(raw, "num_head_channels")  # -1: num_heads heads
+        else:
+            config_int(raw, "num_heads")
+        # the levels with attention, and the middle block (the last level's width)
+        used = [c for level, c in enumerate(channels) if 2 ** level in u.attention_resolutions] + channels[-1:]
+        split = list(dict.fromkeys(f"{c} channels into {u.heads_at(c)[0]}" for c in used
+                                   if math.prod(u.heads_at(c)) != c))
+        if split:
+            heads = (f"num_heads={u.num_heads}" if u.num_head_channels == -1
+                     else f"num_head_channels={u.num_head_channels}")
+            raise ValueError(f"{heads} does not split the attention widths into equal heads: {', '.join(split)}")
+
+    def check_vae():
+        v, raw = config.vae, dataclasses.asdict(config.vae)
+        check_groups(config_int(raw, "norm_groups"), [m * v.ch for m in v.ch_mult], "norm_groups")
+        config_float(raw, "norm_eps")
+        config_float(raw, "scaling_factor")
+        clamp = v.logvar_clamp
+        if (not isinstance(clamp, tuple) or len(clamp) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in clamp)
+                or not clamp[0] < clamp[1]):
+            raise ValueError(f"logvar_clamp must be two finite numbers [low, high], low < high, got "
+                             f"{list(clamp) if isinstance(clamp, tuple) else clamp!r}")
+
+    def check_text():
+        t, raw = config.text_encoder, dataclasses.asdict(config.text_encoder)
+        heads = config_int(raw, "heads")
+        if t.width % heads:
+            raise ValueError(f"width={t.width} is not divisible by heads={heads}")
+        if t.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unknown act {t.act!r}; valid: quick_gelu, gelu")
+        config_float(raw, "layer_norm_eps")
+        config_int(raw, "clip_skip")
+        diffusers_layers(t)  # clip_skip at most the layer count
+        if not isinstance(t.pad_token, str) or not t.pad_token:
+            raise ValueError(f"pad_token must be a token (a non-empty string), got {t.pad_token!r}")
+        config_int(raw, "eos_token_id", minimum=0)
+        config_int(raw, "projection_dim", minimum=0)  # 0: no projection head
+
+    def check_scheduler():
+        check_config(config.scheduler)
+
+    def check_image_size():
+        multiple = 2 ** (len(config.vae.ch_mult) - 1)  # the VAE's downsampling
+        size = config_int({"image_size": config.image_size}, "image_size", minimum=multiple)
+        if size % multiple:
+            raise ValueError(f"image_size must be a multiple of {multiple} (the VAE downsamples {multiple}x), "
+                             f"got {size}")
+
+    for name, check in ((None, check_name), ("unet", check_unet), ("vae", check_vae),
+                        ("text_encoder", check_text), ("scheduler", check_scheduler), (None, check_image_size)):
+        part(name, check)
 
 
 class _Reading(Mapping):
@@ -294,7 +384,13 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
         except (ValueError, KeyError, TypeError) as e:
             warnings.warn(f"{where}: ignoring unreadable {CONFIG_KEY} metadata ({e!r})", stacklevel=4)
         else:
-            if _agrees(config, unet, vae, text):
+            agreed = _agrees(config, unet, vae, text)
+            if agreed is not None:
+                config = agreed
+                try:
+                    check_hint(config)
+                except ValueError as e:
+                    raise CheckpointError(f"{where}: bad {CONFIG_KEY} metadata: {e}") from e
                 if prediction_type is not None:
                     config = config.replace(scheduler=config.scheduler.replace(prediction_type=prediction_type))
                 if "upcast_attention" not in json.loads(hint)["unet"]:  # written before sdcore kept the flag

@@ -30,6 +30,7 @@ from . import checkpoint
 from .checkpoint import FLOAT_DTYPES, CheckpointError
 from .clip import LOGIT_SCALE_INIT
 from .config import SDConfig
+from .detect import check_hint
 
 
 class _DiffusionWrapper(nn.Module):
@@ -178,6 +179,10 @@ class StableDiffusion(nn.Module):
         path = Path(path)
         if layout is None:
             layout = "ldm" if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth") else "diffusers"
+        try:  # what load checks in the file's config, so that nothing is written that cannot be read back
+            check_hint(self.config)
+        except ValueError as e:
+            raise ValueError(f"cannot save {path}: config {e} (sdcore.load would refuse the file)") from None
         if layout == "ldm":
             if not path.parent.is_dir():  # else safetensors names its own temporary file, not this path
                 raise FileNotFoundError(f"cannot save {path}: {path.parent} is not an existing folder")
@@ -211,9 +216,16 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     length = min(MAX_LENGTH, config.text_encoder.max_length)  # when the tokenizer does not say
     tok_source = (tokenizer if isinstance(tokenizer, (str, Path)) else "the tokenizer argument" if tokenizer is not None
                   else source.tokenizer_folder or "the default CLIP tokenizer")
-    if tokenizer is None:
-        tokenizer = (_tokenizer_folder(source.tokenizer_folder, length) if source.tokenizer_folder
-                     else CLIPTokenizer.default_or_missing(pad_token=config.text_encoder.pad_token, max_length=length))
+    if tokenizer is None and source.tokenizer_folder:
+        tokenizer = _tokenizer_folder(source.tokenizer_folder, length)
+    elif tokenizer is None:
+        pad = config.text_encoder.pad_token  # the kind's ("!" or "<|endoftext|>"), unless sdcore's metadata says
+        try:
+            tokenizer = CLIPTokenizer.default_or_missing(pad_token=pad, max_length=length)
+        except ValueError as e:  # a pad token the vocabulary lacks: only the metadata can give one
+            raise CheckpointError(f"{source.path}: bad {checkpoint.CONFIG_KEY} metadata: text_encoder: pad_token "
+                                  f"{pad!r} does not fit the default CLIP tokenizer ({e}); pass tokenizer= a "
+                                  "tokenizer that has it") from e
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = _tokenizer_folder(Path(tokenizer), length)
     _check_tokenizer(tokenizer, config, tok_source, source.path)

@@ -736,6 +736,168 @@ def test_metadata_contains_config(saved, tiny):
     assert meta["name"] == "tiny" and meta["unet"]["num_heads"] == tiny.config.unet.num_heads
 
 
+def _with_metadata(saved, tmp_path, fmt="safetensors", edit=None, **top):
+    """A copy of the tiny single file whose sdcore_config has ``edit`` ({"scheduler": {...}, ...},
+    merged into those parts) and ``top`` (top-level fields) changed."""
+    from sdcore.detect import CONFIG_KEY
+
+    src, path = saved[fmt], tmp_path / f"meta.{fmt}"
+    if fmt == "safetensors":
+        with safe_open(str(src), "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta[CONFIG_KEY])
+    else:
+        obj = torch.load(src, weights_only=True)
+        config = json.loads(obj[CONFIG_KEY])
+    for part, changes in (edit or {}).items():
+        config[part].update(changes)
+    config.update(top)
+    if fmt == "safetensors":
+        save_file(state, str(path), metadata={**meta, CONFIG_KEY: json.dumps(config)})
+    else:
+        torch.save({**obj, CONFIG_KEY: json.dumps(config)}, path)
+    return path
+
+
+# Each value fails at sampling time (or builds a model that computes something else) when the
+# metadata is trusted; a diffusers folder's configs refuse the same values at load.
+_BAD_METADATA = [
+    # the schedule: sdcore.schedulers.check_config, as for a scheduler_config.json
+    ({"scheduler": {"prediction_type": "v"}}, {}, "scheduler: unknown prediction_type 'v'; valid: epsilon"),
+    ({"scheduler": {"sampler": "euler"}}, {}, "scheduler: unknown sampler 'euler'; valid: ddpm"),
+    ({"scheduler": {"beta_schedule": "quadratic"}}, {}, "scheduler: unknown beta_schedule 'quadratic'"),
+    ({"scheduler": {"timestep_spacing": "even"}}, {}, "scheduler: unknown timestep_spacing 'even'"),
+    ({"scheduler": {"num_train_timesteps": 0}}, {}, "scheduler: num_train_timesteps must be an integer >= 1, got 0"),
+    ({"scheduler": {"num_train_timesteps": 1000.5}}, {}, "num_train_timesteps must be an integer >= 1, got 1000.5"),
+    ({"scheduler": {"steps_offset": -1}}, {}, "scheduler: steps_offset must be an integer >= 0, got -1"),
+    ({"scheduler": {"beta_start": 0}}, {}, "scheduler: beta_start must be a number in (0, 1), got 0"),
+    ({"scheduler": {"beta_end": 2}}, {}, "scheduler: beta_end must be a number in (0, 1), got 2"),
+    ({"scheduler": {"clip_sample": "yes"}}, {}, "scheduler: clip_sample must be true or false, got 'yes'"),
+    ({"scheduler": {"clip_sample_range": -1.0}}, {}, "scheduler: clip_sample_range must be a number in (0, inf)"),
+    ({"scheduler": {"set_alpha_to_one": 1}}, {}, "scheduler: set_alpha_to_one must be true or false, got 1"),
+    # the image size: what a folder's sample_size gives, a positive multiple of the VAE's 8x
+    ({}, {"image_size": -64}, "image_size must be an integer >= 8, got -64"),
+    ({}, {"image_size": "64"}, "image_size must be an integer >= 8, got '64'"),
+    ({}, {"image_size": 60}, "image_size must be a multiple of 8 (the VAE downsamples 8x), got 60"),
+    ({}, {"name": None}, "name must be a string, got None"),
+    # the fields shapes cannot tell: sdcore.convert's readers, as for a folder's config.json
+    ({"unet": {"norm_groups": 5}}, {}, "unet: norm_groups=5 does not divide the channel count 32"),
+    ({"unet": {"norm_eps": 0}}, {}, "unet: norm_eps must be a finite number > 0, got 0"),
+    ({"unet": {"upcast_attention": "false"}}, {}, "unet: upcast_attention must be true or false, got 'false'"),
+    ({"unet": {"num_heads": 0}}, {}, "unet: num_heads must be an integer >= 1, got 0"),
+    ({"unet": {"num_heads": 3}}, {}, "unet: num_heads=3 does not split the attention widths into equal heads: "
+                                     "32 channels into 3, 64 channels into 3"),
+    ({"unet": {"num_head_channels": 0}}, {}, "unet: num_head_channels must be an integer >= 1, got 0"),
+    ({"vae": {"scaling_factor": "0.18215"}}, {}, "vae: scaling_factor must be a finite number > 0, got '0.18215'"),
+    ({"vae": {"norm_groups": 12}}, {}, "vae: norm_groups=12 does not divide the channel count 32"),
+    ({"vae": {"norm_eps": None}}, {}, "vae: norm_eps must be a finite number > 0, got None"),
+    ({"vae": {"logvar_clamp": [20.0, -30.0]}}, {}, "vae: logvar_clamp must be two finite numbers [low, high], "
+                                                   "low < high, got [20.0, -30.0]"),
+    ({"text_encoder": {"heads": 3}}, {}, "text_encoder: width=32 is not divisible by heads=3"),
+    ({"text_encoder": {"act": "relu"}}, {}, "text_encoder: unknown act 'relu'; valid: quick_gelu, gelu"),
+    ({"text_encoder": {"layer_norm_eps": "1e-5"}}, {}, "text_encoder: layer_norm_eps must be a finite number > 0"),
+    ({"text_encoder": {"clip_skip": 0}}, {}, "text_encoder: clip_skip must be an integer >= 1, got 0"),
+    ({"text_encoder": {"clip_skip": 3}}, {}, "text_encoder: clip_skip must be in [1, 2], got 3"),
+    ({"text_encoder": {"pad_token": 0}}, {}, "text_encoder: pad_token must be a token (a non-empty string), got 0"),
+    ({"text_encoder": {"eos_token_id": -1}}, {}, "text_encoder: eos_token_id must be an integer >= 0, got -1"),
+    ({"text_encoder": {"projection_dim": -1}}, {}, "text_encoder: projection_dim must be an integer >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("edit, top, message", _BAD_METADATA, ids=[
+    ",".join([f"{part}.{k}={v!r}" for part, d in edit.items() for k, v in d.items()] +
+             [f"{k}={v!r}" for k, v in top.items()]) for edit, top, _ in _BAD_METADATA])
+def test_bad_config_metadata_fails_at_load(saved, tmp_path, edit, top, message):
+    """sdcore's config metadata is checked as a diffusers folder's configs are: a bad value is a
+    CheckpointError at load naming the file, the metadata entry and the value, not an error from a
+    pipeline later that names neither (the metadata was trusted whenever its architecture agreed)."""
+    path = _with_metadata(saved, tmp_path, edit=edit, **top)
+    with pytest.raises(CheckpointError) as err:
+        sdcore.load(path)
+    want = f"{path}: bad sdcore_config metadata: "
+    assert str(err.value).startswith(want) and message in str(err.value), \
+        f"message {str(err.value)!r} lacks {want!r} or {message!r}"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_bad_config_metadata_is_refused_in_either_file_format_and_before_any_override(saved, tmp_path, fmt):
+    """A .ckpt's sdcore_config entry is checked as a .safetensors' metadata; prediction_type= does not
+    hide a bad recorded one, as it does not hide a folder's bad scheduler_config.json."""
+    path = _with_metadata(saved, tmp_path, fmt, edit={"scheduler": {"prediction_type": "v"}})
+    for kwargs in ({}, {"prediction_type": "epsilon"}):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: bad sdcore_config metadata: "
+                                                  r"scheduler: unknown prediction_type 'v'"):
+            sdcore.load(path, **kwargs)
+
+
+def test_config_metadata_pad_token_outside_the_vocabulary_is_named(saved, tmp_path):
+    """The default tokenizer pads with the metadata's pad_token: one it lacks names the file."""
+    from sdcore.tokenizer import CLIPTokenizer
+
+    try:
+        CLIPTokenizer.default()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    path = _with_metadata(saved, tmp_path, edit={"text_encoder": {"pad_token": "<|nosuchtoken|>"}})
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: bad sdcore_config metadata: text_encoder: "
+                                              r"pad_token '<\|nosuchtoken\|>' does not fit the default CLIP tokenizer"):
+        sdcore.load(path)
+    assert sdcore.load(path, tokenizer=sdcore.load(saved["safetensors"]).tokenizer).config.text_encoder.pad_token \
+        == "<|endoftext|>", "a tokenizer argument pads, so the metadata's pad token no longer matters"
+
+
+def test_config_metadata_architecture_fields_are_the_detected_values(saved, tmp_path, tiny):
+    """JSON numbers equal to the detected ones but of another type (4.0, true) agree with the shapes;
+    the config then holds the detected ints and bools, not the metadata's floats."""
+    path = _with_metadata(saved, tmp_path, edit={"unet": {"in_channels": 4.0, "num_res_blocks": True},
+                                                 "vae": {"double_z": 1}, "text_encoder": {"layers": 2.0}})
+    config = sdcore.load(path).config
+    assert config == tiny.config
+    got = (config.unet.in_channels, config.unet.num_res_blocks, config.vae.double_z, config.text_encoder.layers)
+    assert [type(v) for v in got] == [int, int, bool, int], f"types of the metadata's values kept: {got!r}"
+
+
+@pytest.mark.parametrize("name", sorted(sdcore.PRESETS))
+def test_every_preset_config_passes_the_metadata_checks(name):
+    """What sdcore writes loads back: each preset's metadata, on its own (meta) shapes, gives the preset."""
+    from sdcore.detect import config_to_json
+
+    config = SDConfig.preset(name)
+    sk = StableDiffusion.skeleton(config)
+    shapes = {k: tuple(v.shape) for k, v in sk.state_dict().items()}
+    assert detect_config(shapes, hint=config_to_json(config)) == config
+
+
+@pytest.mark.parametrize("config", [
+    SDConfig.preset("tiny-sd2"), SDConfig.preset("tiny-inpaint"),
+    SDConfig.preset("tiny").replace(name="x", image_size=8, scheduler=SDConfig.preset("tiny").scheduler.replace(
+        sampler="euler_a", beta_schedule="cosine", timestep_spacing="trailing", clip_sample=True, steps_offset=0,
+        prediction_type="sample", num_train_timesteps=1)),
+    SDConfig.preset("tiny").replace(unet=SDConfig.preset("tiny").unet.replace(num_head_channels=16, norm_groups=16),
+                                    vae=SDConfig.preset("tiny").vae.replace(scaling_factor=1, logvar_clamp=(-1, 1.5)),
+                                    text_encoder=SDConfig.preset("tiny").text_encoder.replace(
+                                        clip_skip=2, projection_dim=0, pad_token="!", eos_token_id=49407)),
+], ids=["tiny-sd2", "tiny-inpaint", "schedule", "free-fields"])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_config_metadata_round_trip(tmp_path, config, fmt):
+    """Save then load keeps every config the toolkit writes, at the edges of the checks too."""
+    path = tmp_path / f"m.{fmt}"
+    StableDiffusion.from_config(config, seed=0).save(path)
+    assert sdcore.load(path).config == config
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_save_refuses_a_config_load_would_refuse(tiny, tmp_path, fmt):
+    """Nothing is written that cannot be read back: an image size off the VAE's 8x grid (a diffusers
+    folder's sample_size would round it down to 56, silently)."""
+    model = StableDiffusion.from_config(tiny.config.replace(image_size=60), seed=0)
+    path = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m")
+    with pytest.raises(ValueError, match=r"cannot save .*: config image_size must be a multiple of 8 .*got 60 "
+                                         r"\(sdcore.load would refuse the file\)"):
+        model.save(path)
+    assert not path.exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "diffusers"])
