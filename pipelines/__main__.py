@@ -33,6 +33,11 @@ PARAM_KINDS = {  # what the CLI records in a sidecar's "params" (null: the optio
     "width": "an integer or null", "resize": "true or false", "batch_size": "an integer",
     "clip_skip": "an integer or null", "strength": "a number", "variant": "a string",
     "jump_length": "an integer or null", "jump_n_sample": "an integer or null", "paste_back": "true or false"}
+# the params each command's sidecar records, every one always (a sidecar without one is not the CLI's)
+PARAMS = {"txt2img": ("prompt", "negative_prompt", "cfg_scale", "steps", "sampler", "eta", "seed", "height", "width",
+                      "resize", "batch_size", "clip_skip")}
+PARAMS["img2img"] = (*PARAMS["txt2img"], "strength")
+PARAMS["inpaint"] = (*PARAMS["img2img"], "variant", "jump_length", "jump_n_sample", "paste_back")
 DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar records
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
@@ -138,20 +143,15 @@ def attributed_warnings(spec: str | None, source: str):
 # ------------------------------------------------------------------------------------------ jobs
 def job_from_args(args) -> dict:
     """The run as data: what a sidecar stores and ``replay`` reads back."""
-    params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
-                  steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, height=args.height,
-                  width=args.width, resize=args.resize, batch_size=args.batch_size, clip_skip=args.clip_skip)
+    params = {name: getattr(args, name) for name in PARAMS[args.command]}  # jump_*: None unless given
     inputs = {}
     if args.command in ("img2img", "inpaint"):
-        params["strength"] = args.strength
         inputs["image"] = args.image
     if args.command == "inpaint":
         for opt, value in (("--jump-length", args.jump_length), ("--jump-n-sample", args.jump_n_sample)):
             if value is not None and args.variant != "repaint":  # refused before the model is built
                 raise ValueError(f"{opt} {value} applies to --variant repaint only (RePaint's resampling); "
                                  f"--variant {args.variant} does not resample: leave {opt} out")
-        params.update(variant=args.variant, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
-                      paste_back=args.paste_back)  # jump_*: None unless given (inpaint: 10 for repaint)
         inputs["mask"] = args.mask
     if args.ckpt and args.model_seed is not None:
         raise ValueError(f"--model-seed {args.model_seed} seeds a --preset's random weights; --ckpt {args.ckpt} has "
@@ -209,17 +209,28 @@ def read_sidecar(path: Path) -> dict:
     if data["params"].get("seed") is None:
         raise ValueError(f"{path}: no seed recorded; the run cannot be reproduced")
     for name, value in data["params"].items():  # the ranges are the pipeline's to check, with its messages
-        want = PARAM_KINDS.get(name)
-        if want is not None and (not isinstance(value, _KINDS[want])
-                                 or (isinstance(value, bool) and want != "true or false")):
+        if name not in PARAMS[command]:  # a typo, or another command's: the run would silently drop it
+            raise ValueError(f"{path}: not a sidecar (unknown 'params' entry {name!r}; {command} records "
+                             f"{', '.join(PARAMS[command])})")
+        want = PARAM_KINDS[name]
+        if not isinstance(value, _KINDS[want]) or (isinstance(value, bool) and want != "true or false"):
             raise ValueError(f"{path}: 'params' entry {name!r} must be {want}, got {type(value).__name__} {value!r}")
+    missing = [name for name in PARAMS[command] if name not in data["params"]]
+    if missing:  # the run would take today's defaults for them, not what ran (the CLI writes each, null too)
+        raise ValueError(f"{path}: not a sidecar (no 'params' entr{'y' if len(missing) == 1 else 'ies'} "
+                         f"{', '.join(map(repr, missing))}; a {command} sidecar records every parameter, null for "
+                         "a default)")
     job = {k: data[k] for k in SIDECAR_KEYS}
     if job["model"].get("ckpt"):  # sidecars before 2026-11-24 record the CLI's default seed beside a checkpoint
         job["model"] = {**job["model"], "model_seed": None}
     job["plugins"] = data.get("plugins", [])  # sidecars before research backends have none
     if not (isinstance(job["plugins"], list) and all(isinstance(p, str) for p in job["plugins"])):
         raise ValueError(f"{path}: not a sidecar ('plugins' is not a list of module names and files)")
-    job["plugin_sha256"] = data.get("plugin_sha256") or {}
+    job["plugin_sha256"] = data.get("plugin_sha256", {})  # sidecars before plugin digests have none
+    if not (isinstance(job["plugin_sha256"], dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in job["plugin_sha256"].items())):
+        raise ValueError(f"{path}: not a sidecar ('plugin_sha256' must map plugin files to digests: "
+                         f"{type(job['plugin_sha256']).__name__} {job['plugin_sha256']!r})")
     result = data.get("result") if isinstance(data.get("result"), dict) else {}
     job["recorded"] = {"versions": data.get("versions") if isinstance(data.get("versions"), dict) else {},
                        "unet_calls": result.get("unet_calls")}  # what the run gave, to compare the replay with
@@ -573,21 +584,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# a keyword argument that a message suggests: right after "pass", "use" or "or"
-_SUGGESTED = re.compile(r"(?:(?<=\bpass )|(?<=\buse )|(?<=\bor ))([a-z][a-z_]*)=(True\b|'[^']*'|[\w.+-]+)")
+# a keyword argument or a comparison that a message suggests, right after "pass", "use" or "or":
+# resize=True, variant='unet9', cfg_scale != 1, steps >= 2
+_SUGGESTED = re.compile(r"(?:(?<=\bpass )|(?<=\buse )|(?<=\bor ))([a-z][a-z_]*)(=| ?(?:!=|[<>]=?) ?)"
+                        r"(True\b|'[^']*'|[\w.+-]+)")
+_IN_WORDS = {"=": "", "!=": "other than ", "<": "below ", "<=": "at most ", ">": "above ", ">=": "at least "}
 
 
 def _as_flags(message: str, usage: str) -> str:
     """A pipeline's error or warning in the CLI's words: each keyword argument it suggests ("pass
     resize=True", "use variant='unet9'", "or jump_n_sample=1") as the flag that sets it (``--resize``,
-    ``--variant unet9``, ``--jump-n-sample 1``), where the command has that flag (``usage``: its
-    usage line). What a message reports (``got steps=2``) stays as the pipeline wrote it."""
+    ``--variant unet9``, ``--jump-n-sample 1``), and each comparison it suggests ("pass cfg_scale != 1",
+    "use steps >= 2") as that flag with the comparison in words (``--cfg-scale other than 1``,
+    ``--steps at least 2``), where the command has that flag (``usage``: its usage line). What a
+    message reports (``got steps=2``) stays as the pipeline wrote it."""
     def flag(m: re.Match) -> str:
         name = "--" + m[1].replace("_", "-")
         if not re.search(re.escape(name) + r"(?![\w-])", usage):
             return m[0]
-        value = m[2].strip("'")
-        return name if value == "True" else f"{name} {value}"
+        op, value = m[2].strip(), m[3].strip("'")
+        return name if op == "=" and value == "True" else f"{name} {_IN_WORDS[op]}{value}"
 
     return _SUGGESTED.sub(flag, message).replace("matching height/width", "matching --height/--width")
 

@@ -515,7 +515,7 @@ def test_cli_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("command", ["txt2img", "inpaint"])
 def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, capsys):
-    from pipelines.__main__ import main
+    from pipelines.__main__ import PARAMS, main
 
     args = [command, "--preset", "tiny", "--prompt", "a cat", "--steps", "2", "--seed", "3", "--cfg-scale", "2",
             "--kernels", "reference", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]
@@ -531,6 +531,7 @@ def test_cli_writes_png_and_sidecar_and_replays(tmp_path, image, mask, command, 
     assert len(pngs) == 1
     side = json.loads(pngs[0].with_suffix(".json").read_text())
     assert side["params"]["seed"] == 3 and side["command"] == command and side["kernels"] == "reference"
+    assert tuple(side["params"]) == PARAMS[command], "replay requires exactly the params the CLI writes"
     assert "scheduler_step" in side["kernel_backends"] and side["versions"]["sdlab"]
     assert side["kernel_dispatches"].get("scheduler_step/reference") == 2
     assert main(["replay", str(pngs[0].with_suffix(".json")), "--no-progress", "--out", str(tmp_path / "b")]) == 0
@@ -710,6 +711,70 @@ def test_replay_of_a_file_that_is_not_a_sidecar(tmp_path, capsys, content, messa
         main(["replay", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def txt2img_sidecar(tmp_path_factory) -> dict:
+    """The sidecar of a tiny 2-step txt2img run, as the CLI writes it."""
+    from pipelines.__main__ import main
+
+    out = tmp_path_factory.mktemp("txt2img-sidecar")
+    assert main(["txt2img", "--preset", "tiny", "--steps", "2", "--seed", "1", "--height", "64", "--width", "64",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+def _without(entries: dict, key: str) -> dict:
+    return {k: v for k, v in entries.items() if k != key}
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a TypeError traceback from txt2img(), missing its prompt
+    pytest.param(lambda s: {**s, "params": _without(s["params"], "prompt")},
+                 "not a sidecar (no 'params' entry 'prompt'; a txt2img sidecar records every parameter, null for a "
+                 "default)", id="no prompt"),
+    # ran 50 steps (the default), not the recorded 2, and warned that the schedule had changed
+    pytest.param(lambda s: {**s, "params": _without(s["params"], "steps")},
+                 "not a sidecar (no 'params' entry 'steps'; ", id="no steps"),
+    pytest.param(lambda s: {**s, "params": {k: v for k, v in s["params"].items() if k not in ("steps", "eta")}},
+                 "not a sidecar (no 'params' entries 'steps', 'eta'; ", id="no steps nor eta"),
+    # ignored, silently: a typo, or another command's parameter
+    pytest.param(lambda s: {**s, "params": {**s["params"], "stepz": 5}},
+                 "not a sidecar (unknown 'params' entry 'stepz'; txt2img records prompt, negative_prompt, cfg_scale, "
+                 "steps, ", id="unknown"),
+    pytest.param(lambda s: {**s, "params": {**s["params"], "strength": 0.5}},
+                 "not a sidecar (unknown 'params' entry 'strength'", id="img2img's"),
+    # an AttributeError traceback from the run
+    pytest.param(lambda s: {**s, "plugin_sha256": [1]},
+                 "not a sidecar ('plugin_sha256' must map plugin files to digests: list [1])", id="digests a list"),
+    pytest.param(lambda s: {**s, "plugin_sha256": {"p.py": 1}},
+                 "not a sidecar ('plugin_sha256' must map plugin files to digests: dict {'p.py': 1})",
+                 id="digest an int"),
+])
+def test_replay_refuses_params_and_plugin_digests_the_cli_does_not_write(tmp_path, capsys, txt2img_sidecar, edit,
+                                                                          message):
+    """A sidecar missing a parameter the CLI always writes, with one its command does not take, or
+    with plugin digests that are no mapping of files to digests, is refused in one line naming the
+    entry, before any work."""
+    from pipelines.__main__ import main
+
+    sidecar = tmp_path / "x.json"
+    sidecar.write_text(json.dumps(edit(txt2img_sidecar)))
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"python -m pipelines replay: error: {sidecar}: {message}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists(), err
+
+
+def test_replay_of_a_sidecar_from_before_plugins(tmp_path, txt2img_sidecar):
+    """Sidecars written before research backends have no "plugins" and no "plugin_sha256": they replay."""
+    from pipelines.__main__ import main
+
+    sidecar = tmp_path / "old.json"
+    sidecar.write_text(json.dumps({k: v for k, v in txt2img_sidecar.items() if k not in ("plugins", "plugin_sha256")}))
+    assert main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    assert _written_sidecar(tmp_path / "o")["plugin_sha256"] == {}
 
 
 def test_repaint_runs_where_set_timesteps_refuses(tiny, image, mask):
@@ -1029,8 +1094,17 @@ def test_cli_messages_name_flags_not_keyword_arguments():
         "pass matching height/width or resize=True": "pass matching --height/--width or --resize",
         "takes 9 channels: use variant='unet9'": "takes 9 channels: use --variant unet9",
         "or jump_n_sample=1 to turn resampling off": "or --jump-n-sample 1 to turn resampling off",
-        "use steps >= 2 at this strength, or strength=0 for": "use steps >= 2 at this strength, or --strength 0 for",
+        "use steps >= 2 at this strength, or strength=0 for":
+            "use --steps at least 2 at this strength, or --strength 0 for",
+        "pass cfg_scale != 1 to use it": "pass --cfg-scale other than 1 to use it",
+        "use jump_length < 2 (or more steps), or jump_n_sample=1 to turn resampling off":
+            "use --jump-length below 2 (or more steps), or --jump-n-sample 1 to turn resampling off",
+        "use steps > 10 or strength <= 0.5": "use --steps above 10 or --strength at most 0.5",
+        "cfg_scale=1 runs no guidance; pass cfg_scale != 1":
+            "cfg_scale=1 runs no guidance; pass --cfg-scale other than 1",
         "jump_length=10 needs steps > 10, got steps=2": "jump_length=10 needs steps > 10, got steps=2",
+        "got cfg_scale != 1 and steps >= 2": "got cfg_scale != 1 and steps >= 2",
+        "use timestep_spacing != 'leading'": "use timestep_spacing != 'leading'",
         "use fewer steps or timestep_spacing='trailing'": "use fewer steps or timestep_spacing='trailing'",
         "pass prev_t= explicitly": "pass prev_t= explicitly",
         "no checkpoint at /tmp/use/steps=2.safetensors": "no checkpoint at /tmp/use/steps=2.safetensors",
@@ -1040,6 +1114,7 @@ def test_cli_messages_name_flags_not_keyword_arguments():
         assert _as_flags(message, usage) == want, f"{message!r} -> {_as_flags(message, usage)!r}, expected {want!r}"
     txt2img = build_parser().parse_args(["txt2img", "--preset", "tiny", "--out", "o"]).usage
     assert _as_flags("use variant='unet9'", txt2img) == "use variant='unet9'", "txt2img has no --variant"
+    assert _as_flags("or jump_length < 2", txt2img) == "or jump_length < 2", "txt2img has no --jump-length"
 
 
 def test_cli_failed_run_leaves_no_new_out_directory(tmp_path, capsys):
@@ -1236,8 +1311,20 @@ def test_cli_warns_in_one_line_when_repaint_cannot_resample(tmp_path, image, mas
                  "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     want = ("python -m pipelines inpaint: warning: RePaint does no resampling: jump_length=10 needs steps > 10, "
-            "got steps=2, so jump_n_sample=10 has no effect")
+            "got steps=2, so jump_n_sample=10 has no effect; use --jump-length below 2 (or more steps), or "
+            "--jump-n-sample 1 to turn resampling off")
     assert want in err and err.count("warning:") == 1, f"stderr {err!r} lacks one {want!r}"
+
+
+def test_cli_negative_prompt_without_guidance_names_the_flag(tmp_path, capsys):
+    """The unused negative prompt's warning suggests --cfg-scale, not the keyword cfg_scale != 1."""
+    from pipelines.__main__ import main
+
+    assert main(["txt2img", *_TINY_CLI, "--seed", "1", "--negative-prompt", "bad", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    want = ("python -m pipelines txt2img: warning: negative_prompt 'bad' is unused: cfg_scale=1 runs no guidance (the "
+            "negative prompt is the unconditional half of CFG); pass --cfg-scale other than 1 to use it\n")
+    assert err == want, f"stderr {err!r}, want {want!r}"
 
 
 # ------------------------------------------------- CLI and image loading: mutation-review pins
@@ -1338,7 +1425,10 @@ def test_replay_keeps_the_recorded_repaint_jumps(tmp_path):
 
     side = {"command": "inpaint", "model": {"ckpt": None, "preset": "tiny", "dtype": "float32", "device": "cpu"},
             "kernels": None, "inputs": {"image": {"path": "i.png"}, "mask": {"path": "m.png"}},
-            "params": {"seed": 1, "variant": "repaint", "jump_length": 3, "jump_n_sample": 2}}
+            "params": {"prompt": "", "negative_prompt": None, "cfg_scale": 7.5, "steps": 2, "sampler": None,
+                       "eta": None, "seed": 1, "height": None, "width": None, "resize": False, "batch_size": 1,
+                       "clip_skip": None, "strength": 1.0, "variant": "repaint", "jump_length": 3,
+                       "jump_n_sample": 2, "paste_back": False}}
     (tmp_path / "s.json").write_text(json.dumps(side))
     params = read_sidecar(tmp_path / "s.json")["params"]
     assert (params["jump_length"], params["jump_n_sample"]) == (3, 2), \
