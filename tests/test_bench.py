@@ -667,6 +667,20 @@ def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path):
         assert all(r["status"] == "skipped" and "gluon_sm90" in r["note"] for r in rows), rows
 
 
+def test_tune_gluon_sm90_rows_past_the_check_are_judged_against_attention(tmp_path, monkeypatch):
+    """Where the Gluon backend takes the input (a Hopper GPU), each candidate is timed and held to
+    attention's fp64 oracle. Driven on CPU with the check passed and the launcher replaced by the
+    reference: every row was an error before ("unknown kernel op 'attention.gluon_sm90'")."""
+    from bench import tune
+
+    monkeypatch.setattr(tune, "backend_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(tune, "_kernel_call", lambda op, config, args: lambda: kernels.attention_reference(*args))
+    rc, data = _run(["tune", "--quick", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross",
+                     "--dtypes", "fp32"], tmp_path)
+    rows = _rows(data, suite="tune")
+    assert rc == 0 and rows and all(r["status"] == "ok" and r["max_rel_err"] < 1e-5 for r in rows), rows
+
+
 def test_tune_bf16_attention_under_the_interpreter_is_skipped(tmp_path):
     """The interpreter's tl.dot cannot do bf16 (errors of 1e8 passed as ok before)."""
     if not common.interpreting():
