@@ -1,12 +1,42 @@
-"""Test setup: the `gpu` marker skips cleanly without a CUDA device, and every test starts from the
-default backend choice. TRITON_INTERPRET (no GPU) and --sdlab-plugin are set up by the repository's
-root conftest.py, which pytest loads first."""
+"""Test setup: the `gpu` marker skips cleanly without a CUDA device, a test taking ``device`` runs
+on the CPU and (marked gpu) on CUDA, and every test starts from the default backend choice.
+TRITON_INTERPRET (no GPU) and --sdlab-plugin are set up by the repository's root conftest.py,
+which pytest loads first."""
+import os
+
 import pytest
 import torch
 
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _parametrizes(definition, name: str) -> bool:
+    for mark in definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs["argnames"]
+        if name in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking ``device`` runs on each: the CPU (Triton interpreted) and CUDA, marked gpu, so
+    that `pytest -m gpu` compiles its cases for real too. A test marked gpu runs on CUDA only; one
+    that parametrises ``device`` itself keeps its own values."""
+    if "device" not in metafunc.fixturenames or _parametrizes(metafunc.definition, "device"):
+        return
+    cuda = pytest.param(CUDA, id="cuda", marks=pytest.mark.gpu)
+    gpu_only = metafunc.definition.get_closest_marker("gpu") is not None
+    metafunc.parametrize("device", [cuda] if gpu_only else [pytest.param(CPU, id="cpu"), cuda])
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # Triton compiles here, for CUDA tensors only: the CUDA cases stand in
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            skip = pytest.mark.skip(reason="Triton runs compiled here, on CUDA tensors: the case's cuda variant "
+                                           "runs it (set TRITON_INTERPRET=1 to run the cpu one)")
+            for item in items:
+                if getattr(item, "callspec", None) is not None and item.callspec.params.get("device") == CPU:
+                    item.add_marker(skip)
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
     for item in items:
@@ -35,11 +65,6 @@ def image():
     yy, xx = np.meshgrid(np.linspace(0, 1, 64), np.linspace(0, 1, 64), indexing="ij")
     rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6.28 * (xx + yy))], axis=-1)
     return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
-
-
-@pytest.fixture
-def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 PLUGIN = """
