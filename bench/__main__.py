@@ -11,6 +11,7 @@ Every option of both suites: ``python -m bench all --help``; of one: ``python -m
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=None, help="images per prompt (default 1)")
     g.add_argument("--repeats", type=int, default=None,
                    help="timed runs per pipeline, after one untimed warm-up run (default 3; with --quick "
-                        "1, and no warm-up)")
+                        "1; interpreted Triton variants get no warm-up)")
     g.add_argument("--rounds", type=int, default=None,
                    help="UNet step: timing rounds, each visiting every variant once in a rotated order "
                         "(host drift then lands on all alike); a row is the median of its rounds' "
@@ -230,6 +231,14 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
     for name in ("steps", "repeats", "batch", "rounds"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    steps = getattr(args, "steps", None)
+    if steps is not None and "img2img" in (getattr(args, "pipelines", None) or pipelines.PIPELINES):
+        from pipelines.common import strength_start  # the library's, not this package's pipelines module
+
+        if strength_start(steps, pipelines.STRENGTH) == steps:  # an error row after the others ran, else
+            parser.error(f"--steps {steps}: img2img at strength {pipelines.STRENGTH} runs the last "
+                         f"int(steps x strength) = 0 steps; use --steps >= {math.ceil(1 / pipelines.STRENGTH)}, "
+                         "or --pipelines without img2img")
     # flags that would be silently ignored: say so instead
     if getattr(args, "ckpt", None) is not None and getattr(args, "preset", None) is not None:
         parser.error(f"--ckpt {args.ckpt} and --preset {args.preset}: give one (the checkpoint is the model)")

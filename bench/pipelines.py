@@ -66,6 +66,19 @@ PIPELINES = {
 }
 
 KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
+# How far a variant may stray from the all-reference run before its row is an error, not a speed-up
+# (and its pytest-benchmark case fails). Decoded images, PSNR: measured on an H100 in fp16
+# (random-weight sd15, bench/results/2026-11-23-h100-2/), 58-61 dB after 20 steps, 51.7 dB after 250
+# RePaint steps. On the tiny preset (CPU, 2 steps) a correct backend (sdpa) gets 37.5-42.8 dB in
+# bf16, and one with keys and values swapped 18-22 dB in every dtype. The floors catch a kernel that
+# diverges, not rounding. Their limit: on CPU img2img runs one UNet call (2 steps at strength 0.75),
+# where a scheduler_step that drops CFG got 37.7 dB in bf16, over the floor; txt2img, repaint, blend
+# and unet9 fail it.
+MIN_PSNR_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 28.0}
+# The UNet step's output: max |diff| / max |reference|. On the tiny preset (CPU) sdpa differs by 9e-7
+# (fp32), 2.2e-3 (fp16), 2.1e-2 (bf16), and swapped keys and values by 0.25-0.27; on an H100 (sd15)
+# all-triton differed by 2.7e-3 (fp16) and 0.022 (bf16) absolute.
+MAX_STEP_REL_DIFF = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 0.1}
 # UNet-step only: torch.compile and diffusers baselines, and reference / triton replayed from a
 # CUDA graph (no host overhead: the GPU time of the kernels alone, for comparison with eager).
 GRAPH_SUFFIX = "@graph"
@@ -148,7 +161,7 @@ class Options:
         variants = ["reference", *(v for v in variants if v != "reference")]
         return cls(preset=preset, ckpt=args.ckpt, pipelines=args.pipelines or list(PIPELINES),
                    steps=args.steps or (2 if quick else 50), batch=args.batch or 1,
-                   repeats=args.repeats or (1 if quick else 3), warmup=0 if quick else 1, dtype=dtype,
+                   repeats=args.repeats or (1 if quick else 3), warmup=1, dtype=dtype,
                    unet_only=args.unet_only, variants=variants, quick=quick,
                    rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None,
                    breakdown=args.breakdown)
@@ -553,8 +566,34 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
             rows[-1].pop("_outputs", None)
             bar.update(1)
     bar.close()
+    flag_diverged(rows)  # first: a row turned into an error carries no speed-up
     add_speedups(rows, ("suite", "op", "preset", "dtype"), metric="seconds_per_image")
     return rows
+
+
+def divergence(row: dict) -> str | None:
+    """Why an ``ok`` row strays too far from the all-reference run (:data:`MIN_PSNR_DB` for a
+    pipeline's images, :data:`MAX_STEP_REL_DIFF` for a UNet step's output), or None."""
+    dtype = row["dtype"]
+    if row.get("psnr_db") is not None and row["psnr_db"] < MIN_PSNR_DB[dtype]:
+        return (f"images at {row['psnr_db']:.1f} dB PSNR from the all-reference run, under {MIN_PSNR_DB[dtype]} dB "
+                f"(latents differ by up to {row.get('latent_max_abs_diff', float('nan')):.3g})")
+    if row.get("max_abs_reference_output") and row.get("latent_max_abs_diff") is not None:
+        rel = row["latent_max_abs_diff"] / row["max_abs_reference_output"]
+        if rel > MAX_STEP_REL_DIFF[dtype]:
+            return (f"output differs from the all-reference one by {row['latent_max_abs_diff']:.3g}, {rel:.3g} of "
+                    f"its largest value {row['max_abs_reference_output']:.3g}, over {MAX_STEP_REL_DIFF[dtype]:g}")
+    return None
+
+
+def flag_diverged(rows: list[dict]) -> None:
+    """Turn each ``ok`` row that :func:`divergence` faults into an error row (as ``bench ops`` flags
+    an inaccurate kernel): a fast wrong result cannot pass as a speed-up."""
+    for r in rows:
+        why = divergence(r) if r["status"] == "ok" else None
+        if why:
+            r["status"] = "error"
+            r["note"] = "; ".join(filter(None, [f"inaccurate: {why}", r["note"]]))
 
 
 def repeat_calls(n: int):
@@ -582,10 +621,14 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
 
     meter = UNetMeter(_unet(model), device)
     counts_before = kernels.counts()
+    # a warm-up keeps first-call costs (lazy imports, allocator, caches) out of the first timed row:
+    # without one, --quick's first reference row ran ~1.4x slower than the same work in the next row.
+    # Not for interpreted Triton (tens of seconds a call, and no speed to read)
+    warmup = 0 if triton_ops and interpreting() else opts.warmup
     try:
         with scope:
             outputs = None
-            for _ in range(opts.warmup):
+            for _ in range(warmup):
                 outputs = _result_parts(_call(spec, fn, model, opts, size)[0])
             synchronize(device)
             _peak_reset(device)
@@ -631,7 +674,7 @@ def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base
         why = f"its sampler's {opts.steps}-step schedule: {e}"
     else:
         try:
-            sched = scheduler_share(counts_before, kernels.counts(), opts.warmup + len(times), sec * 1e3,
+            sched = scheduler_share(counts_before, kernels.counts(), warmup + len(times), sec * 1e3,
                                     (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
                                     calls[-1], opts.dtype, device, opts.quick, traffic)
         except Skip as e:
@@ -803,6 +846,7 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
     if opts.interpreted_skip(v):
         raise Skip(opts.interpreted_skip(v))
     _, note, triton_ops = kernel_scope(v, device)  # raises Skip for an unknown op
+    triton_ops = [op for op in triton_ops if op != "scheduler_step"]  # a UNet call runs no sampler step
     if triton_ops and interpreting():
         note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
     return (lambda: kernel_scope(v, device)[0]), step, note, triton_ops
@@ -863,7 +907,7 @@ def unet_step_setup(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.d
         peak += (resident - before) / 2**20
         peak_kind += " (minus the memory earlier variants keep)"
     note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
-    return dict(scope=scope, fn=fn, note=note, out=out, peak=peak, peak_kind=peak_kind,
+    return dict(scope=scope, fn=fn, note=note, out=out, peak=peak, peak_kind=peak_kind, triton_ops=triton_ops,
                 medians=[], lows=[], highs=[], reps=0, hosts=[])
 
 
@@ -902,7 +946,7 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
             if v in done:
                 continue
             s = ready[v]
-            slow_v = slow and v.startswith("triton")
+            slow_v = slow and bool(s["triton_ops"])  # interpreted Triton runs in the step
             try:
                 with torch.inference_mode(), s["scope"]():
                     timing = time_fn(s["fn"], device, quick=opts.quick, rep_ms=0 if slow_v else rep_ms,
@@ -921,7 +965,7 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
     if opts.breakdown:
         for v in tqdm([v for v in order if v not in done], desc="unet step breakdown", disable=not progress,
                       leave=False):
-            _split_step(ready[v], v, device, runs=1 if opts.quick or (slow and v.startswith("triton")) else 3)
+            _split_step(ready[v], v, device, runs=1 if opts.quick or (slow and ready[v]["triton_ops"]) else 3)
     rows: list[dict] = []
     ref_out = ready["reference"]["out"] if "reference" in ready and "reference" not in done else None
     for v in opts.variants:
@@ -941,8 +985,10 @@ def run_unet_step(opts: Options, device: torch.device, env: dict, *, progress: b
                        peak_mem_kind=s["peak_kind"], breakdown=s.get("breakdown"), **base)
         if v != "reference" and ref_out is not None:
             row["latent_max_abs_diff"] = (s["out"] - ref_out).abs().max().item()
+            row["max_abs_reference_output"] = ref_out.abs().max().item()
             row["diff_vs"] = "all-reference UNet output, same dtype"
         rows.append(row)
+    flag_diverged(rows)
     add_speedups(rows, ("suite", "preset", "dtype"))
     return rows
 

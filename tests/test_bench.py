@@ -226,6 +226,10 @@ def test_repeated_values_run_once(tmp_path):
     (["ops", "--list-shapes", "--ops", "softmax"], "unknown op 'softmax'"),  # validated before listing
     (["pipelines", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["pipelines", "--batch", "-1"], "--batch must be >= 1, got -1"),
+    # img2img (0.75) would run no step: an error row, after the other pipelines had run
+    (["pipelines", "--steps", "1"], "--steps 1: img2img at strength 0.75 runs the last int(steps x strength) = 0 "
+                                    "steps; use --steps >= 2, or --pipelines without img2img"),
+    (["all", "--quick", "--steps", "1", "--pipelines", "img2img", "repaint"], "--steps 1: img2img at strength"),
     (["ops", "--plugin", "no_such_pkg"], "no module 'no_such_pkg'"),
     (["ops", "--plugin", "{tmp}/empty_plugin.py"], "it registered no backend"),
     (["ops", "--backends", "plugin_attention"], "unknown backend 'plugin_attention'"),  # no --plugin
@@ -839,6 +843,52 @@ def test_an_inaccurate_op_row_is_an_error_without_a_speed_up(tmp_path):
     assert row["speedup_vs_reference"] is None, row
     line, = [ln for ln in (tmp_path / "ops" / "results.md").read_text().splitlines() if "| swapped_kv |" in ln]
     assert "x |" not in line.split("| error")[0], line  # no speed-up cell
+
+
+def test_a_diverging_pipeline_or_unet_step_row_is_an_error_without_a_speed_up(tmp_path):
+    """`bench pipelines` with a wrong research backend: its UNet-step and pipeline rows are errors
+    naming how far they strayed (they read `ok` with a speed-up before, and the run exited 0), by the
+    rule its pytest-benchmark cases fail by (bench.pipelines.divergence)."""
+    wrong = tmp_path / "wrong_attention.py"
+    wrong.write_text(WRONG_PLUGIN)
+    try:
+        rc_step, step = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference",
+                              "attention=swapped_kv", "--plugin", str(wrong)], tmp_path / "step")
+        rc_pipe, pipe = _run(["pipelines", "--quick", "--no-plot", "--pipelines", "txt2img", "--variants",
+                              "reference", "attention=swapped_kv", "--plugin", str(wrong)], tmp_path / "pipe")
+    finally:
+        kernels.unload_plugin(str(wrong))
+    row, = _rows(step, backend="attention=swapped_kv")
+    assert rc_step == 1 and row["status"] == "error" and row["speedup_vs_reference"] is None, row
+    assert row["note"].startswith("inaccurate: output differs from the all-reference one by "), row
+    row, = _rows(pipe, backend="attention=swapped_kv", suite="pipelines")
+    assert rc_pipe == 1 and row["status"] == "error" and row["speedup_vs_reference"] is None, row
+    assert re.match(r"inaccurate: images at [\d.]+ dB PSNR from the all-reference run, under 40.0 dB", row["note"]), row
+    assert _rows(pipe, backend="reference", suite="pipelines")[0]["status"] == "ok"
+
+
+def test_quick_pipeline_rows_are_timed_after_a_warm_up(tmp_path, monkeypatch):
+    """--quick times one run per variant after one untimed run: without it, the first (reference) row
+    carried the process's first-call costs and identical variants read 1.4x faster than it."""
+    from bench import pipelines as bp
+
+    calls = []
+    real = bp._call
+    monkeypatch.setattr(bp, "_call", lambda spec, *a, **k: calls.append(spec.function) or real(spec, *a, **k))
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--pipelines", "txt2img", "--variants", "reference",
+                     "attention=reference"], tmp_path)
+    assert rc == 0 and len(_rows(data, suite="pipelines", status="ok")) == 2, data["rows"]
+    assert calls == ["txt2img"] * 4, calls  # per variant: a warm-up, then the timed run
+
+
+def test_unet_step_with_only_the_scheduler_on_triton_runs_no_triton(tmp_path):
+    """A UNet call runs no scheduler_step: `triton:scheduler_step`'s UNet step is the reference one,
+    timed as such (it was labelled "triton interpreted" and got no host time)."""
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference",
+                     "triton:scheduler_step"], tmp_path)
+    row, = _rows(data, backend="triton:scheduler_step")
+    assert rc == 0 and row["status"] == "ok" and "interpreted" not in (row["note"] or ""), row
+    assert row["host_ms"] is not None and row["latent_max_abs_diff"] == 0, row
 
 
 def test_pytest_benchmark_cases_time_ops_and_pipelines_and_catch_a_diverging_backend(tmp_path, plugin_file):
