@@ -23,8 +23,12 @@ with --quick, out/bench-quick/<date>-<device-slug>/, which git ignores): results
 versions, git commit, date, dtype, shape, backend, median and 20/80 % quantiles in ms, derived
 GB/s or TFLOP/s and their fraction of the device ceilings measured in the same run, error against
 an fp64 oracle, speed-up vs `reference`), results.md (the markdown table also printed on stdout)
-and speedup-*.png plots. Running one suite into a directory that holds the other's results keeps
-them. A backend that cannot run here becomes a "skipped" row with the reason.
+and speedup-*.png plots. Into a directory holding an earlier run's results, the rows this run
+measures again (same suite, op or pipeline, case or preset, dtype, backend or variant, steps,
+batch) are replaced and the others kept as their run wrote them (speed-ups against that run's
+`reference`), said on stderr; results.md then lists each run (commit, date, command) and numbers
+every row's. A results.json this tool did not write is refused before anything runs. A backend
+that cannot run here becomes a "skipped" row with the reason.
 """
 
 
@@ -272,6 +276,9 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         why = common.unwritable(args.out)
         if why:
             parser.error(f"--out {args.out}: cannot write there: {why}")
+        why = common.results_file_problem(args.out)  # its rows are merged with this run's
+        if why:
+            parser.error(why)
 
 
 def _load_plugins(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -331,6 +338,10 @@ def run(args) -> int:
     if why:
         print(f"[bench] cannot write results to {out_dir}: {why}; pass --out", file=sys.stderr)
         return 2
+    why = None if args.out is not None else common.results_file_problem(out_dir)
+    if why:
+        print(f"[bench] {why}", file=sys.stderr)
+        return 2
     suites = ["ops", "pipelines"] if args.suite == "all" else [args.suite]
     rows: list[dict] = []
 
@@ -364,12 +375,9 @@ def run(args) -> int:
 
         rows += pipelines.run(pipelines.Options.from_args(args, pipe_dtype), device, env, progress=progress)
 
-    written_suites = [x for x in ("ops", "tune") if x in suites]
-    if "pipelines" in suites:  # --unet-only replaces the UNet-step rows and keeps earlier pipeline rows
-        written_suites += ["unet_step"] if args.unet_only else ["pipelines", "unet_step"]
     print(common.render_markdown(env, ceilings, rows))  # before writing: a failed write loses no table
     try:
-        paths = common.write_results(out_dir, env, ceilings, rows, suites=written_suites, plot=not args.no_plot)
+        paths = common.write_results(out_dir, env, ceilings, rows, plot=not args.no_plot)
     except OSError as e:  # checked writable at the start; a full disk or a removed directory since
         print(f"[bench] could not write results to {out_dir}: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ copy bandwidth (one large device-to-device copy; bytes = read + written) and mat
 large square matmul on random data, per dtype of the run).
 
 Rows are plain dicts with the same keys (:data:`ROW_KEYS`); :func:`write_results` turns them into
-``results.json``, ``results.md`` and PNG plots.
+``results.json``, ``results.md`` and PNG plots, keeping the rows an earlier run left in the same
+folder that this run did not measure again (:data:`ROW_IDENTITY`).
 """
 from __future__ import annotations
 
@@ -324,6 +325,14 @@ ROW_KEYS = (
     "device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date",
 )
 _ENV_IN_ROW = ("device_name", "torch", "triton", "triton_launch", "cuda", "git_commit", "date")
+# What a row measures: a run that has a row with the same values measured it again, and its row
+# replaces the earlier one in a results folder (ops: op, case, dtype, backend; tune: op, case,
+# dtype, configuration label in `backend`; pipelines and UNet step: pipeline, preset, dtype,
+# variant, steps, batch). The device and commit are not part of it: they are the run's.
+ROW_IDENTITY = ("suite", "op", "case", "preset", "dtype", "backend", "steps", "batch")
+# The run a row (or a run's env) belongs to: every row carries its run's start time, to the second,
+# and commit.
+RUN_KEY = ("date", "git_commit")
 
 
 NOISY = 2.0  # a timed row whose p80 is over this many times its p20 says so in its note
@@ -470,16 +479,51 @@ def markdown_table(rows: list[dict], columns) -> str:
     return "\n".join(lines)
 
 
+def _run_of(d: dict) -> tuple:
+    return tuple(d.get(k) for k in RUN_KEY)
+
+
+def _run_line(env: dict) -> str:
+    """A run's date, versions, commit and Triton mode on one line."""
+    return (f"{env.get('date')} · torch {env.get('torch')} · triton {env.get('triton')} · CUDA {env.get('cuda')} · "
+            f"commit {(env.get('git_commit') or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}"
+            + (" · TRITON_INTERPRET=1 (triton timings are interpreter timings)" if env.get("triton_interpret")
+               else f" · Triton launches: {env.get('triton_launch')}"))
+
+
+def _what(rows: list[dict]) -> str:
+    """Which rows these are: ``ops: group_norm_silu, attention; unet_step (9 rows)``."""
+    ops: dict[str, dict] = {}
+    for r in rows:
+        ops.setdefault(r["suite"], {})[r["op"]] = None
+    return ("; ".join(s if names.keys() == {s} else f"{s}: {', '.join(map(str, names))}" for s, names in ops.items())
+            + f" ({len(rows)} row{'s' * (len(rows) != 1)})")
+
+
 def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
-    out = [f"# SD Kernel Lab benchmark — {env['device_name']}", "",
-           f"{env['date']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
-           f"commit {(env['git_commit'] or 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}"
-           + (" · TRITON_INTERPRET=1 (triton timings are interpreter timings)" if env.get("triton_interpret")
-              else f" · Triton launches: {env.get('triton_launch')}"),
-           ""]
+    """``rows`` as markdown. When ``env["runs"]`` (written by :func:`write_results`) lists several
+    runs, the header lists each (date, versions, commit, command, its rows) and every table has a
+    ``run`` column numbering the row's run."""
+    runs = env.get("runs") or [env]
+    out = [f"# SD Kernel Lab benchmark — {env['device_name']}", ""]
+    run_column = []
+    if len(runs) == 1:
+        out += [_run_line(runs[0]), ""]
+    else:
+        number = {_run_of(e): str(i) for i, e in enumerate(runs, 1)}
+        rows = [{**r, "run": number.get(_run_of(r), "?")} for r in rows]
+        out += [f"Rows of {len(runs)} runs into this folder, numbered in the `run` column. Each row is as its "
+                "own run measured it: its speed-up is against that run's `reference` (the sweep's: `default`), "
+                "its % of peak against that run's ceilings (results.json: env.runs).", ""]
+        out += [f"{i}. {_run_line(e)} · {e.get('device_name')} · `{e.get('argv') or 'command not recorded'}`: "
+                f"{_what([r for r in rows if r['run'] == str(i)])}" for i, e in enumerate(runs, 1)]
+        out += [""]
+        run_column = [("run", "run")]
     if ceilings:
         mm = ", ".join(f"{k} {_fmt(v)}" for k, v in ceilings.get("matmul_tflops", {}).items())
-        out += [f"Device ceilings, measured in the run of the ops rows: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
+        whose = ("measured in the run of the ops rows" if len({_run_of(r) for r in rows if r["suite"] == "ops"}) <= 1
+                 else "of the latest run with ops rows")
+        out += [f"Device ceilings, {whose}: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
                 f"(read + written); matmul n={ceilings.get('matmul_n')} TFLOP/s: {mm or 'n/a'}.", ""]
     op_rows = [r for r in rows if r["suite"] == "ops"]
     if op_rows:
@@ -490,10 +534,10 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 "a device copy moving the same bytes (half read, half written), measured in this run, "
                 "over the op's: 100 is memcpy speed at that size, launch latency included, which a "
                 "peak measured on 1 GiB leaves out. Errors against an fp64 oracle "
-                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in this run. Host µs: CPU "
+                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in the row's run. Host µs: CPU "
                 "time to issue one call (Python + launches); above the median, the op is host-bound "
                 "and in eager mode costs its host time, not its GPU time.", "",
-                markdown_table(op_rows, OPS_COLUMNS), ""]
+                markdown_table(op_rows, OPS_COLUMNS + run_column), ""]
     tune_rows = [r for r in rows if r["suite"] == "tune"]
     if tune_rows:
         best = best_configs(tune_rows)
@@ -507,19 +551,19 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                                    else ":"), "",
                 markdown_table(best, [("op", "op"), ("case", "case"), ("dtype", "dtype"),
                                       ("best configuration", "backend"), ("median ms", "median_ms"),
-                                      ("host µs", "host_ms"), ("speed-up", "speedup_vs_reference")]), "",
-                "All candidates:", "", markdown_table(tune_rows, OPS_COLUMNS), ""]
+                                      ("host µs", "host_ms"), ("speed-up", "speedup_vs_reference"), *run_column]), "",
+                "All candidates:", "", markdown_table(tune_rows, OPS_COLUMNS + run_column), ""]
     for suite, title in (("unet_step", "UNet step"), ("pipelines", "Pipelines")):
         sel = [r for r in rows if r["suite"] == suite]
         if sel:
             rounds = max((r.get("rounds") or 1) for r in sel)
             out += [f"## {title}", "",
-                    "Speed-up vs the all-`reference` row; max |Δ| latents and PSNR of the decoded "
+                    "Speed-up vs the all-`reference` row of the same run; max |Δ| latents and PSNR of the decoded "
                     "images against it (UNet step: max |Δ| of the UNet output). Host ms/step: CPU "
                     "time to issue one UNet call; near or above UNet ms/step, the step is host-bound."
                     + (f" Timed in {rounds} interleaved rounds, each visiting every variant once in a "
                        "rotated order: UNet ms/step is the median of a row's round medians." if rounds > 1 else ""),
-                    "", markdown_table(sel, PIPELINE_COLUMNS), ""]
+                    "", markdown_table(sel, PIPELINE_COLUMNS + run_column), ""]
             split = {r["backend"]: r["breakdown"] for r in sel if r.get("breakdown")}
             if split:
                 from .breakdown import SECTION, render
@@ -559,36 +603,113 @@ def merge_ceilings(old: dict | None, new: dict | None) -> dict | None:
     return {**old, **new, "matmul_tflops": rates}
 
 
+def read_results(out_dir: Path) -> dict | None:
+    """The results.json in ``out_dir``, None when there is none; ValueError, one line naming the file
+    and what is wrong, when it is not one this tool writes (invalid JSON, another tool's JSON)."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        problem = f"cannot read it: {e.strerror or e}"
+    except ValueError as e:  # invalid JSON or UTF-8: a truncated write, another file
+        problem = f"invalid JSON: {e}"
+    else:
+        problem = _not_results(data)
+    if problem:
+        raise ValueError(f"not a results file of this tool: {path} ({problem}); use another --out or remove it")
+    return data
+
+
+def _not_results(data) -> str | None:
+    """What keeps ``data`` from being a results.json this tool wrote, or None."""
+    def scalars(d: dict, keys) -> bool:
+        return all(isinstance(d.get(k), (str, int, float, type(None))) for k in keys)
+
+    if not isinstance(data, dict):
+        return f"a JSON {'array' if isinstance(data, list) else type(data).__name__}, not an object"
+    if not isinstance(data.get("rows"), list):
+        return f"no \"rows\" list; its keys: {', '.join(map(str, list(data)[:8])) or 'none'}"
+    if not isinstance(data.get("env"), dict) or not isinstance(data.get("ceilings"), (dict, type(None))):
+        return "no \"env\" object or \"ceilings\" object"
+    if not isinstance((data["ceilings"] or {}).get("matmul_tflops", {}), dict):
+        return "\"ceilings\" has no \"matmul_tflops\" object"
+    runs = data["env"].get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(e, dict) and scalars(e, RUN_KEY) for e in runs):
+        return "\"env\".\"runs\" is not a list of runs"
+    for i, r in enumerate(data["rows"]):
+        if not (isinstance(r, dict) and isinstance(r.get("suite"), str) and scalars(r, ROW_IDENTITY + RUN_KEY)):
+            return f"row {i} is not a result row: {json.dumps(r)[:60]}"
+    return None
+
+
+def results_file_problem(out_dir: Path) -> str | None:
+    """None when results can be merged into ``out_dir``'s results.json (or there is none), else why
+    not, as :func:`read_results` says it: checked before a run, so that no run's rows are lost."""
+    try:
+        read_results(out_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+PLOT_NAME = re.compile(r"speedup-[a-z0-9-]+\.png")  # plot_speedups' file names: speedup-<slug>.png
+
+
 def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[dict], *,
-                  suites: Iterable[str], plot: bool = True) -> dict[str, Path]:
-    """Write results.json / results.md / plots. Rows of suites not run now, left by an earlier run
-    into the same directory, are kept, so ``bench ops`` then ``bench pipelines`` add up."""
+                  plot: bool = True) -> dict[str, Path]:
+    """Write results.json / results.md / plots of ``rows`` and of the rows an earlier run left in
+    ``out_dir`` that this run did not measure again (no row of this run has their
+    :data:`ROW_IDENTITY`), so ``bench ops`` then ``bench pipelines``, or ``bench ops`` then
+    ``bench ops --ops attention``, add up; a row measured again is replaced. Kept rows are as their
+    run wrote them: a speed-up stays against its own run's reference, even where this run measured
+    that reference again. ``env["runs"]`` in the file lists the env (and ceilings) of every run
+    with rows there, results.md numbers them, and a line on stderr says how many rows were kept and
+    from which runs. Plots are drawn from all rows; a speedup-*.png none of them backs is removed
+    (with ``plot=False`` the PNGs are left alone). A results.json this tool did not write raises
+    OSError (the CLI refuses it before running: :func:`results_file_problem`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "results.json"
-    suites = set(suites)
-    kept: list[dict] = []
-    if json_path.exists():
-        try:
-            old = json.loads(json_path.read_text())
-            kept = [r for r in old.get("rows", []) if r.get("suite") not in suites]
-            # ceilings belong to op rows: an earlier run's stay only beside the op rows kept with them
-            earlier = old.get("ceilings") if any(r.get("suite") == "ops" for r in kept) else None
-            ceilings = merge_ceilings(earlier, ceilings)
-        except (ValueError, OSError):
-            kept = []
+    try:
+        old = read_results(out_dir) or {"env": {}, "ceilings": None, "rows": []}
+    except ValueError as e:  # it changed since the check before the run
+        raise OSError(str(e)) from None
+    measured = {tuple(r.get(k) for k in ROW_IDENTITY) for r in rows}
+    kept = [{**dict.fromkeys(ROW_KEYS), **r} for r in old["rows"]
+            if tuple(r.get(k) for k in ROW_IDENTITY) not in measured]
     all_rows = kept + rows
+    # runs with rows in the file, oldest first: each its env as recorded (files written before
+    # env.runs existed recorded only their last run's: other runs get what their rows carry)
+    recorded = {_run_of(e): e for e in [*old["env"].get("runs", [old["env"]]), {**env, "ceilings": ceilings}]}
+    runs = {_run_of(r): recorded.get(_run_of(r)) or {k: r[k] for k in _ENV_IN_ROW} for r in all_rows}
+    env = {**env, "runs": sorted(({k: v for k, v in e.items() if k != "runs"} for e in runs.values()),
+                                 key=lambda e: str(e.get("date") or ""))}
+    if kept:
+        print(f"[bench] {out_dir / 'results.json'}: kept {len(kept)} earlier row(s) this run did not measure again: "
+              + "; ".join(f"{_what([r for r in kept if _run_of(r) == key])} from commit {(key[1] or 'unknown')[:12]} "
+                          f"of {key[0]}" for key in dict.fromkeys(map(_run_of, kept)))
+              + ": the folder mixes runs (results.md says which row is whose)", file=sys.stderr)
+    # ceilings belong to op rows: an earlier run's stay only beside the op rows kept with them
+    earlier = old["ceilings"] if any(r["suite"] == "ops" for r in kept) else None
+    ceilings = merge_ceilings(earlier, ceilings)
+    json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(_jsonable({"env": env, "ceilings": ceilings, "rows": all_rows}),
                                     indent=1, allow_nan=False) + "\n")
     md_path = out_dir / "results.md"
     md_path.write_text(render_markdown(env, ceilings, all_rows) + "\n")
     paths = {"json": json_path, "markdown": md_path}
-    if plot:
-        paths.update(plot_speedups(out_dir, all_rows))
+    if plot:  # of every row in the file; a plot of the tool's naming that none of them backs goes
+        plots = plot_speedups(out_dir, all_rows)
+        for stale in set(out_dir.glob("speedup-*.png")) - set(plots.values()):
+            if PLOT_NAME.fullmatch(stale.name):
+                stale.unlink()
+        paths.update(plots)
     return paths
 
 
 def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
-    """One PNG per op (speed-up of each backend per case) and one per pipeline suite."""
+    """One PNG per op (speed-up of each backend per case) and one per pipeline suite, named
+    :data:`PLOT_NAME`."""
     import matplotlib
 
     matplotlib.use("Agg")

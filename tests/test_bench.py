@@ -451,7 +451,8 @@ def test_help_explains_the_options(capsys):
     for opt in ("--ops", "--backends", "--dtypes", "--shapes", "--quick", "--out", "--no-plot", "--preset",
                 "--ckpt", "--pipelines", "--steps", "--unet-only"):
         assert opt in out, f"--help does not mention {opt}"
-    assert "with --quick 1, and no warm-up" in " ".join(out.split()), "--repeats must say --quick has no warm-up"
+    assert "with --quick 1; interpreted Triton variants get no warm-up" in " ".join(out.split()), (
+        "--repeats must say which runs get no warm-up")
 
 
 def test_sm90_help_and_unknown_flags_compile_nothing(capsys, monkeypatch):
