@@ -650,7 +650,18 @@ def test_tune_skips_inputs_the_triton_check_refuses(tmp_path, monkeypatch):
         assert all(r["status"] == "skipped" and "pretend dtype limit" in r["note"] for r in rows), rows
 
 
-def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path):
+@pytest.fixture
+def gluon_sweep():
+    """`bench tune --ops attention.gluon_sm90` imports the plugin, which registers its backend: it is
+    unregistered afterwards, so that the rest of the session sees the built-in backends only."""
+    imported = "kernels.attention_sm90" in sys.modules
+    yield
+    if not imported:
+        kernels.unregister("attention", "gluon_sm90")
+        sys.modules.pop("kernels.attention_sm90", None)
+
+
+def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path, gluon_sweep):
     """`bench tune --ops attention.gluon_sm90`: the Gluon forward's grid (key block x buffers x where
     the K/V copy is issued) beside its default, each row skipped with the gluon_sm90 check's reason
     on a machine without a Hopper GPU (a GPU run times them: bench/gpu_checks.sh, stage gluon)."""
@@ -659,20 +670,14 @@ def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path):
     cands = tune.gluon_sm90_candidates(None, quick=False)
     assert cands[0].config is None and len(cands) == 9
     assert {c.config[4] for c in cands[1:]} == {True, False} and {c.config[3] for c in cands[1:]} == {3, 4}
-    imported = "kernels.attention_sm90" in sys.modules
-    try:
-        rc, data = _run(["tune", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross"], tmp_path)
-    finally:  # the sweep imports the plugin, which registers its backend: the rest of the session sees the built-ins
-        if not imported:
-            kernels.unregister("attention", "gluon_sm90")
-            sys.modules.pop("kernels.attention_sm90", None)
+    rc, data = _run(["tune", "--no-plot", "--ops", "attention.gluon_sm90", "--shapes", "tiny.cross"], tmp_path)
     rows = _rows(data, suite="tune")
     assert rc == 0 and len(rows) == 9 * len({r["dtype"] for r in rows}), rows
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
         assert all(r["status"] == "skipped" and "gluon_sm90" in r["note"] for r in rows), rows
 
 
-def test_tune_gluon_sm90_rows_past_the_check_are_judged_against_attention(tmp_path, monkeypatch):
+def test_tune_gluon_sm90_rows_past_the_check_are_judged_against_attention(tmp_path, monkeypatch, gluon_sweep):
     """Where the Gluon backend takes the input (a Hopper GPU), each candidate is timed and held to
     attention's fp64 oracle. Driven on CPU with the check passed and the launcher replaced by the
     reference: every row was an error before ("unknown kernel op 'attention.gluon_sm90'")."""
