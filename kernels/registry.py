@@ -60,7 +60,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -132,7 +132,9 @@ _GLOBAL: dict[str, BackendName] = {}
 _SCOPES: list[dict[str, BackendName]] = []  # each open kernels.use()'s own choices, innermost last
 _ENV_CACHE: dict[str, dict[str, BackendName]] = {}
 _FNS: dict[tuple[str, BackendName], Callable] = {}  # implementation() memo: dispatch is hot
-_PLUGINS: dict[str, dict[str, list[str]]] = {}  # plugin module name -> {op: [backends it registered]}
+# plugin module name -> {(op, backend): (what it replaced: None if new, _UNKNOWN if not seen; what it installed)}
+_PLUGINS: dict[str, dict[tuple[str, BackendName], tuple[Any, Any]]] = {}
+_UNKNOWN = object()  # a plugin imported before load_plugin saw it: what it replaced is not known
 
 
 def register(op: str, backend: BackendName, *, check: Callable[..., str | None] | None = None,
@@ -152,6 +154,13 @@ def register(op: str, backend: BackendName, *, check: Callable[..., str | None] 
     backend = _canonical(backend, registering=True)
 
     def deco(fn: Callable) -> Callable:
+        if backend is Backend.COMPILE:  # derived from the reference, so never stored: it could not be removed
+            raise ValueError(f"op {op!r}: 'compile' is made by the registry (torch.compile of the op's reference); "
+                             "register the op's reference, or a research backend under a name of its own")
+        if (isinstance(backend, Backend) and backend not in _OPS.get(op, {}) and _builtin_op(op)
+                and not fn.__module__.startswith("kernels.")):  # the package registering its own
+            raise ValueError(f"op {op!r} is built in and has no {str(backend)!r} backend; a research backend takes a "
+                             "name of its own (lower case, e.g. 'my_kernel')")
         if backend in _OPS.get(op, {}) and not replace:
             raise ValueError(f"op {op!r} already has a {str(backend)!r} backend "
                              f"({_OPS[op][backend].fn.__module__}.{_OPS[op][backend].fn.__qualname__}); "
@@ -161,6 +170,12 @@ def register(op: str, backend: BackendName, *, check: Callable[..., str | None] 
         return fn
 
     return deco
+
+
+def _builtin_op(op: str) -> bool:
+    """Is ``op`` one of the kernels package's own (its built-in backends are not a plugin's to add)?"""
+    return any(impl.fn.__module__.startswith("kernels.") and isinstance(b, Backend)
+               for b, impl in _OPS.get(op, {}).items())
 
 
 def unregister(op: str, backend: BackendName) -> None:
@@ -694,23 +709,36 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     first (:func:`unload_plugin`) and imports it afresh, e.g. after editing the file."""
     name, path = _plugin_module(spec)
     if reload:
+        if name in sys.modules and name not in _PLUGINS:
+            raise ValueError(f"plugin {spec}: its module {name!r} was imported before, not by load_plugin, so what it "
+                             "registered and replaced is not known and reload=True cannot undo it; load it with "
+                             "load_plugin from the start, or restart the process")
         unload_plugin(spec)
     if name not in _PLUGINS:
-        before = {op: set(backends(op)) for op in ops()}
         imported_here = name not in sys.modules
         registry = {op: dict(impls) for op, impls in _OPS.items()}
+        plugins = set(_PLUGINS)
         try:
             _import_plugin(spec, name, path)
-        except BaseException:  # keep no half of a plugin: the registry goes back to what it was
+        except BaseException:  # keep no half of a plugin, nor the plugins it loaded: all goes back as it was
             _OPS.clear()
             _OPS.update(registry)
+            for nested in set(_PLUGINS) - plugins:
+                del _PLUGINS[nested]
+                sys.modules.pop(nested, None)
             _registry_changed()
             raise
-        added = {op: [b for b in backends(op) if b not in before.get(op, ())] for op in ops()}
-        if not imported_here:  # imported before, elsewhere: its backends are the functions it defines
-            added = {op: [str(b) for b, impl in _OPS[op].items() if impl.fn.__module__ == name] for op in ops()}
-        _PLUGINS[name] = {op: names for op, names in added.items() if names}
-    return {op: kept for op, names in _PLUGINS[name].items() if (kept := [b for b in names if b in backends(op)])}
+        if imported_here:  # what the import added or replaced, and what it replaced
+            _PLUGINS[name] = {(op, b): (registry.get(op, {}).get(b), impl) for op, impls in _OPS.items()
+                              for b, impl in impls.items() if registry.get(op, {}).get(b) is not impl}
+        else:  # imported before, elsewhere: its backends are the functions it defines
+            _PLUGINS[name] = {(op, b): (_UNKNOWN, impl) for op, impls in _OPS.items() for b, impl in impls.items()
+                              if impl.fn.__module__ == name}
+    found: dict[str, list[str]] = {}
+    for (op, b), (_, installed) in _PLUGINS[name].items():
+        if _OPS.get(op, {}).get(b) is installed:  # still registered as the plugin left it
+            found.setdefault(op, []).append(str(b))
+    return found
 
 
 def plugin_error(spec: str, e: BaseException) -> str:
@@ -731,16 +759,27 @@ def plugin_error(spec: str, e: BaseException) -> str:
 
 
 def unload_plugin(spec: str) -> None:
-    """Unregister the backends ``spec`` registered and forget its module, so loading it again
-    imports it afresh. Nothing happens for a plugin that was never loaded (its module, if imported
-    otherwise, stays)."""
+    """Undo what ``spec`` registered and forget its module, so loading it again imports it afresh:
+    a backend it added goes, one it replaced (``replace=True``, a built-in's included) gets its
+    earlier implementation back, unless something replaced it again since. Nothing happens for a
+    plugin that was never loaded (its module, if imported otherwise, stays). Ops it defined with
+    :func:`define_op` stay defined in torch (it has no way to drop an operator)."""
     name, _ = _plugin_module(spec)
     if name not in _PLUGINS:
         return
-    for op, names in _PLUGINS.pop(name).items():
-        for b in names:
-            if op in _OPS and b in _OPS[op]:
-                unregister(op, b)
+    for (op, b), (previous, installed) in _PLUGINS.pop(name).items():
+        if _OPS.get(op, {}).get(b) is not installed:
+            continue
+        if previous is None or (previous is _UNKNOWN and not isinstance(b, Backend)):
+            del _OPS[op][b]
+            if not _OPS[op]:  # an op that the plugin's backends alone had goes with the last
+                del _OPS[op]
+        elif previous is not _UNKNOWN:
+            _OPS[op][b] = previous
+        else:
+            warnings.warn(f"unload_plugin({spec!r}): {op}'s {str(b)!r} backend is the plugin's, registered before "
+                          "load_plugin saw the module, and what it replaced is unknown: it stays", stacklevel=2)
+    _registry_changed()
     sys.modules.pop(name, None)
 
 

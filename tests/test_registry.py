@@ -689,3 +689,104 @@ def test_the_conformance_check_refuses_a_chain():
     case = testing.cases("attention")[0]
     with pytest.raises(ValueError, match="is a fallback chain: check each of its backends"):
         testing.check(case, "triton/reference", "cpu")
+
+
+# ------------------------------------------------------------------- a plugin's whole lifecycle
+def test_a_builtin_name_a_plugin_could_not_remove_is_refused():
+    """'compile' is derived from the reference (a registered one replaced it, for good), and a
+    built-in op's missing built-in backend ('sdpa' for group_norm_silu) is no plugin's to add."""
+    def mine(*args, **kwargs):
+        return kernels.group_norm_silu_reference(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="'compile' is made by the registry"):
+        kernels.register("attention", "compile")(mine)
+    with pytest.raises(ValueError, match="op 'group_norm_silu' is built in and has no 'sdpa' backend"):
+        kernels.register("group_norm_silu", "sdpa")(mine)
+    assert "sdpa" not in kernels.backends("group_norm_silu")
+
+
+PLUGIN_NEW_OP = """
+import kernels
+
+OFFSET = {offset}
+
+@kernels.register("plugin_scale", "reference")
+def reference(x):
+    return x * 2
+
+@kernels.register("plugin_scale", "fast")
+def fast(x):
+    return x * 2 + OFFSET
+"""
+
+
+def test_a_plugin_with_its_own_op_reloads_its_edited_code_and_unloads_whole(tmp_path):
+    """A plugin's own op with a reference: reload=True runs the edited file (it raised, and a second
+    try silently kept the old code), and unloading removes the op."""
+    path = tmp_path / "own_op.py"
+    path.write_text(PLUGIN_NEW_OP.format(offset=0.0))
+    x = torch.ones(3)
+    try:
+        assert kernels.load_plugin(str(path)) == {"plugin_scale": ["reference", "fast"]}
+        path.write_text(PLUGIN_NEW_OP.format(offset=100.0))
+        kernels.load_plugin(str(path), reload=True)
+        with kernels.use(plugin_scale="fast"):
+            assert torch.equal(kernels.dispatch("plugin_scale", x), x * 2 + 100), "the edited file did not run"
+    finally:
+        kernels.unload_plugin(str(path))
+    assert "plugin_scale" not in kernels.ops()
+
+
+def test_unloading_a_plugin_gives_back_what_it_replaced(tmp_path):
+    """replace=True of a built-in backend lasts while the plugin is loaded, not after."""
+    path = tmp_path / "replacing.py"
+    path.write_text("import kernels, torch\n\n"
+                    "@kernels.register('group_norm_silu', 'reference', replace=True)\n"
+                    "def zeros(x, weight, bias, groups, eps=1e-5, activation='silu'):\n"
+                    "    return torch.zeros_like(x)\n")
+    x = torch.randn(1, 8, 3, 3)
+    want = kernels.group_norm_silu_reference(x, None, None, 4)
+    try:
+        assert kernels.load_plugin(str(path)) == {"group_norm_silu": ["reference"]}  # what it replaced, said
+        with kernels.use(group_norm_silu="reference"):
+            assert not kernels.group_norm_silu(x, None, None, 4).any()
+    finally:
+        kernels.unload_plugin(str(path))
+    with kernels.use(group_norm_silu="reference"):
+        assert torch.equal(kernels.group_norm_silu(x, None, None, 4), want), "the plugin's reference stayed"
+
+
+def test_reload_of_a_module_imported_elsewhere_is_refused(tmp_path, monkeypatch):
+    """What a plain `import` registered is not known: reload=True cannot undo it, and says so (it
+    returned the old backends, and the old code kept running)."""
+    (tmp_path / "imported_plug.py").write_text("import kernels\n\n"
+                                              "@kernels.register('attention', 'imported_plug')\n"
+                                              "def f(q, k, v, scale=None, causal=False):\n"
+                                              "    return kernels.attention_reference(q, k, v, scale, causal)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import imported_plug  # noqa: F401
+    try:
+        with pytest.raises(ValueError, match="was imported before, not by load_plugin"):
+            kernels.load_plugin("imported_plug", reload=True)
+    finally:
+        kernels.unregister("attention", "imported_plug")
+        sys.modules.pop("imported_plug", None)
+
+
+def test_a_plugin_that_raises_leaves_no_plugin_it_loaded_behind(tmp_path):
+    """A plugin loading another, then raising: both go, so the helper loads afresh later (it
+    returned {} before: registered nothing, said nothing)."""
+    helper = tmp_path / "helper_plug.py"
+    helper.write_text("import kernels\n\n"
+                      "@kernels.register('attention', 'helper_plug')\n"
+                      "def f(q, k, v, scale=None, causal=False):\n"
+                      "    return kernels.attention_reference(q, k, v, scale, causal)\n")
+    outer = tmp_path / "outer_plug.py"
+    outer.write_text(f"import kernels\nkernels.load_plugin({str(helper)!r})\nraise RuntimeError('boom')\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        kernels.load_plugin(str(outer))
+    assert "helper_plug" not in kernels.backends("attention")
+    try:
+        assert kernels.load_plugin(str(helper)) == {"attention": ["helper_plug"]}
+    finally:
+        kernels.unload_plugin(str(helper))
