@@ -703,7 +703,8 @@ def describe(device: str | int | torch.device | None = None) -> str:
 
 def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     """Import ``spec``, a module name (``my_kernels.attention``) or a ``.py`` file, for the research
-    backends it registers; returns {op: [backends]} that it registered (and are still registered).
+    backends it registers; returns {op: [backends]} that it registered or replaced (and that are
+    still as it left them).
     It is imported once per module name or file path (a file as module ``sdlab_plugin_<stem>_<hash>``):
     naming it again returns the same backends and re-registers nothing; ``reload=True`` unloads it
     first (:func:`unload_plugin`) and imports it afresh, e.g. after editing the file."""
