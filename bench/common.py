@@ -699,7 +699,7 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
     md_path.write_text(render_markdown(env, ceilings, all_rows) + "\n")
     paths = {"json": json_path, "markdown": md_path}
     if plot:  # of every row in the file; a plot of the tool's naming that none of them backs goes
-        plots = plot_speedups(out_dir, all_rows)
+        plots = plot_speedups(out_dir, all_rows, env["runs"])
         for stale in set(out_dir.glob("speedup-*.png")) - set(plots.values()):
             if PLOT_NAME.fullmatch(stale.name):
                 stale.unlink()
@@ -707,9 +707,12 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
     return paths
 
 
-def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
+def plot_speedups(out_dir: Path, rows: list[dict], runs: list[dict] | None = None) -> dict[str, Path]:
     """One PNG per op (speed-up of each backend per case) and one per pipeline suite, named
-    :data:`PLOT_NAME`."""
+    :data:`PLOT_NAME`. ``runs`` is ``env["runs"]`` of :func:`write_results`: where one plot's bars
+    come from more than one of them, each bar is labelled ``rN``, run N of results.md (a speed-up
+    is against its own run's reference, so bars of different runs compare less closely); without
+    ``runs``, the rows' runs are numbered by date, as write_results numbers them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -729,15 +732,23 @@ def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
             return f"{r['preset']}\n{r['dtype']}"
         return f"{r['op']} ({r['preset']})\n{r['dtype']}"
 
+    if runs is None:  # rows alone (a plot drawn afterwards from a results.json's rows): runs by date
+        runs = sorted(({k: r.get(k) for k in RUN_KEY} for r in rows), key=lambda e: str(e.get("date") or ""))
+    number = {key: i for i, key in enumerate(dict.fromkeys(map(_run_of, runs)), 1)}
     for (suite, name), sel in sorted(groups.items()):
         xs = list(dict.fromkeys(label(r) for r in sel))
         backends = list(dict.fromkeys(r["backend"] for r in sel))
+        mixed = len({_run_of(r) for r in sel}) > 1
         width = 0.8 / max(len(backends), 1)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(xs) * max(1, len(backends)) * 0.35 + 3), 4.5))
         for i, b in enumerate(backends):
-            vals = {label(r): r["speedup_vs_reference"] for r in sel if r["backend"] == b}
+            mine = {label(r): r for r in sel if r["backend"] == b}
             pos = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(xs))]
-            ax.bar(pos, [vals.get(x, math.nan) for x in xs], width, label=b)  # missing: no bar
+            bars = ax.bar(pos, [mine[x]["speedup_vs_reference"] if x in mine else math.nan for x in xs],
+                          width, label=b)  # missing: no bar
+            if mixed:
+                ax.bar_label(bars, [f"r{number.get(_run_of(mine[x]), '?')}" if x in mine else "" for x in xs],
+                             fontsize=5)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ups = [r["speedup_vs_reference"] for r in sel if r["speedup_vs_reference"] > 0]
         if ups and max(ups) / min(ups) > 20:
@@ -747,7 +758,9 @@ def plot_speedups(out_dir: Path, rows: list[dict]) -> dict[str, Path]:
         tune = suite == "tune"
         ax.set_ylabel(f"speed-up vs {DEFAULT_CONFIG if tune else 'reference'} (higher is better)")
         what = "launch configuration" if tune else "backend"
-        ax.set_title(f"{name}: speed-up per {what} ({sel[0]['device_name']})", fontsize=9)
+        devices = ", ".join(dict.fromkeys(str(r["device_name"]) for r in sel))
+        ax.set_title(f"{name}: speed-up per {what} ({devices})"
+                     + ("\nbars of several runs: rN is run N of results.md" if mixed else ""), fontsize=9)
         ax.legend(fontsize=7 if len(backends) <= 12 else 5, ncol=2 if len(backends) <= 12 else 4)
         fig.tight_layout()
         key = f"tune-{name}" if tune else name

@@ -171,6 +171,37 @@ def test_plots_are_of_all_rows_and_stale_ones_go(tmp_path):
     assert paths["plot:attention"] == tmp_path / "speedup-attention.png"  # kept rows: still plotted
 
 
+def test_a_plot_of_several_runs_labels_each_bar_with_its_run(tmp_path, monkeypatch):
+    """Attention's plot mixes run A's sdpa bar (kept) with run B's triton bar: each bar is labelled
+    with its run's number in results.md (r1, r2) and the title says so; group_norm_silu's plot,
+    all of run A, has no labels."""
+    import matplotlib.axes
+
+    labelled: dict[str, list[str]] = {}
+    titles: list[str] = []
+    real_label, real_title = matplotlib.axes.Axes.bar_label, matplotlib.axes.Axes.set_title
+
+    def bar_label(ax, bars, labels=None, **kw):
+        labelled.setdefault(bars.get_label(), []).extend(labels)
+        return real_label(ax, bars, labels, **kw)
+
+    def set_title(ax, text, *a, **kw):
+        titles.append(text)
+        return real_title(ax, text, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar_label", bar_label)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", set_title)
+    common.write_results(tmp_path, RUN_A, CEILINGS, _ops_rows(RUN_A, {
+        ("group_norm_silu", "reference"): 2.0, ("group_norm_silu", "triton"): 1.0,
+        ("attention", "reference"): 4.0, ("attention", "sdpa"): 2.0}), plot=False)
+    common.write_results(tmp_path, RUN_B, CEILINGS, _ops_rows(RUN_B, {
+        ("attention", "reference"): 3.0, ("attention", "triton"): 1.0}))
+    assert labelled == {"sdpa": ["r1"], "reference": ["r2"], "triton": ["r2"]}, labelled
+    attention, = [t for t in titles if t.startswith("attention")]
+    gn, = [t for t in titles if t.startswith("group_norm_silu")]
+    assert "rN is run N of results.md" in attention and "run" not in gn, titles
+
+
 # ------------------------------------------------------ 3: a results.json the tool did not write
 NOT_OURS = {
     "truncated": '{"env": {"date": "2026-01-01"}, "ceilings": null, "rows": [{"suite": "ops", ',
