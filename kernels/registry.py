@@ -135,6 +135,7 @@ _FNS: dict[tuple[str, BackendName], Callable] = {}  # implementation() memo: dis
 # plugin module name -> {(op, backend): (what it replaced: None if new, _UNKNOWN if not seen; what it installed)}
 _PLUGINS: dict[str, dict[tuple[str, BackendName], tuple[Any, Any]]] = {}
 _UNKNOWN = object()  # a plugin imported before load_plugin saw it: what it replaced is not known
+_PLUGIN_OPS: dict[str, set[str]] = {}  # plugin module name -> the torch.ops.sdlab ops it defined (define_op)
 
 
 def register(op: str, backend: BackendName, *, check: Callable[..., str | None] | None = None,
@@ -610,7 +611,9 @@ def counted(op: str, backend: BackendName, fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-_LIB: torch.library.Library | None = None  # the sdlab namespace of torch.ops, made with its first op
+# torch.ops.sdlab.<name> -> the Library fragment holding its definition and kernels: one per op,
+# so that unloading the plugin that defined an op drops it from torch (Library._destroy)
+_DEFINED: dict[str, torch.library.Library] = {}
 
 
 def define_op(name: str, schema: str, impl: Callable, fake: Callable, backward: Callable | None = None,
@@ -620,16 +623,30 @@ def define_op(name: str, schema: str, impl: Callable, fake: Callable, backward: 
     function) and, optionally, its autograd formula (``torch.library.register_autograd``'s). Made
     with torch.library's ``Library`` rather than ``custom_op``, whose wrappers around each call (a
     check that no output aliases an input, a frame that turns dynamo off) cost more host time than
-    the launches they wrap (``python -m bench.host``); a compiled graph calls the op on every run."""
-    global _LIB
-    if _LIB is None:
-        _LIB = torch.library.Library("sdlab", "DEF")
-    _LIB.define(name + schema)
-    for key in ("CPU", "CUDA"):
-        _LIB.impl(name, impl, key)
-    torch.library.register_fake(f"sdlab::{name}", fake, lib=_LIB)
-    if backward is not None:
-        torch.library.register_autograd(f"sdlab::{name}", backward, setup_context=setup_context, lib=_LIB)
+    the launches they wrap (``python -m bench.host``); a compiled graph calls the op on every run.
+    An op a plugin defines goes with it (:func:`unload_plugin`, ``load_plugin(reload=True)``)."""
+    if name in _DEFINED:
+        raise ValueError(f"define_op: torch.ops.sdlab.{name} is already defined; a plugin that defines it "
+                         "reloads with load_plugin(path, reload=True), which drops the old definition first")
+    lib = torch.library.Library("sdlab", "FRAGMENT")
+    try:
+        lib.define(name + schema)
+        for key in ("CPU", "CUDA"):
+            lib.impl(name, impl, key)
+        torch.library.register_fake(f"sdlab::{name}", fake, lib=lib)
+        if backward is not None:
+            torch.library.register_autograd(f"sdlab::{name}", backward, setup_context=setup_context, lib=lib)
+    except BaseException:  # a bad schema or formula leaves no half-defined op behind
+        lib._destroy()
+        raise
+    _DEFINED[name] = lib
+
+
+def _undefine(names) -> None:
+    """Drop the torch.ops.sdlab ops ``names`` that :func:`define_op` made (a compiled function
+    that called one should be compiled again: ``torch._dynamo.reset()``)."""
+    for name in names:
+        _DEFINED.pop(name)._destroy()
 
 
 @contextlib.contextmanager
@@ -718,7 +735,7 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
     if name not in _PLUGINS:
         imported_here = name not in sys.modules
         registry = {op: dict(impls) for op, impls in _OPS.items()}
-        plugins = set(_PLUGINS)
+        plugins, defined = set(_PLUGINS), set(_DEFINED)
         try:
             _import_plugin(spec, name, path)
         except BaseException:  # keep no half of a plugin, nor the plugins it loaded: all goes back as it was
@@ -726,9 +743,14 @@ def load_plugin(spec: str, reload: bool = False) -> dict[str, list[str]]:
             _OPS.update(registry)
             for nested in set(_PLUGINS) - plugins:
                 del _PLUGINS[nested]
+                _PLUGIN_OPS.pop(nested, None)
                 sys.modules.pop(nested, None)
+            _undefine(set(_DEFINED) - defined)
             _registry_changed()
             raise
+        # torch ops it defined (those of plugins it loaded are theirs)
+        _PLUGIN_OPS[name] = set(_DEFINED) - defined - {n for p in set(_PLUGINS) - plugins
+                                                         for n in _PLUGIN_OPS.get(p, ())}
         if imported_here:  # what the import added or replaced, and what it replaced
             _PLUGINS[name] = {(op, b): (registry.get(op, {}).get(b), impl) for op, impls in _OPS.items()
                               for b, impl in impls.items() if registry.get(op, {}).get(b) is not impl}
@@ -762,12 +784,13 @@ def plugin_error(spec: str, e: BaseException) -> str:
 def unload_plugin(spec: str) -> None:
     """Undo what ``spec`` registered and forget its module, so loading it again imports it afresh:
     a backend it added goes, one it replaced (``replace=True``, a built-in's included) gets its
-    earlier implementation back, unless something replaced it again since. Nothing happens for a
-    plugin that was never loaded (its module, if imported otherwise, stays). Ops it defined with
-    :func:`define_op` stay defined in torch (it has no way to drop an operator)."""
+    earlier implementation back, unless something replaced it again since; torch ops it defined
+    with :func:`define_op` are dropped. Nothing happens for a plugin that was never loaded (its
+    module, if imported otherwise, stays)."""
     name, _ = _plugin_module(spec)
     if name not in _PLUGINS:
         return
+    _undefine(_PLUGIN_OPS.pop(name, ()))
     for (op, b), (previous, installed) in _PLUGINS.pop(name).items():
         if _OPS.get(op, {}).get(b) is not installed:
             continue

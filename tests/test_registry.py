@@ -790,3 +790,67 @@ def test_a_plugin_that_raises_leaves_no_plugin_it_loaded_behind(tmp_path):
         assert kernels.load_plugin(str(helper)) == {"attention": ["helper_plug"]}
     finally:
         kernels.unload_plugin(str(helper))
+
+
+PLUGIN_TORCH_OP = """
+import torch, kernels
+from kernels.registry import define_op
+
+def _impl(x):
+    return x * {factor}
+
+define_op("plugin_times", "(Tensor x) -> Tensor", _impl, lambda x: torch.empty_like(x))
+
+@kernels.register("attention", "plugin_times")
+def times(q, k, v, scale=None, causal=False):
+    return torch.ops.sdlab.plugin_times(kernels.attention_reference(q, k, v, scale, causal))
+{tail}
+"""
+
+
+def test_a_plugin_defining_a_torch_op_reloads_and_unloads_it(tmp_path):
+    """An op a plugin defines with define_op goes with the plugin: reload=True runs the edited
+    definition (it raised 'already defined', and the plugin could not reload in the process),
+    unload_plugin drops it from torch.ops.sdlab, and a plugin raising after define_op leaves no
+    definition behind, so the fixed file loads."""
+    path = tmp_path / "torch_op.py"
+    q = torch.randn(1, 1, 3, 8)
+    want = kernels.attention_reference(q, q, q)
+    try:
+        path.write_text(PLUGIN_TORCH_OP.format(factor=2.0, tail=""))
+        assert kernels.load_plugin(str(path)) == {"attention": ["plugin_times"]}
+        path.write_text(PLUGIN_TORCH_OP.format(factor=3.0, tail=""))
+        kernels.load_plugin(str(path), reload=True)
+        with kernels.use(attention="plugin_times"):
+            assert torch.equal(kernels.attention(q, q, q), want * 3), "the edited definition did not run"
+        kernels.unload_plugin(str(path))
+        assert not hasattr(torch.ops.sdlab, "plugin_times"), "the plugin's torch op outlived it"
+        path.write_text(PLUGIN_TORCH_OP.format(factor=4.0, tail="raise RuntimeError('boom')"))
+        with pytest.raises(RuntimeError, match="boom"):
+            kernels.load_plugin(str(path))
+        assert not hasattr(torch.ops.sdlab, "plugin_times"), "a failed plugin's torch op stayed"
+        path.write_text(PLUGIN_TORCH_OP.format(factor=5.0, tail=""))
+        assert kernels.load_plugin(str(path)) == {"attention": ["plugin_times"]}
+        assert torch.equal(torch.ops.sdlab.plugin_times(q), q * 5)
+    finally:
+        kernels.unload_plugin(str(path))
+    assert "plugin_times" not in kernels.backends("attention") and not hasattr(torch.ops.sdlab, "plugin_times")
+
+
+def test_defining_a_torch_op_twice_names_it():
+    with pytest.raises(ValueError, match=r"torch\.ops\.sdlab\.attention is already defined"):
+        registry.define_op("attention", "(Tensor x) -> Tensor", lambda x: x, lambda x: x)
+    q = torch.randn(1, 1, 3, 8)  # the built-in op (the Triton forward's) is untouched
+    torch.testing.assert_close(torch.ops.sdlab.attention(q, q, q, None, False, False)[0],
+                               kernels.attention_reference(q, q, q), rtol=2e-5, atol=1e-6)
+
+
+def test_a_bad_schema_leaves_no_half_defined_op():
+    with pytest.raises(RuntimeError):
+        registry.define_op("plugin_bad", "(Tensor x -> Tensor", lambda x: x, lambda x: x)
+    assert "plugin_bad" not in registry._DEFINED and not hasattr(torch.ops.sdlab, "plugin_bad")
+    registry.define_op("plugin_bad", "(Tensor x) -> Tensor", lambda x: x + 1, lambda x: torch.empty_like(x))
+    try:
+        assert torch.equal(torch.ops.sdlab.plugin_bad(torch.zeros(2)), torch.ones(2))
+    finally:
+        registry._undefine(["plugin_bad"])
