@@ -256,9 +256,9 @@ def _block_stats(x_base, c, c_mask, n_c, s_start, s_end, W, stride_c, stride_h, 
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = _mask(c_mask, s, s_end, BLOCK_S, EVEN_S)
+        # masked elements load the pivot (exact in x's dtype: it is one of x's), so they count 0
         v = tl.load(x_base + _offsets(c, s, W, stride_c, stride_h, stride_w, SPLIT_HW),
-                    mask=mask, other=0.0).to(tl.float32)
-        v = tl.where(mask, v - pivot, 0.0)
+                    mask=mask, other=pivot).to(tl.float32) - pivot
         t_cnt = n_c * tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
         t_mean = tl.sum(tl.sum(v, axis=1), axis=0) / t_cnt
         d = tl.where(mask, v - t_mean, 0.0)
