@@ -335,6 +335,7 @@ ROW_IDENTITY = ("suite", "op", "case", "preset", "dtype", "backend", "steps", "b
 RUN_KEY = ("date", "git_commit")
 
 
+STATUSES = ("ok", "skipped", "error")  # a row's status
 NOISY = 2.0  # a timed row whose p80 is over this many times its p20 says so in its note
 
 
@@ -631,15 +632,16 @@ def _not_results(data) -> str | None:
         return f"a JSON {'array' if isinstance(data, list) else type(data).__name__}, not an object"
     if not isinstance(data.get("rows"), list):
         return f"no \"rows\" list; its keys: {', '.join(map(str, list(data)[:8])) or 'none'}"
-    if not isinstance(data.get("env"), dict) or not isinstance(data.get("ceilings"), (dict, type(None))):
+    if not isinstance(data.get("env"), dict) or not isinstance(data.get("ceilings", 0), (dict, type(None))):
         return "no \"env\" object or \"ceilings\" object"
-    if not isinstance((data["ceilings"] or {}).get("matmul_tflops", {}), dict):
+    if not isinstance((data.get("ceilings") or {}).get("matmul_tflops", {}), dict):
         return "\"ceilings\" has no \"matmul_tflops\" object"
     runs = data["env"].get("runs", [])
     if not isinstance(runs, list) or not all(isinstance(e, dict) and scalars(e, RUN_KEY) for e in runs):
         return "\"env\".\"runs\" is not a list of runs"
     for i, r in enumerate(data["rows"]):
-        if not (isinstance(r, dict) and isinstance(r.get("suite"), str) and scalars(r, ROW_IDENTITY + RUN_KEY)):
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("suite", "op", "backend"))
+                and r.get("status") in STATUSES and scalars(r, ROW_IDENTITY + RUN_KEY)):
             return f"row {i} is not a result row: {json.dumps(r)[:60]}"
     return None
 
@@ -690,7 +692,7 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
                           f"of {key[0]}" for key in dict.fromkeys(map(_run_of, kept)))
               + ": the folder mixes runs (results.md says which row is whose)", file=sys.stderr)
     # ceilings belong to op rows: an earlier run's stay only beside the op rows kept with them
-    earlier = old["ceilings"] if any(r["suite"] == "ops" for r in kept) else None
+    earlier = old.get("ceilings") if any(r["suite"] == "ops" for r in kept) else None
     ceilings = merge_ceilings(earlier, ceilings)
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(_jsonable({"env": env, "ceilings": ceilings, "rows": all_rows}),

@@ -518,11 +518,18 @@ def _result_parts(res):
     return latents.detach().float().cpu(), _images_float(images)
 
 
+def ckpt_label(ckpt: Path) -> str:
+    """A --ckpt model in the rows' ``preset``: its path as given, not its file name alone, so two
+    checkpoints named model.safetensors in one results folder are two models, not one measured
+    again."""
+    return str(ckpt)
+
+
 def pipeline_base(name: str, opts: Options) -> dict:
     """The fields every row of pipeline ``name`` shares (``shape`` is added by pipeline_setup)."""
     spec = PIPELINES[name]
-    preset = str(opts.ckpt.name) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
-                                                                    and not opts.preset.endswith("-inpaint") else ""))
+    preset = ckpt_label(opts.ckpt) if opts.ckpt else (opts.preset + ("-inpaint" if spec.inpaint_model
+                                                                       and not opts.preset.endswith("-inpaint") else ""))
     return dict(suite="pipelines", op=name, reason=spec.reason, dtype=dtype_name(opts.dtype),
                 steps=opts.steps, batch=opts.batch, preset=preset)
 
@@ -866,7 +873,7 @@ def _variant_error(env: dict, v: str, e: Exception, base: dict) -> dict:
 def unet_step_base(opts: Options) -> dict:
     """The fields every UNet-step row shares (``shape`` is added by unet_step_inputs)."""
     return dict(suite="unet_step", op="unet_step", dtype=dtype_name(opts.dtype), batch=2,
-                preset=str(opts.ckpt.name) if opts.ckpt else opts.preset,  # also on rows of a model that fails
+                preset=ckpt_label(opts.ckpt) if opts.ckpt else opts.preset,  # also on rows of a model that fails
                 reason="one denoising step: the UNet on cond + uncond in one batch")
 
 

@@ -156,6 +156,8 @@ def job_from_args(args) -> dict:
     if args.ckpt and args.model_seed is not None:
         raise ValueError(f"--model-seed {args.model_seed} seeds a --preset's random weights; --ckpt {args.ckpt} has "
                          "its own: leave --model-seed out")
+    if args.model_seed is not None and not 0 <= args.model_seed < 2**63:
+        raise ValueError(f"--model-seed must be in [0, 2^63), got {args.model_seed}")
     model_seed = None if args.ckpt else 0 if args.model_seed is None else args.model_seed
     return {"command": args.command,
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None,
@@ -258,9 +260,10 @@ def _check_sidecar_model(path: Path, model: dict) -> None:
         if model.get("preset") not in PRESETS:
             raise ValueError(f"{path}: 'model' names neither a checkpoint nor a known preset (preset "
                              f"{model.get('preset')!r}; known presets: {', '.join(sorted(PRESETS))})")
-        if not isinstance(model.get("model_seed", 0), int) or isinstance(model.get("model_seed"), bool):
-            raise ValueError(f"{path}: not a sidecar ('model' entry 'model_seed' must be an int: "
-                             f"{model['model_seed']!r})")
+        seed = model.get("model_seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"{path}: not a sidecar ('model' entry 'model_seed' must be an int in [0, 2^63): "
+                             f"{seed!r})")
 
 
 def check_code(recorded: dict) -> None:
@@ -297,14 +300,17 @@ def resolve_device(name: str | None) -> str:
 
 
 def open_image(name: str, path: Path):
-    """The image at ``path``, read now: not an image, or a truncated one, is a usage error."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path``, read now: not an image, or a truncated one, is a usage error. Turned
+    upright by its EXIF orientation, as a viewer shows it (a phone's photo is stored sideways with
+    a tag; diffusers' load_image turns it too)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--{name} {path}: not a readable image: {e}") from e
+    image = ImageOps.exif_transpose(image)
     if name == "mask" and image.mode in ("RGB", "RGBA", "LA", "P"):  # editors' exports: their luminance
         image = image.convert("L")
     return image

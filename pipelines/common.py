@@ -28,6 +28,7 @@ Conventions (the public API documents them once, here):
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 import sys
 import warnings
@@ -55,9 +56,18 @@ class PipelineResult:
 
 
 # ----------------------------------------------------------------------------------- validation
+def convert_hint(value, kind: str = "int") -> str:
+    """For an error message: how to pass ``value``, a number of another type (numpy's np.int64,
+    np.float32, a 0-d tensor) that the pipelines take as a Python ``kind`` only (their parameters
+    are recorded in the sidecar JSON as given)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Number, torch.Tensor)) or type(value) in (int, float):
+        return ""
+    return f" ({type(value).__module__}.{type(value).__name__}: pass a Python {kind}, {kind}(value))"
+
+
 def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{convert_hint(value)}")
     return value
 
 
@@ -71,7 +81,8 @@ def check_strength(strength, steps) -> float:
     """strength in [0, 1]; above 0 it must leave at least one of ``steps`` to run (strength_start),
     or the pipeline would quietly return the VAE round trip of the image (diffusers raises too)."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1] (0 = keep the image, 1 = pure noise), got {strength!r}")
+        raise ValueError(f"strength must be a number in [0, 1] (0 = keep the image, 1 = pure noise), got {strength!r}"
+                         + convert_hint(strength, "float"))
     if strength > 0 and isinstance(steps, int) and steps >= 1 and strength_start(steps, strength) == steps:
         least = math.ceil(1 / strength)
         while strength_start(least, strength) == least:  # float rounding of least · strength
@@ -98,7 +109,7 @@ def fit_size(height: int, width: int, multiple: int, resize: bool) -> tuple[int,
     """(height, width) if both are multiples of ``multiple``; else rounded down when ``resize``."""
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < multiple:
-            raise ValueError(f"{name} must be an integer >= {multiple}, got {v!r}")
+            raise ValueError(f"{name} must be an integer >= {multiple}, got {v!r}{convert_hint(v)}")
     if height % multiple or width % multiple:
         if not resize:
             raise ValueError(f"height and width must be multiples of {multiple} for this model (the VAE "
@@ -128,7 +139,7 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device: 
     if seed is None:
         seed = secrets.randbits(31)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}{convert_hint(seed)}")
     return torch.Generator(device).manual_seed(seed), seed
 
 
@@ -596,7 +607,8 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}")
+        raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}"
+                         + convert_hint(cfg_scale, "float"))
     guided = cfg_scale != 1.0
     if negative_prompt is not None and not guided:
         as_prompts(negative_prompt, "negative_prompt")  # a wrong type is still an error

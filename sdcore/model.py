@@ -157,6 +157,8 @@ class StableDiffusion(nn.Module):
         _check_dtype(dtype)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        if not 0 <= seed < 2**63:  # torch.manual_seed wraps: -1 would be 2^64 - 1's weights
+            raise ValueError(f"seed (the random weights' seed) must be in [0, 2^63), got {seed}")
         device = torch.device(device)
         text = config.text_encoder
         model = cls.skeleton(config, CLIPTokenizer.default_or_missing(

@@ -484,8 +484,23 @@ def test_failed_ckpt_rows_name_the_checkpoint(tmp_path, monkeypatch):
     rc, data = _run(["pipelines", "--quick", "--no-plot", "--ckpt", str(ckpt), "--pipelines", "txt2img",
                      "--variants", "reference"], tmp_path / "out")
     assert rc == 1 and {r["suite"] for r in data["rows"]} == {"unet_step", "pipelines"}, data["rows"]
-    assert all(r["preset"] == "tiny.safetensors" and r["status"] in ("error", "skipped") and "pretend" in r["note"]
+    assert all(r["preset"] == str(ckpt) and r["status"] in ("error", "skipped") and "pretend" in r["note"]
                for r in data["rows"]), data["rows"]
+
+
+def test_two_checkpoints_of_one_file_name_are_two_models(tmp_path):
+    """ckA/model.safetensors then ckB/model.safetensors into one folder: both models' rows stay,
+    each naming its path (the second replaced the first's as 'model.safetensors', silently)."""
+    import sdcore
+
+    for name, seed in (("ckA", 0), ("ckB", 5)):
+        (tmp_path / name).mkdir()
+        sdcore.StableDiffusion.from_preset("tiny", seed=seed).save(tmp_path / name / "model.safetensors")
+        rc, data = _run(["pipelines", "--quick", "--no-plot", "--unet-only", "--variants", "reference",
+                         "--ckpt", str(tmp_path / name / "model.safetensors")], tmp_path / "out")
+        assert rc == 0
+    presets = sorted(r["preset"] for r in data["rows"] if r["suite"] == "unet_step")
+    assert presets == [str(tmp_path / n / "model.safetensors") for n in ("ckA", "ckB")], presets
 
 
 def test_pipelines_quick(tmp_path):
@@ -1016,3 +1031,22 @@ def test_markdown_cells_sit_under_their_headers(columns):
     wrong = {t: (got[t], want[t]) for t in titles if t in want and got[t] != want[t]}
     assert not wrong, f"{columns}: title -> (cell, expected): {wrong}"
     assert set(titles) - set(want) <= {"case", "dtype", "backend", "kernels", "preset"}, set(titles) - set(want)
+
+
+def test_a_row_over_its_ceiling_says_the_ceiling_is_no_peak(tmp_path, monkeypatch):
+    """A CPU's small bf16 matmul ran slower than its SDPA: rows read 1100% of peak, unexplained.
+    A row over 100% now says that this run's ceiling is no peak of the device; one under it does not."""
+    real = common.measure_ceilings
+
+    def slow_matmul(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "matmul_tflops": {k: 1e-9 for k in out["matmul_tflops"]}, "copy_gbps": 1e9}
+
+    monkeypatch.setattr(common, "measure_ceilings", slow_matmul)
+    rc, data = _run(["ops", "--quick", "--no-plot", "--ops", "attention", "group_norm_silu", "--dtypes", "fp32",
+                     "--backends", "reference"], tmp_path)
+    assert rc == 0
+    attn = _rows(data, op="attention", status="ok")
+    gn = _rows(data, op="group_norm_silu", status="ok")
+    assert attn and all(r["frac_of_peak"] > 1 and "over 100% of peak" in r["note"] for r in attn), attn
+    assert gn and all(r["frac_of_peak"] < 1 and "over 100%" not in r["note"] for r in gn), gn

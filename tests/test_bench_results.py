@@ -212,6 +212,10 @@ NOT_OURS = {
     "rows of numbers": json.dumps({"rows": [1, 2]}),
     "rows of numbers, with env": json.dumps({"env": {}, "ceilings": None, "rows": [1, 2]}),
     "env not an object": json.dumps({"env": [], "ceilings": None, "rows": []}),
+    "no ceilings": json.dumps({"env": {}, "rows": []}),  # a KeyError traceback before
+    "a row without a status": json.dumps({"env": {"runs": []}, "ceilings": {}, "rows": [{"suite": "ops"}]}),
+    "a row of another status": json.dumps({"env": {}, "ceilings": None, "rows": [
+        {"suite": "ops", "op": "attention", "backend": "triton", "status": "fast"}]}),
 }
 
 

@@ -687,7 +687,8 @@ def test_replay_refuses_a_changed_checkpoint(tmp_path, capsys, layout, weights):
     (_sidecar(dtype=...), "not a sidecar ('model' entry 'dtype' must be a string: missing)"),
     (_sidecar(device=3), "not a sidecar ('model' entry 'device' must be a string or null: int 3)"),
     (_sidecar(preset="sd99"), "'model' names neither a checkpoint nor a known preset (preset 'sd99'; known presets: "),
-    (_sidecar(model_seed="0"), "not a sidecar ('model' entry 'model_seed' must be an int: '0')"),
+    (_sidecar(model_seed="0"), "not a sidecar ('model' entry 'model_seed' must be an int in [0, 2^63): '0')"),
+    (_sidecar(model_seed=-1), "'model_seed' must be an int in [0, 2^63): -1)"),  # loaded 2^64 - 1's weights
     (_sidecar().replace('"inputs": {}', '"inputs": {"image": {"sha256": "0"}}'),
      "not a sidecar (txt2img reads the inputs [], the sidecar has ['image'])"),
     (_sidecar().replace('"inputs": {}', '"inputs": {"image": {"sha256": "0"}}').replace('"txt2img"', '"img2img"'),
@@ -815,6 +816,9 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         "empty image": (["img2img", "--image", ""], "argument --image: an empty path"),
         "raising plugin": (["txt2img", "--plugin", str(tmp_path / "boom.py")], f"--plugin {tmp_path / 'boom.py'}: "
                            f"loading it raised RuntimeError: boom (at {tmp_path / 'boom.py'}:2)"),
+        # torch.manual_seed wraps: -1 was 2^64 - 1's weights, 2^64 "Overflow when unpacking long long"
+        "model seed -1": (["txt2img", "--model-seed", "-1"], "--model-seed must be in [0, 2^63), got -1"),
+        "model seed 2^64": (["txt2img", "--model-seed", str(2**64)], f"--model-seed must be in [0, 2^63), got {2**64}"),
     }
     (tmp_path / "boom.py").write_text("import kernels\nraise RuntimeError('boom')\n")
     if not torch.cuda.is_available():
@@ -1498,3 +1502,34 @@ def test_sixteen_bit_resize_stays_in_range():
     lo, hi = float(got.min()), float(got.max())
     assert lo >= 0.0 and hi <= 1.0, f"resized 16-bit image spans [{lo!r}, {hi!r}], outside [0, 1]"
     assert lo == 0.0 and hi == 1.0, (lo, hi)
+
+
+def test_cli_turns_an_image_upright_by_its_exif_orientation(tmp_path):
+    """A phone photo stored 72x64 with orientation 6 (shown 64x72): the CLI reads it as shown, as
+    diffusers' load_image does (it ran on the sideways pixels, silently)."""
+    from pipelines.__main__ import open_image
+
+    stored = Image.new("RGB", (72, 64), (200, 10, 10))
+    stored.paste((10, 10, 200), (0, 0, 8, 64))  # a blue stripe on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    shown = open_image("image", path)
+    assert shown.size == (64, 72), shown.size
+    assert shown.getpixel((32, 2))[2] > 150, "the stored left edge is the top edge once shown"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=np.int64(2)), "steps must be an integer >= 1, got np.int64(2) (numpy.int64: pass a Python int, int(value))"),
+    (dict(seed=np.int64(2)), "(numpy.int64: pass a Python int, int(value))"),
+    (dict(cfg_scale=np.float32(3.0)), "(numpy.float32: pass a Python float, float(value))"),
+])
+def test_a_number_of_another_type_is_refused_saying_how_to_pass_it(tiny, kwargs, message):
+    """numpy scalars meet the stated condition ('an integer >= 1'), yet are refused (a sidecar
+    records the parameters as JSON): the message says which type came and what to pass."""
+    import pipelines
+
+    with pytest.raises(ValueError) as e:
+        pipelines.txt2img(tiny, "a", **{"steps": 1, "seed": 0, **kwargs})
+    assert message in str(e.value), str(e.value)

@@ -345,3 +345,24 @@ def test_half_precision_on_gpu(preset):
         got = unet(*args)
     assert_close(torch_out, want, rel=1e-2, name="fp16 UNet on torch ops vs fp64")
     assert_within_torch_error(got, torch_out, want, name="fp16 UNet on default kernels")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])  # conv and linear projections
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_transformer_keeps_its_input_layout(preset, channels_last):
+    """The residual sum takes the block input's memory format: SD 2's linear projection back is a
+    channels_last view, and a channels_last sum sent the next GroupNorm down torch's CPU
+    channels_last path (6e-5 from fp64 at batch 3, where diffusers, which copies to contiguous,
+    was 2.6e-6)."""
+    from sdcore.unet import SpatialTransformer
+
+    cfg = _unet_cfg(preset)
+    ch = cfg.model_channels * cfg.channel_mult[-1]
+    block = SpatialTransformer(ch, cfg).eval()
+    x, _, context = _inputs(cfg, 3, 5, 7, 7)
+    x = torch.randn(3, ch, 5, 7, generator=torch.Generator().manual_seed(0))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = block(x, context)
+    assert y.is_contiguous(memory_format=fmt), f"{preset}: output strides {y.stride()} for input strides {x.stride()}"
