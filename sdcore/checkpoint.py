@@ -543,8 +543,28 @@ def save_single_file(path, state_dict: Mapping[str, torch.Tensor], config: SDCon
         raise ValueError(f"{path}: single-file checkpoints end in .safetensors, .ckpt or .pt")
 
 
+def _remove_stale_index(folder: Path, stem: str) -> None:
+    """Before one ``<stem>.safetensors`` is written into ``folder``: a safetensors shard index there
+    (an earlier save of bigger or other weights) outranks it for diffusers' loaders and ours
+    (:func:`_weights_file`), so the old weights would load. The index goes, with the shards it lists."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (ValueError, AttributeError, OSError):
+        shards = set()
+    for name in shards:
+        shard = folder / str(name)
+        if shard.parent == folder and shard.is_file():  # only a shard beside the index
+            shard.unlink()
+    index.unlink()
+
+
 def save_diffusers(folder, config: SDConfig, state_dict: Mapping[str, torch.Tensor], tokenizer) -> None:
-    """A folder ``StableDiffusionPipeline.from_pretrained`` reads (no safety checker)."""
+    """A folder ``StableDiffusionPipeline.from_pretrained`` reads (no safety checker). Saving over
+    a folder removes a component's safetensors shard index and its shards, which would outrank
+    the single weights file written (:func:`_remove_stale_index`)."""
     folder = Path(folder)
     classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                "text_encoder": ("transformers", "CLIPTextModel")}
@@ -559,6 +579,7 @@ def save_diffusers(folder, config: SDConfig, state_dict: Mapping[str, torch.Tens
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "config.json").write_text(json.dumps(cfg_jsons[comp], indent=2, sort_keys=True))
+        _remove_stale_index(folder / sub, stem)
         save_file(_detached(_convert(conv).ldm_to_diffusers(sd, cfg)), str(folder / sub / f"{stem}.safetensors"),
                   metadata={"format": "pt"})
     sched = config.scheduler

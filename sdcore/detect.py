@@ -138,8 +138,9 @@ def _detect_unet(s: Mapping[str, tuple], te_kind: str, where) -> UNetConfig:
     cfg = UNetConfig(in_channels=in_channels, out_channels=s[p + "out.2.weight"][0],
                      model_channels=model_channels, channel_mult=tuple(mult),
                      num_res_blocks=res_counts[0], attention_resolutions=tuple(sorted(attn, reverse=True)))
-    if first_attn is not None:
-        tp = p + f"input_blocks.{first_attn}.1."
+    # the first transformer: a down level's, else the middle block's (attention there alone)
+    tp = p + (f"input_blocks.{first_attn}.1." if first_attn is not None else "middle_block.1.")
+    if tp + "proj_in.weight" in s:
         depth = len(_indices(s, tp + "transformer_blocks."))
         cfg = cfg.replace(transformer_depth=depth, context_dim=s[tp + "transformer_blocks.0.attn2.to_k.weight"][1],
                           use_linear_in_transformer=len(s[tp + "proj_in.weight"]) == 2)
@@ -244,14 +245,32 @@ def config_from_json(text: str) -> SDConfig:
                     scheduler=fix(SchedulerConfig, raw["scheduler"]), image_size=raw["image_size"])
 
 
+def _canonical(comp: str, cfg):
+    """``cfg`` in the one spelling detection gives its architecture: attention levels in descending
+    order and only those the model has, the UNet's time embedding None where it is the default
+    4 * model_channels (a config saying (1, 2), (8, 2, 1) on three levels, or 128 for 32 channels
+    builds the same model)."""
+    from .vae import LDM_RESOLUTION
+
+    if comp == "unet":
+        have = {2**level for level in range(len(cfg.channel_mult))}
+        return cfg.replace(attention_resolutions=tuple(sorted(set(cfg.attention_resolutions) & have, reverse=True)),
+                           time_embed_dim=None if cfg.time_embed_dim == 4 * cfg.model_channels else cfg.time_embed_dim)
+    if comp == "vae":
+        have = {LDM_RESOLUTION // 2**i for i in range(len(cfg.ch_mult))}
+        return cfg.replace(attn_resolutions=tuple(sorted(set(cfg.attn_resolutions) & have, reverse=True)))
+    return cfg
+
+
 def _agrees(hint: SDConfig, unet: UNetConfig, vae: VAEConfig, text: TextEncoderConfig) -> SDConfig | None:
     """``hint`` if it has the detected architecture, up to the fields shapes cannot tell, else None.
     Its architecture fields are then the detected values (equal, but ints where JSON may say 4.0 or
-    true), and only the fields shapes cannot tell come from ``hint``."""
+    true, and in :func:`_canonical`'s spelling), and only the fields shapes cannot tell come from
+    ``hint``."""
     free = dict(_FREE, text_encoder=_FREE["text_encoder"] + (("projection_dim",) if text.kind == "clip" else ()))
     merged = {}
     for comp, got in (("unet", unet), ("vae", vae), ("text_encoder", text)):
-        want = getattr(hint, comp)
+        want = _canonical(comp, getattr(hint, comp))
         merged[comp] = got.replace(**{f: getattr(want, f) for f in free[comp]})
         if merged[comp] != want:
             return None

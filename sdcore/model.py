@@ -213,6 +213,12 @@ def load(path, *, dtype: torch.dtype = torch.float32, device="cpu", prediction_t
     if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'")
     device = torch.device(device)
+    if device.type == "meta":  # it read every weight, then failed: "tensors left on meta"
+        raise ValueError("device='meta' holds no weights, and load reads them; for a model without weights use "
+                         "StableDiffusion.skeleton(config) (config: sdcore.SDConfig.preset(...) or detect_config)")
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)) and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a CLIPTokenizer (a callable from prompts to ids) or a tokenizer folder "
+                        f"path, got {type(tokenizer).__name__} {tokenizer!r:.60}")
     source = checkpoint.open_checkpoint(path)
     config = source.config(prediction_type)
     length = min(MAX_LENGTH, config.text_encoder.max_length)  # when the tokenizer does not say

@@ -728,6 +728,28 @@ def test_bad_arguments(tiny, saved, tmp_path):
         tiny.save(tmp_path / "x.bin", layout="ldm")
     with pytest.raises(TypeError, match=r"dtype must be a float dtype .* got torch.int32"):
         sdcore.load(saved["safetensors"], dtype=torch.int32)
+    # each loaded: meta read every weight, then "internal error: tensors left on meta"; an int was
+    # kept as the tokenizer, and a pipeline failed on it later ("'int' object is not callable")
+    with pytest.raises(ValueError, match="device='meta' holds no weights"):
+        sdcore.load(saved["safetensors"], device="meta")
+    with pytest.raises(TypeError, match="tokenizer must be a CLIPTokenizer .* or a tokenizer folder path, got int 5"):
+        sdcore.load(saved["safetensors"], tokenizer=5)
+
+
+def test_only_cross_attention_per_block_all_false_is_the_standard_unet(saved, tmp_path):
+    """diffusers writes only_cross_attention per down block too: [False, False, False] is the
+    standard SD UNet (it was refused as unsupported); a True in it still is refused."""
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved["diffusers"], folder)
+    path = folder / "unet" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "only_cross_attention": [False] * len(raw["block_out_channels"])}))
+    assert sdcore.load(folder).config.unet == sdcore.load(saved["diffusers"]).config.unet
+    path.write_text(json.dumps({**raw, "only_cross_attention": [False, True][:len(raw["block_out_channels"])]}))
+    with pytest.raises(sdcore.CheckpointError, match="only_cross_attention"):
+        sdcore.load(folder)
 
 
 def test_metadata_contains_config(saved, tiny):
@@ -884,6 +906,46 @@ def test_config_metadata_round_trip(tmp_path, config, fmt):
     path = tmp_path / f"m.{fmt}"
     StableDiffusion.from_config(config, seed=0).save(path)
     assert sdcore.load(path).config == config
+
+
+_TINY = SDConfig.preset("tiny")
+
+
+@pytest.mark.parametrize("unet, vae", [
+    (dict(attention_resolutions=(1, 2)), {}),  # ascending
+    (dict(attention_resolutions=(8, 2, 1)), {}),  # 8: a level the 3-level UNet does not have
+    (dict(time_embed_dim=4 * _TINY.unet.model_channels), {}),  # the default, written out
+    ({}, dict(attn_resolutions=tuple(reversed(_TINY.vae.attn_resolutions)) or (256, 128))),
+], ids=["ascending", "missing-level", "default-temb", "vae-attention"])
+def test_metadata_spelling_an_architecture_otherwise_still_counts(tmp_path, unet, vae):
+    """A config spelling the detected architecture another way (same model) keeps its fields that
+    shapes cannot tell (4 heads, a VAE's scaling factor and 16 groups): it was judged 'not matching
+    the weights', dropped with a warning, and the preset's 2 heads / 0.18215 / 32 groups loaded."""
+    config = _TINY.replace(name="mine", unet=_TINY.unet.replace(num_heads=4, **unet),
+                           vae=_TINY.vae.replace(scaling_factor=0.13025, norm_groups=16, **vae))
+    path = tmp_path / "m.safetensors"
+    StableDiffusion.from_config(config, seed=0).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = sdcore.load(path).config
+    assert (back.name, back.unet.num_heads, back.vae.scaling_factor, back.vae.norm_groups) == (
+        "mine", 4, 0.13025, 16), back
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_attention_in_the_middle_block_alone_round_trips(tmp_path, fmt):
+    """attention_resolutions=(): the middle block's transformer is the UNet's only one, and its
+    context width and projection come from it (the defaults, 768 and conv, failed the reload)."""
+    config = SDConfig.preset("tiny-sd2").replace(name="mid-only", unet=SDConfig.preset("tiny-sd2").unet.replace(
+        attention_resolutions=()))
+    path = tmp_path / ("m.safetensors" if fmt == "safetensors" else "folder")
+    StableDiffusion.from_config(config, seed=0).save(path, **({"layout": "diffusers"} if fmt == "diffusers" else {}))
+    back, want = sdcore.load(path).config.unet, config.unet
+    if fmt == "diffusers":  # its config has heads per block: the middle block's count, not 8 channels per head
+        mid = want.model_channels * want.channel_mult[-1]
+        assert back.heads_at(mid) == want.heads_at(mid), (back.heads_at(mid), want.heads_at(mid))
+        back = back.replace(num_heads=want.num_heads, num_head_channels=want.num_head_channels)
+    assert back == want
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
@@ -1438,3 +1500,24 @@ def test_text_encoder_pooling_at_a_token_the_tokenizer_lacks_is_refused(saved, t
     with pytest.raises(CheckpointError, match=r"pools at token id 5 \(eos_token_id\), but the tokenizer's "
                                               r"<\|endoftext\|> is id 49407"):
         sdcore.load(folder)
+
+
+def test_saving_over_a_sharded_folder_removes_the_index_that_would_outrank_it(tmp_path):
+    """An earlier save left the UNet as shards and an index: a save over it wrote one
+    .safetensors beside them, and the index (first in diffusers' order and ours) loaded the old
+    weights, silently. The index and its shards go; a file the index does not list stays."""
+    from safetensors.torch import load_file
+
+    old, new = StableDiffusion.from_preset("tiny", seed=0), StableDiffusion.from_preset("tiny", seed=7)
+    old.save(tmp_path, layout="diffusers")
+    unet = tmp_path / "unet"
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    shard = unet / "diffusion_pytorch_model-00001-of-00001.safetensors"
+    weights.rename(shard)
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: shard.name for k in load_file(shard)}}))
+    (unet / "notes.txt").write_text("mine")
+    assert torch.equal(sdcore.load(tmp_path).unet.out[2].weight, old.unet.out[2].weight)  # the shards load
+    new.save(tmp_path, layout="diffusers")
+    assert not index.exists() and not shard.exists() and (unet / "notes.txt").exists()
+    assert torch.equal(sdcore.load(tmp_path).unet.out[2].weight, new.unet.out[2].weight), "the old shards loaded"

@@ -145,6 +145,13 @@ def config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict
     return out
 
 
+def _per_block_default(value, ok) -> bool:
+    """A per-block list of a supported bool (``only_cross_attention=[False, False, False]``, as
+    diffusers writes the option per down block), each entry the same supported value."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, bool) and v in ok for v in value) and any(isinstance(o, bool) for o in ok))
+
+
 # diffusers options whose non-default values our LDM UNet does not implement: name -> allowed values.
 _SUPPORTED = {
     "flip_sin_to_cos": (True,), "freq_shift": (0,), "act_fn": ("silu",), "center_input_sample": (False,),
@@ -173,7 +180,8 @@ def config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     ones are refused. Numbers of the wrong type and a ``norm_num_groups`` that does not divide
     every ``block_out_channels`` raise ValueError naming the option.
     """
-    bad = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items() if k in config and config[k] not in ok]
+    bad = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items()
+           if k in config and config[k] not in ok and not _per_block_default(config[k], ok)]
     channels = config_channels(config, "block_out_channels", (320, 640, 1280, 1280))
     down = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     up = list(config.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
