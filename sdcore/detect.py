@@ -252,13 +252,17 @@ def _canonical(comp: str, cfg):
     builds the same model)."""
     from .vae import LDM_RESOLUTION
 
-    if comp == "unet":
-        have = {2**level for level in range(len(cfg.channel_mult))}
-        return cfg.replace(attention_resolutions=tuple(sorted(set(cfg.attention_resolutions) & have, reverse=True)),
-                           time_embed_dim=None if cfg.time_embed_dim == 4 * cfg.model_channels else cfg.time_embed_dim)
-    if comp == "vae":
-        have = {LDM_RESOLUTION // 2**i for i in range(len(cfg.ch_mult))}
-        return cfg.replace(attn_resolutions=tuple(sorted(set(cfg.attn_resolutions) & have, reverse=True)))
+    try:
+        if comp == "unet":
+            have = {2**level for level in range(len(cfg.channel_mult))}
+            return cfg.replace(
+                attention_resolutions=tuple(sorted(set(cfg.attention_resolutions) & have, reverse=True)),
+                time_embed_dim=None if cfg.time_embed_dim == 4 * cfg.model_channels else cfg.time_embed_dim)
+        if comp == "vae":
+            have = {LDM_RESOLUTION // 2**i for i in range(len(cfg.ch_mult))}
+            return cfg.replace(attn_resolutions=tuple(sorted(set(cfg.attn_resolutions) & have, reverse=True)))
+    except TypeError:  # metadata of the wrong types (nested lists, strings): it will not agree as it is
+        pass
     return cfg
 
 

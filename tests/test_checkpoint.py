@@ -1521,3 +1521,19 @@ def test_saving_over_a_sharded_folder_removes_the_index_that_would_outrank_it(tm
     new.save(tmp_path, layout="diffusers")
     assert not index.exists() and not shard.exists() and (unet / "notes.txt").exists()
     assert torch.equal(sdcore.load(tmp_path).unet.out[2].weight, new.unet.out[2].weight), "the old shards loaded"
+
+
+@pytest.mark.parametrize("value", [[[1], 2], "ab"])
+def test_metadata_architecture_of_the_wrong_types_loses_to_the_weights(saved, tmp_path, value):
+    """Attention levels that are no list of ints cannot be put in detection's spelling (a
+    TypeError from sorting them, unguarded): the metadata disagrees, the weights win, with the warning."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(saved["safetensors"]), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["sdcore_config"])
+    config["unet"]["attention_resolutions"] = value
+    path = tmp_path / "m.safetensors"
+    save_file(load_file(saved["safetensors"]), str(path), metadata={**meta, "sdcore_config": json.dumps(config)})
+    with pytest.warns(UserWarning, match="metadata does not match the weights"):
+        assert sdcore.load(path).config.unet.attention_resolutions == SDConfig.preset("tiny").unet.attention_resolutions
