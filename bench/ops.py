@@ -344,8 +344,8 @@ def backend_callable(op: str, backend: str, args, kwargs, device: torch.device):
 
 
 # the note of a row over 100% of its ceiling: the ceiling measured is no peak of this device there
-OVER_PEAK = ("over 100% of peak: this run's {what} rate in {dtype} is not the device's peak for this op (on a CPU, "
-             "a small {dtype} matmul can run slower than the backend's own kernels)")
+OVER_PEAK = "over 100% of peak: this run's {what} rate in {dtype} is not the device's peak for this op{why}"
+MATMUL_WHY = " (on a CPU, a small {dtype} matmul can run slower than the backend's own kernels)"
 
 
 def _peak_key(case: Case) -> str:
@@ -402,8 +402,10 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
         val = row[_peak_key(case)]
         row["frac_of_peak"] = val / peak if val and peak else None
         if row["frac_of_peak"] and row["frac_of_peak"] > 1:  # e.g. a CPU's bf16 matmul, slower than its SDPA
+            matmul = _peak_key(case) == "tflops"
             row["note"] = "; ".join(filter(None, [row["note"], OVER_PEAK.format(
-                what="matmul" if _peak_key(case) == "tflops" else "copy", dtype=dtype_name(dtype))]))
+                what="matmul" if matmul else "copy", dtype=dtype_name(dtype),
+                why=MATMUL_WHY.format(dtype=dtype_name(dtype)) if matmul else "")]))
     if copies is not None and _peak_key(case) == "gbps" and nbytes and sec > 0:
         same = copy_ms(nbytes, device, copies, quick=quick)
         row["copy_ms"] = same  # the same-size copy's median, in the JSON so % of copy can be checked

@@ -359,8 +359,8 @@ def test_spatial_transformer_keeps_its_input_layout(preset, channels_last):
     cfg = _unet_cfg(preset)
     ch = cfg.model_channels * cfg.channel_mult[-1]
     block = SpatialTransformer(ch, cfg).eval()
-    x, _, context = _inputs(cfg, 3, 5, 7, 7)
-    x = torch.randn(3, ch, 5, 7, generator=torch.Generator().manual_seed(0))
+    _, _, context = _inputs(cfg, 3, 5, 7, 7)
+    x = torch.randn(3, ch, 5, 7, generator=torch.Generator().manual_seed(0))  # the block's width, not the UNet's input
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     with torch.no_grad():
