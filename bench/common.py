@@ -435,7 +435,7 @@ OPS_COLUMNS = [
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("status / note", None),
 ]
 PIPELINE_COLUMNS = [
-    ("pipeline", "op"), ("preset", "preset"), ("dtype", "dtype"), ("kernels", "backend"),
+    ("pipeline", "op"), ("preset", "preset"), ("shape", "shape"), ("dtype", "dtype"), ("kernels", "backend"),
     ("steps", "steps"), ("s/image", "seconds_per_image"), ("images/s", "images_per_s"),
     ("UNet ms/step", "unet_ms_per_step"), ("host ms/step", "host_ms"), ("UNet calls", "unet_calls"),
     ("scheduler ms (est.)", "scheduler_ms_est"), ("scheduler share", "scheduler_share"),
@@ -523,7 +523,8 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
     if ceilings:
         mm = ", ".join(f"{k} {_fmt(v)}" for k, v in ceilings.get("matmul_tflops", {}).items())
         whose = ("measured in the run of the ops rows" if len({_run_of(r) for r in rows if r["suite"] == "ops"}) <= 1
-                 else "of the latest run with ops rows")
+                 else "of the latest run with ops rows (a dtype's matmul rate it did not measure: an earlier run's, "
+                      "as that run's rows use)")
         out += [f"Device ceilings, {whose}: copy {_fmt(ceilings.get('copy_gbps'))} GB/s "
                 f"(read + written); matmul n={ceilings.get('matmul_n')} TFLOP/s: {mm or 'n/a'}.", ""]
     op_rows = [r for r in rows if r["suite"] == "ops"]
@@ -534,10 +535,13 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 "matmul rate in the row's dtype (TFLOP/s rows). % of copy (GB/s rows): the time of "
                 "a device copy moving the same bytes (half read, half written), measured in this run, "
                 "over the op's: 100 is memcpy speed at that size, launch latency included, which a "
-                "peak measured on 1 GiB leaves out. Errors against an fp64 oracle "
-                "(rel = max|Δ| / max|oracle|). Speed-up: vs `reference` in the row's run. Host µs: CPU "
-                "time to issue one call (Python + launches); above the median, the op is host-bound "
-                "and in eager mode costs its host time, not its GPU time.", "",
+                "peak measured on 1 GiB leaves out. Errors (rel = max|Δ| / max|oracle|) against an fp64 "
+                "oracle, except scheduler_step's: against its reference's fp32 math on fp64 inputs, the "
+                "op's contract, so its reference row reads 0 (the JSON's error_vs names each row's). "
+                "Speed-up: vs `reference` in the row's run. Host µs: CPU time to issue one call of the "
+                "backend itself (Python + launches); the op's argument checks and the switch come on top "
+                "(`python -m bench.host` splits them). Above the median, the op is host-bound and in eager "
+                "mode costs its host time, not its GPU time.", "",
                 markdown_table(op_rows, OPS_COLUMNS + run_column), ""]
     tune_rows = [r for r in rows if r["suite"] == "tune"]
     if tune_rows:
@@ -546,7 +550,9 @@ def render_markdown(env: dict, ceilings: dict | None, rows: list[dict]) -> str:
                 f"Each Triton kernel with candidate launch configurations (backend column) against the one it "
                 f"picks itself (`{DEFAULT_CONFIG}`), same inputs, same run; speed-up vs `{DEFAULT_CONFIG}`. A "
                 "candidate whose error exceeds 2x the default's (the default: 2x the reference's) plus the "
-                "dtype's atol is an error row and cannot win; an input the triton backend refuses is skipped.", "",
+                "dtype's atol is an error row and cannot win; an input the triton backend refuses is skipped. "
+                "`attention.backward` TFLOP/s count 2.5x the forward's 4·B·H·Lq·Lkv·D, the useful work "
+                "(FlashAttention-2's convention; the kernels recompute q·kᵀ and do·vᵀ in both passes).", "",
                 "Best per case" + (" (interpreter timings on CPU: they check that every candidate runs and is "
                                    "accurate, and rank nothing about a GPU):" if env.get("triton_interpret")
                                    else ":"), "",
@@ -727,12 +733,14 @@ def plot_speedups(out_dir: Path, rows: list[dict], runs: list[dict] | None = Non
             name = r["op"] if r["suite"] in ("ops", "tune") else r["suite"]
             groups.setdefault((r["suite"], name), []).append(r)
 
-    def label(r: dict) -> str:
+    def label(r: dict) -> str:  # one bar per row: what tells a suite's rows apart, bar the backend
         if r["suite"] in ("ops", "tune"):
             return f"{r['case']}\n{r['dtype']}"
+        tail = ", ".join(str(v) for v in (r.get("shape"), r["dtype"]) if v)
         if r["suite"] == "unet_step":
-            return f"{r['preset']}\n{r['dtype']}"
-        return f"{r['op']} ({r['preset']})\n{r['dtype']}"
+            return f"{r['preset']}\n{tail}"
+        steps = f", {r['steps']} steps" if r.get("steps") is not None else ""
+        return f"{r['op']} ({r['preset']}){steps}\n{tail}"
 
     if runs is None:  # rows alone (a plot drawn afterwards from a results.json's rows): runs by date
         runs = sorted(({k: r.get(k) for k in RUN_KEY} for r in rows), key=lambda e: str(e.get("date") or ""))

@@ -205,7 +205,8 @@ def _errors(out, ref64) -> tuple[float, float]:
 
 def _work(op: str, case: Case, args: tuple, out) -> tuple[int, int | None]:
     """(bytes, flops) as ``bench ops`` counts them; the backward reads q, k, v, o, do and writes
-    dq, dk, dv, and does 2.5x the forward's flops (5 matmuls to 2: Dao 2023)."""
+    dq, dk, dv, and counts 2.5x the forward's flops, the useful work (5 matmuls to 2: Dao 2023); the
+    kernels run 7, recomputing q.k^T and do.v^T in both the dK/dV and the dQ pass."""
     if op != "attention.backward":
         return work(case, args, {}, out)
     nbytes = sum(t.numel() * t.element_size() for t in (*args, args[0], *out))  # args[0]: o, shaped as q

@@ -529,6 +529,42 @@ def test_pipelines_quick(tmp_path):
         assert 0 < r["scheduler_share"] < 1 and r["scheduler_ms_est"] > 0, r
 
 
+def test_a_pipeline_rows_peak_is_of_its_timed_runs_alone(tmp_path, monkeypatch):
+    """The peak is read before scheduler_share times the op alone: on CUDA that allocates its own
+    inputs and do_bench's 256 MB cache-flush buffer, which fell in the first row of a backend's
+    window. The order is what a CPU can see."""
+    from bench import pipelines as bp
+
+    events = []
+    real_share, real_peak = bp.scheduler_share, bp._peak
+    monkeypatch.setattr(bp, "scheduler_share", lambda *a: events.append("share") or real_share(*a))
+    monkeypatch.setattr(bp, "_peak", lambda device: events.append("peak") or real_peak(device))
+    rc, data = _run(["pipelines", "--quick", "--no-plot", "--pipelines", "blend", "--variants", "reference"],
+                    tmp_path)
+    row, = _rows(data, suite="pipelines", op="blend")
+    assert rc == 0 and row["status"] == "ok" and row["scheduler_share"], row
+    assert events[-2:] == ["peak", "share"], events
+
+
+def test_scheduler_share_times_the_call_the_samplers_make(monkeypatch):
+    """The op is timed as ``kernels.scheduler_step`` through the switch (its checks and dispatch
+    are host time every sampler step pays), not as the bare backend `bench ops` times: the switch
+    counts those calls, and a backend the switch is told to use is the one that runs."""
+    import kernels
+    from bench import pipelines as bp
+
+    monkeypatch.setattr(bp, "_STEP_MS", {})
+    shape = (1, 4, 8, 8)
+    before = kernels.counts()
+    with kernels.use(scheduler_step="triton"):  # the timing picks its backend itself
+        got = bp.scheduler_share(before, {("scheduler_step", "reference"): 3}, 1, 100.0, shape, True, 3,
+                                 torch.float32, torch.device("cpu"), True, {(False, False): 1})
+    after = kernels.counts()
+    timed = after.get(("scheduler_step", "reference"), 0) - before.get(("scheduler_step", "reference"), 0)
+    assert timed > 0 and after.get(("scheduler_step", "triton"), 0) == before.get(("scheduler_step", "triton"), 0)
+    assert got["scheduler_calls"] == 3 and got["scheduler_ms_est"] > 0, got
+
+
 def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
     """10 launches in a run with 7 UNet calls: 7 masked CFG updates and 3 re-noises (undo_step),
     each at its own measured cost, the larger of its GPU and host time (a host-bound eager loop pays

@@ -202,6 +202,48 @@ def test_a_plot_of_several_runs_labels_each_bar_with_its_run(tmp_path, monkeypat
     assert "rN is run N of results.md" in attention and "run" not in gn, titles
 
 
+def _pipeline_rows(env: dict, steps: int, batch: int, times: dict[str, float]) -> list[dict]:
+    """RePaint rows as pipelines.run makes them: {backend: s/image}, speed-ups vs reference."""
+    rows = [common.make_row(env, suite="pipelines", op="repaint", preset="tiny", dtype="fp32", backend=b,
+                            steps=steps, batch=batch, shape=f"64x64 px, batch {batch}", status="ok",
+                            median_ms=s * 1e3 * batch, p20_ms=s * 1e3 * batch, p80_ms=s * 1e3 * batch,
+                            seconds_per_image=s) for b, s in times.items()]
+    common.add_speedups(rows, ("suite", "op", "preset", "dtype"), metric="seconds_per_image")
+    return rows
+
+
+def test_pipeline_rows_of_other_steps_or_batch_are_bars_and_columns_of_their_own(tmp_path, monkeypatch):
+    """The README's sequence: a default `bench pipelines`, then RePaint at 250 steps into the same
+    folder, then at batch 2: each row is kept, and each is its own bar (the labels named neither the
+    steps nor the batch, so the last row drew over the others) and its own line of results.md."""
+    import matplotlib.axes
+
+    heights: dict[str, dict[str, float]] = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(ax, x, height, *a, label=None, **kw):
+        ticks = heights.setdefault(label, {})
+        ticks.update({i: h for i, h in enumerate(height)})
+        return real_bar(ax, x, height, *a, label=label, **kw)
+
+    xticks: list[list[str]] = []
+    real_ticks = matplotlib.axes.Axes.set_xticklabels
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticklabels",
+                        lambda ax, labels, *a, **kw: (xticks.append(list(labels)), real_ticks(ax, labels, *a, **kw))[1])
+    common.write_results(tmp_path, RUN_A, None, _pipeline_rows(RUN_A, 50, 1, {"reference": 2.6, "triton": 2.0}),
+                         plot=False)
+    common.write_results(tmp_path, RUN_B, None, _pipeline_rows(RUN_B, 250, 1, {"reference": 13.8, "triton": 10.0}),
+                         plot=False)
+    common.write_results(tmp_path, RUN_C, None, _pipeline_rows(RUN_C, 250, 2, {"reference": 12.0, "triton": 6.0}))
+    labels, = xticks
+    assert len(labels) == 3 and any("50 steps" in x for x in labels), labels
+    assert sum("batch 2" in x for x in labels) == 1, labels
+    assert sorted(round(h, 2) for h in heights["triton"].values()) == [1.3, 1.38, 2.0], heights
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| 64x64 px, batch 1 |") == 4 and md.count("| 64x64 px, batch 2 |") == 2, md
+
+
 # ------------------------------------------------------ 3: a results.json the tool did not write
 NOT_OURS = {
     "truncated": '{"env": {"date": "2026-01-01"}, "ceilings": null, "rows": [{"suite": "ops", ',
