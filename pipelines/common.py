@@ -84,12 +84,14 @@ def check_strength(strength, steps) -> float:
         raise ValueError(f"strength must be a number in [0, 1] (0 = keep the image, 1 = pure noise), got {strength!r}"
                          + convert_hint(strength, "float"))
     if strength > 0 and isinstance(steps, int) and steps >= 1 and strength_start(steps, strength) == steps:
-        least = math.ceil(1 / strength)
-        while strength_start(least, strength) == least:  # float rounding of least · strength
-            least += 1
+        advice = ""
+        if 1 / strength < 1e9:  # a step count to suggest (1e-25 · ceil(1e25) cannot reach 1; 5e-324's is inf)
+            least = math.ceil(1 / strength)
+            while strength_start(least, strength) == least:  # float rounding of least · strength: a step or two
+                least += 1
+            advice = f"use steps >= {least} at this strength, or "
         raise ValueError(f"strength={strength} with steps={steps} runs no step (the last int(steps * strength) = 0 "
-                         f"timesteps run); use steps >= {least} at this strength, or strength=0 for the VAE round "
-                         "trip of the image")
+                         f"timesteps run); {advice}strength=0 for the VAE round trip of the image")
     return float(strength)
 
 

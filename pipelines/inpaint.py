@@ -37,7 +37,9 @@ def repaint_plan(steps: int, jump_length: int, jump_n_sample: int, num_train_tim
                  strength: float = 1.0) -> list[Step | Renoise]:
     """RePaint's schedule as loop operations. The sample's level after an entry t is t - T//steps:
     a descent t -> a :class:`Step` at t to t - T//steps; a rise p -> t a :class:`Renoise` from
-    p - T//steps to t - T//steps (level -1 = clean). ``strength`` < 1 runs the walk over the lowest
+    p - T//steps to t - T//steps (level -1: where the sampler's step to -1 lands, the clean sample but
+    for DDIM without ``set_alpha_to_one``, at ᾱ_0; the known region is blended clean there, so the
+    output keeps it exactly). ``strength`` < 1 runs the walk over the lowest
     ``int(steps * strength)`` levels of the same grid: it starts at the level the strength picks,
     and no jump re-noises above it, as strength caps the noise in SDEdit and img2img."""
     from sdcore.schedulers import repaint_timesteps

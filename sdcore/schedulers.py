@@ -207,14 +207,30 @@ class Scheduler:
     def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
         """The sampling schedule of ``num_inference_steps`` steps. ``first_step``: the index of the
         first step the caller runs (img2img's strength skips those before it); only the steps from
-        there on are checked for an option a step cannot take (a DDIM eta above 1)."""
+        there on are checked for an option a step cannot take (a DDIM eta above 1). A schedule
+        refused leaves the one set before in place, whole (timesteps, sigmas, multistep state)."""
+        before = dict(self.__dict__)
+        try:
+            self._set_timesteps(num_inference_steps, first_step)
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _set_timesteps(self, num_inference_steps: int, first_step: int) -> None:
         T = self.config.num_train_timesteps
-        if isinstance(num_inference_steps, (int, np.integer)) and num_inference_steps > T:
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if num_inference_steps > T:
             raise ValueError(f"num_inference_steps={num_inference_steps} > num_train_timesteps={T}")
-        c = self.config
-        ts = spaced_timesteps(num_inference_steps, T, c.timestep_spacing, c.steps_offset)
-        self._set(torch.from_numpy(ts.astype(np.int64)))
+        self._set(self._grid(num_inference_steps))
         self.num_inference_steps = num_inference_steps
+
+    def _grid(self, n: int) -> torch.Tensor:
+        """The timesteps of an ``n``-step schedule (checked by :meth:`_set`)."""
+        c = self.config
+        return torch.from_numpy(spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing,
+                                                 c.steps_offset).astype(np.int64))
 
     def _set(self, timesteps: torch.Tensor) -> None:
         """Adopt ``timesteps`` if they strictly decrease within [0, T): leading spacing can leave the
@@ -233,6 +249,7 @@ class Scheduler:
         self._index = {t: i for i, t in enumerate(self._ts)}  # 999 and 999.0 hash alike
 
     def _alpha_bar(self, t: int):
+        """ᾱ_t; at -1, the clean sample's 1 (DDPM's, as diffusers')."""
         return self._ac[t] if t >= 0 else F32(1.0)
 
     def _check_t(self, t, prev_t=None) -> None:
@@ -270,8 +287,10 @@ class Scheduler:
 
     def undo_step(self, sample: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """Re-noise from level ``t_from`` up to ``t_to > t_from`` (RePaint's jump back; -1 = clean):
-        q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I). One ``scheduler_step`` launch."""
+        """Re-noise from level ``t_from`` up to ``t_to > t_from`` (RePaint's jump back):
+        q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I). One ``scheduler_step`` launch. Level -1 is
+        where this scheduler's step to -1 lands: the clean sample (ᾱ = 1), except DDIM without
+        ``set_alpha_to_one`` (ᾱ_0, so -1 -> 0 re-noises nothing)."""
         t_from, t_to = int(t_from), int(t_to)
         T = self.config.num_train_timesteps
         if not -1 <= t_from < T:
@@ -374,19 +393,25 @@ class DDIMScheduler(Scheduler):
             raise ValueError(f"ddim: eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM-like), "
                              f"got {eta!r}")
         self.options["eta"] = float(eta)
+        clipped = self.options["use_clipped_model_output"]
+        if not isinstance(clipped, bool):  # a truthy "no" would switch it on
+            raise TypeError(f"ddim: use_clipped_model_output must be a bool, got {type(clipped).__name__} {clipped!r}")
 
-    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
+    def _set_timesteps(self, num_inference_steps: int, first_step: int) -> None:
         """As the base; then the coefficients of every step that runs (from ``first_step``), so that
         an eta too large for one of them (eta > 1 can be) is refused before the first step runs, not
-        in the middle of sampling. The schedule set before stays in place then."""
-        before = {k: getattr(self, k, None) for k in ("timesteps", "_ts", "_index", "num_inference_steps")}
-        super().set_timesteps(num_inference_steps)
-        try:
-            for t in self._ts[first_step:]:
-                self.check_levels(t, None)
-        except ValueError:
-            self.__dict__.update(before)
-            raise
+        in the middle of sampling."""
+        super()._set_timesteps(num_inference_steps, first_step)
+        for t in self._ts[first_step:]:
+            self.check_levels(t, None)
+
+    def _alpha_bar(self, t: int):
+        """ᾱ_t, and at -1 the level a step to -1 lands on (diffusers' final_alpha_cumprod): 1 with
+        ``set_alpha_to_one``, else ᾱ_0. undo_step from -1 (RePaint's lowest jump) starts there too:
+        with ᾱ_{-1} = 1 it re-noised a sample still at level 0 as if clean, to 1.4x level 0's noise."""
+        if t >= 0:
+            return self._ac[t]
+        return F32(1) if self.config.set_alpha_to_one else self._ac[0]
 
     def _coefficients(self, t, prev_t):
         t = int(t)
@@ -396,7 +421,7 @@ class DDIMScheduler(Scheduler):
         prev_t = int(prev_t)
         self._check_t(t, prev_t)
         a = self._ac[t]
-        ap = self._ac[prev_t] if prev_t >= 0 else (F32(1) if c.set_alpha_to_one else self._ac[0])
+        ap = self._alpha_bar(prev_t)
         bt, bp = F32(1) - a, F32(1) - ap
         sa, sb = np.sqrt(a), np.sqrt(bt)
         pred = x0_eps_coefficients(c.prediction_type, sa, sb)
@@ -462,13 +487,15 @@ class EulerAncestralScheduler(_SigmaScheduler):
 
     name = "euler_a"
 
-    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
-        super().set_timesteps(num_inference_steps)
+    def _grid(self, n: int) -> torch.Tensor:  # linspace unrounded, as diffusers' Euler schedulers
         c = self.config
-        ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
-                              round_linspace=False).astype(np.float32)
-        self._sigma_table(ts)
-        self._set(torch.from_numpy(ts))
+        return torch.from_numpy(spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
+                                                 round_linspace=False).astype(np.float32))
+
+    def _set_timesteps(self, num_inference_steps: int, first_step: int) -> None:
+        super()._set_timesteps(num_inference_steps, first_step)
+        c = self.config
+        self._sigma_table(self.timesteps.numpy())
         smax = self.sigmas.max()
         spacing_max = c.timestep_spacing in ("linspace", "trailing")
         self.init_noise_sigma = float(smax if spacing_max else np.sqrt(smax**2 + F32(1)))
@@ -513,13 +540,13 @@ class DPMSolverPP2MScheduler(_SigmaScheduler):
     name = "dpmpp_2m"
     _keeps_x0 = True
 
-    def set_timesteps(self, num_inference_steps: int, first_step: int = 0) -> None:
-        c = self.config
-        T = c.num_train_timesteps
-        super().set_timesteps(num_inference_steps)
-        if c.timestep_spacing != "trailing":  # diffusers spaces n + 1 points and drops the last
-            ts = spaced_timesteps(num_inference_steps + 1, T, c.timestep_spacing, c.steps_offset)[:-1]
-            self._set(torch.from_numpy(ts.astype(np.int64)))
+    def _grid(self, n: int) -> torch.Tensor:
+        if self.config.timestep_spacing == "trailing":
+            return super()._grid(n)
+        return super()._grid(n + 1)[:-1]  # diffusers spaces n + 1 points and drops the last
+
+    def _set_timesteps(self, num_inference_steps: int, first_step: int) -> None:
+        super()._set_timesteps(num_inference_steps, first_step)
         self._sigma_table(self.timesteps.numpy())
         self._x0_prev, self._lower_order_nums, self._last_index = None, 0, None
 

@@ -476,6 +476,13 @@ def _errors(tiny, tiny9, image, mask):
         "blend strength runs no step": (lambda: i(variant="blend", strength=0.1), "use steps >= 10"),
         "repaint strength runs no step": (lambda: pipelines.inpaint(tiny, image, mask, "a", strength=0.05, steps=10),
                                           "strength=0.05 with steps=10 runs no step"),
+        # the suggested step count was searched from ceil(1/strength) up, for ever at 1e-25 (least ·
+        # strength rounds below 1 however large least grows); 5e-324 raised an OverflowError
+        "strength tiny": (lambda: pipelines.img2img(tiny, image, "a", strength=1e-25, steps=50),
+                          "strength=1e-25 with steps=50 runs no step (the last int(steps * strength) = 0 timesteps "
+                          "run); strength=0 for the VAE round trip"),
+        "strength subnormal": (lambda: pipelines.img2img(tiny, image, "a", strength=5e-324, steps=50),
+                               "strength=5e-324 with steps=50 runs no step"),
         # SD's leading spacing with steps_offset=1 puts t = 1000 outside the 1000 training timesteps
         "1000 ddim steps": (lambda: t(steps=1000, sampler="ddim"), "ddim: steps=1000 with timestep_spacing='leading' "
                             "and steps_offset=1 gives timesteps outside [0, 1000): [1000] (num_train_timesteps=1000); "

@@ -159,6 +159,31 @@ def test_timesteps_match_diffusers(name, steps):
         assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype)), (spacing, ours.timesteps, ref.timesteps)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("spacing, offset, steps", [("leading", 2, 500), ("leading", 1, 999), ("linspace", 0, 997)])
+def test_timesteps_of_other_offsets_match_diffusers_or_are_refused_whole(name, spacing, offset, steps):
+    """Each sampler checks the grid it runs: DPM++(2M)'s n + 1 points less the last at leading
+    spacing, steps_offset 2 and 500 steps run 502 ... 3 as diffusers' (refused for the t = 1000 of
+    the n-point grid it never uses). A schedule that is refused leaves the one set before whole:
+    DPM++ and Euler-a had taken the new timesteps or sigmas and kept the other from the old."""
+    cfg = SchedulerConfig(timestep_spacing=spacing, steps_offset=offset)
+    ref, ours = diffusers_scheduler(name, cfg), make_scheduler(name, cfg)
+    ours.set_timesteps(10)
+    kept = {k: getattr(ours, k, None) for k in ("timesteps", "sigmas", "num_inference_steps", "init_noise_sigma")}
+    ref.set_timesteps(steps)
+    ts = ref.timesteps.tolist()
+    if max(ts) >= cfg.num_train_timesteps or len(set(ts)) < len(ts):
+        with pytest.raises(ValueError, match=rf"{name}: steps={steps} with timestep_spacing='{spacing}'"):
+            ours.set_timesteps(steps)
+        for k, v in kept.items():
+            now = getattr(ours, k, None)
+            same = now is v or (isinstance(v, (torch.Tensor, np.ndarray)) and np.array_equal(np.asarray(now), np.asarray(v)))
+            assert same, f"{name}: {k} changed by a refused set_timesteps({steps})"
+        return
+    ours.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype)), (name, ours.timesteps[:3], ts[:3])
+
+
 def test_trailing_spacing_every_step_count():
     """diffusers' np.arange(T, 0, -T/n) yields an (n+1)-th value, -1, for some n (61, 103, ... at
     T = 1000); ours gives n timesteps for every n, equal to diffusers' wherever it gives n."""
@@ -381,6 +406,8 @@ def test_errors_name_the_valid_values():
         make_scheduler("ddim", cfg, timestep_spacing="karras")
     with pytest.raises(ValueError, match="eta"):
         make_scheduler("ddim", cfg, etta=0.5)
+    with pytest.raises(TypeError, match="ddim: use_clipped_model_output must be a bool, got str 'no'"):
+        make_scheduler("ddim", cfg, use_clipped_model_output="no")
     for name in ("ddpm", "ddim", "euler_a", "dpmpp_2m"):
         s = make_scheduler(name, cfg)
         with pytest.raises(RuntimeError, match="set_timesteps"):
@@ -468,12 +495,31 @@ def test_generator_left_where_diffusers_leaves_it(name, opts):
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 @pytest.mark.parametrize("t", [0, 500, 999])
 def test_undo_step_from_the_clean_sample_is_add_noise(name, t):
-    """q(x_t | x_{-1}) with x_{-1} = x0 (alpha_bar_{-1} = 1) is q(x_t | x0): RePaint's re-noising
-    from the clean sample equals the closed-form noising."""
-    s = make_scheduler(name, SchedulerConfig())
+    """q(x_t | x_{-1}) with x_{-1} = x0 (alpha_bar_{-1} = 1: DDPM's, DDIM's with set_alpha_to_one)
+    is q(x_t | x0): RePaint's re-noising from the clean sample equals the closed-form noising."""
+    s = make_scheduler(name, SchedulerConfig(set_alpha_to_one=True))
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     assert_close(s.undo_step(x0, -1, t, eps), s.add_noise(x0, eps, t), rel=REL, name=f"{name} undo_step -1 -> {t}")
+
+
+@pytest.mark.parametrize("name, set_alpha_to_one", [("ddpm", False), ("ddim", False), ("ddim", True)])
+@pytest.mark.parametrize("t", [0, 20])
+def test_undo_step_from_minus_one_starts_where_the_step_to_it_ended(name, set_alpha_to_one, t):
+    """RePaint's lowest jump: a step from level 0 to -1, then a re-noise from -1 up to t. With an exact
+    model the result must have level t's noise, sqrt(1 - alpha_bar_t), whatever alpha_bar_{-1} the
+    scheduler uses. DDIM without set_alpha_to_one (SD's config) lands at alpha_bar_0, not at the
+    clean sample; undo_step took -1 for clean and gave level 0 0.041 against 0.029 (1.4x)."""
+    s = make_scheduler(name, SchedulerConfig(set_alpha_to_one=set_alpha_to_one))
+    a0, at = float(s.alphas_cumprod[0]), float(s.alphas_cumprod[t])
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    eps, z = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    x_level0 = (1 - a0) ** 0.5 * eps  # x0 = 0 at level 0; the model predicts eps exactly
+    x_minus1 = s.step(eps, 0, x_level0, prev_t=-1, noise=torch.zeros(n)).prev_sample
+    std = s.undo_step(x_minus1, -1, t, z).std().item()
+    want = (1 - at) ** 0.5
+    assert abs(std / want - 1) < 0.01, f"{name} set_alpha_to_one={set_alpha_to_one}: -1 -> {t} std {std:.5f}, want {want:.5f}"
 
 
 @pytest.mark.parametrize("t_from, t_to, message", [
