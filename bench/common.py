@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -275,6 +276,21 @@ def one_thread_on_cpu(device: torch.device):
         torch.set_num_threads(saved)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that made a run, as one could type it again: a module of this repository run
+    with ``python -m`` (sys.argv[0] is then its file, ``/abs/path/bench/__main__.py``) as
+    ``python -m bench ...``, with no path of the machine it ran on; anything else as given."""
+    if argv:
+        try:
+            rel = Path(argv[0]).resolve().relative_to(REPO)
+        except ValueError:
+            rel = None
+        if rel is not None and rel.suffix == ".py" and rel.parts[0] == "bench":
+            module = ".".join(rel.with_suffix("").parts)
+            return shlex.join(["python", "-m", module.removesuffix(".__main__"), *argv[1:]])
+    return shlex.join(argv)
+
+
 def environment(device: torch.device) -> dict:
     from kernels import _launch
 
@@ -301,7 +317,7 @@ def environment(device: torch.device) -> dict:
         "triton_interpret": interpreting(),
         "triton_launch": _launch.mode(),  # direct once compiled, or Triton's dispatch and why
         "torch_threads": torch.get_num_threads(),
-        "argv": " ".join(sys.argv),
+        "argv": command_line(sys.argv),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -61,7 +61,7 @@ def _unsupported() -> str | None:
     neither on nor off is a ValueError naming it (importing kernels reads it)."""
     value = os.environ.get(ENV_VAR, "1").strip().lower()
     if value in OFF:
-        return f"{ENV_VAR}=0"
+        return f"{ENV_VAR}={os.environ[ENV_VAR]!r}"  # as set: an empty one is off too
     if value not in ON:
         raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 0 (or false, off, no) to launch every kernel "
                          "through Triton's dispatch, 1 (true, on, yes; the default) for direct launches")

@@ -1156,6 +1156,8 @@ def _check_args(q, k, v, scale, causal):
         raise ValueError(f"attention expects (B, H, L, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[-1] == 0:  # the default scale D**-0.5 has no value; an explicit one scores nothing
+        raise ValueError(f"attention: head dim D must be >= 1, got q{tuple(q.shape)}")
     if not q.dtype == k.dtype == v.dtype and autocast_dtype(q.device.type) is None:  # autocast casts them
         raise TypeError(f"attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} differ (outside autocast "
                         "they must match, as for torch's matmul and SDPA)")
@@ -1165,6 +1167,9 @@ def _check_args(q, k, v, scale, causal):
     if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # a tensor's values stay on the device
         raise ValueError(f"attention: scale must be finite, got {scale}")
     if isinstance(scale, torch.Tensor):  # it multiplies the (B, H, Lq, Lkv) scores
+        if scale.device != q.device and scale.dim() > 0:  # torch mixes devices for a 0-dim CPU tensor only
+            raise ValueError(f"attention: scale{tuple(scale.shape)} is on {scale.device}, q on {q.device} (a "
+                             "tensor scale goes on q's device, or is a 0-dim CPU tensor)")
         (b, h), shape = q.shape[:2], tuple(scale.shape)
         full = (1,) * (4 - len(shape)) + shape  # as broadcasting aligns it: (H, 1, 1) is per head too
         if not (len(shape) <= 4 and full[2:] == (1, 1) and full[0] in (1, b) and full[1] in (1, h)):

@@ -949,7 +949,7 @@ def _check_args(x, weight, bias, groups, eps, activation) -> int:
     group_norm_silu_triton called directly; returns ``groups`` as an int (numpy integers too, as
     torch's group_norm takes them)."""
     if activation not in ("silu", None):
-        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        raise ValueError(f"group_norm_silu: activation must be 'silu' or None, got {activation!r}")
     # type(v) is int / float first: an ABC isinstance costs ~0.45 µs, on every call
     if not (type(groups) is int or (isinstance(groups, numbers.Integral) and not isinstance(groups, bool))) \
             or groups <= 0:

@@ -304,8 +304,15 @@ def _validate_one(op: str, backend: BackendName) -> BackendName:
             f"unknown backend {backend!r} for op {op!r}; valid: {', '.join(backends(op))}"
         ) from None
     if str(b) not in backends(op):
-        raise ValueError(f"op {op!r} has no {str(b)!r} backend; valid: {', '.join(backends(op))}")
+        shipped = SHIPPED_PLUGINS.get((op, str(b)))
+        hint = (f" (it is registered by the research plugin {shipped}: --plugin {shipped} on the command lines, "
+                f"kernels.load_plugin({shipped!r}) in code)" if shipped else "")
+        raise ValueError(f"op {op!r} has no {str(b)!r} backend{hint}; valid: {', '.join(backends(op))}")
     return b
+
+
+# research backends this repository ships as plugins, not loaded with kernels: (op, backend) -> module
+SHIPPED_PLUGINS = {("attention", "gluon_sm90"): "kernels.attention_sm90"}
 
 
 def _validate(op: str, backend: BackendName) -> BackendName:
@@ -335,12 +342,18 @@ def _parse_env_uncached(value: str) -> dict[str, BackendName]:
         return {}
     if "=" not in value:
         name = value.strip(" ,")  # "triton," as "a=x," is fine
+        if not name:
+            raise ValueError(f"{ENV_VAR}={value!r} names no backend; write one for every op ('triton') or "
+                             "'op=backend' items ('attention=triton,group_norm_silu=reference')")
         if CHAIN_SEP in name:
             raise ValueError(f"{ENV_VAR}={value!r}: a fallback chain names one op's backends, "
                              f"e.g. 'attention={name}'")
         if name not in all_backends():
-            hint = f" ({name!r} is an op: write {name}=<backend>)" if name in _OPS else ""
-            raise ValueError(f"{ENV_VAR}={value!r}: unknown backend{hint}; valid: {', '.join(all_backends())}")
+            op = name.partition(":")[0].strip()
+            hint = (f" ({name!r} is an op: write {name}=<backend>)" if name in _OPS else
+                    f" (an op's backend is written {op}=<backend>)" if op in _OPS else "")
+            raise ValueError(f"{ENV_VAR}={value!r}: unknown backend {name!r}{hint}; valid: "
+                             f"{', '.join(all_backends())}")
         b = _canonical(name)
         return {op: b for op in ops() if name in backends(op)}
     out = {}
@@ -694,10 +707,12 @@ def set_backend(backend: BackendName | None = None, /, **per_op: BackendName | N
             _GLOBAL[op] = b
 
 
-def describe(device: str | int | torch.device | None = None) -> str:
+def describe(device: str | int | torch.device | torch.Tensor | None = None) -> str:
     """What each op resolves to for an input on ``device`` (default: cuda if present; an int: that
-    CUDA device) and why."""
+    CUDA device; a tensor: its device) and why."""
     try:
+        if isinstance(device, torch.Tensor):  # its printout in the error below said nothing of use
+            device = device.device
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif isinstance(device, int) and not isinstance(device, bool):  # an index, as torch.device(0)
@@ -787,7 +802,7 @@ def unload_plugin(spec: str) -> None:
     earlier implementation back, unless something replaced it again since; torch ops it defined
     with :func:`define_op` are dropped. Nothing happens for a plugin that was never loaded (its
     module, if imported otherwise, stays)."""
-    name, _ = _plugin_module(spec)
+    name, _ = _plugin_module(spec, must_exist=False)  # a file deleted since: its backends still go
     if name not in _PLUGINS:
         return
     _undefine(_PLUGIN_OPS.pop(name, ()))
@@ -807,12 +822,13 @@ def unload_plugin(spec: str) -> None:
     sys.modules.pop(name, None)
 
 
-def _plugin_module(spec: str) -> tuple[str, Path | None]:
-    """(module name, file path or None) of a plugin spec."""
+def _plugin_module(spec: str, must_exist: bool = True) -> tuple[str, Path | None]:
+    """(module name, file path or None) of a plugin spec; a file that is gone is an error unless
+    ``must_exist`` is False (unloading what it registered needs only its name)."""
     if not spec.endswith(".py"):
         return spec, None
     path = Path(spec).resolve()
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise FileNotFoundError(f"plugin {spec}: no such file")
     # the path's hash keeps two plugins of one file name in different folders apart
     return f"sdlab_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}", path

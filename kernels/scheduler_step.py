@@ -42,7 +42,9 @@ after that (kernels/_launch.py). bench ops on an H100, 2026-11-23 (bench/results
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -70,11 +72,40 @@ class StepCoefficients:
     c3: float = 0.0
     sigma: float = 0.0
 
+    def __post_init__(self):
+        """Real, finite numbers (clip may be None); a_d non-zero, and b_d where eps is used (c2 != 0):
+        a string, a bool or a NaN would reach the backends as something else (the reference and
+        Triton took "1" apart) or as NaN outputs."""
+        for name in _COEFFICIENTS:
+            v = getattr(self, name)
+            if v is None and name == "clip":
+                continue
+            _check_real(f"StepCoefficients.{name}", v)
+        if self.a_d == 0:
+            raise ValueError(f"scheduler_step: StepCoefficients.a_d={self.a_d} divides x0; it may not be 0")
+        if self.b_d == 0 and self.c2 != 0:
+            raise ValueError(f"scheduler_step: StepCoefficients.b_d={self.b_d} divides eps, which c2={self.c2} "
+                             "uses; it may be 0 only with c2 = 0")
+
+
+def _check_real(name: str, v) -> None:
+    """A finite real number (Python, numpy), not a bool: TypeError / ValueError naming ``name``."""
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise TypeError(f"scheduler_step: {name} must be a real number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"scheduler_step: {name} must be finite, got {v!r}")
+
+
+_COEFFICIENTS = tuple(f.name for f in fields(StepCoefficients))
+
 
 def _check_args(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0, noise=None, prev_x0=None,
                 mask=None, known=None, return_x0=False, out=None, out_x0=None):
     """What every backend needs (TypeError / ValueError naming the argument), made by the op and by
     scheduler_step_triton called directly."""
+    _check_real("guidance_scale", guidance_scale)
+    if not isinstance(return_x0, bool):  # a truthy "False" returned x0
+        raise TypeError(f"scheduler_step: return_x0 must be a bool, got {type(return_x0).__name__} {return_x0!r}")
     if model_output_uncond is None and guidance_scale != 1.0:
         raise ValueError(f"scheduler_step: guidance_scale={guidance_scale} needs model_output_uncond "
                          "(without it there is nothing to guide)")

@@ -311,9 +311,17 @@ def open_image(name: str, path: Path):
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--{name} {path}: not a readable image: {e}") from e
     image = ImageOps.exif_transpose(image)
-    if name == "mask" and image.mode in ("RGB", "RGBA", "LA", "P"):  # editors' exports: their luminance
+    if name == "mask" and image.mode in _COLOUR_MODES:  # editors' exports: their luminance
         image = image.convert("L")
+    elif name == "mask" and image.mode in ("I", "F"):  # 32-bit: is 1 white, or 255, or 65535?
+        raise ValueError(f"--mask {path}: a 32-bit {'integer' if image.mode == 'I' else 'float'} image (PIL mode "
+                         f"{image.mode!r}) has no white to read 1 = repaint from; save the mask as 8- or 16-bit "
+                         "grayscale, black and white, or colour")
     return image
+
+
+# colour and palette modes (with alpha or not), whose luminance a mask is read as
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "La", "P", "PA")
 
 
 def parse_dtype(name: str) -> str:
@@ -409,6 +417,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
     from .common import check_backends
 
     spec = job["kernels"]
+    named = "the sidecar's " if kernels_source == "sidecar" else "--"  # replay has no --plugin
     for plugin in job["plugins"]:  # before the spec is read: it may name their backends
         recorded = job.get("plugin_sha256", {}).get(plugin)
         if recorded and Path(plugin).is_file() and sha256(Path(plugin)) != recorded:
@@ -417,9 +426,9 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
         try:
             loaded = kernels.load_plugin(plugin)
         except Exception as e:  # whatever its code raises: one line naming the plugin and where
-            raise ValueError(f"--{kernels.registry.plugin_error(plugin, e)}") from e
+            raise ValueError(f"{named}{kernels.registry.plugin_error(plugin, e)}") from e
         if not loaded:  # as bench and pytest's --sdlab-plugin: an error, not a no-op
-            raise ValueError(f"--plugin {plugin}: it registered no backend (kernels.register(op, name))")
+            raise ValueError(f"{named}plugin {plugin}: it registered no backend (kernels.register(op, name))")
     job["model"]["device"] = resolve_device(job["model"]["device"])
     dtype = getattr(torch, parse_dtype(job["model"]["dtype"]))
     images = {}
@@ -553,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"noise level to start from, 0 = keep the image, 1 = pure noise (default {strength})")
         if command == "inpaint":
             g.add_argument("--mask", type=path_arg, required=True, metavar="PATH",
-                           help="mask image, white = repaint; a colour or palette image is read as its luminance")
+                           help="mask image, white = repaint: 8- or 16-bit grayscale or black and white; a colour or "
+                                "palette image (CMYK included) is read as its luminance")
             add_inpainting(p.add_argument_group("inpainting"))
         g = p.add_argument_group("output")
         g.add_argument("--out", type=path_arg, required=True, metavar="DIR",

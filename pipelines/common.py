@@ -77,6 +77,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_model(model) -> None:
+    """A StableDiffusion (any of sdcore's, or a subclass): None or a preset name failed later with an
+    AttributeError on ``.config``."""
+    from sdcore.model import StableDiffusion
+
+    if not isinstance(model, StableDiffusion):
+        hint = (f"; load {model!r} first: sdcore.load(path) or sdcore.StableDiffusion.from_preset(name)"
+                if isinstance(model, str) else "")
+        raise TypeError(f"model must be an sdcore.StableDiffusion (sdcore.load, StableDiffusion.from_preset), "
+                        f"got {type(model).__name__}{hint}")
+
+
 def check_strength(strength, steps) -> float:
     """strength in [0, 1]; above 0 it must leave at least one of ``steps`` to run (strength_start),
     or the pipeline would quietly return the VAE round trip of the image (diffusers raises too)."""
@@ -603,6 +615,7 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     timesteps set (``own_levels``: not set, the caller steps between its own levels with ``prev_t``,
     as RePaint; ``strength``: the last ``int(steps * strength)`` of them run, :attr:`Setup.timesteps`),
     encode the prompt."""
+    check_model(model)
     prompts = as_prompts(prompt)
     check_bool("resize", resize)
     check_bool("progress", progress)

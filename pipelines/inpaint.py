@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_bool, check_choice, check_int,
-                     check_strength, denoise, encode_image, expand_batch, initial_noise, load_image, mask_to_tensor,
-                     model_device_dtype, plain_plan, setup, strength_start)
+                     check_model, check_strength, denoise, encode_image, expand_batch, initial_noise, load_image,
+                     mask_to_tensor, model_device_dtype, plain_plan, setup, strength_start)
 
 VARIANTS = ("repaint", "unet9", "blend")
 
@@ -62,6 +62,7 @@ def repaint_plan(steps: int, jump_length: int, jump_n_sample: int, num_train_tim
 
 
 def _check_variant(model, variant: str, sampler) -> None:
+    check_model(model)
     check_choice("inpaint variant", variant, VARIANTS)
     in_ch = model.config.unet.in_channels
     if variant == "unet9" and in_ch != 9:

@@ -307,6 +307,21 @@ def test_arguments_no_backend_reads_alike_are_refused_by_the_op(backend, kwargs,
         attention_triton(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_head_dim_0_and_a_scale_elsewhere_are_refused_by_the_op(backend):
+    """D = 0: the reference raised ZeroDivisionError (0.0 ** -0.5), Triton named a false limit
+    ("not a multiple of 8"), SDPA returned an empty tensor. A per-head scale on another device than
+    q: torch's "Tensor on device cpu is not on the expected device" from inside the reference."""
+    q = torch.zeros(1, 2, 8, 0)
+    with kernels.use(attention=backend), pytest.raises(ValueError, match=re.escape("head dim D must be >= 1, "
+                                                                                   "got q(1, 2, 8, 0)")):
+        kernels.attention(q, q, q)
+    q = torch.zeros(1, 2, 8, 16, device="meta")
+    with kernels.use(attention=backend), pytest.raises(ValueError, match=re.escape(
+            "scale(1, 2, 1, 1) is on cpu, q on meta (a tensor scale goes on q's device, or is a 0-dim CPU tensor)")):
+        kernels.attention(q, q, q, scale=torch.full((1, 2, 1, 1), 0.25))
+
+
 def test_a_head_spanning_2_31_elements_is_refused(device):
     """The kernels index within a head in 32 bits: a (1, 1, 3, 16) view with a row stride of 2**30
     (a 4 GiB storage, allocated but never touched) spans 2**31 elements and is refused by name,

@@ -38,6 +38,22 @@ def _qkv(b, h, lq, lkv, d, dtype=torch.float16, device="cpu", layout="unet", see
     return t(lq), t(lkv), t(lkv)
 
 
+def test_named_before_loading_it_says_how_to_load_it():
+    """`--kernels attention=gluon_sm90` (a README example) without the plugin said only "has no
+    'gluon_sm90' backend"; it names the module to load, which registers that very name."""
+    from kernels.registry import SHIPPED_PLUGINS
+
+    assert SHIPPED_PLUGINS == {("attention", NAME): "kernels.attention_sm90"}
+    if NAME in kernels.backends("attention"):
+        pytest.skip("the plugin is loaded in this session")
+    with pytest.raises(ValueError, match=re.escape(
+            f"op 'attention' has no '{NAME}' backend (it is registered by the research plugin kernels.attention_sm90: "
+            "--plugin kernels.attention_sm90 on the command lines, kernels.load_plugin('kernels.attention_sm90') in "
+            "code)")):
+        with kernels.use(attention=f"{NAME}/triton"):
+            pass
+
+
 def test_registered_as_a_research_backend(sm90):
     """Switched like any backend, never the default: a CPU input under the default runs the
     reference, and choosing it explicitly names what it needs."""

@@ -325,3 +325,14 @@ def test_a_results_json_the_tool_wrote_is_merged_through_the_cli(tmp_path, suite
     assert main(["ops", "--quick", "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 0
     assert sorted(r["suite"] for r in _read(tmp_path)["rows"]) == ["ops", "unet_step"]
     assert suites["ops"] == 2 and "kept 1 earlier row(s)" in capsys.readouterr().err
+
+
+def test_the_recorded_command_can_be_typed_again():
+    """`python -m bench ...` has sys.argv[0] = the absolute path of bench/__main__.py: recorded as
+    such, the command failed when re-run (`python bench/__main__.py`: relative imports) and put the
+    machine's paths into committed results. It is recorded as the module, its arguments quoted."""
+    main, host = str(common.REPO / "bench" / "__main__.py"), str(common.REPO / "bench" / "host.py")
+    assert common.command_line([main, "ops", "--out", "/tmp/a b"]) == "python -m bench ops --out '/tmp/a b'"
+    assert common.command_line([host, "--json"]) == "python -m bench.host --json"
+    assert common.command_line(["/usr/bin/pytest", "-q", "bench/"]) == "/usr/bin/pytest -q bench/"
+    assert common.command_line([]) == ""

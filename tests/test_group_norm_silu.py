@@ -502,7 +502,7 @@ def test_invalid_inputs_raise():
         kernels.group_norm_silu(x, None, None, 6, eps="1e-5")
     with pytest.raises(ValueError, match=r"x\(30,\) needs \(N, C, \*spatial\) dims"):
         kernels.group_norm_silu(torch.randn(30), None, None, 6)
-    with pytest.raises(ValueError, match="'gelu'"):
+    with pytest.raises(ValueError, match="group_norm_silu: activation must be 'silu' or None, got 'gelu'"):
         kernels.group_norm_silu(x, None, None, 6, activation="gelu")
     np = pytest.importorskip("numpy")
     assert torch.equal(kernels.group_norm_silu(x, None, None, np.int64(6)), kernels.group_norm_silu(x, None, None, 6))

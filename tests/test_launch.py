@@ -210,7 +210,8 @@ def test_env_var_turns_direct_launches_off(monkeypatch, value, off):
     `VAR= cmd` leaves it), turns direct launches off by name; 1 leaves the other reasons to decide.
     "false" used to leave them on."""
     monkeypatch.setenv(_launch.ENV_VAR, value)
-    assert (_launch._unsupported() == f"{_launch.ENV_VAR}=0") is off, _launch._unsupported()
+    # the reason quotes the value as set (an empty one read "=0")
+    assert (_launch._unsupported() == f"{_launch.ENV_VAR}={value!r}") is off, _launch._unsupported()
 
 
 def test_env_var_of_another_value_is_an_error(monkeypatch):

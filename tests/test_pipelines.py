@@ -460,6 +460,13 @@ def _errors(tiny, tiny9, image, mask):
                                                 steps=1),
                       "image tensor has 12288 NaN or infinite values"),
         "jump_length 0": (lambda: i(jump_length=0), "jump_length must be an integer >= 1"),
+        # an AttributeError on .config before
+        "model None": (lambda: pipelines.txt2img(None, "a", steps=1), "model must be an sdcore.StableDiffusion "
+                       "(sdcore.load, StableDiffusion.from_preset), got NoneType", TypeError),
+        "model a preset name": (lambda: pipelines.img2img("tiny", image, "a", steps=2),
+                                "got str; load 'tiny' first: sdcore.load(path) or", TypeError),
+        "inpaint model None": (lambda: pipelines.inpaint(None, image, mask, "a", steps=1),
+                               "model must be an sdcore.StableDiffusion", TypeError),
         "cfg_scale nan": (lambda: t(cfg_scale=float("nan")), "cfg_scale must be a finite number (1 = no guidance), "
                                                              "got nan"),
         "cfg_scale inf": (lambda: t(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
@@ -606,6 +613,12 @@ def test_cli_plugin_backend_runs_and_replays(tmp_path, plugin_file, capsys):
     with pytest.raises(SystemExit):
         main([*base[:-1], str(empty), "--out", str(tmp_path / "e")])
     assert "it registered no backend" in capsys.readouterr().err
+    # replay has no --plugin: a plugin file gone since is the sidecar's
+    kernels.unload_plugin(str(plugin_file))
+    plugin_file.unlink()
+    with pytest.raises(SystemExit):
+        main(["replay", str(sidecar), "--no-progress", "--out", str(tmp_path / "f")])
+    assert f"error: the sidecar's plugin {plugin_file}: no such file" in capsys.readouterr().err
 
 
 def test_replay_takes_the_recorded_backends_not_the_environment(tmp_path, monkeypatch):
@@ -1450,21 +1463,37 @@ def test_replay_keeps_the_recorded_repaint_jumps(tmp_path):
     assert (params["jump_length"], params["jump_n_sample"]) == (None, None), params
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "CMYK"])
 def test_cli_reads_an_alpha_mask_as_its_luminance(tmp_path, mode):
-    """An editor's RGBA or LA mask export is opened as mode "L" (its luminance), which mask_to_tensor
-    takes; left as RGBA/LA it was refused as not single-channel."""
+    """An editor's RGBA, LA or CMYK mask export is opened as mode "L" (its luminance), which
+    mask_to_tensor takes; left as it was it was refused as not single-channel (CMYK with advice
+    for Python, mask.convert('L'), on the command line)."""
     from pipelines.__main__ import open_image
 
     lum = np.zeros((8, 8), np.uint8)
     lum[2:6, 1:5] = 255
     chans = [lum, lum, lum] if mode == "RGBA" else [lum]
-    Image.fromarray(np.stack([*chans, np.full((8, 8), 255, np.uint8)], axis=-1), mode).save(tmp_path / "m.png")
-    m = open_image("mask", tmp_path / "m.png")
+    if mode == "CMYK":
+        Image.fromarray(np.stack([lum] * 3, axis=-1), "RGB").convert("CMYK").save(tmp_path / "m.tiff")
+    else:
+        Image.fromarray(np.stack([*chans, np.full((8, 8), 255, np.uint8)], axis=-1), mode).save(tmp_path / "m.png")
+    m = open_image("mask", tmp_path / ("m.tiff" if mode == "CMYK" else "m.png"))
     assert m.mode == "L", f"{mode} mask opened as mode {m.mode!r}, want 'L'"
     got = mask_to_tensor(m, (8, 8), 1, False)
     want = torch.from_numpy(lum.astype(np.float32) / 255)[None, None]
     assert torch.equal(got, want), describe_diff(got, want)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_cli_refuses_a_32_bit_mask_in_its_own_words(tmp_path, mode):
+    """A 32-bit mask has no white to read: refused naming the file and what to save instead (it
+    reached mask_to_tensor, whose message tells a Python caller to call mask.convert('L'))."""
+    from pipelines.__main__ import open_image
+
+    Image.fromarray(np.zeros((8, 8), np.int32 if mode == "I" else np.float32), mode).save(tmp_path / "m.tiff")
+    with pytest.raises(ValueError) as e:
+        open_image("mask", tmp_path / "m.tiff")
+    assert f"--mask {tmp_path / 'm.tiff'}: a 32-bit" in str(e.value) and "convert(" not in str(e.value), str(e.value)
 
 
 def test_big_endian_sixteen_bit_images_are_read_over_65535():

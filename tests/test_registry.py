@@ -101,10 +101,13 @@ def test_env_var_forms(toy_op, monkeypatch, value, expected):
 
 
 @pytest.mark.parametrize("value, needle", [
-    ("cuda", "unknown backend"),
+    ("cuda", "unknown backend 'cuda'"),
     ("toy_op=fast", "valid: reference, triton, compile"),
     ("nosuchop=triton", "known ops"),
-    ("toy_op", r"unknown backend \('toy_op' is an op: write toy_op=<backend>\)"),
+    ("toy_op", r"unknown backend 'toy_op' \('toy_op' is an op: write toy_op=<backend>\)"),
+    # the two below said "unknown backend; valid: ..." without the item
+    ("toy_op:triton", r"unknown backend 'toy_op:triton' \(an op's backend is written toy_op=<backend>\)"),
+    (" , ", "names no backend; write one for every op"),
     ("toy_op=triton,toy_op=reference", "op 'toy_op' is named twice"),
     ("=triton", "expected 'op=backend'"),
     ("toy_op=sdpa", "has no 'sdpa' backend"),
@@ -474,6 +477,8 @@ def test_describe_names_each_op_and_the_reason(toy_op, monkeypatch):
     cuda = next(l for l in kernels.describe("cuda").splitlines() if l.startswith("toy_op"))
     assert "default (CUDA input" in cuda or registry.triton_available(), cuda
     assert kernels.describe(0) == kernels.describe("cuda:0")  # an index is a CUDA device, not "none given"
+    # a tensor is described on its device (its printout was the error message)
+    assert kernels.describe(torch.zeros(2, device="meta")) == kernels.describe("meta")
     with pytest.raises(ValueError, match="describe: device 'gpu': .*cpu, cuda"):  # torch's bare RuntimeError
         kernels.describe("gpu")
 
@@ -735,6 +740,24 @@ def test_a_plugin_with_its_own_op_reloads_its_edited_code_and_unloads_whole(tmp_
     finally:
         kernels.unload_plugin(str(path))
     assert "plugin_scale" not in kernels.ops()
+
+
+def test_a_plugin_whose_file_is_gone_still_unloads(tmp_path):
+    """unload_plugin needs only the plugin's name: with its file deleted it raised FileNotFoundError
+    and its backends stayed registered; loading it again says the file is gone."""
+    path = tmp_path / "gone.py"
+    path.write_text(PLUGIN_NEW_OP.format(offset=0.0))
+    try:
+        kernels.load_plugin(str(path))
+        path.unlink()
+        kernels.unload_plugin(str(path))
+        assert "plugin_scale" not in kernels.ops()
+        with pytest.raises(FileNotFoundError, match=f"plugin {re.escape(str(path))}: no such file"):
+            kernels.load_plugin(str(path))
+    finally:
+        if "plugin_scale" in kernels.ops():
+            path.write_text(PLUGIN_NEW_OP.format(offset=0.0))
+            kernels.unload_plugin(str(path))
 
 
 def test_unloading_a_plugin_gives_back_what_it_replaced(tmp_path):

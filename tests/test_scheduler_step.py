@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,6 +204,33 @@ def test_contract_errors():
         kernels.scheduler_step(x, o, StepCoefficients(c1=1.0), mask=d["mask"][:, :, :3], known=d["known"])
     with pytest.raises(TypeError, match="StepCoefficients"):
         kernels.scheduler_step(x, o, {"c1": 1.0})
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # each ran before: float(None) without the argument's name, "7.5" parsed, NaN output, "False" truthy
+    (lambda x, k: kernels.scheduler_step(x, x, k, model_output_uncond=x, guidance_scale=None), TypeError,
+     "guidance_scale must be a real number, got NoneType None"),
+    (lambda x, k: kernels.scheduler_step(x, x, k, model_output_uncond=x, guidance_scale="7.5"), TypeError,
+     "guidance_scale must be a real number, got str '7.5'"),
+    (lambda x, k: kernels.scheduler_step(x, x, k, model_output_uncond=x, guidance_scale=float("nan")), ValueError,
+     "guidance_scale must be finite, got nan"),
+    (lambda x, k: kernels.scheduler_step(x, x, k, return_x0="False"), TypeError,
+     "return_x0 must be a bool, got str 'False'"),
+    # the reference failed with an indexing message, Triton ran "1"; a NaN or a zero divisor made NaNs
+    (lambda x, k: StepCoefficients(a_x="1"), TypeError, "StepCoefficients.a_x must be a real number, got str '1'"),
+    (lambda x, k: StepCoefficients(c1=True), TypeError, "StepCoefficients.c1 must be a real number, got bool True"),
+    (lambda x, k: StepCoefficients(sigma=float("inf")), ValueError, "StepCoefficients.sigma must be finite, got inf"),
+    (lambda x, k: StepCoefficients(clip=float("nan")), ValueError, "StepCoefficients.clip must be finite"),
+    (lambda x, k: StepCoefficients(a_d=0.0), ValueError, "StepCoefficients.a_d=0.0 divides x0; it may not be 0"),
+    (lambda x, k: StepCoefficients(b_d=0.0, c2=0.5), ValueError, "b_d=0.0 divides eps, which c2=0.5 uses"),
+])
+def test_scalar_arguments_are_checked_by_name(call, error, message):
+    x = torch.zeros(1, 4, 3, 5)
+    with pytest.raises(error) as e:
+        call(x, StepCoefficients(c1=1.0))
+    assert message in str(e.value), str(e.value)
+    for ok in (StepCoefficients(a_x=np.float32(1.0), c0=1, clip=None), StepCoefficients(clip=np.float64(1.0))):
+        kernels.scheduler_step(x, x, ok, model_output_uncond=x, guidance_scale=np.float32(7.5))  # numpy reals: fine
 
 
 @pytest.mark.parametrize("shape, target", [
