@@ -259,10 +259,14 @@ def test_stable_statistics_with_large_mean(device, path, offset, seed):
     """|mean| / std ~ 300 and 3000: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance;
     a mean folded into the shift (x * scale - mean * scale) or kept in fp32 costs ~|mean| / std
     ulps (1e-5 at 300, where torch's fp32 group_norm misses it on some seeds: the kernel takes its
-    statistics of x less the group's first element); each path, over several seeds."""
+    statistics of x less the group's first element); each path, over several seeds. The backward
+    after each path: it recomputes xhat as ((x - pivot) - mean) * rstd too (x - mean, its mean
+    rounded to fp32, cost dx 1.9e-5 at |mean| / std ~ 1000 and 2.5e-4 at 10000)."""
     x, w, b = _inputs((1, 16, 8, 8), torch.float32, device, seed=seed)
     x = x + offset
-    _check_forward(x, w, b, 4, "silu", _config(x, 4, single_pass=PATHS[path]))
+    cfg = _config(x, 4, single_pass=PATHS[path])
+    _check_forward(x, w, b, 4, "silu", cfg)
+    _check_backward(x, w, b, 4, "silu", cfg)
 
 
 FULL_H100 = PROGRAMS_PER_SM * H100_SMS  # programs a launch should have at batch 1-2

@@ -66,14 +66,15 @@ def test_attention_uses_tensor_cores_and_16_byte_loads(compiled):
 def test_group_norm_tile_loads_are_16_bytes(compiled):
     """x and dy tiles load as 16-byte vectors, in NCHW (along H * W) and in channels_last (along
     C: 40 channels per group, known at compile time); the only narrow loads are per-channel
-    weight/bias (2 bytes each, at most 4 sites) and the fp32 per-group statistics (at most 4)."""
+    weight/bias (2 bytes each, at most 4 sites), the fp32 per-group statistics (at most 4) and the
+    group's first element, the pivot its statistics are taken about (one scalar per program)."""
     gn = [rec for rec in compiled if rec["case"].startswith("group_norm_silu")]
     assert {rec["kernel"] for rec in gn} == {"_fused_kernel", "_stats_kernel", "_apply_kernel",
                                             "_bwd_reduce_kernel", "_bwd_dx_kernel"}, gn
     for rec in gn:
         wide = sum(n for op, n in rec["global_loads"].items() if wide_load(op))
         assert wide >= 1, f"{rec['kernel']}: no 16-byte loads: {rec['global_loads']}"
-        assert rec["narrow_loads"] <= 8, f"{rec['kernel']}: {rec['global_loads']}"
+        assert rec["narrow_loads"] <= 9, f"{rec['kernel']}: {rec['global_loads']}"
 
 
 def test_attention_inner_loop_is_the_key_block_loop(compiled):
