@@ -114,9 +114,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # branch + x, as diffusers: with x first the sums kept the layout of the token view
+        # (B, h·w, C) of a conv output, which Inductor's dynamic shapes failed to lower at proj_out
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
 
 
 class SpatialTransformer(nn.Module):
@@ -151,8 +153,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)  # a channels_last view when use_linear
-        if not self.use_linear:
-            x = self.proj_out(x)
+        if not self.use_linear:  # a copy first, as diffusers: torch.compile(dynamic=True) failed on the view
+            x = self.proj_out(x.contiguous())
         # x_in first: the sum takes the block input's memory format (diffusers copies to contiguous
         # here); a channels_last sum sent the next GroupNorm down torch's CPU channels_last path,
         # 6e-5 from fp64 at batch 3 against 2.5e-6

@@ -159,6 +159,25 @@ def test_dynamic_shapes_trace_once_for_every_size():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_inductor_compiles_the_spatial_transformer_with_dynamic_shapes():
+    """torch.compile(dynamic=True) with Inductor of a strided conv into sdcore's SpatialTransformer
+    (the tiny UNet's 64 channels, batch 2, 7 context tokens, a 7x5 latent): the residual sums took
+    the layout of the conv output's token view, and Inductor failed lowering proj_out on it
+    (ValueRangeError: Invalid ranges [0:-1]); so did a whole compiled UNet at its second latent
+    size, where diffusers' compiled. One compile, about 25 s on a CPU."""
+    from sdcore.unet import SpatialTransformer
+
+    torch.manual_seed(0)
+    conv, st = torch.nn.Conv2d(4, 64, 3, stride=2, padding=1), SpatialTransformer(64, SDConfig.preset("tiny").unet)
+
+    def f(x, ctx):
+        return st(conv(x), ctx)
+
+    x, ctx = _randn(2, 4, 7, 5), _randn(2, 7, 32)
+    with torch.no_grad(), kernels.use("reference"):
+        assert_close(torch.compile(f, dynamic=True)(x, ctx), f(x, ctx), rel=1e-5, name="compiled vs eager")
+
+
 def test_export_holds_one_op_per_call_and_runs_nothing():
     """torch.export (strict: dynamo, any graph break fails) of a UNet with every op on triton: one
     sdlab op per GroupNorm and attention call the eager reference makes, and no kernel runs while
