@@ -212,13 +212,59 @@ def test_backward_fp16_delta_in_fp32(device):
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
     o, lse = _forward(q, k, v)
     got = _backward(do, q, k, v, o, lse)
+    for name, g, w in zip(("dq", "dk", "dv"), got, _fp64_grads(q, k, v, o, do)):
+        assert_close(g, w, rel=2e-3, name=f"{name}, v = 64 + N(0, 1), fp16")
+
+
+def _fp64_grads(q, k, v, o, do):
+    """(dq, dk, dv) in fp64 from the kernel's own o: the backward's error alone (o's rounding is
+    the forward's)."""
     q64, k64, v64, do64, o64 = (t.double() for t in (q, k, v, do, o))
     scale = q.shape[-1] ** -0.5
     p = torch.softmax(q64 @ k64.transpose(-1, -2) * scale, -1)
     ds = p * (do64 @ v64.transpose(-1, -2) - (do64 * o64).sum(-1, keepdim=True))
-    want = (scale * ds @ k64, scale * ds.transpose(-1, -2) @ q64, p.transpose(-1, -2) @ do64)
-    for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close(g, w, rel=2e-3, name=f"{name}, v = 64 + N(0, 1), fp16")
+    return scale * ds @ k64, scale * ds.transpose(-1, -2) @ q64, p.transpose(-1, -2) @ do64
+
+
+def test_backward_fp16_scales_ds_after_its_16_bit_cast(device):
+    """dS = P ∘ (dP - delta) is cast to fp16 for the dK and dQ matmuls unscaled, the softmax scale
+    applied to their fp32 results. Over 2048 keys with a small upstream gradient dS is ~1e-5: scaled
+    by D**-0.5 first, it fell into fp16's subnormals (dk 3.3e-3 from fp64 against 5.8e-4), which
+    a rule relative to torch's own fp16 error cannot see (torch scales first too)."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s, c=1.0: (c * torch.randn(*s, generator=g)).to(device, torch.float16)  # noqa: E731
+    q, k, v, do = rand(1, 1, 256, 64, c=0.3), rand(1, 1, 2048, 64), rand(1, 1, 2048, 64), rand(1, 1, 256, 64, c=0.01)
+    o, lse = _forward(q, k, v)
+    got = _backward(do, q, k, v, o, lse)
+    for name, g_, w in zip(("dq", "dk", "dv"), got, _fp64_grads(q, k, v, o, do)):
+        assert_close(g_, w, rel=1.5e-3, name=f"{name}, 2048 keys, dO ~ 0.01, fp16")
+
+
+def test_writes_stay_inside_their_outputs(device):
+    """o, dq, dk and dv written into views of NaN-filled buffers with guard rows past L and guard
+    columns past D (40, padded to 64 in the kernels): no store reaches the guard. A store without
+    its row or column mask corrupted neighbouring memory, which the CPU tests saw only when the
+    allocator happened to crash."""
+    b, h, lq, lkv, d = 1, 2, 37, 77, 40
+    q, k, v = (t.detach() for t in make_qkv((b, h, lq, lkv, d), torch.float32, device))
+
+    def guarded(n):
+        buf = torch.full((b, n + 16, h, 64), float("nan"), device=device)
+        return buf, buf[:, :n, :, :d].transpose(1, 2)
+
+    def intact(buf, n, name):
+        assert buf[:, n:].isnan().all() and buf[:, :n, :, d:].isnan().all(), f"{name} wrote past its rows or columns"
+
+    buf, out = guarded(lq)
+    with torch.no_grad():
+        attention_triton(q, k, v, out=out)
+    intact(buf, lq, "o")
+    o, lse = _forward(q, k, v)
+    grads = [guarded(n) for n in (lq, lkv, lkv)]
+    _backward(torch.randn_like(q), q, k, v, o, lse, None, *(view for _, view in grads))
+    for (gbuf, view), n, name in zip(grads, (lq, lkv, lkv), ("dq", "dk", "dv")):
+        intact(gbuf, n, name)
+        assert not view.isnan().any(), f"{name} left NaN in its own elements"
 
 
 def test_dispatch_and_scale(device):

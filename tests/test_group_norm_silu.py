@@ -253,7 +253,7 @@ def test_forced_small_tiles(device, single_pass):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("offset", [1e3, 1e4, 3e4])
 @pytest.mark.parametrize("seed", range(3))
 def test_stable_statistics_with_large_mean(device, path, offset, seed):
     """|mean| / std ~ 300 and 3000: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance;
@@ -267,6 +267,31 @@ def test_stable_statistics_with_large_mean(device, path, offset, seed):
     cfg = _config(x, 4, single_pass=PATHS[path])
     _check_forward(x, w, b, 4, "silu", cfg)
     _check_backward(x, w, b, 4, "silu", cfg)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dx_keeps_the_memory_format_of_x(device, path):
+    """A channels_last x gets a channels_last dx, as torch's group_norm backward gives: an NCHW one
+    costs the next layer a layout conversion (dx was made contiguous and no value check saw it)."""
+    x, w, b = _inputs((2, 32, 5, 3), torch.float32, device, channels_last=True)
+    x.requires_grad_()
+    y = triton_gn(x, w, b, 8, 1e-5, "silu", config=_config(x, 8, single_pass=PATHS[path]))
+    dx, = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.stride() == x.stride(), f"dx strides {dx.stride()}, x's {x.stride()}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_default_eps_is_torchs(backend):
+    """eps defaults to torch's 1e-5 (GroupNorm's, SD's): at std 1e-3 (variance 1e-6) the eps is
+    most of the denominator, so another default would show in y. Both backends, against fp64."""
+    import inspect
+
+    assert inspect.signature(kernels.group_norm_silu).parameters["eps"].default == 1e-5
+    x, w, b = _inputs((1, 16, 5, 7), torch.float32, "cpu")
+    x = x * 1e-3 / 3.0  # _inputs' std is 3
+    with kernels.use(group_norm_silu=backend):
+        y = kernels.group_norm_silu(x, w, b, 4)
+    assert_close(y, F.silu(F.group_norm(x.double(), 4, w.double(), b.double())), rel=1e-5, name=f"{backend}, default eps")
 
 
 FULL_H100 = PROGRAMS_PER_SM * H100_SMS  # programs a launch should have at batch 1-2
