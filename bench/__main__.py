@@ -11,7 +11,6 @@ Every option of both suites: ``python -m bench all --help``; of one: ``python -m
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -237,12 +236,8 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     steps = getattr(args, "steps", None)
     if steps is not None and "img2img" in (getattr(args, "pipelines", None) or pipelines.PIPELINES):
-        from pipelines.common import strength_start  # the library's, not this package's pipelines module
-
-        if strength_start(steps, pipelines.STRENGTH) == steps:  # an error row after the others ran, else
-            parser.error(f"--steps {steps}: img2img at strength {pipelines.STRENGTH} runs the last "
-                         f"int(steps x strength) = 0 steps; use --steps >= {math.ceil(1 / pipelines.STRENGTH)}, "
-                         "or --pipelines without img2img")
+        if why := pipelines.img2img_steps_problem(steps):  # an error row after the others ran, else
+            parser.error(f"--steps {steps}: {why}, or --pipelines without img2img")
     # flags that would be silently ignored: say so instead
     if getattr(args, "ckpt", None) is not None and getattr(args, "preset", None) is not None:
         parser.error(f"--ckpt {args.ckpt} and --preset {args.preset}: give one (the checkpoint is the model)")

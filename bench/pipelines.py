@@ -120,6 +120,29 @@ def pins(variant: str) -> dict[str, str] | None:
     return out
 
 
+def img2img_steps_problem(steps: int) -> str | None:
+    """Why img2img cannot run ``steps`` steps at the suite's strength (int(steps x strength) = 0 of
+    them would run), or None: a usage error up front, not an error row after the others ran."""
+    from pipelines.common import strength_start  # the library's, not this module
+
+    if strength_start(steps, STRENGTH) < steps:
+        return None
+    return (f"img2img at strength {STRENGTH} runs the last int(steps x strength) = 0 of them; use >= "
+            f"{math.ceil(1 / STRENGTH)} steps")
+
+
+def runs_triton(variant: str) -> bool:
+    """Whether ``variant`` runs a Triton kernel (interpreted on a CPU: tens of seconds per UNet
+    call): the triton variants, and a pin of an op to triton (``attention=triton``, or a chain
+    through it), as :func:`kernel_scope`'s Triton ops say."""
+    import kernels
+
+    if variant.startswith("triton"):
+        return True
+    pinned = pins(variant)
+    return bool(pinned) and any("triton" in str(b).split(kernels.CHAIN_SEP) for b in pinned.values())
+
+
 def check_variant(variant: str) -> None:
     """A ValueError naming what is wrong with ``variant`` (a name of variant_names(), or
     ``op=backend[+op=backend]`` with an optional @graph), for the CLI and the pytest cases alike."""
@@ -169,7 +192,7 @@ class Options:
     def interpreted_skip(self, variant: str) -> str | None:
         """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
         UNet call takes tens of seconds. Naming the variant with --variants runs it anyway."""
-        if self.quick and not self.explicit_variants and interpreting() and variant.startswith("triton"):
+        if self.quick and not self.explicit_variants and interpreting() and runs_triton(variant):
             return (f"not run {self.quick_name}: Triton is interpreted here (TRITON_INTERPRET=1, tens of "
                     f"seconds per tiny UNet call); {self.run_anyway}")
         return None

@@ -54,6 +54,8 @@ def options(config) -> bp.Options:
         raise pytest.UsageError(f"--sd-ckpt {ckpt}: no such file or directory")
     if steps is not None and steps < 1:
         raise pytest.UsageError(f"--sd-steps must be >= 1, got {steps}")
+    if steps is not None and (why := bp.img2img_steps_problem(steps)):  # each img2img case failed instead
+        raise pytest.UsageError(f"--sd-steps {steps}: {why} (or deselect img2img with -k)")
     variants = list(dict.fromkeys(get("--sd-variant"))) or bp.variant_names()
     for v in variants:
         try:
@@ -160,7 +162,7 @@ def test_unet_step(benchmark, opts, env, variant):
         return res
 
     with torch.inference_mode(), ready["scope"]():
-        if not CUDA and variant.startswith("triton"):  # interpreted: tens of seconds per call
+        if not CUDA and bp.runs_triton(variant):  # interpreted: tens of seconds per call
             benchmark.pedantic(run, rounds=1, iterations=1)
         else:
             benchmark(run)

@@ -156,6 +156,18 @@ def _kernel_call(op: str, config, args: tuple) -> Callable[[], torch.Tensor | tu
     return lambda: fn(*args, config=config)
 
 
+def _resolved(op: str, config, args: tuple):
+    """What a candidate's ``config`` launches, to tell labels apart that run one configuration:
+    group_norm_silu's are resolved to the LaunchConfig the kernel gets (``launch_config`` clamps
+    the channel block to C/groups and the tile to the shape, so at many shapes `c64` runs `c16`,
+    and a candidate can equal the kernel's own choice); other ops' configs are taken as given."""
+    if op != "group_norm_silu":
+        return ("given", id(config)) if config is not None else None
+    gn, x = _gn_module(), args[0]
+    sms = gn._sms(x)
+    return config(x.dtype, sms) if callable(config) else gn.launch_config(x.shape, args[3], x.dtype, sms)
+
+
 def _reference_call(op: str, args: tuple) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
     """The registered reference on ``args``, as _kernel_call calls the kernel: its error against
     the oracle is what the default is held to, as ``bench ops`` holds the triton row to the
@@ -246,8 +258,15 @@ def run(ops: list[str], dtypes: list[torch.dtype], shapes: list[str] | None, dev
                 bar.update(len(cands))
                 continue
             bound = (ref_err, "reference's")  # the default's: the same rule as `bench ops`
+            seen: dict = {}  # launch configuration -> the first label that ran it
             for cand in cands:
                 bar.set_postfix_str(f"{case.name} {cand.label}")
+                same = seen.setdefault(_resolved(op, cand.config, args), cand.label)
+                if same != cand.label:  # a label the shape clamps to another's configuration: not a rival
+                    rows.append(skipped_row(env, f"runs the same launch configuration as `{same}` at this shape; "
+                                                 "not timed twice", backend=cand.label, **base))
+                    bar.update(1)
+                    continue
                 rows.append(_run_candidate(op, case, cand, args, ref64, dtype, device, env, base, bound, quick))
                 if cand.label == DEFAULT and rows[-1]["status"] == "ok":  # else candidates keep the reference's
                     bound = (rows[-1]["max_abs_err"], "default's")

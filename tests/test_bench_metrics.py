@@ -298,6 +298,32 @@ def test_tune_speed_ups_are_against_the_default_config(tmp_path):
             f"{r['backend']}: speed-up {r['speedup_vs_reference']} != default {default['median_ms']} / {r['median_ms']} ms"
 
 
+def test_tune_times_each_launch_configuration_once(monkeypatch):
+    """GroupNorm candidates whose labels differ but which launch_config clamps to one configuration
+    (`c64` is `c16` at 4 channels per group; a tile or path the heuristic picks is the default's)
+    are timed once: the later label is a skipped row naming the first, so a copy of the default can
+    not be 'best' by noise, nor a `c64` that never ran. The timing is replaced by a recorder."""
+    from bench import tune
+    from kernels.group_norm_silu import launch_config
+
+    timed = []
+    monkeypatch.setattr(tune, "_run_candidate", lambda op, case, cand, *a: timed.append(cand.label)
+                        or common.make_row({}, suite="tune", op=op, case=case.name, dtype="fp32", backend=cand.label,
+                                           status="ok", median_ms=1.0))
+    rows = tune.run(["group_norm_silu"], [torch.float32], ["unet15.down0.res"], CPU, {}, progress=False)
+    case = next(c for c in tune.select_cases(["group_norm_silu"], ["unet15.down0.res"], False))
+    args = tune._inputs("group_norm_silu", case, CPU, torch.float32)
+    configs = {c.label: tune._resolved("group_norm_silu", c.config, args)
+               for c in tune.group_norm_candidates(case, quick=False)}
+    assert configs["default"] == launch_config((2, 320, 64, 64), 32, torch.float32, tune._gn_module()._sms(args[0]))
+    assert len(timed) == len(set(configs.values())) < len(configs), (timed, len(configs))
+    assert len({configs[label] for label in timed}) == len(timed), timed
+    for r in rows:
+        if r["backend"] not in timed:
+            first = next(label for label in timed if configs[label] == configs[r["backend"]])
+            assert r["status"] == "skipped" and f"same launch configuration as `{first}`" in r["note"], r
+
+
 def test_best_configs_picks_the_fastest_ok_row():
     """Tune rows of 2, 1 and 3 ms (ok) and 0.5 ms (error: inaccurate) in one case: the 1 ms row wins;
     a second case has its own winner."""
@@ -305,6 +331,17 @@ def test_best_configs_picks_the_fastest_ok_row():
             _row("wrong", 0.5, status="error", suite="tune"), _row("d", 5.0, suite="tune", case="other")]
     best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
     assert best == {"c": "b", "other": "d"}, f"best configs {best}, expected the 1 ms row 'b' for case c"
+
+
+def test_best_configs_are_per_run():
+    """A results folder keeps an earlier run's rows: run A timed the default at 1.0 ms and a
+    candidate at 1.2 ms; run B (another grid, a busier host) the default at 1.5 ms. The candidate
+    that lost in its own run was named best, at 0.83x; each run now has its own best."""
+    a, b = dict(date="2026-01-01", git_commit="a"), dict(date="2026-01-02", git_commit="b")
+    rows = [_row("default", 1.0, suite="tune", **a), _row("bm128", 1.2, suite="tune", **a),
+            _row("default", 1.5, suite="tune", **b)]
+    best = sorted((r["date"], r["backend"]) for r in common.best_configs(rows))
+    assert best == [("2026-01-01", "default"), ("2026-01-02", "default")], best
 
 
 # ----------------------------------------------------------------------- accuracy rule
