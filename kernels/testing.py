@@ -12,8 +12,11 @@ tests use).
 Each case is a shape with a reason (head dim 40 over 77 keys, 3 channels per group on 7 x 9 pixels,
 a RePaint mask broadcast over channels...) and a dtype. :func:`check` runs the op through the
 switch with that backend chosen explicitly, so the op's input checks and the backend's own
-``check`` run as in a pipeline, asserts that the backend ran, and judges the output against an
-fp64 oracle, the op's reference on fp64 copies of the inputs:
+``check`` run as in a pipeline, on inputs of its own (copies: a backend that writes into one is
+named, and cannot change what the reference sees), asserts that the backend ran, left its inputs
+as they were, returned the ``out=`` it was given and no output sharing an input's memory, and
+(group_norm_silu) kept x's memory format, and judges the output against an fp64 oracle, the op's
+reference on fp64 copies of the inputs:
   fp32: max |got - oracle| / max |oracle| <= ``TOLERANCES[op][fp32]["rel"]`` (attention: TF32 off);
   fp16 / bf16: |got - oracle| <= factor x |torch - oracle| + atol, elementwise maxima, where torch is
   the reference in the same dtype (flash-attention's rule: at most 2x torch's own rounding error).
@@ -111,13 +114,13 @@ class Case:
         return f"{self.op}-{self.name}-{_SHORT[self.dtype]}{'-bwd' if self.backward else ''}"
 
 
-def _attention(b, h, lq, lkv, d, blhd=False, inf_keys=0, **kw):
+def _attention(b, h, lq, lkv, d, blhd=False, inf_keys=0, qk_mult=1.0, **kw):
     def make(g, dtype):
-        def t(n):
+        def t(n, mult=1.0):
             if blhd:  # the UNet's (B, L, H, D) activations viewed as (B, H, L, D): strided heads
-                return torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
-            return torch.randn(b, h, n, d, generator=g).to(dtype)
-        q, k, v = t(lq), t(lkv), t(lkv)
+                return (mult * torch.randn(b, n, h, d, generator=g)).to(dtype).transpose(1, 2)
+            return (mult * torch.randn(b, h, n, d, generator=g)).to(dtype)
+        q, k, v = t(lq, qk_mult), t(lkv, qk_mult), t(lkv)
         if inf_keys:  # q > 0, so q . k_j = -inf for the first inf_keys keys
             q = q.abs() + 0.1
             k[..., :inf_keys, :] = float("-inf")
@@ -125,9 +128,9 @@ def _attention(b, h, lq, lkv, d, blhd=False, inf_keys=0, **kw):
     return make
 
 
-def _group_norm(shape, groups, channels_last=False, affine=True, activation="silu", offset=0.0):
+def _group_norm(shape, groups, channels_last=False, affine=True, activation="silu", offset=0.0, std=1.0):
     def make(g, dtype):
-        x = (torch.randn(shape, generator=g) + offset).to(dtype)
+        x = (std * torch.randn(shape, generator=g) + offset).to(dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         c = shape[1]
@@ -137,13 +140,15 @@ def _group_norm(shape, groups, channels_last=False, affine=True, activation="sil
     return make
 
 
-def _step(shape, coeffs, *, cfg=False, noise=False, mask=False, prev_x0=False):
+def _step(shape, coeffs, *, cfg=False, noise=False, mask=False, prev_x0=False, return_x0=True, out=False):
     from .scheduler_step import StepCoefficients
 
     def make(g, dtype):
         def t(s=shape):
             return torch.randn(s, generator=g).to(dtype)
-        kw = dict(return_x0=True)
+        kw = dict(return_x0=return_x0)
+        if out:  # the caller's buffers, NaN until written (check() hands each run fresh ones)
+            kw.update(out=torch.full(shape, math.nan, dtype=dtype), out_x0=torch.full(shape, math.nan, dtype=dtype))
         if cfg:
             kw.update(model_output_uncond=t(), guidance_scale=7.5)
         if noise:
@@ -175,6 +180,8 @@ def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
             ("d64-causal", "the CLIP text encoder's causal mask", _attention(1, 2, 77, 77, 64, causal=True), ()),
             ("d40-inf-keys", "128 keys scoring -inf ahead of 22 finite ones: whole key blocks with no finite score, "
              "where an online softmax's running max is still -inf", _attention(1, 2, 128, 150, 40, inf_keys=128), ()),
+            ("d64-big-logits", "q and k 5x larger: scores near 100, where a softmax without its running max "
+             "overflows exp", _attention(1, 2, 77, 77, 64, qk_mult=5.0), ()),
         ],
         "group_norm_silu": [
             ("c96-g32-7x9", "3 channels per group, H x W = 63 not a power of two", _group_norm((1, 96, 7, 9), 32), xwb),
@@ -183,6 +190,7 @@ def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
             ("c40-g4-plain", "no SiLU (the transformer blocks' GroupNorm), 10 channels per group", _group_norm((2, 40, 5, 5), 4, activation=None), xwb),
             ("c32-g32-noaffine", "no weight or bias", _group_norm((1, 32, 6, 6), 32, affine=False), ("x",)),
             ("c64-g32-offset", "mean 3, std 1: E[x^2] - E[x]^2 in low precision loses the variance", _group_norm((2, 64, 5, 7), 32, offset=3.0), ()),
+            ("c64-g32-lowvar", "std 0.01 (variance 1e-4): the eps given, 1e-5, is a tenth of it", _group_norm((2, 64, 6, 6), 32, std=0.01), ()),
         ],
         "scheduler_step": [
             ("ddim-cfg", "DDIM (eta 0) with classifier-free guidance 7.5", _step((2, 4, 9, 7), ddim, cfg=True), ()),
@@ -192,6 +200,10 @@ def _cases() -> dict[str, list[tuple[str, str, Callable, tuple[str, ...]]]]:
              _step((2, 4, 9, 7), dict(ddim, sigma=0.1), cfg=True, noise=True, mask=True), ()),
             ("dpmpp-2m", "DPM-Solver++(2M): the previous step's x0 (the D1 term)",
              _step((1, 4, 9, 7), dict(a_x=1.0, a_o=-0.5, a_d=0.9, c0=0.4, c1=0.6, c3=0.2), prev_x0=True), ()),
+            ("renoise-no-x0", "RePaint's re-noising (undo_step): no x0 asked for, none returned",
+             _step((1, 4, 9, 7), dict(c1=0.8, sigma=0.6), noise=True, return_x0=False), ()),
+            ("ddim-out", "the caller's out and out_x0, written in place and returned",
+             _step((2, 4, 9, 7), ddim, cfg=True, out=True), ()),
         ],
     }
 
@@ -221,6 +233,56 @@ def _to(obj, **kw):
     if isinstance(obj, dict):
         return {k: _to(v, **kw) for k, v in obj.items()}
     return obj
+
+
+def _fresh(obj):
+    """``obj`` with every tensor cloned (strides kept): each run gets inputs of its own, so a backend
+    that writes into one cannot change what the reference and the oracle see (on CPU, ``.to()`` of
+    a tensor already there is the tensor itself)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fresh(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _fresh(v) for k, v in obj.items()}
+    return obj
+
+
+_POSITIONAL = {"attention": ("q", "k", "v"), "group_norm_silu": ("x", "weight", "bias"),
+               "scheduler_step": ("x", "model_output")}
+
+
+def _tensors(op: str, args, kwargs) -> dict[str, torch.Tensor]:
+    """The tensor arguments of a call by name."""
+    named = {**dict(zip(_POSITIONAL[op], args)), **kwargs}
+    return {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
+
+
+def _check_io(case, got, args, kwargs, before, same) -> None:
+    """What a backend's outputs and inputs must be besides their values: the inputs as they were
+    (``before``: copies taken ahead of the run), an ``out=`` given is the output returned, no output
+    shares memory with an input otherwise, and group_norm_silu's output keeps x's memory format."""
+    tensors = _tensors(case.op, args, kwargs)
+    for name, t in tensors.items():
+        if name in ("out", "out_x0"):
+            continue
+        assert torch.equal(t.detach(), before[name]), \
+            f"{case}: the backend modified its input {name} (outputs must go to memory of their own)"
+    given = {"prev": kwargs.get("out"), "x0": kwargs.get("out_x0")}
+    inputs = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if n not in ("out", "out_x0")}
+    for name, t in got:
+        if given.get(name) is not None:
+            assert t.data_ptr() == given[name].data_ptr() and t.shape == given[name].shape, \
+                f"{case}: {name} is not the out= tensor given for it (it must be written in place and returned)"
+            continue
+        shared = inputs.get(t.untyped_storage().data_ptr())
+        assert shared is None, f"{case}: output {name} shares memory with the input {shared}"
+    if case.op == "group_norm_silu":
+        x, (_, y), (_, ref) = args[0], got[0], same[0]
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            if x.dim() == 4 and ref.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
+                assert False, (f"{case}: output strides {tuple(y.stride())} for x of strides {tuple(x.stride())}: "
+                               f"it must keep x's memory format ({fmt}), as the reference does")
 
 
 def _outputs(out) -> list[tuple[str, torch.Tensor]]:
@@ -275,29 +337,36 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
     grads = case.grads if case.backward else ()
 
     def inputs(dtype=None):
-        a, kw = _to((args, kwargs), device=device, **({"dtype": dtype} if dtype else {}))
+        a, kw = _fresh(_to((args, kwargs), device=device, **({"dtype": dtype} if dtype else {})))
         if grads:  # leaves of their own, so each run's gradients are its own
             named = _named_inputs(case.op, a)
             a = tuple(t.detach().requires_grad_(n in grads) if isinstance(t, torch.Tensor) else t
                       for t, n in zip(a, [*named, *[None] * (len(a) - len(named))]))
         return a, kw
 
+    if compiled and any(kwargs.get(k) is not None for k in ("out", "out_x0")):
+        import pytest
+
+        pytest.skip(f"{case}: an out= call runs eagerly under torch.compile (the write into the caller's memory "
+                    "is a graph break by design), so it has no compiled case")
     chosen = kernels.validate(case.op, backend)  # a ValueError listing the valid names
     if kernels.CHAIN_SEP in chosen:
         raise ValueError(f"{case}: check() holds one backend to the case; {chosen!r} is a fallback chain: "
                          "check each of its backends")
-    before = kernels.counts().get((case.op, chosen), 0)
+    dispatched = kernels.counts().get((case.op, chosen), 0)
     try:
         if compiled:  # resolved eagerly first: a refusal raised while dynamo traces would not be a skip
             a, kw = inputs()
             with kernels.use(**{case.op: backend}):
                 resolved = kernels.resolve(case.op, *a, **kw)[0]
-        got, got_g = _run(case.op, backend, *inputs(), grads, seed + 1, compiled)
+        run_args, run_kw = inputs()
+        before = {n: t.detach().clone() for n, t in _tensors(case.op, run_args, run_kw).items()}
+        got, got_g = _run(case.op, backend, run_args, run_kw, grads, seed + 1, compiled)
     except kernels.BackendUnsupported as e:
         import pytest
 
         pytest.skip(str(e))
-    ran = kernels.counts().get((case.op, chosen), 0) - before
+    ran = kernels.counts().get((case.op, chosen), 0) - dispatched
     if compiled:  # a backend traced into the graph is not a dispatch: the switch must resolve to it
         assert resolved == chosen and ran in (0, 1), f"{case}: compiled, resolved to {resolved!r}, counted {ran}"
     else:
@@ -309,6 +378,7 @@ def check(case: Case, backend: str, device: str | torch.device | None = None, se
     tol = TOLERANCES[case.op][case.dtype]
     assert [n for n, _ in got] == [n for n, _ in want], (
         f"{case}: outputs {[n for n, _ in got]}, the reference returns {[n for n, _ in want]}")
+    _check_io(case, got, run_args, run_kw, before, same)
     for (name, a), (_, e), (_, t) in zip(got, want, same):
         assert a.dtype == t.dtype, f"{case}: {name} dtype {a.dtype}, the reference returns {t.dtype}"
         assert a.device == t.device, f"{case}: {name} on {a.device}, the reference's on {t.device}"

@@ -24,10 +24,16 @@ def _params(backward: bool):
             for c in testing.cases(op, backward=backward)]
 
 
+_RAN: dict[str, list[int]] = {}  # backend -> [forward cases started, forward cases that ran]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend,case", _params(False))
 def test_forward(backend, case, device):
+    tally = _RAN.setdefault(backend, [0, 0])
+    tally[0] += 1
     testing.check(case, backend, device)
+    tally[1] += 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -53,6 +59,17 @@ def test_forward_compiled(backend, case, device):
 @pytest.mark.parametrize("backend,case,device", _compiled_params(True))
 def test_backward_compiled(backend, case, device):
     testing.check(case, backend, device, compiled=True)
+
+
+@pytest.mark.parametrize("backend", [b for op in OPS for b in kernels.backends(op) if b not in SKIP])
+def test_a_backend_ran_some_of_its_cases(backend):
+    """After this file's forward cases (run first, in file order): a backend whose check refused
+    every one of them passed with "N skipped" and exit code 0, though nothing was tested."""
+    started, ran = _RAN.get(backend, [0, 0])
+    if not started:
+        pytest.skip(f"no forward case of {backend!r} was selected in this run")
+    assert ran, (f"{backend!r}: every one of its {started} forward cases was skipped (its check refused each "
+                 "input: see the skip reasons); nothing of it was tested")
 
 
 # ------------------------------------------------------------------ the cases can fail
@@ -241,6 +258,13 @@ def test_the_cases_build_what_their_reasons_say():
     assert kw["mask"].shape == (x.shape[0], 1, *x.shape[2:]) and set(kw["mask"].unique().tolist()) == {0.0, 1.0}, \
         kw["mask"].shape
     assert {"model_output_uncond", "noise", "known"} <= set(kw), sorted(kw)
+    (q, k, _), _ = inputs("attention", "d64-big-logits")
+    assert (q @ k.transpose(-1, -2)).abs().max() * q.shape[-1] ** -0.5 > 60, "no logit near 100"
+    (x, *_), _ = inputs("group_norm_silu", "c64-g32-lowvar")
+    assert abs(x.std().item() - 0.01) < 2e-3, x.std()
+    assert inputs("scheduler_step", "renoise-no-x0")[1]["return_x0"] is False
+    (x, _, _), kw = inputs("scheduler_step", "ddim-out")
+    assert kw["out"].shape == kw["out_x0"].shape == x.shape and kw["out"].isnan().all(), sorted(kw)
 
 
 def test_the_oracle_runs_in_fp64(monkeypatch):
@@ -276,6 +300,67 @@ def test_a_missing_output_fails(research):
     research("scheduler_step", "no_x0", no_x0)
     with pytest.raises(AssertionError, match=r"outputs \['prev'\], the reference returns \['prev', 'x0'\]"):
         testing.check(_case("scheduler_step", "ddim-cfg"), "no_x0", "cpu")
+
+
+def _no_max_softmax(q, k, v, scale=None, causal=False):
+    s = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    p = s.exp()  # no running max subtracted: exp overflows near 89 in fp32
+    return ((p / p.sum(-1, keepdim=True)) @ v.float()).to(q.dtype)
+
+
+def _into_q(q, k, v, scale=None, causal=False):
+    return q.copy_(kernels.attention_reference(q, k, v, scale, causal))  # right values, in the caller's q
+
+
+def _gn_nchw(x, *args, **kwargs):
+    return kernels.group_norm_silu_reference(x, *args, **kwargs).contiguous()  # channels_last dropped
+
+
+def _gn_eps(x, weight, bias, groups, eps=1e-5, activation="silu"):
+    return kernels.group_norm_silu_reference(x, weight, bias, groups, 1e-6, activation)  # not the eps given
+
+
+def _step_always_x0(x, model_output, coeffs, uncond=None, scale=1.0, noise=None, prev_x0=None, mask=None, known=None,
+                    return_x0=False, out=None, out_x0=None):
+    return kernels.scheduler_step_reference(x, model_output, coeffs, uncond, scale, noise, prev_x0, mask, known,
+                                            True, out, out_x0)  # x0 whether asked for or not
+
+
+def _step_ignores_out(x, model_output, coeffs, uncond=None, scale=1.0, noise=None, prev_x0=None, mask=None,
+                      known=None, return_x0=False, out=None, out_x0=None):
+    return kernels.scheduler_step_reference(x, model_output, coeffs, uncond, scale, noise, prev_x0, mask, known,
+                                            return_x0)  # fresh tensors; the caller's out stays NaN
+
+
+@pytest.mark.parametrize("op, fn, case, dtype, message", [
+    ("attention", _no_max_softmax, "d64-big-logits", torch.float32, "NaN in result"),
+    ("attention", _into_q, "d40-77x77", torch.float32, "the backend modified its input q"),
+    ("group_norm_silu", _gn_nchw, "c64-g32-nhwc", torch.float32, "it must keep x's memory format"),
+    ("group_norm_silu", _gn_eps, "c64-g32-lowvar", torch.float32, "max rel err"),
+    ("scheduler_step", _step_always_x0, "renoise-no-x0", torch.float32,
+     "outputs ['prev', 'x0'], the reference returns ['prev']"),
+    ("scheduler_step", _step_ignores_out, "ddim-out", torch.float32, "prev is not the out= tensor given for it"),
+], ids=["softmax-without-max", "writes-into-q", "gn-drops-channels-last", "gn-own-eps", "step-always-x0",
+        "step-ignores-out"])
+def test_wrong_research_backends_fail_naming_the_fault(research, op, fn, case, dtype, message):
+    """Wrong backends a conformance run passed (a plugin probe of kernels.testing): each fails with
+    the message that names its fault. Writing into q was caught only on CPU, where the reference
+    shared the overwritten q, and blamed the backend's right output."""
+    research(op, "wrong", fn)
+    with pytest.raises(AssertionError) as e:
+        testing.check(_case(op, case, dtype), "wrong", "cpu")
+    assert message in str(e.value), str(e.value)[:500]
+
+
+def test_a_backend_refusing_every_case_fails_its_run(tmp_path):
+    """A plugin whose check refuses every input: 'all skipped' was exit code 0."""
+    path = tmp_path / "refuses.py"
+    path.write_text("import kernels\n\n@kernels.register('attention', 'refuses_all', check=lambda *a, **k: 'no')\n"
+                    "def refuses_all(q, k, v, scale=None, causal=False):\n    return kernels.attention_reference(q, k, v)\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "--sdlab-plugin", str(path), "-k", "refuses_all and (test_forward or ran_some)",
+                          "-m", "not gpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "every one of its" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def test_check_fails_when_the_backend_did_not_run(research, monkeypatch):
@@ -452,6 +537,6 @@ def test_the_readme_example_plugin_passes_the_attention_cases(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "--sdlab-plugin", str(path), "-k", "upcast_softmax", "-m", "not gpu"],
                          capture_output=True, text=True, timeout=300)
-    n = len(testing.cases("attention")) + len(testing.cases("attention", backward=True))
+    n = len(testing.cases("attention")) + len(testing.cases("attention", backward=True)) + 1  # + ran some
     n += len(testing.cases("attention", (torch.float32,))) + len(testing.cases("attention", (torch.float32,), True))
     assert out.returncode == 0 and f"{n} passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
