@@ -248,13 +248,14 @@ def _fresh(obj):
     return obj
 
 
+# the tensors that lead each op's signature, by name (attention's and GroupNorm's take gradients)
 _POSITIONAL = {"attention": ("q", "k", "v"), "group_norm_silu": ("x", "weight", "bias"),
                "scheduler_step": ("x", "model_output")}
 
 
 def _tensors(op: str, args, kwargs) -> dict[str, torch.Tensor]:
     """The tensor arguments of a call by name."""
-    named = {**dict(zip(_POSITIONAL[op], args)), **kwargs}
+    named = {**_named_inputs(op, args), **kwargs}
     return {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
 
 
@@ -314,8 +315,9 @@ def _run(op: str, backend, args, kwargs, grads: tuple[str, ...], upstream_seed: 
 
 
 def _named_inputs(op: str, args) -> dict:
-    """The differentiable inputs of ``op`` by name (the positional ones that lead its signature)."""
-    return dict(zip({"attention": ("q", "k", "v"), "group_norm_silu": ("x", "weight", "bias")}[op], args))
+    """The positional tensors that lead ``op``'s signature, by name (the differentiable ones of
+    attention and GroupNorm)."""
+    return dict(zip(_POSITIONAL[op], args))
 
 
 def check(case: Case, backend: str, device: str | torch.device | None = None, seed: int = 0,
