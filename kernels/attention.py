@@ -1107,12 +1107,14 @@ def _attention_triton(q, k, v, scale=None, causal=False, out=None, config=None):
         return torch.compiler.disable(_attention_triton)(q, k, v, scale, causal, out, config)
     q, k, v = autocast_inputs(q, k, v)
     configs = _per_kernel(config)
-    if _scale_problem(scale):
-        raise ValueError(_scale_problem(scale))
+    if isinstance(scale, torch.Tensor):  # read once (each read of a GPU tensor is a host sync)
+        scale = float(scale)
+    if why := _scale_problem(scale):
+        raise ValueError(why)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if out is None:
         if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op_impl)
-            return torch.ops.sdlab.attention(q, k, v, None if scale is None else float(scale), causal, grad)[0]
+            return torch.ops.sdlab.attention(q, k, v, scale, causal, grad)[0]
         if grad:
             return _AttentionFn.apply(q, k, v, scale, causal, configs)
         return _forward(q, k, v, scale, None, causal, configs.get("fwd"), False)[0]  # inference: no lse

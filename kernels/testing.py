@@ -28,11 +28,13 @@ compiled models.
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -96,6 +98,32 @@ def assert_within_torch_error(kernel_out, torch_out, reference, *, factor: float
     assert k_err <= factor * t_err + atol, (
         f"{name}: kernel max abs err {k_err:.3e} > {factor} x torch's {t_err:.3e} + {atol:.1e}. "
         + describe_diff(kernel_out, reference))
+
+
+# ------------------------------------------------------------------------------- host reads
+class HostReads(TorchDispatchMode):
+    """Counts, per aten op, the calls that read a tensor's value on the host (``.item()``,
+    ``bool()``, ``nonzero``, ``torch.equal``, ...) or make a tensor from Python data (a copy from
+    the host when its device is a GPU): on a GPU each waits for the stream, a host sync that
+    stalls the queue of launches an eager model depends on. Works on the CPU, so a machine
+    without a GPU can show a backend or a sampling loop free of them::
+
+        with testing.HostReads() as reads:
+            kernels.attention(q, k, v)
+        assert not reads.seen, reads.seen
+    """
+
+    OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal",
+                     "lift_fresh", "lift_fresh_copy"})
+
+    def __init__(self):
+        super().__init__()
+        self.seen: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.seen[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------ cases

@@ -38,6 +38,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from sdcore.layers import randn
+
 SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
 PREV_T_SAMPLERS = ("ddpm", "ddim")  # samplers that step between arbitrary timesteps (RePaint)
 
@@ -155,11 +157,6 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device: 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}{convert_hint(seed)}")
     return torch.Generator(device).manual_seed(seed), seed
-
-
-def randn(shape, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """N(0, I) drawn on the generator's device and moved (as diffusers' ``randn_tensor``)."""
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def initial_noise(latents, shape, generator, device, dtype, *, used: bool = True) -> torch.Tensor:

@@ -57,3 +57,17 @@ def autocast_note(t: torch.Tensor) -> str:
     """For an error message: " (or autocast's <dtype>)" when autocast is on for t's device."""
     dt = autocast_dtype(t.device.type)
     return f" (or autocast's {dt})" if dt is not None else ""
+
+
+def randn(shape, generator: torch.Generator | None, device: torch.device | str,
+          dtype: torch.dtype) -> torch.Tensor:
+    """N(0, I) of ``shape`` on ``device``, drawn on the generator's device (``device`` if None) and
+    moved, as diffusers' ``randn_tensor``: a CPU generator gives the same numbers for any device.
+    A CPU draw bound for a GPU goes through pinned memory without blocking: a copy from pageable
+    memory waits for the stream to drain, which would be a host sync in every sampling step."""
+    device = torch.device(device)
+    eps = torch.randn(shape, generator=generator, device=device if generator is None else generator.device,
+                      dtype=dtype)
+    if eps.device.type == "cpu" and device.type == "cuda":
+        return eps.pin_memory().to(device, non_blocking=True)
+    return eps.to(device)

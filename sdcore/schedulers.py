@@ -33,6 +33,7 @@ import kernels
 from kernels import StepCoefficients
 
 from .config import SchedulerConfig
+from .layers import randn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 _BETA_ALIASES = {"squaredcos_cap_v2": "cosine"}  # diffusers' name for the cosine schedule
@@ -154,14 +155,6 @@ def repaint_timesteps(num_inference_steps: int, jump_length: int = 10, jump_n_sa
                 out.append(t)
     ratio = num_train_timesteps // n
     return [int(v) * ratio for v in out]
-
-
-def _randn(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, I) like ``sample``; a CPU generator draws on the CPU (device-independent results),
-    as diffusers' ``randn_tensor`` does."""
-    if generator is not None and generator.device.type != sample.device.type:
-        return torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
-    return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
 
 def _host(t):
@@ -301,7 +294,7 @@ class Scheduler:
         if t_to <= t_from:
             raise ValueError(f"undo_step goes up in noise: t_to={t_to} must be > t_from={t_from}")
         ratio = self._alpha_bar(t_to) / self._alpha_bar(t_from)
-        noise = _randn(sample, generator) if noise is None else noise
+        noise = randn(sample.shape, generator, sample.device, sample.dtype) if noise is None else noise
         k = StepCoefficients(c1=float(np.sqrt(ratio)), sigma=float(np.sqrt(F32(1) - ratio)))
         return kernels.scheduler_step(sample, sample, k, noise=noise)[0]
 
@@ -325,7 +318,7 @@ class Scheduler:
         t = _host(t)
         coeffs, draws_noise, prev_x0 = self._coefficients(t, prev_t)
         if draws_noise and noise is None:
-            noise = _randn(sample, generator)
+            noise = randn(sample.shape, generator, sample.device, sample.dtype)
         need_x0 = return_x0 or self._keeps_x0
         prev, x0 = kernels.scheduler_step(
             sample, model_output, coeffs, model_output_uncond=model_output_uncond,

@@ -21,6 +21,7 @@ this module is for inference and takes its weights from a checkpoint.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -296,6 +297,8 @@ class UNetModel(nn.Module):
         if not (takes_dtype(x, dtype) and takes_dtype(context, dtype)):
             raise TypeError(f"UNet: x ({x.dtype}) and context ({context.dtype}) must have the model's dtype "
                             f"{dtype}{autocast_note(x)}; convert them (or the model) first")
+        if isinstance(t, numbers.Number):  # the pipelines' timestep: filled on the device, where
+            t = torch.full((b,), t, device=x.device)  # as_tensor would copy it from the host (a GPU sync a step)
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(b)

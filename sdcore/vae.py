@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .layers import GroupNorm, autocast_note, multi_head_attention, takes_dtype
+from .layers import GroupNorm, autocast_note, multi_head_attention, randn, takes_dtype
 
 # LDM places attention blocks (``attn_resolutions``) by the side length a level's feature maps
 # have for ``ddconfig.resolution``-sized inputs. That is 256 in every SD config; VAEConfig has no
@@ -204,11 +204,9 @@ class DiagonalGaussian:
             if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
                 raise ValueError(f"DiagonalGaussian.sample: a list of generators needs one torch.Generator per "
                                  f"sample ({shape[0]}), got {[type(g).__name__ for g in generator]}")
-            eps = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype)
-                             .to(self.mean.device) for g in generator])
+            eps = torch.cat([randn((1, *shape[1:]), g, self.mean.device, dtype) for g in generator])
         elif generator is None or isinstance(generator, torch.Generator):
-            device = generator.device if generator is not None else self.mean.device
-            eps = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(self.mean.device)
+            eps = randn(shape, generator, self.mean.device, dtype)
         else:
             raise TypeError(f"DiagonalGaussian.sample: generator must be a torch.Generator, a list of them (one per "
                             f"sample) or None, got {type(generator).__name__}")

@@ -14,6 +14,7 @@ import torch
 import kernels
 from kernels.attention import (AttentionConfig, _backward, _forward, attention_reference, attention_triton,
                                split_head_dim)
+from kernels import testing
 from kernels.testing import TOLERANCES, assert_close, assert_within_torch_error
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
@@ -445,6 +446,18 @@ def test_one_element_tensor_scale_is_taken_by_every_backend(device, backend, sha
     with kernels.use(attention=backend):
         got = kernels.attention(q, k, v, torch.full(shape, 0.3, device=device))
     assert_close(got, attention_reference(q, k, v, 0.3), rel=2e-5, name=f"{backend}, scale shaped {shape}")
+
+
+@pytest.mark.parametrize("backend, reads", [("reference", 0), ("triton", 2), ("sdpa", 1)])
+def test_a_tensor_scale_is_read_on_the_host_as_few_times_as_the_backend_needs(backend, reads):
+    """Each read of a GPU tensor's value is a host sync. The Triton kernel takes the scale as a
+    float: the switch's check reads it (> 0) and the launch once more; it was read a third time
+    by a second check after the switch's. SDPA's float is one read, the reference none."""
+    q, k, v = make_qkv((1, 2, 8, 7, 16), torch.float32, "cpu")
+    scale = torch.tensor(0.3)
+    with testing.HostReads() as seen, kernels.use(attention=backend):
+        kernels.attention(q, k, v, scale)
+    assert sum(seen.seen.values()) == reads, f"{backend}: {dict(seen.seen)}"
 
 
 def test_tensor_scale_that_requires_grad_is_not_taken(device):

@@ -61,6 +61,37 @@ def test_backward_compiled(backend, case, device):
     testing.check(case, backend, device, compiled=True)
 
 
+def _built_in_params():
+    return [pytest.param(b, c, id=f"{b}-{c}") for op in OPS for b in kernels.backends(op)
+            if b in ("reference", "triton", "sdpa") for bwd in (False, True)
+            for c in testing.cases(op, torch.float32, backward=bwd)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,case", _built_in_params())
+def test_built_in_backends_read_nothing_on_the_host(backend, case, device):
+    """A call through the switch, forward and backward, reads no tensor's value on the host and
+    makes no tensor from Python data (testing.HostReads; on CUDA, torch's sync debug mode too):
+    each would be a host sync in every UNet layer or sampling step on a GPU."""
+    args, kwargs = testing._to(case.make(torch.Generator().manual_seed(0), case.dtype), device=device)
+    inputs = testing._named_inputs(case.op, args)
+    for name in case.grads:
+        inputs[name].requires_grad_(True)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with testing.HostReads() as reads, kernels.use(**{case.op: backend}), torch.enable_grad():
+            out = getattr(kernels, case.op)(*args, **kwargs)
+            if case.grads:
+                torch.autograd.grad(out, [inputs[n] for n in case.grads], torch.ones_like(out))
+    except kernels.BackendUnsupported as e:
+        pytest.skip(str(e))
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert not reads.seen, f"{backend} on {case}: host reads {dict(reads.seen)}"
+
+
 @pytest.mark.parametrize("backend", [b for op in OPS for b in kernels.backends(op) if b not in SKIP])
 def test_a_backend_ran_some_of_its_cases(backend):
     """After this file's forward cases (run first, in file order): a backend whose check refused

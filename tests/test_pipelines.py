@@ -17,9 +17,10 @@ from PIL import Image
 
 import pipelines
 import sdcore
-from kernels.testing import describe_diff
+from kernels.testing import HostReads, describe_diff
 from pipelines.common import encode_image, image_to_tensor, mask_to_tensor
 from pipelines.inpaint import Renoise, Step, repaint_plan
+from sdcore.layers import randn
 from sdcore.schedulers import repaint_timesteps
 
 # fp32 against diffusers' fp32 over a few steps of a random-weight UNet: both sit ~1e-5 apart.
@@ -385,6 +386,59 @@ def test_sizes_that_are_multiples_of_8_only(tiny):
     r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=72, width=40, cfg_scale=1.0)
     assert r.images[0].size == (40, 72) and tuple(r.latents.shape) == (1, 4, 9, 5)
     assert torch.isfinite(r.latents).all()
+
+
+# ------------------------------------------------------------------------------- host syncs
+_LOOPS = {  # every sampler's step, the undo step, and the known-region blends
+    "ddim-eta1": lambda m, g, n, im, mk: pipelines.txt2img(m, "a", steps=n, sampler="ddim", eta=1.0, generator=g),
+    "ddpm": lambda m, g, n, im, mk: pipelines.txt2img(m, "a", steps=n, sampler="ddpm", generator=g),
+    "euler_a": lambda m, g, n, im, mk: pipelines.txt2img(m, "a", steps=n, sampler="euler_a", generator=g),
+    "dpmpp_2m-no-cfg": lambda m, g, n, im, mk: pipelines.txt2img(m, "a", steps=n, sampler="dpmpp_2m", cfg_scale=1.0,
+                                                                 generator=g),
+    "img2img": lambda m, g, n, im, mk: pipelines.img2img(m, im, "a", steps=n, generator=g),
+    "repaint": lambda m, g, n, im, mk: pipelines.inpaint(m, im, mk, "a", steps=n, jump_length=2, jump_n_sample=2,
+                                                         generator=g),
+    "blend": lambda m, g, n, im, mk: pipelines.inpaint(m, im, mk, "a", "blend", steps=n, sampler="euler_a",
+                                                       strength=0.9, generator=g),
+    "unet9": lambda m, g, n, im, mk: pipelines.inpaint(m, im, mk, "a", "unet9", steps=n, generator=g),  # tiny-inpaint
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_noise_is_drawn_on_the_generators_device_and_moved(device, dtype):
+    """A CPU generator gives the same noise whatever the model's device, as diffusers' randn_tensor
+    (on CUDA it is copied through pinned memory without blocking)."""
+    got = randn((2, 4, 5, 3), torch.Generator().manual_seed(3), device, dtype)
+    want = torch.randn((2, 4, 5, 3), generator=torch.Generator().manual_seed(3), dtype=dtype)
+    assert got.device.type == device.type and got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("generator_device", ["cpu", "model"])
+@pytest.mark.parametrize("loop", sorted(_LOOPS))
+def test_denoising_loop_makes_no_host_sync_per_step(loop, generator_device, device, image, mask):
+    """The host work of a run (checks of its inputs, the final image) is the same at 4 steps and
+    at 8: no step reads a tensor on the host or copies Python data to the device. On a GPU,
+    torch's sync debug mode also counts blocking copies (a CPU generator's noise, moved to the
+    device each step). The UNet took its timestep as a Python number through torch.as_tensor:
+    one copy per step, so a sync behind every step's launches."""
+    model = sdcore.StableDiffusion.from_preset("tiny-inpaint" if loop == "unet9" else "tiny", device=device)
+    counts = []
+    for steps in (4, 8):
+        g = torch.Generator("cpu" if generator_device == "cpu" else device).manual_seed(0)
+        reads = HostReads()
+        with warnings.catch_warnings(record=True) as caught, reads:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _LOOPS[loop](model, g, steps, image, mask)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        counts.append((dict(reads.seen), len(syncs)))
+    assert counts[0] == counts[1], (f"{loop}: host reads and syncs (aten op counts, sync warnings) grow with the "
+                                    f"steps: {counts[0]} at 4 steps, {counts[1]} at 8")
 
 
 # ---------------------------------------------------------------------------------- errors
