@@ -137,7 +137,7 @@ class StableDiffusion(nn.Module):
         self.load_state_dict({**buffers, **state}, strict=True, assign=True)
         self.to(device=device, dtype=dtype)
         left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.device.type == "meta"]
-        if left:
+        if left and torch.device(device).type != "meta":
             raise RuntimeError(f"internal error: tensors left on meta after loading: {left[:10]}")
         return self.eval().requires_grad_(False)
 
@@ -151,7 +151,9 @@ class StableDiffusion(nn.Module):
     def from_config(cls, config: SDConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     device="cpu") -> "StableDiffusion":
         """Any SD 1.x/2.x-family architecture (``SDConfig.preset(...).replace(...)``) with seeded
-        random weights, e.g. to benchmark a UNet variant before any checkpoint exists."""
+        random weights, e.g. to benchmark a UNet variant before any checkpoint exists.
+        ``device="meta"``: the architecture without values (no weights drawn), for parameter
+        counts and the shapes a forward on meta inputs gives."""
         from .tokenizer import MAX_LENGTH, CLIPTokenizer
 
         _check_dtype(dtype)
@@ -163,7 +165,10 @@ class StableDiffusion(nn.Module):
         text = config.text_encoder
         model = cls.skeleton(config, CLIPTokenizer.default_or_missing(
             pad_token=text.pad_token, max_length=min(MAX_LENGTH, text.max_length)))
-        state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
+        if device.type == "meta":
+            state = {k: torch.empty(p.shape, device=device, dtype=dtype) for k, p in model.named_parameters()}
+        else:
+            state = {k: v.to(device=device, dtype=dtype) for k, v in _random_parameters(model, seed).items()}
         return model._adopt(state, dtype, device)
 
     @classmethod

@@ -115,6 +115,19 @@ def test_skeleton_holds_no_weights():
     assert sum(p.numel() for p in sk.unet.parameters()) > 800e6  # the real architecture
 
 
+def test_a_model_on_meta_has_the_architecture_and_runs_shapes(tiny):
+    """from_config(device="meta"): every parameter and buffer of the preset's shape and dtype, no
+    values drawn, and a UNet forward on meta inputs gives the output's shape (it ended as an
+    "internal error: tensors left on meta")."""
+    meta = StableDiffusion.from_preset("tiny", dtype=torch.float16, device="meta")
+    want = {k: (v.shape, torch.float16 if v.is_floating_point() else v.dtype) for k, v in tiny.state_dict().items()}
+    got = {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()}
+    assert got == want and all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    ctx = torch.empty(2, 77, tiny.config.unet.context_dim, device="meta", dtype=torch.float16)
+    assert meta.unet(x, 500, ctx).shape == x.shape
+
+
 def test_buffers_rematerialised(saved, tiny):
     """Buffers (persistent or not) of a loaded model equal those of a normally built one."""
     from sdcore.clip import TextEncoder
