@@ -332,6 +332,10 @@ def sd15_calls():
         ("attention D80 backward 1024", "kernels.attention", attn_kernels, attn_bwd(2, 8, 1024, 1024, 80)),
         ("attention D160 backward 256", "kernels.attention", attn_kernels, attn_bwd(2, 8, 256, 256, 160)),
         ("group_norm_silu backward (2,320,64,64)", "kernels.group_norm_silu", gn_bwd_kernels, gn_bwd((2, 320, 64, 64))),
+        # H·W = 1: a GPU launch makes an int argument equal to 1 a constant (the interpreter does not),
+        # so S = 1 once turned an expression of the dx kernel into a Python int and failed to compile
+        ("group_norm_silu backward (2,64,1,1)", "kernels.group_norm_silu", gn_bwd_kernels,
+         gn_bwd((2, 64, 1, 1))),
         ("scheduler_step CFG+DDIM+RePaint (2,4,64,64)", "kernels.scheduler_step", ("_scheduler_step_kernel",), step),
         ("attention D40 self 4096, gluon_sm90", "kernels.attention_sm90", ("_attn_fwd_sm90_kernel",),
          gluon(2, 8, 4096, 4096, 40)),

@@ -38,7 +38,7 @@ KERNELS = {  # every @triton.jit kernel of kernels/, each compiled at least once
 def test_every_kernel_compiles_without_spills(compiled):
     kernels = {rec["kernel"] for rec in compiled}
     assert kernels == KERNELS, f"kernels compiled {sorted(kernels)}, expected {sorted(KERNELS)}"
-    assert len({rec["case"] for rec in compiled}) == 22, sorted({rec["case"] for rec in compiled})
+    assert len({rec["case"] for rec in compiled}) == 23, sorted({rec["case"] for rec in compiled})
     for rec in compiled:
         assert rec["spill_bytes"] == 0, f"{rec['case']} {rec['kernel']}: {rec['spill_bytes']} bytes spilled: {rec}"
         assert rec["registers"] <= 255, rec
@@ -68,7 +68,8 @@ def test_group_norm_tile_loads_are_16_bytes(compiled):
     C: 40 channels per group, known at compile time); the only narrow loads are per-channel
     weight/bias (2 bytes each, at most 4 sites), the fp32 per-group statistics (at most 4) and the
     group's first element, the pivot its statistics are taken about (one scalar per program)."""
-    gn = [rec for rec in compiled if rec["case"].startswith("group_norm_silu")]
+    gn = [rec for rec in compiled if rec["case"].startswith("group_norm_silu") and "(2,64,1,1)" not in rec["case"]]
+    # (2,64,1,1): one element per channel, two per group, so nothing to vectorise
     assert {rec["kernel"] for rec in gn} == {"_fused_kernel", "_stats_kernel", "_apply_kernel",
                                             "_bwd_reduce_kernel", "_bwd_dx_kernel"}, gn
     for rec in gn:
