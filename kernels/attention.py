@@ -32,6 +32,13 @@ Backward (Dao 2023, Alg. 2) in Triton, recomputing p = exp2(s · scale · log2(e
     delta = rowsum(dO ∘ O) (torch, fp32);  dV = pᵀ dO;  dP = dO Vᵀ;  dS = p ∘ (dP - delta)
     dK = scale · dSᵀ Q  (one program per key block, looping over query blocks)
     dQ = scale · dS K   (one program per query block, looping over key blocks)
+delta is taken from the output as returned, in 16 bits for 16-bit inputs, as FlashAttention-2 and
+torch's SDPA take it: its rounding, about sqrt(D)·|dO|·|O|·2^-11, does not cancel in dP - delta.
+Where the true dQ and dK are small next to |dO|·|O| (a row's softmax peaked on one of a few keys)
+their fp16 error is that rounding's, up to the size of the gradient itself, and equals SDPA's
+(tests/test_attention.py); the fp32-math reference, which takes delta from fp32 probabilities,
+stays closer there. At SD's shapes it is below the reference's. An fp32 O kept for the backward
+would remove it, at 4 more bytes per output element saved under grad.
 
 Cost. Forward 4·B·H·Lq·Lkv·D FLOPs (two matmuls); backward 10·B·H·Lq·Lkv·D useful (14 done, the
 scores and dP are recomputed in both backward kernels). Bytes: q, o once, k, v once per query
@@ -70,6 +77,7 @@ from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs
                        register, same_view, triton_available)
 
 LOG2E = math.log2(math.e)
+_FP32_MAX = torch.finfo(torch.float32).max
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -1076,8 +1084,13 @@ def _scale_problem(scale) -> str | None:
     scale must be positive) and masks scores with -inf (-inf * 0 is NaN)."""
     if isinstance(scale, torch.Tensor) and scale.numel() != 1:
         return f"scale is a tensor of {scale.numel()} elements; the kernel takes one number"
-    if scale is not None and not scale > 0:
-        return f"scale {scale} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
+    if scale is None:
+        return None
+    value = float(scale)  # one read of a tensor (a host sync on a GPU)
+    if not value > 0:
+        return f"scale {value} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
+    if value * LOG2E > _FP32_MAX:  # inf in the kernel: every output NaN
+        return f"scale {value:g} times log2(e) is past fp32's largest value {_FP32_MAX:.4g}, in which the kernel scales"
     return None
 
 
@@ -1168,6 +1181,9 @@ def _check_args(q, k, v, scale, causal):
         raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")
     if isinstance(scale, numbers.Real) and not math.isfinite(scale):  # a tensor's values stay on the device
         raise ValueError(f"attention: scale must be finite, got {scale}")
+    if isinstance(scale, numbers.Real) and abs(scale) > _FP32_MAX and q.dtype != torch.float64:
+        raise ValueError(f"attention: scale {scale:g} is past fp32's range (largest {_FP32_MAX:.4g}), in which "
+                         f"{q.dtype} scores are scaled")
     if isinstance(scale, torch.Tensor):  # it multiplies the (B, H, Lq, Lkv) scores
         if scale.device != q.device and scale.dim() > 0:  # torch mixes devices for a 0-dim CPU tensor only
             raise ValueError(f"attention: scale{tuple(scale.shape)} is on {scale.device}, q on {q.device} (a "

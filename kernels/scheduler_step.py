@@ -276,8 +276,8 @@ def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_sc
     if mask is not None and x.dim() < 2:
         return f"a mask needs x with a (batch, channel, ...) layout, got x{tuple(x.shape)}"
     for name, t in (("x", x), ("model_output", model_output), ("model_output_uncond", model_output_uncond),
-                    ("noise", noise), ("prev_x0", prev_x0), ("known", known), ("out", out), ("out_x0", out_x0),
-                    ("mask", mask)):
+                    ("noise", noise), ("prev_x0", prev_x0), ("known", known), *zip(("out", "out_x0"), written),
+                    ("mask", mask)):  # an out_x0 left unwritten is ignored, as the reference ignores it
         if t is None:
             continue
         if t.device != x.device:

@@ -241,6 +241,30 @@ def test_backward_fp16_scales_ds_after_its_16_bit_cast(device):
         assert_close(g_, w, rel=1.5e-3, name=f"{name}, 2048 keys, dO ~ 0.01, fp16")
 
 
+def test_backward_fp16_delta_from_the_16_bit_output_errs_as_sdpa_does():
+    """delta = rowsum(dO ∘ O) is taken from the fp16 output, as FlashAttention-2 and SDPA take it.
+    One query over two keys with a peaked softmax: the true dq, dk are small next to |dO|·|O|, so
+    O's rounding dominates them (up to 3x the gradient itself at some seeds). The kernel's errors
+    there are SDPA's (CPU, fp16), seed by seed: no worse than the algorithm both implement."""
+    def rel(a, e):
+        return ((a.double() - e).abs().max() / e.abs().max()).item()
+
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, 1, n, 72, generator=g).half() for n in (1, 2, 2))
+        do = torch.randn(1, 1, 1, 72, generator=g).half()
+        exact = [t.double().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(attention_reference(*exact, 0.6), exact, do.double())
+        errs = {}
+        for name, fn in (("triton", lambda *a: attention_triton(*a, 0.6)),
+                         ("sdpa", lambda *a: torch.nn.functional.scaled_dot_product_attention(*a, scale=0.6))):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            errs[name] = [rel(a, e) for a, e in zip(torch.autograd.grad(fn(*leaves), leaves, do), want)]
+        for i, grad in enumerate(("dq", "dk", "dv")):
+            assert errs["triton"][i] <= 1.05 * errs["sdpa"][i] + 1e-4, (
+                f"seed {seed}, {grad}: max-normalised error {errs['triton'][i]:.3e} against SDPA's {errs['sdpa'][i]:.3e}")
+
+
 def test_writes_stay_inside_their_outputs(device):
     """o, dq, dk and dv written into views of NaN-filled buffers with guard rows past L and guard
     columns past D (40, padded to 64 in the kernels): no store reaches the guard. A store without
@@ -343,7 +367,9 @@ def test_bad_arguments(device):
     (dict(causal=1), TypeError, "causal must be a bool, got int 1"),
     (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),  # reference NaN, sdpa its default
     (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
-], ids=["causal-str", "causal-int", "scale-nan", "scale-inf"])
+    # past fp32: torch's "value cannot be converted to type float without overflow" (reference), NaN (triton)
+    (dict(scale=1e39), ValueError, "scale 1e+39 is past fp32's range (largest 3.403e+38)"),
+], ids=["causal-str", "causal-int", "scale-nan", "scale-inf", "scale-past-fp32"])
 def test_arguments_no_backend_reads_alike_are_refused_by_the_op(backend, kwargs, error, match, device):
     """Before dispatch, whichever backend is chosen: backends read these differently (any truthy
     causal was causal to the reference, a TypeError to SDPA)."""
@@ -903,6 +929,9 @@ def test_config_and_scale_arguments(device):
             attention_triton(q, k, v, scale=bad)
     for bad in (-0.5, 0.0, float("nan")):  # NaN: refused by the op's own checks first, for every backend
         assert f"scale {bad} is not > 0" in attention_module._triton_check(q, k, v, bad)
+    # within fp32, but not once the kernel multiplies it by log2(e): inf there, every output NaN
+    assert "scale 3e+38 times log2(e) is past fp32's largest" in attention_module._triton_check(q, k, v, 3e38)
+    assert attention_module._triton_check(q, k, v, 2e38) is None
 
 
 @pytest.mark.parametrize("causal, lq", [(False, 9), (True, 11)])  # causal: square, as CLIP's

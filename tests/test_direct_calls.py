@@ -42,6 +42,9 @@ BAD_CALLS = {  # id: (the call on a device, the error, what it must say)
     "group_norm_silu groups not dividing C": (
         lambda d: gn_module.group_norm_silu_triton(_t(2, 8, 3, 3, device=d), None, None, 3),
         ValueError, r"8 channels of x\(2, 8, 3, 3\) not divisible by groups=3"),
+    "group_norm_silu one element per group": (  # the reference raised torch's words at batch 1, triton gave the bias
+        lambda d: gn_module.group_norm_silu_triton(_t(2, 8, device=d), None, None, 8),
+        ValueError, r"x\(2, 8\) with groups=8 has one element per group"),
     "group_norm_silu float64": (
         lambda d: gn_module.group_norm_silu_triton(_t(2, 8, 3, 3, dtype=torch.float64, device=d), None, None, 4),
         kernels.BackendUnsupported, r"'triton' \(called directly\).*dtype torch.float64"),
@@ -104,13 +107,16 @@ def test_out_in_a_graph_is_refused_where_the_write_cannot_be_recorded(op, device
 
 
 def test_out_x0_that_is_not_written_is_not_refused(device):
-    """out_x0 is written only when return_x0: unwritten, it may be in a graph (the reference ignores it)."""
+    """out_x0 is written only when return_x0: unwritten, it may be in a graph or non-contiguous (the
+    reference ignores it; the Triton check refused a non-contiguous one)."""
     x = _t(1, 4, 3, 5, device=device)
     z = torch.randn(1, 4, 3, 5, device=device, requires_grad=True)
-    prev, x0 = step_module.scheduler_step_triton(x, x * 0.5, STEP, out_x0=z * 1.0)
+    strided = torch.empty(1, 4, 5, 3, device=device).transpose(2, 3)
     want, _ = kernels.scheduler_step_reference(x, x * 0.5, STEP)
-    assert x0 is None
-    assert_close(prev, want, rel=STEP_REL, name="prev")  # one rounding apart on a GPU (FMA contraction)
+    for out_x0 in (z * 1.0, strided):
+        prev, x0 = step_module.scheduler_step_triton(x, x * 0.5, STEP, out_x0=out_x0)
+        assert x0 is None
+        assert_close(prev, want, rel=STEP_REL, name="prev")  # one rounding apart on a GPU (FMA contraction)
 
 
 def test_direct_calls_with_out_and_config_give_the_references_values(device):
