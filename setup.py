@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         # Test-time oracles (models built from configs, nothing downloaded) and the bench tooling.
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=4.40", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=5", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
 )

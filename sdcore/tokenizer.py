@@ -1,6 +1,7 @@
 """CLIP's byte-level BPE tokenizer (Radford et al. 2021), run by the ``tokenizers`` library.
 
-The pipeline is the one ``transformers.CLIPTokenizer`` builds (so ids match it exactly):
+The pipeline is the one ``transformers.CLIPTokenizer`` builds in transformers 5, and
+``CLIPTokenizerFast`` in 4.x (so ids match them exactly):
 
 1. normalise: NFC, every run of whitespace -> one space, lowercase;
 2. pre-tokenise: CLIP's regex (``<|startoftext|>``, ``<|endoftext|>``, ``'s 't 're 've 'm 'll 'd``,
@@ -31,6 +32,15 @@ in the normalised (lower-cased) prompt, so "<CAT-TOY>" is the added "<cat-toy>":
 ``tokenizers``' rule, which transformers 5 (one CLIPTokenizer) and 4.x's CLIPTokenizerFast follow.
 4.x's slow Python CLIPTokenizer matches added tokens case-sensitively instead ("<CAT-TOY>" -> BPE
 pieces); both agree on a prompt that spells the token as it was added.
+
+transformers 4.x's slow Python ``CLIPTokenizer`` (the class a diffusers folder names, and the one
+SD 1's original code, LDM's FrozenCLIPEmbedder, used) cleans text another way, so prompts outside
+plain text get other ids there: each CJK ideograph is a word of its own; control and format
+characters (NUL, zero-width space and joiner, so emoji ZWJ sequences, BOM, soft hyphen, bidi marks,
+private-use) are deleted, where here they are bytes; and with ftfy installed, HTML entities, curly
+apostrophes, full-width text and ligatures are normalised first. ASCII prompts, accents, combining
+marks, emoji without ZWJ, the 77-token cut and the weighting syntax people type ("(cat:1.2)") agree
+with it.
 """
 from __future__ import annotations
 
@@ -368,6 +378,12 @@ class CLIPTokenizer:
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a str or a list of str, got {[type(p).__name__ for p in prompts]}")
+        for i, p in enumerate(prompts):  # tokenizers' own error named neither the prompt nor the character
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{name} {i} ({_snippet(p)}) holds {p[e.start]!r} at {e.start}, a lone surrogate, "
+                                 "which is no character and has no UTF-8 bytes to tokenize") from None
         room = self.max_length - 2
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         for i, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
