@@ -95,6 +95,10 @@ class Launcher:
     every positional argument; ``tensors``: the tensor (or None) arguments among them, in any
     order; ``key``: hashable, determining every argument that is neither a tensor nor a float,
     and ``meta``. ``direct`` counts the launches that skipped Triton's dispatch.
+
+    Triton launches on the current CUDA device, where torch's own ops follow their tensors: a
+    launch whose first tensor is on another GPU (a model on cuda:1, device 0 current) runs under
+    ``torch.cuda.device`` of that tensor, so its kernel and stream are that GPU's.
     """
 
     def __init__(self, kernel):
@@ -108,6 +112,13 @@ class Launcher:
         self.cache.clear()
 
     def __call__(self, grid, key, tensors, args, meta) -> None:
+        on = tensors[0].get_device()  # -1 on the CPU (the interpreter, offline compiles)
+        if on >= 0 and on != _device():
+            with torch.cuda.device(on):
+                return self._launch(grid, key, tensors, args, meta)
+        return self._launch(grid, key, tensors, args, meta)
+
+    def _launch(self, grid, key, tensors, args, meta) -> None:
         kernel = self._module[self.name]
         if kernel is not self.kernel:  # swapped for a spy or an offline compile: launch what is there
             kernel[grid](*args, **meta)

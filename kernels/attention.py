@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -1091,6 +1092,9 @@ def _scale_problem(scale) -> str | None:
         return f"scale {value} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
     if value * LOG2E > _FP32_MAX:  # inf in the kernel: every output NaN
         return f"scale {value:g} times log2(e) is past fp32's largest value {_FP32_MAX:.4g}, in which the kernel scales"
+    if struct.unpack("f", struct.pack("f", value * LOG2E))[0] == 0.0:  # 0 in the kernel: -inf * 0 = NaN
+        return (f"scale {value:g} times log2(e) is 0 in fp32, in which the kernel scales (its masked scores, "
+                "-inf, would become NaN)")
     return None
 
 

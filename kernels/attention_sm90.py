@@ -79,9 +79,9 @@ tests (tests/test_attention_sm90.py) run under ``-m gpu``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
-import numpy as np
 import torch
 
 from .attention import LOG2E, _AttentionFn, _check_args, launch_problem
@@ -353,10 +353,7 @@ def input_problem(q, k, v, scale=None, causal=False) -> str | None:
         if any(st % vec for n, st in zip(t.shape[:2], t.stride()[:2]) if n > 1) or t.stride(2) % vec:
             return (f"{name} strides {t.stride()}: batch, head and row strides must be multiples of 16 bytes "
                     f"({vec} elements of {qd}) for its 16-byte cp.async")
-    qk_scale = (d ** -0.5 if scale is None else float(scale)) * LOG2E
-    if not 0 < float(np.float32(qk_scale)) < float("inf"):  # the kernel takes it as fp32 and branches on > 0
-        return f"scale {scale} is 0 or infinite in fp32 once multiplied by log2(e)"
-    return None
+    return None  # a scale 0 or infinite in fp32 once times log2(e) launch_problem refused
 
 def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     """Launch the kernel; returns (o, lse2), lse2 (B, H, Lq) fp32, or None unless store_lse."""
@@ -375,13 +372,15 @@ def _forward(q, k, v, scale=None, store_lse=True, config=CONFIG):
     align = 16 // q.element_size()
     strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
     s_layout, o_layout, load_layout, q_smem, kv_smem, p_smem = _layouts(block_m, block_n, d_pad, num_warps, q.dtype)
-    _attn_fwd_sm90_kernel[(-(-lq // block_m), b * h)](
-        q, k, v, o, lse if store_lse else q, *strides, h, lq, lkv, qk_scale,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ALIGN=align,
-        STORE_LSE=store_lse, LATE_REFILL=bool(late_refill), FIRST_MASKED=lkv < block_n,
-        TAIL=lkv > block_n and lkv % block_n != 0,
-        s_layout=s_layout, o_layout=o_layout, load_layout=load_layout, q_smem_layout=q_smem,
-        kv_smem_layout=kv_smem, p_smem_layout=p_smem, num_warps=num_warps)
+    # Triton launches on the current device; q's may be another GPU (bench.sm90 passes CPU tensors)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _attn_fwd_sm90_kernel[(-(-lq // block_m), b * h)](
+            q, k, v, o, lse if store_lse else q, *strides, h, lq, lkv, qk_scale,
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, ALIGN=align,
+            STORE_LSE=store_lse, LATE_REFILL=bool(late_refill), FIRST_MASKED=lkv < block_n,
+            TAIL=lkv > block_n and lkv % block_n != 0,
+            s_layout=s_layout, o_layout=o_layout, load_layout=load_layout, q_smem_layout=q_smem,
+            kv_smem_layout=kv_smem, p_smem_layout=p_smem, num_warps=num_warps)
     return o, lse
 
 

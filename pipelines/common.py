@@ -38,8 +38,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from sdcore.layers import randn
-
 SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
 PREV_T_SAMPLERS = ("ddpm", "ddim")  # samplers that step between arbitrary timesteps (RePaint)
 
@@ -163,6 +161,8 @@ def initial_noise(latents, shape, generator, device, dtype, *, used: bool = True
     """The caller's ``latents`` (checked) or fresh N(0, I) noise of ``shape``. ``used=False``
     (strength 0, no step to run): given latents are still checked, and a warning says they are unused."""
     if latents is None:
+        from sdcore.layers import randn  # sdcore (and kernels) load lazily: the CLIs report their errors
+
         return randn(shape, generator, device, dtype)
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -518,6 +518,8 @@ class KnownRegion:
     def at(self, sched, t, generator) -> torch.Tensor:
         if t is None or t < 0:
             return self.z0
+        from sdcore.layers import randn
+
         noise = self.noise if self.noise is not None else randn(self.z0.shape, generator, self.z0.device, self.z0.dtype)
         return sched.add_noise(self.z0, noise, t)
 

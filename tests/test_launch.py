@@ -396,6 +396,41 @@ def test_a_direct_launch_uses_the_current_devices_stream(fake):
     assert launcher.direct == 1 and jit.compiled.runs[0][3] == STREAM + 1, (hex(STREAM + 1), jit.compiled.runs)
 
 
+class _OnSecondGPU(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (the only part of a tensor the guard reads)."""
+
+    def get_device(self):
+        return 1
+
+
+def test_a_launch_on_another_gpus_tensors_runs_on_that_gpu(fake, monkeypatch):
+    """Triton launches on the current device, where torch's ops follow their tensors: with device 0
+    current and the data on cuda:1, both Triton's dispatch and the direct launch run under
+    torch.cuda.device(1), on device 1's stream (device 0's kernel would read another GPU's memory)."""
+    launcher, jit, device = fake
+    seen = []
+
+    class Guard:  # torch.cuda.device, on a machine without CUDA
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.before, device[0] = device[0], self.index
+            seen.append(self.index)
+
+        def __exit__(self, *exc):
+            device[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    x, y = (torch.zeros(64).as_subclass(_OnSecondGPU) for _ in range(2))
+    call(launcher, x, y)
+    call(launcher, x, y)
+    assert seen == [1, 1] and device[0] == 0, seen
+    assert launcher.direct == 1 and jit.compiled.runs[0][3] == STREAM + 1, jit.compiled.runs
+    call(launcher, torch.zeros(64), torch.zeros(64))  # CPU tensors (-1): no guard
+    assert seen == [1, 1]
+
+
 class _Future:
     """Triton 3.9's AsyncCompileMode: kernel[grid](...) returns a future of the compiled kernel."""
 
