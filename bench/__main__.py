@@ -326,6 +326,10 @@ def run(args) -> int:
     threads = args.threads or (1 if args.quick else None)
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
+    if device.type == "cuda" and device.index is not None:
+        # the timers (CUDA events, do_bench's flush buffer, synchronize) and CUDA-graph capture use the
+        # current device: with another one current they timed an idle GPU's stream
+        torch.cuda.set_device(device)
     env = common.environment(device)
     env["plugins"] = args.plugins  # {spec: {op: [backends]}}: research backends in these rows
     out_dir = args.out or common.default_out_dir(env, quick=args.quick)

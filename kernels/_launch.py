@@ -36,8 +36,8 @@ import os
 
 import torch
 
-from ._triton import IMPORT_ERROR, triton
-from .registry import interpreting
+from ._triton import IMPORT_ERROR, OutOfResources, triton
+from .registry import LaunchUnsupported, interpreting
 
 try:
     from triton import knobs as _knobs
@@ -136,7 +136,15 @@ class Launcher:
                              compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
                 self.direct += 1
                 return
-        compiled = self.kernel[grid](*args, **meta)
+        try:
+            compiled = self.kernel[grid](*args, **meta)
+        except Exception as e:
+            if OutOfResources is None or not isinstance(e, OutOfResources):
+                raise
+            raise LaunchUnsupported(
+                f"{self.name} with {meta} needs {e.required} of {e.name} per block, and this GPU allows {e.limit}: "
+                "the launch tables are tuned for an H100 (sm_90); choose another backend for this op (attention: "
+                "sdpa), or pass config= with fewer stages or smaller blocks") from e
         if hasattr(compiled, "result"):  # an async-compile future (Triton 3.9's AsyncCompileMode)
             compiled = compiled.result()
         if fast and getattr(compiled, "packed_metadata", None) is not None and not _hooked(self.kernel):

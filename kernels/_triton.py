@@ -13,10 +13,12 @@ import os
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources  # a launch asking more than the device has
 
     IMPORT_ERROR: str | None = None
 except Exception as e:  # pragma: no cover - exercised in a subprocess by tests/test_registry.py
     IMPORT_ERROR = f"triton does not import ({type(e).__name__}: {e})"
+    OutOfResources = None  # nothing launches, so nothing runs out
 
     class _UnavailableKernel:
         """What ``@triton.jit`` makes without Triton: a kernel that cannot be launched."""

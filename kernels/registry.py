@@ -90,6 +90,12 @@ class BackendUnsupported(RuntimeError):
     """An explicitly chosen backend cannot take this input."""
 
 
+class LaunchUnsupported(BackendUnsupported):
+    """A backend took the input, but the device could not launch its kernel (e.g. more shared
+    memory per block than this GPU has). Under the default choice the op falls back to the
+    reference with one warning; an explicit choice raises it."""
+
+
 def refuse(op: str, backend: BackendName, reason: str | None) -> None:
     """For a backend's function called directly, past the switch (``attention_triton(...)``):
     raise what choosing it explicitly would, when its check gave a ``reason``."""
@@ -610,7 +616,16 @@ def dispatch(op: str, *args, **kwargs):
     fn = implementation(op, backend)
     if torch.compiler.is_compiling():  # counts and ranges are of calls that run, not of tracing
         return fn(*args, **kwargs)
-    return counted(op, backend, fn, *args, **kwargs)
+    try:
+        return counted(op, backend, fn, *args, **kwargs)
+    except LaunchUnsupported as e:  # the default's kernel does not fit this device: the reference runs
+        if _choice(op)[0] is not None or backend == Backend.REFERENCE:
+            raise
+        if (op, "launch", str(e)) not in _WARNED:
+            _WARNED.add((op, "launch", str(e)))
+            warnings.warn(f"{op}: default backend {str(backend)!r} cannot launch here ({e}); falling back to "
+                          "'reference'", RuntimeWarning, stacklevel=3)
+        return counted(op, Backend.REFERENCE, implementation(op, Backend.REFERENCE), *args, **kwargs)
 
 
 def counted(op: str, backend: BackendName, fn: Callable, *args, **kwargs):

@@ -64,7 +64,8 @@ def randn(shape, generator: torch.Generator | None, device: torch.device | str,
     """N(0, I) of ``shape`` on ``device``, drawn on the generator's device (``device`` if None) and
     moved, as diffusers' ``randn_tensor``: a CPU generator gives the same numbers for any device.
     A CPU draw bound for a GPU goes through pinned memory without blocking: a copy from pageable
-    memory waits for the stream to drain, which would be a host sync in every sampling step."""
+    memory waits for the stream to drain, which would be a host sync in every sampling step. (Not
+    for a CUDA-graph capture of a step: a replay would copy whatever the reused pinned buffer holds.)"""
     device = torch.device(device)
     eps = torch.randn(shape, generator=generator, device=device if generator is None else generator.device,
                       dtype=dtype)

@@ -113,6 +113,18 @@ def test_cuda_defaults_are_the_documented_half_precisions(suites, tmp_path, monk
     assert "threads" not in suites, "set_num_threads called for a CUDA run"
 
 
+def test_a_cuda_device_named_by_index_becomes_the_current_one(suites, tmp_path, monkeypatch):
+    """--device cuda:1: the timers (CUDA events, do_bench's flush buffer) and CUDA-graph capture
+    use the current device, so the run makes cuda:1 current (they timed device 0's idle stream)."""
+    env = {**common.environment(CPU), "device": "cuda:1", "device_name": "pretend GPU"}
+    made_current = []
+    monkeypatch.setattr(common, "pick_device", lambda name: torch.device("cuda:1"))
+    monkeypatch.setattr(common, "environment", lambda device: dict(env))
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    _main(["ops", "--device", "cuda:1"], tmp_path / "ops")
+    assert made_current == [torch.device("cuda:1")], made_current
+
+
 def test_tune_defaults_to_the_inference_kernels_and_forwards_masked_tail(suites, tmp_path):
     """`bench tune` sweeps DEFAULT_OPS (the backward and the Gluon forward only when named), and
     --masked-tail reaches the sweep."""

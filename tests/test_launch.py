@@ -431,6 +431,27 @@ def test_a_launch_on_another_gpus_tensors_runs_on_that_gpu(fake, monkeypatch):
     assert seen == [1, 1]
 
 
+def test_a_kernel_too_big_for_the_device_is_a_launch_unsupported_error(fake):
+    """Triton's OutOfResources at a first launch (a table row tuned for the H100's 227 KB of shared
+    memory, on a GPU with 99 KB) becomes LaunchUnsupported, naming the kernel, its launch meta, the
+    need and the limit, and what to do: the switch then falls back under the default choice."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.registry import LaunchUnsupported
+
+    launcher, jit, _ = fake
+
+    def no_room(grid):
+        def launch(*args, **meta):
+            raise OutOfResources(102400, 101376, "shared memory")
+        return launch
+
+    jit.__class__ = type("TooBig", (FakeJIT,), {"__getitem__": lambda self, grid: no_room(grid)})
+    with pytest.raises(LaunchUnsupported, match=r"fake_kernel with \{'BLOCK': 16, 'num_warps': 4\} needs 102400 of "
+                                                r"shared memory per block, and this GPU allows 101376.*sdpa"):
+        call(launcher, torch.zeros(64), torch.zeros(64))
+
+
 class _Future:
     """Triton 3.9's AsyncCompileMode: kernel[grid](...) returns a future of the compiled kernel."""
 

@@ -148,6 +148,28 @@ def test_default_falls_back_with_one_warning(toy_op, monkeypatch):
     assert len(msgs) == 1 and "fp64 is not supported" in msgs[0], msgs
 
 
+def test_a_default_kernel_the_device_cannot_launch_falls_back_with_one_warning(toy_op, monkeypatch):
+    """A backend whose check took the input but whose kernel the device cannot launch (Triton's
+    OutOfResources, as LaunchUnsupported: an H100 table row on a 99 KB GPU): by default the
+    reference runs, with one warning; chosen explicitly, the error names the limit."""
+    monkeypatch.setattr(registry, "_default", lambda op, device: (kernels.Backend.TRITON, "default (test)"))
+
+    def too_big(x):
+        toy_op.append("triton")
+        raise registry.LaunchUnsupported("_toy_kernel needs 102400 of shared memory per block, this GPU allows 101376")
+
+    monkeypatch.setitem(registry._FNS, ("toy_op", kernels.Backend.TRITON), too_big)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert torch.equal(registry.dispatch("toy_op", torch.ones(2)), torch.full((2,), 2.0))
+    assert toy_op == ["triton", "reference"] * 2
+    msgs = [str(w.message) for w in caught if "cannot launch here" in str(w.message)]
+    assert len(msgs) == 1 and "101376" in msgs[0] and "falling back to 'reference'" in msgs[0], msgs
+    with kernels.use(toy_op="triton"), pytest.raises(kernels.BackendUnsupported, match="allows 101376"):
+        registry.dispatch("toy_op", torch.ones(2))
+
+
 def test_each_fallback_reason_warns_once(toy_op, monkeypatch):
     """Once per op and kind of reason: a second, different limit is reported too, each only once
     (fp16 and fp64 are different reasons: digits inside a name are not masked as numbers)."""
