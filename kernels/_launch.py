@@ -112,20 +112,25 @@ class Launcher:
         self.cache.clear()
 
     def __call__(self, grid, key, tensors, args, meta) -> None:
-        on = tensors[0].get_device()  # -1 on the CPU (the interpreter, offline compiles)
-        if on >= 0 and on != _device():
+        first = tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)
+        on = first.get_device()  # -1 on the CPU (the interpreter, offline compiles)
+        if on < 0:
+            return self._launch(grid, key, tensors, args, meta, None)
+        device = _device()
+        if on != device:
             with torch.cuda.device(on):
-                return self._launch(grid, key, tensors, args, meta)
-        return self._launch(grid, key, tensors, args, meta)
+                return self._launch(grid, key, tensors, args, meta, on)
+        return self._launch(grid, key, tensors, args, meta, device)
 
-    def _launch(self, grid, key, tensors, args, meta) -> None:
+    def _launch(self, grid, key, tensors, args, meta, device) -> None:
+        """The launch on ``device`` (current; None: not read yet)."""
         kernel = self._module[self.name]
         if kernel is not self.kernel:  # swapped for a spy or an offline compile: launch what is there
             kernel[grid](*args, **meta)
             return
         fast = ENABLED and key is not None and not torch.compiler.is_compiling()
         if fast:
-            device = _device()
+            device = _device() if device is None else device
             full = (key, device, _options(),
                     *[None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
             hit = self.cache.get(full)

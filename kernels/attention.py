@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +77,7 @@ from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs
                        register, same_view, triton_available)
 
 LOG2E = math.log2(math.e)
-_FP32_MAX = torch.finfo(torch.float32).max
+_FP32_MAX, _FP32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which holds B·H
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -1092,9 +1091,9 @@ def _scale_problem(scale) -> str | None:
         return f"scale {value} is not > 0 (the kernel takes the row max of unscaled scores, and -inf * 0 is NaN)"
     if value * LOG2E > _FP32_MAX:  # inf in the kernel: every output NaN
         return f"scale {value:g} times log2(e) is past fp32's largest value {_FP32_MAX:.4g}, in which the kernel scales"
-    if struct.unpack("f", struct.pack("f", value * LOG2E))[0] == 0.0:  # 0 in the kernel: -inf * 0 = NaN
-        return (f"scale {value:g} times log2(e) is 0 in fp32, in which the kernel scales (its masked scores, "
-                "-inf, would become NaN)")
+    if value * LOG2E < _FP32_TINY:  # 0 in the kernel (or subnormal, which a flush makes 0): -inf * 0 = NaN
+        return (f"scale {value:g} times log2(e) is below fp32's smallest normal {_FP32_TINY:.4g}, in which the "
+                "kernel scales (at 0 its masked scores, -inf, would become NaN)")
     return None
 
 

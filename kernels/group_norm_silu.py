@@ -968,9 +968,9 @@ def _check_args(x, weight, bias, groups, eps, activation) -> int:
     if x.shape[1] % groups:
         raise ValueError(f"group_norm_silu: {x.shape[1]} channels of x{tuple(x.shape)} "
                          f"not divisible by groups={groups}")
-    if math.prod(x.shape[1:]) == groups and x.numel():  # torch's group_norm raises at batch 1, in its words
-        raise ValueError(f"group_norm_silu: x{tuple(x.shape)} with groups={groups} has one element per group, "
-                         "whose variance is 0: GroupNorm would return the bias alone")
+    if x.shape[0] == 1 and math.prod(x.shape[1:]) == groups:  # torch's group_norm raised, in its own words
+        raise ValueError(f"group_norm_silu: x{tuple(x.shape)} with groups={groups} has one element per group at "
+                         "batch 1, which torch's group_norm refuses (its variance is 0: the output would be the bias)")
     if why := _params_problem(x, weight, bias, any_dtype=_autocast_casts(x)):
         raise ValueError(f"group_norm_silu: {why}")
     # a negative eps gives NaN where a group is flat

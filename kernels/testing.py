@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -102,28 +103,68 @@ def assert_within_torch_error(kernel_out, torch_out, reference, *, factor: float
 
 # ------------------------------------------------------------------------------- host reads
 class HostReads(TorchDispatchMode):
-    """Counts, per aten op, the calls that read a tensor's value on the host (``.item()``,
-    ``bool()``, ``nonzero``, ``torch.equal``, ...) or make a tensor from Python data (a copy from
-    the host when its device is a GPU): on a GPU each waits for the stream, a host sync that
-    stalls the queue of launches an eager model depends on. Works on the CPU, so a machine
-    without a GPU can show a backend or a sampling loop free of them::
+    """Counts the calls that read a tensor's value on the host or make a tensor from Python data:
+    aten ops (``.item()``, ``bool()``, ``nonzero``, indexing by a bool mask, ``unique``,
+    ``torch.equal``, ``repeat_interleave`` by a tensor, ``lift_fresh`` (a tensor from Python data,
+    a copy from the host for a GPU), ...) and the Tensor methods that leave the dispatcher
+    (``tolist``, ``numpy``). On a GPU each waits for the stream, a host sync that stalls the queue
+    of launches an eager model depends on. Works on the CPU, so a machine without a GPU can show a
+    backend or a sampling loop free of them::
 
         with testing.HostReads() as reads:
             kernels.attention(q, k, v)
         assert not reads.seen, reads.seen
-    """
+
+    Not seen: reads inside C++ kernels that do not go back through the dispatcher, and copies between
+    devices (none on a CPU); on a GPU, ``torch.cuda.set_sync_debug_mode`` sees those."""
 
     OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal",
-                     "lift_fresh", "lift_fresh_copy"})
+                     "lift_fresh", "lift_fresh_copy", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                     "bincount", "histc", "allclose"})
+    METHODS = frozenset({"tolist", "numpy"})
 
     def __init__(self):
         super().__init__()
         self.seen: collections.Counter = collections.Counter()
+        self._methods = _HostMethods(self.seen)
+
+    def __enter__(self):
+        self._methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._methods.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.OPS:
-            self.seen[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        if (name in self.OPS or (name in ("index", "index_put", "index_put_") and _bool_index(args))
+                or (func is torch.ops.aten.repeat_interleave.Tensor
+                    or func is torch.ops.aten.repeat_interleave.self_Tensor)):
+            self.seen[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+class _HostMethods(TorchFunctionMode):
+    """HostReads' half for the Tensor methods that read values without an aten op."""
+
+    def __init__(self, seen: collections.Counter):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HostReads.METHODS:
+            self.seen[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    """Whether an aten index / index_put call takes a bool mask (its output's size is data)."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
 # ------------------------------------------------------------------------------------ cases

@@ -254,7 +254,7 @@ class TextEncoder(nn.Module):
                              "model_max_length)")
         if ids.shape[0] == 0:
             raise ValueError(f"ids{tuple(ids.shape)} hold no prompt (batch 0)")
-        lo, hi = int(ids.min()), int(ids.max())  # one host sync per prompt batch
+        lo, hi = (0, 0) if ids.is_meta else (int(ids.min()), int(ids.max()))  # one host sync per prompt batch
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         clip_skip = cfg.clip_skip if clip_skip is None else clip_skip

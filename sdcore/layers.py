@@ -65,10 +65,10 @@ def randn(shape, generator: torch.Generator | None, device: torch.device | str,
     moved, as diffusers' ``randn_tensor``: a CPU generator gives the same numbers for any device.
     A CPU draw bound for a GPU goes through pinned memory without blocking: a copy from pageable
     memory waits for the stream to drain, which would be a host sync in every sampling step. (Not
-    for a CUDA-graph capture of a step: a replay would copy whatever the reused pinned buffer holds.)"""
+    while a CUDA graph is captured: a replay would copy whatever the reused pinned buffer holds.)"""
     device = torch.device(device)
     eps = torch.randn(shape, generator=generator, device=device if generator is None else generator.device,
                       dtype=dtype)
-    if eps.device.type == "cpu" and device.type == "cuda":
+    if eps.device.type == "cpu" and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
         return eps.pin_memory().to(device, non_blocking=True)
     return eps.to(device)

@@ -382,8 +382,9 @@ class CLIPTokenizer:
             try:
                 p.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(f"{name} {i} ({_snippet(p)}) holds {p[e.start]!r} at {e.start}, a lone surrogate, "
-                                 "which is no character and has no UTF-8 bytes to tokenize") from None
+                raise ValueError(f"{name} {i} ({_snippet(p)}) holds {p[e.start]!r} at {e.start}, a UTF-16 surrogate, "
+                                 "which is no character and has no UTF-8 bytes to tokenize (a pair split in two: "
+                                 "s.encode('utf-16', 'surrogatepass').decode('utf-16') joins it)") from None
         room = self.max_length - 2
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         for i, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):

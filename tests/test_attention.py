@@ -932,9 +932,10 @@ def test_config_and_scale_arguments(device):
     # within fp32, but not once the kernel multiplies it by log2(e): inf there, every output NaN
     assert "scale 3e+38 times log2(e) is past fp32's largest" in attention_module._triton_check(q, k, v, 3e38)
     assert attention_module._triton_check(q, k, v, 2e38) is None
-    # positive, but 0 in fp32 once times log2(e): masked scores -inf * 0 gave NaN rows
-    assert "scale 1e-46 times log2(e) is 0 in fp32" in attention_module._triton_check(q, k, v, 1e-46)
-    assert attention_module._triton_check(q, k, v, 1e-45) is None
+    # positive, but 0 (or subnormal) in fp32 once times log2(e): masked scores -inf * 0 gave NaN rows
+    assert "scale 1e-46 times log2(e) is below fp32's smallest normal" in attention_module._triton_check(q, k, v, 1e-46)
+    assert "smallest normal" in attention_module._triton_check(q, k, v, 1e-39)
+    assert attention_module._triton_check(q, k, v, 1e-37) is None
 
 
 @pytest.mark.parametrize("causal, lq", [(False, 9), (True, 11)])  # causal: square, as CLIP's

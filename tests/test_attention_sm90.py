@@ -110,7 +110,7 @@ def test_causal_and_bad_scales_are_refused(sm90):
     assert "not > 0" in sm90.input_problem(q, k, v, scale=0.0)
     assert "not > 0" in sm90.input_problem(q, k, v, scale=float("nan"))
     # positive, but 0 in fp32 once times log2(e): the softmax branch (on qk_scale > 0) would be skipped
-    assert "times log2(e) is 0 in fp32" in sm90.input_problem(q, k, v, scale=1e-46)  # the Triton check's words
+    assert "below fp32's smallest normal" in sm90.input_problem(q, k, v, scale=1e-46)  # the Triton check's words
     assert "past fp32's largest value" in sm90.input_problem(q, k, v, scale=float("inf"))
     assert "requires grad" in sm90.input_problem(q, k, v, scale=torch.tensor(0.3, requires_grad=True))
     assert sm90.input_problem(q, k, v, scale=torch.tensor(0.3)) is None

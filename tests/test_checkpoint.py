@@ -126,6 +126,9 @@ def test_a_model_on_meta_has_the_architecture_and_runs_shapes(tiny):
     x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
     ctx = torch.empty(2, 77, tiny.config.unet.context_dim, device="meta", dtype=torch.float16)
     assert meta.unet(x, 500, ctx).shape == x.shape
+    assert meta.vae.decode(x).shape == (2, 3, 8 * 8, 8 * 8)
+    ids = torch.empty(2, 77, dtype=torch.long, device="meta")  # no values to range-check
+    assert meta.text_encoder(ids).shape == ctx.shape
 
 
 def test_buffers_rematerialised(saved, tiny):

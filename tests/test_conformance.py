@@ -416,6 +416,26 @@ def test_a_half_precision_gradient_3_percent_off_fails(research, dtype):
         testing.check(case, "dq_off", "cpu")
 
 
+@pytest.mark.parametrize("read, counted_as", [
+    (lambda x: x[0].item(), "_local_scalar_dense"), (lambda x: bool(x[0] > 0), "_local_scalar_dense"),
+    (lambda x: x.tolist(), "tolist"), (lambda x: x.numpy(), "numpy"), (lambda x: x[x > 0], "index"),
+    (lambda x: torch.unique(x), "_unique2"), (lambda x: x.repeat_interleave(x.abs().long() + 1), "repeat_interleave"),
+    (lambda x: torch.allclose(x, x), "allclose"), (lambda x: torch.equal(x, x), "equal"),
+    (lambda x: x.nonzero(), "nonzero"), (lambda x: x + torch.tensor(1.0), "lift_fresh"),
+], ids=["item", "bool", "tolist", "numpy", "mask-index", "unique", "repeat_interleave", "allclose", "equal",
+        "nonzero", "python-data"])
+def test_host_reads_sees_each_kind_of_read(read, counted_as):
+    """testing.HostReads counts what would be a host sync on a GPU (a planted .tolist() or mask
+    index in a reference passed the host-read tests before the method half and the index rule)."""
+    x = torch.randn(16)
+    with testing.HostReads() as reads:
+        read(x)
+    assert reads.seen.get(counted_as, 0) >= 1, dict(reads.seen)
+    with testing.HostReads() as reads:  # arithmetic, views, repeat_interleave by an int: none
+        (x * 2 + x[1:3].sum()).view(2, 8).transpose(0, 1).repeat_interleave(2, dim=0)
+    assert not reads.seen, dict(reads.seen)
+
+
 def test_assert_close_rtol_is_per_element():
     """rtol scales each element's own |expected|: a tiny element 100% off fails beside a large one."""
     want = torch.tensor([1000.0, 1e-3])

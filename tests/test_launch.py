@@ -429,6 +429,8 @@ def test_a_launch_on_another_gpus_tensors_runs_on_that_gpu(fake, monkeypatch):
     assert launcher.direct == 1 and jit.compiled.runs[0][3] == STREAM + 1, jit.compiled.runs
     call(launcher, torch.zeros(64), torch.zeros(64))  # CPU tensors (-1): no guard
     assert seen == [1, 1]
+    launcher((3, 2), (7, 16), (None, y), (x, y, 7, 0.5), {"BLOCK": 16, "num_warps": 4})  # an optional one first
+    assert seen == [1, 1, 1]
 
 
 def test_a_kernel_too_big_for_the_device_is_a_launch_unsupported_error(fake):

@@ -380,6 +380,13 @@ def test_resize_rounds_down(tiny, image):
     assert r.images[0].size == (64, 64)
 
 
+def test_an_8_pixel_image_runs_with_cfg(tiny):
+    """A 1x1 latent: the tiny UNet's GroupNorms have one element per group there (32 channels in 32
+    groups), which torch computes at batch >= 2 (the bias) and refuses at batch 1; CFG makes batch 2."""
+    r = pipelines.txt2img(tiny, "a", steps=1, seed=0, height=8, width=8, cfg_scale=7.5)
+    assert tuple(r.latents.shape) == (1, 4, 1, 1) and torch.isfinite(r.latents).all()
+
+
 def test_sizes_that_are_multiples_of_8_only(tiny):
     """72x40 px -> a 9x5 latent, which the UNet's 2 downsamplings do not divide: diffusers handles
     it by upsampling to the skip connections' sizes, and so does sdcore's UNet."""
