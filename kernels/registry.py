@@ -621,6 +621,7 @@ def dispatch(op: str, *args, **kwargs):
     except LaunchUnsupported as e:  # the default's kernel does not fit this device: the reference runs
         if _choice(op)[0] is not None or backend == Backend.REFERENCE:
             raise
+        _COUNTS[(op, backend)] -= 1  # counted before it ran: the call is the reference's
         if (op, "launch", str(e)) not in _WARNED:
             _WARNED.add((op, "launch", str(e)))
             warnings.warn(f"{op}: default backend {str(backend)!r} cannot launch here ({e}); falling back to "

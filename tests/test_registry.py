@@ -164,6 +164,7 @@ def test_a_default_kernel_the_device_cannot_launch_falls_back_with_one_warning(t
         for _ in range(2):
             assert torch.equal(registry.dispatch("toy_op", torch.ones(2)), torch.full((2,), 2.0))
     assert toy_op == ["triton", "reference"] * 2
+    assert kernels.counts().get(("toy_op", "triton"), 0) == 0 and kernels.counts()[("toy_op", "reference")] == 2
     msgs = [str(w.message) for w in caught if "cannot launch here" in str(w.message)]
     assert len(msgs) == 1 and "101376" in msgs[0] and "falling back to 'reference'" in msgs[0], msgs
     with kernels.use(toy_op="triton"), pytest.raises(kernels.BackendUnsupported, match="allows 101376"):
