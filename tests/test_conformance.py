@@ -84,9 +84,7 @@ def test_built_in_backends_read_nothing_on_the_host(backend, case, device):
             out = getattr(kernels, case.op)(*args, **kwargs)
             if case.grads:
                 torch.autograd.grad(out, [inputs[n] for n in case.grads], torch.ones_like(out))
-    except kernels.BackendUnsupported as e:
-        pytest.skip(str(e))
-    finally:
+    finally:  # every built-in backend takes these fp32 cases: a refusal fails here, not a skip
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert not reads.seen, f"{backend} on {case}: host reads {dict(reads.seen)}"
