@@ -44,14 +44,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """h = conv(silu(GN(x))) + W·silu(emb);  out = skip(x) + conv(silu(GN(h)))."""
+    """h = conv(silu(GN(x))) + W·silu(emb);  out = skip(x) + conv(silu(GN(h))).
+
+    Takes silu(emb), not emb: every ResBlock of a UNet starts its embedding branch with the same
+    SiLU of the same emb, so :class:`UNetModel` applies it once per call (one launch instead of one
+    per ResBlock, 22 in SD 1.5) and ``emb_layers.0`` is an ``nn.Identity`` keeping LDM's index.
+    """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
         self.in_layers = nn.Sequential(
             GroupNorm(groups, channels, eps, act="silu"), nn.Identity(),  # SiLU fused into the norm
             nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.Identity(), nn.Linear(emb_channels, out_channels))  # SiLU: UNetModel
         self.out_layers = nn.Sequential(
             GroupNorm(groups, out_channels, eps, act="silu"), nn.Identity(),
             nn.Identity(),  # dropout slot
@@ -59,9 +64,9 @@ class ResBlock(nn.Module):
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = h + self.emb_layers(silu_emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -184,13 +189,13 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A Sequential that hands the timestep embedding to ResBlocks and the context to transformers."""
+    """A Sequential that hands silu(timestep embedding) to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, silu_emb: torch.Tensor, context: torch.Tensor,
                 size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, silu_emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -266,15 +271,16 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         t = self._check_inputs(x, t, context)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        silu_emb = F.silu(emb)  # the SiLU that starts every ResBlock's emb_layers, applied once
         hs = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, silu_emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, silu_emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
-            h = block(h, emb, context, size=hs[-1].shape[-2:] if hs else None)  # upsample to the next skip
+            h = block(h, silu_emb, context, size=hs[-1].shape[-2:] if hs else None)  # upsample to the next skip
         return self.out(h)
 
     def _check_inputs(self, x, t, context) -> torch.Tensor:

@@ -327,6 +327,28 @@ def test_routes_through_kernels():
                                 ("attention", "reference"): 2 * blocks}
 
 
+
+def test_embedding_silu_runs_once_per_call():
+    """Every ResBlock's emb_layers start with SiLU(emb) of the same emb: the UNet applies it once
+    (the time embedding's own SiLU is the other), not once per ResBlock (22 launches in SD 1.5)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSilu(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSilu.n += func.overloadpacket is torch.ops.aten.silu
+            return func(*args, **(kwargs or {}))
+
+    cfg = _unet_cfg("tiny")
+    unet = UNetModel(cfg).eval()
+    fused = sum(isinstance(m, GroupNorm) and m.act == "silu" for m in unet.modules())
+    x, t, context = _inputs(cfg, 1, 8, 8, 3)
+    with torch.no_grad(), kernels.use(group_norm_silu="reference"), CountSilu():
+        unet(x, t, context)
+    assert CountSilu.n == fused + 2, f"{CountSilu.n} SiLUs, expected {fused} fused into norms + 2 on the embedding"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])
 def test_half_precision_on_gpu(preset):
