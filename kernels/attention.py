@@ -72,9 +72,9 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtype, autocast_dtypes, autocast_inputs, check_floating, counted,
-                       define_op, dispatch, fits_int32, interpreting, max_offset, overlaps, overlaps_itself, refuse,
-                       register, same_view, triton_available)
+from .registry import (Backend, autocast_dtypes, autocast_inputs, check_floating, counted, define_op, dispatch,
+                       fits_int32, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
+                       transform_problem, triton_device_problem)
 
 LOG2E = math.log2(math.e)
 _FP32_MAX, _FP32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
@@ -1030,10 +1030,7 @@ def _triton_check(q, k, v, scale=None, causal=False, out=None, config=None):
     """None if the Triton kernel can take these inputs, else the reason."""
     if not (q.device == k.device == v.device):
         return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
-    if q.device.type != "cuda" and not (interpreting() and q.device.type == "cpu"):
-        return (f"input on {q.device.type}; the Triton kernel needs CUDA (or CPU with TRITON_INTERPRET=1 set "
-                "before importing kernels)")
-    why = triton_available()
+    why = triton_device_problem(q.device) or transform_problem(q, k, v, out)
     if why:
         return why
     qd, kd, vd = autocast_dtypes(q, k, v)  # the dtypes the kernel will see (attention_triton casts)
@@ -1176,9 +1173,9 @@ def _check_args(q, k, v, scale, causal):
         raise ValueError(f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if q.shape[-1] == 0:  # the default scale D**-0.5 has no value; an explicit one scores nothing
         raise ValueError(f"attention: head dim D must be >= 1, got q{tuple(q.shape)}")
-    if not q.dtype == k.dtype == v.dtype and autocast_dtype(q.device.type) is None:  # autocast casts them
-        raise TypeError(f"attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} differ (outside autocast "
-                        "they must match, as for torch's matmul and SDPA)")
+    if not q.dtype == k.dtype == v.dtype and len(set(autocast_dtypes(q, k, v))) > 1:  # autocast casts them
+        raise TypeError(f"attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} differ (they must match, as "
+                        "for torch's matmul and SDPA; autocast casts all but float64 to its dtype)")
     if not (scale is None or isinstance(scale, torch.Tensor)
             or (isinstance(scale, numbers.Real) and not isinstance(scale, bool))):
         raise TypeError(f"attention: scale must be None, a number or a tensor, got {type(scale).__name__} {scale!r}")

@@ -86,7 +86,7 @@ import torch
 
 from .attention import LOG2E, _AttentionFn, _check_args, launch_problem
 from ._triton import next_power_of_2
-from .registry import autocast_dtypes, autocast_inputs, refuse, register
+from .registry import autocast_dtypes, autocast_inputs, refuse, register, transform_problem
 
 try:
     from triton.experimental import gluon
@@ -318,8 +318,8 @@ def _layouts(block_m: int, block_n: int, d_pad: int, num_warps: int, dtype: torc
 
 def _check(q, k, v, scale=None, causal=False):
     """None if the kernel can take these inputs, else the reason."""
-    if IMPORT_ERROR:
-        return IMPORT_ERROR
+    if why := IMPORT_ERROR or transform_problem(q, k, v):
+        return why
     if not (q.device == k.device == v.device) or q.device.type != "cuda":
         return f"inputs on {q.device}, {k.device}, {v.device}; the kernel needs one CUDA device"
     major, minor = torch.cuda.get_device_capability(q.device)

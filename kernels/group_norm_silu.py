@@ -74,7 +74,8 @@ from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import cdiv, next_power_of_2, tl, triton
 from .registry import (Backend, autocast_dtype, check_floating, counted, define_op, dispatch, fits_int32,
-                       interpreting, max_offset, overlaps, overlaps_itself, refuse, register, triton_available)
+                       max_offset, overlaps, overlaps_itself, refuse, register, transform_problem,
+                       triton_device_problem)
 
 # ---- Launch configuration: the one place to tune on a GPU (defaults chosen for an H100) ----
 # Read when a call's launch plan is first made, then cached per input signature (launch_config,
@@ -832,15 +833,13 @@ def _device_sms(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", **_):
+def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", out=None, **_):
     """None when the triton backend can take the input, else why not."""
     if not isinstance(x, torch.Tensor):
         return f"x is a {type(x).__name__}, not a tensor"
-    why = triton_available()
+    why = triton_device_problem(x.device) or transform_problem(x, weight, bias, out)
     if why:
         return why
-    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
-        return f"x is on {x.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 set before importing kernels)"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # here only under TRITON_INTERPRET=1
@@ -888,7 +887,7 @@ def group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu",
     a TypeError / ValueError, an input the kernels cannot take (device, dtype, size)
     BackendUnsupported. The switch calls :func:`_group_norm_silu_triton`, having made both checks."""
     groups = _check_args(x, weight, bias, groups, eps, activation)
-    refuse("group_norm_silu", Backend.TRITON, _check_triton(x, weight, bias, groups, eps, activation))
+    refuse("group_norm_silu", Backend.TRITON, _check_triton(x, weight, bias, groups, eps, activation, out=out))
     return _group_norm_silu_triton(x, weight, bias, groups, eps, activation, out=out, config=config)
 
 

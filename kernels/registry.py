@@ -60,9 +60,11 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from . import _triton
 
@@ -156,8 +158,12 @@ def register(op: str, backend: BackendName, *, check: Callable[..., str | None] 
     backend. False (one graph per shape and per value of every float argument) suits ops called with
     a few fixed floats; None lets a float that changes become a graph input after one recompile
     (e.g. per-step coefficients). Registering a pair that exists raises unless ``replace=True``
-    (e.g. re-running a notebook cell).
+    (e.g. re-running a notebook cell). A new op's name follows the backends' rule
+    (``[a-z][a-z0-9_]*``), so that ``SDLAB_KERNELS="op=backend"`` can name it.
     """
+    if not isinstance(op, str) or not _NAME.fullmatch(op):
+        raise ValueError(f"invalid op name {op!r}: names are [a-z][a-z0-9_]* (SDLAB_KERNELS could not name "
+                         f"it otherwise), e.g. 'my_op'")
     backend = _canonical(backend, registering=True)
 
     def deco(fn: Callable) -> Callable:
@@ -476,6 +482,30 @@ def fits_int32(t: torch.Tensor, start_dim: int = 0) -> bool:
     return max_offset(t, start_dim) < 2**31
 
 
+def transform_problem(*tensors: torch.Tensor | None) -> str | None:
+    """Why a hand-launched kernel cannot take ``tensors``, or None. It reads and writes their memory
+    through raw pointers, which a torch.func transform's wrappers (``grad``, ``vmap``, ``jvp``) and
+    a fake tensor (``FakeTensorMode``) do not have, and it records no forward-mode derivative: a
+    dual tensor's tangent (``torch.autograd.forward_ad``) would be dropped without a word. The
+    built-in Triton checks start here (their reference runs instead under the default), and
+    ``torch.compile`` is no concern: it traces them as ``torch.ops.sdlab`` ops."""
+    if torch.compiler.is_compiling():
+        return None
+    duals = _forward_ad._current_level >= 0  # inside a forward_ad.dual_level(): ~free to ask otherwise
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return ("an input is wrapped by a torch.func transform (grad, vmap, jvp, functionalize); the kernel "
+                    "reads raw memory and has no batching or forward-mode rule (the reference has)")
+        if isinstance(t, _FakeTensor):
+            return "an input is a fake tensor (FakeTensorMode): it has no memory for the kernel to read"
+        if duals and _forward_ad.unpack_dual(t).tangent is not None:
+            return ("an input carries a forward-mode tangent (torch.autograd.forward_ad); the kernel has no jvp, "
+                    "so the tangent would be dropped")
+    return None
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype torch autocast runs its lower-precision ops (matmul, SDPA) in on ``device_type``
     ("cuda", "cpu"), or None when autocast is off there."""
@@ -498,6 +528,17 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if autocast_dtype(tensors[0].device.type) is None:
         return tensors
     return tuple(t if t.dtype == dt else t.to(dt) for t, dt in zip(tensors, autocast_dtypes(*tensors)))
+
+
+def triton_device_problem(device: torch.device) -> str | None:
+    """Why no built-in Triton backend can run on ``device`` whatever the input, or None (each
+    backend's check starts here; :func:`describe` says it of an explicit choice)."""
+    if why := triton_available():
+        return why
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return (f"input on {device.type}; the Triton kernels need CUDA (or CPU with TRITON_INTERPRET=1 set "
+                "before importing kernels)")
+    return None
 
 
 def _default(op: str, device: torch.device | None) -> tuple[Backend | None, str]:
@@ -545,9 +586,9 @@ def _resolve(op: str, args: tuple, kwargs: dict, stacklevel: int | None) -> tupl
     if reason:
         kind = (op, _reason_kind(reason))
         if stacklevel is not None and kind not in _WARNED and not torch.compiler.is_compiling():
-            _WARNED.add(kind)
             warnings.warn(f"{op}: default backend {backend.value!r} cannot run this input ({reason}); "
                           f"falling back to 'reference'", RuntimeWarning, stacklevel=stacklevel)
+            _WARNED.add(kind)  # once given: under -W error it raised, and the next call must raise too
         return Backend.REFERENCE, f"{source}, fell back: {reason}"
     return backend, source
 
@@ -574,9 +615,9 @@ def _first_taker(op: str, impls: dict, chain: Chain, source: str, args: tuple, k
     for r, reason in refused:
         kind = (op, _reason_kind(reason), str(r))
         if stacklevel is not None and kind not in _WARNED and not torch.compiler.is_compiling():
-            _WARNED.add(kind)
             warnings.warn(f"{op}: backend {str(r)!r} of the fallback chain {str(chain)!r} (from {source}) cannot "
                           f"run this input ({reason}); running {str(b)!r}", RuntimeWarning, stacklevel=stacklevel + 1)
+            _WARNED.add(kind)
     return b, f"{source}, fell back along the chain: " + "; ".join(f"{str(r)!r}: {why}" for r, why in refused)
 
 
@@ -623,9 +664,9 @@ def dispatch(op: str, *args, **kwargs):
             raise
         _COUNTS[(op, backend)] -= 1  # counted before it ran: the call is the reference's
         if (op, "launch", str(e)) not in _WARNED:
-            _WARNED.add((op, "launch", str(e)))
             warnings.warn(f"{op}: default backend {str(backend)!r} cannot launch here ({e}); falling back to "
                           "'reference'", RuntimeWarning, stacklevel=3)
+            _WARNED.add((op, "launch", str(e)))
         return counted(op, Backend.REFERENCE, implementation(op, Backend.REFERENCE), *args, **kwargs)
 
 
@@ -678,19 +719,28 @@ def _undefine(names) -> None:
         _DEFINED.pop(name)._destroy()
 
 
-@contextlib.contextmanager
-def use(backend: BackendName | None = None, /, **per_op: BackendName) -> Iterator[None]:
-    """Scope a backend choice: ``use("triton")`` for all ops, ``use(attention="sdpa")`` per op."""
-    cleared = [op for op, b in per_op.items() if b is None]
-    if cleared:
-        raise ValueError(f"kernels.use({cleared[0]}=None): name a backend (set_backend({cleared[0]}=None) clears)")
-    choice = _choices(backend, per_op)
-    _SCOPES.append(choice)
-    try:
-        yield
-    finally:  # remove this scope's own entry, wherever it is now (threads may interleave scopes)
-        for i in range(len(_SCOPES) - 1, -1, -1):
-            if _SCOPES[i] is choice:
+class use(contextlib.ContextDecorator):
+    """Scope a backend choice: ``with use("triton"):`` for all ops, ``use(attention="sdpa")`` per op;
+    also a function decorator. The names are checked when the object is made; it may be entered
+    again (and nested in itself), as torch's ``no_grad()`` can. The scope is process-wide, not per
+    thread or asyncio task (module docstring)."""
+
+    def __init__(self, backend: BackendName | None = None, /, **per_op: BackendName):
+        cleared = [op for op, b in per_op.items() if b is None]
+        if cleared:
+            raise ValueError(f"kernels.use({cleared[0]}=None): name a backend (set_backend({cleared[0]}=None) clears)")
+        self.choice = _choices(backend, per_op)
+        self._entered: list[dict] = []  # one entry per open `with`, innermost last
+
+    def __enter__(self) -> None:
+        scope = dict(self.choice)  # a fresh object per entry: __exit__ removes exactly its own
+        self._entered.append(scope)
+        _SCOPES.append(scope)
+
+    def __exit__(self, *exc) -> None:
+        scope = self._entered.pop()
+        for i in range(len(_SCOPES) - 1, -1, -1):  # wherever it is now (threads may interleave scopes)
+            if _SCOPES[i] is scope:
                 del _SCOPES[i]
                 break
 
@@ -742,6 +792,8 @@ def describe(device: str | int | torch.device | torch.Tensor | None = None) -> s
         if chosen is None:
             chosen, source = _default(op, device)
             chosen = "none" if chosen is None else chosen
+        elif chosen == Backend.TRITON and (why := triton_device_problem(device)):
+            source += f"; cannot run here: {why}"  # every call there raises BackendUnsupported
         lines.append(f"{op:16s} -> {str(chosen):9s} ({source}); backends: {', '.join(backends(op))}")
     from . import _launch  # (imports this module)
 

@@ -50,8 +50,8 @@ import torch
 
 from ._launch import Launcher
 from ._triton import cdiv, tl, triton
-from .registry import (Backend, check_floating, counted, define_op, dispatch, interpreting, overlaps, refuse,
-                       register, same_view, triton_available)
+from .registry import (Backend, check_floating, counted, define_op, dispatch, overlaps, refuse, register,
+                       same_view, transform_problem, triton_device_problem)
 
 
 @dataclass(frozen=True)
@@ -257,11 +257,10 @@ def _mask_view(mask, x):
 
 def _triton_check(x, model_output, coeffs, model_output_uncond=None, guidance_scale=1.0, noise=None,
                   prev_x0=None, mask=None, known=None, return_x0=False, out=None, out_x0=None):
-    why = triton_available()
+    why = triton_device_problem(x.device) or transform_problem(x, model_output, model_output_uncond, noise, prev_x0,
+                                                                 mask, known, out, out_x0)
     if why:
         return why
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
-        return f"x is on {x.device.type} (needs CUDA, or CPU with TRITON_INTERPRET=1 set before importing kernels)"
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # here only under TRITON_INTERPRET=1
         return ("bfloat16 under the Triton interpreter: it truncates fp32 to bf16 where a GPU rounds to "
                 "nearest, so every output would be up to 1 ulp off the reference's; use fp16/fp32 or a GPU")

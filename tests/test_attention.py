@@ -320,8 +320,21 @@ def test_mixed_dtypes_are_refused_by_the_op_and_named_by_the_check(device):
     k = torch.randn(1, 2, 8, 16, device=device)
     with kernels.use(attention="triton"), pytest.raises(TypeError, match="dtypes torch.float16, torch.float32"):
         kernels.attention(q, k, k)
-    if device.type == "cuda" or attention_module.interpreting():
+    if device.type == "cuda" or kernels.registry.interpreting():
         assert "dtypes differ" in attention_module._triton_check(q, k, k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_float64_among_q_k_v_under_autocast_is_refused_by_the_op(device, backend):
+    """Autocast casts fp32 and fp16 to its dtype but leaves fp64: q fp32 with k fp64 still differ
+    there, and the op says so (the backends failed deep inside matmul or SDPA)."""
+    q = torch.randn(1, 2, 5, 8, device=device)
+    k = torch.randn(1, 2, 5, 8, device=device, dtype=torch.float64)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=dtype), kernels.use(attention=backend):
+        with pytest.raises(TypeError, match="dtypes torch.float32, torch.float64, torch.float32 differ"):
+            kernels.attention(q, k, q)
+        assert kernels.attention(q, q.double().float(), q).dtype == dtype  # fp32 with fp32: autocast's
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's limit")

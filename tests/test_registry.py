@@ -900,3 +900,106 @@ def test_a_bad_schema_leaves_no_half_defined_op():
         assert torch.equal(torch.ops.sdlab.plugin_bad(torch.zeros(2)), torch.ones(2))
     finally:
         registry._undefine(["plugin_bad"])
+
+
+def _triton_cases():
+    """One small fp32 input per built-in op that its Triton backend takes under the interpreter."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, generator=g)
+    x, w = torch.randn(2, 8, 3, 3, generator=g), torch.randn(8, generator=g)
+    eps = torch.randn(2, 8, 3, 3, generator=g)
+    coeffs = kernels.StepCoefficients(a_x=1.2, a_o=-0.5, b_o=1.0, c0=0.7, c1=0.3, c2=0.2)  # a DDIM-like step
+    return {"attention": (lambda a: kernels.attention(a, q, q), q),
+            "group_norm_silu": (lambda a: kernels.group_norm_silu(a, w, w, 4), x),
+            "scheduler_step": (lambda a: kernels.scheduler_step(a, eps, coeffs)[0], x)}
+
+
+TRITON_HERE = registry.triton_available() is None and registry.interpreting()
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs the Triton interpreter (or run the op's cases on CUDA)")
+@pytest.mark.parametrize("op", ["attention", "group_norm_silu", "scheduler_step"])
+def test_forward_mode_ad_and_torch_func_are_not_dropped_by_a_triton_kernel(op):
+    """A raw kernel has no jvp and no batching rule, and reads memory that a torch.func wrapper does
+    not have: its check refuses them (the tangent used to be dropped silently, and vmap / grad
+    crashed in the check), so a chain with the reference gives the reference's derivatives."""
+    import torch.autograd.forward_ad as fwad
+    f, a = _triton_cases()[op]
+    tangent = torch.randn_like(a)
+    with kernels.use(**{op: "reference"}):
+        want_jvp = torch.func.jvp(f, (a,), (tangent,))[1]
+        want_grad = torch.func.grad(lambda t: f(t).square().sum())(a)
+        want_vmap = torch.func.vmap(f)(torch.stack([a, 2 * a]))
+    with kernels.use(**{op: "triton"}), fwad.dual_level():
+        with pytest.raises(kernels.BackendUnsupported, match="forward-mode tangent"):
+            f(fwad.make_dual(a, tangent))
+    with kernels.use(**{op: "triton"}):
+        with pytest.raises(kernels.BackendUnsupported, match="torch.func transform"):
+            torch.func.grad(lambda t: f(t).sum())(a)
+    with kernels.use(**{op: "triton/reference"}), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the chain's fallback warning
+        with fwad.dual_level():
+            got_jvp = fwad.unpack_dual(f(fwad.make_dual(a, tangent))).tangent
+        got_grad = torch.func.grad(lambda t: f(t).square().sum())(a)
+        got_vmap = torch.func.vmap(f)(torch.stack([a, 2 * a]))
+    assert got_jvp is not None, "the tangent was dropped"
+    for name, got, want in (("jvp", got_jvp, want_jvp), ("grad", got_grad, want_grad), ("vmap", got_vmap, want_vmap)):
+        torch.testing.assert_close(got, want, msg=lambda m: f"{op} {name}: {m}")
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs the Triton interpreter")
+def test_a_fake_tensor_is_refused_by_a_triton_kernel_by_name():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        cases = _triton_cases()
+        for op, (f, a) in cases.items():
+            with kernels.use(**{op: "triton"}), pytest.raises(kernels.BackendUnsupported, match="fake tensor"):
+                f(a)
+            with kernels.use(**{op: "reference"}):
+                assert f(a).shape == a.shape
+
+
+def test_a_fallback_warning_turned_into_an_error_raises_at_every_call(toy_op):
+    """The once-only bookkeeping follows the warning: under -W error the first call raised it, so it
+    was never given, and the next call must not run on the fallback silently."""
+    with kernels.use(toy_op="triton/reference"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            with pytest.raises(RuntimeWarning, match="fp64 is not supported"):
+                registry.dispatch("toy_op", torch.ones(2, dtype=torch.float64))
+    assert toy_op == []
+
+
+def test_an_op_name_the_env_var_could_not_name_is_refused():
+    for name in ("MyOp", "my-op", "a=b", "x,y", ""):
+        with pytest.raises(ValueError, match=r"invalid op name .*\[a-z\]\[a-z0-9_\]\*"):
+            registry.register(name, "reference")(lambda x: x)
+    assert not {"MyOp", "my-op", "a=b", "x,y", ""} & set(registry.ops())
+
+
+def test_describe_says_an_explicit_triton_cannot_run_on_the_device():
+    kernels.set_backend(attention="triton")
+    try:
+        text = kernels.describe("meta")
+    finally:
+        kernels.set_backend()
+    line = next(l for l in text.splitlines() if l.startswith("attention"))
+    assert "set_backend(); cannot run here:" in line and "need CUDA" in line, line
+
+
+def test_a_use_object_is_checked_when_made_reusable_and_a_decorator(toy_op):
+    with pytest.raises(ValueError, match="has no 'bogus' backend"):
+        kernels.use(toy_op="bogus")
+    scope = kernels.use(toy_op="triton")
+    for _ in range(2):
+        with scope:
+            with scope:  # nested in itself: each exit removes its own entry
+                assert registry.resolve("toy_op", torch.ones(2))[0] == "triton"
+            assert registry.resolve("toy_op", torch.ones(2))[0] == "triton"
+        assert registry.resolve("toy_op", torch.ones(2))[0] == "reference"
+
+    @kernels.use(toy_op="triton")
+    def run():
+        return registry.resolve("toy_op", torch.ones(2))[0]
+
+    assert run() == run() == "triton" and registry._SCOPES == []

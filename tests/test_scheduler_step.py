@@ -151,7 +151,7 @@ def test_triton_check_reasons(monkeypatch, device):
                                    prev_x0=d["prev_x0"].double())
         monkeypatch.setattr(kernels.registry, "_INTERPRET", False)  # kernels imported without the interpreter
         d = inputs((1, 4, 8, 8), "cpu")
-        with pytest.raises(BackendUnsupported, match="needs CUDA"):
+        with pytest.raises(BackendUnsupported, match="need CUDA"):
             kernels.scheduler_step(d["x"], d["model_output"], k, noise=d["noise"], prev_x0=d["prev_x0"])
 
 
