@@ -115,6 +115,9 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
                    help=f"random-weight model preset (default: sd15 on CUDA, tiny on CPU); one of "
                         f"{', '.join(pipelines.preset_names())}")
     g.add_argument("--ckpt", type=_path, default=None, help="a checkpoint to load with sdcore.load instead")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
+                   help="what the --ckpt's UNet predicts, overriding its config (a single file reads as epsilon "
+                        "unless sdcore wrote it: SD 2.x 768-v files need v_prediction)")
     g.add_argument("--pipelines", nargs="+", metavar="NAME",
                    help=f"pipelines to run (default: all: {', '.join(pipelines.PIPELINES)}); "
                         "repaint / unet9 / blend are the inpaint variants; unet9 uses the preset's "
@@ -241,6 +244,8 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
     # flags that would be silently ignored: say so instead
     if getattr(args, "ckpt", None) is not None and getattr(args, "preset", None) is not None:
         parser.error(f"--ckpt {args.ckpt} and --preset {args.preset}: give one (the checkpoint is the model)")
+    if getattr(args, "prediction_type", None) is not None and getattr(args, "ckpt", None) is None:
+        parser.error(f"--prediction-type {args.prediction_type} overrides a --ckpt's; a preset has its own")
     if getattr(args, "ckpt", None) is not None:  # read now (headers, configs): a bad one is not N error rows
         if not args.ckpt.exists():
             parser.error(f"--ckpt {args.ckpt}: no such file or directory")
@@ -248,7 +253,7 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
         from sdcore.detect import CheckpointError
 
         try:
-            checkpoint.open_checkpoint(args.ckpt).config(None)
+            checkpoint.open_checkpoint(args.ckpt).config(args.prediction_type)
         except (CheckpointError, OSError) as e:
             parser.error(f"--ckpt {e}" if str(e).startswith(str(args.ckpt)) else f"--ckpt {args.ckpt}: {e}")
     if getattr(args, "unet_only", False):  # one CFG step (batch 2), timed in --rounds

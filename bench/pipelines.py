@@ -169,6 +169,7 @@ class Options:
     rounds: int = 1
     explicit_variants: bool = False
     breakdown: bool = False
+    prediction_type: str | None = None  # a --ckpt's, overriding its config
     # how skip reasons name the quick mode and the way to run a skipped triton variant anyway
     # (bench/test_bench_pipelines.py says "on CPU" and its --sd-interpreted)
     quick_name: str = "under --quick"
@@ -187,7 +188,7 @@ class Options:
                    repeats=args.repeats or (1 if quick else 3), warmup=1, dtype=dtype,
                    unet_only=args.unet_only, variants=variants, quick=quick,
                    rounds=args.rounds or (1 if quick else 5), explicit_variants=args.variants is not None,
-                   breakdown=args.breakdown)
+                   breakdown=args.breakdown, prediction_type=getattr(args, "prediction_type", None))
 
     def interpreted_skip(self, variant: str) -> str | None:
         """Why a Triton variant is not run: under --quick with Triton interpreted (no GPU) one tiny
@@ -296,11 +297,11 @@ def load_model(opts: Options, device: torch.device, *, inpaint: bool | None = No
     except ImportError as e:
         raise Skip(f"sdcore does not import: {e}") from None
     if opts.ckpt is not None:
-        key = ("ckpt", str(opts.ckpt), opts.dtype, str(device))
+        key = ("ckpt", str(opts.ckpt), opts.dtype, str(device), opts.prediction_type)
         if key not in _MODELS:
             if not hasattr(sdcore, "load"):
                 raise Skip("sdcore.load does not exist yet")
-            _MODELS[key] = sdcore.load(opts.ckpt, dtype=opts.dtype, device=device)
+            _MODELS[key] = sdcore.load(opts.ckpt, dtype=opts.dtype, device=device, prediction_type=opts.prediction_type)
         return _fitting(_MODELS[key], opts.ckpt.name, inpaint)
     preset = opts.preset
     if inpaint and not preset.endswith("-inpaint"):

@@ -39,6 +39,7 @@ PARAMS = {"txt2img": ("prompt", "negative_prompt", "cfg_scale", "steps", "sample
 PARAMS["img2img"] = (*PARAMS["txt2img"], "strength")
 PARAMS["inpaint"] = (*PARAMS["img2img"], "variant", "jump_length", "jump_n_sample", "paste_back")
 DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar records
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sdcore.schedulers' (not imported here: see common.py)
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,11 +159,15 @@ def job_from_args(args) -> dict:
                          "its own: leave --model-seed out")
     if args.model_seed is not None and not 0 <= args.model_seed < 2**63:
         raise ValueError(f"--model-seed must be in [0, 2^63), got {args.model_seed}")
+    if args.prediction_type is not None and not args.ckpt:
+        raise ValueError(f"--prediction-type {args.prediction_type} overrides a --ckpt's; --preset {args.preset} "
+                         "has its own (the -v presets are v_prediction): leave --prediction-type out")
     model_seed = None if args.ckpt else 0 if args.model_seed is None else args.model_seed
     return {"command": args.command,
             "model": {"ckpt": str(Path(args.ckpt).resolve()) if args.ckpt else None,
                       "ckpt_sha256": checkpoint_digests(args.ckpt) if args.ckpt else None, "preset": args.preset,
-                      "model_seed": model_seed, "dtype": args.dtype, "device": args.device},
+                      "model_seed": model_seed, "dtype": args.dtype, "device": args.device,
+                      "prediction_type": args.prediction_type},
             "kernels": args.kernels if args.kernels is not None else os.environ.get(KERNELS_ENV) or None,
             "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugin],
             "plugin_sha256": {str(Path(p).resolve()): sha256(Path(p)) for p in args.plugin
@@ -252,6 +257,9 @@ def _check_sidecar_model(path: Path, model: dict) -> None:
         if not isinstance(model.get(key), kinds):
             have = f"{type(model[key]).__name__} {model[key]!r}" if key in model else "missing"
             raise ValueError(f"{path}: not a sidecar ('model' entry {key!r} must be {what}: {have})")
+    if model.get("prediction_type") not in (None, *PREDICTION_TYPES):
+        raise ValueError(f"{path}: not a sidecar ('model' entry 'prediction_type' must be null or one of "
+                         f"{', '.join(PREDICTION_TYPES)}: {model['prediction_type']!r})")
     digests = model.get("ckpt_sha256")
     if digests is not None and not (isinstance(digests, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
@@ -379,7 +387,7 @@ def load_model(spec: dict):
 
     dtype, device = getattr(torch, parse_dtype(spec["dtype"])), spec["device"]
     if spec.get("ckpt"):
-        return sdcore.load(spec["ckpt"], dtype=dtype, device=device)
+        return sdcore.load(spec["ckpt"], dtype=dtype, device=device, prediction_type=spec.get("prediction_type"))
     return sdcore.StableDiffusion.from_preset(spec["preset"], seed=spec.get("model_seed", 0), dtype=dtype, device=device)
 
 
@@ -507,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"preset architecture with seeded random weights: {', '.join(sorted(PRESETS))}")
         g.add_argument("--model-seed", type=int, default=None, metavar="N",
                        help="weight seed for --preset (default 0); a --ckpt has its own weights")
+        g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                       help="what a --ckpt's UNet predicts, overriding its config: a single file is read as "
+                            "epsilon unless sdcore wrote it, so SD 2.x 768-v files (v2-1_768-ema-pruned) need "
+                            "v_prediction")
         g.add_argument("--dtype", type=_dtype_arg, default="float32", metavar="DTYPE",
                        help="model dtype: fp32/float32 (default), fp16/float16, bf16/bfloat16")
         g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import reprlib
@@ -158,9 +159,12 @@ class _TensorFile:
 
     def _open_torch(self, mmap: bool):
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+            with torch.serialization.safe_globals(_inert_globals()):
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            found = (re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                     or re.search(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", str(e))  # os, sys, ...
+                     or re.search(r"allowlisted via `add_safe_globals`, but got <class '(\S+)'>", str(e)))
             # a truncated or corrupt pickle can name a global that is no Python name ("torch._.")
             if found is None or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", found.group(1)):
                 why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
@@ -331,6 +335,38 @@ def _ldm_names(keys, where) -> dict[str, str]:
     return names
 
 
+class _LightningCallback:
+    """Stands in for a PyTorch Lightning callback class that a training checkpoint names (the SD
+    1.x releases key their ``callbacks`` by ``ModelCheckpoint``): nothing of it is used or run."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy's pickled-scalar constructor (``global_step`` as an np.int64), for plain dtypes only:
+    an object dtype would read ``data`` as a pointer."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype!r} refused (only plain numeric dtypes load)")
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / 1 (np.core warns in 2)
+    return multiarray.multiarray.scalar(dtype, data)
+
+
+def _inert_globals() -> list:
+    """What ``torch.load(weights_only=True)`` may build besides tensors, for the training leftovers
+    of single files in circulation (A1111's loader allows the same): Lightning's callback classes as
+    keys, and numpy scalars and dtypes (``global_step``). Nothing here runs code from the file."""
+    import numpy as np
+
+    callbacks = [(_LightningCallback, f"{pkg}.callbacks.model_checkpoint.ModelCheckpoint")
+                 for pkg in ("pytorch_lightning", "lightning.pytorch")]
+    numpy = [(_numpy_scalar, f"{mod}.multiarray.scalar") for mod in ("numpy.core", "numpy._core")]
+    dtypes = [np.dtype, *(type(np.dtype(c)) for c in "?bhilqpBHILQPefdgFDG")]  # numpy 2 builds each by class
+    return [*callbacks, *numpy, *dtypes]
+
+
 class SingleFile:
     """An original (LDM) single-file checkpoint, in either variant above."""
 
@@ -351,8 +387,38 @@ class SingleFile:
         return [self.path]
 
     def config(self, prediction_type: str | None) -> SDConfig:
-        return detect_config(self._shapes, prediction_type=prediction_type, name=self.path.stem,
-                             where=self.path, hint=self.file.config_json)
+        config = detect_config(self._shapes, prediction_type=prediction_type, name=self.path.stem,
+                               where=self.path, hint=self.file.config_json)
+        return config.replace(scheduler=self._stored_schedule(config.scheduler))
+
+    def _stored_schedule(self, sched: SchedulerConfig) -> SchedulerConfig:
+        """``sched`` with the noise schedule the file's training buffers hold (LDM's ``betas``, or
+        ``alphas_cumprod``; LDM samples with them), where they are one sdcore implements; a warning
+        naming them where they are not (sampling then uses ``sched``'s)."""
+        from .schedulers import make_betas
+
+        key = next((k for k in ("betas", "alphas_cumprod") if k in self._names and len(self._shapes[k]) == 1), None)
+        if key is None:
+            return sched
+        stored = self.file.read(self._names[key], torch.float64, torch.device("cpu"))
+        if key == "alphas_cumprod":  # β_t = 1 - ᾱ_t / ᾱ_{t-1}
+            stored = 1 - stored / torch.cat([stored.new_ones(1), stored[:-1]])
+        T = len(stored)
+        if T < 2 or not bool(torch.isfinite(stored).all()):
+            return sched
+        start, end = (float(f"{float(b):.6g}") for b in (stored[0], stored[-1]))  # 0.0001, not fp32's 9.99999975e-05
+        candidates = [sched, *(sched.replace(beta_schedule=s, beta_start=start, beta_end=end, num_train_timesteps=T)
+                               for s in ("scaled_linear", "linear")),
+                      sched.replace(beta_schedule="cosine", num_train_timesteps=T)]
+        for c in candidates:
+            if c.num_train_timesteps == T and torch.allclose(
+                    make_betas(c.beta_schedule, T, c.beta_start, c.beta_end).double(), stored, rtol=1e-4, atol=1e-7):
+                return c
+        warnings.warn(f"{self.path}: its {key} ({T} steps, beta {start:.6g} .. {end:.6g}) are none of the noise "
+                      f"schedules sdcore implements (linear, scaled_linear, cosine); sampling uses "
+                      f"{sched.beta_schedule} {sched.beta_start}..{sched.beta_end} over {sched.num_train_timesteps}",
+                      stacklevel=4)
+        return sched
 
     def shapes(self) -> dict[str, tuple]:
         return dict(self._shapes)
@@ -523,6 +589,9 @@ def _detached(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, no two tensors sharing storage (safetensors refuses shared tensors)."""
     seen, out = set(), {}
     for k, v in sd.items():
+        if v.is_meta:
+            raise ValueError(f"cannot save {k}: it is on the meta device (a shape without values); load or "
+                             "initialise the weights first")
         v = v.detach().to("cpu").contiguous()
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone() if ptr in seen else v
@@ -530,15 +599,31 @@ def _detached(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write_then_rename(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path``. A model loaded from a zip ``.ckpt``
+    or a ``.safetensors`` reads its weights from the file's memory map: writing the same path in
+    place truncated the file under it (a bus error, and a checkpoint lost). A failed write leaves the
+    old file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_single_file(path, state_dict: Mapping[str, torch.Tensor], config: SDConfig | None = None) -> None:
     """An original-layout checkpoint: ``.safetensors``, or ``.ckpt``/``.pt`` ({"state_dict": ...}),
-    with ``config`` as JSON beside the tensors."""
+    with ``config`` as JSON beside the tensors; written whole to a temporary file, then renamed."""
     path = Path(path)
     meta = {CONFIG_KEY: config_to_json(config)} if config is not None else {}
     if path.suffix == ".safetensors":
-        save_file(_detached(state_dict), str(path), metadata={"format": "pt", **meta})
+        tensors = _detached(state_dict)
+        _write_then_rename(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **meta}))
     elif path.suffix in (".ckpt", ".pt", ".pth"):
-        torch.save({"state_dict": {k: v.detach().to("cpu") for k, v in state_dict.items()}, **meta}, path)
+        obj = {"state_dict": _detached(state_dict), **meta}
+        _write_then_rename(path, lambda tmp: torch.save(obj, tmp))
     else:
         raise ValueError(f"{path}: single-file checkpoints end in .safetensors, .ckpt or .pt")
 
@@ -574,14 +659,17 @@ def save_diffusers(folder, config: SDConfig, state_dict: Mapping[str, torch.Tens
     cfg_jsons = {comp: dict(_convert(conv).config_to_diffusers(getattr(config, comp)))
                  for comp, (_, _, conv) in _DIFFUSERS.items()}
     cfg_jsons["unet"]["sample_size"] = config.image_size // 2 ** (len(config.vae.ch_mult) - 1)
+    weights = {}  # every component converted before a file is written: a model on meta writes nothing
     for comp, (sub, stem, conv) in _DIFFUSERS.items():
         prefix, cfg = COMPONENTS[comp], getattr(config, comp)
         sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        weights[comp] = _detached(_convert(conv).ldm_to_diffusers(sd, cfg))
+    for comp, (sub, stem, conv) in _DIFFUSERS.items():
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "config.json").write_text(json.dumps(cfg_jsons[comp], indent=2, sort_keys=True))
         _remove_stale_index(folder / sub, stem)
-        save_file(_detached(_convert(conv).ldm_to_diffusers(sd, cfg)), str(folder / sub / f"{stem}.safetensors"),
-                  metadata={"format": "pt"})
+        _write_then_rename(folder / sub / f"{stem}.safetensors",
+                           lambda tmp: save_file(weights[comp], str(tmp), metadata={"format": "pt"}))
     sched = config.scheduler
     cls = {v: k for k, v in _SAMPLERS.items()}.get(sched.sampler, "DDIMScheduler")
     raw = {f: getattr(sched, f) for f in _SCHEDULER_FIELDS}

@@ -125,6 +125,7 @@ def test_backend_refusing_the_input_is_a_skipped_row(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,needle", [
     (["pipelines", "--ckpt", "README.md", "--preset", "tiny"], "give one"),
+    (["pipelines", "--prediction-type", "v_prediction"], "--prediction-type v_prediction overrides a --ckpt's"),
     (["pipelines", "--unet-only", "--pipelines", "txt2img"], "--pipelines applies to the pipeline rows"),
     (["pipelines", "--unet-only", "--batch", "4"], "--batch applies to the pipeline rows and would be ignored"),
     (["pipelines", "--unet-only", "--steps", "7"], "--steps applies to the pipeline rows"),
@@ -443,13 +444,34 @@ def test_ckpt_of_the_other_unet_kind_gives_skipped_rows(tmp_path):
     assert unet9["status"] == "ok", unet9
 
 
+def test_ckpt_prediction_type_reaches_the_model(tmp_path):
+    """A single file without sdcore's metadata reads as epsilon; --prediction-type v_prediction is
+    how an SD 2.x 768-v file is benchmarked as what it is (the CLI had no way to say it)."""
+    import sdcore
+    from bench import pipelines as bench_pipelines
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "sd2v.safetensors"
+    save_file({k: v.contiguous() for k, v in sdcore.StableDiffusion.from_preset("tiny-sd2", seed=0).state_dict().items()},
+              str(ckpt))  # no metadata: as the SD 2.1 768-v release is
+    seen = []
+    real = sdcore.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdcore, "load", lambda *a, **k: seen.append(k.get("prediction_type")) or real(*a, **k))
+        bench_pipelines._MODELS.clear()
+        rc, data = _run(["pipelines", "--quick", "--no-plot", "--ckpt", str(ckpt), "--prediction-type", "v_prediction",
+                         "--pipelines", "txt2img", "--variants", "reference"], tmp_path / "out")
+    assert rc == 0 and seen and set(seen) == {"v_prediction"}, (rc, seen)
+    assert all(r["status"] == "ok" for r in _rows(data, suite="pipelines", op="txt2img"))
+
+
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["all", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--ops", "--backends", "--dtypes", "--shapes", "--quick", "--out", "--no-plot", "--preset",
-                "--ckpt", "--pipelines", "--steps", "--unet-only"):
+                "--ckpt", "--prediction-type", "--pipelines", "--steps", "--unet-only"):
         assert opt in out, f"--help does not mention {opt}"
     assert "with --quick 1; interpreted Triton variants get no warm-up" in " ".join(out.split()), (
         "--repeats must say which runs get no warm-up")

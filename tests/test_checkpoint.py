@@ -224,7 +224,9 @@ def test_foreign_file_detection(tmp_path, fmt):
     heads rule (tiny: from the preset), the SD 2 prediction-type warning, leftovers ignored."""
     inpaint = StableDiffusion.from_preset("tiny-inpaint", seed=1)
     state = dict(inpaint.state_dict())
-    state.update({"betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000),
+    from sdcore.schedulers import make_betas
+    betas = make_betas("scaled_linear", 1000, 0.00085, 0.012).double()  # LDM's, in its fp64
+    state.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0),
                   "model_ema.decay": torch.tensor(0.9999),
                   "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]})
     loaded = sdcore.load(_foreign(tmp_path, state, f"inpaint.{fmt}"))
@@ -1553,3 +1555,103 @@ def test_metadata_architecture_of_the_wrong_types_loses_to_the_weights(saved, tm
     save_file(load_file(saved["safetensors"]), str(path), metadata={**meta, "sdcore_config": json.dumps(config)})
     with pytest.warns(UserWarning, match="metadata does not match the weights"):
         assert sdcore.load(path).config.unet.attention_resolutions == SDConfig.preset("tiny").unet.attention_resolutions
+
+
+# ------------------------------------------------------------------------- files in circulation
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_saving_over_the_file_the_model_was_loaded_from(tmp_path, fmt):
+    """A model loaded from a zip .ckpt or a .safetensors reads its weights from the file's memory
+    map; torch.save into that path truncated it under the model (a bus error, the checkpoint lost).
+    Saves go to a temporary file and are renamed over the old one. In a subprocess: a regression
+    kills the interpreter."""
+    script = f"""
+import torch, sdcore
+from pathlib import Path
+path = Path({str(tmp_path / ("m." + fmt))!r})
+sdcore.StableDiffusion.from_preset("tiny", seed=4).save(path)
+model = sdcore.load(path)
+want = {{k: v.clone() for k, v in model.state_dict().items()}}
+model.save(path)
+again = sdcore.load(path).state_dict()
+assert all(torch.equal(again[k], v) for k, v in want.items()), "the rewritten file differs"
+assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items()), "the model's weights changed"
+assert sorted(p.name for p in path.parent.iterdir()) == [path.name], list(path.parent.iterdir())
+print("ok")
+"""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout, done.stderr[-2000:])
+
+
+def test_a_model_on_meta_saves_nothing(tmp_path):
+    model = StableDiffusion.from_preset("tiny", device="meta")
+    for path in (tmp_path / "folder", tmp_path / "m.safetensors", tmp_path / "m.ckpt"):
+        with pytest.raises(ValueError, match="is on the meta device"):
+            model.save(path)
+    assert list(tmp_path.iterdir()) == []  # the folder layout wrote its first config.json before
+
+
+def test_a_lightning_training_checkpoint_loads(tmp_path, tiny, monkeypatch):
+    """The SD 1.x releases are PyTorch Lightning checkpoints: ``callbacks`` keyed by the
+    ModelCheckpoint class, a numpy ``global_step``. weights_only refused them; the class is read as
+    an inert stand-in (Lightning need not be installed) and numpy scalars of plain dtypes load."""
+    import sys
+    import types
+
+    import numpy as np
+
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": mod.__name__})
+    mod.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        monkeypatch.setitem(sys.modules, name, mod if name == mod.__name__ else types.ModuleType(name))
+    path = tmp_path / "sd-v1-x.ckpt"
+    torch.save({"epoch": 6, "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2",
+                "state_dict": dict(tiny.state_dict()),
+                "callbacks": {ModelCheckpoint: {"best_model_path": "x", "monitor": None}}}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    assert_same_weights(tiny.state_dict(), sdcore.load(path).state_dict())
+
+
+class _CallsSystem:
+    def __reduce__(self):
+        import os
+        return os.system, ("echo never",)
+
+
+class _ObjectScalar:
+    def __reduce__(self):  # numpy's scalar constructor with an object dtype reads its bytes as a pointer
+        import numpy as np
+        return np._core.multiarray.scalar, (np.dtype("O"), b"\0" * 8)
+
+
+@pytest.mark.parametrize("payload, named", [(_CallsSystem, r"(posix|nt)\.system"),
+                                             (_ObjectScalar, r"numpy\.dtypes\.ObjectDType")])
+def test_a_pickle_that_would_run_code_is_named_not_called_corrupt(tmp_path, tiny, payload, named):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": dict(tiny.state_dict()), "x": payload()}, path)
+    with pytest.raises(CheckpointError, match=rf"evil\.ckpt: holds Python objects besides tensors \({named}\)"):
+        sdcore.load(path)
+
+
+def test_a_single_files_noise_schedule_is_read_from_its_buffers(tmp_path, tiny):
+    """LDM samples with the ``betas`` its file holds: a schedule sdcore implements is taken from
+    them (it was dropped for SD's default without a word); one it does not is named in a warning."""
+    state = dict(tiny.state_dict())
+    state["betas"] = torch.linspace(1e-4, 2e-2, 500, dtype=torch.float64)  # DDPM's, over 500 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = sdcore.load(_foreign(tmp_path, state, "ddpm.ckpt")).config.scheduler
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.num_train_timesteps) == \
+        ("linear", 1e-4, 2e-2, 500), sched
+    state.pop("betas")
+    from sdcore.schedulers import make_betas
+    ac = torch.cumprod(1 - make_betas("cosine", 1000).double(), 0)
+    assert sdcore.load(_foreign(tmp_path, {**state, "alphas_cumprod": ac}, "cos.ckpt")).config.scheduler.beta_schedule \
+        == "cosine"
+    state["betas"] = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.02
+    with pytest.warns(UserWarning, match=r"rand\.ckpt: its betas \(1000 steps, .*none of the noise schedules"):
+        sched = sdcore.load(_foreign(tmp_path, state, "rand.ckpt")).config.scheduler
+    assert sched == SDConfig.preset("tiny").scheduler

@@ -925,6 +925,37 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert e.value.code == 2 and f"--out {tmp_path / 'mask.png'}: exists and is not a directory" in capsys.readouterr().err
 
 
+def test_cli_prediction_type_of_a_checkpoint(tmp_path, capsys):
+    """An SD 2.x 768-v single file (no sdcore metadata) reads as epsilon with a warning;
+    --prediction-type v_prediction loads it as what it is, is recorded in the sidecar and replayed.
+    With a --preset (which has its own) it is refused."""
+    from safetensors.torch import save_file
+
+    import sdcore
+    from pipelines.__main__ import main
+
+    ckpt = tmp_path / "sd2v.safetensors"
+    save_file({k: v.contiguous() for k, v in sdcore.StableDiffusion.from_preset("tiny-sd2", seed=0).state_dict().items()},
+              str(ckpt))
+    args = ["txt2img", "--ckpt", str(ckpt), "--prompt", "a", "--steps", "1", "--seed", "1", "--height", "64",
+            "--width", "64", "--kernels", "reference", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--prediction-type", "v_prediction", "--out", str(tmp_path / "v")]) == 0
+    assert "need prediction_type='v_prediction'" not in capsys.readouterr().err  # for a file read as epsilon
+    (png,) = (tmp_path / "v").glob("*.png")
+    side = json.loads(png.with_suffix(".json").read_text())
+    assert side["model"]["prediction_type"] == "v_prediction", side["model"]
+    assert main(["replay", str(png.with_suffix(".json")), "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    (again,) = (tmp_path / "r").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    assert "need prediction_type='v_prediction'" in capsys.readouterr().err
+    (eps,) = (tmp_path / "e").glob("*.png")
+    assert not np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(eps))), "the override changed nothing"
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--preset", "tiny", "--prediction-type", "v_prediction", "--out", str(tmp_path / "p")])
+    assert e.value.code == 2 and "--prediction-type v_prediction overrides a --ckpt's" in capsys.readouterr().err
+
+
 def test_cli_backend_that_refuses_an_input_is_a_clean_error(tmp_path):
     """An explicitly chosen kernel backend that cannot run an input (Triton on CPU without its
     interpreter) ends the CLI with a one-line error and exit code 2, with the way out."""
