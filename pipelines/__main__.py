@@ -42,6 +42,7 @@ DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar rec
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sdcore.schedulers' (not imported here: see common.py)
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -304,6 +305,11 @@ def resolve_device(name: str | None) -> str:
     except (RuntimeError, AssertionError) as e:  # a CPU-only torch asserts on "cuda"
         why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # torch's first sentence
         raise ValueError(f"--device {name}: not available on this machine (torch {torch.__version__}): {why}") from e
+    try:
+        torch.Generator(device=name)  # the seed's generator lives there (meta has none)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: cannot draw random numbers there ({str(e).splitlines()[0]}); "
+                         "use cpu or a GPU") from e
     return name
 
 
@@ -313,12 +319,14 @@ def open_image(name: str, path: Path):
     a tag; diffusers' load_image turns it too)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from .common import sixteen_bit
+
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"--{name} {path}: not a readable image: {e}") from e
-    image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(sixteen_bit(image))  # before the copy, which has no format
     if name == "mask" and image.mode in _COLOUR_MODES:  # editors' exports: their luminance
         image = image.convert("L")
     elif name == "mask" and image.mode in ("I", "F"):  # 32-bit: is 1 white, or 255, or 65535?
@@ -680,6 +688,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                    else "without --kernels (and SDLAB_KERNELS unset)")
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}; {default} the default backends fall back "
                        "to the reference, call by call, where a kernel refuses an input\n")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and not _OUT_OF_MEMORY.search(str(e)):
+            raise
+        remove_if_empty(out, created)
+        parser.exit(2, f"{parser.prog} {args.command}: error: out of memory ({str(e).splitlines()[0]}); "
+                       "use a smaller --height/--width or --batch-size\n")
     for path in written:
         print(path)
     return 0

@@ -10,9 +10,10 @@ Conventions (the public API documents them once, here):
   than guessed.
 - **Masks**: a PIL image of mode "L" or "1" (or 16-bit grayscale, over its full range), or a
   tensor (H, W), (1, H, W) or (N|1, 1, H, W) in [0, 1]; **1 (white) = the region to repaint**, as
-  diffusers. Masks are binarised at 0.5 and
-  downsampled to the latent size by nearest interpolation, exactly as diffusers'
-  ``StableDiffusionInpaintPipeline`` does.
+  diffusers. A PIL mask of another size is resized with Lanczos (a tensor: nearest), masks are
+  binarised at 0.5 and downsampled to the latent size by nearest interpolation, exactly as
+  diffusers' ``StableDiffusionInpaintPipeline`` does; a repaint region that vanishes on the way
+  is warned of.
 - **Latents**: the UNet's (scaled) latents, ``z = vae.encode(x).sample() * scaling_factor``;
   ``latents=`` is unit-variance initial noise, multiplied by the sampler's ``init_noise_sigma``
   (as diffusers does with ``latents=``).
@@ -152,8 +153,8 @@ def make_generator(seed: int | None, generator: torch.Generator | None, device: 
         return generator, (generator.initial_seed() if same else None)
     if seed is None:
         seed = secrets.randbits(31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}{convert_hint(seed)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:  # Generator.initial_seed's range
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}{convert_hint(seed)}")
     return torch.Generator(device).manual_seed(seed), seed
 
 
@@ -251,11 +252,19 @@ def image_size(image) -> tuple[int, int]:
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale (a 16-bit PNG opens as "I;16")
 
 
+def sixteen_bit(im):
+    """``im``, with a 16-bit PGM (Netpbm) as mode "I;16": Pillow opens one as 32-bit "I", scaled to
+    0..65535 whatever its maxval, which _pil_samples would read over 255 (257x too bright) or
+    refuse. Other images as they are (a copy has no ``format``: call this on what Image.open gave)."""
+    return im.convert("I;16") if im.mode == "I" and getattr(im, "format", None) == "PPM" else im
+
+
 def _pil_samples(im, convert: str = "RGB"):
     """(image, full scale): ``convert`` (RGB; L for a mask) over 255, or 16-bit grayscale as mode "F"
     over 65535, whose samples convert("RGB") would clip at 255 (a black-to-white ramp came out 98%
     white). Modes "I" (32-bit integers) beyond 255 and "F" have no known full scale: an error, with
     the way out."""
+    im = sixteen_bit(im)
     if im.mode in _SIXTEEN_BIT:
         return im.convert("F"), 65535.0
     if im.mode in ("I", "F"):
@@ -331,6 +340,7 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
 
     Image = _pil()
     if isinstance(mask, Image.Image):
+        mask = sixteen_bit(mask)
         if mask.mode not in ("L", "1", *_SIXTEEN_BIT):  # not "I"/"F": a 0/1 int mask over 255 would be empty
             raise ValueError(f"mask must be a single-channel 8- or 16-bit image (PIL mode 'L', '1' or 'I;16'), got "
                              f"mode {mask.mode!r}; convert it with mask.convert('L')")
@@ -339,7 +349,9 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
             if not resize:
                 raise ValueError(f"mask is {m.height}x{m.width} (HxW) but the image is {size[0]}x{size[1]}; "
                                  "pass a mask of the image's size or resize=True")
-            m = m.resize((size[1], size[0]), resample=Image.NEAREST)
+            before = int((np.asarray(m, dtype=np.float32) / full >= 0.5).sum())
+            m = m.resize((size[1], size[0]), resample=Image.LANCZOS)  # as diffusers' mask processor, then binarised
+            warn_if_emptied(before, np.asarray(m, dtype=np.float32) / full >= 0.5, f"resized to {size[0]}x{size[1]}")
         t = torch.from_numpy(np.asarray(m, dtype=np.float32) / full)[None, None]
     elif isinstance(mask, torch.Tensor):
         t = mask.detach()
@@ -359,13 +371,23 @@ def mask_to_tensor(mask, size: tuple[int, int], n_images: int, resize: bool) -> 
             if not resize:
                 raise ValueError(f"mask is {t.shape[2]}x{t.shape[3]} (HxW) but the image is {size[0]}x{size[1]}; "
                                  "pass a mask of the image's size or resize=True")
-            t = F.interpolate(t, size=size, mode="nearest")
+            before = int((t >= 0.5).sum())
+            t = F.interpolate(t, size=size, mode="nearest")  # as diffusers resizes a tensor mask
+            warn_if_emptied(before, t >= 0.5, f"resized to {size[0]}x{size[1]}")
     else:
         raise TypeError(f"mask must be a PIL image (mode 'L') or a tensor in [0, 1] of shape {MASK_LAYOUTS}, "
                         f"got {type(mask).__name__}")
     if t.shape[0] not in (1, n_images):
         raise ValueError(f"{t.shape[0]} masks for {n_images} images; pass one mask or one per image")
     return (t >= 0.5).float()  # diffusers' binarisation
+
+
+def warn_if_emptied(before: int, after, how: str, stacklevel: int = 5) -> None:
+    """Warn when a mask that marked ``before`` pixels to repaint marks none once ``how`` (resized,
+    downsampled to the latents): nothing would be repainted, silently."""
+    if before and not after.any():
+        warnings.warn(f"the mask's repaint region ({before} pixels) vanished when {how}: nothing will be "
+                      "repainted; enlarge the region (or dilate the mask) to cover it", UserWarning, stacklevel=stacklevel)
 
 
 def expand_batch(x: torch.Tensor, n_prompts: int, batch_size: int) -> torch.Tensor:
@@ -602,7 +624,38 @@ class Setup:
         if paste is not None:
             original, mask = (t.to(images.device) for t in paste)
             images = original * (1 - mask) + images * mask
+        warn_non_finite(latents, images)
         return PipelineResult(to_pil(images), latents, unet_calls, {**self.params, **params})
+
+
+def warn_non_finite(latents: torch.Tensor, images: torch.Tensor) -> None:
+    """Warn when the sampled latents or the decoded pixels hold NaN or inf (saved, they would be
+    black pixels that look like an image): a research backend, an fp16 overflow or a guidance scale
+    out of range. One host read per call, none per step."""
+    bad = torch.stack([(~torch.isfinite(latents)).sum(), (~torch.isfinite(images)).sum()]).tolist()
+    if any(bad):
+        import kernels
+
+        used = sorted({f"{op}={b}" for (op, b), n in kernels.counts().items() if n})
+        warnings.warn(f"the result is not finite: {bad[0]} of {latents.numel()} latent values and {bad[1]} of "
+                      f"{images.numel()} pixel values are NaN or infinite (saved as black); kernel backends that "
+                      f"ran in this process: {', '.join(used) or 'none counted'}", RuntimeWarning,
+                      stacklevel=5)  # < result < the pipeline < its inference_mode wrapper < the caller
+
+
+def check_sample_range(sched, t, dtype: torch.dtype) -> None:
+    """ValueError when the sampler's first sample, noise of its scale at ``t``, would overflow
+    ``dtype``: Euler's samples live in σ space, and the cosine schedule's σ_max ≈ 2e4 times a
+    noise value past 3.2 is past fp16's 65504 (infinities, then a black image). Six standard
+    deviations of room: an overflow left is rarer than 1 in 10^4 fp16 images of 64x64 latents."""
+    if t is None:
+        return
+    scale, top = sched.sample_scale(t), torch.finfo(dtype).max
+    if 6 * scale > top:
+        raise ValueError(f"sampler {sched.name} starts at a sample scale of {scale:.6g} on this schedule "
+                         f"({sched.config.beta_schedule}, t = {float(t):g}): noise past {top / scale:.3g} standard "
+                         f"deviations overflows {str(dtype).removeprefix('torch.')} (largest {top:g}); run the model "
+                         "in float32 or bfloat16, or use ddim, ddpm or dpmpp_2m, whose samples stay at unit scale")
 
 
 def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: float = 7.5, steps: int = 50,
@@ -624,6 +677,10 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
         raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}"
                          + convert_hint(cfg_scale, "float"))
     guided = cfg_scale != 1.0
+    if cfg_scale == 0 and any(p.strip() for p in prompts):
+        warnings.warn(f"cfg_scale=0 samples the unconditional prediction alone: the prompt {prompt!r} is unused "
+                      "(here 1 means no guidance; diffusers' guidance_scale=0 and 1 both do); pass cfg_scale=1 for "
+                      "the prompt without guidance", UserWarning, stacklevel=4)
     if negative_prompt is not None and not guided:
         as_prompts(negative_prompt, "negative_prompt")  # a wrong type is still an error
         warnings.warn(f"negative_prompt {negative_prompt!r} is unused: cfg_scale=1 runs no guidance (the negative "
@@ -644,7 +701,9 @@ def setup(model, prompt, *, pipeline: str, negative_prompt=None, cfg_scale: floa
     if not own_levels:
         # a ValueError for schedules that leave [0, T) (e.g. 1000 leading steps), or a DDIM eta a step that
         # runs cannot take
-        sched.set_timesteps(steps, first_step=strength_start(steps, strength))
+        first = strength_start(steps, strength)
+        sched.set_timesteps(steps, first_step=first)
+        check_sample_range(sched, sched.timesteps[first] if first < len(sched.timesteps) else None, dtype)
     generator, seed = make_generator(seed, generator, device)
     context = encode_prompt(model, prompts, negative_prompt, batch_size, guided, clip_skip)
     params = dict(pipeline=pipeline, model=model.config.name, prompt=prompt if isinstance(prompt, str) else prompts,

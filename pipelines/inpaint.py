@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .common import (PREV_T_SAMPLERS, KnownRegion, PipelineResult, Renoise, Step, check_bool, check_choice, check_int,
                      check_model, check_strength, denoise, encode_image, expand_batch, initial_noise, load_image,
-                     mask_to_tensor, model_device_dtype, plain_plan, setup, strength_start)
+                     mask_to_tensor, model_device_dtype, plain_plan, setup, strength_start, warn_if_emptied)
 
 VARIANTS = ("repaint", "unet9", "blend")
 
@@ -145,7 +145,10 @@ def inpaint(model, image, mask, prompt, variant: str = "repaint", *, strength: f
     # strength 0 (no plan) uses no noise, but given latents of a wrong shape are still an error
     noise = (initial_noise(latents, shape, s.generator, s.device, s.dtype, used=bool(plan))
              if plan or latents is not None else None)
-    mask_lat = batched(F.interpolate(mask_px, size=shape[-2:]))  # nearest, as diffusers
+    mask_lat = F.interpolate(mask_px, size=shape[-2:])  # nearest, as diffusers (on the CPU: no host sync)
+    warn_if_emptied(int(mask_px.sum()), mask_lat, f"downsampled to the {shape[-2]}x{shape[-1]} latents (one cell "
+                    f"per {height // shape[-2]}x{width // shape[-1]} pixels)", stacklevel=4)
+    mask_lat = batched(mask_lat)
     extra = known = None
     if variant == "unet9":
         masked = torch.where(mask_px < 0.5, pixels, 0.5)  # image * (mask < 0.5) in [-1, 1] terms

@@ -61,6 +61,14 @@ def check_config(c: SchedulerConfig) -> None:
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < hi:
             raise ValueError(f"{name} must be a number in (0, {hi}), got {v!r}")
+    # ... in exact arithmetic: in float32, as the samplers hold it, the product can underflow to 0
+    # (linear 1e-4 .. 0.5 over 1000 steps: from t = 609), and every step's coefficients become NaN
+    alpha_bar = torch.cumprod(1.0 - make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end), 0)
+    if not alpha_bar[-1] > 0:
+        first = int((alpha_bar == 0).nonzero()[0])
+        raise ValueError(f"the noise schedule ({c.beta_schedule}, beta {c.beta_start} .. {c.beta_end} over "
+                         f"{c.num_train_timesteps} steps) drives alpha_bar to 0 in float32 from t = {first}: "
+                         "no image is left to denoise there; use a smaller beta_end or fewer num_train_timesteps")
     for name in ("clip_sample", "set_alpha_to_one"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
@@ -272,6 +280,11 @@ class Scheduler:
             return a * z0 + b * noise
         a, b = self._noise_coefficients(_host(t))
         return a * z0 + b * noise
+
+    def sample_scale(self, t) -> float:
+        """max(|a|, |b|) of x_t = a·z0 + b·ε at timestep ``t``: how large the sample is against
+        unit-scale latents (1 for DDPM / DDIM / DPM++; σ for Euler's σ-space samples)."""
+        return max(map(abs, self._noise_coefficients(_host(t))))
 
     def _noise_coefficients(self, t) -> tuple[float, float]:
         """(a, b) of x_t = a·z0 + b·ε; here q(x_t | x_0) at training timestep t."""

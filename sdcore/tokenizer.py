@@ -382,6 +382,11 @@ class CLIPTokenizer:
             try:
                 p.encode("utf-8")
             except UnicodeEncodeError as e:
+                c = ord(p[e.start])
+                if 0xDC80 <= c <= 0xDCFF:  # Python's surrogateescape: a byte of a command line that is not UTF-8
+                    raise ValueError(f"{name} {i} ({_snippet(p)}) holds the byte 0x{c - 0xDC00:02x} at {e.start}, "
+                                     "which is not UTF-8 (text from a command line or file in another encoding, "
+                                     "e.g. Latin-1: write it in UTF-8)") from None
                 raise ValueError(f"{name} {i} ({_snippet(p)}) holds {p[e.start]!r} at {e.start}, a UTF-16 surrogate, "
                                  "which is no character and has no UTF-8 bytes to tokenize (a pair split in two: "
                                  "s.encode('utf-16', 'surrogatepass').decode('utf-16') joins it)") from None

@@ -1011,7 +1011,8 @@ def test_cfg_scale_is_the_general_formula_for_every_scale_but_one(tiny):
             assert not torch.equal(lat[a], lat[b]), f"cfg_scale {a} and {b} give identical latents"
     uncond = run(1.0, prompt="blurry", neg=None).latents.double()  # the negative prompt, unguided
     _assert_latents(lat[0.0], uncond, "cfg_scale=0 vs the negative prompt's own prediction", atol=1e-5)
-    assert run(0.0).unet_calls == 1  # one batched call per step, as any guided run
+    with pytest.warns(UserWarning, match="cfg_scale=0 samples the unconditional prediction alone"):
+        assert run(0.0).unet_calls == 1  # one batched call per step, as any guided run
 
 
 def test_negative_prompt_without_guidance_warns(tiny):
@@ -1610,14 +1611,33 @@ def test_image_resize_is_lanczos():
     assert torch.equal(got, want), "resize is not PIL's LANCZOS: " + describe_diff(got, want)
 
 
-def test_mask_resize_is_nearest():
-    """mask_to_tensor(resize=True) on a PIL mask is PIL's NEAREST resize, then >= 0.5: a 16x16
-    checkerboard resized to 8x8 is exactly that (a smoothing resample gives 0.5 everywhere)."""
-    board = Image.fromarray(((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8), "L")
-    got = mask_to_tensor(board, (8, 8), 1, True)
-    near = torch.from_numpy(np.asarray(board.resize((8, 8), Image.NEAREST), dtype=np.float32) / 255)[None, None]
-    want = (near >= 0.5).float()
-    assert torch.equal(got, want), "mask resize is not NEAREST: " + describe_diff(got, want)
+def test_mask_resize_is_diffusers():
+    """mask_to_tensor(resize=True) on a PIL mask is diffusers' mask processor: Lanczos, then >= 0.5.
+    NEAREST kept only the pixels on its sampling grid, so a 3-pixel stroke at 4x reduction vanished
+    (nothing repainted, silently); a stroke that still vanishes is warned of."""
+    processor = pytest.importorskip("diffusers.image_processor", reason="diffusers (the oracle) is not installed")
+    diffusers_mask = processor.VaeImageProcessor(do_binarize=True, do_convert_grayscale=True, do_normalize=False)
+    stroke = np.zeros((64, 64), np.uint8)
+    stroke[:, 7:10] = 255
+    board = ((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8)
+    for name, m, size in (("stroke", stroke, (16, 16)), ("checkerboard", board, (8, 8)), ("stroke to 24x40", stroke, (24, 40))):
+        got = mask_to_tensor(Image.fromarray(m, "L"), size, 1, True)
+        want = diffusers_mask.preprocess(Image.fromarray(m, "L"), *size)
+        assert torch.equal(got, want), f"{name}: " + describe_diff(got, want)
+    assert mask_to_tensor(Image.fromarray(stroke, "L"), (16, 16), 1, True).sum() == 16
+    dot = np.zeros((64, 64), np.uint8)
+    dot[10, 10] = 255
+    with pytest.warns(UserWarning, match=r"repaint region \(1 pixels\) vanished when resized to 16x16"):
+        assert mask_to_tensor(Image.fromarray(dot, "L"), (16, 16), 1, True).sum() == 0
+
+
+def test_a_mask_region_smaller_than_a_latent_cell_warns(tiny, image):
+    """A 6x6-pixel region off the 8-pixel grid covers no latent cell after the nearest downsample
+    (as in diffusers): blend would only round-trip it through the VAE, so it is warned of."""
+    small = np.zeros((SIZE, SIZE), np.uint8)
+    small[9:15, 9:15] = 255
+    with pytest.warns(UserWarning, match=r"repaint region \(36 pixels\) vanished when downsampled to the 8x8 latents"):
+        pipelines.inpaint(tiny, image, Image.fromarray(small, "L"), "x", variant="blend", steps=1, seed=0)
 
 
 def test_sixteen_bit_resize_stays_in_range():
@@ -1661,3 +1681,102 @@ def test_a_number_of_another_type_is_refused_saying_how_to_pass_it(tiny, kwargs,
     with pytest.raises(ValueError) as e:
         pipelines.txt2img(tiny, "a", **{"steps": 1, "seed": 0, **kwargs})
     assert message in str(e.value), str(e.value)
+
+
+def test_a_sixteen_bit_pgm_is_read_over_65535(tmp_path):
+    """Pillow opens a 16-bit PGM as 32-bit "I" (scaled to 0..65535 whatever its maxval): it was read
+    over 255 (257x too bright) or refused; it reads as its 16-bit PNG twin, as image and as mask."""
+    from pipelines.__main__ import open_image
+
+    ramp = (np.arange(4 * 6, dtype=np.uint16) * 2000).reshape(4, 6)
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    Image.fromarray(ramp).save(tmp_path / "r.pgm")
+    png, pgm = Image.open(tmp_path / "r.png"), Image.open(tmp_path / "r.pgm")
+    assert pgm.mode == "I" and pgm.format == "PPM", (pgm.mode, pgm.format)
+    want = image_to_tensor(png, (4, 6), False)
+    assert torch.equal(image_to_tensor(pgm, (4, 6), False), want), "a 16-bit PGM read otherwise than a 16-bit PNG"
+    assert torch.equal(mask_to_tensor(Image.open(tmp_path / "r.pgm"), (4, 6), 1, False),
+                       mask_to_tensor(png, (4, 6), 1, False))
+    assert torch.equal(image_to_tensor(open_image("image", tmp_path / "r.pgm"), (4, 6), False), want)
+    assert open_image("mask", tmp_path / "r.pgm").mode == "I;16"
+
+
+def test_a_non_finite_result_warns(tiny):
+    """NaN latents decoded to an all-black image, saved without a word (a research backend, an fp16
+    overflow or, here, a guidance scale far out of range)."""
+    with pytest.warns(RuntimeWarning, match=r"the result is not finite: \d+ of 64 latent values and \d+ of 3072 "
+                                            r"pixel values are NaN or infinite"):
+        pipelines.txt2img(tiny, "a", steps=2, seed=0, cfg_scale=1e30, height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipelines.txt2img(tiny, "a", steps=2, seed=0, height=32, width=32)
+
+
+def test_cfg_scale_zero_with_a_prompt_warns(tiny):
+    """cfg_scale=0 is the unconditional prediction alone here (1 turns guidance off); diffusers users
+    pass guidance_scale=0 to turn it off, and got their prompt ignored without a word."""
+    with pytest.warns(UserWarning, match=r"cfg_scale=0 samples the unconditional prediction alone: the prompt 'a' is "
+                                         r"unused .*pass cfg_scale=1"):
+        pipelines.txt2img(tiny, "a", steps=1, seed=0, cfg_scale=0.0, height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty prompt loses nothing
+        pipelines.txt2img(tiny, "", steps=1, seed=0, cfg_scale=0.0, height=32, width=32)
+
+
+def test_a_recorded_seed_past_2_63_replays(tiny):
+    """Generator.seed() draws from [0, 2^64) (half of its seeds are past 2^63); the recorded seed was
+    refused when passed back."""
+    g = torch.Generator().manual_seed(2**63 + 5)
+    a = pipelines.txt2img(tiny, "a", steps=1, generator=g, height=32, width=32)
+    assert a.params["seed"] == 2**63 + 5
+    b = pipelines.txt2img(tiny, "a", steps=1, seed=a.params["seed"], height=32, width=32)
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^64\)"):
+        pipelines.txt2img(tiny, "a", steps=1, seed=2**64, height=32, width=32)
+
+
+def test_euler_on_a_schedule_whose_sigma_overflows_fp16_is_refused():
+    """Euler's samples are σ-scaled noise; on the cosine schedule σ_max ≈ 2e4, and fp16 latents held
+    inf where |noise| > 3.2 (a black image, no word). DDIM's unit-scale samples run."""
+    model = sdcore.StableDiffusion.from_preset("tiny", seed=0, dtype=torch.float16)
+    model.config = model.config.replace(scheduler=model.config.scheduler.replace(
+        beta_schedule="cosine", timestep_spacing="linspace"))
+    with pytest.raises(ValueError, match=r"sampler euler_a starts at a sample scale of 20291.* overflows float16"):
+        pipelines.txt2img(model, "a", steps=3, seed=0, sampler="euler_a", height=32, width=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a random fp16 model's result: not what is tested
+        pipelines.txt2img(model, "a", steps=3, seed=0, sampler="ddim", height=32, width=32)
+
+
+def test_cli_errors_for_inputs_that_raised_tracebacks(tmp_path, capsys, monkeypatch):
+    """A decompression bomb, the meta device and an allocation failure: one line and exit 2."""
+    from pipelines import __main__ as cli
+
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")
+    cases = {
+        "bomb": (["img2img", "--image", str(tmp_path / "bomb.png")], "not a readable image: Image size"),
+        "meta": (["txt2img", "--device", "meta"], "--device meta: cannot draw random numbers there"),
+    }
+    for case, (args, message) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            cli.main(args[:1] + ["--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")]
+                     + args[1:])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, f"{case}: {err!r}"
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1234 bytes.")
+
+    monkeypatch.setattr(cli, "run_job", oom)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["txt2img", "--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: out of memory (DefaultCPUAllocator: can't allocate memory" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_byte_that_is_not_utf8_is_named(tiny):
+    """A Latin-1 byte in a command line reaches Python as a lone surrogate (surrogateescape); it was
+    described as a split UTF-16 pair, with a fix that does not apply."""
+    with pytest.raises(ValueError, match=r"prompt 0 .* holds the byte 0xe9 at 3, which is not UTF-8"):
+        pipelines.txt2img(tiny, b"caf\xe9".decode("utf-8", "surrogateescape"), steps=1, seed=0, height=32, width=32)

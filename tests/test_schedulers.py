@@ -536,3 +536,19 @@ def test_undo_step_checks_its_timesteps(t_from, t_to, message):
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match=message):
         s.undo_step(x, t_from, t_to, torch.zeros(SHAPE))
+
+
+def test_a_schedule_whose_alpha_bar_underflows_is_refused():
+    """β in (0, 1) keeps ᾱ_t > 0 in exact arithmetic, not in float32: linear 1e-4 .. 0.5 reaches 0
+    from t = 609, and then DDIM's set_timesteps raised about a NaN coefficient, DDPM's first step
+    after a UNet call, and Euler started from inf. The config is refused, naming the schedule."""
+    from sdcore.config import SchedulerConfig
+    from sdcore.schedulers import check_config, make_scheduler
+
+    bad = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.5)
+    for sampler in ("ddim", "ddpm", "euler_a", "dpmpp_2m"):
+        with pytest.raises(ValueError, match=r"\(linear, beta 0.0001 \.\. 0.5 over 1000 steps\) drives alpha_bar to 0 "
+                                             r"in float32 from t = 609"):
+            make_scheduler(sampler, bad)
+    check_config(SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))  # DDPM's: fine
+    check_config(SchedulerConfig(beta_schedule="cosine"))  # β capped at 0.999: ᾱ_T is small, not 0
