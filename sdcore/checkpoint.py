@@ -190,9 +190,12 @@ class _TensorFile:
             raise CheckpointError(f"{self.path}: holds no tensors (keys: {_summary(obj)})")
         self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
 
-    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def read(self, key: str, dtype: torch.dtype, device: torch.device, keep: bool = False) -> torch.Tensor:
+        """Tensor ``key`` as ``dtype`` on ``device``. A torch file's tensor is handed over (dropped
+        here unless ``keep``): a legacy, pre-zip file is not memory-mapped, and its tensors kept
+        beside their casts would hold a second copy of the model until loading ends."""
         try:
-            t = self._st.get_tensor(key) if self._st is not None else self._sd[key]
+            t = self._st.get_tensor(key) if self._st is not None else self._sd[key] if keep else self._sd.pop(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {key!r} (truncated?): {e}") from e
         return _cast(t, dtype, device)
@@ -400,7 +403,7 @@ class SingleFile:
         key = next((k for k in ("betas", "alphas_cumprod") if k in self._names and len(self._shapes[k]) == 1), None)
         if key is None:
             return sched
-        stored = self.file.read(self._names[key], torch.float64, torch.device("cpu"))
+        stored = self.file.read(self._names[key], torch.float64, torch.device("cpu"), keep=True)
         if key == "alphas_cumprod":  # β_t = 1 - ᾱ_t / ᾱ_{t-1}
             stored = 1 - stored / torch.cat([stored.new_ones(1), stored[:-1]])
         T = len(stored)
