@@ -26,8 +26,9 @@ and speedup-*.png plots. Into a directory holding an earlier run's results, the 
 measures again (same suite, op or pipeline, case or preset, dtype, backend or variant, steps,
 batch) are replaced and the others kept as their run wrote them (speed-ups against that run's
 `reference`), said on stderr; results.md then lists each run (commit, date, command) and numbers
-every row's. A results.json this tool did not write is refused before anything runs. A backend
-that cannot run here becomes a "skipped" row with the reason.
+every row's. A folder holds one device's rows: a run on another device (another GPU, or the CPU
+with another thread count) is refused before anything runs, as is a results.json this tool did not
+write. A backend that cannot run here becomes a "skipped" row with the reason.
 """
 
 
@@ -343,6 +344,10 @@ def run(args) -> int:
         print(f"[bench] cannot write results to {out_dir}: {why}; pass --out", file=sys.stderr)
         return 2
     why = None if args.out is not None else common.results_file_problem(out_dir)
+    if why:
+        print(f"[bench] {why}", file=sys.stderr)
+        return 2
+    why = common.device_problem(out_dir, env["device_name"])  # the name needs the threads set above
     if why:
         print(f"[bench] {why}", file=sys.stderr)
         return 2

@@ -220,11 +220,27 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[torch.dtype], *, qui
 
 # --------------------------------------------------------------------------------- environment
 def _git(*args: str) -> str | None:
+    r = _git_run(*args)
+    return r.stdout.strip() if r is not None and r.returncode == 0 else None
+
+
+def _git_run(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
     except Exception:
         return None
-    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def git_dirty(commit: str | None = None) -> bool | None:
+    """Whether the working tree's tracked files differ from ``commit`` (default: HEAD, whose index
+    counts too); None when git cannot tell: no git, or ``commit`` is not in this repository."""
+    if commit is None:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        return None if dirty is None else bool(dirty)
+    if _git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return None
+    r = _git_run("diff", "--quiet", commit, "--")  # exit 0: same, 1: differs, else: git failed
+    return {0: False, 1: True}.get(r.returncode) if r is not None else None
 
 
 def device_name(device: torch.device) -> str:
@@ -300,7 +316,10 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception as e:  # pragma: no cover
         triton_version = f"unavailable ({type(e).__name__})"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # a copied tree (a remote GPU machine, whose .git may be absent or stale) names its commit in
+    # SDLAB_GIT_COMMIT, which wins over git; dirty is then against that commit, unknown (None) where
+    # this repository lacks it
+    named = os.environ.get("SDLAB_GIT_COMMIT") or None
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device.type,
@@ -310,10 +329,8 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
-        # a copied tree (a remote GPU machine, whose .git may be absent or stale) names its commit in
-        # SDLAB_GIT_COMMIT, which wins over git
-        "git_commit": os.environ.get("SDLAB_GIT_COMMIT") or _git("rev-parse", "HEAD"),
-        "git_dirty": None if dirty is None else bool(dirty),
+        "git_commit": named or _git("rev-parse", "HEAD"),
+        "git_dirty": git_dirty(named),
         "triton_interpret": interpreting(),
         "triton_launch": _launch.mode(),  # direct once compiled, or Triton's dispatch and why
         "torch_threads": torch.get_num_threads(),
@@ -344,7 +361,8 @@ _ENV_IN_ROW = ("device_name", "torch", "triton", "triton_launch", "cuda", "git_c
 # What a row measures: a run that has a row with the same values measured it again, and its row
 # replaces the earlier one in a results folder (ops: op, case, dtype, backend; tune: op, case,
 # dtype, configuration label in `backend`; pipelines and UNet step: pipeline, preset, dtype,
-# variant, steps, batch). The device and commit are not part of it: they are the run's.
+# variant, steps, batch). The commit is not part of it: it is the run's. Nor is the device: a folder
+# holds one device's rows, and a run on another is refused (:func:`device_problem`).
 ROW_IDENTITY = ("suite", "op", "case", "preset", "dtype", "backend", "steps", "batch")
 # The run a row (or a run's env) belongs to: every row carries its run's start time, to the second,
 # and commit.
@@ -443,6 +461,15 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+def _fixed(x: float, decimals: int) -> str:
+    """``x`` to ``decimals`` decimals; a non-zero ``x`` under one unit of the last (0.01 for 2) in two
+    significant digits instead (5.7e-04), which the fixed form shows as 0 or one rounded digit (an
+    interpreted kernel's speed-up, a tiny % of peak)."""
+    if x != 0 and math.isfinite(x) and abs(x) < 10 ** -decimals:
+        return f"{x:.1e}"
+    return f"{x:.{decimals}f}"
+
+
 OPS_COLUMNS = [
     ("op", "op"), ("case", "case"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
     ("median ms", "median_ms"), ("p20–p80 ms", None), ("host µs", "host_ms"), ("GB/s", "gbps"),
@@ -468,11 +495,11 @@ def _cell(row: dict, key: str | None, title: str) -> str:
         text = row["status"] if not row["note"] else f"{row['status']}: {row['note']}"
         return text.replace("|", "\\|").replace("\n", " ")
     if key in ("frac_of_peak", "frac_of_copy", "scheduler_share"):
-        return "" if row[key] is None else f"{100 * row[key]:.1f}" + (" %" if key == "scheduler_share" else "")
+        return "" if row[key] is None else _fixed(100 * row[key], 1) + (" %" if key == "scheduler_share" else "")
     if title == "host µs":
         return "" if row[key] is None else _fmt(1e3 * row[key])
     if key == "speedup_vs_reference":
-        return "" if row[key] is None else f"{row[key]:.2f}x"
+        return "" if row[key] is None else f"{_fixed(row[key], 2)}x"
     return _fmt(row[key]).replace("|", "\\|")
 
 
@@ -681,6 +708,29 @@ def results_file_problem(out_dir: Path) -> str | None:
     return None
 
 
+def folder_devices(data: dict) -> list[str]:
+    """The device names whose rows a results.json (as :func:`read_results` returns it) holds: its
+    runs' (``env.runs``) and its rows' own."""
+    names = [e.get("device_name") for e in data["env"].get("runs", [])] + [r.get("device_name") for r in data["rows"]]
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
+def device_problem(out_dir: Path, device_name: str) -> str | None:
+    """None when ``out_dir``'s results (if any) were measured on ``device_name``, else why this run
+    cannot write there: merged, its rows would sit beside another device's, and the file's ceilings
+    and title would become this device's. ValueError as :func:`read_results` for a file not ours."""
+    data = read_results(out_dir)
+    return _other_device(out_dir, data, device_name) if data else None
+
+
+def _other_device(out_dir: Path, data: dict, device_name: str) -> str | None:
+    others = [n for n in folder_devices(data) if n != device_name]
+    if not others:
+        return None
+    return (f"{out_dir / 'results.json'} holds rows measured on {' and '.join(map(repr, others))}; this run is on "
+            f"{device_name!r}: a results folder holds one device's rows; use another --out")
+
+
 PLOT_NAME = re.compile(r"speedup-[a-z0-9-]+\.png")  # plot_speedups' file names: speedup-<slug>.png
 
 
@@ -694,13 +744,16 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
     that reference again. ``env["runs"]`` in the file lists the env (and ceilings) of every run
     with rows there, results.md numbers them, and a line on stderr says how many rows were kept and
     from which runs. Plots are drawn from all rows; a speedup-*.png none of them backs is removed
-    (with ``plot=False`` the PNGs are left alone). A results.json this tool did not write raises
-    OSError (the CLI refuses it before running: :func:`results_file_problem`)."""
+    (with ``plot=False`` the PNGs are left alone). A results.json this tool did not write, or one
+    of another device's rows, raises OSError (the CLI refuses both before running:
+    :func:`results_file_problem`, :func:`device_problem`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         old = read_results(out_dir) or {"env": {}, "ceilings": None, "rows": []}
     except ValueError as e:  # it changed since the check before the run
         raise OSError(str(e)) from None
+    if why := _other_device(out_dir, old, env.get("device_name")):  # the CLI refuses it before running
+        raise OSError(why)
     measured = {tuple(r.get(k) for k in ROW_IDENTITY) for r in rows}
     kept = [{**dict.fromkeys(ROW_KEYS), **r} for r in old["rows"]
             if tuple(r.get(k) for k in ROW_IDENTITY) not in measured]

@@ -1,5 +1,6 @@
 """Options of the pipeline cases under pytest-benchmark (bench/test_bench_pipelines.py); the op
 cases take ``python -m bench ops``'s defaults. ``--sdlab-plugin`` is the root conftest.py's."""
+import pytest
 
 
 def pytest_addoption(parser):
@@ -16,3 +17,17 @@ def pytest_addoption(parser):
                      "for a research backend that --sdlab-plugin registered")
     g.addoption("--sd-interpreted", action="store_true",
                 help="on CPU, run the triton variants too (interpreted: tens of seconds per tiny UNet call)")
+
+
+SD_OPTIONS = ("--sd-preset", "--sd-ckpt", "--sd-steps", "--sd-dtype", "--sd-variant", "--sd-interpreted")
+
+
+@pytest.hookimpl(trylast=True)  # after the root conftest.py's --sdlab-plugin: its backends are valid variants
+def pytest_configure(config):
+    """Check the --sd-* options before collection: a bad one is pytest's one-line usage error, not a
+    traceback from collecting bench/test_bench_pipelines.py. Without any, nothing is imported."""
+    values = [config.getoption(name, None) for name in SD_OPTIONS]
+    if any(v is not None and v is not False and v != [] for v in values):  # --sd-steps 0 is given
+        from bench.test_bench_pipelines import options
+
+        options(config)  # raises pytest.UsageError naming the option, the value and the valid ones

@@ -17,8 +17,11 @@ tensors of the UNet's shapes and dtypes. Each call is split into layers, each ti
               torch.ops.sdlab op, then the backend's eager launches (README, torch.compile); in
               brackets, what a one-op graph's call costs besides (guards, Inductor's wrapper)
 
-The JSON's "dispatch_us" is kernels.registry.dispatch (the switch, the count, the backend), and
-checks = call - dispatch. Not included: Triton's C launcher, the driver's launch, and CUDA's caching
+The JSON's "dispatch_us" is kernels.registry.dispatch (the switch, the count, the backend). Call and
+dispatch are timed in turns, and checks is the median of the turns' differences (call - dispatch):
+timed apart, a host speeding up or slowing down between them moved the difference by more than the
+checks cost, below zero too. A median under zero is reported as 0, marked * in the table
+("checks_clamped" in the JSON): the checks cost less than this host's noise. Not included: Triton's C launcher, the driver's launch, and CUDA's caching
 allocator (the CPU allocator runs here). The numbers are this CPU's: compare layers with each
 other, and commits with each other on one machine; a GPU host's figures (`bench ops`' host µs)
 compare with those of the same host.
@@ -112,21 +115,39 @@ def stub_triton(on_run=None) -> None:
 def per_call_us(fn, calls: int = 200, samples: int = 15) -> float:
     """Median over ``samples`` of the time of ``calls`` back-to-back calls, per call, in µs; the
     garbage collector off while timing (its pauses land on whichever call triggers them)."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    times = []
+    return statistics.median(interleaved_us([fn], calls, samples)[0])
+
+
+def interleaved_us(fns, calls: int = 200, samples: int = 15) -> list[list[float]]:
+    """Per fn of ``fns``, ``samples`` timings as per_call_us takes them (µs per call, of ``calls``
+    back-to-back calls), taken in turns: one of each per turn, in reverse order every other turn, so
+    that a drift in the host's speed (load, clocks) falls on every fn alike."""
+    for fn in fns:
+        for _ in range(max(10, calls // 10)):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e6 / calls)
+        for turn in range(samples):
+            order = range(len(fns)) if turn % 2 == 0 else reversed(range(len(fns)))
+            for i in order:
+                fn = fns[i]
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[i].append((time.perf_counter() - t0) * 1e6 / calls)
     finally:
         if enabled:
             gc.enable()
-    return statistics.median(times)
+    return times
+
+
+def checks_us(call_us: list[float], dispatch_us: list[float]) -> tuple[float, bool]:
+    """(µs of the op's checks, clamped): the median of the turns' call - dispatch differences
+    (:func:`interleaved_us`), or 0 and True where that is negative (under the host's noise)."""
+    diff = statistics.median(c - d for c, d in zip(call_us, dispatch_us, strict=True))
+    return max(diff, 0.0), diff < 0
 
 
 def call_op(op: str, args: tuple):
@@ -202,14 +223,16 @@ def measure(case, dtype: torch.dtype, compiled: bool = True) -> dict:
         call = lambda: call_op(op, args)  # noqa: E731
         call()  # the first call compiles (the stub) and fills the plan and launch caches
         launches = _launches(op, lambda: backend(*args))
+        calls, dispatches = interleaved_us([call, lambda: registry.dispatch(op, *args)])
+        checks, clamped = checks_us(calls, dispatches)
         rec = dict(case=case.name, op=op, shape=case.shape, dtype=str(dtype).replace("torch.", ""),
                    launches=len(launches),
-                   call_us=per_call_us(call),
-                   dispatch_us=per_call_us(lambda: registry.dispatch(op, *args)),
+                   call_us=statistics.median(calls),
+                   dispatch_us=statistics.median(dispatches),
+                   checks_us=checks, checks_clamped=clamped,
                    switch_us=per_call_us(lambda: registry.resolve(op, *args)),
                    backend_us=per_call_us(lambda: backend(*args)),
                    launch_us=[per_call_us(lambda: launcher(*a)) for launcher, a in launches])
-        rec["checks_us"] = rec["call_us"] - rec["dispatch_us"]
         if compiled:
             torch._dynamo.reset()
             rec["compiled_us"], rec["graph_us"] = _compiled(_chained(op, args))
@@ -226,8 +249,12 @@ def render(records: list[dict], baseline_us: float) -> str:
     for r in records:
         launches = " + ".join(f"{t:.1f}" for t in r["launch_us"]) or "none"
         comp = f"{r['compiled_us']:.1f} ({r['graph_us']:.1f})" if "compiled_us" in r else ""
-        lines.append(f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['call_us']:.1f} | {r['checks_us']:.1f} | "
+        checks = f"{r['checks_us']:.1f}" + ("*" if r.get("checks_clamped") else "")
+        lines.append(f"| {r['case']} | {r['shape']} | {r['dtype']} | {r['call_us']:.1f} | {checks} | "
                      f"{r['switch_us']:.1f} | {r['backend_us']:.1f} | {launches} | {comp} |")
+    if any(r.get("checks_clamped") for r in records):
+        lines.append("\n* The call timed below its dispatch (median of the turns' differences): the checks cost "
+                     "less than this host's timing noise; shown as 0.")
     lines.append(f"\nOne torch call on this CPU for scale (torch.empty_like of a (2, 320, 64, 64) fp16 tensor): "
                  f"{baseline_us:.2f} µs.")
     return "\n".join(lines)
@@ -239,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status: 0 measured, 2 a usage error (TRITON_INTERPRET set, an "
                                             "unknown shape).")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), metavar="NAME",
-                        help="bench ops case names or prefixes (python -m bench ops --list-shapes); default: "
-                             + " ".join(DEFAULT_SHAPES))
+                        help="bench ops case names or prefixes, space or comma separated (python -m bench ops "
+                             "--list-shapes); default: " + " ".join(DEFAULT_SHAPES))
     parser.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column (its compiles "
                                                                    "take a few seconds per case)")
@@ -251,15 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run without TRITON_INTERPRET=1: under the interpreter Triton runs no launcher to stub "
                      "(env -u TRITON_INTERPRET python -m bench.host)")
     from bench.common import parse_dtype
-    from bench.ops import CASES, select_cases
+    from bench.ops import CASES, select_cases, shape_selected
 
     try:
         dtype = parse_dtype(opts.dtype)
     except ValueError as e:
         parser.error(str(e))
-    cases = select_cases(list(CASES), opts.shapes, quick=False)
-    if not cases:
-        parser.error(f"--shapes {' '.join(opts.shapes)} selects no case; python -m bench ops --list-shapes lists them")
+    names = [c.name for cases in CASES.values() for c in cases]
+    shapes = list(dict.fromkeys(v.strip() for item in opts.shapes for v in item.split(",") if v.strip()))
+    if not shapes:  # "" would prefix every case
+        parser.error(f"--shapes: no values given; valid: {', '.join(names)}")
+    unknown = [s for s in shapes if not any(shape_selected(n, [s]) for n in names)]
+    if unknown:  # as bench ops: a name that selects nothing is an error, not a shorter table
+        parser.error(f"unknown shape case {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+    cases = select_cases(list(CASES), shapes, quick=False)
     stub_triton()
     gn = importlib.import_module("kernels.group_norm_silu")
     gn._sms = lambda x: gn.H100_SMS  # GroupNorm's grid (and so one launch or two) as on an H100

@@ -1031,6 +1031,24 @@ def test_pytest_benchmark_pipeline_options_are_checked(flags, message):
         tbp.options(Config())
 
 
+def test_pytest_benchmark_pipeline_options_are_checked_before_collection(plugin_file):
+    """`pytest bench/test_bench_pipelines.py --sd-preset nope` printed a collection traceback ("ERROR
+    collecting", the UsageError raised inside pytest_generate_tests): bench/conftest.py checks the
+    --sd-* options in pytest_configure, so it is pytest's one-line usage error (exit 4). It checks them
+    after --sdlab-plugin has loaded, so a plugin's backend is a valid --sd-variant."""
+    def pytest_bench(*flags):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "bench/test_bench_pipelines.py", "--benchmark-only", "--collect-only", *flags],
+                              cwd=common.REPO, capture_output=True, text=True, timeout=300)
+
+    r = pytest_bench("--sd-preset", "nope")
+    log = r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 4 and "ERROR: --sd-preset: unknown preset 'nope'; valid: sd15" in r.stderr, log
+    assert "Traceback" not in log and "ERROR collecting" not in log and "pytest.UsageError" not in log, log
+    r = pytest_bench("--sdlab-plugin", str(plugin_file), "--sd-variant", "attention=plugin_attention")
+    assert r.returncode == 0 and "test_unet_step[attention=plugin_attention]" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("variant, runs", [
     ("reference", False), ("triton", True), ("triton:attention", True), ("triton@graph", True),
     ("attention=triton", True), ("attention=sdpa+group_norm_silu=triton", True), ("attention=sdpa", False),

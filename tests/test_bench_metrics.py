@@ -404,6 +404,54 @@ def test_environment_names_the_software_and_every_row_carries_it():
         assert row[key] == env[key], f"row[{key!r}] = {row[key]!r}, env[{key!r}] = {env[key]!r}"
 
 
+def test_git_dirty_is_against_the_commit_sdlab_git_commit_names(tmp_path, monkeypatch):
+    """SDLAB_GIT_COMMIT names a copied tree's commit: dirty is whether the tree differs from that
+    commit, not from HEAD (a clean checkout of a later commit read as clean), and None (unknown)
+    when this repository lacks the commit. Unset: git status against HEAD, as before."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "a")
+    first = git("rev-parse", "HEAD")
+    (tmp_path / "f.txt").write_text("b\n")
+    git("commit", "-qam", "b")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+
+    def env(named):
+        if named is None:
+            monkeypatch.delenv("SDLAB_GIT_COMMIT", raising=False)
+        else:
+            monkeypatch.setenv("SDLAB_GIT_COMMIT", named)
+        e = common.environment(CPU)
+        return e["git_commit"], e["git_dirty"]
+
+    head = git("rev-parse", "HEAD")
+    assert env(None) == (head, False) and env(head) == (head, False)
+    assert env(first) == (first, True), "HEAD is clean, but the tree is not the named commit's"
+    assert env("f" * 40) == ("f" * 40, None), "a commit git does not have: unknown, not clean"
+    (tmp_path / "f.txt").write_text("a\n")  # the tree is now `first`'s, and HEAD's with a change
+    assert env(first) == (first, False) and env(None) == (head, True)
+
+
+def test_small_speed_ups_and_percentages_keep_two_significant_digits():
+    """An interpreted kernel's speed-up (5.7e-04) and % of peak read "0.00x" and "0.0", as if nothing;
+    a value under the column's last decimal is given in two significant digits, the others as before."""
+    rows = [common.make_row({}, suite="ops", op="attention", backend=b, status="ok", speedup_vs_reference=up,
+                            frac_of_peak=peak, frac_of_copy=copy, scheduler_share=share)
+            for b, up, peak, copy, share in [("tiny", 5.7e-4, 2.64e-5, 7e-4, 3.5e-4),
+                                             ("plain", 1.43, 0.211, 0.5, 0.004), ("zero", 0.0, 0.0, 0.0, 0.0)]]
+    cols = [("b", "backend"), ("speed-up", "speedup_vs_reference"), ("% of peak", "frac_of_peak"),
+            ("% of copy", "frac_of_copy"), ("share", "scheduler_share")]
+    lines = common.markdown_table(rows, cols).splitlines()[2:]
+    assert lines == ["| tiny | 5.7e-04x | 2.6e-03 | 7.0e-02 | 3.5e-02 % |",
+                     "| plain | 1.43x | 21.1 | 50.0 | 0.4 % |",
+                     "| zero | 0.00x | 0.0 | 0.0 | 0.0 % |"], lines
+
+
 # ---------------------------------------------------------------------------- pipelines
 def test_psnr_is_10_log10_of_one_over_mse_for_unit_range_images():
     """Images in [0, 1] off by 0.01 everywhere: MSE 1e-4, PSNR = 10·log10(1 / 1e-4) = 40 dB (peak 255,

@@ -88,17 +88,17 @@ def test_nothing_kept_nothing_said(tmp_path, capsys):
     ("steps", 2, 20), ("batch", 1, 2), ("preset", "tiny", "sd15"), ("suite", "ops", "tune")])
 def test_a_row_differing_in_what_it_measures_is_not_measured_again(tmp_path, field, first, second):
     """The identity of a row (common.ROW_IDENTITY): a row that differs in one of its fields is a
-    different measurement and stays; one equal in all of them is replaced, whatever its device or
-    commit (those are the run's)."""
+    different measurement and stays; one equal in all of them is replaced, whatever its commit (the
+    run's; a run on another device is refused: test_a_run_on_another_device_is_refused_before_running)."""
     def row(env, value):
         return common.make_row(env, **{"suite": "tune", "op": "attention", "case": "c", "dtype": "fp32",
                                        "backend": "default", "preset": None, "status": "ok", "median_ms": 1.0,
                                        field: value})
 
     common.write_results(tmp_path, RUN_A, None, [row(RUN_A, first)], plot=False)
-    common.write_results(tmp_path, RUN_B, None, [row({**RUN_B, "device_name": "another"}, second)], plot=False)
+    common.write_results(tmp_path, RUN_B, None, [row(RUN_B, second)], plot=False)
     assert sorted(r[field] for r in _read(tmp_path)["rows"]) == sorted([first, second])
-    common.write_results(tmp_path, RUN_C, None, [row({**RUN_C, "device_name": "a third"}, first)], plot=False)
+    common.write_results(tmp_path, RUN_C, None, [row(RUN_C, first)], plot=False)
     assert sorted((r[field], r["git_commit"][0]) for r in _read(tmp_path)["rows"]) == sorted(
         [(first, "c"), (second, "b")])
 
@@ -325,6 +325,46 @@ def test_a_results_json_the_tool_wrote_is_merged_through_the_cli(tmp_path, suite
     assert main(["ops", "--quick", "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 0
     assert sorted(r["suite"] for r in _read(tmp_path)["rows"]) == ["ops", "unet_step"]
     assert suites["ops"] == 2 and "kept 1 earlier row(s)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 4: one device's rows per folder
+H100_FILE = common.RESULTS_DIR / "2026-11-23-h100-2" / "ops-scheduler-step-fp16.json"
+
+
+def test_a_run_on_another_device_is_refused_before_running(tmp_path, suites, capsys):
+    """A CPU run into a folder of H100 rows replaced the H100's reference row, kept its other rows
+    beside it, and made the file's ceilings and results.md's title the CPU's. It is refused before
+    anything runs (no suite, no ceilings), naming the folder's device and this run's."""
+    (tmp_path / "results.json").write_bytes(H100_FILE.read_bytes())
+    assert main(["ops", "--quick", "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert not suites, suites
+    here = common.device_name(torch.device("cpu"))
+    assert (f"{tmp_path / 'results.json'} holds rows measured on 'NVIDIA H100 80GB HBM3'; this run is on {here!r}"
+            in err and err.rstrip().endswith("use another --out")), err
+    assert (tmp_path / "results.json").read_bytes() == H100_FILE.read_bytes(), "the file was rewritten"
+    # the folder's devices are its runs' (env.runs) as well as its rows'
+    folder = tmp_path / "b"
+    common.write_results(folder, RUN_A, None, _unet_rows(RUN_A, {"reference": 1.0}), plot=False)
+    data = _read(folder)
+    data["rows"] = [{**r, "device_name": None} for r in data["rows"]]
+    (folder / "results.json").write_text(json.dumps(data))
+    assert "holds rows measured on 'CPU test (1 threads)'; this run is on 'GPU'" in common.device_problem(folder, "GPU")
+    assert common.device_problem(folder, RUN_A["device_name"]) is None
+
+
+def test_write_results_refuses_another_devices_folder(tmp_path):
+    """Called directly (not through the CLI), write_results raises OSError, as for a file not its own,
+    and leaves the file as it was; the same device merges as before."""
+    common.write_results(tmp_path, RUN_A, CEILINGS, _ops_rows(RUN_A, {("attention", "reference"): 4.0}), plot=False)
+    before = (tmp_path / "results.json").read_text()
+    gpu = {**RUN_B, "device_name": "NVIDIA H100 80GB HBM3"}
+    with pytest.raises(OSError, match=r"holds rows measured on 'CPU test \(1 threads\)'; this run is on "
+                                      r"'NVIDIA H100 80GB HBM3'"):
+        common.write_results(tmp_path, gpu, CEILINGS, _ops_rows(gpu, {("attention", "reference"): 1.0}), plot=False)
+    assert (tmp_path / "results.json").read_text() == before
+    common.write_results(tmp_path, RUN_B, CEILINGS, _ops_rows(RUN_B, {("attention", "sdpa"): 1.0}), plot=False)
+    assert len(_read(tmp_path)["rows"]) == 2
 
 
 def test_the_recorded_command_can_be_typed_again():
