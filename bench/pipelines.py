@@ -69,7 +69,7 @@ KERNEL_OPS = ("group_norm_silu", "attention", "scheduler_step")
 # How far a variant may stray from the all-reference run before its row is an error, not a speed-up
 # (and its pytest-benchmark case fails). Decoded images, PSNR: measured on an H100 in fp16
 # (random-weight sd15, bench/results/2026-11-23-h100-2/), 58-61 dB after 20 steps, 51.7 dB after 250
-# RePaint steps. On the tiny preset (CPU, 2 steps) a correct backend (sdpa) gets 37.5-42.8 dB in
+# RePaint steps. On the tiny preset (CPU, 2 steps) a correct backend (sdpa) gets 35.7-43.9 dB in
 # bf16, and one with keys and values swapped 18-22 dB in every dtype. The floors catch a kernel that
 # diverges, not rounding. Their limit: on CPU img2img runs one UNet call (2 steps at strength 0.75),
 # where a scheduler_step that drops CFG got 37.7 dB in bf16, over the floor; txt2img, repaint, blend
