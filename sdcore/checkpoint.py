@@ -9,6 +9,7 @@ Architecture detection from weight shapes lives in :mod:`sdcore.detect`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch.torch_version import TorchVersion
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -159,7 +161,7 @@ class _TensorFile:
 
     def _open_torch(self, mmap: bool):
         try:
-            with torch.serialization.safe_globals(_inert_globals()):
+            with _allowing(_inert_globals()):
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             found = (re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -355,6 +357,15 @@ def _numpy_scalar(dtype, data=None):
         raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype!r} refused (only plain numeric dtypes load)")
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / 1 (np.core warns in 2)
     return multiarray.multiarray.scalar(dtype, data)
+
+
+def _allowing(globals_: list):
+    """``torch.serialization.safe_globals(globals_)``, which names a stand-in's global as a
+    ``(callable, name)`` pair from torch 2.6 on; before that, nothing more is allowed (the files
+    these stand in for are refused, naming what they hold, as plain weights_only loads refuse them)."""
+    if TorchVersion(torch.__version__) < "2.6":
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals(globals_)
 
 
 def _inert_globals() -> list:

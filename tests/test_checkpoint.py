@@ -1592,6 +1592,7 @@ def test_a_model_on_meta_saves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the folder layout wrote its first config.json before
 
 
+@pytest.mark.skipif(torch.__version__ < "2.6", reason="stand-ins for a named global need torch >= 2.6")
 def test_a_lightning_training_checkpoint_loads(tmp_path, tiny, monkeypatch):
     """The SD 1.x releases are PyTorch Lightning checkpoints: ``callbacks`` keyed by the
     ModelCheckpoint class, a numpy ``global_step``. weights_only refused them; the class is read as
@@ -1628,7 +1629,7 @@ class _ObjectScalar:
 
 
 @pytest.mark.parametrize("payload, named", [(_CallsSystem, r"(posix|nt)\.system"),
-                                             (_ObjectScalar, r"numpy\.dtypes\.ObjectDType")])
+                                             (_ObjectScalar, r"numpy\.(dtypes\.ObjectDType|_?core\.multiarray\.scalar)")])
 def test_a_pickle_that_would_run_code_is_named_not_called_corrupt(tmp_path, tiny, payload, named):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": dict(tiny.state_dict()), "x": payload()}, path)
