@@ -723,7 +723,8 @@ class use(contextlib.ContextDecorator):
     """Scope a backend choice: ``with use("triton"):`` for all ops, ``use(attention="sdpa")`` per op;
     also a function decorator. The names are checked when the object is made; it may be entered
     again (and nested in itself), as torch's ``no_grad()`` can. The scope is process-wide, not per
-    thread or asyncio task (module docstring)."""
+    thread or asyncio task (module docstring). One object's exits undo its entries last-in first-out:
+    threads that share one ``with`` object should make their own (a decorated function does, per call)."""
 
     def __init__(self, backend: BackendName | None = None, /, **per_op: BackendName):
         cleared = [op for op, b in per_op.items() if b is None]
@@ -731,6 +732,11 @@ class use(contextlib.ContextDecorator):
             raise ValueError(f"kernels.use({cleared[0]}=None): name a backend (set_backend({cleared[0]}=None) clears)")
         self.choice = _choices(backend, per_op)
         self._entered: list[dict] = []  # one entry per open `with`, innermost last
+
+    def _recreate_cm(self) -> "use":  # ContextDecorator: each decorated call enters a fresh copy
+        fresh = object.__new__(use)
+        fresh.choice, fresh._entered = self.choice, []
+        return fresh
 
     def __enter__(self) -> None:
         scope = dict(self.choice)  # a fresh object per entry: __exit__ removes exactly its own

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import reprlib
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,8 +97,9 @@ def _convert(name: str):
     return importlib.import_module(f"sdcore.convert.{name}")
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, floating point as ``dtype`` (None: as stored)."""
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
 
 def _floating(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -414,19 +416,27 @@ class SingleFile:
         key = next((k for k in ("betas", "alphas_cumprod") if k in self._names and len(self._shapes[k]) == 1), None)
         if key is None:
             return sched
-        stored = self.file.read(self._names[key], torch.float64, torch.device("cpu"), keep=True)
-        if key == "alphas_cumprod":  # β_t = 1 - ᾱ_t / ᾱ_{t-1}
-            stored = 1 - stored / torch.cat([stored.new_ones(1), stored[:-1]])
-        T = len(stored)
-        if T < 2 or not bool(torch.isfinite(stored).all()):
+        raw = self.file.read(self._names[key], None, torch.device("cpu"), keep=True)
+        if not raw.is_floating_point() or len(raw) < 2 or not bool(torch.isfinite(raw).all()):
             return sched
-        start, end = (float(f"{float(b):.6g}") for b in (stored[0], stored[-1]))  # 0.0001, not fp32's 9.99999975e-05
+        stored, T = raw.double(), len(raw)
+
+        def as_stored(betas: torch.Tensor) -> torch.Tensor:  # a candidate as the file would hold it
+            v = betas.double() if key == "betas" else torch.cumprod(1 - betas.double(), 0)
+            return v.to(raw.dtype).double()
+
+        # the ends of β (from ᾱ: β_t = 1 - ᾱ_t / ᾱ_{t-1}), as few digits as the dtype holds: 0.0001, not
+        # fp32's 9.99999975e-05, and 0.00085, not fp16's 0.000850201
+        betas = stored if key == "betas" else 1 - stored / torch.cat([stored.new_ones(1), stored[:-1]])
+        digits = {torch.float16: 3, torch.bfloat16: 2}.get(raw.dtype, 6)
+        start, end = (float(f"{float(b):.{digits}g}") for b in (betas[0], betas[-1]))
+        tol = max(1e-4, 4 * torch.finfo(raw.dtype).eps)  # LDM's fp64 schedule against make_betas' fp32; 16-bit rounding
         candidates = [sched, *(sched.replace(beta_schedule=s, beta_start=start, beta_end=end, num_train_timesteps=T)
                                for s in ("scaled_linear", "linear")),
                       sched.replace(beta_schedule="cosine", num_train_timesteps=T)]
         for c in candidates:
             if c.num_train_timesteps == T and torch.allclose(
-                    make_betas(c.beta_schedule, T, c.beta_start, c.beta_end).double(), stored, rtol=1e-4, atol=1e-7):
+                    as_stored(make_betas(c.beta_schedule, T, c.beta_start, c.beta_end)), stored, rtol=tol, atol=1e-7):
                 return c
         warnings.warn(f"{self.path}: its {key} ({T} steps, beta {start:.6g} .. {end:.6g}) are none of the noise "
                       f"schedules sdcore implements (linear, scaled_linear, cosine); sampling uses "
@@ -617,10 +627,13 @@ def _write_then_rename(path: Path, write) -> None:
     """``write(tmp)`` beside ``path``, then rename it over ``path``. A model loaded from a zip ``.ckpt``
     or a ``.safetensors`` reads its weights from the file's memory map: writing the same path in
     place truncated the file under it (a bus error, and a checkpoint lost). A failed write leaves the
-    old file as it was."""
+    old file as it was. A symlink's target is what is replaced, and an old file's mode is kept."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        if path.exists():
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1637,22 +1637,30 @@ def test_a_pickle_that_would_run_code_is_named_not_called_corrupt(tmp_path, tiny
         sdcore.load(path)
 
 
-def test_a_single_files_noise_schedule_is_read_from_its_buffers(tmp_path, tiny):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_a_single_files_noise_schedule_is_read_from_its_buffers(tmp_path, tiny, dtype):
     """LDM samples with the ``betas`` its file holds: a schedule sdcore implements is taken from
-    them (it was dropped for SD's default without a word); one it does not is named in a warning."""
+    them (it was dropped for SD's default without a word); one it does not is named in a warning.
+    In the buffers' own precision: an "fp16 pruned" file casts them too (it warned on every load)."""
+    from sdcore.schedulers import make_betas
+
     state = dict(tiny.state_dict())
-    state["betas"] = torch.linspace(1e-4, 2e-2, 500, dtype=torch.float64)  # DDPM's, over 500 steps
+    sd15 = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # LDM's, in fp64
+    for buffers in ({"betas": sd15}, {"alphas_cumprod": torch.cumprod(1 - sd15, 0)}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = sdcore.load(_foreign(tmp_path, {**state, **{k: v.to(dtype) for k, v in buffers.items()}}, "sd.ckpt"))
+        assert loaded.config == SDConfig.preset("tiny"), (list(buffers), loaded.config.scheduler)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sched = sdcore.load(_foreign(tmp_path, state, "ddpm.ckpt")).config.scheduler
+        warnings.simplefilter("error")  # DDPM's, over 500 steps
+        sched = sdcore.load(_foreign(tmp_path, {**state, "betas": torch.linspace(1e-4, 2e-2, 500).to(dtype)},
+                                     "ddpm.ckpt")).config.scheduler
     assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.num_train_timesteps) == \
         ("linear", 1e-4, 2e-2, 500), sched
-    state.pop("betas")
-    from sdcore.schedulers import make_betas
-    ac = torch.cumprod(1 - make_betas("cosine", 1000).double(), 0)
+    ac = torch.cumprod(1 - make_betas("cosine", 1000).double(), 0).to(dtype)
     assert sdcore.load(_foreign(tmp_path, {**state, "alphas_cumprod": ac}, "cos.ckpt")).config.scheduler.beta_schedule \
         == "cosine"
-    state["betas"] = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.02
+    state["betas"] = (torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     with pytest.warns(UserWarning, match=r"rand\.ckpt: its betas \(1000 steps, .*none of the noise schedules"):
         sched = sdcore.load(_foreign(tmp_path, state, "rand.ckpt")).config.scheduler
     assert sched == SDConfig.preset("tiny").scheduler
@@ -1676,3 +1684,20 @@ def test_a_legacy_torch_file_hands_each_tensor_over_as_it_is_cast(tmp_path, tiny
     assert torch.equal(half, tiny.state_dict()[key].half())
     loaded = sdcore.load(path, dtype=torch.float16)
     assert all(torch.equal(v, tiny.state_dict()[k].half()) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_a_save_keeps_the_files_mode_and_writes_through_a_symlink(tmp_path, tiny, fmt):
+    """The rename that makes a save safe replaced a symlink by a file (its target left stale) and a
+    0600 checkpoint by a 0644 one. The target is written, and its mode kept."""
+    import os
+    import stat
+
+    real, link = tmp_path / f"real.{fmt}", tmp_path / f"link.{fmt}"
+    StableDiffusion.from_preset("tiny", seed=9).save(real)
+    os.chmod(real, 0o600)
+    link.symlink_to(real)
+    tiny.save(link)
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert_same_weights(tiny.state_dict(), sdcore.load(real).state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([real.name, link.name])

@@ -1003,3 +1003,44 @@ def test_a_use_object_is_checked_when_made_reusable_and_a_decorator(toy_op):
         return registry.resolve("toy_op", torch.ones(2))[0]
 
     assert run() == run() == "triton" and registry._SCOPES == []
+
+
+def test_a_decorated_function_called_from_threads_keeps_each_calls_scope(toy_op):
+    """Each call of a @kernels.use function enters a fresh copy: with one shared object, a thread's
+    exit removed the scope another thread was still in (last-in first-out over both)."""
+    import threading
+
+    step = {name: threading.Event() for name in ("a_in", "c_in", "b_in", "a_go", "a_out", "b_go", "c_go")}
+    seen = {}
+
+    @kernels.use(toy_op="triton")
+    def work(name, entered, go):
+        step[entered].set()
+        step[go].wait(10)
+        seen[name] = registry.resolve("toy_op", torch.ones(2))[0]
+
+    def a():
+        work("a", "a_in", "a_go")
+        step["a_out"].set()
+
+    def c():
+        with kernels.use(toy_op="reference"):
+            step["c_in"].set()
+            step["c_go"].wait(10)  # c's scope stays open while b resolves
+
+    threads = [threading.Thread(target=a), threading.Thread(target=c), threading.Thread(target=work, args=("b", "b_in", "b_go"))]
+    threads[0].start()
+    step["a_in"].wait(10)
+    threads[1].start()
+    step["c_in"].wait(10)
+    threads[2].start()
+    step["b_in"].wait(10)
+    step["a_go"].set()  # a leaves first: it must take its own scope, not b's, innermost
+    step["a_out"].wait(10)
+    step["b_go"].set()
+    threads[2].join(10)
+    step["c_go"].set()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a": "triton", "b": "triton"}, seen
+    assert registry._SCOPES == []
