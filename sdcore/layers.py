@@ -47,10 +47,13 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
 
 def takes_dtype(t: torch.Tensor, model_dtype: torch.dtype) -> bool:
     """Whether a model with ``model_dtype`` weights takes ``t``: the same dtype, or, under
-    ``torch.autocast`` on t's device, autocast's dtype, which its convolutions and matmuls return
-    (latents encoded under autocast) and cast to anyway. Autocast leaves fp64 alone, so an fp64
-    model takes fp64 only."""
-    return t.dtype == model_dtype or (model_dtype != torch.float64 and t.dtype == autocast_dtype(t.device.type))
+    ``torch.autocast`` on t's device, any floating dtype but fp64: the model's first convolution or
+    matmul casts it to autocast's dtype (as diffusers' models take fp32 images under autocast).
+    Autocast leaves fp64 alone, so an fp64 model takes fp64 only, and takes no fp64 input."""
+    if t.dtype == model_dtype:
+        return True
+    return (autocast_dtype(t.device.type) is not None and model_dtype != torch.float64
+            and t.is_floating_point() and t.dtype != torch.float64)
 
 
 def autocast_note(t: torch.Tensor) -> str:

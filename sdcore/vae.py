@@ -247,6 +247,9 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.cfg.ch_mult) - 1)
 
     def _check(self, what: str, x: torch.Tensor, channels: int, multiple: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"AutoencoderKL.{what}: expected a (B, {channels}, H, W) float tensor, got "
+                            f"{type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"AutoencoderKL.{what}: expected (B, {channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] == 0 or x.shape[3] == 0:
@@ -258,7 +261,8 @@ class AutoencoderKL(nn.Module):
         dtype = self.quant_conv.weight.dtype
         if not takes_dtype(x, dtype):
             raise TypeError(f"AutoencoderKL.{what}: input dtype {x.dtype} != the model's {dtype}"
-                            f"{autocast_note(x)}; convert one of them (images as floats in [-1, 1])")
+                            f"{autocast_note(x)}; convert one of them ("
+                            + ("images as floats in [-1, 1])" if what == "encode" else "latents as floats)"))
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """(B, in_channels, H, W) in [-1, 1] -> q(z|x) over (B, embed_dim, H/f, W/f) unscaled latents."""

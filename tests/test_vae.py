@@ -317,6 +317,7 @@ def test_conversion_shape_error():
     ("decode", torch.zeros(1, 4, 4, 4, dtype=torch.float16), TypeError, "dtype"),
     ("encode", torch.zeros(1, 3, 0, 32), ValueError, r"empty image: \(1, 3, 0, 32\)"),
     ("decode", torch.zeros(1, 4, 4, 0), ValueError, r"empty latent: \(1, 4, 4, 0\)"),
+    ("encode", [[0.0]], TypeError, r"encode: expected a \(B, 3, H, W\) float tensor, got list"),  # was AttributeError
 ])
 def test_input_errors(method, x, error, match):
     model = AutoencoderKL(TINY)
@@ -336,9 +337,10 @@ def test_autocast_matches_diffusers():
             got, posterior = ours(images)
             torch_out = theirs(images).sample
         assert posterior.mean.dtype == torch.bfloat16, posterior.mean.dtype
-        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
-                TypeError, match=r"torch.float16 != the model's torch.float32 \(or autocast's torch.bfloat16\)"):
-            ours.decode(posterior.mean.half())
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(  # autocast leaves fp64 as it is
+                TypeError, match=r"torch.float64 != the model's torch.float32 \(or autocast's torch.bfloat16\); "
+                                 r"convert one of them \(latents as floats\)"):
+            ours.decode(posterior.mean.double())
     assert got.dtype == torch_out.dtype, (got.dtype, torch_out.dtype)
     assert_within_torch_error(got, torch_out, want, atol=1e-2, name="tiny VAE forward under bf16 autocast")
 
@@ -367,3 +369,24 @@ def test_routes_through_kernels(cfg):
         out = model.decode(model.encode(images).mean)
     assert kernels.counts() == {("group_norm_silu", "reference"): gn, ("attention", "sdpa"): attn}
     assert_close(out, ref, rel=FP32_REL, name="sdpa vs reference attention")
+
+
+def test_a_16_bit_model_under_its_autocast_takes_fp32_inputs():
+    """Autocast casts an fp32 input at the model's first convolution, and diffusers' AutoencoderKL
+    takes it: a bf16 VAE under bf16 autocast refused fp32 images and latents, with a message naming
+    bf16 twice. The UNet the same for fp32 latents and context."""
+    from sdcore.config import SDConfig
+    from sdcore.unet import UNetModel
+
+    vae = AutoencoderKL(TINY).to(torch.bfloat16).eval()
+    images = _images((1, 3, 32, 32))
+    cfg = SDConfig.preset("tiny").unet
+    unet = UNetModel(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        want_mean = vae.encode(images.bfloat16()).mean
+        want_eps = unet(torch.ones(1, 4, 8, 8, dtype=torch.bfloat16), 10, torch.ones(1, 3, cfg.context_dim, dtype=torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean = vae.encode(images).mean
+            assert vae.decode(mean.float()).dtype == torch.bfloat16
+            eps = unet(torch.ones(1, 4, 8, 8), 10, torch.ones(1, 3, cfg.context_dim))
+    assert torch.equal(mean, want_mean) and torch.equal(eps, want_eps)  # the cast is the first op's, exactly
