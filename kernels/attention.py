@@ -72,9 +72,9 @@ import torch.nn.functional as F
 from ._autograd import reference_grads
 from ._launch import Launcher
 from ._triton import next_power_of_2, tl, triton
-from .registry import (Backend, autocast_dtypes, autocast_inputs, check_floating, counted, define_op, dispatch,
-                       fits_int32, max_offset, overlaps, overlaps_itself, refuse, register, same_view,
-                       transform_problem, triton_device_problem)
+from .registry import (Backend, LaunchUnsupported, _choice, autocast_dtypes, autocast_inputs, check_floating,
+                       counted, define_op, dispatch, fits_int32, max_offset, overlaps, overlaps_itself, refuse,
+                       register, same_view, transform_problem, triton_device_problem, warn_launch_fallback)
 
 LOG2E = math.log2(math.e)
 _FP32_MAX, _FP32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
@@ -960,25 +960,42 @@ def _backward(do, q, k, v, o, lse, scale=None, dq=None, dk=None, dv=None, causal
     return dq, dk, dv
 
 
+def _reference_grads(ctx, q, k, v, do):
+    """(dq, dk, dv) of the reference at the saved inputs (None where not needed), with a graph."""
+    return reference_grads(lambda *qkv: attention_reference(*qkv, ctx.scale, ctx.causal), (q, k, v),
+                           ctx.needs_input_grad[:3], do)
+
+
 class _AttentionFn(torch.autograd.Function):
     """Triton forward (saves lse2) and Triton backward (FA2: dK/dV kernel, then dQ kernel); under
-    create_graph=True the backward is recomputed through the reference (kernels._autograd)."""
+    create_graph=True the backward is recomputed through the reference (kernels._autograd). A
+    backward kernel that cannot launch on this GPU (LaunchUnsupported: fp32 at head dims over 128
+    on a 99 KB-shared-memory GPU, whose forward fits) recomputes through the reference with one
+    warning, as the forward would fall back, unless a backend was chosen explicitly when the forward
+    ran (then it raises)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, configs):
         o, lse = _forward(q, k, v, scale, None, causal, configs.get("fwd"))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.causal, ctx.configs = scale, causal, configs
+        ctx.default = _choice("attention")[0] is None and not configs  # a sweep's tiles are a choice too
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, from the reference
-            grads = reference_grads(lambda *qkv: attention_reference(*qkv, ctx.scale, ctx.causal), (q, k, v),
-                                    ctx.needs_input_grad[:3], do)
-            return (*grads, None, None, None)
-        return (*_backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal, configs=ctx.configs), None, None, None)
+            return (*_reference_grads(ctx, q, k, v, do), None, None, None)
+        try:
+            grads = _backward(do, q, k, v, o, lse, ctx.scale, causal=ctx.causal, configs=ctx.configs)
+        except LaunchUnsupported as e:
+            if not ctx.default:
+                raise
+            warn_launch_fallback("attention", Backend.TRITON, e, stacklevel=2, what=" for the backward")
+            with torch.no_grad():
+                grads = tuple(g if g is None else g.detach() for g in _reference_grads(ctx, q, k, v, do))
+        return (*grads, None, None, None)
 
 
 # ---- torch.compile: the Triton backend as two opaque ops, sdlab::attention and its backward ----

@@ -663,11 +663,18 @@ def dispatch(op: str, *args, **kwargs):
         if _choice(op)[0] is not None or backend == Backend.REFERENCE:
             raise
         _COUNTS[(op, backend)] -= 1  # counted before it ran: the call is the reference's
-        if (op, "launch", str(e)) not in _WARNED:
-            warnings.warn(f"{op}: default backend {str(backend)!r} cannot launch here ({e}); falling back to "
-                          "'reference'", RuntimeWarning, stacklevel=3)
-            _WARNED.add((op, "launch", str(e)))
+        warn_launch_fallback(op, backend, e, stacklevel=4)
         return counted(op, Backend.REFERENCE, implementation(op, Backend.REFERENCE), *args, **kwargs)
+
+
+def warn_launch_fallback(op: str, backend: BackendName, e: LaunchUnsupported, stacklevel: int, what: str = "") -> None:
+    """The one warning for a default backend's kernel that cannot launch on this device, once per
+    op and limit (``what``: the part that falls back, e.g. "backward")."""
+    key = (op, "launch", str(e))
+    if key not in _WARNED:
+        warnings.warn(f"{op}: default backend {str(backend)!r} cannot launch here ({e}); falling back to "
+                      f"'reference'{what}", RuntimeWarning, stacklevel=stacklevel)
+        _WARNED.add(key)
 
 
 def counted(op: str, backend: BackendName, fn: Callable, *args, **kwargs):

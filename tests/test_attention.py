@@ -1232,3 +1232,34 @@ def test_bare_config_is_the_forwards_only(monkeypatch):
     q, k, v = make_qkv((1, 2, 37, 21, 40), torch.float32, "cpu")
     torch.autograd.grad(attention_triton(q, k, v, config=AttentionConfig(16, 16, 1, 2)).sum(), (q,))
     assert launches and launches[0][2:] == attention_module._plan("dq", 40, torch.float32)[3:], launches
+
+
+@pytest.mark.skipif(not (kernels.registry.triton_available() is None and kernels.registry.interpreting()),
+                    reason="runs the Triton forward under the interpreter")
+def test_a_backward_kernel_that_cannot_launch_falls_back_like_the_forward(monkeypatch):
+    """On a 99 KB-shared-memory GPU the fp32 head-dim-160 forward fits and the dQ kernel does not
+    (offline sm_86 compile: 106,496 B): a default-chosen op's backward raised LaunchUnsupported out
+    of loss.backward(). It recomputes through the reference with one warning; under an explicit
+    choice it raises, as the forward does."""
+    from kernels.registry import LaunchUnsupported
+
+    def cannot_launch(*args, **kwargs):
+        raise LaunchUnsupported("_attn_bwd_dq_kernel needs 106496 of shared memory per block, and this GPU allows 101376")
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(3))
+    do = torch.randn(1, 2, 9, 16, generator=g)
+    want = torch.autograd.grad(attention_reference(q.requires_grad_(), k.requires_grad_(), v.requires_grad_()),
+                               (q, k, v), do)
+    monkeypatch.setattr(attention_module, "_backward", cannot_launch)
+    kernels.registry._WARNED.clear()
+    out = attention_module._attention_triton(q, k, v)  # as dispatch runs it for the default choice
+    with pytest.warns(RuntimeWarning, match=r"default backend 'triton' cannot launch here \(_attn_bwd_dq_kernel.*"
+                                            r"falling back to 'reference' for the backward"):
+        got = torch.autograd.grad(out, (q, k, v), do)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, rtol=2e-5, atol=1e-6, name=f"d{name} from the reference after the fallback")
+    with kernels.use(attention="triton"):
+        out = attention_module._attention_triton(q, k, v)
+    with pytest.raises(LaunchUnsupported, match="_attn_bwd_dq_kernel"):
+        torch.autograd.grad(out, (q, k, v), do)
