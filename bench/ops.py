@@ -286,12 +286,22 @@ def _tensor_bytes(args, kwargs) -> int:
     return sum(t.numel() * t.element_size() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
 
 
+def attended_pairs(lq: int, lkv: int, causal: bool = False) -> int:
+    """(query, key) pairs scored: Lq·Lkv, or under the top-left causal mask (query i sees keys j <= i)
+    sum over i of min(i + 1, Lkv)."""
+    if not causal:
+        return lq * lkv
+    n = min(lq, lkv)
+    return n * (n + 1) // 2 + (lq - n) * lkv
+
+
 def work(case: Case, args, kwargs, out: torch.Tensor) -> tuple[int, int | None]:
-    """(bytes moved, flops): inputs read once + output written once; attention flops 4·B·H·Lq·Lkv·D."""
+    """(bytes moved, flops): inputs read once + output written once; attention flops 4·D per
+    attended (query, key) pair, 4·B·H·Lq·Lkv·D without a causal mask."""
     nbytes = _tensor_bytes(args, kwargs) + out.numel() * out.element_size()
     if case.op == "attention":
         p = case.params
-        return nbytes, 4 * p["b"] * p["h"] * p["lq"] * p["lkv"] * p["d"]
+        return nbytes, 4 * p["b"] * p["h"] * attended_pairs(p["lq"], p["lkv"], p.get("causal", False)) * p["d"]
     return nbytes, None
 
 
@@ -361,6 +371,8 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
                 dtype=dtype_name(dtype), backend=backend)
     if backend == "compile" and skip_compile_reason:
         return skipped_row(env, skip_compile_reason, **base)
+    if backend == "compile":  # a graph for this case alone: after the cases before it, an op compiled with
+        torch._dynamo.reset()  # dynamic=None (scheduler_step) got symbolic sizes, another row than run alone
     try:
         args, kwargs = inputs if inputs is not None else make_inputs(case, device, dtype)
         fn, ctx, note = backend_callable(case.op, backend, args, kwargs, device)

@@ -66,12 +66,39 @@ def test_work_counts_attention_flops_as_4_b_h_lq_lkv_d():
     assert nbytes == 4 * (q + k + v + o) == 18176, f"attention tiny.cross bytes {nbytes}, expected 18176"
 
 
+def test_causal_attention_counts_the_pairs_it_scores():
+    """Under the top-left causal mask query i scores keys 0..i: a causal case counted as dense
+    would report about 2x its TFLOP/s. Counted against a brute-force mask."""
+    from bench.ops import attended_pairs
+
+    for lq, lkv in ((1, 1), (5, 5), (7, 3), (3, 7), (64, 77)):
+        brute = int(torch.ones(lq, lkv).tril().sum())
+        assert attended_pairs(lq, lkv, causal=True) == brute, (lq, lkv)
+        assert attended_pairs(lq, lkv) == lq * lkv
+
+
 # ---------------------------------------------------------------------------- ops: run_case
 def _run_ref(case_op, case_name, dtype=torch.float32, **kw):
     from bench import ops
 
     return ops.run_case(_case(case_op, case_name), "reference", dtype, CPU, {}, kw.pop("ceilings", None),
                         quick=True, **kw)
+
+
+def test_a_compile_row_compiles_its_case_alone(monkeypatch):
+    """scheduler_step's compile is torch.compile(dynamic=None): after earlier cases it recompiled
+    with symbolic sizes, so the row measured other code than the same case run alone. Dynamo is
+    reset before each compile row's callable is made."""
+    from bench import ops
+
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    real = ops.backend_callable
+    monkeypatch.setattr(ops, "backend_callable", lambda *a, **k: events.append(a[1]) or real(*a, **k))
+    case = _case("scheduler_step", "tiny.latent")
+    for backend in ("reference", "compile"):
+        ops.run_case(case, backend, torch.float32, CPU, {}, None, quick=True)
+    assert events[:3] == ["reference", "reset", "compile"], events
 
 
 def test_op_rows_report_gbps_and_tflops_per_second_in_si_units():
@@ -331,6 +358,17 @@ def test_best_configs_picks_the_fastest_ok_row():
             _row("wrong", 0.5, status="error", suite="tune"), _row("d", 5.0, suite="tune", case="other")]
     best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
     assert best == {"c": "b", "other": "d"}, f"best configs {best}, expected the 1 ms row 'b' for case c"
+
+
+def test_a_candidate_within_the_defaults_spread_does_not_win():
+    """Each candidate is timed once: the fastest of many equals reads a few percent under the
+    default by noise. A candidate wins only under the default's p20; an inaccurate default leaves
+    the fastest ok row."""
+    rows = [_row("default", 1.0, suite="tune", p20_ms=0.95), _row("bm64", 0.97, suite="tune"),
+            _row("default", 1.0, suite="tune", case="d", p20_ms=0.95), _row("bm128", 0.9, suite="tune", case="d"),
+            _row("default", 0.5, suite="tune", case="e", status="error"), _row("bm32", 0.97, suite="tune", case="e")]
+    best = {r["case"]: r["backend"] for r in common.best_configs(rows)}
+    assert best == {"c": "default", "d": "bm128", "e": "bm32"}, best
 
 
 def test_best_configs_are_per_run():
