@@ -126,8 +126,9 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; 2 with --quick)")
     g.add_argument("--batch", type=int, default=None, help="images per prompt (default 1)")
     g.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per pipeline, after one untimed warm-up run (default 3; with --quick "
-                        "1; interpreted Triton variants get no warm-up)")
+                   help="timed runs per pipeline and variant, after one untimed warm-up run (default 3; "
+                        "with --quick 1; interpreted Triton variants get no warm-up), in interleaved rounds: "
+                        "each round runs every variant once, in an order rotated by one")
     g.add_argument("--rounds", type=int, default=None,
                    help="UNet step: timing rounds, each visiting every variant once in a rotated order "
                         "(host drift then lands on all alike); a row is the median of its rounds' "

@@ -22,6 +22,7 @@ becomes a "skipped" row with the reason.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import inspect
@@ -569,11 +570,17 @@ def pipeline_setup(spec: PipelineSpec, opts: Options, device: torch.device, base
 
 
 def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: bool = True) -> list[dict]:
+    """Rows of suite ``pipelines``. Per pipeline, every variant is made ready first (its scope and
+    warm-up), then its ``opts.repeats`` timed runs go in interleaved rounds, each visiting every
+    variant once in an order rotated by one per round, as the UNet step's rounds (a host that
+    drifts within a run lands on every variant alike); each row is finished last, against the
+    all-reference run's outputs."""
     from tqdm.auto import tqdm
 
     variants = [v for v in opts.variants if v not in UNET_BASELINES and not v.endswith(GRAPH_SUFFIX)]
     rows: list[dict] = []
-    bar = tqdm(total=len(opts.pipelines) * len(variants), desc="pipelines", disable=not progress, leave=False)
+    bar = tqdm(total=len(opts.pipelines) * len(variants) * (1 + opts.repeats), desc="pipelines",
+               disable=not progress, leave=False)
     # pipelines on the inpainting model last, so each model is built once
     for name in sorted(opts.pipelines, key=lambda n: PIPELINES[n].inpaint_model):
         spec, base = PIPELINES[name], pipeline_base(name, opts)
@@ -581,21 +588,31 @@ def run_pipelines(opts: Options, device: torch.device, env: dict, *, progress: b
             fn, model, size = pipeline_setup(spec, opts, device, base)
         except Skip as e:
             rows += [skipped_row(env, str(e), backend=v, **base) for v in variants]
-            bar.update(len(variants))
+            bar.update(len(variants) * (1 + opts.repeats))
             continue
         except Exception as e:
             rows += [make_row(env, status="error", note=f"model: {describe_exception(e)}", backend=v, **base)
                      for v in variants]
-            bar.update(len(variants))
+            bar.update(len(variants) * (1 + opts.repeats))
             continue
-        baseline = None
+        runs = []
         for v in variants:
-            bar.set_postfix_str(f"{name} {v}")
-            rows.append(run_pipeline_variant(spec, fn, model, opts, size, v, device, env, base, baseline))
-            if v == "reference" and rows[-1]["status"] == "ok":
+            bar.set_postfix_str(f"{name} {v} warm-up")
+            runs.append(PipelineVariant(spec, fn, model, opts, size, v, device, env, base))
+            runs[-1].start()
+            bar.update(1)
+        for r in range(opts.repeats):
+            for i in range(len(runs)):
+                run = runs[(i + r) % len(runs)]
+                bar.set_postfix_str(f"{name} {run.variant} round {r + 1}")
+                run.once()
+                bar.update(1)
+        baseline = None
+        for run in runs:  # the reference first (opts.variants starts with it): the others' baseline
+            rows.append(run.row(baseline))
+            if run.variant == "reference" and rows[-1]["status"] == "ok":
                 baseline = rows[-1].pop("_outputs")
             rows[-1].pop("_outputs", None)
-            bar.update(1)
     bar.close()
     flag_diverged(rows)  # first: a row turned into an error carries no speed-up
     add_speedups(rows, ("suite", "op", "preset", "dtype"), metric="seconds_per_image")
@@ -636,99 +653,155 @@ def repeat_calls(n: int):
 
 
 def run_pipeline_variant(spec, fn, model, opts, size, variant, device, env, base, baseline, repeat=None) -> dict:
-    """One pipeline row: ``opts.warmup`` untimed runs, then ``repeat(once)`` (default: ``once``
-    called ``opts.repeats`` times; bench/test_bench_pipelines.py passes pytest-benchmark's), where
-    each ``once()`` runs the pipeline and records its time, UNet time and UNet calls. The row keeps
-    the outputs under ``_outputs`` (the caller pops them); ``baseline`` is the all-reference run's."""
-    if opts.interpreted_skip(variant):
-        return skipped_row(env, opts.interpreted_skip(variant), backend=variant, **base)
-    try:
-        scope, note, triton_ops = kernel_scope(variant, device)
-    except Skip as e:
-        return skipped_row(env, str(e), backend=variant, **base)
-    if triton_ops and interpreting():
-        note = "; ".join(filter(None, [note, "triton interpreted (TRITON_INTERPRET=1)"]))
-    import kernels
+    """One pipeline row on its own: ``opts.warmup`` untimed runs, then ``repeat(once)`` (default:
+    ``once`` called ``opts.repeats`` times; bench/test_bench_pipelines.py passes pytest-benchmark's),
+    where each ``once()`` runs the pipeline and records its time, UNet time and UNet calls. The row
+    keeps the outputs under ``_outputs`` (the caller pops them); ``baseline`` is the all-reference
+    run's. :func:`run_pipelines` runs the same steps of several variants in interleaved rounds."""
+    run = PipelineVariant(spec, fn, model, opts, size, variant, device, env, base)
+    run.start()
+    if run.done is None:
+        (repeat or repeat_calls(opts.repeats))(run.once)
+    return run.row(baseline)
 
-    meter = UNetMeter(_unet(model), device)
-    counts_before = kernels.counts()
-    # a warm-up keeps first-call costs (lazy imports, allocator, caches) out of the first timed row:
-    # without one, --quick's first reference row ran ~1.4x slower than the same work in the next row.
-    # Not for interpreted Triton (tens of seconds a call, and no speed to read)
-    warmup = 0 if triton_ops and interpreting() else opts.warmup
-    try:
-        with scope:
-            outputs = None
-            for _ in range(warmup):
-                outputs = _result_parts(_call(spec, fn, model, opts, size)[0])
-            synchronize(device)
-            _peak_reset(device)
-            times, unet_ms, calls, last = [], [], [], {}
 
-            def once():
-                meter.reset()
-                synchronize(device)
-                t0 = time.perf_counter()
-                last["res"], last["dropped"] = _call(spec, fn, model, opts, size)
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
-                unet_ms.append(meter.total_ms())
-                calls.append(meter.calls)
+class PipelineVariant:
+    """One variant of one pipeline, run in steps: :meth:`start` (the scope, ``opts.warmup``
+    untimed runs), :meth:`once` (one timed run), :meth:`row`. Each step enters the variant's kernel
+    scope afresh and keeps to itself what it measures (kernel calls, peak memory, UNet time), so
+    the steps of several variants may interleave. A step that fails ends the variant: ``done`` is
+    then its skipped or error row, and later steps do nothing."""
 
-            (repeat or repeat_calls(opts.repeats))(once)
-            if not times:
-                raise RuntimeError("the timer ran the pipeline no times")
-            dropped = last["dropped"]
-            if outputs is None:
-                outputs = _result_parts(last["res"])
-    except kernels.BackendUnsupported as e:
-        return skipped_row(env, str(e), backend=variant, **base)
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        return skipped_row(env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=variant, **base)
-    except Exception as e:
-        return make_row(env, status="error", note=describe_exception(e), backend=variant, **base)
-    finally:
-        meter.close()
-    if dropped:
-        note = "; ".join(filter(None, [note, f"pipeline takes no {', '.join(dropped)}"]))
-    note = "; ".join(filter(None, [note, fallback_note(counts_before, kernels.counts(), triton_ops)]))
-    # the peak of the timed runs, read before scheduler_share allocates its own inputs (and, on
-    # CUDA, do_bench's 256 MB cache-flush buffer) to time the op alone
-    peak, peak_kind = _peak(device)
-    timing = summarize([t * 1e3 for t in times])
-    sec = timing.median_ms / 1e3
-    from pipelines.common import make_sampler, strength_start  # the sampler the pipeline ran (the default)
+    def __init__(self, spec, fn, model, opts, size, variant, device, env, base):
+        self.spec, self.fn, self.model, self.opts, self.size = spec, fn, model, opts, size
+        self.variant, self.device, self.env, self.base = variant, device, env, base
+        self.done: dict | None = None
+        self.note, self.triton_ops, self.warmup = "", [], 0
+        self.counts: collections.Counter = collections.Counter()  # (op, backend) -> calls in this variant's runs
+        self.times, self.unet_ms, self.calls, self.peak = [], [], [], None
+        self.outputs = self.last = self.dropped = None
 
-    sched, why = {}, None
-    try:
-        first = strength_start(opts.steps, STRENGTH) if spec.function == "img2img" else 0
-        traffic = sampler_traffic(make_sampler(model, None, None)[0], opts.steps, first)
-    except ValueError as e:  # a step count its schedule refuses (RePaint walks its own levels, up to T)
-        why = f"its sampler's {opts.steps}-step schedule: {e}"
-    else:
+    def _guard(self, step) -> None:
+        """Run ``step``; an exception ends the variant as the row it stands for."""
+        import kernels
+
+        if self.done is not None:
+            return
         try:
-            sched = scheduler_share(counts_before, kernels.counts(), warmup + len(times), sec * 1e3,
-                                    (opts.batch, 4, size // 8, size // 8), spec.needs_mask and spec.variant != "unet9",
-                                    calls[-1], opts.dtype, device, opts.quick, traffic)
+            step()
         except Skip as e:
-            why = str(e)
-    if why:
-        note = "; ".join(filter(None, [note, f"scheduler share not estimated: {why}"]))
-    row = make_row(env, status="ok", note=note, backend=variant, median_ms=timing.median_ms,
-                   p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
-                   seconds_per_image=sec / opts.batch, images_per_s=opts.batch / sec,
-                   unet_calls=calls[-1], unet_ms_per_step=(statistics.median(unet_ms) / calls[-1])
-                   if calls[-1] else None, peak_mem_mib=peak, peak_mem_kind=peak_kind, **sched, **base)
-    if baseline is not None:
-        (lat, img), (lat0, img0) = outputs, baseline
-        if lat.shape == lat0.shape:
-            row["latent_max_abs_diff"] = (lat - lat0).abs().max().item()
-        if img.shape == img0.shape:
-            row["psnr_db"] = psnr(img, img0)
-        row["diff_vs"] = "all-reference run, same seed"
-    row["_outputs"] = outputs
-    return row
+            self.done = skipped_row(self.env, str(e), backend=self.variant, **self.base)
+        except kernels.BackendUnsupported as e:
+            self.done = skipped_row(self.env, str(e), backend=self.variant, **self.base)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            self.done = skipped_row(self.env, f"out of memory: {str(e).splitlines()[0][:160]}", backend=self.variant,
+                                    **self.base)
+        except Exception as e:
+            self.done = make_row(self.env, status="error", note=describe_exception(e), backend=self.variant,
+                                 **self.base)
+
+    def _run(self):
+        """One pipeline call in the variant's scope, its kernel calls counted as this variant's."""
+        import kernels
+
+        scope = kernel_scope(self.variant, self.device)[0]
+        before = kernels.counts()
+        with scope:
+            res = _call(self.spec, self.fn, self.model, self.opts, self.size)
+        after = kernels.counts()
+        self.counts.update({k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)})
+        return res
+
+    def start(self) -> None:
+        if (why := self.opts.interpreted_skip(self.variant)) is not None:
+            self.done = skipped_row(self.env, why, backend=self.variant, **self.base)
+            return
+
+        def start():
+            _, self.note, self.triton_ops = kernel_scope(self.variant, self.device)
+            if self.triton_ops and interpreting():
+                self.note = "; ".join(filter(None, [self.note, "triton interpreted (TRITON_INTERPRET=1)"]))
+            # a warm-up keeps first-call costs (lazy imports, allocator, caches) out of the first timed
+            # run: without one, --quick's first reference row ran ~1.4x slower than the same work in the
+            # next row. Not for interpreted Triton (tens of seconds a call, and no speed to read)
+            self.warmup = 0 if self.triton_ops and interpreting() else self.opts.warmup
+            for _ in range(self.warmup):
+                self.outputs = _result_parts(self._run()[0])
+            synchronize(self.device)
+
+        self._guard(start)
+
+    def once(self) -> None:
+        def once():
+            meter = UNetMeter(_unet(self.model), self.device)
+            try:
+                synchronize(self.device)
+                _peak_reset(self.device)
+                t0 = time.perf_counter()
+                self.last, self.dropped = self._run()
+                synchronize(self.device)
+                self.times.append(time.perf_counter() - t0)
+                peak = _peak(self.device)[0]
+                self.peak = peak if self.peak is None or peak is None else max(self.peak, peak)
+                self.unet_ms.append(meter.total_ms())
+                self.calls.append(meter.calls)
+            finally:
+                meter.close()
+
+        self._guard(once)
+
+    def row(self, baseline) -> dict:
+        """The variant's row (its ``_outputs`` kept for the caller), or the row that ended it."""
+        if self.done is None and not self.times:
+            self.done = make_row(self.env, status="error", backend=self.variant, **self.base,
+                                 note=describe_exception(RuntimeError("the timer ran the pipeline no times")))
+        if self.done is not None:
+            return self.done
+        opts, device, spec, size = self.opts, self.device, self.spec, self.size
+        outputs = self.outputs if self.outputs is not None else _result_parts(self.last)
+        note = self.note
+        if self.dropped:
+            note = "; ".join(filter(None, [note, f"pipeline takes no {', '.join(self.dropped)}"]))
+        note = "; ".join(filter(None, [note, fallback_note({}, dict(self.counts), self.triton_ops)]))
+        # the peak of the timed runs, each its own (read before scheduler_share allocates its own
+        # inputs and, on CUDA, do_bench's 256 MB cache-flush buffer)
+        peak_kind = _peak(device)[1]
+        timing = summarize([t * 1e3 for t in self.times])
+        sec = timing.median_ms / 1e3
+        from pipelines.common import make_sampler, strength_start  # the sampler the pipeline ran (the default)
+
+        sched, why = {}, None
+        try:
+            first = strength_start(opts.steps, STRENGTH) if spec.function == "img2img" else 0
+            traffic = sampler_traffic(make_sampler(self.model, None, None)[0], opts.steps, first)
+        except ValueError as e:  # a step count its schedule refuses (RePaint walks its own levels, up to T)
+            why = f"its sampler's {opts.steps}-step schedule: {e}"
+        else:
+            try:
+                sched = scheduler_share({}, dict(self.counts), self.warmup + len(self.times), sec * 1e3,
+                                        (opts.batch, 4, size // 8, size // 8),
+                                        spec.needs_mask and spec.variant != "unet9", self.calls[-1], opts.dtype,
+                                        device, opts.quick, traffic)
+            except Skip as e:
+                why = str(e)
+        if why:
+            note = "; ".join(filter(None, [note, f"scheduler share not estimated: {why}"]))
+        calls = self.calls[-1]
+        row = make_row(self.env, status="ok", note=note, backend=self.variant, median_ms=timing.median_ms,
+                       p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                       seconds_per_image=sec / opts.batch, images_per_s=opts.batch / sec,
+                       unet_calls=calls, unet_ms_per_step=(statistics.median(self.unet_ms) / calls) if calls else None,
+                       peak_mem_mib=self.peak, peak_mem_kind=peak_kind, **sched, **self.base)
+        if baseline is not None:
+            (lat, img), (lat0, img0) = outputs, baseline
+            if lat.shape == lat0.shape:
+                row["latent_max_abs_diff"] = (lat - lat0).abs().max().item()
+            if img.shape == img0.shape:
+                row["psnr_db"] = psnr(img, img0)
+            row["diff_vs"] = "all-reference run, same seed"
+        row["_outputs"] = outputs
+        return row
 
 
 _STEP_MS: dict[tuple, tuple[float, float]] = {}  # launch kind -> (GPU ms, host ms)

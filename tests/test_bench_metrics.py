@@ -514,19 +514,30 @@ def test_each_variant_is_compared_with_the_all_reference_run(monkeypatch):
     outs = {"reference": 0.0, "triton": 1.0, "triton:attention": 3.0}
     seen = {}
 
-    def fake_variant(spec, fn, model, opts, size, v, device, env, base, baseline, repeat=None):
-        seen[v] = baseline
-        lat = torch.full((1, 4, 8, 8), outs[v])
-        img = torch.full((1, 3, 64, 64), 0.1 * outs[v])
-        row = common.make_row(env, status="ok", backend=v, median_ms=1.0, seconds_per_image=1e-3, **base)
-        if baseline is not None:  # what run_pipeline_variant does with the baseline it is handed
-            row["latent_max_abs_diff"] = (lat - baseline[0]).abs().max().item()
-            row["psnr_db"] = bp.psnr(img, baseline[1])
-        row["_outputs"] = (lat, img)
-        return row
+    class FakeVariant:
+        def __init__(self, spec, fn, model, opts, size, v, device, env, base):
+            self.variant, self.env, self.base = v, env, base
+
+        def start(self):
+            pass
+
+        def once(self):
+            pass
+
+        def row(self, baseline):
+            v = self.variant
+            seen[v] = baseline
+            lat = torch.full((1, 4, 8, 8), outs[v])
+            img = torch.full((1, 3, 64, 64), 0.1 * outs[v])
+            row = common.make_row(self.env, status="ok", backend=v, median_ms=1.0, seconds_per_image=1e-3, **self.base)
+            if baseline is not None:  # what PipelineVariant.row does with the baseline it is handed
+                row["latent_max_abs_diff"] = (lat - baseline[0]).abs().max().item()
+                row["psnr_db"] = bp.psnr(img, baseline[1])
+            row["_outputs"] = (lat, img)
+            return row
 
     monkeypatch.setattr(bp, "pipeline_setup", lambda spec, opts, device, base: (None, None, 64))
-    monkeypatch.setattr(bp, "run_pipeline_variant", fake_variant)
+    monkeypatch.setattr(bp, "PipelineVariant", FakeVariant)
     opts = bp.Options(preset="tiny", ckpt=None, pipelines=["txt2img"], steps=2, batch=1, repeats=1, warmup=0,
                       dtype=torch.float32, unet_only=False, variants=list(outs), quick=True)
     rows = {r["backend"]: r for r in bp.run_pipelines(opts, CPU, {}, progress=False)}
@@ -612,3 +623,31 @@ def test_op_breakdown_wall_ms_is_per_run(monkeypatch):
     fn, calls = _fake_clock(monkeypatch, breakdown, [10.0])
     b = breakdown.op_breakdown(fn, CPU, runs=3)
     assert b.wall_ms == pytest.approx(10.0, rel=1e-9), f"wall_ms {b.wall_ms} for a 10 ms call profiled 3 times"
+
+
+def test_pipeline_variants_are_timed_in_interleaved_rounds(monkeypatch):
+    """Each variant warms up first, then the timed runs go round by round, every variant once per
+    round in an order rotated by one (as the UNet step's): timed one variant after another, a host
+    drifting within the run made one variant look faster. Each run's kernel calls are its own."""
+    from bench import pipelines as bp
+
+    order = []
+    real_run = bp.PipelineVariant._run
+
+    def run(self):
+        order.append(self.variant)
+        return real_run(self)
+
+    monkeypatch.setattr(bp.PipelineVariant, "_run", run)
+    opts = bp.Options(preset="tiny", ckpt=None, pipelines=["txt2img"], steps=2, batch=1, repeats=3, warmup=1,
+                      dtype=torch.float32, unet_only=False, variants=["reference", "attention=sdpa"], quick=True)
+    try:
+        rows = {r["backend"]: r for r in bp.run_pipelines(opts, CPU, {}, progress=False)}
+    finally:
+        bp._MODELS.clear()
+    ref, sdpa = "reference", "attention=sdpa"
+    assert order == [ref, sdpa, ref, sdpa, sdpa, ref, ref, sdpa], order  # 2 warm-ups, then rounds rotated by one
+    assert all(r["status"] == "ok" and r["reps"] == 3 for r in rows.values()), rows
+    # counted as one variant's: calls of the other variant's attention backend would be named in the note
+    assert "calls on" not in (rows[sdpa]["note"] or "") and "calls on" not in (rows[ref]["note"] or ""), rows
+    assert rows[ref]["scheduler_calls"] == rows[sdpa]["scheduler_calls"] == 2, (rows[ref], rows[sdpa])
