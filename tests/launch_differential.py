@@ -149,6 +149,26 @@ for q_blocks in (3, 16):
     if differences(want, got):
         MISMATCHES.append({"case": CASES[-1], "differences": differences(want, got)[:8]})
 
+# scheduler_step at one latent shape with its terms switched on one by one, the cache kept between
+# them: every flavour has the same element count, so only FLAGS (a constexpr bitmask) tells their
+# compiled kernels apart, and the launch key must hold it
+plain = st.StepCoefficients(a_x=1, a_o=-0.5, c0=0.4, c1=0.6)
+clipped = st.StepCoefficients(a_x=1, a_o=-0.5, b_o=1.0, c0=0.4, c1=0.6, c2=0.1, clip=1.0)
+flavours = [("plain", lambda: st.scheduler_step_triton(latent, eps, plain)),
+            ("CFG", lambda: st.scheduler_step_triton(latent, eps, plain, eps * 0.5, 7.5)),
+            ("CFG + clip + eps", lambda: st.scheduler_step_triton(latent, eps, clipped, eps * 0.5, 7.5)),
+            ("+ noise", lambda: st.scheduler_step_triton(latent, eps, clipped, eps * 0.5, 7.5, eps)),
+            ("+ mask", lambda: st.scheduler_step_triton(latent, eps, clipped, eps * 0.5, 7.5, eps, None, mask, latent))]
+_launch.ENABLED = True
+for launcher in LAUNCHERS:
+    launcher.clear()
+for name, fn in flavours:
+    want = record(fn, False)
+    got = record(fn, True)  # first met with the cache holding the flavours before it
+    CASES.append(f"scheduler_step {name} after the others, cache kept")
+    if [k for k, _ in want] != [k for k, _ in got]:
+        MISMATCHES.append({"case": CASES[-1], "differences": ["the launch cache returned another flavour's kernel"]})
+
 # retuning GroupNorm at run time: the same inputs now launch other tiles; the launch cache must not
 # hand back the kernel compiled for the old ones
 x = rand(2, 320, 32, 32)

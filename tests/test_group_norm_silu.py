@@ -270,6 +270,21 @@ def test_stable_statistics_with_large_mean(device, path, offset, seed):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stable_statistics_with_a_large_mean_per_group(device, path, offset, channels_last):
+    """Each group's statistics are taken of x less that group's own first element: groups whose
+    means differ by 1e3-1e4 (a pivot shared by the sample, its first element, left the gap between
+    group means in x - pivot: 1.6e-4 from fp64 against 1.1e-7, and the one-mean test above could not
+    see it). channels_last too, where a group's first channel is a small offset from the sample's."""
+    x, w, b = _inputs((1, 16, 8, 8), torch.float32, device, channels_last=channels_last)
+    x = x + offset * (1 + torch.arange(16, device=device) // 4).to(x.dtype)[None, :, None, None]
+    cfg = _config(x, 4, single_pass=PATHS[path])
+    _check_forward(x, w, b, 4, "silu", cfg)
+    _check_backward(x, w, b, 4, "silu", cfg)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_dx_keeps_the_memory_format_of_x(device, path):
     """A channels_last x gets a channels_last dx, as torch's group_norm backward gives: an NCHW one
     costs the next layer a layout conversion (dx was made contiguous and no value check saw it)."""

@@ -190,7 +190,8 @@ def test_tritons_launch_convention_is_the_one_read():
 def test_direct_launches_match_tritons_real_dispatch_on_cpu():
     """tests/launch_differential.py: every kernel family's launches, direct and through Triton's
     real JITFunction.run (fake driver and compile step, no GPU), pass the same compiled kernel the
-    same arguments; and retuning GroupNorm at run time is not answered from a stale cache."""
+    same arguments; and neither retuning GroupNorm at run time nor switching scheduler_step's terms
+    at one latent shape (its FLAGS bitmask) is answered from a stale cache."""
     pytest.importorskip("triton")
     if _launch.IMPORT_ERROR:
         pytest.skip(_launch.IMPORT_ERROR)
