@@ -487,8 +487,9 @@ def transform_problem(*tensors: torch.Tensor | None) -> str | None:
     through raw pointers, which a torch.func transform's wrappers (``grad``, ``vmap``, ``jvp``) and
     a fake tensor (``FakeTensorMode``) do not have, and it records no forward-mode derivative: a
     dual tensor's tangent (``torch.autograd.forward_ad``) would be dropped without a word. The
-    built-in Triton checks start here (their reference runs instead under the default), and
-    ``torch.compile`` is no concern: it traces them as ``torch.ops.sdlab`` ops."""
+    built-in Triton checks start here (their reference runs instead under the default). While
+    ``torch.compile`` traces, nothing is refused: Dynamo traces the kernels as ``torch.ops.sdlab``
+    ops, which serve ``grad(compile(f))``; ``compile(grad(f))`` fails there (README)."""
     if torch.compiler.is_compiling():
         return None
     duals = _forward_ad._current_level >= 0  # inside a forward_ad.dual_level(): ~free to ask otherwise
