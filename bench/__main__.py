@@ -109,6 +109,8 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pipelines(p: argparse.ArgumentParser) -> None:
+    from sdcore.schedulers import PREDICTION_TYPES
+
     from . import pipelines
 
     g = p.add_argument_group("pipelines suite")
@@ -116,7 +118,7 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
                    help=f"random-weight model preset (default: sd15 on CUDA, tiny on CPU); one of "
                         f"{', '.join(pipelines.preset_names())}")
     g.add_argument("--ckpt", type=_path, default=None, help="a checkpoint to load with sdcore.load instead")
-    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="what the --ckpt's UNet predicts, overriding its config (a single file reads as epsilon "
                         "unless sdcore wrote it: SD 2.x 768-v files need v_prediction)")
     g.add_argument("--pipelines", nargs="+", metavar="NAME",

@@ -387,9 +387,6 @@ class UNetMeter:
     def _post(self, *_):
         self.spans.append((self._open, self._now()))
 
-    def reset(self):
-        self.spans = []
-
     @property
     def calls(self) -> int:
         return len(self.spans)

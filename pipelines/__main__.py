@@ -39,7 +39,6 @@ PARAMS = {"txt2img": ("prompt", "negative_prompt", "cfg_scale", "steps", "sample
 PARAMS["img2img"] = (*PARAMS["txt2img"], "strength")
 PARAMS["inpaint"] = (*PARAMS["img2img"], "variant", "jump_length", "jump_n_sample", "paste_back")
 DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar records
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sdcore.schedulers' (not imported here: see common.py)
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
 _OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
@@ -251,6 +250,7 @@ def read_sidecar(path: Path) -> dict:
 def _check_sidecar_model(path: Path, model: dict) -> None:
     """The sidecar's "model" entry: a dtype, a device (or null) and a checkpoint or a known preset."""
     from sdcore.config import PRESETS
+    from sdcore.schedulers import PREDICTION_TYPES
 
     for key, kinds, what in (("dtype", str, "a string"), ("device", (str, type(None)), "a string or null"),
                              ("ckpt", (str, type(None)), "a path or null"), ("preset", (str, type(None)),
@@ -500,6 +500,7 @@ def run_job(job: dict, out: Path, *, progress: bool = True, kernels_source: str 
 # ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     from sdcore.config import PRESETS
+    from sdcore.schedulers import PREDICTION_TYPES
 
     import kernels
 
