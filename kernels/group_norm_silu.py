@@ -852,7 +852,8 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", out=None
     if not fits_int32(x, 1):
         return (f"x{tuple(x.shape)} with strides {x.stride()} spans {max_offset(x, 1)} elements within a sample; "
                 "the kernels index a sample in 32 bits (below 2**31): pass a contiguous copy")
-    return _params_problem(x, weight, bias)
+    # under CUDA autocast any floating weight / bias is taken, cast to fp32 as autocast casts them
+    return _params_problem(x, weight, bias, any_dtype=_autocast_casts(x))
 
 
 def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
@@ -930,6 +931,11 @@ def _group_norm_silu_triton(x, weight, bias, groups, eps=1e-5, activation="silu"
     # the kernels index weight[c] and bias[c] densely: a strided (C,) view is copied first
     weight = weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
     bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+    if _autocast_casts(x):  # as autocast hands torch's group_norm fp32 weight and bias (a bf16 weight with
+        # fp16 x, or two dtypes, are taken there): cast where the kernels' rule (x's dtype or fp32) is not met
+        if any(p is not None and p.dtype not in (x.dtype, torch.float32) for p in (weight, bias)) or (
+                weight is not None and bias is not None and weight.dtype != bias.dtype):
+            weight, bias = (None if p is None else p.float() for p in (weight, bias))
     if torch.compiler.is_compiling():  # dynamo traces one opaque op, not the launches (see _op_impl)
         return torch.ops.sdlab.group_norm_silu(x, weight, bias, groups, float(eps), activation == "silu", y_dtype,
                                                grad)[0]

@@ -513,6 +513,27 @@ def test_cpu_autocast_does_not_excuse_mismatched_weights():
                 kernels.group_norm_silu(x, w.half(), b.half(), 4)
 
 
+def test_weights_autocast_would_cast_are_taken_by_triton(monkeypatch):
+    """CUDA autocast hands torch's group_norm fp32 weight and bias whatever their dtype, so the op
+    takes a bf16 weight with fp16 x there, or weight and bias of two dtypes. The Triton backend took
+    only x's dtype or fp32: an explicit choice raised, the default fell back with a warning. It casts
+    them to fp32 as autocast does; their gradients come back in their own dtypes. CUDA autocast is
+    stood in for on the CPU (the interpreter), by the one predicate both checks ask."""
+
+    monkeypatch.setattr(gn, "_autocast_casts", lambda x: True)
+    x, w, b = _leaves(*_inputs((2, 12, 3, 5), torch.float32, "cpu"))
+    for wd, bd in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        w_, b_ = (t.detach().to(d).requires_grad_() for t, d in ((w, wd), (b, bd)))
+        with kernels.use(group_norm_silu="triton"):
+            y = kernels.group_norm_silu(x, w_, b_, 4)
+        want = _torch(x, w_.double(), b_.double(), 4, "silu", torch.float64)
+        assert_close(y, want, name=f"y, weight {wd}, bias {bd}", **TOL[torch.float32])
+        dx, dw, db = torch.autograd.grad(y.sum(), (x, w_, b_))
+        assert (dw.dtype, db.dtype) == (wd, bd), f"gradients {dw.dtype}, {db.dtype} for params {wd}, {bd}"
+        ref = torch.autograd.grad(want.sum(), (x, w_, b_))
+        assert_close(dx, ref[0], name=f"dx, weight {wd}", **TOL[torch.float32])
+
+
 def test_backward_into_a_view_out(device):
     """out= a channel slice of a buffer with history (a concat target): autograd rebases the buffer
     through CopySlices, which reads the Function's first input as the tensor written. x's gradient
@@ -744,6 +765,22 @@ def test_cuda_autocast_output_dtype_matches_reference(dtype, device):
     for name, got, ref in zip(("y", "dx", "dweight", "dbias"), res["triton"], res["reference"]):
         assert got.dtype == ref.dtype, f"{name}: triton {got.dtype}, reference {ref.dtype} under autocast"
     assert res["triton"][0].dtype == torch.float32 and res["triton"][1].dtype == dtype
+    assert_close(res["triton"][0], _torch(x, w, b, 32, "silu", torch.float64), name="y", **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_takes_weights_of_another_dtype(device):
+    """fp16 x with a bf16 weight and an fp32 bias under CUDA autocast: torch's group_norm takes them
+    (cast to fp32), and so does the Triton backend chosen explicitly, with the reference's dtypes."""
+    x, w, b = _leaves(*_inputs((2, 320, 16, 16), torch.float16, device))
+    w, b = w.detach().bfloat16().requires_grad_(), b.detach().float().requires_grad_()
+    res = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast("cuda", dtype=torch.float16), kernels.use(group_norm_silu=backend):
+            y = kernels.group_norm_silu(x, w, b, 32)
+        res[backend] = (y, *torch.autograd.grad(y.sum(), (x, w, b)))
+    for name, got, ref in zip(("y", "dx", "dweight", "dbias"), res["triton"], res["reference"]):
+        assert got.dtype == ref.dtype, f"{name}: triton {got.dtype}, reference {ref.dtype} under autocast"
     assert_close(res["triton"][0], _torch(x, w, b, 32, "silu", torch.float64), name="y", **TOL[torch.float32])
 
 
