@@ -40,14 +40,16 @@ def _attn(name, b, h, lq, lkv, d, reason, *, quick=False):
                 dict(b=b, h=h, lq=lq, lkv=lkv, d=d), quick)
 
 
-def _step(name, shape, reason, *, mask=False, renoise=False, noise=None, prev_x0=False, quick=False):
+def _step(name, shape, reason, *, mask=False, renoise=False, noise=None, prev_x0=False, x0_out=False,
+          quick=False):
     """A scheduler_step case. ``noise``: the update draws noise (default: with the mask, as RePaint's
-    DDPM steps do; without, DDIM eta 0); ``prev_x0``: it reads the previous x0 (DPM++ 2M)."""
+    DDPM steps do; without, DDIM eta 0); ``prev_x0``: it reads the previous x0 (DPM++ 2M);
+    ``x0_out``: it also writes x0 (``return_x0``, as DPM++ 2M keeps it for the next step)."""
     noise = mask if noise is None else noise
     kind = "renoise" if renoise else f"cfg{' +mask' if mask else ''}{' +noise' if noise and not mask else ''}" \
-        f"{' -noise' if mask and not noise else ''}{' +prev_x0' if prev_x0 else ''}"
+        f"{' -noise' if mask and not noise else ''}{' +prev_x0' if prev_x0 else ''}{' +x0 out' if x0_out else ''}"
     return Case("scheduler_step", name, f"({','.join(map(str, shape))}) {kind}", reason,
-                dict(shape=shape, mask=mask, renoise=renoise, noise=noise, prev_x0=prev_x0), quick)
+                dict(shape=shape, mask=mask, renoise=renoise, noise=noise, prev_x0=prev_x0, x0_out=x0_out), quick)
 
 
 # SD 1.5 UNet at 512 px: latent 64x64, channels 320/640/1280/1280, 8 heads (head dims 40/80/160),
@@ -208,7 +210,7 @@ def _scheduler_step_inputs(case: Case, g, device, dtype) -> tuple[tuple, dict]:
     eps_uncond, guidance 7.5, noise, prev_x0, mask, known). DDIM coefficients, eta=1 with noise and
     eta=0 without (the case's ``noise``: plain cases have none, masked ones do, as RePaint's DDPM
     steps); a DPM++ 2M term on prev_x0 where the case reads it; RePaint: mask (B, 1, h, w) of 0/1
-    and the noised known latent."""
+    and the noised known latent. Keywords: ``return_x0=True`` where the case writes x0."""
     try:
         import kernels
 
@@ -230,12 +232,13 @@ def _scheduler_step_inputs(case: Case, g, device, dtype) -> tuple[tuple, dict]:
     if case.params.get("prev_x0"):
         coeffs = replace(coeffs, c3=-0.05)  # DPM++ 2M's second-order term: c3 (x0 - prev_x0)
         prev_x0 = _randn(shape, g, device, dtype)
+    kwargs = {"return_x0": True} if case.params.get("x0_out") else {}
     if not masked:
-        return (x, cond, coeffs, uncond, 7.5, noise, prev_x0, None, None), {}
+        return (x, cond, coeffs, uncond, 7.5, noise, prev_x0, None, None), kwargs
     b, _, h, w = shape
     mask = (torch.rand((b, 1, h, w), generator=g, device=device) < 0.5).to(dtype)
     known = _randn(shape, g, device, dtype)
-    return (x, cond, coeffs, uncond, 7.5, noise, prev_x0, mask, known), {}
+    return (x, cond, coeffs, uncond, 7.5, noise, prev_x0, mask, known), kwargs
 
 
 # ------------------------------------------------------------------------------------- oracles
@@ -296,9 +299,11 @@ def attended_pairs(lq: int, lkv: int, causal: bool = False) -> int:
 
 
 def work(case: Case, args, kwargs, out: torch.Tensor) -> tuple[int, int | None]:
-    """(bytes moved, flops): inputs read once + output written once; attention flops 4·D per
-    attended (query, key) pair, 4·B·H·Lq·Lkv·D without a causal mask."""
-    nbytes = _tensor_bytes(args, kwargs) + out.numel() * out.element_size()
+    """(bytes moved, flops): inputs read once + output written once (scheduler_step's x0 too where
+    the case writes it); attention flops 4·D per attended (query, key) pair, 4·B·H·Lq·Lkv·D without
+    a causal mask."""
+    outputs = 2 if case.params.get("x0_out") else 1  # x0 has the shape and dtype of prev
+    nbytes = _tensor_bytes(args, kwargs) + outputs * out.numel() * out.element_size()
     if case.op == "attention":
         p = case.params
         return nbytes, 4 * p["b"] * p["h"] * attended_pairs(p["lq"], p["lkv"], p.get("causal", False)) * p["d"]

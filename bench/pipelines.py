@@ -804,17 +804,18 @@ class PipelineVariant:
 _STEP_MS: dict[tuple, tuple[float, float]] = {}  # launch kind -> (GPU ms, host ms)
 
 
-def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, bool], int]:
+def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, bool, bool], int]:
     """How many of the denoising updates scheduler ``sched`` runs (``steps`` from ``first_step``, as
     img2img's strength starts) read a noise tensor (DDPM, Euler a, DDIM with eta > 0; not where σ is
-    0) and the previous x0 (DPM++ 2M past its first-order steps), per kind (noise, prev_x0): so that
-    scheduler_share times launches that read what the pipeline's read. The pipelines run the model's
-    default sampler; a ValueError where that schedule cannot take ``steps``."""
+    0), read the previous x0 (DPM++ 2M past its first-order steps) and write x0 (DPM++ 2M, every
+    step: the pipelines ask for none, the sampler keeps it), per kind (noise, prev_x0, x0 out): so
+    that scheduler_share times launches that move what the pipeline's move. The pipelines run the
+    model's default sampler; a ValueError where that schedule cannot take ``steps``."""
     sched.set_timesteps(steps, first_step=first_step)
-    kinds: dict[tuple[bool, bool], int] = {}
+    kinds: dict[tuple[bool, bool, bool], int] = {}
     for t in sched.timesteps.tolist()[first_step:]:
         coeffs, draws_noise, prev_x0 = sched._coefficients(t, None)
-        kind = (bool(draws_noise and coeffs.sigma != 0.0), prev_x0 is not None)
+        kind = (bool(draws_noise and coeffs.sigma != 0.0), prev_x0 is not None, bool(sched._keeps_x0))
         kinds[kind] = kinds.get(kind, 0) + 1
         sched._after_step(torch.zeros(()))  # the state a step leaves (DPM++ 2M keeps its x0)
     return kinds
@@ -822,12 +823,12 @@ def sampler_traffic(sched, steps: int, first_step: int = 0) -> dict[tuple[bool, 
 
 def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: float, latent_shape: tuple,
                     masked: bool, steps: int, dtype: torch.dtype, device: torch.device, quick: bool,
-                    traffic: dict[tuple[bool, bool], int]) -> dict:
+                    traffic: dict[tuple[bool, bool, bool], int]) -> dict:
     """How much of one pipeline run the scheduler update takes, estimated without syncing inside
     the loop: scheduler_step launches per run (per backend) x that launch's cost, the op timed in
     isolation in this same run at the run's latent shape. Before fusion (`reference`) vs after
     (`triton`) is the comparison the RePaint benchmark asks for. ``steps`` of the launches are
-    denoising updates (one per UNet call), timed with CFG, with what the sampler's updates read
+    denoising updates (one per UNet call), timed with CFG, with what the sampler's updates read and write
     (``traffic``: :func:`sampler_traffic`'s kinds, shared out over the ``steps`` in proportion)
     and, for RePaint/blend, the mask blend; the rest are RePaint's jumps back up (``undo_step``,
     re-noising x_{t'} to x_t: one launch each), timed as that re-noise. The per-step noising of the
@@ -842,11 +843,11 @@ def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: 
 
     from .ops import _step, backend_callable, make_inputs
 
-    def launch_ms(backend: str, renoise: bool, noise: bool, prev_x0: bool) -> tuple[float, float]:
-        key = (backend, latent_shape, masked, renoise, noise, prev_x0, dtype, device.type)
+    def launch_ms(backend: str, renoise: bool, noise: bool, prev_x0: bool, x0_out: bool) -> tuple[float, float]:
+        key = (backend, latent_shape, masked, renoise, noise, prev_x0, x0_out, dtype, device.type)
         if key not in _STEP_MS:
             case = _step("pipeline.latent", latent_shape, "the pipeline's own latent", mask=masked and not renoise,
-                         renoise=renoise, noise=noise, prev_x0=prev_x0)
+                         renoise=renoise, noise=noise, prev_x0=prev_x0, x0_out=x0_out)
             args, kwargs = make_inputs(case, device, dtype)
             backend_callable("scheduler_step", backend, args, kwargs, device)  # Skip: why it cannot run
             # the backend's positional arguments, past (x, model_output, coeffs), are the op's keywords
@@ -866,7 +867,7 @@ def scheduler_share(counts_before: dict, counts_after: dict, runs: int, run_ms: 
     for backend, calls in per_backend.items():  # one backend per run: all its launches go one way
         denoise = min(calls, steps)
         launches = [(denoise * n / total, (False, *kind)) for kind, n in traffic.items()]
-        launches.append((calls - denoise, (True, False, False)))
+        launches.append((calls - denoise, (True, False, False, False)))
         for n, kind in launches:
             if n > 0:
                 gpu, host = launch_ms(backend, *kind)

@@ -580,7 +580,7 @@ def test_scheduler_share_times_the_call_the_samplers_make(monkeypatch):
     before = kernels.counts()
     with kernels.use(scheduler_step="triton"):  # the timing picks its backend itself
         got = bp.scheduler_share(before, {("scheduler_step", "reference"): 3}, 1, 100.0, shape, True, 3,
-                                 torch.float32, torch.device("cpu"), True, {(False, False): 1})
+                                 torch.float32, torch.device("cpu"), True, {(False, False, False): 1})
     after = kernels.counts()
     timed = after.get(("scheduler_step", "reference"), 0) - before.get(("scheduler_step", "reference"), 0)
     assert timed > 0 and after.get(("scheduler_step", "triton"), 0) == before.get(("scheduler_step", "triton"), 0)
@@ -595,10 +595,10 @@ def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
     from bench.ops import _step, make_inputs
 
     shape, cpu = (1, 4, 8, 8), torch.device("cpu")
-    key = lambda renoise: ("reference", shape, True, renoise, False, False, torch.float32, "cpu")  # noqa: E731
+    key = lambda renoise: ("reference", shape, True, renoise, False, False, False, torch.float32, "cpu")  # noqa: E731
     monkeypatch.setattr(bp, "_STEP_MS", {key(False): (2.0, 0.25), key(True): (0.5, 1.5)})  # (GPU, host) ms
     got = bp.scheduler_share({}, {("scheduler_step", "reference"): 20}, 2, 100.0, shape, True, 7,
-                             torch.float32, cpu, True, {(False, False): 3})
+                             torch.float32, cpu, True, {(False, False, False): 3})
     assert got == dict(scheduler_calls=10, scheduler_ms_est=7 * 2.0 + 3 * 1.5, scheduler_gpu_ms_est=7 * 2.0 + 3 * 0.5,
                        scheduler_host_ms_est=7 * 0.25 + 3 * 1.5, scheduler_share=0.185), got
     args, _ = make_inputs(_step("r", shape, "", renoise=True), cpu, torch.float32)
@@ -608,34 +608,39 @@ def test_scheduler_share_times_repaints_jumps_as_renoise(monkeypatch):
 
 
 @pytest.mark.parametrize("sampler, eta, first, traffic", [
-    ("ddim", 0.0, 0, {(False, False): 4}), ("ddim", 0.5, 0, {(True, False): 4}),
-    ("ddpm", None, 0, {(True, False): 4}),  # leading spacing ends at t = 1, which draws (t = 0 would not)
-    ("euler_a", None, 0, {(True, False): 3, (False, False): 1}),  # nor does the last step (sigma_up 0)
-    ("dpmpp_2m", None, 0, {(False, False): 2, (False, True): 2}),  # first and last steps are first order
-    ("euler_a", None, 3, {(False, False): 1}),  # img2img running only the last step
-    ("dpmpp_2m", None, 2, {(False, False): 2}),  # a run's first step and the last are first order
+    ("ddim", 0.0, 0, {(False, False, False): 4}), ("ddim", 0.5, 0, {(True, False, False): 4}),
+    ("ddpm", None, 0, {(True, False, False): 4}),  # leading spacing ends at t = 1, which draws (t = 0 would not)
+    ("euler_a", None, 0, {(True, False, False): 3, (False, False, False): 1}),  # nor the last step (sigma_up 0)
+    ("dpmpp_2m", None, 0, {(False, False, True): 2, (False, True, True): 2}),  # first, last steps first order
+    ("euler_a", None, 3, {(False, False, False): 1}),  # img2img running only the last step
+    ("dpmpp_2m", None, 2, {(False, False, True): 2}),  # a run's first step and the last are first order
 ])
 def test_scheduler_share_times_the_launches_the_sampler_makes(sampler, eta, first, traffic):
-    """The stand-in denoising updates read what the pipeline's sampler hands scheduler_step over the
+    """The stand-in denoising updates move what the pipeline's sampler hands scheduler_step over the
     steps that run (4 here, from ``first`` as img2img's strength starts): noise only where it draws
-    some (the default DDIM eta 0 draws none), prev_x0 for DPM++ 2M past its first-order steps."""
+    some (the default DDIM eta 0 draws none), prev_x0 for DPM++ 2M past its first-order steps, and
+    x0 written at every DPM++ 2M step (the sampler keeps it; the share timed none before)."""
     from bench import pipelines as bp
-    from bench.ops import _step, backend_callable, make_inputs
+    from bench.ops import _step, backend_callable, make_inputs, work
     from sdcore import SDConfig
     from sdcore.schedulers import make_scheduler
 
     sched = make_scheduler(sampler, SDConfig.preset("tiny").scheduler, **({} if eta is None else {"eta": eta}))
     got = bp.sampler_traffic(sched, 4, first)
     assert got == traffic, (sampler, eta, first, got)
-    for noise, prev_x0 in got:
-        args, _ = make_inputs(_step("s", (1, 4, 8, 8), "", mask=True, noise=noise, prev_x0=prev_x0), "cpu",
-                              torch.float32)
+    for noise, prev_x0, x0_out in got:
+        case = _step("s", (1, 4, 8, 8), "", mask=True, noise=noise, prev_x0=prev_x0, x0_out=x0_out)
+        args, kwargs = make_inputs(case, "cpu", torch.float32)
         _, _, coeffs, _, _, n, p, mask, known = args
         assert (n is not None, p is not None, mask is not None) == (noise, prev_x0, True)
         assert (coeffs.sigma != 0) == noise and (coeffs.c3 != 0) == prev_x0, coeffs
-        fn, ctx, _ = backend_callable("scheduler_step", "reference", args, {}, torch.device("cpu"))
+        assert kwargs == ({"return_x0": True} if x0_out else {}), kwargs
+        fn, ctx, _ = backend_callable("scheduler_step", "reference", args, kwargs, torch.device("cpu"))
         with ctx():
-            fn()  # a launch the op takes
+            prev, x0 = fn()  # a launch the op takes
+        assert (x0 is not None) == x0_out
+        # x, both model outputs, known, a 1-channel mask of 4, then what the kind adds; prev written
+        assert work(case, args, kwargs, prev)[0] == (5.25 + noise + prev_x0 + x0_out) * prev.nbytes
     default, _ = make_inputs(_step("m", (1, 4, 8, 8), "", mask=True), "cpu", torch.float32)
     assert default[5] is not None and default[6] is None  # bench ops' RePaint case: DDPM noise
 
