@@ -911,8 +911,6 @@ def _unet_variant(v: str, unet, x, t, ctx, cfg, opts: Options, device: torch.dev
     """(scope factory, fn, note, ops meant to run Triton) of one UNet-step variant, or Skip. The
     factory makes a fresh context manager per timing round; ``fn`` runs one step inside it.
     ``dunet``: the diffusers baseline's model, when the caller built it already."""
-    import kernels
-
     step = lambda: unet(x, t, ctx)  # noqa: E731
     if v in ("compile", COMPILE_TRITON):
         if opts.quick:
