@@ -17,8 +17,10 @@ from pathlib import Path
 from . import common
 
 EPILOG = """\
-Results go to --out (default bench/results/<date>-<device-slug>/, where GPU runs are committed;
-with --quick, out/bench-quick/<date>-<device-slug>/, which git ignores): results.json (rows with device,
+Results go to --out (default bench/results/<date>-<device-slug>/ of the checkout, where GPU runs are
+committed; with --quick, out/bench-quick/<date>-<device-slug>/, which git ignores; where sdlab runs
+installed rather than from a checkout, ./bench-results/ and ./out/bench-quick/ of the working
+directory): results.json (rows with device,
 versions, git commit, date, dtype, shape, backend, median and 20/80 % quantiles in ms, derived
 GB/s or TFLOP/s and their fraction of the device ceilings measured in the same run, error against
 an fp64 oracle, speed-up vs `reference`), results.md (the markdown table also printed on stdout)
@@ -54,7 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "torch.compile rows are skipped")
     g.add_argument("--out", type=_path, default=None,
                    help="output directory (default: bench/results/<date>-<device-slug>/; with --quick "
-                        "out/bench-quick/<date>-<device-slug>/, ignored by git)")
+                        "out/bench-quick/<date>-<device-slug>/, ignored by git; both in the checkout, or in "
+                        "the working directory where sdlab is installed: ./bench-results/, ./out/bench-quick/)")
     g.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     g.add_argument("--device", default=None,
                    help="torch device to benchmark on: cpu, cuda or cuda:<index> of a GPU torch sees "
@@ -339,6 +342,9 @@ def run(args) -> int:
         # the timers (CUDA events, do_bench's flush buffer, synchronize) and CUDA-graph capture use the
         # current device: with another one current they timed an idle GPU's stream
         torch.cuda.set_device(device)
+    if not args.no_plot and (why := common.plotting_problem()):
+        print(f"[bench] {why}: no PNG plots this run (pass --no-plot to say so)", file=sys.stderr)
+        args.no_plot = True
     env = common.environment(device)
     env["plugins"] = args.plugins  # {spec: {op: [backends]}}: research backends in these rows
     out_dir = args.out or common.default_out_dir(env, quick=args.quick)

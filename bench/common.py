@@ -31,8 +31,9 @@ from typing import Callable, Iterable
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout, or site-packages where installed
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PACKAGES = ("kernels", "sdcore", "pipelines", "bench", "tests")  # this project's top-level folders
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
@@ -225,10 +226,9 @@ def _git(*args: str) -> str | None:
 
 
 def _git_run(*args: str) -> subprocess.CompletedProcess | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except Exception:
-        return None
+    from pipelines.common import git  # None where the code runs installed, not from a checkout
+
+    return git(*args)
 
 
 def git_dirty(commit: str | None = None) -> bool | None:
@@ -320,8 +320,11 @@ def environment(device: torch.device) -> dict:
     # SDLAB_GIT_COMMIT, which wins over git; dirty is then against that commit, unknown (None) where
     # this repository lacks it
     named = os.environ.get("SDLAB_GIT_COMMIT") or None
+    from pipelines.common import sdlab_version
+
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "sdlab": sdlab_version(),
         "device": device.type,
         "device_name": device_name(device),
         "torch": torch.__version__,
@@ -395,8 +398,12 @@ def describe_exception(e: BaseException, limit: int = 240) -> str:
     msg = str(e).splitlines()[0][:limit] if str(e) else ""
     where = ""
     for frame in reversed(traceback.extract_tb(e.__traceback__)):
-        if frame.filename.startswith(str(REPO)) and "/.venv/" not in frame.filename:
-            where = f" (at {Path(frame.filename).relative_to(REPO)}:{frame.lineno})"
+        try:  # this project's packages (installed, REPO is site-packages: torch's frames are not ours)
+            rel = Path(frame.filename).relative_to(REPO)
+        except ValueError:
+            continue
+        if rel.parts[0] in PACKAGES:
+            where = f" (at {rel}:{frame.lineno})"
             break
     return f"{type(e).__name__}: {msg}{where}"
 
@@ -653,9 +660,17 @@ def unwritable(out_dir: Path) -> str | None:
 
 
 def default_out_dir(env: dict, quick: bool = False) -> Path:
-    """bench/results/<date>-<device>/ (GPU runs are committed there); smoke runs go to the
-    git-ignored out/bench-quick/ so a README walk-through leaves the checkout clean."""
-    root = REPO / "out" / "bench-quick" if quick else RESULTS_DIR
+    """In a checkout, bench/results/<date>-<device>/ (GPU runs are committed there), and smoke runs
+    in the git-ignored out/bench-quick/ so a README walk-through leaves the checkout clean. Where
+    the package runs installed (no checkout), ./bench-results/ and ./out/bench-quick/ in the
+    working directory, not inside site-packages."""
+    from pipelines.common import source_tree
+
+    tree = source_tree()
+    if quick:
+        root = (tree or Path.cwd()) / "out" / "bench-quick"
+    else:
+        root = RESULTS_DIR if tree is not None else Path.cwd() / "bench-results"
     return root / f"{datetime.date.today().isoformat()}-{slug(env['device_name'])}"
 
 
@@ -797,6 +812,16 @@ def write_results(out_dir: Path, env: dict, ceilings: dict | None, rows: list[di
                 stale.unlink()
         paths.update(plots)
     return paths
+
+
+def plotting_problem() -> str | None:
+    """Why :func:`plot_speedups` cannot run here (matplotlib is in the bench and test extras, not
+    in a base install), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        return f"matplotlib does not import ({e}; pip install 'sdlab[bench]', or matplotlib)"
+    return None
 
 
 def plot_speedups(out_dir: Path, rows: list[dict], runs: list[dict] | None = None) -> dict[str, Path]:

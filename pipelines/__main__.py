@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -42,28 +41,9 @@ DTYPES = ("float32", "float16", "bfloat16")  # torch's names: what a sidecar rec
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 KERNELS_ENV = "SDLAB_KERNELS"
 _OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------ provenance
-def sdlab_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("sdlab")
-    except metadata.PackageNotFoundError:
-        m = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()) if (ROOT / "setup.py").is_file() else None
-        return f"{m.group(1)} (source tree)" if m else "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-    except Exception:
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:  # in blocks: a checkpoint is gigabytes
@@ -278,6 +258,8 @@ def _check_sidecar_model(path: Path, model: dict) -> None:
 def check_code(recorded: dict) -> None:
     """Warn when the sidecar was written by another sdlab (version or git commit): a fix since may
     change the output, so the replay need not be bit-exact."""
+    from .common import git_commit, sdlab_version
+
     now = {"sdlab": sdlab_version(), "git_commit": git_commit()}
     changed = [f"{k} {recorded[k]} -> {now[k]}" for k in now
                if recorded.get(k) is not None and now[k] is not None and recorded[k] != now[k]]
@@ -408,6 +390,8 @@ def versions() -> dict:
     """What the numerics depend on: sdlab (and its git commit), torch, Triton (None when it does
     not import), Python."""
     import torch
+
+    from .common import git_commit, sdlab_version
 
     try:
         import triton

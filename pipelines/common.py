@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import secrets
+import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -733,3 +736,40 @@ def import_kernels(prog: str) -> None:
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# ------------------------------------------------------------------------------------ provenance
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_tree() -> Path | None:
+    """The git checkout this code runs from, or None where it runs installed (site-packages): git
+    asked there answers for whichever repository encloses the environment (a project's .venv),
+    whose commit is not this code's."""
+    return ROOT if (ROOT / "setup.py").is_file() and (ROOT / ".git").exists() else None
+
+
+def git(*args: str) -> subprocess.CompletedProcess | None:
+    """``git args`` in :func:`source_tree`; None outside one, or where git cannot run."""
+    if (tree := source_tree()) is None:
+        return None
+    try:
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, timeout=10)
+    except Exception:
+        return None
+
+
+def git_commit() -> str | None:
+    r = git("rev-parse", "HEAD")
+    return r.stdout.strip() if r is not None and r.returncode == 0 else None
+
+
+def sdlab_version() -> str:
+    """The installed distribution's version, or setup.py's in a source tree that is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sdlab")
+    except metadata.PackageNotFoundError:
+        m = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()) if (ROOT / "setup.py").is_file() else None
+        return f"{m.group(1)} (source tree)" if m else "unknown"

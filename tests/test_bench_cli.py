@@ -171,6 +171,88 @@ def test_no_plot_writes_no_png(suites, tmp_path):
     assert not list((tmp_path / "noplot").glob("*.png")), "--no-plot wrote plots"
 
 
+def test_without_matplotlib_the_run_warns_and_writes_no_plots(suites, tmp_path, monkeypatch, capsys):
+    """matplotlib is in the bench and test extras, not in a base install: the README's main job
+    exited 1 with a traceback after the run (results written, plots not); it says why up front."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it raises ImportError
+    rc = main(["ops", "--quick", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "matplotlib does not import" in capsys.readouterr().err
+    assert (tmp_path / "results.json").exists() and not list(tmp_path.glob("*.png"))
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """The code as a non-editable install sees itself: its packages in a site-packages folder with no
+    setup.py and no .git of its own, here inside an unrelated git repository (a project's .venv)."""
+    import subprocess
+
+    from pipelines import common as pcommon
+
+    outer = tmp_path / "project"
+    site = outer / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the user's project"], check=True)
+    monkeypatch.setattr(pcommon, "ROOT", site)
+    monkeypatch.setattr(common, "RESULTS_DIR", site / "bench" / "results")
+    monkeypatch.chdir(tmp_path)
+    return site
+
+
+def test_installed_code_records_no_other_repositorys_commit(installed, monkeypatch):
+    """git asked in site-packages answered for the enclosing repository: both CLIs recorded the
+    user's project's commit as sdlab's. Installed, there is no commit (None) and no dirty flag."""
+    from pipelines.common import git_commit, source_tree
+
+    monkeypatch.delenv("SDLAB_GIT_COMMIT", raising=False)
+    assert source_tree() is None and git_commit() is None
+    env = common.environment(torch.device("cpu"))
+    assert env["git_commit"] is None and env["git_dirty"] is None, (env["git_commit"], env["git_dirty"])
+    assert env["sdlab"], "the bench env records sdlab's version"
+
+
+def test_installed_code_writes_results_in_the_working_directory(installed, tmp_path):
+    """Installed, the default folders were inside site-packages (read-only for a system install,
+    left behind by pip uninstall): they are ./out/bench-quick/ and ./bench-results/ of the working
+    directory. From a checkout they stay the checkout's."""
+    env = {"device_name": "CPU test (1 threads)"}
+    assert common.default_out_dir(env, quick=True).parent == tmp_path / "out" / "bench-quick"
+    assert common.default_out_dir(env).parent == tmp_path / "bench-results"
+    assert installed not in common.default_out_dir(env).parents
+
+
+def test_checkout_keeps_its_own_result_folders(monkeypatch, tmp_path):
+    from pipelines.common import ROOT, source_tree
+
+    if source_tree() is None:
+        pytest.skip("not run from a git checkout")
+    monkeypatch.chdir(tmp_path)
+    env = {"device_name": "CPU test (1 threads)"}
+    assert common.default_out_dir(env, quick=True).parent == ROOT / "out" / "bench-quick"
+    assert common.default_out_dir(env).parent == ROOT / "bench" / "results"
+
+
+def test_error_location_names_only_this_projects_frames(monkeypatch, tmp_path):
+    """Installed, REPO is site-packages, so torch's frames were 'in the repository': an error
+    raised in torch read "(at torch/nn/functional.py:N)". Only this project's packages count."""
+    site = tmp_path / "site-packages"  # a venv not named .venv (the old rule skipped only those)
+
+    def raising_in(rel: str, call=None):
+        ns = {"call": call}
+        exec(compile("def f():\n    call() if call else 1 / 0\n", str(site / rel), "exec"), ns)
+        return ns["f"]
+
+    monkeypatch.setattr(common, "REPO", site)
+    with pytest.raises(ZeroDivisionError) as e:
+        raising_in("kernels/attention.py", raising_in("torch/nn/functional.py"))()
+    assert common.describe_exception(e.value).endswith(" (at kernels/attention.py:2)"), common.describe_exception(e.value)
+    with pytest.raises(ZeroDivisionError) as e:
+        raising_in("torch/nn/functional.py")()
+    assert " (at " not in common.describe_exception(e.value), common.describe_exception(e.value)
+
+
 def test_list_shapes_lists_only_the_ops_asked_for(capsys):
     assert main(["ops", "--list-shapes", "--ops", "scheduler_step"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}

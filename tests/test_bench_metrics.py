@@ -20,6 +20,7 @@ import types
 import pytest
 import torch
 
+import pipelines.common
 from bench import common
 
 CPU = torch.device("cpu")
@@ -457,7 +458,8 @@ def test_git_dirty_is_against_the_commit_sdlab_git_commit_names(tmp_path, monkey
     first = git("rev-parse", "HEAD")
     (tmp_path / "f.txt").write_text("b\n")
     git("commit", "-qam", "b")
-    monkeypatch.setattr(common, "REPO", tmp_path)
+    (tmp_path / "setup.py").write_text("")  # a checkout of this project (untracked: no change to judge)
+    monkeypatch.setattr(pipelines.common, "ROOT", tmp_path)
 
     def env(named):
         if named is None:

@@ -712,7 +712,8 @@ def _sidecar(**model) -> str:
 def test_replay_warns_when_the_code_or_the_schedule_changed(tmp_path, capsys):
     """A fix since the run (a RePaint walk, a coefficient's rounding) changes the output: replay says
     so when the sidecar names another commit, and when the UNet calls differ from the recorded ones."""
-    from pipelines.__main__ import git_commit, main
+    from pipelines.__main__ import main
+    from pipelines.common import git_commit
 
     assert main(["txt2img", "--preset", "tiny", "--prompt", "a", "--steps", "2", "--seed", "1", "--height", "64",
                  "--width", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "a")]) == 0
