@@ -743,15 +743,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def source_tree() -> Path | None:
-    """The git checkout this code runs from, or None where it runs installed (site-packages): git
-    asked there answers for whichever repository encloses the environment (a project's .venv),
-    whose commit is not this code's."""
-    return ROOT if (ROOT / "setup.py").is_file() and (ROOT / ".git").exists() else None
+    """The source tree this code runs from (a checkout, or a copy of one), or None where it runs
+    installed, from site-packages."""
+    return ROOT if (ROOT / "setup.py").is_file() else None
 
 
 def git(*args: str) -> subprocess.CompletedProcess | None:
-    """``git args`` in :func:`source_tree`; None outside one, or where git cannot run."""
-    if (tree := source_tree()) is None:
+    """``git args`` in a checkout of this project; None elsewhere (git asked in site-packages, or
+    in a copy without .git, answers for whichever repository encloses it: a project's .venv, whose
+    commit is not this code's), or where git cannot run."""
+    if (tree := source_tree()) is None or not (tree / ".git").exists():
         return None
     try:
         return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, timeout=10)
