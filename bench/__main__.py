@@ -143,18 +143,20 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unet-only", action="store_true",
                    help="only the UNet step benchmark (batch 2 = CFG, at the preset's resolution and --dtype; "
                         "sd15 on CUDA: 512x512, latent 64x64): "
-                        "all-triton vs all-reference, each op alone, torch.compile, diffusers+SDPA, and "
+                        "all-triton vs all-reference, each op alone, torch.compile (of the reference, and "
+                        "triton@compile: of all-triton), diffusers+SDPA, and "
                         "reference@graph / triton@graph (replayed from a CUDA graph: GPU time without "
                         "host overhead), triton-dispatch (all-triton, Triton's own launch dispatch)")
     g.add_argument("--breakdown", action="store_true",
                    help="UNet step: also split one step of each variant by op with torch.profiler (3 profiled "
-                        "calls after the timing): the switched ops (group_norm_silu, attention, ...), "
+                        "calls after the timing; 1 with --quick or interpreted Triton): the switched ops (group_norm_silu, attention, ...), "
                         "convolutions, matmuls, torch's own attention and norms, other; kernel time on CUDA, "
                         "op CPU time on CPU (bench/breakdown.py). compile and @graph rows are not split")
     g.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="kernel settings to run (default: all of reference, triton, triton:<op> for each "
-                        "op, and the UNet-step-only compile, diffusers-sdpa, reference@graph, triton@graph, "
-                        "triton-dispatch: all-triton with every launch through Triton's own dispatch); also "
+                        "op, and the UNet-step-only compile, triton@compile, diffusers-sdpa, reference@graph, "
+                        "triton@graph, triton-dispatch: all-triton with every launch through Triton's own "
+                        "dispatch; with --quick, no triton:<op>); also "
                         "OP=BACKEND[+OP=BACKEND...]: those ops on those backends (e.g. a --plugin's), every "
                         "other op on reference, e.g. attention=my_attention or "
                         "attention=my_attention+group_norm_silu=triton; a backend may be a fallback chain, "

@@ -53,7 +53,7 @@ from L2); backward reads x, dy twice and writes dx: 5x.
 Where it should win: fp16/bf16 at batch 1-8 on SD shapes, against torch's group_norm + silu
 (one more full read and write for the SiLU, and a grid that does not fill the GPU).
 Layouts: any strides (NCHW, channels_last, slices); the output keeps x's memory format.
-Channels per group (C_PER_G) is a constexpr, one compile per value (a handful in SD: 4-40). In
+Channels per group (C_PER_G) is a constexpr, one compile per value (a handful in SD: 4-80). In
 channels_last the channels are the contiguous axis, and only a compile-time C_PER_G lets Triton
 prove a group's channels start on a 16-byte boundary and its channel mask constant over 8 of them:
 with C_PER_G a runtime int, channels_last compiled to 2-byte loads (offline sm_90 SASS); now 16-byte

@@ -17,12 +17,14 @@ named, and cannot change what the reference sees), asserts that the backend ran,
 as they were, returned the ``out=`` it was given and no output sharing an input's memory, and
 (group_norm_silu) kept x's memory format, and judges the output against an fp64 oracle, the op's
 reference on fp64 copies of the inputs:
-  fp32: max |got - oracle| / max |oracle| <= ``TOLERANCES[op][fp32]["rel"]`` (attention: TF32 off);
+  fp32: max |got - oracle| / max |oracle| <= ``TOLERANCES[op][fp32]["rel"]`` (attention: with TF32
+  off, torch's default: check() keeps the caller's TF32 settings);
   fp16 / bf16: |got - oracle| <= factor x |torch - oracle| + atol, elementwise maxima, where torch is
   the reference in the same dtype (flash-attention's rule: at most 2x torch's own rounding error).
 ``scheduler_step``'s contract is fp32 math whatever the dtype, so its oracle is the reference on the
 same inputs, to about one rounding of the output dtype. ``backward=True`` cases compare dx, dweight,
-dbias (dq, dk, dv) under one random upstream gradient, the same way. ``check(..., compiled=True)``
+dbias (dq, dk, dv) under one random upstream gradient: in fp32 as outputs are, in fp16 / bf16 by
+``GRAD_REL_HALF``, a relative error against the gradient's largest magnitude. ``check(..., compiled=True)``
 does all this with the op inside ``torch.compile`` (fullgraph), for a backend meant to run in
 compiled models.
 """

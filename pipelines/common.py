@@ -3,8 +3,9 @@ mask conversion, the VAE round trip with the scaling factor, and THE denoising l
 
 Conventions (the public API documents them once, here):
 
-- **Images in**: a PIL image (any mode, converted to RGB; 16-bit grayscale, "I;16", over its full
-  range rather than clipped at 255), a list of them, or a float tensor in
+- **Images in**: a PIL image (any 8-bit mode, converted to RGB; 16-bit grayscale, "I;16", over its
+  full range rather than clipped at 255; 32-bit "I" within 0..255; "F" and "I" beyond are refused,
+  their full scale unknown), a list of them, or a float tensor in
   [0, 1] of shape (3, H, W) or (N, 3, H, W), channels first -- the layout and range torchvision
   uses. Tensors in [-1, 1] and channels-last (H, W, 3) tensors are refused (with the fix) rather
   than guessed.

@@ -1,7 +1,7 @@
 """CLIP's text transformer (Radford et al. 2021, "Learning Transferable Visual Models From Natural
 Language Supervision", sec. 2.4): token + learned position embeddings, pre-LayerNorm blocks with
 causal self-attention and an MLP, a final LayerNorm; the pooled text feature is the final-LN
-hidden state at the EOS token times ``text_projection``.
+hidden state at the EOS token, times ``text_projection`` where the model has one (OpenCLIP's).
 
     x_0 = E_tok[ids] + E_pos
     x_l = x_{l-1} + Attn_causal(LN1(x_{l-1}));  x_l = x_l + W2 act(W1 LN2(x_l))   (l = 1..L)
@@ -217,7 +217,7 @@ class OpenCLIPText(nn.Module):
 
 class TextEncoderOutput(NamedTuple):
     hidden_states: torch.Tensor  # (B, T, width), T tokens (77): final LN of layer L - clip_skip + 1
-    pooled: torch.Tensor  # (B, projection_dim or width): final LN of layer L at EOS, @ text_projection
+    pooled: torch.Tensor  # (B, projection_dim or width): final LN of layer L at EOS, @ text_projection (openclip)
 
 
 class TextEncoder(nn.Module):

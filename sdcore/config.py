@@ -83,7 +83,8 @@ class TextEncoderConfig:
     intermediate: int = 3072
     act: str = "quick_gelu"  # "gelu" for OpenCLIP ViT-H
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 768  # text_projection (pooled output); 0 = no projection head (diffusers SD 2 folders)
+    projection_dim: int = 768  # openclip's text_projection (pooled output); 0 = none (diffusers SD 2 folders);
+    # kind "clip" (SD 1.x) has no projection head and ignores it
     clip_skip: int = 1  # 1 = last layer; 2 = penultimate (SD 2.x's choice)
     pad_token: str = "<|endoftext|>"  # SD 2.x tokenizers pad with "!"
     # Where the pooled feature is read, as transformers' CLIPTextTransformer decides it: 2 (the value

@@ -283,7 +283,7 @@ class Scheduler:
 
     def sample_scale(self, t) -> float:
         """max(|a|, |b|) of x_t = a·z0 + b·ε at timestep ``t``: how large the sample is against
-        unit-scale latents (1 for DDPM / DDIM / DPM++; σ for Euler's σ-space samples)."""
+        unit-scale latents (at most 1 for DDPM / DDIM / DPM++; max(1, σ) for Euler's σ-space samples)."""
         return max(map(abs, self._noise_coefficients(_host(t))))
 
     def _noise_coefficients(self, t) -> tuple[float, float]:

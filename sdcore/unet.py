@@ -4,7 +4,7 @@ A UNet (Ronneberger et al. 2015) in the form of Ho et al. 2020 (ResBlocks with a
 embedding added after the first conv) and Nichol & Dhariwal 2021 (several ResBlocks per level,
 learned up/down convs), with Rombach et al.'s SpatialTransformer at the levels listed in
 ``attention_resolutions``: self-attention over the latent pixels, then cross-attention to the
-text ``context`` (eq. 3: Q = W_Q φ(z_t), K = W_K τ(y), V = W_V τ(y)).
+text ``context`` (§3.3: Q = W_Q φ(z_t), K = W_K τ(y), V = W_V τ(y)).
 
     x (B, 4|9, h, w) ─ input_blocks.0 (conv) ─► [ResBlock (+Transformer)] x num_res_blocks ─►
         Downsample ─► ... ─► middle_block (Res, Transformer, Res) ─►
