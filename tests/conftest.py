@@ -3,6 +3,7 @@ on the CPU and (marked gpu) on CUDA, and every test starts from the default back
 TRITON_INTERPRET (no GPU) and --sdlab-plugin are set up by the repository's root conftest.py,
 which pytest loads first."""
 import os
+import sys
 
 import pytest
 import torch
@@ -74,6 +75,20 @@ import kernels
 def plugin_attention(q, k, v, scale=None, causal=False):
     return kernels.attention_reference(q, k, v, scale, causal)
 """
+
+
+@pytest.fixture
+def gluon_sweep():
+    """A bench command with ``--plugin kernels.attention_sm90`` or ``--ops attention.gluon_sm90``
+    imports the plugin, which registers its backend: it is unregistered afterwards (where this test
+    imported it), so that the rest of the session sees the built-in backends only."""
+    import kernels
+
+    imported = "kernels.attention_sm90" in sys.modules
+    yield
+    if not imported:
+        kernels.unregister("attention", "gluon_sm90")
+        sys.modules.pop("kernels.attention_sm90", None)
 
 
 @pytest.fixture

@@ -730,17 +730,6 @@ def test_tune_skips_inputs_the_triton_check_refuses(tmp_path, monkeypatch):
         assert all(r["status"] == "skipped" and "pretend dtype limit" in r["note"] for r in rows), rows
 
 
-@pytest.fixture
-def gluon_sweep():
-    """`bench tune --ops attention.gluon_sm90` imports the plugin, which registers its backend: it is
-    unregistered afterwards, so that the rest of the session sees the built-in backends only."""
-    imported = "kernels.attention_sm90" in sys.modules
-    yield
-    if not imported:
-        kernels.unregister("attention", "gluon_sm90")
-        sys.modules.pop("kernels.attention_sm90", None)
-
-
 def test_tune_gluon_sm90_sweeps_its_configs_and_skips_off_hopper(tmp_path, gluon_sweep):
     """`bench tune --ops attention.gluon_sm90`: the Gluon forward's grid (key block x buffers x where
     the K/V copy is issued) beside its default, each row skipped with the gluon_sm90 check's reason

@@ -527,3 +527,54 @@ def test_sm90_main_reports_records_and_exits_3_when_unavailable(monkeypatch, cap
     assert sm90.main(["--json"]) == 3, "unavailable must exit 3 (tests/test_sm90_compile.py skips on it)"
     assert json.loads(capsys.readouterr().out) == {"unavailable": "no ptxas here"}
     assert sm90.main([]) == 3 and capsys.readouterr().out.strip() == "unavailable: no ptxas here"
+
+
+def _gpu_check_commands() -> list[tuple[str, list[str]]]:
+    """(stage, argv) of every `python -m bench ...` that bench/gpu_checks.sh runs, as the shell would
+    split it, with its redirections dropped."""
+    import re
+    import shlex
+
+    text = (common.REPO / "bench" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    body = text[text.index('for stage in $stages; do'):]
+    commands = []
+    for stage, block in re.findall(r"^\s*([a-z0-9-]+)\) (.*?);;", body, flags=re.M | re.S):
+        for part in block.split("&&"):
+            if m := re.search(r'"\$py" -m bench (.*)', part):
+                argv = shlex.split(m.group(1).split(">")[0])
+                commands.append((stage, [a.replace("$out", "OUT") for a in argv]))
+    return commands
+
+
+def test_gpu_checks_bench_commands_parse_and_validate(tmp_path, monkeypatch, gluon_sweep):
+    """Each bench command the GPU session's script runs is taken by the bench CLI as written: its
+    subcommand, options, --shapes selectors (each selects a case), --variants and --plugin. A GPU
+    session is lent for 30 minutes; a stage refused for a renamed case or option costs one. Checked
+    here as far as the CLI checks before it runs (the device is this machine's)."""
+    from bench.__main__ import _load_plugins, _validate, build_parser
+
+    commands = _gpu_check_commands()
+    stages = {stage for stage, _ in commands}
+    assert stages >= {"gluon", "ops", "tune", "tune-bwd", "unet", "pipelines", "repaint250", "split"}, stages
+    monkeypatch.chdir(tmp_path)
+    for stage, argv in commands:
+        argv = [a.replace("OUT", str(tmp_path / "out"), 1) if a.startswith("OUT") else a for a in argv]
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+            args.plugins = _load_plugins(args.suite_parser, args.plugin)
+            _validate(args.suite_parser, args)
+        except SystemExit as e:
+            pytest.fail(f"gpu_checks.sh stage {stage}: `python -m bench {' '.join(argv)}` is refused (exit {e.code})")
+        if getattr(args, "shapes", None):
+            assert all(any(ops.shape_selected(c.name, [s]) for op in ops.CASES for c in ops.CASES[op])
+                       for s in args.shapes), (stage, args.shapes)
+
+
+def test_gpu_checks_pytest_selections_exist():
+    """The script's pytest stages name files and -k selections that exist (a renamed test would
+    make `split` select nothing and pass)."""
+    text = (common.REPO / "bench" / "gpu_checks.sh").read_text()
+    assert (common.REPO / "tests" / "test_attention_sm90.py").is_file()
+    assert "def test_masked_tail_split" in (common.REPO / "tests" / "test_attention.py").read_text()
+    assert "-k masked_tail_split" in text and '--ignore tests/test_attention_sm90.py' in text
