@@ -13,8 +13,8 @@ around the kernels, which run as ``torch.ops.sdlab`` ops),
 SDLAB_FAST_LAUNCH=0: what kernels/_launch.py's direct launches save).
 
 Per pipeline row: seconds per image and images/s (median over repeats, after one untimed warm-up
-run; none for interpreted Triton variants), UNet ms per step (UNet forward time measured with hooks / number of UNet
-calls; one call = one step with classifier-free guidance batched), UNet calls, peak device memory,
+run; none for interpreted Triton variants), UNet ms per step (UNet forward time measured with hooks
+/ number of UNet calls; one call = one step with classifier-free guidance batched), UNet calls, peak device memory,
 and the difference from the all-reference run with the same seed: max |Δ| of the final latents,
 PSNR of the decoded images.
 Everything that does not exist yet (sdcore.StableDiffusion, pipelines.*, converters) or cannot run

@@ -253,7 +253,8 @@ def test_error_location_names_only_this_projects_frames(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "REPO", site)
     with pytest.raises(ZeroDivisionError) as e:
         raising_in("kernels/attention.py", raising_in("torch/nn/functional.py"))()
-    assert common.describe_exception(e.value).endswith(" (at kernels/attention.py:2)"), common.describe_exception(e.value)
+    where = common.describe_exception(e.value)
+    assert where.endswith(" (at kernels/attention.py:2)"), where
     with pytest.raises(ZeroDivisionError) as e:
         raising_in("torch/nn/functional.py")()
     assert " (at " not in common.describe_exception(e.value), common.describe_exception(e.value)
