@@ -859,7 +859,8 @@ def _check_triton(x, weight, bias, groups, eps=1e-5, activation="silu", out=None
 def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
     """Why weight / bias do not fit x, or None: (C,) tensors on x's device, in x's dtype or, with
     16-bit x, float32 (as torch's group_norm takes them), one dtype for both; ``any_dtype``: under
-    autocast, which casts every input of group_norm to fp32."""
+    CUDA autocast, which casts every floating input of group_norm to fp32 but fp64, which it leaves:
+    any dtypes that all cast to fp32, or all fp64."""
     if weight is not None and bias is not None and weight.dtype != bias.dtype and not any_dtype:
         return f"weight dtype {weight.dtype} and bias dtype {bias.dtype} differ; torch's group_norm takes one dtype"
     for name, p in (("weight", weight), ("bias", bias)):
@@ -869,7 +870,11 @@ def _params_problem(x, weight, bias, any_dtype: bool = False) -> str | None:
             return f"{name} shape {tuple(p.shape)} is not (C,) = ({x.shape[1]},)"
         if p.device != x.device:
             return f"{name} is on {p.device}, x on {x.device}"
-        if p.dtype != x.dtype and not any_dtype and not (p.dtype == torch.float32 and x.dtype in _HALF):
+        if any_dtype:
+            if (p.dtype == torch.float64) != (x.dtype == torch.float64):
+                return (f"{name} dtype {p.dtype} with x {x.dtype} under CUDA autocast, which casts floating inputs "
+                        "to float32 but leaves float64: they would reach group_norm in two dtypes")
+        elif p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in _HALF):
             return f"{name} dtype {p.dtype}: must be x's ({x.dtype}), or float32 with 16-bit x"
     return None
 

@@ -517,9 +517,10 @@ def test_weights_autocast_would_cast_are_taken_by_triton(monkeypatch):
     """CUDA autocast hands torch's group_norm fp32 weight and bias whatever their dtype, so the op
     takes a bf16 weight with fp16 x there, or weight and bias of two dtypes. The Triton backend took
     only x's dtype or fp32: an explicit choice raised, the default fell back with a warning. It casts
-    them to fp32 as autocast does; their gradients come back in their own dtypes. CUDA autocast is
-    stood in for on the CPU (the interpreter), by the one predicate both checks ask."""
-
+    them to fp32 as autocast does; their gradients come back in their own dtypes, and a double
+    backward (recomputed through the reference) sees one dtype. fp64, which autocast leaves as it
+    is, is refused beside fp32 x, as torch's group_norm refuses it. CUDA autocast is stood in for on
+    the CPU (the interpreter), by the one predicate both checks ask."""
     monkeypatch.setattr(gn, "_autocast_casts", lambda x: True)
     x, w, b = _leaves(*_inputs((2, 12, 3, 5), torch.float32, "cpu"))
     for wd, bd in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
@@ -528,10 +529,16 @@ def test_weights_autocast_would_cast_are_taken_by_triton(monkeypatch):
             y = kernels.group_norm_silu(x, w_, b_, 4)
         want = _torch(x, w_.double(), b_.double(), 4, "silu", torch.float64)
         assert_close(y, want, name=f"y, weight {wd}, bias {bd}", **TOL[torch.float32])
-        dx, dw, db = torch.autograd.grad(y.sum(), (x, w_, b_))
+        dx, dw, db = torch.autograd.grad(y.sum(), (x, w_, b_), create_graph=True)
         assert (dw.dtype, db.dtype) == (wd, bd), f"gradients {dw.dtype}, {db.dtype} for params {wd}, {bd}"
-        ref = torch.autograd.grad(want.sum(), (x, w_, b_))
+        ref = torch.autograd.grad(want.sum(), (x, w_, b_), create_graph=True)
         assert_close(dx, ref[0], name=f"dx, weight {wd}", **TOL[torch.float32])
+        (ddw,) = torch.autograd.grad((dx * dx).sum(), (w_,))  # the double backward
+        (want_ddw,) = torch.autograd.grad((ref[0] * ref[0]).sum(), (w_,))
+        assert_close(ddw.float(), want_ddw.float(), name=f"d(|dx|^2)/dweight, weight {wd}", rel=1e-2)
+    for backend in ("reference", "triton"):
+        with kernels.use(group_norm_silu=backend), pytest.raises(ValueError, match="leaves float64"):
+            kernels.group_norm_silu(x, w.double(), b, 4)
 
 
 def test_backward_into_a_view_out(device):
