@@ -392,17 +392,22 @@ def make_row(env: dict, **fields) -> dict:
 
 
 def describe_exception(e: BaseException, limit: int = 240) -> str:
-    """``Type: first line of the message (at file:line)``, the innermost frame in this repository."""
+    """``Type: first line of the message (at file:line)``, the innermost frame in this repository:
+    in a source tree any file of it (a research plugin's too) but its virtual environment's;
+    installed, where REPO is site-packages, only this project's packages (not torch's)."""
     import traceback
 
+    from pipelines.common import source_tree
+
+    tree = source_tree() is not None
     msg = str(e).splitlines()[0][:limit] if str(e) else ""
     where = ""
     for frame in reversed(traceback.extract_tb(e.__traceback__)):
-        try:  # this project's packages (installed, REPO is site-packages: torch's frames are not ours)
+        try:
             rel = Path(frame.filename).relative_to(REPO)
         except ValueError:
             continue
-        if rel.parts[0] in PACKAGES:
+        if (not {".venv", "site-packages", "dist-packages"} & set(rel.parts)) if tree else rel.parts[0] in PACKAGES:
             where = f" (at {rel}:{frame.lineno})"
             break
     return f"{type(e).__name__}: {msg}{where}"

@@ -87,8 +87,12 @@ def gluon_sweep():
     imported = "kernels.attention_sm90" in sys.modules
     yield
     if not imported:
-        kernels.unregister("attention", "gluon_sm90")
+        kernels.unload_plugin("kernels.attention_sm90")  # loaded through load_plugin: its record goes too
+        if "gluon_sm90" in kernels.backends("attention"):  # imported otherwise (bench tune imports it)
+            kernels.unregister("attention", "gluon_sm90")
         sys.modules.pop("kernels.attention_sm90", None)
+        # a record left behind made a later load_plugin of it register nothing ("registered no backend")
+        assert "kernels.attention_sm90" not in kernels.registry._PLUGINS
 
 
 @pytest.fixture

@@ -224,10 +224,15 @@ def test_installed_code_writes_results_in_the_working_directory(installed, tmp_p
 
 
 def test_a_source_tree_keeps_its_own_result_folders(monkeypatch, tmp_path):
-    """A checkout, or a copy of one without .git (a GPU machine's): the tree's folders, no commit
-    from git there (SDLAB_GIT_COMMIT names it)."""
+    """A checkout, or a copy of one without .git (a GPU machine's): the tree's folders, and no
+    commit from git there (SDLAB_GIT_COMMIT names it), though the copy sits in another repository."""
+    import subprocess
+
     from pipelines import common as pcommon
 
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "an enclosing repository"], check=True)
     tree = tmp_path / "copy"
     tree.mkdir()
     (tree / "setup.py").write_text("")
@@ -240,24 +245,46 @@ def test_a_source_tree_keeps_its_own_result_folders(monkeypatch, tmp_path):
     assert pcommon.git_commit() is None, "a copy without .git has no commit of its own"
 
 
+def _raising_in(path, call=None):
+    """A function defined in file ``path`` (as its frames name it) that calls ``call``, or raises."""
+    ns = {"call": call}
+    exec(compile("def f():\n    call() if call else 1 / 0\n", str(path), "exec"), ns)
+    return ns["f"]
+
+
 def test_error_location_names_only_this_projects_frames(monkeypatch, tmp_path):
     """Installed, REPO is site-packages, so torch's frames were 'in the repository': an error
     raised in torch read "(at torch/nn/functional.py:N)". Only this project's packages count."""
-    site = tmp_path / "site-packages"  # a venv not named .venv (the old rule skipped only those)
+    from pipelines import common as pcommon
 
-    def raising_in(rel: str, call=None):
-        ns = {"call": call}
-        exec(compile("def f():\n    call() if call else 1 / 0\n", str(site / rel), "exec"), ns)
-        return ns["f"]
-
+    site = tmp_path / "venv" / "site-packages"
     monkeypatch.setattr(common, "REPO", site)
+    monkeypatch.setattr(pcommon, "ROOT", site)  # no setup.py: installed
     with pytest.raises(ZeroDivisionError) as e:
-        raising_in("kernels/attention.py", raising_in("torch/nn/functional.py"))()
+        _raising_in(site / "kernels/attention.py", _raising_in(site / "torch/nn/functional.py"))()
     where = common.describe_exception(e.value)
     assert where.endswith(" (at kernels/attention.py:2)"), where
     with pytest.raises(ZeroDivisionError) as e:
-        raising_in("torch/nn/functional.py")()
+        _raising_in(site / "torch/nn/functional.py")()
     assert " (at " not in common.describe_exception(e.value), common.describe_exception(e.value)
+
+
+def test_error_location_in_a_source_tree_names_a_plugin_file(monkeypatch, tmp_path):
+    """In a checkout, a research plugin's file (``--plugin upcast_softmax.py`` from the root, as
+    README shows) is where its error is, not the registry that called it; the virtual environment's
+    files are not."""
+    from pipelines import common as pcommon
+
+    tree = tmp_path / "checkout"
+    monkeypatch.setattr(common, "REPO", tree)
+    monkeypatch.setattr(pcommon, "ROOT", tree)
+    (tree).mkdir()
+    (tree / "setup.py").write_text("")
+    torch_file = tree / ".venv/lib/python3.11/site-packages/torch/nn/functional.py"
+    with pytest.raises(ZeroDivisionError) as e:
+        _raising_in(tree / "kernels/registry.py", _raising_in(tree / "my_plugin.py", _raising_in(torch_file)))()
+    where = common.describe_exception(e.value)
+    assert where.endswith(" (at my_plugin.py:2)"), where
 
 
 def test_list_shapes_lists_only_the_ops_asked_for(capsys):

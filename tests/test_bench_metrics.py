@@ -429,10 +429,8 @@ def test_environment_names_the_software_and_every_row_carries_it():
     assert env["triton"] == triton.__version__ and env["triton"], env.get("triton")
     assert env["cuda"] == torch.version.cuda, env.get("cuda")
     assert env["device"] == "cpu" and env["device_name"].startswith("CPU "), env
-    commit = os.environ.get("SDLAB_GIT_COMMIT")
-    if commit is None:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=common.REPO, capture_output=True, text=True)
-        commit = r.stdout.strip() if r.returncode == 0 else None
+    commit = os.environ.get("SDLAB_GIT_COMMIT") or pipelines.common.git_commit()  # None outside a checkout
+    assert env["sdlab"] == pipelines.common.sdlab_version(), env.get("sdlab")
     if commit is not None:
         assert env["git_commit"] == commit, (env["git_commit"], commit)
         assert re.fullmatch(r"[0-9a-f]{40}", commit) or os.environ.get("SDLAB_GIT_COMMIT"), commit
