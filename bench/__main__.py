@@ -333,13 +333,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    """Run the suites ``args`` name; on the CPU with --threads N (1 under --quick), torch runs on N
+    threads until the run ends, then on as many as before (a caller in this process keeps its own)."""
+    import torch
+
+    threads = args.threads or (1 if args.quick else None)
+    if args.device.type != "cpu" or not threads:
+        return _run(args)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(args) -> int:
     import torch
 
     device = args.device
     progress = not args.no_progress
-    threads = args.threads or (1 if args.quick else None)
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
     if device.type == "cuda" and device.index is not None:
         # the timers (CUDA events, do_bench's flush buffer, synchronize) and CUDA-graph capture use the
         # current device: with another one current they timed an idle GPU's stream

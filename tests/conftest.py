@@ -46,14 +46,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_kernel_choice():
-    """Every test starts from the default backend choice and zeroed dispatch counters."""
+def _fresh_kernel_choice(monkeypatch):
+    """Every test starts from the default backend choice (whatever SDLAB_KERNELS the shell set),
+    zeroed dispatch counters, and no fallback warned of yet (each is warned of once per process: a
+    test expecting one failed after another test had triggered it), with torch's global generator
+    seeded (a test drawing from it gets the same inputs alone as in any order of the suite); and
+    leaves no kernels.use() scope open."""
     import kernels
+    from kernels import registry
 
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
     kernels.set_backend()
     kernels.reset_counts()
+    registry._WARNED.clear()
+    torch.manual_seed(0)
     yield
     kernels.set_backend()
+    assert not registry._SCOPES, f"the test left kernels.use() scopes open: {registry._SCOPES}"
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def suites(monkeypatch):
     monkeypatch.setattr(tune, "run", tune_run)
     monkeypatch.setattr(pipelines, "run", pipelines_run)
     monkeypatch.setattr(common, "measure_ceilings", ceilings)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.__setitem__("threads", n))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.setdefault("threads", []).append(n))
     return calls
 
 
@@ -138,11 +138,14 @@ def test_tune_defaults_to_the_inference_kernels_and_forwards_masked_tail(suites,
 
 
 def test_quick_runs_on_one_cpu_thread_unless_threads_is_given(suites, tmp_path):
-    """--help: --threads defaults to torch's choice, 1 with --quick; --threads N wins."""
+    """--help: --threads defaults to torch's choice, 1 with --quick; --threads N wins; after the run
+    torch has its earlier count back (tests calling main() ran the rest of the session on 1 thread)."""
+    before = torch.get_num_threads()
     _main(["ops", "--quick"], tmp_path / "a")
-    assert suites.get("threads") == 1, f"--quick set {suites.get('threads')} threads, expected 1"
+    assert suites.get("threads") == [1, before], f"--quick set threads {suites.get('threads')}, expected 1, then back"
+    del suites["threads"]
     _main(["ops", "--quick", "--threads", "3"], tmp_path / "b")
-    assert suites["threads"] == 3, suites["threads"]
+    assert suites["threads"] == [3, before], suites["threads"]
     del suites["threads"]
     _main(["ops"], tmp_path / "c")
     assert "threads" not in suites, f"without --quick or --threads torch's choice stays: set {suites['threads']}"

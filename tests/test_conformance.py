@@ -341,6 +341,10 @@ def _into_q(q, k, v, scale=None, causal=False):
     return q.copy_(kernels.attention_reference(q, k, v, scale, causal))  # right values, in the caller's q
 
 
+def _returns_q(q, k, v, scale=None, causal=False):
+    return q  # q's own memory, left as it was: an output the caller's next write to q would change
+
+
 def _gn_nchw(x, *args, **kwargs):
     return kernels.group_norm_silu_reference(x, *args, **kwargs).contiguous()  # channels_last dropped
 
@@ -364,13 +368,14 @@ def _step_ignores_out(x, model_output, coeffs, uncond=None, scale=1.0, noise=Non
 @pytest.mark.parametrize("op, fn, case, dtype, message", [
     ("attention", _no_max_softmax, "d64-big-logits", torch.float32, "NaN in result"),
     ("attention", _into_q, "d40-77x77", torch.float32, "the backend modified its input q"),
+    ("attention", _returns_q, "d40-77x77", torch.float32, "shares memory with the input q"),
     ("group_norm_silu", _gn_nchw, "c64-g32-nhwc", torch.float32, "it must keep x's memory format"),
     ("group_norm_silu", _gn_eps, "c64-g32-lowvar", torch.float32, "max rel err"),
     ("scheduler_step", _step_always_x0, "renoise-no-x0", torch.float32,
      "outputs ['prev', 'x0'], the reference returns ['prev']"),
     ("scheduler_step", _step_ignores_out, "ddim-out", torch.float32, "prev is not the out= tensor given for it"),
-], ids=["softmax-without-max", "writes-into-q", "gn-drops-channels-last", "gn-own-eps", "step-always-x0",
-        "step-ignores-out"])
+], ids=["softmax-without-max", "writes-into-q", "returns-q", "gn-drops-channels-last", "gn-own-eps",
+        "step-always-x0", "step-ignores-out"])
 def test_wrong_research_backends_fail_naming_the_fault(research, op, fn, case, dtype, message):
     """Wrong backends a conformance run passed (a plugin probe of kernels.testing): each fails with
     the message that names its fault. Writing into q was caught only on CPU, where the reference

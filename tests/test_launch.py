@@ -237,8 +237,10 @@ def test_off_under_the_interpreter():
     """CPU test runs use the interpreter, where there is nothing to launch directly."""
     from kernels.registry import interpreting
 
-    if interpreting():
-        assert not _launch.ENABLED and _launch.WHY_OFF == "TRITON_INTERPRET=1"
+    if interpreting():  # or off by the caller's SDLAB_FAST_LAUNCH=0, which names itself first
+        off_by_env = os.environ.get(_launch.ENV_VAR, "1").strip().lower() in _launch.OFF
+        assert not _launch.ENABLED and _launch.WHY_OFF == (
+            f"{_launch.ENV_VAR}={os.environ[_launch.ENV_VAR]!r}" if off_by_env else "TRITON_INTERPRET=1"), _launch.WHY_OFF
 
 
 @pytest.mark.gpu
@@ -498,8 +500,21 @@ def test_a_plain_function_as_launch_hook_takes_tritons_path(fake, monkeypatch, h
     assert launcher.direct == 0 and jit.compiled.runs == [] and len(jit.dispatched) == 2, hook
 
 
+@pytest.fixture
+def triton_environ():
+    """Triton's knob setters write os.environ, so undoing a monkeypatched knob left its variable set
+    (TRITON_FPSAN_HOMOMORPHIC_CASTS=0 for the rest of the session, and in every subprocess): the
+    TRITON_* variables are put back as they were after the test's monkeypatch is undone."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("TRITON_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("TRITON_") and k not in saved]:
+        del os.environ[k]
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("knob, value", [("instrumentation_mode", "consan"), ("fpsan_homomorphic_casts", True)])
-def test_a_compile_option_knob_set_after_the_first_launch_compiles_another_kernel(fake, monkeypatch, knob, value):
+def test_a_compile_option_knob_set_after_the_first_launch_compiles_another_kernel(triton_environ, fake, monkeypatch,
+                                                                                   knob, value):
     """Every knob JITFunction.run reads into the compile options is part of the launch key, not only
     TRITON_DEBUG: a launch after it changed goes through Triton (which compiles another kernel)."""
     launcher, jit, _ = fake
