@@ -695,14 +695,18 @@ _DEFINED: dict[str, torch.library.Library] = {}
 
 
 def define_op(name: str, schema: str, impl: Callable, fake: Callable, backward: Callable | None = None,
-              setup_context: Callable | None = None) -> None:
+              setup_context: Callable | None = None, *, replace: bool = False) -> None:
     """Define ``torch.ops.sdlab.<name>``, an op a Triton backend calls while torch.compile traces it:
     ``schema`` (what follows the name), ``impl`` for CPU and CUDA tensors, ``fake`` (its shape
     function) and, optionally, its autograd formula (``torch.library.register_autograd``'s). Made
     with torch.library's ``Library`` rather than ``custom_op``, whose wrappers around each call (a
     check that no output aliases an input, a frame that turns dynamo off) cost more host time than
     the launches they wrap (``python -m bench.host``); a compiled graph calls the op on every run.
-    An op a plugin defines goes with it (:func:`unload_plugin`, ``load_plugin(reload=True)``)."""
+    An op a plugin defines goes with it (:func:`unload_plugin`, ``load_plugin(reload=True)``).
+    ``replace=True`` drops an earlier definition of ``name`` first, for a module imported again
+    (as ``register(..., replace=True)`` replaces its backend)."""
+    if name in _DEFINED and replace:
+        _undefine([name])
     if name in _DEFINED:
         raise ValueError(f"define_op: torch.ops.sdlab.{name} is already defined; a plugin that defines it "
                          "reloads with load_plugin(path, reload=True), which drops the old definition first")

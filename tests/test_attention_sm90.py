@@ -230,3 +230,48 @@ def test_autograd_function_reuses_the_triton_backward(sm90, monkeypatch):
     want = torch.autograd.grad(attention_reference(q, k, v, 0.3), (q, k, v), do)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         testing.assert_close(g, w, rel=2e-5, name=name)
+
+
+def test_compiled_as_one_opaque_op(sm90, monkeypatch):
+    """Under torch.compile (fullgraph: no graph break) the backend is torch.ops.sdlab.
+    attention_gluon_sm90, not the Gluon launch, which dynamo would take for a Triton kernel for
+    Inductor to compile; its gradients come from sdlab::attention_backward; each run of the
+    compiled graph counts as one gluon_sm90 call. On CPU the Triton forward (interpreted) stands in
+    for the Gluon one, and the backend's check is waived; the wiring is what is tested."""
+    from kernels import registry
+
+    attention = sys.modules["kernels.attention"]
+    monkeypatch.setattr(sm90, "_forward", lambda q, k, v, scale=None, store_lse=True, config=None:
+                        attention._forward(q, k, v, scale, None, False, None, store_lse))
+    impl = registry._OPS["attention"][NAME]
+    monkeypatch.setitem(registry._OPS["attention"], NAME, registry._Impl(impl.fn, lambda *a, **k: None))
+    q, k, v = (t.float().requires_grad_() for t in _qkv(1, 2, 20, 13, 16, layout="bhld"))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v, 0.3), fullgraph=True)
+    with kernels.use(attention=NAME):
+        kernels.reset_counts()
+        for _ in range(2):
+            o = compiled(q, k, v)
+    assert kernels.counts() == {("attention", NAME): 2}, kernels.counts()
+    testing.assert_close(o, attention_reference(q, k, v, 0.3), rel=2e-5, name="o")
+    got = torch.autograd.grad(o, (q, k, v), do)
+    want = torch.autograd.grad(attention_reference(q, k, v, 0.3), (q, k, v), do)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        testing.assert_close(g, w, rel=2e-5, name=name)
+
+
+@pytest.mark.gpu
+def test_compiled_gpu(sm90):
+    """torch.compile(fullgraph) around the Gluon forward on a Hopper GPU: the same output as the
+    eager backend's (one opaque op runs the same launch), and a gradient through it."""
+    _hopper("cuda")
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 8, 256, 77, 40, torch.float16, "cuda"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: kernels.attention(q, k, v), fullgraph=True)
+    with kernels.use(attention=NAME):
+        eager, got = kernels.attention(q, k, v), compiled(q, k, v)
+    assert torch.equal(got, eager), (got - eager).abs().max()
+    dq, = torch.autograd.grad(got.float().square().sum(), (q,))
+    want, = torch.autograd.grad(attention_reference(q, k, v).float().square().sum(), (q,))
+    testing.assert_close(dq, want, rel=testing.GRAD_REL_HALF, name="dq")

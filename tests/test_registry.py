@@ -891,6 +891,18 @@ def test_defining_a_torch_op_twice_names_it():
                                kernels.attention_reference(q, q, q), rtol=2e-5, atol=1e-6)
 
 
+def test_define_op_replace_defines_it_afresh():
+    """A module imported again (kernels.attention_sm90 after a test or bench tune dropped it from
+    sys.modules) defines its op again with replace=True: the new implementation runs."""
+    registry.define_op("plugin_again", "(Tensor x) -> Tensor", lambda x: x + 1, lambda x: torch.empty_like(x))
+    try:
+        registry.define_op("plugin_again", "(Tensor x) -> Tensor", lambda x: x + 2, lambda x: torch.empty_like(x),
+                           replace=True)
+        assert torch.equal(torch.ops.sdlab.plugin_again(torch.zeros(2)), torch.full((2,), 2.0))
+    finally:
+        registry._undefine(["plugin_again"])
+
+
 def test_a_bad_schema_leaves_no_half_defined_op():
     with pytest.raises(RuntimeError):
         registry.define_op("plugin_bad", "(Tensor x -> Tensor", lambda x: x, lambda x: x)
