@@ -24,7 +24,7 @@
 #
 # Give each stage its own call where device time is metered per call. On an H100 (2026-11-23):
 # tests ~75 s with 6 xdist workers (~3x that in one process, as here) when `-m gpu` selected 126
-# tests; the stage now selects 906 (since 2026-11-24 each kernel test taking `device` has a cuda case),
+# tests; the stage now selects 915 (since 2026-11-24 each kernel test taking `device` has a cuda case),
 # time unknown: give it a call of its own, tune ~40 s per pair of shapes (~35
 # configurations each, compiled once), unet ~90 s, pipelines ~220 s, repaint250 ~470 s (2410 UNet
 # calls per RePaint run, hence --repeats 1). tune's cases: SD 1.5's at 512 px and SD 2.1's
