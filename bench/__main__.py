@@ -11,6 +11,8 @@ Every option of both suites: ``python -m bench all --help``; of one: ``python -m
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -243,6 +245,12 @@ def _validate(parser: argparse.ArgumentParser, args) -> None:
                 parser.error(str(e))
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and args.threads > 4 * cpus:  # 10**5 threads crashed the process (and forks)
+        parser.error(f"--threads {args.threads}: this machine has {cpus} CPUs (at most {4 * cpus} threads)")
+    if (named := os.environ.get("SDLAB_GIT_COMMIT")) and not re.fullmatch(r"[0-9a-f]{7,64}", named):
+        parser.error(f"SDLAB_GIT_COMMIT={named!r}: not a git commit hash (7 to 64 hex digits, as "
+                     "`git rev-parse HEAD` prints)")
     for name in ("steps", "repeats", "batch", "rounds"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

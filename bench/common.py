@@ -694,14 +694,19 @@ def read_results(out_dir: Path) -> dict | None:
     path = out_dir / "results.json"
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        problem = f"cannot read it: {e.strerror or e}"
-    except ValueError as e:  # invalid JSON or UTF-8: a truncated write, another file
-        problem = f"invalid JSON: {e}"
+    if not path.is_file():  # a FIFO blocked the read for ever
+        problem = "not a regular file"
     else:
-        problem = _not_results(data)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            problem = f"cannot read it: {e.strerror or e}"
+        except ValueError as e:  # invalid JSON or UTF-8: a truncated write, another file
+            problem = f"invalid JSON: {e}"
+        except RecursionError:
+            problem = "invalid JSON: nested too deeply"
+        else:
+            problem = _not_results(data)
     if problem:
         raise ValueError(f"not a results file of this tool: {path} ({problem}); use another --out or remove it")
     return data

@@ -174,6 +174,8 @@ def read_sidecar(path: Path) -> dict:
         raise ValueError(f"{path}: not a JSON sidecar (binary, not UTF-8 text{hint})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a JSON sidecar ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a JSON sidecar (nested too deeply)") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read the sidecar: {e.strerror or e}") from None
     if not isinstance(data, dict):
@@ -287,6 +289,8 @@ def resolve_device(name: str | None) -> str:
     except (RuntimeError, AssertionError) as e:  # a CPU-only torch asserts on "cuda"
         why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # torch's first sentence
         raise ValueError(f"--device {name}: not available on this machine (torch {torch.__version__}): {why}") from e
+    if torch.device(name).type == "cpu" and torch.device(name).index not in (None, 0):
+        raise ValueError(f"--device {name}: the CPU is one device (cpu or cpu:0)")
     try:
         torch.Generator(device=name)  # the seed's generator lives there (meta has none)
     except RuntimeError as e:
@@ -657,8 +661,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             job = read_sidecar(Path(args.sidecar))
             check_checkpoint(job["model"])
             check_code(job["recorded"]["versions"])
-            if args.device:
-                job["model"]["device"] = args.device
+            if args.device is not None:  # "" is the CLI's error, as for the other commands
+                job["model"]["device"] = resolve_device(args.device)
             source = "sidecar"
         else:
             job = job_from_args(args)
@@ -667,6 +671,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, ImportError, FileNotFoundError) as e:
         remove_if_empty(out, created)
         parser.exit(2, f"{parser.prog} {args.command}: error: {_in_cli_words(args, str(e))}\n")
+    except OSError as e:  # an input that exists but cannot be read (permissions, I/O error)
+        remove_if_empty(out, created)
+        where = f"{e.filename}: " if e.filename else ""
+        parser.exit(2, f"{parser.prog} {args.command}: error: {where}cannot read it: {e.strerror or e}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
         remove_if_empty(out, created)
         default = ('with "kernels": null in the sidecar' if args.command == "replay"

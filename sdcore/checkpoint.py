@@ -592,6 +592,7 @@ def scheduler_from_diffusers(path: Path) -> SchedulerConfig:
         if raw.get(key, value) != value:
             raise CheckpointError(f"{path}: {key}={reprlib.repr(raw[key])} changes the noise schedule, which "
                                   f"sdcore does not implement; remove the key or set it to {json.dumps(value)}")
+    cls = cls if isinstance(cls, str) else None  # warned of above; a list or object is no class name
     for key, value in {**_SAMPLER_IMPLEMENTED["*"], **_SAMPLER_IMPLEMENTED.get(cls, {})}.items():
         if raw.get(key, value) != value:
             warnings.warn(f"{path}: {key}={reprlib.repr(raw[key])} is a {cls} option sdcore's samplers do not "

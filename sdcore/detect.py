@@ -404,7 +404,7 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: str | None = 
     if hint is not None:
         try:
             config = config_from_json(hint)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # a section not an object
             warnings.warn(f"{where}: ignoring unreadable {CONFIG_KEY} metadata ({e!r})", stacklevel=4)
         else:
             agreed = _agrees(config, unet, vae, text)

@@ -116,6 +116,8 @@ def read_json_object(path: Path, error: type[ValueError] = ValueError, what: str
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise error(f"{path}: not a readable JSON file: {e}") from e
+    except RecursionError:
+        raise error(f"{path}: not a readable JSON file: nested too deeply") from None
     if not isinstance(raw, dict):
         raise error(f"{path}: holds a JSON {type(raw).__name__}, not an object{' ' + what if what else ''}")
     return raw

@@ -609,3 +609,33 @@ def test_gpu_checks_pytest_selections_exist():
     assert (common.REPO / "tests" / "test_attention_sm90.py").is_file()
     assert "def test_masked_tail_split" in (common.REPO / "tests" / "test_attention.py").read_text()
     assert "-k masked_tail_split" in text and '--ignore tests/test_attention_sm90.py' in text
+
+
+def test_threads_commit_and_odd_results_files_are_refused_up_front(tmp_path, monkeypatch, capsys):
+    """From a fuzz of the CLI (2026-11-25): --threads 100000 crashed the process (10**12 an
+    OverflowError traceback); a SDLAB_GIT_COMMIT of non-UTF-8 bytes failed after the run, leaving
+    results.md empty (any string was recorded as the commit); a FIFO named results.json blocked for
+    ever; one nested 10^5 deep was a RecursionError. Each is refused before anything runs."""
+    import os
+
+    def refused(argv):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--no-progress", "--no-plot"])
+        return e.value.code, capsys.readouterr().err
+
+    base = ["ops", "--quick", "--ops", "scheduler_step", "--backends", "reference", "--out"]
+    code, err = refused([*base, str(tmp_path / "a"), "--threads", str(10**5)])
+    assert code == 2 and f"--threads 100000: this machine has {os.cpu_count()} CPUs" in err, err
+    monkeypatch.setenv("SDLAB_GIT_COMMIT", "abc\ndef")
+    code, err = refused([*base, str(tmp_path / "b")])
+    assert code == 2 and "SDLAB_GIT_COMMIT='abc\\ndef': not a git commit hash" in err, err
+    monkeypatch.delenv("SDLAB_GIT_COMMIT")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "results.json")
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "results.json").write_text("[" * 100000 + "]" * 100000)
+    for folder, why in ((fifo, "not a regular file"), (deep, "nested too deeply")):
+        code, err = refused([*base, str(folder)])
+        assert code == 2 and f"{folder / 'results.json'} ({'invalid JSON: ' if folder is deep else ''}{why})" in err, err

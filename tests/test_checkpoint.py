@@ -1711,3 +1711,34 @@ def test_a_save_keeps_the_files_mode_and_writes_through_a_symlink(tmp_path, tiny
     assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
     assert_same_weights(tiny.state_dict(), sdcore.load(real).state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([real.name, link.name])
+
+
+# ---- from a fuzz of the loaders (2026-11-25): raw internal errors where a file's JSON is odd ----
+def test_odd_json_in_metadata_and_configs_is_named(saved, tmp_path):
+    """A sdcore_config section that is a list, or metadata nested 10^5 deep, was an AttributeError /
+    RecursionError: both are ignored with the warning an unreadable hint gets; a config.json nested
+    that deep is the CheckpointError naming it; a list as scheduler _class_name was a TypeError
+    (unhashable) after its own warning."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sdcore.detect import CheckpointError
+
+    state = load_file(saved["safetensors"])
+    with safe_open(saved["safetensors"], "pt") as f:
+        meta = f.metadata()
+    section_list = json.loads(meta["sdcore_config"])
+    section_list["unet"] = []
+    for name, hint in (("list", json.dumps(section_list)), ("deep", "[" * 100000 + "]" * 100000)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata={**meta, "sdcore_config": hint})
+        with pytest.warns(UserWarning, match="ignoring unreadable sdcore_config metadata"):
+            sdcore.load(path)
+    folder = tmp_path / "deep"
+    shutil.copytree(saved["diffusers"], folder)
+    (folder / "unet" / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CheckpointError, match=r"unet/config\.json: not a readable JSON file: nested too deeply"):
+        sdcore.load(folder)
+    folder = _with_scheduler_config(saved, tmp_path / "cls", {"_class_name": []})
+    with pytest.warns(UserWarning, match=r"_class_name \[\] is not a scheduler class"):
+        sdcore.load(folder)

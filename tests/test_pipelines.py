@@ -1781,3 +1781,31 @@ def test_a_prompt_byte_that_is_not_utf8_is_named(tiny):
     described as a split UTF-16 pair, with a fix that does not apply."""
     with pytest.raises(ValueError, match=r"prompt 0 .* holds the byte 0xe9 at 3, which is not UTF-8"):
         pipelines.txt2img(tiny, b"caf\xe9".decode("utf-8", "surrogateescape"), steps=1, seed=0, height=32, width=32)
+
+
+def test_cli_names_unreadable_inputs_deep_sidecars_and_a_second_cpu(tmp_path, capsys, monkeypatch):
+    """From a fuzz of the CLI (2026-11-25): an input that exists but cannot be read (permissions,
+    an I/O error) was a PermissionError / OSError traceback; a sidecar nested 10^5 deep a
+    RecursionError; --device cpu:1 ran on the CPU, recorded as cpu:1; replay --device '' fell back
+    to the recorded device without a word. Each is one error line, exit 2."""
+    import pipelines.__main__ as cli
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli, "sha256", unreadable)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["img2img", "--preset", "tiny", "--steps", "2", "--image", str(image), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"{image}: cannot read it: Permission denied" in capsys.readouterr().err
+    monkeypatch.undo()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="not a JSON sidecar \\(nested too deeply\\)"):
+        cli.read_sidecar(deep)
+    with pytest.raises(ValueError, match=r"--device cpu:1: the CPU is one device"):
+        cli.resolve_device("cpu:1")
+    with pytest.raises(ValueError, match="--device : not available"):
+        cli.resolve_device("")
