@@ -671,10 +671,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, ImportError, FileNotFoundError) as e:
         remove_if_empty(out, created)
         parser.exit(2, f"{parser.prog} {args.command}: error: {_in_cli_words(args, str(e))}\n")
-    except OSError as e:  # an input that exists but cannot be read (permissions, I/O error)
+    except OSError as e:  # a file that exists but cannot be read or written (permissions, I/O error, full disk)
         remove_if_empty(out, created)
         where = f"{e.filename}: " if e.filename else ""
-        parser.exit(2, f"{parser.prog} {args.command}: error: {where}cannot read it: {e.strerror or e}\n")
+        parser.exit(2, f"{parser.prog} {args.command}: error: {where}{e.strerror or e}\n")
     except BackendUnsupported as e:  # a backend chosen by --kernels / SDLAB_KERNELS / the sidecar refused an input
         remove_if_empty(out, created)
         default = ('with "kernels": null in the sidecar' if args.command == "replay"

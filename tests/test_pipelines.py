@@ -1799,7 +1799,7 @@ def test_cli_names_unreadable_inputs_deep_sidecars_and_a_second_cpu(tmp_path, ca
     monkeypatch.setattr(cli, "sha256", unreadable)
     with pytest.raises(SystemExit) as e:
         cli.main(["img2img", "--preset", "tiny", "--steps", "2", "--image", str(image), "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and f"{image}: cannot read it: Permission denied" in capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {image}: Permission denied\n" in capsys.readouterr().err
     monkeypatch.undo()
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100000 + "]" * 100000)
