@@ -152,7 +152,8 @@ def _add_pipelines(p: argparse.ArgumentParser) -> None:
     g.add_argument("--breakdown", action="store_true",
                    help="UNet step: also split one step of each variant by op with torch.profiler (3 profiled "
                         "calls after the timing; 1 with --quick or interpreted Triton): the switched ops "
-                        "(group_norm_silu, attention, ...), convolutions, matmuls, torch's own attention and norms, other; kernel time on CUDA, "
+                        "(group_norm_silu, attention, ...), convolutions, matmuls, torch's own attention and "
+                        "norms, other; kernel time on CUDA, "
                         "op CPU time on CPU (bench/breakdown.py). compile and @graph rows are not split")
     g.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="kernel settings to run (default: all of reference, triton, triton:<op> for each "

@@ -84,7 +84,7 @@ import functools
 
 import torch
 
-from .attention import LOG2E, _AttentionFn, _check_args, _op_fake, launch_problem
+from .attention import LOG2E, _AttentionFn, _check_args, _op_fake, _op_grad, _op_setup, launch_problem
 from ._triton import next_power_of_2
 from .registry import (autocast_dtypes, autocast_inputs, counted, define_op, refuse, register,
                        transform_problem)
@@ -409,9 +409,10 @@ def attention_gluon_sm90(q, k, v, scale=None, causal=False):
 # ---- torch.compile: the Gluon forward as an opaque op, sdlab::attention_gluon_sm90 ----
 # As kernels/attention.py does for the Triton backend: while torch.compile traces, dynamo sees one op
 # with a shape function, not the Gluon launch (which it would take for a Triton kernel of its own to
-# compile); its gradient is attention.py's sdlab::attention_backward, the Triton backward kernels.
+# compile). Its schema is sdlab::attention's (causal is always False here), so attention.py's shape
+# function and gradient (sdlab::attention_backward, the Triton backward kernels) serve it unchanged.
 
-def _op_impl(q, k, v, scale, save_lse):
+def _op_impl(q, k, v, scale, causal, save_lse):
     return counted("attention", NAME, _op_forward, q, k, v, scale, save_lse)
 
 
@@ -420,19 +421,8 @@ def _op_forward(q, k, v, scale, save_lse):
     return o, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
-def _op_setup(ctx, inputs, output):
-    q, k, v, scale, _ = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.scale = scale
-
-
-def _op_grad(ctx, do, _):
-    grads = torch.ops.sdlab.attention_backward(do, *ctx.saved_tensors, ctx.scale, False)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
-
-
-define_op("attention_gluon_sm90", "(Tensor q, Tensor k, Tensor v, float? scale, bool save_lse) -> (Tensor, Tensor)",
-          _op_impl, lambda q, k, v, scale, save_lse: _op_fake(q, k, v, scale, False, save_lse), _op_grad, _op_setup,
+define_op("attention_gluon_sm90", "(Tensor q, Tensor k, Tensor v, float? scale, bool causal, bool save_lse) -> "
+          "(Tensor, Tensor)", _op_impl, _op_fake, _op_grad, _op_setup,
           replace=True)  # importing the module again (tests, bench tune) defines it afresh
 
 
@@ -442,7 +432,7 @@ def _attention_gluon_sm90(q, k, v, scale=None, causal=False):
     q, k, v = autocast_inputs(q, k, v)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if torch.compiler.is_compiling():  # one opaque op (above), not the Gluon launch
-        return torch.ops.sdlab.attention_gluon_sm90(q, k, v, None if scale is None else float(scale), grad)[0]
+        return torch.ops.sdlab.attention_gluon_sm90(q, k, v, None if scale is None else float(scale), False, grad)[0]
     if grad:
         return _AttentionSm90Fn.apply(q, k, v, scale, False, {})  # not causal; the Triton backward's own tiles
     return _forward(q, k, v, scale, store_lse=False)[0]

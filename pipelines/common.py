@@ -773,5 +773,6 @@ def sdlab_version() -> str:
     try:
         return metadata.version("sdlab")
     except metadata.PackageNotFoundError:
-        m = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()) if (ROOT / "setup.py").is_file() else None
+        tree = source_tree()
+        m = re.search(r'version="([^"]+)"', (tree / "setup.py").read_text()) if tree is not None else None
         return f"{m.group(1)} (source tree)" if m else "unknown"
